@@ -1,0 +1,397 @@
+//! The agent API: what a hosted agent implements, how each request gets a fresh instance,
+//! and the built-in example agents (`echo`, `translator`).
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+use crate::identity::Address;
+
+/// What an agent run returns on failure; any error type converts into it with `?`.
+pub type AgentError = Box<dyn std::error::Error + Send + Sync>;
+
+/// One message of a session's history.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Message {
+    pub role: String,
+    pub content: String,
+}
+
+/// A file attached to a request, already saved under the node's co_dir.
+#[derive(Debug, Clone)]
+pub struct Attachment {
+    pub name: String,
+    pub size: u64,
+    pub path: std::path::PathBuf,
+}
+
+/// Everything an agent gets for one turn.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct Turn {
+    pub prompt: String,
+    pub session_id: String,
+    /// Earlier turns of this session, oldest first (not including `prompt`).
+    pub history: Vec<Message>,
+    pub files: Vec<Attachment>,
+    /// The verified caller, if the request was signed.
+    pub caller: Option<Address>,
+}
+
+/// Where an agent writes STREAM chunks; each becomes a signed, numbered STREAM envelope.
+/// Bounded: a slow reader slows the agent down instead of growing a buffer.
+#[derive(Clone)]
+pub struct StreamSink {
+    tx: mpsc::Sender<String>,
+}
+
+impl StreamSink {
+    pub(crate) fn new(tx: mpsc::Sender<String>) -> Self {
+        StreamSink { tx }
+    }
+
+    /// Sends one chunk. Never fails: once nobody listens, chunks are dropped.
+    pub async fn send(&self, chunk: impl Into<String>) {
+        let _ = self.tx.send(chunk.into()).await;
+    }
+}
+
+/// A hosted agent. Each request runs on a fresh instance (see [`AgentFactory`]), so
+/// `&mut self` state never leaks between requests.
+#[async_trait]
+pub trait Agent: Send + 'static {
+    /// Shown in the banner, `/health` and `/info`.
+    fn name(&self) -> String;
+
+    /// Tool names listed by `/info`.
+    fn tools(&self) -> Vec<String> {
+        Vec::new()
+    }
+
+    /// Answers one turn; chunks sent to `stream` reach streaming callers as they come.
+    async fn run(&mut self, turn: Turn, stream: &StreamSink) -> Result<String, AgentError>;
+}
+
+/// Makes a fresh agent for every request: the seed's "deep copy per request".
+#[derive(Clone)]
+pub struct AgentFactory(Arc<dyn Fn() -> Box<dyn Agent> + Send + Sync>);
+
+impl AgentFactory {
+    /// A factory from a closure that builds a new agent each call.
+    pub fn new<A, F>(make: F) -> Self
+    where
+        A: Agent,
+        F: Fn() -> A + Send + Sync + 'static,
+    {
+        AgentFactory(Arc::new(move || Box::new(make()) as Box<dyn Agent>))
+    }
+
+    /// A factory that clones a template agent for every request.
+    pub fn from_clone<A: Agent + Clone + Sync>(template: A) -> Self {
+        AgentFactory::new(move || template.clone())
+    }
+
+    pub fn make(&self) -> Box<dyn Agent> {
+        (self.0)()
+    }
+}
+
+/// Names of the built-in agents, for the CLI.
+pub const BUILTIN_AGENTS: &[&str] = &["echo", "translator"];
+
+/// A factory for a built-in agent by name.
+pub fn builtin(name: &str) -> Option<AgentFactory> {
+    match name {
+        "echo" => Some(AgentFactory::from_clone(Echo)),
+        "translator" => Some(AgentFactory::from_clone(Translator)),
+        _ => None,
+    }
+}
+
+/// Streams the prompt back word by word, then returns it whole; reports attached files.
+#[derive(Debug, Clone, Default)]
+pub struct Echo;
+
+#[async_trait]
+impl Agent for Echo {
+    fn name(&self) -> String {
+        "echo".into()
+    }
+
+    fn tools(&self) -> Vec<String> {
+        vec!["echo".into()]
+    }
+
+    async fn run(&mut self, turn: Turn, stream: &StreamSink) -> Result<String, AgentError> {
+        for word in turn.prompt.split_inclusive(' ') {
+            stream.send(word).await;
+        }
+        if turn.files.is_empty() {
+            return Ok(turn.prompt);
+        }
+        let files: Vec<String> = turn
+            .files
+            .iter()
+            .map(|f| format!("{} ({} bytes)", f.name, f.size))
+            .collect();
+        Ok(format!("{}\nfiles: {}", turn.prompt, files.join(", ")))
+    }
+}
+
+/// The seed's translator: a small dictionary tool (no LLM) that also remembers what the
+/// caller told it earlier in the session ("My name is John" … "What is my name?").
+#[derive(Debug, Clone, Default)]
+pub struct Translator;
+
+const DICTIONARY: &[(&str, &[(&str, &str)])] = &[
+    (
+        "hello",
+        &[
+            ("spanish", "Hola"),
+            ("french", "Bonjour"),
+            ("german", "Hallo"),
+            ("italian", "Ciao"),
+            ("portuguese", "Olá"),
+            ("japanese", "こんにちは"),
+            ("chinese", "你好"),
+        ],
+    ),
+    (
+        "goodbye",
+        &[
+            ("spanish", "Adiós"),
+            ("french", "Au revoir"),
+            ("german", "Auf Wiedersehen"),
+            ("italian", "Arrivederci"),
+            ("portuguese", "Adeus"),
+            ("japanese", "さようなら"),
+            ("chinese", "再见"),
+        ],
+    ),
+    (
+        "thank you",
+        &[
+            ("spanish", "Gracias"),
+            ("french", "Merci"),
+            ("german", "Danke"),
+            ("italian", "Grazie"),
+            ("portuguese", "Obrigado"),
+            ("japanese", "ありがとう"),
+            ("chinese", "谢谢"),
+        ],
+    ),
+    (
+        "good morning",
+        &[
+            ("spanish", "Buenos días"),
+            ("french", "Bonjour"),
+            ("german", "Guten Morgen"),
+            ("italian", "Buongiorno"),
+            ("portuguese", "Bom dia"),
+            ("japanese", "おはよう"),
+            ("chinese", "早上好"),
+        ],
+    ),
+    (
+        "water",
+        &[
+            ("spanish", "Agua"),
+            ("french", "Eau"),
+            ("german", "Wasser"),
+            ("italian", "Acqua"),
+            ("portuguese", "Água"),
+            ("japanese", "水"),
+            ("chinese", "水"),
+        ],
+    ),
+    (
+        "friend",
+        &[
+            ("spanish", "Amigo"),
+            ("french", "Ami"),
+            ("german", "Freund"),
+            ("italian", "Amico"),
+            ("portuguese", "Amigo"),
+            ("japanese", "友達"),
+            ("chinese", "朋友"),
+        ],
+    ),
+];
+
+impl Translator {
+    fn translate(word: &str, language: &str) -> Option<&'static str> {
+        let (_, entries) = DICTIONARY.iter().find(|(w, _)| *w == word)?;
+        entries
+            .iter()
+            .find(|(l, _)| *l == language)
+            .map(|(_, t)| *t)
+    }
+
+    fn detect_language(text: &str) -> Option<&'static str> {
+        let text = text.to_lowercase();
+        if DICTIONARY.iter().any(|(w, _)| *w == text) {
+            return Some("English");
+        }
+        DICTIONARY
+            .iter()
+            .flat_map(|(_, e)| e.iter())
+            .find_map(|(lang, word)| {
+                (word.to_lowercase() == text).then_some(match *lang {
+                    "spanish" => "Spanish",
+                    "french" => "French",
+                    "german" => "German",
+                    "italian" => "Italian",
+                    "portuguese" => "Portuguese",
+                    "japanese" => "Japanese",
+                    _ => "Chinese",
+                })
+            })
+    }
+
+    /// The name the caller gave earlier in this session, if any.
+    fn remembered_name(history: &[Message]) -> Option<String> {
+        history
+            .iter()
+            .rev()
+            .filter(|m| m.role == "user")
+            .find_map(|m| name_in(&m.content))
+    }
+
+    fn answer(prompt: &str, history: &[Message]) -> String {
+        let clean = prompt.trim().trim_end_matches(['?', '!', '.']).trim();
+        let lower = clean.to_lowercase();
+        if let Some(name) = name_in(clean) {
+            return format!("Nice to meet you, {name}! I'll remember your name.");
+        }
+        if lower == "what is my name" || lower == "what's my name" {
+            return match Translator::remembered_name(history) {
+                Some(name) => format!("Your name is {name}"),
+                None => "You haven't told me your name yet.".into(),
+            };
+        }
+        if let Some(rest) = lower.strip_prefix("translate ") {
+            if let Some((text, language)) = rest.rsplit_once(" to ") {
+                let text = unquote(text);
+                let language = language.trim();
+                return match Translator::translate(text, language) {
+                    Some(t) => t.to_string(),
+                    None => format!(
+                        "I don't know how to say {text:?} in {language}. I know: {}.",
+                        DICTIONARY
+                            .iter()
+                            .map(|(w, _)| *w)
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                };
+            }
+        }
+        if let Some(rest) = lower.strip_prefix("what language is ") {
+            let text = unquote(rest.trim_end_matches(" in"));
+            return match Translator::detect_language(text) {
+                Some(lang) => lang.to_string(),
+                None => format!("I don't recognise {text:?}."),
+            };
+        }
+        "I translate short phrases: try \"Translate hello to Spanish\" or \"What language is 'hola' in?\"".into()
+    }
+}
+
+fn unquote(s: &str) -> &str {
+    s.trim()
+        .trim_matches(|c| c == '\'' || c == '"' || c == '‘' || c == '’')
+        .trim()
+}
+
+/// "My name is John" → "John" (case kept as the caller wrote it).
+fn name_in(text: &str) -> Option<String> {
+    let lower = text.to_lowercase();
+    let at = lower.find("my name is ")?;
+    let name = text[at + "my name is ".len()..]
+        .trim()
+        .trim_end_matches(['.', '!', '?'])
+        .trim();
+    (!name.is_empty()).then(|| name.to_string())
+}
+
+#[async_trait]
+impl Agent for Translator {
+    fn name(&self) -> String {
+        "translator".into()
+    }
+
+    fn tools(&self) -> Vec<String> {
+        vec!["translate".into(), "detect_language".into()]
+    }
+
+    async fn run(&mut self, turn: Turn, stream: &StreamSink) -> Result<String, AgentError> {
+        let answer = Translator::answer(&turn.prompt, &turn.history);
+        stream.send(answer.clone()).await;
+        Ok(answer)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn user(text: &str) -> Message {
+        Message {
+            role: "user".into(),
+            content: text.into(),
+        }
+    }
+
+    #[test]
+    fn translator_answers_the_seed_examples() {
+        assert_eq!(
+            Translator::answer("Translate hello to Spanish", &[]),
+            "Hola"
+        );
+        assert_eq!(
+            Translator::answer("Translate 'hello' to Spanish", &[]),
+            "Hola"
+        );
+        assert_eq!(
+            Translator::answer("What language is '你好' in?", &[]),
+            "Chinese"
+        );
+        assert!(Translator::answer("My name is John", &[]).contains("John"));
+        assert_eq!(
+            Translator::answer("What is my name?", &[user("My name is John")]),
+            "Your name is John"
+        );
+        assert!(Translator::answer("What is my name?", &[]).contains("haven't"));
+    }
+
+    #[tokio::test]
+    async fn factories_make_fresh_instances() {
+        #[derive(Clone, Default)]
+        struct Counter(u32);
+        #[async_trait]
+        impl Agent for Counter {
+            fn name(&self) -> String {
+                "counter".into()
+            }
+            async fn run(&mut self, _: Turn, _: &StreamSink) -> Result<String, AgentError> {
+                self.0 += 1;
+                Ok(self.0.to_string())
+            }
+        }
+        let factory = AgentFactory::from_clone(Counter::default());
+        let (tx, _rx) = mpsc::channel(1);
+        let sink = StreamSink::new(tx);
+        let turn = Turn {
+            prompt: String::new(),
+            session_id: "s".into(),
+            history: vec![],
+            files: vec![],
+            caller: None,
+        };
+        for _ in 0..3 {
+            assert_eq!(factory.make().run(turn.clone(), &sink).await.unwrap(), "1");
+        }
+    }
+}

@@ -1,0 +1,322 @@
+//! Configuration: code parameters > `.co/host.yaml` > defaults.
+//!
+//! The file takes exactly the seed's keys (plus `bind` and `max_queue`, documented in
+//! the README); an unknown or ill-typed key stops start-up with the file and key named.
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::trust::{AddressList, ListError, Trust, TrustLevel};
+
+pub const DEFAULT_PORT: u16 = 8000;
+pub const DEFAULT_WORKERS: usize = 1;
+pub const DEFAULT_MAX_QUEUE: usize = 256;
+pub const DEFAULT_RESULT_TTL: u64 = 86_400;
+pub const DEFAULT_MAX_FILE_SIZE_MB: u64 = 10;
+pub const DEFAULT_MAX_FILES: usize = 10;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Invalid { path: String, message: String },
+    #[error(transparent)]
+    List(#[from] ListError),
+}
+
+/// An address list given as a file path or inline addresses.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum ListSource {
+    File(PathBuf),
+    Addresses(Vec<String>),
+}
+
+/// Every configurable setting, each optional: used for both the code parameters and the
+/// file, then resolved into a [`HostConfig`].
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct Settings {
+    pub name: Option<String>,
+    pub trust: Option<TrustSetting>,
+    pub whitelist: Option<ListSource>,
+    pub blacklist: Option<ListSource>,
+    pub port: Option<u16>,
+    pub bind: Option<IpAddr>,
+    pub workers: Option<usize>,
+    pub max_queue: Option<usize>,
+    pub result_ttl: Option<u64>,
+    /// `Some(None)`: explicitly off (empty or null in the file).
+    #[serde(default, deserialize_with = "relay_url")]
+    pub relay_url: Option<Option<String>>,
+    pub reload: Option<bool>,
+    pub co_dir: Option<PathBuf>,
+    pub summary: Option<String>,
+    pub examples: Option<Vec<String>>,
+    pub max_file_size: Option<u64>,
+    pub max_files_per_request: Option<usize>,
+}
+
+/// The `trust` key. Only the levels exist so far; policies come with the trust issue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TrustSetting(pub TrustLevel);
+
+impl<'de> Deserialize<'de> for TrustSetting {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        match serde_norway::Value::deserialize(d)? {
+            serde_norway::Value::String(s) if s.trim().contains('\n') => Err(D::Error::custom(
+                "natural-language trust policies are not supported yet; use open, careful or strict",
+            )),
+            serde_norway::Value::String(s) => s.parse().map(TrustSetting).map_err(D::Error::custom),
+            serde_norway::Value::Mapping(_) => Err(D::Error::custom(
+                "trust policies (allow/deny/onboard/default) are not supported yet; use open, careful or strict",
+            )),
+            _ => Err(D::Error::custom("expected open, careful or strict")),
+        }
+    }
+}
+
+fn relay_url<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Option<String>>, D::Error> {
+    let v: Option<String> = Option::deserialize(d)?;
+    Ok(Some(v.filter(|s| !s.trim().is_empty())))
+}
+
+impl Settings {
+    /// Reads a host.yaml; a missing file is no settings at all.
+    pub fn from_file(path: &Path) -> Result<Option<Settings>, ConfigError> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => {
+                return Err(ConfigError::Read {
+                    path: path.to_path_buf(),
+                    source,
+                })
+            }
+        };
+        Settings::from_yaml(&text, &path.display().to_string()).map(Some)
+    }
+
+    pub fn from_yaml(text: &str, origin: &str) -> Result<Settings, ConfigError> {
+        if text.trim().is_empty() {
+            return Ok(Settings::default());
+        }
+        let de = serde_norway::Deserializer::from_str(text);
+        serde_path_to_error::deserialize(de).map_err(|e| {
+            let key = e.path().to_string();
+            let message = if key == "." {
+                e.into_inner().to_string()
+            } else {
+                format!("key `{key}`: {}", e.into_inner())
+            };
+            ConfigError::Invalid {
+                path: origin.into(),
+                message,
+            }
+        })
+    }
+
+    /// Fills every unset field of `self` from `lower`.
+    pub fn or(self, lower: Settings) -> Settings {
+        Settings {
+            name: self.name.or(lower.name),
+            trust: self.trust.or(lower.trust),
+            whitelist: self.whitelist.or(lower.whitelist),
+            blacklist: self.blacklist.or(lower.blacklist),
+            port: self.port.or(lower.port),
+            bind: self.bind.or(lower.bind),
+            workers: self.workers.or(lower.workers),
+            max_queue: self.max_queue.or(lower.max_queue),
+            result_ttl: self.result_ttl.or(lower.result_ttl),
+            relay_url: self.relay_url.or(lower.relay_url),
+            reload: self.reload.or(lower.reload),
+            co_dir: self.co_dir.or(lower.co_dir),
+            summary: self.summary.or(lower.summary),
+            examples: self.examples.or(lower.examples),
+            max_file_size: self.max_file_size.or(lower.max_file_size),
+            max_files_per_request: self.max_files_per_request.or(lower.max_files_per_request),
+        }
+    }
+}
+
+/// The resolved configuration a node runs with.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct HostConfig {
+    pub name: Option<String>,
+    pub trust: Trust,
+    pub port: u16,
+    pub bind: IpAddr,
+    pub workers: usize,
+    pub max_queue: usize,
+    pub result_ttl: u64,
+    pub relay_url: Option<String>,
+    pub reload: bool,
+    pub co_dir: PathBuf,
+    pub summary: Option<String>,
+    pub examples: Vec<String>,
+    pub max_file_size_mb: u64,
+    pub max_files_per_request: usize,
+}
+
+impl HostConfig {
+    /// Resolves settings against defaults. `co_dir` is where host.yaml was looked for;
+    /// relative list paths are taken from there, and the default list files
+    /// (`whitelist.txt`, `blocklist.txt`, `blacklist.txt`) are read from it when present.
+    pub fn resolve(s: Settings, co_dir: &Path, origin: &str) -> Result<HostConfig, ConfigError> {
+        let invalid = |key: &str, message: &str| ConfigError::Invalid {
+            path: origin.into(),
+            message: format!("key `{key}`: {message}"),
+        };
+        let workers = s.workers.unwrap_or(DEFAULT_WORKERS);
+        if workers == 0 {
+            return Err(invalid("workers", "must be at least 1"));
+        }
+        let max_file_size_mb = s.max_file_size.unwrap_or(DEFAULT_MAX_FILE_SIZE_MB);
+        if max_file_size_mb == 0 {
+            return Err(invalid("max_file_size", "must be at least 1 (MB)"));
+        }
+        let result_ttl = s.result_ttl.unwrap_or(DEFAULT_RESULT_TTL);
+        if result_ttl == 0 {
+            return Err(invalid("result_ttl", "must be at least 1 second"));
+        }
+        let data_dir = match s.co_dir {
+            Some(p) if p.is_relative() => co_dir.join(p),
+            Some(p) => p,
+            None => co_dir.to_path_buf(),
+        };
+        let trust = Trust {
+            level: s.trust.map(|t| t.0).unwrap_or_default(),
+            whitelist: load_list(s.whitelist, co_dir, &["whitelist.txt"])?,
+            blacklist: load_list(s.blacklist, co_dir, &["blocklist.txt", "blacklist.txt"])?,
+        };
+        Ok(HostConfig {
+            name: s.name,
+            trust,
+            port: s.port.unwrap_or(DEFAULT_PORT),
+            bind: s.bind.unwrap_or(IpAddr::from([0, 0, 0, 0])),
+            workers,
+            max_queue: s.max_queue.unwrap_or(DEFAULT_MAX_QUEUE),
+            result_ttl,
+            relay_url: s.relay_url.flatten(),
+            reload: s.reload.unwrap_or(false),
+            co_dir: data_dir,
+            summary: s.summary,
+            examples: s.examples.unwrap_or_default(),
+            max_file_size_mb,
+            max_files_per_request: s.max_files_per_request.unwrap_or(DEFAULT_MAX_FILES),
+        })
+    }
+
+    /// Largest POST /input body: the prompt envelope plus the allowed files, as base64
+    /// data URLs (4/3 of their size).
+    pub fn max_body_bytes(&self) -> usize {
+        let files = self.max_file_size_mb as usize * 1024 * 1024 * self.max_files_per_request;
+        crate::envelope::MAX_ENVELOPE_BYTES + files / 3 * 4
+    }
+}
+
+fn load_list(
+    source: Option<ListSource>,
+    co_dir: &Path,
+    defaults: &[&str],
+) -> Result<AddressList, ConfigError> {
+    Ok(match source {
+        Some(ListSource::Addresses(items)) => AddressList::from_patterns(items)?,
+        Some(ListSource::File(path)) => AddressList::from_file(&co_dir.join(path))?,
+        None => {
+            let mut list = AddressList::default();
+            for name in defaults {
+                let path = co_dir.join(name);
+                if path.exists() {
+                    list.extend(AddressList::from_file(&path)?);
+                }
+            }
+            list
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_seeds_complete_example_parses_except_policy_trust() {
+        let yaml = r#"
+summary: Production translation service with 100+ languages
+examples:
+  - "Translate 'hello' to Spanish"
+trust: careful
+port: 8000
+workers: 4
+result_ttl: 3600 # 1 hour
+relay_url: wss://oo.openonion.ai/ws/announce
+max_file_size: 10
+max_files_per_request: 10
+reload: false
+co_dir: null
+"#;
+        let s = Settings::from_yaml(yaml, "host.yaml").unwrap();
+        assert_eq!(s.workers, Some(4));
+        assert_eq!(s.trust, Some(TrustSetting(TrustLevel::Careful)));
+        assert_eq!(
+            s.relay_url,
+            Some(Some("wss://oo.openonion.ai/ws/announce".into()))
+        );
+
+        let err = Settings::from_yaml("trust:\n  allow: [whitelisted]\n", "host.yaml").unwrap_err();
+        assert!(err.to_string().contains("`trust`"), "{err}");
+    }
+
+    #[test]
+    fn unknown_and_ill_typed_keys_name_the_file_and_key() {
+        let err = Settings::from_yaml("portt: 80\n", "/x/.co/host.yaml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("/x/.co/host.yaml") && err.contains("portt"),
+            "{err}"
+        );
+        let err = Settings::from_yaml("port: eighty\n", "/x/.co/host.yaml")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("key `port`"), "{err}");
+    }
+
+    #[test]
+    fn code_beats_file_beats_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = Settings::from_yaml("port: 9000\nworkers: 3\nrelay_url: ''\n", "f").unwrap();
+        let code = Settings {
+            port: Some(9100),
+            ..Settings::default()
+        };
+        let cfg = HostConfig::resolve(code.or(file), dir.path(), "f").unwrap();
+        assert_eq!(cfg.port, 9100);
+        assert_eq!(cfg.workers, 3);
+        assert_eq!(cfg.result_ttl, DEFAULT_RESULT_TTL);
+        assert_eq!(cfg.relay_url, None);
+        assert_eq!(cfg.trust.level, TrustLevel::Careful);
+    }
+
+    #[test]
+    fn list_files_resolve_against_co_dir_and_fail_closed() {
+        let dir = tempfile::tempdir().unwrap();
+        let addr = crate::identity::Identity::from_seed([1; 32]).address();
+        std::fs::write(dir.path().join("blocklist.txt"), format!("{addr}\n")).unwrap();
+        let cfg = HostConfig::resolve(Settings::default(), dir.path(), "f").unwrap();
+        assert!(cfg.trust.blacklist.contains(&addr));
+
+        let s = Settings::from_yaml("whitelist: missing.txt\n", "f").unwrap();
+        assert!(HostConfig::resolve(s, dir.path(), "f").is_err());
+    }
+}

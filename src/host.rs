@@ -1,0 +1,485 @@
+//! `host()` and [`Host`]: wires identity, config, store, dispatcher and transports into a
+//! running node, prints the banner, and shuts down gracefully.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::agent::{Agent, AgentFactory};
+use crate::config::{ConfigError, HostConfig, ListSource, Settings, TrustSetting};
+use crate::dispatch::{Dispatcher, DispatcherConfig};
+use crate::envelope::unix_now;
+use crate::identity::{find_co_dir, Address, Identity, KeyFileError};
+use crate::store::{Store, StoreError};
+use crate::transport::http::{self, HttpState, NodeInfo};
+use crate::trust::TrustLevel;
+
+/// How long shutdown waits for accepted runs before leaving them to be marked
+/// `interrupted` on the next start.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+
+#[derive(Debug, thiserror::Error)]
+pub enum HostError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Key(#[from] KeyFileError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cannot create {path}: {source}")]
+    CoDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("server error: {0}")]
+    Serve(std::io::Error),
+}
+
+/// Builder for a hosted agent, with the seed's parameters. Anything not set here comes
+/// from `<co_dir>/host.yaml`, then from the defaults.
+pub struct Host {
+    factory: AgentFactory,
+    code: Settings,
+}
+
+impl Host {
+    /// Hosts `agent`; every request runs on a fresh clone of it.
+    pub fn new<A: Agent + Clone + Sync>(agent: A) -> Host {
+        Host::with_factory(AgentFactory::from_clone(agent))
+    }
+
+    /// Hosts agents made by `factory`, one per request.
+    pub fn with_factory(factory: AgentFactory) -> Host {
+        Host {
+            factory,
+            code: Settings::default(),
+        }
+    }
+
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.code.name = Some(name.into());
+        self
+    }
+
+    pub fn trust(mut self, level: TrustLevel) -> Self {
+        self.code.trust = Some(TrustSetting(level));
+        self
+    }
+
+    /// Addresses (or `*` patterns) always accepted.
+    pub fn whitelist<I: IntoIterator<Item = S>, S: Into<String>>(mut self, items: I) -> Self {
+        self.code.whitelist = Some(ListSource::Addresses(
+            items.into_iter().map(Into::into).collect(),
+        ));
+        self
+    }
+
+    /// Addresses (or `*` patterns) always refused; beats every other rule.
+    pub fn blacklist<I: IntoIterator<Item = S>, S: Into<String>>(mut self, items: I) -> Self {
+        self.code.blacklist = Some(ListSource::Addresses(
+            items.into_iter().map(Into::into).collect(),
+        ));
+        self
+    }
+
+    /// HTTP port; 0 picks a free one.
+    pub fn port(mut self, port: u16) -> Self {
+        self.code.port = Some(port);
+        self
+    }
+
+    /// The address the HTTP listener binds (default 0.0.0.0).
+    pub fn bind(mut self, ip: IpAddr) -> Self {
+        self.code.bind = Some(ip);
+        self
+    }
+
+    /// Agent runs at once.
+    pub fn workers(mut self, n: usize) -> Self {
+        self.code.workers = Some(n);
+        self
+    }
+
+    /// Requests that may wait for a worker; past this the node answers "busy".
+    pub fn max_queue(mut self, n: usize) -> Self {
+        self.code.max_queue = Some(n);
+        self
+    }
+
+    /// Seconds a finished session is kept.
+    pub fn result_ttl(mut self, secs: u64) -> Self {
+        self.code.result_ttl = Some(secs);
+        self
+    }
+
+    /// The relay to announce on; `None` turns the relay off.
+    pub fn relay_url(mut self, url: Option<String>) -> Self {
+        self.code.relay_url = Some(url);
+        self
+    }
+
+    pub fn reload(mut self, on: bool) -> Self {
+        self.code.reload = Some(on);
+        self
+    }
+
+    /// Where the key, host.yaml and the store live (default: project `.co/`, else `~/.co`).
+    pub fn co_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.code.co_dir = Some(dir.into());
+        self
+    }
+
+    pub fn summary(mut self, text: impl Into<String>) -> Self {
+        self.code.summary = Some(text.into());
+        self
+    }
+
+    pub fn examples<I: IntoIterator<Item = S>, S: Into<String>>(mut self, items: I) -> Self {
+        self.code.examples = Some(items.into_iter().map(Into::into).collect());
+        self
+    }
+
+    pub fn max_file_size(mut self, mb: u64) -> Self {
+        self.code.max_file_size = Some(mb);
+        self
+    }
+
+    pub fn max_files_per_request(mut self, n: usize) -> Self {
+        self.code.max_files_per_request = Some(n);
+        self
+    }
+
+    /// Loads config, the key and the store: everything but the listeners.
+    pub fn build(self) -> Result<Node, HostError> {
+        let base = match &self.code.co_dir {
+            Some(dir) => dir.clone(),
+            None => find_co_dir(&std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."))),
+        };
+        let yaml = base.join("host.yaml");
+        let file = Settings::from_file(&yaml)?.unwrap_or_default();
+        let config = HostConfig::resolve(self.code.or(file), &base, &yaml.display().to_string())?;
+        Node::open(self.factory, config)
+    }
+
+    /// Builds and serves until SIGINT/SIGTERM, printing the banner to stdout.
+    pub async fn serve(self) -> Result<(), HostError> {
+        let handle = self.build()?.spawn().await?;
+        println!("{}", handle.banner());
+        handle.run_until_signal().await
+    }
+}
+
+/// Hosts `agent` with config from host.yaml and defaults, until SIGINT/SIGTERM.
+pub async fn host<A: Agent + Clone + Sync>(agent: A) -> Result<(), HostError> {
+    Host::new(agent).serve().await
+}
+
+/// The axum Router of `agent` for embedding in another server (the seed's `host.app`).
+/// Must be called inside a tokio runtime.
+pub fn router<A: Agent + Clone + Sync>(agent: A) -> Result<Router, HostError> {
+    Ok(Host::new(agent).build()?.router())
+}
+
+/// A node that is configured but not yet listening.
+pub struct Node {
+    config: HostConfig,
+    identity: Identity,
+    dispatcher: Dispatcher,
+    store: Store,
+    info: NodeInfo,
+    key_created: bool,
+    background: CancellationToken,
+}
+
+impl Node {
+    fn open(factory: AgentFactory, config: HostConfig) -> Result<Node, HostError> {
+        std::fs::create_dir_all(&config.co_dir).map_err(|source| HostError::CoDir {
+            path: config.co_dir.clone(),
+            source,
+        })?;
+        let (identity, key_created) = Identity::load_or_create(&config.co_dir)?;
+        let (store, interrupted) =
+            Store::open(&store_path(&config.co_dir), config.result_ttl, unix_now())?;
+        if interrupted > 0 {
+            warn!(
+                interrupted,
+                "sessions left running by the previous process are marked interrupted"
+            );
+        }
+        let sample = factory.make();
+        let info = NodeInfo {
+            name: config.name.clone().unwrap_or_else(|| sample.name()),
+            tools: sample.tools(),
+            summary: config.summary.clone(),
+            examples: config.examples.clone(),
+            max_file_size_mb: config.max_file_size_mb,
+            max_files_per_request: config.max_files_per_request,
+        };
+        let dispatcher = Dispatcher::new(
+            identity.clone(),
+            factory,
+            store.clone(),
+            DispatcherConfig {
+                trust: config.trust.clone(),
+                workers: config.workers,
+                max_queue: config.max_queue,
+                result_ttl: config.result_ttl,
+            },
+        );
+        let background = CancellationToken::new();
+        tokio::spawn(sweep_loop(
+            store.clone(),
+            config.result_ttl,
+            background.clone(),
+        ));
+        Ok(Node {
+            config,
+            identity,
+            dispatcher,
+            store,
+            info,
+            key_created,
+            background,
+        })
+    }
+
+    pub fn address(&self) -> Address {
+        self.identity.address()
+    }
+
+    pub fn config(&self) -> &HostConfig {
+        &self.config
+    }
+
+    pub fn dispatcher(&self) -> &Dispatcher {
+        &self.dispatcher
+    }
+
+    /// The HTTP router; the node's background tasks stop when the last clone is dropped.
+    pub fn router(self) -> Router {
+        let guard = self.background.clone().drop_guard();
+        self.router_with(Some(guard))
+    }
+
+    fn router_with(&self, guard: Option<tokio_util::sync::DropGuard>) -> Router {
+        http::router(Arc::new(HttpState {
+            dispatcher: self.dispatcher.clone(),
+            info: self.info.clone(),
+            max_body_bytes: self.config.max_body_bytes(),
+            started: Instant::now(),
+            _background: guard,
+        }))
+    }
+
+    /// Binds the listeners and starts serving; returns at once with a handle.
+    pub async fn spawn(self) -> Result<NodeHandle, HostError> {
+        let addr = SocketAddr::new(self.config.bind, self.config.port);
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| HostError::Bind { addr, source })?;
+        let http_addr = listener.local_addr().map_err(HostError::Serve)?;
+        if self.key_created {
+            info!(address = %self.address(), "created a new identity key");
+        }
+        if self.config.reload {
+            warn!("`reload: true` has no effect on a compiled agent; restart the node to pick up changes");
+        }
+        if let Some(url) = &self.config.relay_url {
+            warn!(%url, "this build has no relay transport yet; relay_url is ignored");
+        }
+        info!(address = %self.address(), %http_addr, "listening on http://{http_addr}");
+
+        let router = self.router_with(None);
+        let shutdown = self.background.clone();
+        let mut tasks = JoinSet::new();
+        let stop = shutdown.clone();
+        tasks.spawn(async move {
+            axum::serve(listener, router)
+                .with_graceful_shutdown(stop.cancelled_owned())
+                .await
+                .map_err(HostError::Serve)
+        });
+        Ok(NodeHandle {
+            node: self,
+            http_addr,
+            shutdown,
+            tasks,
+        })
+    }
+}
+
+fn store_path(co_dir: &Path) -> PathBuf {
+    co_dir.join("oonode").join("db")
+}
+
+/// Deletes expired sessions and replay keys, often enough that a session is gone within
+/// about a quarter of `result_ttl` after it expires (reads never show expired ones).
+async fn sweep_loop(store: Store, result_ttl: u64, stop: CancellationToken) {
+    let every = Duration::from_secs((result_ttl / 4).clamp(1, 60));
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        match store.sweep(unix_now()).await {
+            Ok((0, 0)) => {}
+            Ok((sessions, keys)) => tracing::debug!(sessions, keys, "swept expired records"),
+            Err(e) => warn!(error = %e, "sweeping expired records failed"),
+        }
+    }
+}
+
+/// A running node.
+pub struct NodeHandle {
+    node: Node,
+    http_addr: SocketAddr,
+    shutdown: CancellationToken,
+    tasks: JoinSet<Result<(), HostError>>,
+}
+
+impl NodeHandle {
+    pub fn address(&self) -> Address {
+        self.node.address()
+    }
+
+    /// Where the HTTP listener is bound (with the real port when 0 was asked).
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
+    }
+
+    /// A URL for reaching the HTTP listener from this machine.
+    pub fn http_url(&self) -> String {
+        let ip = self.http_addr.ip();
+        let host = if ip.is_unspecified() {
+            "localhost".to_string()
+        } else if ip.is_ipv6() {
+            format!("[{ip}]")
+        } else {
+            ip.to_string()
+        };
+        format!("http://{host}:{}", self.http_addr.port())
+    }
+
+    pub fn dispatcher(&self) -> &Dispatcher {
+        &self.node.dispatcher
+    }
+
+    /// The start-up box: name, address, endpoints, UI and relay.
+    pub fn banner(&self) -> String {
+        let url = self.http_url();
+        let ws = url.replacen("http://", "ws://", 1);
+        let relay = match &self.node.config.relay_url {
+            Some(url) => format!("{url} (not connected: no relay transport in this build)"),
+            None => "off".to_string(),
+        };
+        let lines = [
+            format!("Agent '{}' is now hosted", self.node.info.name),
+            String::new(),
+            format!("Address: {}", self.address()),
+            format!("Trust:   {}", self.node.config.trust.level),
+            String::new(),
+            "HTTP Endpoints:".to_string(),
+            format!("  POST {url}/input"),
+            format!("  GET  {url}/sessions/{{session_id}}"),
+            format!("  GET  {url}/sessions"),
+            format!("  GET  {url}/health"),
+            format!("  GET  {url}/info"),
+            format!("  WS   {ws}/ws"),
+            String::new(),
+            "P2P Relay:".to_string(),
+            format!("  {relay}"),
+        ];
+        let width = lines.iter().map(|l| l.chars().count()).max().unwrap_or(0) + 2;
+        let mut out = format!("╭{}╮\n", "─".repeat(width + 2));
+        for (i, line) in lines.iter().enumerate() {
+            out.push_str(&format!(
+                "│ {line}{} │\n",
+                " ".repeat(width - line.chars().count())
+            ));
+            if i == 0 {
+                out.push_str(&format!("├{}┤\n", "─".repeat(width + 2)));
+            }
+        }
+        out.push_str(&format!(
+            "╰{}╯\n\nWaiting for tasks...",
+            "─".repeat(width + 2)
+        ));
+        out
+    }
+
+    /// Stops accepting, lets accepted runs finish (up to a grace period), flushes the
+    /// store. Runs still going after the grace period read `interrupted` on next start.
+    pub async fn shutdown(mut self) -> Result<(), HostError> {
+        info!("shutting down");
+        self.node.dispatcher.close();
+        self.shutdown.cancel();
+        if tokio::time::timeout(SHUTDOWN_GRACE, self.node.dispatcher.drained())
+            .await
+            .is_err()
+        {
+            warn!("runs still going after {SHUTDOWN_GRACE:?}; they will read as interrupted");
+        }
+        let mut result = Ok(());
+        let deadline = tokio::time::sleep(Duration::from_secs(5));
+        tokio::pin!(deadline);
+        loop {
+            tokio::select! {
+                joined = self.tasks.join_next() => match joined {
+                    Some(Ok(Err(e))) => result = Err(e),
+                    Some(_) => {}
+                    None => break,
+                },
+                _ = &mut deadline => {
+                    self.tasks.abort_all();
+                    break;
+                }
+            }
+        }
+        self.node.store.flush().await?;
+        result
+    }
+
+    /// Serves until SIGINT or SIGTERM (or a listener fails), then shuts down.
+    pub async fn run_until_signal(mut self) -> Result<(), HostError> {
+        let failed = tokio::select! {
+            _ = shutdown_signal() => None,
+            joined = self.tasks.join_next() => match joined {
+                Some(Ok(Err(e))) => Some(e),
+                _ => None,
+            },
+        };
+        let result = self.shutdown().await;
+        match failed {
+            Some(e) => Err(e),
+            None => result,
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

@@ -1,0 +1,360 @@
+//! Node identity: the ed25519 key, its `0x…` [`Address`], the libp2p `PeerId` of the same
+//! key, and where the key lives on disk (`co_dir`).
+
+use std::fmt;
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// Length of an address string: `0x` + 64 hex characters.
+pub const ADDRESS_LEN: usize = 66;
+
+/// Prefix of a libp2p PeerId for an ed25519 key: identity multihash (0x00, length 36)
+/// of the protobuf `PublicKey { Type: Ed25519 (1), Data: <32 bytes> }`.
+const PEER_ID_ED25519_PREFIX: [u8; 6] = [0x00, 0x24, 0x08, 0x01, 0x12, 0x20];
+
+#[derive(Debug, thiserror::Error)]
+pub enum AddressError {
+    #[error("address must start with 0x, got {0:?}")]
+    MissingPrefix(String),
+    #[error("address must be 0x followed by 64 hex characters, got {len} characters")]
+    WrongLength { len: usize },
+    #[error("address contains a character that is not hex")]
+    NotHex,
+    #[error("address is not a valid ed25519 public key")]
+    NotAKey,
+    #[error("PeerId is not an ed25519 identity key")]
+    NotEd25519PeerId,
+}
+
+/// A node's address: the raw 32-byte ed25519 public key, written `0x` + 64 lowercase hex.
+///
+/// The same key is the node's libp2p identity, so [`Address::peer_id`] and
+/// [`Address::from_peer_id`] are pure conversions.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Address([u8; 32]);
+
+impl Address {
+    /// Wraps raw key bytes, checking that they are a valid ed25519 point.
+    pub fn from_bytes(bytes: [u8; 32]) -> Result<Self, AddressError> {
+        VerifyingKey::from_bytes(&bytes).map_err(|_| AddressError::NotAKey)?;
+        Ok(Address(bytes))
+    }
+
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+
+    /// The ed25519 key to verify signatures of this address with.
+    pub fn verifying_key(&self) -> VerifyingKey {
+        // Checked at construction.
+        VerifyingKey::from_bytes(&self.0).expect("address holds a valid key")
+    }
+
+    /// `0x3d40…9c98`: for logs and tables, never for identification.
+    pub fn short(&self) -> String {
+        let hex = hex::encode(self.0);
+        format!("0x{}…{}", &hex[..4], &hex[60..])
+    }
+
+    pub fn peer_id(&self) -> libp2p_identity::PeerId {
+        let key = libp2p_identity::ed25519::PublicKey::try_from_bytes(&self.0)
+            .expect("address holds a valid key");
+        libp2p_identity::PublicKey::from(key).to_peer_id()
+    }
+
+    pub fn from_peer_id(peer: &libp2p_identity::PeerId) -> Result<Self, AddressError> {
+        let bytes = peer.to_bytes();
+        if bytes.len() != PEER_ID_ED25519_PREFIX.len() + 32
+            || bytes[..PEER_ID_ED25519_PREFIX.len()] != PEER_ID_ED25519_PREFIX
+        {
+            return Err(AddressError::NotEd25519PeerId);
+        }
+        let mut key = [0u8; 32];
+        key.copy_from_slice(&bytes[PEER_ID_ED25519_PREFIX.len()..]);
+        Address::from_bytes(key)
+    }
+}
+
+impl FromStr for Address {
+    type Err = AddressError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.trim();
+        let hex_part = s
+            .strip_prefix("0x")
+            .or_else(|| s.strip_prefix("0X"))
+            .ok_or_else(|| AddressError::MissingPrefix(s.chars().take(8).collect()))?;
+        if s.len() != ADDRESS_LEN {
+            return Err(AddressError::WrongLength { len: s.len() });
+        }
+        let mut bytes = [0u8; 32];
+        hex::decode_to_slice(hex_part, &mut bytes).map_err(|_| AddressError::NotHex)?;
+        Address::from_bytes(bytes)
+    }
+}
+
+impl fmt::Display for Address {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "0x{}", hex::encode(self.0))
+    }
+}
+
+impl fmt::Debug for Address {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Address({})", self.short())
+    }
+}
+
+impl Serialize for Address {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Address {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum KeyFileError {
+    #[error("cannot read key file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot write key file {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("key file {path} holds {len} bytes; expected a raw 32-byte ed25519 seed")]
+    BadLength { path: PathBuf, len: usize },
+}
+
+/// A node's signing identity. Cheap to clone.
+#[derive(Clone)]
+pub struct Identity {
+    key: SigningKey,
+    address: Address,
+}
+
+impl Identity {
+    pub fn from_seed(seed: [u8; 32]) -> Self {
+        let key = SigningKey::from_bytes(&seed);
+        let address = Address(key.verifying_key().to_bytes());
+        Identity { key, address }
+    }
+
+    pub fn generate() -> Self {
+        let key = SigningKey::generate(&mut rand::rngs::OsRng);
+        Identity::from_seed(key.to_bytes())
+    }
+
+    pub fn address(&self) -> Address {
+        self.address
+    }
+
+    pub fn sign(&self, message: &[u8]) -> Signature {
+        self.key.sign(message)
+    }
+
+    /// The raw 32-byte seed, as stored in `keys/agent.key`.
+    pub fn seed(&self) -> [u8; 32] {
+        self.key.to_bytes()
+    }
+
+    /// The libp2p keypair of the same key, for the swarm.
+    pub fn libp2p_keypair(&self) -> libp2p_identity::Keypair {
+        libp2p_identity::Keypair::ed25519_from_bytes(self.key.to_bytes())
+            .expect("a 32-byte seed is a valid ed25519 secret")
+    }
+
+    /// Path of the key file inside a co_dir.
+    pub fn key_path(co_dir: &Path) -> PathBuf {
+        co_dir.join("keys").join("agent.key")
+    }
+
+    /// Loads `<co_dir>/keys/agent.key`, creating it (mode 0600) if it does not exist.
+    /// Returns the identity and whether it was created now.
+    pub fn load_or_create(co_dir: &Path) -> Result<(Self, bool), KeyFileError> {
+        let path = Self::key_path(co_dir);
+        match fs::read(&path) {
+            Ok(bytes) => Ok((Self::from_key_bytes(&path, &bytes)?, false)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let identity = Identity::generate();
+                match write_new_key(&path, &identity.seed()) {
+                    Ok(()) => Ok((identity, true)),
+                    // Another process created it first: use theirs.
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                        let bytes = fs::read(&path).map_err(|source| KeyFileError::Read {
+                            path: path.clone(),
+                            source,
+                        })?;
+                        Ok((Self::from_key_bytes(&path, &bytes)?, false))
+                    }
+                    Err(source) => Err(KeyFileError::Write { path, source }),
+                }
+            }
+            Err(source) => Err(KeyFileError::Read { path, source }),
+        }
+    }
+
+    fn from_key_bytes(path: &Path, bytes: &[u8]) -> Result<Self, KeyFileError> {
+        let seed: [u8; 32] = bytes.try_into().map_err(|_| KeyFileError::BadLength {
+            path: path.to_path_buf(),
+            len: bytes.len(),
+        })?;
+        Ok(Identity::from_seed(seed))
+    }
+}
+
+impl fmt::Debug for Identity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Identity")
+            .field("address", &self.address)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Writes the seed to a fresh file with mode 0600 from the start (never world-readable,
+/// not even for an instant), refusing to overwrite an existing key.
+fn write_new_key(path: &Path, seed: &[u8; 32]) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    if let Some(dir) = path.parent() {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)?;
+    }
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    file.write_all(seed)?;
+    file.sync_all()
+}
+
+/// Finds the co_dir the way the Python host does: the project's `.co/` (walking up from
+/// `start`, stopping at `$HOME` or at a directory that holds `.git`), else `~/.co/`.
+pub fn find_co_dir(start: &Path) -> PathBuf {
+    let home = home_dir();
+    let mut dir = Some(start);
+    while let Some(d) = dir {
+        if home.as_deref() == Some(d) {
+            break;
+        }
+        let candidate = d.join(".co");
+        if candidate.is_dir() {
+            return candidate;
+        }
+        if d.join(".git").exists() {
+            break;
+        }
+        dir = d.parent();
+    }
+    home.unwrap_or_else(|| PathBuf::from(".")).join(".co")
+}
+
+fn home_dir() -> Option<PathBuf> {
+    std::env::var_os("HOME")
+        .filter(|h| !h.is_empty())
+        .map(PathBuf::from)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn address_parses_only_0x_and_64_hex() {
+        let id = Identity::from_seed([7; 32]);
+        let text = id.address().to_string();
+        assert_eq!(text.len(), ADDRESS_LEN);
+        assert_eq!(text.parse::<Address>().unwrap(), id.address());
+        assert_eq!(
+            text.to_uppercase()
+                .replacen("0X", "0x", 1)
+                .parse::<Address>()
+                .unwrap(),
+            id.address()
+        );
+        assert!(matches!(
+            text[2..].parse::<Address>(),
+            Err(AddressError::MissingPrefix(_))
+        ));
+        assert!(matches!(
+            text[..65].parse::<Address>(),
+            Err(AddressError::WrongLength { .. })
+        ));
+        let bad = format!("0x{}zz", &text[2..64]);
+        assert!(matches!(bad.parse::<Address>(), Err(AddressError::NotHex)));
+    }
+
+    #[test]
+    fn address_round_trips_through_peer_id() {
+        let id = Identity::from_seed([9; 32]);
+        let peer = id.address().peer_id();
+        assert_eq!(peer, id.libp2p_keypair().public().to_peer_id());
+        assert_eq!(Address::from_peer_id(&peer).unwrap(), id.address());
+        // A sha2-256 PeerId (as RSA keys get) carries no key to recover.
+        let mut hashed = vec![0x12, 0x20];
+        hashed.extend_from_slice(&[7u8; 32]);
+        let other = libp2p_identity::PeerId::from_bytes(&hashed).unwrap();
+        assert!(Address::from_peer_id(&other).is_err());
+    }
+
+    #[test]
+    fn short_form_keeps_both_ends() {
+        let id = Identity::from_seed([1; 32]);
+        let full = id.address().to_string();
+        let short = id.address().short();
+        assert!(short.starts_with(&full[..6]) && short.ends_with(&full[62..]));
+    }
+
+    #[test]
+    fn key_file_is_created_once_with_mode_0600() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let (a, created) = Identity::load_or_create(dir.path()).unwrap();
+        assert!(created);
+        let (b, created) = Identity::load_or_create(dir.path()).unwrap();
+        assert!(!created);
+        assert_eq!(a.address(), b.address());
+        let meta = fs::metadata(Identity::key_path(dir.path())).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        assert_eq!(meta.len(), 32);
+    }
+
+    #[test]
+    fn truncated_key_file_is_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = Identity::key_path(dir.path());
+        fs::create_dir_all(path.parent().unwrap()).unwrap();
+        fs::write(&path, [1u8; 31]).unwrap();
+        let err = Identity::load_or_create(dir.path()).unwrap_err();
+        assert!(err.to_string().contains("31 bytes"), "{err}");
+    }
+
+    #[test]
+    fn project_co_dir_wins_and_git_stops_the_walk() {
+        let root = tempfile::tempdir().unwrap();
+        let project = root.path().join("proj");
+        let nested = project.join("a/b");
+        fs::create_dir_all(&nested).unwrap();
+        fs::create_dir_all(project.join(".co")).unwrap();
+        assert_eq!(find_co_dir(&nested), project.join(".co"));
+
+        // A .git between the start and the .co stops the walk.
+        fs::create_dir_all(project.join("a/.git")).unwrap();
+        assert_ne!(find_co_dir(&nested), project.join(".co"));
+    }
+}

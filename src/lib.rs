@@ -1,0 +1,50 @@
+//! # oonode
+//!
+//! Makes an agent reachable on the network with one call. A node's identity is an
+//! ed25519 key whose public half is its `0x…` [`Address`]; every message is a signed
+//! [`Envelope`] (INPUT, STREAM, OUTPUT, ERROR), and every transport hands envelopes to
+//! one [`Dispatcher`] that verifies, applies trust, admits, runs the agent on a fresh
+//! instance, persists the session and replies.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), oonode::HostError> {
+//! use oonode::{agent::Translator, Host, TrustLevel};
+//! Host::new(Translator).trust(TrustLevel::Careful).port(8000).serve().await
+//! # }
+//! ```
+//!
+//! # Layout
+//!
+//! | file | what lives there |
+//! | --- | --- |
+//! | `identity.rs` | keys, [`Address`], PeerId conversion, key file, co_dir lookup |
+//! | `envelope.rs` | envelope shapes, canonical JSON (form A), sign/verify, freshness, replay keys (no I/O) |
+//! | `agent.rs` | the [`Agent`] trait, [`AgentFactory`] (a fresh agent per request), built-in `echo` and `translator` |
+//! | `dispatch.rs` | the [`Dispatcher`]: verify → trust → admit → run → stream → persist → reply |
+//! | `trust/` | trust levels and address lists; the seam for policies |
+//! | `store.rs` | sled: sessions and seen message ids, TTL sweep, restart → `interrupted` |
+//! | `config.rs` | `host.yaml` + code parameters → [`HostConfig`] |
+//! | `host.rs` | [`Host`] builder, [`host()`], [`router()`], banner, graceful shutdown |
+//! | `transport/` | ways in: `http.rs` (the seed's API); transports know the dispatcher, never the reverse |
+//! | `main.rs` | the thin CLI: `oonode host`, `oonode keys` |
+//!
+//! The wire forms and test vectors are in `docs/protocol.md`.
+
+pub mod agent;
+mod config;
+mod dispatch;
+pub mod envelope;
+mod host;
+mod identity;
+mod store;
+mod transport;
+pub mod trust;
+
+pub use agent::{Agent, AgentError, AgentFactory, StreamSink, Turn};
+pub use config::{ConfigError, HostConfig, Settings};
+pub use dispatch::{Accepted, Dispatcher, Refusal, Submission};
+pub use envelope::{Envelope, Kind};
+pub use host::{host, router, Host, HostError, Node, NodeHandle};
+pub use identity::{find_co_dir, Address, AddressError, Identity};
+pub use store::{SessionRecord, SessionStatus};
+pub use trust::TrustLevel;

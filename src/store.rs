@@ -1,0 +1,302 @@
+//! Persistence in sled, inside co_dir: sessions and the ids of signed messages already
+//! seen. Every call runs on the blocking pool, never on the async workers.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::identity::Address;
+
+const SESSIONS: &str = "sessions";
+const SEEN: &str = "seen";
+
+/// How many sessions `GET /sessions` lists at most (newest first).
+pub const MAX_LISTED_SESSIONS: usize = 1000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot open the store at {path}: {source} (is another oonode using this co_dir?)")]
+    Open { path: PathBuf, source: sled::Error },
+    #[error("store: {0}")]
+    Sled(#[from] sled::Error),
+    #[error("store: corrupt record: {0}")]
+    Corrupt(#[from] serde_json::Error),
+    #[error("store: background task failed: {0}")]
+    Join(#[from] tokio::task::JoinError),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SessionStatus {
+    Running,
+    Done,
+    Failed,
+    /// Was running when the process stopped; its result is lost, the record is not.
+    Interrupted,
+}
+
+impl SessionStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SessionStatus::Running => "running",
+            SessionStatus::Done => "done",
+            SessionStatus::Failed => "failed",
+            SessionStatus::Interrupted => "interrupted",
+        }
+    }
+}
+
+/// One session as stored and as `GET /sessions/{id}` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SessionRecord {
+    pub session_id: String,
+    pub status: SessionStatus,
+    pub prompt: String,
+    pub result: Option<String>,
+    /// The state a caller passes back for the next turn (history included).
+    pub session: Value,
+    pub created: u64,
+    /// None while running: running sessions never expire.
+    pub expires: Option<u64>,
+    pub duration_ms: Option<u64>,
+    /// The verified caller that started the session; None for unsigned callers.
+    pub owner: Option<Address>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl SessionRecord {
+    pub fn is_expired(&self, now: u64) -> bool {
+        self.expires.is_some_and(|e| e <= now)
+    }
+}
+
+/// Handle to the store; cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    db: Arc<sled::Db>,
+    sessions: sled::Tree,
+    seen: sled::Tree,
+}
+
+impl Store {
+    /// Opens (or creates) the store and marks sessions left running by a previous process
+    /// as interrupted. Returns the store and how many sessions were marked.
+    pub fn open(path: &Path, result_ttl: u64, now: u64) -> Result<(Store, usize), StoreError> {
+        let db = sled::Config::new()
+            .path(path)
+            .open()
+            .map_err(|source| StoreError::Open {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        let store = Store {
+            sessions: db.open_tree(SESSIONS)?,
+            seen: db.open_tree(SEEN)?,
+            db: Arc::new(db),
+        };
+        let mut marked = 0;
+        for item in store.sessions.iter() {
+            let (key, bytes) = item?;
+            let mut rec: SessionRecord = serde_json::from_slice(&bytes)?;
+            if rec.status == SessionStatus::Running {
+                rec.status = SessionStatus::Interrupted;
+                rec.expires = Some(now + result_ttl);
+                rec.error = Some("the node stopped while this session was running".into());
+                store.sessions.insert(key, serde_json::to_vec(&rec)?)?;
+                marked += 1;
+            }
+        }
+        store.db.flush()?;
+        Ok((store, marked))
+    }
+
+    async fn blocking<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
+    {
+        let store = self.clone();
+        tokio::task::spawn_blocking(move || f(&store)).await?
+    }
+
+    /// Writes a session durably (flushed before returning): what was accepted survives a
+    /// crash.
+    pub async fn put_session(&self, rec: SessionRecord) -> Result<(), StoreError> {
+        self.blocking(move |s| {
+            s.sessions
+                .insert(rec.session_id.as_bytes(), serde_json::to_vec(&rec)?)?;
+            s.db.flush()?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Reads a session; an expired one reads as absent even before the sweeper runs.
+    pub async fn get_session(
+        &self,
+        id: String,
+        now: u64,
+    ) -> Result<Option<SessionRecord>, StoreError> {
+        self.blocking(move |s| match s.sessions.get(id.as_bytes())? {
+            Some(bytes) => {
+                let rec: SessionRecord = serde_json::from_slice(&bytes)?;
+                Ok((!rec.is_expired(now)).then_some(rec))
+            }
+            None => Ok(None),
+        })
+        .await
+    }
+
+    /// Sessions owned by `owner` (None = unsigned callers' sessions), newest first.
+    pub async fn list_sessions(
+        &self,
+        owner: Option<Address>,
+        now: u64,
+    ) -> Result<Vec<SessionRecord>, StoreError> {
+        self.blocking(move |s| {
+            let mut out = Vec::new();
+            for item in s.sessions.iter() {
+                let (_, bytes) = item?;
+                let rec: SessionRecord = serde_json::from_slice(&bytes)?;
+                if rec.owner == owner && !rec.is_expired(now) {
+                    out.push(rec);
+                }
+            }
+            out.sort_by_key(|r| std::cmp::Reverse(r.created));
+            out.truncate(MAX_LISTED_SESSIONS);
+            Ok(out)
+        })
+        .await
+    }
+
+    /// Remembers a signed message's replay key until `expires`. Returns false if it was
+    /// already there: the message is a replay. Atomic, and flushed before returning.
+    pub async fn record_seen(&self, key: String, expires: u64) -> Result<bool, StoreError> {
+        self.blocking(move |s| {
+            let fresh = s
+                .seen
+                .compare_and_swap(
+                    key.as_bytes(),
+                    None as Option<&[u8]>,
+                    Some(&expires.to_be_bytes()[..]),
+                )?
+                .is_ok();
+            if fresh {
+                s.db.flush()?;
+            }
+            Ok(fresh)
+        })
+        .await
+    }
+
+    /// Deletes expired sessions and replay keys. Returns (sessions, keys) removed.
+    pub async fn sweep(&self, now: u64) -> Result<(usize, usize), StoreError> {
+        self.blocking(move |s| {
+            let mut sessions = 0;
+            for item in s.sessions.iter() {
+                let (key, bytes) = item?;
+                let rec: SessionRecord = serde_json::from_slice(&bytes)?;
+                if rec.is_expired(now) {
+                    s.sessions.remove(key)?;
+                    sessions += 1;
+                }
+            }
+            let mut keys = 0;
+            for item in s.seen.iter() {
+                let (key, value) = item?;
+                let expires = value
+                    .as_ref()
+                    .try_into()
+                    .map(u64::from_be_bytes)
+                    .unwrap_or(0);
+                if expires <= now {
+                    s.seen.remove(key)?;
+                    keys += 1;
+                }
+            }
+            if sessions + keys > 0 {
+                s.db.flush()?;
+            }
+            Ok((sessions, keys))
+        })
+        .await
+    }
+
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        self.blocking(|s| Ok(s.db.flush().map(|_| ())?)).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(id: &str, status: SessionStatus, expires: Option<u64>) -> SessionRecord {
+        SessionRecord {
+            session_id: id.into(),
+            status,
+            prompt: "p".into(),
+            result: None,
+            session: Value::Null,
+            created: 100,
+            expires,
+            duration_ms: None,
+            owner: None,
+            error: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn running_sessions_become_interrupted_on_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (store, _) = Store::open(dir.path(), 60, 100).unwrap();
+            store
+                .put_session(record("a", SessionStatus::Running, None))
+                .await
+                .unwrap();
+            store
+                .put_session(record("b", SessionStatus::Done, Some(1000)))
+                .await
+                .unwrap();
+        }
+        let (store, marked) = Store::open(dir.path(), 60, 200).unwrap();
+        assert_eq!(marked, 1);
+        let a = store.get_session("a".into(), 200).await.unwrap().unwrap();
+        assert_eq!(a.status, SessionStatus::Interrupted);
+        assert_eq!(a.expires, Some(260));
+        let b = store.get_session("b".into(), 200).await.unwrap().unwrap();
+        assert_eq!(b.status, SessionStatus::Done);
+    }
+
+    #[tokio::test]
+    async fn expired_sessions_and_keys_are_swept() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(dir.path(), 60, 100).unwrap();
+        store
+            .put_session(record("old", SessionStatus::Done, Some(150)))
+            .await
+            .unwrap();
+        store
+            .put_session(record("run", SessionStatus::Running, None))
+            .await
+            .unwrap();
+        assert!(store
+            .get_session("old".into(), 160)
+            .await
+            .unwrap()
+            .is_none());
+        assert!(store.record_seen("k".into(), 150).await.unwrap());
+        assert!(!store.record_seen("k".into(), 150).await.unwrap());
+        assert_eq!(store.sweep(160).await.unwrap(), (1, 1));
+        assert!(store
+            .get_session("run".into(), 10_000)
+            .await
+            .unwrap()
+            .is_some());
+        assert!(store.record_seen("k".into(), 500).await.unwrap());
+    }
+}

@@ -1,0 +1,294 @@
+//! The local HTTP transport (axum): the seed's API. `POST /input` waits for the OUTPUT;
+//! reads of sessions may be signed with the `x-co-*` headers.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::Body;
+use axum::extract::{Path, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::{json, Map, Value};
+use tokio_util::sync::DropGuard;
+use tracing::{debug, info_span, Instrument};
+
+use crate::dispatch::{Dispatcher, Refusal};
+use crate::envelope::{decode_object, unix_now, Envelope, EnvelopeError, Kind};
+use crate::store::SessionRecord;
+use crate::trust::Caller;
+
+/// What `/info` and `/health` tell about the node.
+#[derive(Debug, Clone)]
+pub(crate) struct NodeInfo {
+    pub name: String,
+    pub tools: Vec<String>,
+    pub summary: Option<String>,
+    pub examples: Vec<String>,
+    pub max_file_size_mb: u64,
+    pub max_files_per_request: usize,
+}
+
+pub(crate) struct HttpState {
+    pub dispatcher: Dispatcher,
+    pub info: NodeInfo,
+    pub max_body_bytes: usize,
+    pub started: Instant,
+    /// Stops the node's background tasks once the last router clone is gone.
+    pub _background: Option<DropGuard>,
+}
+
+/// The router serving the seed's endpoints.
+pub(crate) fn router(state: Arc<HttpState>) -> Router {
+    Router::new()
+        .route("/input", post(post_input))
+        .route("/sessions", get(list_sessions))
+        .route("/sessions/{id}", get(get_session))
+        .route("/health", get(health))
+        .route("/info", get(info))
+        .fallback(|| async { error(StatusCode::NOT_FOUND, "not_found", "not found") })
+        .method_not_allowed_fallback(|| async {
+            error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "method not allowed",
+            )
+        })
+        .layer(middleware::from_fn(cors))
+        .with_state(state)
+}
+
+/// An HTTP error body: `{"error": message, "code": code}`.
+fn error(status: StatusCode, code: &str, message: &str) -> Response {
+    (status, Json(json!({"error": message, "code": code}))).into_response()
+}
+
+fn refusal(r: &Refusal) -> Response {
+    let status = StatusCode::from_u16(r.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    if status.is_server_error() {
+        tracing::warn!(error = ?r, "request failed");
+    }
+    let mut res = error(status, r.code(), &r.to_string());
+    if matches!(r, Refusal::Busy { .. }) {
+        res.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
+    res
+}
+
+async fn cors(req: Request, next: Next) -> Response {
+    let mut res = if req.method() == Method::OPTIONS {
+        StatusCode::NO_CONTENT.into_response()
+    } else {
+        next.run(req).await
+    };
+    let h = res.headers_mut();
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_ORIGIN,
+        HeaderValue::from_static("*"),
+    );
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_METHODS,
+        HeaderValue::from_static("GET, POST, OPTIONS"),
+    );
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_HEADERS,
+        HeaderValue::from_static("content-type, x-co-from, x-co-signature, x-co-timestamp"),
+    );
+    h.insert(
+        header::ACCESS_CONTROL_MAX_AGE,
+        HeaderValue::from_static("86400"),
+    );
+    res
+}
+
+async fn post_input(State(st): State<Arc<HttpState>>, headers: HeaderMap, body: Body) -> Response {
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    let too_large = |len: usize| {
+        refusal(&Refusal::Envelope(EnvelopeError::TooLarge {
+            len,
+            max: st.max_body_bytes,
+        }))
+    };
+    if let Some(len) = declared.filter(|&l| l > st.max_body_bytes) {
+        return too_large(len);
+    }
+    let bytes = match axum::body::to_bytes(body, st.max_body_bytes).await {
+        Ok(b) => b,
+        Err(_) => return too_large(declared.unwrap_or(st.max_body_bytes + 1)),
+    };
+    let obj = match decode_object(&bytes, st.max_body_bytes) {
+        Ok(o) => o,
+        Err(EnvelopeError::InvalidJson(detail)) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "invalid_json",
+                &format!("Invalid JSON: {detail}"),
+            )
+        }
+        Err(e) => return refusal(&Refusal::Envelope(e)),
+    };
+    let submission = match super::submission_from_json(obj) {
+        Ok(s) => s,
+        Err(r) => return refusal(&r),
+    };
+    let mut accepted = match st.dispatcher.submit(submission).await {
+        Ok(a) => a,
+        Err(r) => {
+            debug!(code = r.code(), "input refused");
+            return refusal(&r);
+        }
+    };
+    let span = info_span!("http_input", session = %accepted.session_id);
+    async move {
+        // HTTP has no stream: wait for the final envelope, skipping STREAM chunks.
+        while let Some(env) = accepted.replies.recv().await {
+            match env.kind() {
+                Some(Kind::Output) => {
+                    return (StatusCode::OK, Json(env.to_flat_json())).into_response()
+                }
+                Some(Kind::Error) => {
+                    return (StatusCode::INTERNAL_SERVER_ERROR, Json(env.to_flat_json()))
+                        .into_response()
+                }
+                _ => {}
+            }
+        }
+        error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "the run ended without a result",
+        )
+    }
+    .instrument(span)
+    .await
+}
+
+/// Who is reading: unsigned, or signed with `x-co-from`/`x-co-signature`/`x-co-timestamp`
+/// over `{"method","path","timestamp"}` (form A).
+fn reader(
+    st: &HttpState,
+    method: &Method,
+    path: &str,
+    headers: &HeaderMap,
+) -> Result<Caller, Refusal> {
+    let get = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let (from, sig, ts) = (
+        get("x-co-from"),
+        get("x-co-signature"),
+        get("x-co-timestamp"),
+    );
+    let caller = match (from, sig, ts) {
+        (None, None, None) => Caller::Unsigned { claimed: None },
+        (Some(from), Some(sig), Some(ts)) => {
+            let timestamp: u64 = ts
+                .parse()
+                .map_err(|_| Refusal::BadRequest("x-co-timestamp must be an integer".into()))?;
+            let mut signed = Map::new();
+            signed.insert(
+                "payload".into(),
+                json!({"method": method.as_str(), "path": path, "timestamp": timestamp}),
+            );
+            signed.insert("from".into(), from.into());
+            signed.insert("signature".into(), sig.into());
+            let env = Envelope::from_nested(&signed)?;
+            st.dispatcher.authenticate(&env, unix_now(), false)?
+        }
+        _ => {
+            return Err(Refusal::BadRequest(
+                "signed reads need all of x-co-from, x-co-signature and x-co-timestamp".into(),
+            ))
+        }
+    };
+    st.dispatcher.trust().decide(&caller)?;
+    Ok(caller)
+}
+
+fn session_json(rec: &SessionRecord) -> Value {
+    let mut v = serde_json::to_value(rec).unwrap_or(Value::Null);
+    if let Some(obj) = v.as_object_mut() {
+        obj.remove("owner");
+    }
+    v
+}
+
+async fn get_session(
+    State(st): State<Arc<HttpState>>,
+    Path(id): Path<String>,
+    method: Method,
+    uri: axum::http::Uri,
+    headers: HeaderMap,
+) -> Response {
+    let caller = match reader(&st, &method, uri.path(), &headers) {
+        Ok(c) => c,
+        Err(r) => return refusal(&r),
+    };
+    match st.dispatcher.session(&id, &caller).await {
+        Ok(Some(rec)) => Json(session_json(&rec)).into_response(),
+        Ok(None) => error(StatusCode::NOT_FOUND, "not_found", "not found"),
+        Err(r) => refusal(&r),
+    }
+}
+
+async fn list_sessions(
+    State(st): State<Arc<HttpState>>,
+    method: Method,
+    uri: axum::http::Uri,
+    headers: HeaderMap,
+) -> Response {
+    let caller = match reader(&st, &method, uri.path(), &headers) {
+        Ok(c) => c,
+        Err(r) => return refusal(&r),
+    };
+    match st.dispatcher.sessions(&caller).await {
+        Ok(list) => {
+            let sessions: Vec<Value> = list
+                .iter()
+                .map(|r| json!({"session_id": r.session_id, "status": r.status, "created": r.created}))
+                .collect();
+            Json(json!({ "sessions": sessions })).into_response()
+        }
+        Err(r) => refusal(&r),
+    }
+}
+
+async fn health(State(st): State<Arc<HttpState>>) -> Response {
+    Json(json!({
+        "status": "healthy",
+        "agent": st.info.name,
+        "uptime": st.started.elapsed().as_secs(),
+        "address": st.dispatcher.address().to_string(),
+        "in_flight": st.dispatcher.in_flight(),
+    }))
+    .into_response()
+}
+
+async fn info(State(st): State<Arc<HttpState>>) -> Response {
+    let i = &st.info;
+    let address = st.dispatcher.address();
+    Json(json!({
+        "name": i.name,
+        "address": address.to_string(),
+        "peer_id": address.peer_id().to_string(),
+        "tools": i.tools,
+        "trust": st.dispatcher.trust().level.as_str(),
+        "version": env!("CARGO_PKG_VERSION"),
+        "summary": i.summary,
+        "examples": i.examples,
+        "accepted_inputs": {
+            "text": true,
+            "images": false,
+            "files": false,
+            "limits": {
+                "max_file_size_mb": i.max_file_size_mb,
+                "max_files_per_request": i.max_files_per_request,
+            },
+        },
+    }))
+    .into_response()
+}
