@@ -99,13 +99,14 @@ impl AgentFactory {
 }
 
 /// Names of the built-in agents, for the CLI.
-pub const BUILTIN_AGENTS: &[&str] = &["echo", "translator"];
+pub const BUILTIN_AGENTS: &[&str] = &["echo", "translator", "ticker"];
 
 /// A factory for a built-in agent by name.
 pub fn builtin(name: &str) -> Option<AgentFactory> {
     match name {
         "echo" => Some(AgentFactory::from_clone(Echo)),
         "translator" => Some(AgentFactory::from_clone(Translator)),
+        "ticker" => Some(AgentFactory::from_clone(Ticker::default())),
         _ => None,
     }
 }
@@ -137,6 +138,36 @@ impl Agent for Echo {
             .map(|f| format!("{} ({} bytes)", f.name, f.size))
             .collect();
         Ok(format!("{}\nfiles: {}", turn.prompt, files.join(", ")))
+    }
+}
+
+/// Streams the prompt one word at a time with a pause between words (200 ms unless
+/// set), then returns it: a slow, visibly streaming agent for demos and tests.
+#[derive(Debug, Clone)]
+pub struct Ticker {
+    pub pause: std::time::Duration,
+}
+
+impl Default for Ticker {
+    fn default() -> Self {
+        Ticker {
+            pause: std::time::Duration::from_millis(200),
+        }
+    }
+}
+
+#[async_trait]
+impl Agent for Ticker {
+    fn name(&self) -> String {
+        "ticker".into()
+    }
+
+    async fn run(&mut self, turn: Turn, stream: &StreamSink) -> Result<String, AgentError> {
+        for word in turn.prompt.split_whitespace() {
+            tokio::time::sleep(self.pause).await;
+            stream.send(word).await;
+        }
+        Ok(turn.prompt)
     }
 }
 

@@ -514,9 +514,11 @@ fn parse_turn(sub: &Submission, now: u64) -> Result<TurnStart, Refusal> {
     let session_id = match session.get("session_id").or(payload.get("session_id")) {
         None | Some(Value::Null) => uuid::Uuid::new_v4().to_string(),
         Some(Value::String(s)) if valid_session_id(s) => s.clone(),
-        Some(_) => return Err(Refusal::BadRequest(format!(
+        Some(_) => {
+            return Err(Refusal::BadRequest(format!(
             "`session_id` must be 1-{MAX_SESSION_ID_LEN} characters of letters, digits, '-' or '_'"
-        ))),
+        )))
+        }
     };
     let (history, extra) = split_session(&session);
     Ok(TurnStart {

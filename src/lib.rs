@@ -41,6 +41,8 @@ mod transport;
 pub mod trust;
 
 pub use agent::{Agent, AgentError, AgentFactory, StreamSink, Turn};
+/// For implementing [`Agent`] without depending on `async-trait` directly.
+pub use async_trait::async_trait;
 pub use config::{ConfigError, HostConfig, Settings};
 pub use dispatch::{Accepted, Dispatcher, Refusal, Submission};
 pub use envelope::{Envelope, Kind};

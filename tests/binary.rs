@@ -1,0 +1,293 @@
+//! The real `oonode` binary: the seed's curl calls verbatim, `oonode keys`, start-up
+//! errors, and persistence across kill -9.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::{json, Value};
+
+const BIN: &str = env!("CARGO_BIN_EXE_oonode");
+
+/// A running `oonode host`; killed (by its own PID) when dropped.
+struct Proc {
+    child: Child,
+    port: u16,
+}
+
+impl Proc {
+    fn start(co_dir: &Path, args: &[&str]) -> Proc {
+        let mut child = Command::new(BIN)
+            .args([
+                "host",
+                "--port",
+                "0",
+                "--bind",
+                "127.0.0.1",
+                "--no-relay",
+                "--co-dir",
+            ])
+            .arg(co_dir)
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("oonode starts");
+        let port = read_port(&mut child);
+        Proc { child, port }
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn kill9(mut self) {
+        let _ = self.child.kill(); // SIGKILL
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Reads the banner until the POST line and takes the port from it.
+fn read_port(child: &mut Child) -> u16 {
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some(rest) = line.split("POST http://127.0.0.1:").nth(1) {
+                let port: String = rest.chars().take_while(char::is_ascii_digit).collect();
+                let _ = tx.send(port.parse::<u16>().unwrap());
+            }
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(20))
+        .expect("the banner names the HTTP port within 20 s")
+}
+
+fn curl(args: &[&str]) -> Value {
+    let out = Command::new("curl")
+        .args(["-s", "--max-time", "20"])
+        .args(args)
+        .output()
+        .expect("curl is installed (.ci/run installs it)");
+    assert!(out.status.success(), "curl failed: {out:?}");
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("curl output is not JSON ({e}): {out:?}"))
+}
+
+#[test]
+fn the_seeds_curl_calls_work_verbatim() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Proc::start(dir.path(), &["--agent", "translator"]);
+    let base = node.url();
+
+    // curl -X POST http://localhost:8000/input -H "Content-Type: application/json" \
+    //   -d '{"prompt": "Translate hello to Spanish"}'
+    let body = curl(&[
+        "-X",
+        "POST",
+        &format!("{base}/input"),
+        "-H",
+        "Content-Type: application/json",
+        "-d",
+        r#"{"prompt": "Translate hello to Spanish"}"#,
+    ]);
+    assert_eq!(body["status"], "done");
+    assert_eq!(body["result"], "Hola");
+    assert!(body["duration_ms"].is_u64() && body["session"].is_object());
+    let id = body["session_id"].as_str().unwrap().to_string();
+
+    // The two-turn example, passing the session back.
+    let first = curl(&[
+        "-X",
+        "POST",
+        &format!("{base}/input"),
+        "-H",
+        "Content-Type: application/json",
+        "-d",
+        r#"{"prompt": "My name is John"}"#,
+    ]);
+    let second_body =
+        json!({"prompt": "What is my name?", "session": first["session"]}).to_string();
+    let second = curl(&[
+        "-X",
+        "POST",
+        &format!("{base}/input"),
+        "-H",
+        "Content-Type: application/json",
+        "-d",
+        &second_body,
+    ]);
+    assert_eq!(second["result"], "Your name is John");
+
+    // curl http://localhost:8000/sessions/550e8400-...
+    let rec = curl(&[&format!("{base}/sessions/{id}")]);
+    assert_eq!(
+        (rec["status"].as_str(), rec["result"].as_str()),
+        (Some("done"), Some("Hola"))
+    );
+    assert!(rec["duration_ms"].is_u64());
+    // curl http://localhost:8000/sessions
+    let list = curl(&[&format!("{base}/sessions")]);
+    assert_eq!(list["sessions"].as_array().unwrap().len(), 2);
+    // curl http://localhost:8000/health
+    let health = curl(&[&format!("{base}/health")]);
+    assert_eq!(
+        (health["status"].as_str(), health["agent"].as_str()),
+        (Some("healthy"), Some("translator"))
+    );
+    assert!(health["uptime"].is_u64());
+    // curl http://localhost:8000/info
+    let info = curl(&[&format!("{base}/info")]);
+    assert_eq!(info["name"], "translator");
+    assert_eq!(info["trust"], "careful");
+    assert!(info["address"].as_str().unwrap().starts_with("0x"));
+    assert_eq!(info["tools"], json!(["translate", "detect_language"]));
+    assert!(info["version"].is_string());
+}
+
+#[test]
+fn keys_prints_a_stable_address_and_peer_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = || {
+        let out = Command::new(BIN)
+            .args(["keys", "--co-dir"])
+            .arg(dir.path())
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let first = run();
+    assert_eq!(first, run(), "the key is created once");
+    let address: oonode::Address = first
+        .lines()
+        .find_map(|l| l.strip_prefix("address: "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    let peer = first
+        .lines()
+        .find_map(|l| l.strip_prefix("peer_id: "))
+        .unwrap();
+    assert_eq!(peer, address.peer_id().to_string());
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(dir.path().join("keys/agent.key"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+}
+
+#[test]
+fn a_bad_host_yaml_key_fails_start_up_with_file_and_key_named() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("host.yaml"),
+        "summary: ok\nmax_files_per_reqest: 3\n",
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args(["host", "--port", "0", "--co-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("host.yaml") && err.contains("max_files_per_reqest"),
+        "{err}"
+    );
+}
+
+fn get(url: &str) -> (u16, Value) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let res = client().get(url).send().await.expect("GET");
+        let status = res.status().as_u16();
+        (status, res.json().await.unwrap_or(Value::Null))
+    })
+}
+
+fn post(url: &str, body: Value) -> (u16, Value) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(post_json(url, &body))
+}
+
+fn wait_for(what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !check() {
+        assert!(start.elapsed() < limit, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn sessions_survive_kill_9_running_ones_read_interrupted_and_expire_after_ttl() {
+    let dir = tempfile::tempdir().unwrap();
+    let ttl = "6";
+    let node = Proc::start(
+        dir.path(),
+        &["--agent", "ticker", "--result-ttl", ttl, "--workers", "2"],
+    );
+    let url = node.url();
+
+    let (status, done) = post(&format!("{url}/input"), json!({"prompt": "quick one"}));
+    assert_eq!(status, 200, "{done}");
+    let done_id = done["session_id"].as_str().unwrap().to_string();
+
+    // A long run (50 words × 200 ms) that will be cut by the kill.
+    let long_url = format!("{url}/input");
+    std::thread::spawn(move || {
+        let words = vec!["tick"; 50].join(" ");
+        let _ = std::panic::catch_unwind(|| {
+            post(
+                &long_url,
+                json!({"prompt": words, "session": {"session_id": "long-run"}}),
+            )
+        });
+    });
+    wait_for(
+        "the long run to be stored as running",
+        Duration::from_secs(10),
+        || get(&format!("{url}/sessions/long-run")).1["status"] == "running",
+    );
+    node.kill9();
+
+    let node = Proc::start(dir.path(), &["--agent", "ticker", "--result-ttl", ttl]);
+    let url = node.url();
+    let (status, rec) = get(&format!("{url}/sessions/{done_id}"));
+    assert_eq!(status, 200, "a done session survives kill -9");
+    assert_eq!(
+        (rec["status"].as_str(), rec["result"].as_str()),
+        (Some("done"), Some("quick one"))
+    );
+    let (status, rec) = get(&format!("{url}/sessions/long-run"));
+    assert_eq!(status, 200);
+    assert_eq!(rec["status"], "interrupted", "{rec}");
+
+    // Both expire after result_ttl (the interrupted one counts from the restart).
+    wait_for("sessions to expire", Duration::from_secs(20), || {
+        get(&format!("{url}/sessions/{done_id}")).0 == 404
+            && get(&format!("{url}/sessions/long-run")).0 == 404
+    });
+    let (_, list) = get(&format!("{url}/sessions"));
+    assert_eq!(list["sessions"], json!([]));
+}

@@ -1,0 +1,149 @@
+//! Shared helpers: real nodes on 127.0.0.1:0 with their own temporary co_dir.
+#![allow(dead_code)]
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::Path;
+use std::time::Duration;
+
+use oonode::envelope::unix_now;
+use oonode::{Address, Envelope, Host, Identity, Kind, NodeHandle};
+use serde_json::{json, Map, Value};
+
+/// Every await on the network in tests is bounded by this.
+pub const STEP: Duration = Duration::from_secs(20);
+
+pub struct TestNode {
+    pub handle: NodeHandle,
+    pub url: String,
+    pub address: Address,
+}
+
+impl TestNode {
+    /// Starts `host` on loopback, port 0, relay off, with `co_dir` as its home.
+    pub async fn start(host: Host, co_dir: &Path) -> TestNode {
+        let handle = host
+            .co_dir(co_dir)
+            .port(0)
+            .bind(IpAddr::V4(Ipv4Addr::LOCALHOST))
+            .relay_url(None)
+            .build()
+            .expect("node builds")
+            .spawn()
+            .await
+            .expect("node starts");
+        let url = format!("http://{}", handle.http_addr());
+        let address = handle.address();
+        TestNode {
+            handle,
+            url,
+            address,
+        }
+    }
+
+    pub async fn post(&self, body: &Value) -> (u16, Value) {
+        post_json(&format!("{}/input", self.url), body).await
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, Value) {
+        let res = tokio::time::timeout(STEP, client().get(format!("{}{path}", self.url)).send())
+            .await
+            .expect("GET timed out")
+            .expect("GET failed");
+        let status = res.status().as_u16();
+        (status, res.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn stop(self) {
+        tokio::time::timeout(STEP, self.handle.shutdown())
+            .await
+            .expect("shutdown timed out")
+            .expect("clean shutdown");
+    }
+}
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder().timeout(STEP).build().unwrap()
+}
+
+pub async fn post_json(url: &str, body: &Value) -> (u16, Value) {
+    post_raw(url, serde_json::to_vec(body).unwrap()).await
+}
+
+pub async fn post_raw(url: &str, body: Vec<u8>) -> (u16, Value) {
+    let res = tokio::time::timeout(
+        STEP,
+        client()
+            .post(url)
+            .header("content-type", "application/json")
+            .body(body)
+            .send(),
+    )
+    .await
+    .expect("POST timed out")
+    .expect("POST failed");
+    let status = res.status().as_u16();
+    (status, res.json().await.unwrap_or(Value::Null))
+}
+
+pub fn obj(v: Value) -> Map<String, Value> {
+    v.as_object().expect("an object").clone()
+}
+
+/// A signed INPUT in the nested shape, as a caller with `caller` sends it to `to`.
+pub fn signed_input(caller: &Identity, to: Address, prompt: &str) -> Value {
+    Envelope::sign(
+        caller,
+        Kind::Input,
+        Some(to),
+        obj(json!({ "prompt": prompt })),
+    )
+    .to_nested_json()
+}
+
+/// The Python client's shape: payload {prompt, timestamp, to}, signed, no id or type.
+pub fn python_style_input(caller: &Identity, to: Address, prompt: &str, timestamp: u64) -> Value {
+    let payload = json!({"prompt": prompt, "timestamp": timestamp, "to": to.to_string()});
+    let sig = caller.sign(&oonode::envelope::canonical_json(&payload));
+    json!({
+        "payload": payload,
+        "from": caller.address().to_string(),
+        "signature": hex_sig(&sig.to_bytes()),
+    })
+}
+
+pub fn hex_sig(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Checks that a flat reply from the node is signed by `node` and returns it.
+pub fn verified_reply(body: &Value, node: Address) -> Envelope {
+    let env = Envelope::from_flat(body.as_object().expect("object reply")).expect("reply parses");
+    assert_eq!(env.verify().expect("reply signature verifies"), node);
+    assert!(unix_now().abs_diff(env.timestamp().unwrap()) < 60);
+    env
+}
+
+/// Headers for a signed GET of `path` by `caller`.
+pub fn signed_get_headers(caller: &Identity, path: &str) -> Vec<(&'static str, String)> {
+    let ts = unix_now();
+    let payload = json!({"method": "GET", "path": path, "timestamp": ts});
+    let sig = caller.sign(&oonode::envelope::canonical_json(&payload));
+    vec![
+        ("x-co-from", caller.address().to_string()),
+        ("x-co-signature", hex_sig(&sig.to_bytes())),
+        ("x-co-timestamp", ts.to_string()),
+    ]
+}
+
+pub async fn signed_get(url: &str, caller: &Identity, path: &str) -> (u16, Value) {
+    let mut req = client().get(format!("{url}{path}"));
+    for (k, v) in signed_get_headers(caller, path) {
+        req = req.header(k, v);
+    }
+    let res = tokio::time::timeout(STEP, req.send())
+        .await
+        .expect("GET timed out")
+        .expect("GET failed");
+    let status = res.status().as_u16();
+    (status, res.json().await.unwrap_or(Value::Null))
+}

@@ -1,0 +1,293 @@
+//! The seed's HTTP API on a real node (in-process, real sockets, real sled files).
+
+mod common;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use common::*;
+use oonode::agent::{Echo, Translator};
+use oonode::{Agent, AgentError, Host, Identity, StreamSink, Turn};
+use serde_json::{json, Value};
+
+#[tokio::test]
+async fn seed_examples_translate_multi_turn_sessions_health_info() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = TestNode::start(
+        Host::new(Translator)
+            .summary("I translate text")
+            .examples(["Translate 'hello' to Spanish"]),
+        dir.path(),
+    )
+    .await;
+
+    let (status, body) = node
+        .post(&json!({"prompt": "Translate hello to Spanish"}))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["status"], "done");
+    assert_eq!(body["result"], "Hola");
+    assert!(body["duration_ms"].is_u64());
+    let first_id = body["session_id"].as_str().unwrap().to_string();
+    assert_eq!(body["session"]["session_id"], first_id.as_str());
+    // The answer is signed by the node, whoever asked.
+    verified_reply(&body, node.address);
+
+    // Multi-turn: pass the session back.
+    let (_, first) = node.post(&json!({"prompt": "My name is John"})).await;
+    let (status, second) = node
+        .post(&json!({"prompt": "What is my name?", "session": first["session"]}))
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(second["result"], "Your name is John");
+    assert_eq!(second["session_id"], first["session_id"]);
+    assert_eq!(second["session"]["messages"].as_array().unwrap().len(), 4);
+
+    // Only the id is enough too: the node keeps the history.
+    let (_, third) = node
+        .post(
+            &json!({"prompt": "What is my name?", "session": {"session_id": first["session_id"]}}),
+        )
+        .await;
+    assert_eq!(third["result"], "Your name is John");
+
+    let (status, rec) = node.get(&format!("/sessions/{first_id}")).await;
+    assert_eq!(status, 200);
+    assert_eq!(rec["session_id"], first_id.as_str());
+    assert_eq!(rec["status"], "done");
+    assert_eq!(rec["result"], "Hola");
+    assert_eq!(rec["prompt"], "Translate hello to Spanish");
+    assert!(rec["duration_ms"].is_u64() && rec["created"].is_u64() && rec["expires"].is_u64());
+
+    let (status, list) = node.get("/sessions").await;
+    assert_eq!(status, 200);
+    let ids: Vec<&str> = list["sessions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["session_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids.len(), 2, "{list}");
+    assert!(ids.contains(&first_id.as_str()));
+    assert!(list["sessions"][0]["created"].is_u64() && list["sessions"][0]["status"] == "done");
+
+    let (status, health) = node.get("/health").await;
+    assert_eq!(status, 200);
+    assert_eq!(health["status"], "healthy");
+    assert_eq!(health["agent"], "translator");
+    assert!(health["uptime"].is_u64());
+
+    let (status, info) = node.get("/info").await;
+    assert_eq!(status, 200);
+    assert_eq!(info["name"], "translator");
+    assert_eq!(info["address"], node.address.to_string());
+    assert_eq!(info["tools"], json!(["translate", "detect_language"]));
+    assert_eq!(info["trust"], "careful");
+    assert_eq!(info["version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(info["summary"], "I translate text");
+    assert_eq!(info["examples"], json!(["Translate 'hello' to Spanish"]));
+    assert_eq!(info["peer_id"], node.address.peer_id().to_string());
+
+    let (status, missing) = node.get("/sessions/no-such-session").await;
+    assert_eq!(
+        (status, missing["error"].as_str()),
+        (404, Some("not found"))
+    );
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn a_signed_caller_sees_only_its_own_sessions() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = TestNode::start(Host::new(Echo), dir.path()).await;
+    let alice = Identity::from_seed([11; 32]);
+    let bob = Identity::from_seed([12; 32]);
+
+    let (status, a) = node
+        .post(&signed_input(&alice, node.address, "from alice"))
+        .await;
+    assert_eq!(status, 200, "{a}");
+    let reply = verified_reply(&a, node.address);
+    assert_eq!(
+        reply.to().unwrap(),
+        Some(alice.address()),
+        "OUTPUT names its caller"
+    );
+    let (_, b) = node
+        .post(&signed_input(&bob, node.address, "from bob"))
+        .await;
+    let (_, anon) = node.post(&json!({"prompt": "anonymous"})).await;
+    let a_id = a["session_id"].as_str().unwrap();
+
+    let path = format!("/sessions/{a_id}");
+    assert_eq!(signed_get(&node.url, &alice, &path).await.0, 200);
+    assert_eq!(
+        signed_get(&node.url, &bob, &path).await.0,
+        404,
+        "another caller's session reads as absent"
+    );
+    assert_eq!(
+        node.get(&path).await.0,
+        404,
+        "unsigned readers cannot see signed sessions"
+    );
+
+    let (_, list) = signed_get(&node.url, &bob, "/sessions").await;
+    let sessions = list["sessions"].as_array().unwrap();
+    assert_eq!(sessions.len(), 1);
+    assert_eq!(sessions[0]["session_id"], b["session_id"]);
+    let (_, list) = node.get("/sessions").await;
+    assert_eq!(list["sessions"].as_array().unwrap().len(), 1);
+    assert_eq!(list["sessions"][0]["session_id"], anon["session_id"]);
+
+    // A signature over another path does not open this one.
+    let mut req = client().get(format!("{}{path}", node.url));
+    for (k, v) in signed_get_headers(&alice, "/sessions") {
+        req = req.header(k, v);
+    }
+    assert_eq!(req.send().await.unwrap().status().as_u16(), 401);
+
+    // Nor can bob continue alice's session.
+    let mut hijack = signed_input(&bob, node.address, "hi");
+    hijack["session"] = json!({"session_id": a_id});
+    let (status, body) = node.post(&hijack).await;
+    assert_eq!((status, body["code"].as_str()), (403, Some("forbidden")));
+    node.stop().await;
+}
+
+/// Fails, panics or answers depending on the prompt.
+#[derive(Clone)]
+struct Moody;
+
+#[async_trait]
+impl Agent for Moody {
+    fn name(&self) -> String {
+        "moody".into()
+    }
+
+    async fn run(&mut self, turn: Turn, _: &StreamSink) -> Result<String, AgentError> {
+        match turn.prompt.as_str() {
+            "fail" => Err("the tool broke".into()),
+            "panic" => panic!("agent bug"),
+            other => Ok(format!("ok: {other}")),
+        }
+    }
+}
+
+#[tokio::test]
+async fn failing_and_panicking_runs_become_failed_sessions_and_the_node_keeps_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = TestNode::start(Host::new(Moody), dir.path()).await;
+    for (prompt, code) in [("fail", "agent_error"), ("panic", "agent_panicked")] {
+        let (status, body) = node.post(&json!({ "prompt": prompt })).await;
+        assert_eq!(status, 500, "{body}");
+        assert_eq!(body["code"], code);
+        assert_eq!(body["status"], "failed");
+        assert!(body["error"].as_str().unwrap().len() > 5);
+        verified_reply(&body, node.address);
+        let (_, rec) = node
+            .get(&format!(
+                "/sessions/{}",
+                body["session_id"].as_str().unwrap()
+            ))
+            .await;
+        assert_eq!(rec["status"], "failed");
+        assert!(rec["error"].is_string());
+        let (status, ok) = node.post(&json!({"prompt": "still here"})).await;
+        assert_eq!(
+            (status, ok["result"].as_str()),
+            (200, Some("ok: still here"))
+        );
+    }
+    node.stop().await;
+}
+
+/// Waits until released through its prompt's sleep time.
+#[derive(Clone)]
+struct Sleeper;
+
+#[async_trait]
+impl Agent for Sleeper {
+    fn name(&self) -> String {
+        "sleeper".into()
+    }
+
+    async fn run(&mut self, turn: Turn, _: &StreamSink) -> Result<String, AgentError> {
+        let ms: u64 = turn.prompt.parse()?;
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+        Ok(turn.prompt)
+    }
+}
+
+#[tokio::test]
+async fn past_the_queue_callers_get_a_clear_busy_503() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = TestNode::start(Host::new(Sleeper).workers(1).max_queue(1), dir.path()).await;
+    let url = format!("{}/input", node.url);
+    // One running, one waiting: both admitted.
+    let first = tokio::spawn(post_json_owned(url.clone(), json!({"prompt": "1000"})));
+    let second = tokio::spawn(post_json_owned(url.clone(), json!({"prompt": "1000"})));
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let (_, health) = node.get("/health").await;
+    assert_eq!(health["in_flight"], 2, "{health}");
+    let (status, body) = post_json(&url, &json!({"prompt": "10"})).await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["code"], "busy");
+    assert!(body["error"].as_str().unwrap().contains("busy"));
+    assert_eq!(first.await.unwrap().0, 200);
+    assert_eq!(second.await.unwrap().0, 200);
+    // Capacity is back once they finish.
+    assert_eq!(post_json(&url, &json!({"prompt": "10"})).await.0, 200);
+    node.stop().await;
+}
+
+async fn post_json_owned(url: String, body: Value) -> (u16, Value) {
+    post_json(&url, &body).await
+}
+
+#[tokio::test]
+async fn cors_and_preflight() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = TestNode::start(Host::new(Echo), dir.path()).await;
+    let res = client()
+        .request(reqwest::Method::OPTIONS, format!("{}/input", node.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status().as_u16(), 204);
+    assert_eq!(res.headers()["access-control-allow-origin"], "*");
+    let res = client()
+        .get(format!("{}/health", node.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.headers()["access-control-allow-origin"], "*");
+    let res = client()
+        .get(format!("{}/input", node.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status().as_u16(), 405);
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn shutdown_lets_accepted_runs_finish_and_stores_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = TestNode::start(Host::new(Sleeper), dir.path()).await;
+    let url = format!("{}/input", node.url);
+    let run = tokio::spawn(post_json_owned(
+        url,
+        json!({"prompt": "600", "session": {"session_id": "graceful"}}),
+    ));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    node.stop().await;
+    let (status, body) = run.await.unwrap();
+    assert_eq!((status, body["result"].as_str()), (200, Some("600")));
+
+    // Reopen the same co_dir: the session is stored as done.
+    let node = TestNode::start(Host::new(Sleeper), dir.path()).await;
+    let (_, rec) = node.get("/sessions/graceful").await;
+    assert_eq!(rec["status"], "done");
+    node.stop().await;
+}
