@@ -4,19 +4,21 @@
 //! [`Envelope`] and get back a stream of signed reply envelopes (STREAM…, then OUTPUT or
 //! ERROR); it knows nothing about how bytes arrived.
 
+use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::time::Instant;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use serde_json::{json, Map, Value};
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{broadcast, mpsc, Semaphore};
 use tokio_util::task::TaskTracker;
 use tracing::{info_span, warn, Instrument};
 
 use crate::agent::{AgentFactory, Attachment, Message, StreamSink, Turn};
 use crate::envelope::{unix_now, Envelope, EnvelopeError, Kind, MAX_CLOCK_SKEW_SECS};
 use crate::identity::{Address, Identity};
-use crate::store::{SessionRecord, SessionStatus, Store, StoreError};
+use crate::store::{SessionRecord, SessionStatus, Store, StoreError, FINAL_SEQ};
 use crate::trust::{Caller, Refused, Trust};
 
 /// Replies buffered per request before a slow transport slows the agent down.
@@ -25,6 +27,11 @@ const REPLY_QUEUE: usize = 64;
 const CHUNK_QUEUE: usize = 16;
 /// Longest session id a caller may choose.
 const MAX_SESSION_ID_LEN: usize = 128;
+/// How long a run waits for a transport to take one reply before it stops sending to
+/// that transport (the run itself goes on and is stored).
+const REPLY_SEND_TIMEOUT: Duration = Duration::from_secs(30);
+/// Replies a live follower may fall behind before it catches up from the store.
+const LIVE_BUFFER: usize = 256;
 
 /// Why the dispatcher would not take a request. Nothing was stored or run.
 #[derive(Debug, thiserror::Error)]
@@ -42,10 +49,24 @@ pub enum Refusal {
     SessionForbidden(String),
     #[error("session {0} is still running its previous turn")]
     SessionBusy(String),
+    #[error("no session {0}")]
+    UnknownSession(String),
+    #[error("too many files: {count} (max_files_per_request is {max})")]
+    TooManyFiles { count: usize, max: usize },
+    #[error("file {name:?} is {size} bytes, over max_file_size ({max_mb} MB)")]
+    FileTooLarge {
+        name: String,
+        size: u64,
+        max_mb: u64,
+    },
     #[error("the agent is busy: {workers} running and {queued} waiting; try again later")]
     Busy { workers: usize, queued: usize },
     #[error("the node is shutting down")]
     ShuttingDown,
+    #[error("session {0} was interrupted by a restart of the node; its result is lost")]
+    Interrupted(String),
+    #[error("{0}")]
+    Storage(String),
     #[error("internal storage error")]
     Store(#[from] StoreError),
 }
@@ -71,8 +92,13 @@ impl Refusal {
             Refusal::Replayed => "replayed",
             Refusal::SessionForbidden(_) => "forbidden",
             Refusal::SessionBusy(_) => "session_busy",
+            Refusal::UnknownSession(_) => "not_found",
+            Refusal::TooManyFiles { .. } => "too_many_files",
+            Refusal::FileTooLarge { .. } => "file_too_large",
             Refusal::Busy { .. } => "busy",
             Refusal::ShuttingDown => "shutting_down",
+            Refusal::Interrupted(_) => "interrupted",
+            Refusal::Storage(_) => "internal",
             Refusal::Store(_) => "internal",
         }
     }
@@ -80,7 +106,8 @@ impl Refusal {
     /// The HTTP status a transport with status codes uses for this refusal.
     pub fn http_status(&self) -> u16 {
         match self.code() {
-            "bad_request" | "invalid_json" => 400,
+            "bad_request" | "invalid_json" | "too_many_files" | "file_too_large" => 400,
+            "not_found" => 404,
             "too_large" => 413,
             "invalid_signature" | "signature_required" | "stale" | "wrong_recipient"
             | "replayed" => 401,
@@ -99,7 +126,16 @@ pub struct Submission {
     /// Session state sent beside the signed payload (the Python shape); the payload's own
     /// `session` wins when both are present.
     pub session: Option<Value>,
-    pub files: Vec<Attachment>,
+    /// Attached files, decoded; limits are checked and they are saved only once the
+    /// request is admitted.
+    pub uploads: Vec<Upload>,
+}
+
+/// One attached file as received.
+#[derive(Debug, Clone)]
+pub struct Upload {
+    pub name: String,
+    pub bytes: Vec<u8>,
 }
 
 /// An accepted INPUT: its session and the replies to come (STREAM…, then OUTPUT or ERROR).
@@ -117,6 +153,10 @@ pub struct DispatcherConfig {
     pub workers: usize,
     pub max_queue: usize,
     pub result_ttl: u64,
+    pub max_file_size_mb: u64,
+    pub max_files_per_request: usize,
+    /// Where accepted files are saved, one folder per session.
+    pub uploads_dir: PathBuf,
 }
 
 /// Cheap to clone; all clones share one admission queue and one store.
@@ -136,6 +176,8 @@ struct Inner {
     workers: Arc<Semaphore>,
     runs: TaskTracker,
     closed: AtomicBool,
+    /// Running sessions' replies, for clients that follow a run from another socket.
+    live: Mutex<HashMap<String, broadcast::Sender<Envelope>>>,
 }
 
 /// What a turn starts from.
@@ -165,6 +207,7 @@ impl Dispatcher {
                 config,
                 runs: TaskTracker::new(),
                 closed: AtomicBool::new(false),
+                live: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -203,6 +246,7 @@ impl Dispatcher {
         let caller = self.authenticate(env, now, true)?;
         inner.config.trust.decide(&caller)?;
         let start = parse_turn(&sub, now)?;
+        self.check_uploads(&sub.uploads)?;
 
         let slot = inner
             .slots
@@ -224,6 +268,7 @@ impl Dispatcher {
                 return Err(Refusal::Replayed);
             }
         }
+        let files = self.save_uploads(&start.session_id, sub.uploads).await?;
 
         let record = SessionRecord {
             session_id: start.session_id.clone(),
@@ -238,6 +283,9 @@ impl Dispatcher {
             error: None,
         };
         inner.store.put_session(record).await?;
+        let (live_tx, _) = broadcast::channel(LIVE_BUFFER);
+        self.live()
+            .insert(start.session_id.clone(), live_tx.clone());
 
         let (reply_tx, replies) = mpsc::channel(REPLY_QUEUE);
         let session_id = start.session_id.clone();
@@ -245,14 +293,18 @@ impl Dispatcher {
             dispatcher: self.clone(),
             caller: caller.verified(),
             in_reply_to: env.id().map(str::to_owned),
-            files: sub.files,
-            reply_tx,
+            files,
+            reply_tx: Some(reply_tx),
+            live_tx,
         };
         let span = info_span!("run", session = %session_id, caller = ?caller.verified().map(|a| a.short()));
         inner.runs.spawn(
             async move {
                 let _slot = slot;
+                let session_id = start.session_id.clone();
+                let dispatcher = run.dispatcher.clone();
                 run.execute(start).await;
+                dispatcher.live().remove(&session_id);
             }
             .instrument(span),
         );
@@ -282,6 +334,25 @@ impl Dispatcher {
             env.check_to(&self.address())?;
         }
         Ok(Caller::Verified(from))
+    }
+
+    /// Checks a signed control message (a CONNECT): sender, signature, freshness, `to`,
+    /// trust, and that it was not seen before.
+    pub async fn authorize_once(&self, env: &Envelope) -> Result<Caller, Refusal> {
+        let now = unix_now();
+        let caller = self.authenticate(env, now, true)?;
+        self.inner.config.trust.decide(&caller)?;
+        if let Some(key) = env.replay_key() {
+            if !self
+                .inner
+                .store
+                .record_seen(key, now + 2 * MAX_CLOCK_SKEW_SECS)
+                .await?
+            {
+                return Err(Refusal::Replayed);
+            }
+        }
+        Ok(caller)
     }
 
     /// A session as `reader` may see it: its own only; another caller's reads as absent.
@@ -335,6 +406,151 @@ impl Dispatcher {
         self.inner.runs.wait().await;
     }
 
+    /// The replies of a session after sequence `after`, for a client that reconnects:
+    /// the kept ones first, then live ones while the session runs, ending with its
+    /// OUTPUT or ERROR. `reader` must be allowed to see the session (as for
+    /// [`Dispatcher::session`]).
+    pub async fn follow(
+        &self,
+        session_id: &str,
+        after: u64,
+        reader: &Caller,
+    ) -> Result<mpsc::Receiver<Envelope>, Refusal> {
+        if self.session(session_id, reader).await?.is_none() {
+            return Err(Refusal::UnknownSession(session_id.to_owned()));
+        }
+        // Subscribe before reading the store, so nothing falls between the two.
+        let live = self.live().get(session_id).map(|tx| tx.subscribe());
+        let (tx, rx) = mpsc::channel(REPLY_QUEUE);
+        let this = self.clone();
+        let session_id = session_id.to_owned();
+        self.inner.runs.spawn(async move {
+            this.replay_replies(session_id, after, live, tx).await;
+        });
+        Ok(rx)
+    }
+
+    /// Catches up from the store, then follows the live run; a lagging follower catches
+    /// up from the store again. Ends after the final reply.
+    async fn replay_replies(
+        &self,
+        session_id: String,
+        mut after: u64,
+        mut live: Option<broadcast::Receiver<Envelope>>,
+        tx: mpsc::Sender<Envelope>,
+    ) {
+        loop {
+            let kept = match self
+                .inner
+                .store
+                .replies_after(session_id.clone(), after)
+                .await
+            {
+                Ok(k) => k,
+                Err(e) => {
+                    warn!(error = %e, "reading kept replies failed");
+                    return;
+                }
+            };
+            for (seq, bytes) in kept {
+                let Some(env) = decode_kept(&bytes) else {
+                    continue;
+                };
+                if tx.send(env).await.is_err() || seq == FINAL_SEQ {
+                    return;
+                }
+                after = seq;
+            }
+            let Some(rx) = live.as_mut() else {
+                // Not running and no final reply kept: a restart cut the run.
+                let err = Refusal::Interrupted(session_id.clone());
+                let _ = tx
+                    .send(self.refusal_envelope(&err, None, Some(&session_id)))
+                    .await;
+                return;
+            };
+            loop {
+                match rx.recv().await {
+                    Ok(env) => {
+                        let seq = reply_seq(&env);
+                        if seq <= after {
+                            continue;
+                        }
+                        if tx.send(env).await.is_err() || seq == FINAL_SEQ {
+                            return;
+                        }
+                        after = seq;
+                    }
+                    Err(broadcast::error::RecvError::Lagged(_)) => break,
+                    // The run ended; its final reply is in the store by now.
+                    Err(broadcast::error::RecvError::Closed) => {
+                        live = None;
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    fn live(&self) -> std::sync::MutexGuard<'_, HashMap<String, broadcast::Sender<Envelope>>> {
+        self.inner.live.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn check_uploads(&self, uploads: &[Upload]) -> Result<(), Refusal> {
+        let c = &self.inner.config;
+        if uploads.len() > c.max_files_per_request {
+            return Err(Refusal::TooManyFiles {
+                count: uploads.len(),
+                max: c.max_files_per_request,
+            });
+        }
+        let max = c.max_file_size_mb * 1024 * 1024;
+        if let Some(big) = uploads.iter().find(|u| u.bytes.len() as u64 > max) {
+            return Err(Refusal::FileTooLarge {
+                name: big.name.clone(),
+                size: big.bytes.len() as u64,
+                max_mb: c.max_file_size_mb,
+            });
+        }
+        Ok(())
+    }
+
+    /// Saves accepted files under `uploads_dir/<session>/`, with names made safe.
+    async fn save_uploads(
+        &self,
+        session_id: &str,
+        uploads: Vec<Upload>,
+    ) -> Result<Vec<Attachment>, Refusal> {
+        if uploads.is_empty() {
+            return Ok(Vec::new());
+        }
+        let dir = self.inner.config.uploads_dir.join(session_id);
+        let saved = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<Attachment>> {
+            std::fs::create_dir_all(&dir)?;
+            let mut out = Vec::with_capacity(uploads.len());
+            for (i, upload) in uploads.into_iter().enumerate() {
+                let path = dir.join(format!(
+                    "{}-{}",
+                    unique_prefix(i),
+                    safe_file_name(&upload.name)
+                ));
+                std::fs::write(&path, &upload.bytes)?;
+                out.push(Attachment {
+                    name: upload.name,
+                    size: upload.bytes.len() as u64,
+                    path,
+                });
+            }
+            Ok(out)
+        })
+        .await
+        .map_err(StoreError::from)?;
+        saved.map_err(|e| {
+            warn!(error = %e, "saving uploaded files failed");
+            Refusal::Storage("the attached files could not be saved".into())
+        })
+    }
+
     async fn continue_session(
         &self,
         mut start: TurnStart,
@@ -372,12 +588,36 @@ struct Run {
     caller: Option<Address>,
     in_reply_to: Option<String>,
     files: Vec<Attachment>,
-    reply_tx: mpsc::Sender<Envelope>,
+    /// The submitting transport; dropped once it stops taking replies.
+    reply_tx: Option<mpsc::Sender<Envelope>>,
+    live_tx: broadcast::Sender<Envelope>,
 }
 
 impl Run {
-    async fn execute(self, start: TurnStart) {
-        let inner = &self.dispatcher.inner;
+    /// Keeps a reply for resuming clients, then hands it to followers and the submitter.
+    async fn publish(&mut self, session_id: &str, seq: u64, env: Envelope) {
+        let store = &self.dispatcher.inner.store;
+        if let Ok(bytes) = serde_json::to_vec(&env.to_flat_json()) {
+            if let Err(e) = store.put_reply(session_id.to_owned(), seq, bytes).await {
+                warn!(error = %e, "keeping a reply for resuming clients failed");
+            }
+        }
+        let _ = self.live_tx.send(env.clone());
+        if let Some(tx) = &self.reply_tx {
+            match tx.send_timeout(env, REPLY_SEND_TIMEOUT).await {
+                Ok(()) => {}
+                Err(mpsc::error::SendTimeoutError::Timeout(_)) => {
+                    warn!("the caller's transport stopped taking replies; the run goes on");
+                    self.reply_tx = None;
+                }
+                Err(mpsc::error::SendTimeoutError::Closed(_)) => self.reply_tx = None,
+            }
+        }
+    }
+
+    async fn execute(mut self, start: TurnStart) {
+        let dispatcher = self.dispatcher.clone();
+        let inner = &dispatcher.inner;
         let _worker = inner.workers.clone().acquire_owned().await;
         let began = Instant::now();
 
@@ -404,8 +644,7 @@ impl Run {
                 Kind::Stream,
                 json!({"session_id": start.session_id, "seq": seq, "chunk": chunk}),
             );
-            // A transport that stopped listening does not stop the run.
-            let _ = self.reply_tx.send(env).await;
+            self.publish(&start.session_id, seq, env).await;
         }
         let outcome = match agent_task.await {
             Ok(Ok(result)) => Ok(result),
@@ -471,6 +710,17 @@ impl Run {
                 )
             }
         };
+        // The final reply is kept before the session is marked finished, so a follower
+        // that sees the session finished always finds it.
+        if let Ok(bytes) = serde_json::to_vec(&reply.to_flat_json()) {
+            if let Err(e) = inner
+                .store
+                .put_reply(start.session_id.clone(), FINAL_SEQ, bytes)
+                .await
+            {
+                warn!(error = %e, "keeping the final reply failed");
+            }
+        }
         let reply = match inner.store.put_session(record).await {
             Ok(()) => reply,
             Err(e) => {
@@ -483,7 +733,10 @@ impl Run {
                 )
             }
         };
-        let _ = self.reply_tx.send(reply).await;
+        let _ = self.live_tx.send(reply.clone());
+        if let Some(tx) = self.reply_tx.take() {
+            let _ = tx.send_timeout(reply, REPLY_SEND_TIMEOUT).await;
+        }
     }
 
     fn reply(&self, kind: Kind, body: Value) -> Envelope {
@@ -567,4 +820,43 @@ fn session_value(session_id: &str, history: &[Message], extra: &Map<String, Valu
         serde_json::to_value(history).unwrap_or(Value::Null),
     );
     Value::Object(obj)
+}
+
+/// The sequence number of a reply: its `seq`, or [`FINAL_SEQ`] for OUTPUT and ERROR.
+pub(crate) fn reply_seq(env: &Envelope) -> u64 {
+    match env.kind() {
+        Some(Kind::Stream) => env.payload.get("seq").and_then(Value::as_u64).unwrap_or(0),
+        _ => FINAL_SEQ,
+    }
+}
+
+fn decode_kept(bytes: &[u8]) -> Option<Envelope> {
+    let value: Value = serde_json::from_slice(bytes).ok()?;
+    Envelope::from_flat(value.as_object()?).ok()
+}
+
+/// A short prefix that keeps two uploads with the same name apart.
+fn unique_prefix(i: usize) -> String {
+    format!("{i:02}")
+}
+
+/// The last path component of a caller's file name, with anything but letters, digits,
+/// `.`, `-` and `_` replaced, never empty, never `..`.
+fn safe_file_name(name: &str) -> String {
+    let base = name.rsplit(['/', '\\']).next().unwrap_or("");
+    let mut safe: String = base
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(100)
+        .collect();
+    if safe.trim_matches('.').is_empty() {
+        safe = "file".into();
+    }
+    safe
 }

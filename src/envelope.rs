@@ -229,8 +229,14 @@ impl Envelope {
     /// Checks the signature with `verify_strict` and returns the signer. Accepts the
     /// payload canonicalised with escaped (Python) or raw UTF-8 (JavaScript) non-ASCII.
     pub fn verify(&self) -> Result<Address, EnvelopeError> {
-        let (Some(from), Some(sig)) = (self.from, self.signature) else {
-            return Err(EnvelopeError::Unsigned);
+        let (from, sig) = match (self.from, self.signature) {
+            (Some(from), Some(sig)) => (from, sig),
+            (None, Some(_)) => {
+                return Err(EnvelopeError::BadFrom(
+                    "a signed message needs `from`".into(),
+                ))
+            }
+            _ => return Err(EnvelopeError::Unsigned),
         };
         // In the flat shape `from` is signed too; it must agree with the claimed signer.
         if let Some(inner) = self.payload.get("from") {
@@ -319,7 +325,10 @@ fn parse_signature(v: Option<&Value>) -> Result<Option<Signature>, EnvelopeError
     match v {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) => {
-            let hex_part = s.strip_prefix("0x").unwrap_or(s);
+            let hex_part = s
+                .strip_prefix("0x")
+                .or_else(|| s.strip_prefix("0X"))
+                .unwrap_or(s);
             let mut bytes = [0u8; 64];
             hex::decode_to_slice(hex_part, &mut bytes)
                 .map_err(|_| EnvelopeError::BadSignatureEncoding)?;

@@ -24,6 +24,8 @@ use crate::trust::TrustLevel;
 /// How long shutdown waits for accepted runs before leaving them to be marked
 /// `interrupted` on the next start.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+/// Open WebSocket connections a node accepts at once.
+const MAX_WS_CONNECTIONS: usize = 4096;
 
 #[derive(Debug, thiserror::Error)]
 pub enum HostError {
@@ -236,11 +238,15 @@ impl Node {
                 workers: config.workers,
                 max_queue: config.max_queue,
                 result_ttl: config.result_ttl,
+                max_file_size_mb: config.max_file_size_mb,
+                max_files_per_request: config.max_files_per_request,
+                uploads_dir: uploads_dir(&config.co_dir),
             },
         );
         let background = CancellationToken::new();
         tokio::spawn(sweep_loop(
             store.clone(),
+            uploads_dir(&config.co_dir),
             config.result_ttl,
             background.clone(),
         ));
@@ -279,6 +285,7 @@ impl Node {
             info: self.info.clone(),
             max_body_bytes: self.config.max_body_bytes(),
             started: Instant::now(),
+            ws_connections: Arc::new(tokio::sync::Semaphore::new(MAX_WS_CONNECTIONS)),
             _background: guard,
         }))
     }
@@ -324,9 +331,13 @@ fn store_path(co_dir: &Path) -> PathBuf {
     co_dir.join("oonode").join("db")
 }
 
+fn uploads_dir(co_dir: &Path) -> PathBuf {
+    co_dir.join("oonode").join("uploads")
+}
+
 /// Deletes expired sessions and replay keys, often enough that a session is gone within
 /// about a quarter of `result_ttl` after it expires (reads never show expired ones).
-async fn sweep_loop(store: Store, result_ttl: u64, stop: CancellationToken) {
+async fn sweep_loop(store: Store, uploads: PathBuf, result_ttl: u64, stop: CancellationToken) {
     let every = Duration::from_secs((result_ttl / 4).clamp(1, 60));
     let mut tick = tokio::time::interval(every);
     loop {
@@ -335,8 +346,19 @@ async fn sweep_loop(store: Store, result_ttl: u64, stop: CancellationToken) {
             _ = tick.tick() => {}
         }
         match store.sweep(unix_now()).await {
-            Ok((0, 0)) => {}
-            Ok((sessions, keys)) => tracing::debug!(sessions, keys, "swept expired records"),
+            Ok((sessions, keys)) => {
+                for id in &sessions {
+                    let dir = uploads.join(id);
+                    if dir.exists() {
+                        if let Err(e) = tokio::fs::remove_dir_all(&dir).await {
+                            warn!(error = %e, dir = %dir.display(), "removing an expired session's files failed");
+                        }
+                    }
+                }
+                if !sessions.is_empty() || keys > 0 {
+                    tracing::debug!(sessions = sessions.len(), keys, "swept expired records");
+                }
+            }
             Err(e) => warn!(error = %e, "sweeping expired records failed"),
         }
     }

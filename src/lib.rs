@@ -44,7 +44,8 @@ pub use agent::{Agent, AgentError, AgentFactory, StreamSink, Turn};
 /// For implementing [`Agent`] without depending on `async-trait` directly.
 pub use async_trait::async_trait;
 pub use config::{ConfigError, HostConfig, Settings};
-pub use dispatch::{Accepted, Dispatcher, Refusal, Submission};
+pub use dispatch::{Accepted, Dispatcher, Refusal, Submission, Upload};
+pub use ed25519_dalek::Signature;
 pub use envelope::{Envelope, Kind};
 pub use host::{host, router, Host, HostError, Node, NodeHandle};
 pub use identity::{find_co_dir, Address, AddressError, Identity};

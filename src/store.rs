@@ -11,6 +11,11 @@ use crate::identity::Address;
 
 const SESSIONS: &str = "sessions";
 const SEEN: &str = "seen";
+const CHUNKS: &str = "chunks";
+
+/// The sequence number under which a session's final reply (OUTPUT or ERROR) is kept
+/// beside its STREAM chunks.
+pub const FINAL_SEQ: u64 = u64::MAX;
 
 /// How many sessions `GET /sessions` lists at most (newest first).
 pub const MAX_LISTED_SESSIONS: usize = 1000;
@@ -79,6 +84,8 @@ pub struct Store {
     db: Arc<sled::Db>,
     sessions: sled::Tree,
     seen: sled::Tree,
+    /// `session_id 0x00 seq(be)` → the signed reply, for clients that resume.
+    chunks: sled::Tree,
 }
 
 impl Store {
@@ -95,6 +102,7 @@ impl Store {
         let store = Store {
             sessions: db.open_tree(SESSIONS)?,
             seen: db.open_tree(SEEN)?,
+            chunks: db.open_tree(CHUNKS)?,
             db: Arc::new(db),
         };
         let mut marked = 0;
@@ -192,16 +200,59 @@ impl Store {
         .await
     }
 
-    /// Deletes expired sessions and replay keys. Returns (sessions, keys) removed.
-    pub async fn sweep(&self, now: u64) -> Result<(usize, usize), StoreError> {
+    /// Keeps one signed reply of a session (a STREAM chunk, or the final reply under
+    /// [`FINAL_SEQ`]). Not flushed on its own: the session write that follows flushes it.
+    pub async fn put_reply(
+        &self,
+        session_id: String,
+        seq: u64,
+        bytes: Vec<u8>,
+    ) -> Result<(), StoreError> {
         self.blocking(move |s| {
-            let mut sessions = 0;
+            s.chunks.insert(chunk_key(&session_id, seq), bytes)?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// The kept replies of a session with a sequence number above `after`, in order (the
+    /// final reply, if any, last).
+    pub async fn replies_after(
+        &self,
+        session_id: String,
+        after: u64,
+    ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        self.blocking(move |s| {
+            let start = chunk_key(&session_id, after.saturating_add(1));
+            let end = chunk_key(&session_id, FINAL_SEQ);
+            let mut out = Vec::new();
+            for item in s.chunks.range(start..=end) {
+                let (key, bytes) = item?;
+                let seq =
+                    u64::from_be_bytes(key[key.len() - 8..].try_into().expect("8-byte suffix"));
+                out.push((seq, bytes.to_vec()));
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// Deletes expired sessions (with their kept replies) and replay keys. Returns the
+    /// ids of the sessions removed and how many replay keys went.
+    pub async fn sweep(&self, now: u64) -> Result<(Vec<String>, usize), StoreError> {
+        self.blocking(move |s| {
+            let mut sessions = Vec::new();
             for item in s.sessions.iter() {
                 let (key, bytes) = item?;
                 let rec: SessionRecord = serde_json::from_slice(&bytes)?;
                 if rec.is_expired(now) {
-                    s.sessions.remove(key)?;
-                    sessions += 1;
+                    s.sessions.remove(&key)?;
+                    let mut prefix = key.to_vec();
+                    prefix.push(0);
+                    for chunk in s.chunks.scan_prefix(&prefix).keys() {
+                        s.chunks.remove(chunk?)?;
+                    }
+                    sessions.push(rec.session_id);
                 }
             }
             let mut keys = 0;
@@ -217,7 +268,7 @@ impl Store {
                     keys += 1;
                 }
             }
-            if sessions + keys > 0 {
+            if !sessions.is_empty() || keys > 0 {
                 s.db.flush()?;
             }
             Ok((sessions, keys))
@@ -228,6 +279,14 @@ impl Store {
     pub async fn flush(&self) -> Result<(), StoreError> {
         self.blocking(|s| Ok(s.db.flush().map(|_| ())?)).await
     }
+}
+
+fn chunk_key(session_id: &str, seq: u64) -> Vec<u8> {
+    let mut key = Vec::with_capacity(session_id.len() + 9);
+    key.extend_from_slice(session_id.as_bytes());
+    key.push(0);
+    key.extend_from_slice(&seq.to_be_bytes());
+    key
 }
 
 #[cfg(test)]
@@ -247,6 +306,32 @@ mod tests {
             owner: None,
             error: None,
         }
+    }
+
+    #[tokio::test]
+    async fn replies_are_kept_in_order_and_read_after_a_sequence() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(dir.path(), 60, 100).unwrap();
+        for seq in [3, 1, FINAL_SEQ, 2] {
+            store
+                .put_reply("s".into(), seq, seq.to_string().into_bytes())
+                .await
+                .unwrap();
+        }
+        // A session whose id extends this one's must not leak in.
+        store
+            .put_reply("s2".into(), 5, b"other".to_vec())
+            .await
+            .unwrap();
+        let seqs: Vec<u64> = store
+            .replies_after("s".into(), 1)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|(q, _)| q)
+            .collect();
+        assert_eq!(seqs, vec![2, 3, FINAL_SEQ]);
+        assert_eq!(store.replies_after("s".into(), 3).await.unwrap().len(), 1);
     }
 
     #[tokio::test]
@@ -291,7 +376,24 @@ mod tests {
             .is_none());
         assert!(store.record_seen("k".into(), 150).await.unwrap());
         assert!(!store.record_seen("k".into(), 150).await.unwrap());
-        assert_eq!(store.sweep(160).await.unwrap(), (1, 1));
+        store
+            .put_reply("old".into(), 1, b"c1".to_vec())
+            .await
+            .unwrap();
+        store
+            .put_reply("run".into(), 1, b"r1".to_vec())
+            .await
+            .unwrap();
+        assert_eq!(
+            store.sweep(160).await.unwrap(),
+            (vec!["old".to_string()], 1)
+        );
+        assert!(store
+            .replies_after("old".into(), 0)
+            .await
+            .unwrap()
+            .is_empty());
+        assert_eq!(store.replies_after("run".into(), 0).await.unwrap().len(), 1);
         assert!(store
             .get_session("run".into(), 10_000)
             .await

@@ -181,7 +181,7 @@ async fn the_same_verdicts_through_the_dispatcher_directly() {
     let unsigned = oonode::Submission {
         envelope: Envelope::unsigned(obj(json!({"prompt": "hi"})), None),
         session: None,
-        files: vec![],
+        uploads: vec![],
     };
     let refusal = d.submit(unsigned).await.unwrap_err();
     assert_eq!(
@@ -199,7 +199,7 @@ async fn the_same_verdicts_through_the_dispatcher_directly() {
         .submit(oonode::Submission {
             envelope: env,
             session: None,
-            files: vec![],
+            uploads: vec![],
         })
         .await
         .unwrap();

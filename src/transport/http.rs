@@ -36,6 +36,8 @@ pub(crate) struct HttpState {
     pub info: NodeInfo,
     pub max_body_bytes: usize,
     pub started: Instant,
+    /// Caps open WebSocket connections.
+    pub ws_connections: Arc<tokio::sync::Semaphore>,
     /// Stops the node's background tasks once the last router clone is gone.
     pub _background: Option<DropGuard>,
 }
@@ -48,6 +50,8 @@ pub(crate) fn router(state: Arc<HttpState>) -> Router {
         .route("/sessions/{id}", get(get_session))
         .route("/health", get(health))
         .route("/info", get(info))
+        .route("/ws", get(super::ws::upgrade))
+        .route("/docs", get(docs))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "not_found", "not found") })
         .method_not_allowed_fallback(|| async {
             error(
@@ -61,7 +65,7 @@ pub(crate) fn router(state: Arc<HttpState>) -> Router {
 }
 
 /// An HTTP error body: `{"error": message, "code": code}`.
-fn error(status: StatusCode, code: &str, message: &str) -> Response {
+pub(crate) fn error(status: StatusCode, code: &str, message: &str) -> Response {
     (status, Json(json!({"error": message, "code": code}))).into_response()
 }
 
@@ -255,6 +259,11 @@ async fn list_sessions(
         }
         Err(r) => refusal(&r),
     }
+}
+
+/// The page for trying the agent in a browser; embedded, no CDN.
+async fn docs() -> Response {
+    axum::response::Html(include_str!("docs.html")).into_response()
 }
 
 async fn health(State(st): State<Arc<HttpState>>) -> Response {

@@ -3,10 +3,13 @@
 //! framing. The dispatcher knows none of them.
 
 pub(crate) mod http;
+pub(crate) mod ws;
 
 use serde_json::{Map, Value};
 
-use crate::dispatch::{Refusal, Submission};
+use base64::Engine;
+
+use crate::dispatch::{Refusal, Submission, Upload};
 use crate::envelope::Envelope;
 
 /// Reads an INPUT in any of the JSON shapes callers use (HTTP body, and later WS/relay
@@ -18,17 +21,7 @@ use crate::envelope::Envelope;
 ///   to refuse blocked addresses).
 pub(crate) fn submission_from_json(mut obj: Map<String, Value>) -> Result<Submission, Refusal> {
     let session = obj.remove("session");
-    for key in ["files", "images"] {
-        match obj.remove(key) {
-            None | Some(Value::Null) => {}
-            Some(Value::Array(a)) if a.is_empty() => {}
-            Some(_) => {
-                return Err(Refusal::BadRequest(format!(
-                    "`{key}`: this node does not accept attachments yet"
-                )))
-            }
-        }
-    }
+    let uploads = uploads_from_json(obj.remove("files"), obj.remove("images"))?;
     let envelope = if obj.contains_key("payload") {
         Envelope::from_nested(&obj)?
     } else {
@@ -50,6 +43,67 @@ pub(crate) fn submission_from_json(mut obj: Map<String, Value>) -> Result<Submis
     Ok(Submission {
         envelope,
         session,
-        files: Vec::new(),
+        uploads,
     })
+}
+
+/// Decodes `files: [{"name", "data": "data:…;base64,…"}]` and `images: ["data:…"]`.
+fn uploads_from_json(files: Option<Value>, images: Option<Value>) -> Result<Vec<Upload>, Refusal> {
+    let bad = |msg: String| Refusal::BadRequest(msg);
+    let list = |v: Option<Value>, key: &str| match v {
+        None | Some(Value::Null) => Ok(Vec::new()),
+        Some(Value::Array(items)) => Ok(items),
+        Some(_) => Err(bad(format!("`{key}` must be a list"))),
+    };
+    let mut uploads = Vec::new();
+    for (i, file) in list(files, "files")?.into_iter().enumerate() {
+        let name = file
+            .get("name")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_owned();
+        let Some(data) = file.get("data").and_then(Value::as_str) else {
+            return Err(bad(format!(
+                "files[{i}] needs `name` and `data` (a data URL)"
+            )));
+        };
+        let name = if name.is_empty() {
+            format!("file-{i}")
+        } else {
+            name
+        };
+        uploads.push(Upload {
+            bytes: decode_data_url(data).map_err(|e| bad(format!("files[{i}] ({name}): {e}")))?,
+            name,
+        });
+    }
+    for (i, image) in list(images, "images")?.into_iter().enumerate() {
+        let Some(data) = image.as_str() else {
+            return Err(bad(format!("images[{i}] must be a data URL string")));
+        };
+        let ext = data
+            .strip_prefix("data:image/")
+            .and_then(|rest| rest.split([';', ',']).next())
+            .filter(|e| !e.is_empty() && e.chars().all(|c| c.is_ascii_alphanumeric()))
+            .unwrap_or("bin");
+        uploads.push(Upload {
+            name: format!("image-{i}.{ext}"),
+            bytes: decode_data_url(data).map_err(|e| bad(format!("images[{i}]: {e}")))?,
+        });
+    }
+    Ok(uploads)
+}
+
+/// `data:[<mime>];base64,<data>` → bytes.
+fn decode_data_url(url: &str) -> Result<Vec<u8>, String> {
+    let rest = url
+        .strip_prefix("data:")
+        .ok_or("not a data URL (data:…;base64,…)")?;
+    let (meta, data) = rest.split_once(',').ok_or("data URL without a comma")?;
+    if !meta.ends_with(";base64") {
+        return Err("only base64 data URLs are accepted".into());
+    }
+    base64::engine::general_purpose::STANDARD
+        .decode(data.trim())
+        .map_err(|e| format!("invalid base64: {e}"))
 }
