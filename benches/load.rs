@@ -103,10 +103,11 @@ fn main() {
     }
     println!();
     println!(
-        "{:>11}  {:>9}  {:>9}  {:>11}  {:>7}  {:>9}  {:>11}",
+        "{:>11}  {:>9}  {:>9}  {:>11}  {:>11}  {:>7}  {:>9}  {:>11}",
         "concurrency",
         "node_usr%",
         "node_sys%",
+        "node_ms/req",
         "client_cpu%",
         "others%",
         "sys_idle%",
@@ -114,10 +115,11 @@ fn main() {
     );
     for r in &results {
         println!(
-            "{:>11}  {:>9.0}  {:>9.0}  {:>11.0}  {:>7.0}  {:>9.0}  {:>11.0}",
+            "{:>11}  {:>9.0}  {:>9.0}  {:>11.2}  {:>11.0}  {:>7.0}  {:>9.0}  {:>11.0}",
             r.conc,
             r.node_usr_pct,
             r.node_sys_pct,
+            (r.node_usr_pct + r.node_sys_pct) * 10.0 / r.rps,
             r.client_cpu_pct,
             r.others_pct,
             r.sys_idle_pct,
@@ -126,7 +128,8 @@ fn main() {
     }
     println!(
         "(over the measured window; node/client/others%: 100% = one core ({} cores here), others = \
-         every other process on the machine; sys_*: whole machine, 100% = all cores)",
+         every other process on the machine; sys_*: whole machine, 100% = all cores; \
+         node_ms/req: node CPU time per request)",
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
     for r in &results {

@@ -360,6 +360,14 @@ pub fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
+/// Canonical form B, as Python's `json.dumps(v, sort_keys=True)` writes it: like form A
+/// but with `", "` and `": "` separators. Used for ANNOUNCE messages to a relay.
+pub fn canonical_json_form_b(value: &Value) -> Vec<u8> {
+    let mut out = Vec::with_capacity(256);
+    write_canonical_with(value, true, Separators::SPACED, &mut out);
+    out
+}
+
 /// Canonical form A, as Python's `json.dumps(v, sort_keys=True, separators=(",", ":"))`
 /// writes it: non-ASCII escaped as `\uXXXX` (lowercase hex, surrogate pairs).
 pub fn canonical_json(value: &Value) -> Vec<u8> {
@@ -375,7 +383,28 @@ pub fn canonical_json_utf8(value: &Value) -> Vec<u8> {
     out
 }
 
+#[derive(Clone, Copy)]
+struct Separators {
+    item: &'static [u8],
+    key: &'static [u8],
+}
+
+impl Separators {
+    const COMPACT: Separators = Separators {
+        item: b",",
+        key: b":",
+    };
+    const SPACED: Separators = Separators {
+        item: b", ",
+        key: b": ",
+    };
+}
+
 fn write_canonical(value: &Value, ascii: bool, out: &mut Vec<u8>) {
+    write_canonical_with(value, ascii, Separators::COMPACT, out)
+}
+
+fn write_canonical_with(value: &Value, ascii: bool, sep: Separators, out: &mut Vec<u8>) {
     match value {
         Value::Null => out.extend_from_slice(b"null"),
         Value::Bool(b) => out.extend_from_slice(if *b { b"true" } else { b"false" }),
@@ -385,9 +414,9 @@ fn write_canonical(value: &Value, ascii: bool, out: &mut Vec<u8>) {
             out.push(b'[');
             for (i, item) in items.iter().enumerate() {
                 if i > 0 {
-                    out.push(b',');
+                    out.extend_from_slice(sep.item);
                 }
-                write_canonical(item, ascii, out);
+                write_canonical_with(item, ascii, sep, out);
             }
             out.push(b']');
         }
@@ -397,11 +426,11 @@ fn write_canonical(value: &Value, ascii: bool, out: &mut Vec<u8>) {
             out.push(b'{');
             for (i, key) in keys.into_iter().enumerate() {
                 if i > 0 {
-                    out.push(b',');
+                    out.extend_from_slice(sep.item);
                 }
                 write_string(key, ascii, out);
-                out.push(b':');
-                write_canonical(&map[key], ascii, out);
+                out.extend_from_slice(sep.key);
+                write_canonical_with(&map[key], ascii, sep, out);
             }
             out.push(b'}');
         }
@@ -459,6 +488,15 @@ mod tests {
         assert_eq!(
             String::from_utf8(canonical_json_utf8(&v)).unwrap(),
             "{\"a\":{\"c\":null,\"z\":[1,\"x\"]},\"b\":1,\"s\":\"héllo \\\"q\\\"\\n😀\u{7f}\"}"
+        );
+    }
+
+    #[test]
+    fn canonical_form_b_has_python_default_separators() {
+        let v = json!({"type": "ANNOUNCE", "endpoints": ["a", "b"], "summary": "é"});
+        assert_eq!(
+            String::from_utf8(canonical_json_form_b(&v)).unwrap(),
+            r#"{"endpoints": ["a", "b"], "summary": "\u00e9", "type": "ANNOUNCE"}"#
         );
     }
 

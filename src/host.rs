@@ -19,6 +19,7 @@ use crate::envelope::unix_now;
 use crate::identity::{find_co_dir, Address, Identity, KeyFileError};
 use crate::store::{Store, StoreError};
 use crate::transport::http::{self, HttpState, NodeInfo};
+use crate::transport::relay::{self, RelayLink, RelayStatus};
 use crate::trust::TrustLevel;
 
 /// How long shutdown waits for accepted runs before leaving them to be marked
@@ -54,6 +55,7 @@ pub enum HostError {
 pub struct Host {
     factory: AgentFactory,
     code: Settings,
+    http: bool,
 }
 
 impl Host {
@@ -67,6 +69,7 @@ impl Host {
         Host {
             factory,
             code: Settings::default(),
+            http: true,
         }
     }
 
@@ -105,6 +108,13 @@ impl Host {
     /// The address the HTTP listener binds (default 0.0.0.0).
     pub fn bind(mut self, ip: IpAddr) -> Self {
         self.code.bind = Some(ip);
+        self
+    }
+
+    /// Whether to listen for HTTP/WebSocket at all. Without it the node opens no port and
+    /// is reachable through the relay only.
+    pub fn http(mut self, on: bool) -> Self {
+        self.http = on;
         self
     }
 
@@ -172,12 +182,16 @@ impl Host {
         let yaml = base.join("host.yaml");
         let file = Settings::from_file(&yaml)?.unwrap_or_default();
         let config = HostConfig::resolve(self.code.or(file), &base, &yaml.display().to_string())?;
-        Node::open(self.factory, config)
+        let mut node = Node::open(self.factory, config)?;
+        node.http = self.http;
+        Ok(node)
     }
 
-    /// Builds and serves until SIGINT/SIGTERM, printing the banner to stdout.
+    /// Builds and serves until SIGINT/SIGTERM, printing the banner to stdout (after
+    /// giving the relay a moment to connect, so the banner can say whether it did).
     pub async fn serve(self) -> Result<(), HostError> {
         let handle = self.build()?.spawn().await?;
+        handle.wait_for_relay(Duration::from_secs(5)).await;
         println!("{}", handle.banner());
         handle.run_until_signal().await
     }
@@ -203,6 +217,7 @@ pub struct Node {
     info: NodeInfo,
     key_created: bool,
     background: CancellationToken,
+    http: bool,
 }
 
 impl Node {
@@ -258,6 +273,7 @@ impl Node {
             info,
             key_created,
             background,
+            http: true,
         })
     }
 
@@ -274,53 +290,82 @@ impl Node {
     }
 
     /// The HTTP router; the node's background tasks stop when the last clone is dropped.
+    /// (HTTP and WebSocket only: an embedded router starts no relay link.)
     pub fn router(self) -> Router {
         let guard = self.background.clone().drop_guard();
-        self.router_with(Some(guard))
+        self.router_with(Some(guard), None)
     }
 
-    fn router_with(&self, guard: Option<tokio_util::sync::DropGuard>) -> Router {
+    fn router_with(
+        &self,
+        guard: Option<tokio_util::sync::DropGuard>,
+        relay: Option<RelayLink>,
+    ) -> Router {
         http::router(Arc::new(HttpState {
             dispatcher: self.dispatcher.clone(),
             info: self.info.clone(),
             max_body_bytes: self.config.max_body_bytes(),
             started: Instant::now(),
             ws_connections: Arc::new(tokio::sync::Semaphore::new(MAX_WS_CONNECTIONS)),
+            relay,
             _background: guard,
         }))
     }
 
     /// Binds the listeners and starts serving; returns at once with a handle.
     pub async fn spawn(self) -> Result<NodeHandle, HostError> {
-        let addr = SocketAddr::new(self.config.bind, self.config.port);
-        let listener = TcpListener::bind(addr)
-            .await
-            .map_err(|source| HostError::Bind { addr, source })?;
-        let http_addr = listener.local_addr().map_err(HostError::Serve)?;
+        let listener = if self.http {
+            let addr = SocketAddr::new(self.config.bind, self.config.port);
+            let listener = TcpListener::bind(addr)
+                .await
+                .map_err(|source| HostError::Bind { addr, source })?;
+            Some(listener)
+        } else {
+            None
+        };
+        let http_addr = match &listener {
+            Some(l) => Some(l.local_addr().map_err(HostError::Serve)?),
+            None => None,
+        };
         if self.key_created {
             info!(address = %self.address(), "created a new identity key");
         }
         if self.config.reload {
             warn!("`reload: true` has no effect on a compiled agent; restart the node to pick up changes");
         }
-        if let Some(url) = &self.config.relay_url {
-            warn!(%url, "this build has no relay transport yet; relay_url is ignored");
-        }
-        info!(address = %self.address(), %http_addr, "listening on http://{http_addr}");
-
-        let router = self.router_with(None);
         let shutdown = self.background.clone();
-        let mut tasks = JoinSet::new();
-        let stop = shutdown.clone();
-        tasks.spawn(async move {
-            axum::serve(listener, router)
-                .with_graceful_shutdown(stop.cancelled_owned())
-                .await
-                .map_err(HostError::Serve)
+        let relay = self.config.relay_url.clone().map(|url| {
+            let endpoints = match http_addr {
+                Some(a) if !a.ip().is_unspecified() => {
+                    vec![format!("http://{a}"), format!("ws://{a}/ws")]
+                }
+                _ => Vec::new(),
+            };
+            let info = relay::AnnounceInfo {
+                summary: self.config.summary.clone().unwrap_or_default(),
+                endpoints,
+            };
+            relay::spawn(url, self.dispatcher.clone(), info, shutdown.child_token())
         });
+
+        let mut tasks = JoinSet::new();
+        if let (Some(listener), Some(addr)) = (listener, http_addr) {
+            info!(address = %self.address(), http_addr = %addr, "listening on http://{addr}");
+            let router = self.router_with(None, relay.clone());
+            let stop = shutdown.clone();
+            tasks.spawn(async move {
+                axum::serve(listener, router)
+                    .with_graceful_shutdown(stop.cancelled_owned())
+                    .await
+                    .map_err(HostError::Serve)
+            });
+        } else {
+            info!(address = %self.address(), "HTTP is off: no listening port");
+        }
         Ok(NodeHandle {
             node: self,
             http_addr,
+            relay,
             shutdown,
             tasks,
         })
@@ -367,7 +412,8 @@ async fn sweep_loop(store: Store, uploads: PathBuf, result_ttl: u64, stop: Cance
 /// A running node.
 pub struct NodeHandle {
     node: Node,
-    http_addr: SocketAddr,
+    http_addr: Option<SocketAddr>,
+    relay: Option<RelayLink>,
     shutdown: CancellationToken,
     tasks: JoinSet<Result<(), HostError>>,
 }
@@ -377,14 +423,16 @@ impl NodeHandle {
         self.node.address()
     }
 
-    /// Where the HTTP listener is bound (with the real port when 0 was asked).
-    pub fn http_addr(&self) -> SocketAddr {
+    /// Where the HTTP listener is bound (with the real port when 0 was asked); `None`
+    /// with HTTP off.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
         self.http_addr
     }
 
     /// A URL for reaching the HTTP listener from this machine.
-    pub fn http_url(&self) -> String {
-        let ip = self.http_addr.ip();
+    pub fn http_url(&self) -> Option<String> {
+        let addr = self.http_addr?;
+        let ip = addr.ip();
         let host = if ip.is_unspecified() {
             "localhost".to_string()
         } else if ip.is_ipv6() {
@@ -392,7 +440,27 @@ impl NodeHandle {
         } else {
             ip.to_string()
         };
-        format!("http://{host}:{}", self.http_addr.port())
+        Some(format!("http://{host}:{}", addr.port()))
+    }
+
+    /// The relay link's state, if a relay is configured.
+    pub fn relay_status(&self) -> Option<RelayStatus> {
+        self.relay.as_ref().map(RelayLink::status)
+    }
+
+    /// Waits (up to `limit`) until the relay link is connected; returns whether it is.
+    pub async fn wait_for_relay(&self, limit: Duration) -> bool {
+        let Some(relay) = &self.relay else {
+            return false;
+        };
+        let deadline = Instant::now() + limit;
+        while relay.status().state != "connected" {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        true
     }
 
     pub fn dispatcher(&self) -> &Dispatcher {
@@ -401,29 +469,46 @@ impl NodeHandle {
 
     /// The start-up box: name, address, endpoints, UI and relay.
     pub fn banner(&self) -> String {
-        let url = self.http_url();
-        let ws = url.replacen("http://", "ws://", 1);
-        let relay = match &self.node.config.relay_url {
-            Some(url) => format!("{url} (not connected: no relay transport in this build)"),
+        let relay = match self.relay_status() {
+            Some(r) if r.state == "connected" => format!("{} (connected)", r.url),
+            Some(r) => format!(
+                "{} ({}{})",
+                r.url,
+                r.state,
+                r.last_error.map(|e| format!(": {e}")).unwrap_or_default()
+            ),
             None => "off".to_string(),
         };
-        let lines = [
+        let mut lines = vec![
             format!("Agent '{}' is now hosted", self.node.info.name),
             String::new(),
             format!("Address: {}", self.address()),
             format!("Trust:   {}", self.node.config.trust.level),
             String::new(),
-            "HTTP Endpoints:".to_string(),
-            format!("  POST {url}/input"),
-            format!("  GET  {url}/sessions/{{session_id}}"),
-            format!("  GET  {url}/sessions"),
-            format!("  GET  {url}/health"),
-            format!("  GET  {url}/info"),
-            format!("  WS   {ws}/ws"),
+        ];
+        match self.http_url() {
+            Some(url) => {
+                let ws = url.replacen("http://", "ws://", 1);
+                lines.extend([
+                    "HTTP Endpoints:".to_string(),
+                    format!("  POST {url}/input"),
+                    format!("  GET  {url}/sessions/{{session_id}}"),
+                    format!("  GET  {url}/sessions"),
+                    format!("  GET  {url}/health"),
+                    format!("  GET  {url}/info"),
+                    format!("  WS   {ws}/ws"),
+                    String::new(),
+                    "Interactive UI:".to_string(),
+                    format!("  {url}/docs"),
+                ]);
+            }
+            None => lines.push("HTTP: off (no listening port)".to_string()),
+        }
+        lines.extend([
             String::new(),
             "P2P Relay:".to_string(),
             format!("  {relay}"),
-        ];
+        ]);
         let width = lines.iter().map(|l| l.chars().count()).max().unwrap_or(0) + 2;
         let mut out = format!("╭{}╮\n", "─".repeat(width + 2));
         for (i, line) in lines.iter().enumerate() {
@@ -476,12 +561,17 @@ impl NodeHandle {
 
     /// Serves until SIGINT or SIGTERM (or a listener fails), then shuts down.
     pub async fn run_until_signal(mut self) -> Result<(), HostError> {
+        let listeners_failed = async {
+            // With HTTP off there is no listener task: only the signal ends the node.
+            match self.tasks.join_next().await {
+                Some(Ok(Err(e))) => Some(e),
+                Some(_) => None,
+                None => std::future::pending().await,
+            }
+        };
         let failed = tokio::select! {
             _ = shutdown_signal() => None,
-            joined = self.tasks.join_next() => match joined {
-                Some(Ok(Err(e))) => Some(e),
-                _ => None,
-            },
+            e = listeners_failed => e,
         };
         let result = self.shutdown().await;
         match failed {

@@ -25,17 +25,21 @@
 //! | `store.rs` | sled: sessions and seen message ids, TTL sweep, restart → `interrupted` |
 //! | `config.rs` | `host.yaml` + code parameters → [`HostConfig`] |
 //! | `host.rs` | [`Host`] builder, [`host()`], [`router()`], banner, graceful shutdown |
-//! | `transport/` | ways in: `http.rs` (the seed's API); transports know the dispatcher, never the reverse |
-//! | `main.rs` | the thin CLI: `oonode host`, `oonode keys` |
+//! | `transport/` | ways in: `http.rs` (the seed's API, `/docs`), `ws.rs` (`/ws`), `relay.rs` (the outbound link to a relay); transports know the dispatcher, never the reverse |
+//! | `relay/` | the relay server: announce, routing by address and session, directory, limits |
+//! | `client.rs` | [`connect()`]: call a peer by address, verifying every reply |
+//! | `main.rs` | the thin CLI: `oonode host`, `relay`, `call`, `keys` |
 //!
 //! The wire forms and test vectors are in `docs/protocol.md`.
 
 pub mod agent;
+mod client;
 mod config;
 mod dispatch;
 pub mod envelope;
 mod host;
 mod identity;
+pub mod relay;
 mod store;
 mod transport;
 pub mod trust;
@@ -43,11 +47,14 @@ pub mod trust;
 pub use agent::{Agent, AgentError, AgentFactory, StreamSink, Turn};
 /// For implementing [`Agent`] without depending on `async-trait` directly.
 pub use async_trait::async_trait;
+pub use client::{connect, Answer, CallError, ConnectOptions, Remote};
 pub use config::{ConfigError, HostConfig, Settings};
 pub use dispatch::{Accepted, Dispatcher, Refusal, Submission, Upload};
 pub use ed25519_dalek::Signature;
 pub use envelope::{Envelope, Kind};
 pub use host::{host, router, Host, HostError, Node, NodeHandle};
 pub use identity::{find_co_dir, Address, AddressError, Identity};
+pub use relay::{Relay, RelayConfig, RelayHandle};
 pub use store::{SessionRecord, SessionStatus};
+pub use transport::relay::RelayStatus;
 pub use trust::TrustLevel;

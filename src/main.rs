@@ -24,6 +24,11 @@ struct Cli {
 enum Command {
     /// Host an agent: HTTP API on --port, identity and sessions in the co_dir.
     Host(HostArgs),
+    /// Run a relay: agents announce on /ws/announce, callers reach them on /ws/input.
+    Relay(RelayArgs),
+    /// Call an agent by address through a relay; streams chunks to stderr, prints the
+    /// result on stdout.
+    Call(CallArgs),
     /// Print this node's address and PeerId, creating the key if needed.
     Keys {
         /// Directory holding keys/agent.key (default: project .co/, else ~/.co).
@@ -61,9 +66,60 @@ struct HostArgs {
     /// Name shown in /info and the banner (default: the agent's own).
     #[arg(long)]
     name: Option<String>,
+    /// Relay to announce on (ws://host:port); overrides host.yaml's relay_url.
+    #[arg(long, conflicts_with = "no_relay")]
+    relay: Option<String>,
     /// Do not announce on any relay.
     #[arg(long)]
     no_relay: bool,
+    /// Open no HTTP/WebSocket port at all (reachable through the relay only).
+    #[arg(long)]
+    no_http: bool,
+}
+
+#[derive(clap::Args)]
+struct RelayArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "0.0.0.0:8765")]
+    listen: std::net::SocketAddr,
+    /// Largest frame accepted, in bytes.
+    #[arg(long, default_value_t = 4 * 1024 * 1024)]
+    max_frame_bytes: usize,
+    /// Agents online at once.
+    #[arg(long, default_value_t = 10_000)]
+    max_agents: usize,
+    /// Caller connections at once.
+    #[arg(long, default_value_t = 10_000)]
+    max_callers: usize,
+    /// Sessions routed to one agent at once.
+    #[arg(long, default_value_t = 1_000)]
+    max_sessions_per_agent: usize,
+    /// Frames per second per connection (burst: twice that).
+    #[arg(long, default_value_t = 100)]
+    frames_per_sec: u32,
+    /// Seconds of silence after which an agent is dropped.
+    #[arg(long, default_value_t = 120)]
+    agent_timeout: u64,
+    /// Seconds without a frame after which a caller connection is closed.
+    #[arg(long, default_value_t = 300)]
+    caller_idle: u64,
+}
+
+#[derive(clap::Args)]
+struct CallArgs {
+    /// The agent's address (0x + 64 hex).
+    address: String,
+    /// The prompt to send.
+    prompt: String,
+    /// Relay to reach the agent through (ws://host:port).
+    #[arg(long, env = "OONODE_RELAY")]
+    relay: String,
+    /// Directory holding the caller's key (keys/agent.key), created if needed.
+    #[arg(long)]
+    co_dir: Option<PathBuf>,
+    /// Seconds to wait for each next reply frame.
+    #[arg(long, default_value_t = 60)]
+    timeout: u64,
 }
 
 fn main() -> ExitCode {
@@ -82,7 +138,11 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli)) {
+    let command = match cli.command {
+        Command::Call(args) => return runtime.block_on(call(args)),
+        other => other,
+    };
+    match runtime.block_on(run(command)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -91,9 +151,14 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(cli: Cli) -> anyhow::Result<()> {
-    match cli.command {
+async fn run(command: Command) -> anyhow::Result<()> {
+    match command {
         Command::Host(args) => host(args).await,
+        Command::Relay(args) => relay(args).await,
+        Command::Call(args) => match call(args).await {
+            code if code == ExitCode::SUCCESS => Ok(()),
+            _ => Err(anyhow::anyhow!("call failed")),
+        },
         Command::Keys { co_dir } => {
             let dir = match co_dir {
                 Some(d) => d,
@@ -140,6 +205,81 @@ async fn host(args: HostArgs) -> anyhow::Result<()> {
     if args.no_relay {
         host = host.relay_url(None);
     }
+    if let Some(url) = args.relay {
+        host = host.relay_url(Some(url));
+    }
+    if args.no_http {
+        host = host.http(false);
+    }
     host.serve().await?;
     Ok(())
+}
+
+async fn relay(args: RelayArgs) -> anyhow::Result<()> {
+    let mut config = oonode::RelayConfig::default().listen(args.listen);
+    config.max_frame_bytes = args.max_frame_bytes;
+    config.max_agents = args.max_agents;
+    config.max_callers = args.max_callers;
+    config.max_sessions_per_agent = args.max_sessions_per_agent;
+    config.frames_per_sec = args.frames_per_sec;
+    config.agent_timeout = std::time::Duration::from_secs(args.agent_timeout);
+    config.caller_idle = std::time::Duration::from_secs(args.caller_idle);
+    let handle = oonode::Relay::spawn(config).await?;
+    println!("relay listening on {}", handle.url());
+    println!("  agents:  {}/ws/announce", handle.url());
+    println!("  callers: {}/ws/input", handle.url());
+    let signal = async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            r = tokio::signal::ctrl_c() => r,
+            _ = term.recv() => Ok(()),
+        }
+    };
+    signal.await.context("waiting for a signal")?;
+    handle.shutdown().await;
+    Ok(())
+}
+
+/// `oonode call`: exit 0 on success, else a one-line reason and the error's exit code.
+async fn call(args: CallArgs) -> ExitCode {
+    use std::io::Write;
+    let dir = match args.co_dir {
+        Some(d) => d,
+        None => find_co_dir(&std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."))),
+    };
+    let identity = match Identity::load_or_create(&dir) {
+        Ok((id, _)) => id,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let options = oonode::ConnectOptions::default()
+        .relay(args.relay)
+        .identity(identity)
+        .reply_timeout(std::time::Duration::from_secs(args.timeout));
+    let result = async {
+        let mut remote = oonode::connect(&args.address, options).await?;
+        remote
+            .input_streaming(&args.prompt, |chunk| {
+                let mut err = std::io::stderr();
+                let _ = write!(err, "{chunk}");
+                let _ = err.flush();
+            })
+            .await
+    }
+    .await;
+    match result {
+        Ok(answer) => {
+            if !answer.chunks.is_empty() {
+                eprintln!();
+            }
+            println!("{}", answer.result);
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(e.exit_code())
+        }
+    }
 }

@@ -38,6 +38,8 @@ pub(crate) struct HttpState {
     pub started: Instant,
     /// Caps open WebSocket connections.
     pub ws_connections: Arc<tokio::sync::Semaphore>,
+    /// The relay link, when the node announces on one.
+    pub relay: Option<super::relay::RelayLink>,
     /// Stops the node's background tasks once the last router clone is gone.
     pub _background: Option<DropGuard>,
 }
@@ -273,6 +275,7 @@ async fn health(State(st): State<Arc<HttpState>>) -> Response {
         "uptime": st.started.elapsed().as_secs(),
         "address": st.dispatcher.address().to_string(),
         "in_flight": st.dispatcher.in_flight(),
+        "relay": st.relay.as_ref().map(|r| r.status()),
     }))
     .into_response()
 }
@@ -289,11 +292,11 @@ async fn info(State(st): State<Arc<HttpState>>) -> Response {
         "version": env!("CARGO_PKG_VERSION"),
         "summary": i.summary,
         "examples": i.examples,
+        "relay": st.relay.as_ref().map(|r| r.status()),
         "accepted_inputs": {
             "text": true,
-            "images": false,
-            "files": false,
-            "limits": {
+            "images": true,
+            "files": {
                 "max_file_size_mb": i.max_file_size_mb,
                 "max_files_per_request": i.max_files_per_request,
             },

@@ -3,6 +3,7 @@
 //! framing. The dispatcher knows none of them.
 
 pub(crate) mod http;
+pub(crate) mod relay;
 pub(crate) mod ws;
 
 use serde_json::{Map, Value};

@@ -31,7 +31,7 @@ impl TestNode {
             .spawn()
             .await
             .expect("node starts");
-        let url = format!("http://{}", handle.http_addr());
+        let url = format!("http://{}", handle.http_addr().expect("HTTP is on"));
         let address = handle.address();
         TestNode {
             handle,

@@ -1,0 +1,347 @@
+//! Calling a peer agent by address: `connect(address, options)` → [`Remote`].
+//!
+//! Every INPUT is signed with the caller's key; every reply must be signed by the
+//! address called, addressed to the caller, answer this very INPUT, be fresh, and come in
+//! sequence. Anything else is an error, never a silent result: the relay in between can
+//! drop frames but cannot forge or alter them.
+//!
+//! The path today is the relay; direct and libp2p paths plug in here later.
+
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use serde_json::{json, Map, Value};
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::envelope::{unix_now, Envelope, Kind, MAX_CLOCK_SKEW_SECS};
+use crate::identity::{Address, AddressError, Identity};
+use crate::transport::relay::input_url;
+
+/// Default wait for each next reply frame (not for the whole answer: long streams are
+/// fine as long as chunks keep coming).
+pub const DEFAULT_REPLY_TIMEOUT: Duration = Duration::from_secs(60);
+
+type Socket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CallError {
+    #[error("invalid address: {0}")]
+    BadAddress(#[from] AddressError),
+    #[error("no way to reach the agent: give a relay URL")]
+    NoPath,
+    #[error("cannot reach the relay at {url}: {reason}")]
+    Unreachable { url: String, reason: String },
+    #[error("agent {0} is offline")]
+    Offline(String),
+    #[error("agent {0} is unknown to the relay (it never announced there)")]
+    Unknown(String),
+    #[error("refused by the agent ({code}): {message}")]
+    Refused { code: String, message: String },
+    #[error("the agent failed ({code}): {message}")]
+    Failed { code: String, message: String },
+    #[error("the relay could not deliver ({code}): {message}")]
+    Relay { code: String, message: String },
+    #[error("rejected an answer that is not authentic: {0}")]
+    Tampered(String),
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    #[error("connection lost: {0}")]
+    Disconnected(String),
+}
+
+impl CallError {
+    /// The process exit status `oonode call` uses for this error.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            CallError::BadAddress(_) | CallError::NoPath => 2,
+            CallError::Offline(_) | CallError::Unknown(_) | CallError::Unreachable { .. } => 3,
+            CallError::Refused { .. } => 4,
+            CallError::Timeout(_) => 5,
+            CallError::Tampered(_) => 6,
+            _ => 1,
+        }
+    }
+}
+
+/// How to reach and identify to a peer.
+#[derive(Clone, Debug, Default)]
+#[non_exhaustive]
+pub struct ConnectOptions {
+    pub relay_url: Option<String>,
+    /// The caller's own key; a fresh one is made when absent (an anonymous caller).
+    pub identity: Option<Identity>,
+    /// Wait for each next reply frame; default [`DEFAULT_REPLY_TIMEOUT`].
+    pub reply_timeout: Option<Duration>,
+}
+
+impl ConnectOptions {
+    pub fn relay(mut self, url: impl Into<String>) -> Self {
+        self.relay_url = Some(url.into());
+        self
+    }
+
+    pub fn identity(mut self, identity: Identity) -> Self {
+        self.identity = Some(identity);
+        self
+    }
+
+    pub fn reply_timeout(mut self, wait: Duration) -> Self {
+        self.reply_timeout = Some(wait);
+        self
+    }
+}
+
+/// A verified answer.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct Answer {
+    pub result: String,
+    pub session_id: String,
+    /// The STREAM chunks, in order.
+    pub chunks: Vec<String>,
+    pub duration_ms: u64,
+    /// The session state the agent returned (history for the next turn).
+    pub session: Value,
+}
+
+/// A connection to one peer agent. Turns on one handle continue one session.
+pub struct Remote {
+    address: Address,
+    identity: Identity,
+    socket: Socket,
+    reply_timeout: Duration,
+    session_id: Option<String>,
+}
+
+/// Connects to the agent at `address` (a `0x…` string).
+pub async fn connect(address: &str, options: ConnectOptions) -> Result<Remote, CallError> {
+    let address: Address = address.parse()?;
+    let relay = options.relay_url.ok_or(CallError::NoPath)?;
+    let url = input_url(&relay);
+    let unreachable = |reason: String| CallError::Unreachable {
+        url: url.clone(),
+        reason,
+    };
+    if url.starts_with("wss://") {
+        return Err(unreachable(
+            "wss:// needs TLS, which this build does not include; use ws://".into(),
+        ));
+    }
+    let (socket, _) = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio_tungstenite::connect_async(url.as_str()),
+    )
+    .await
+    .map_err(|_| unreachable("timed out".into()))?
+    .map_err(|e| unreachable(e.to_string()))?;
+    Ok(Remote {
+        address,
+        identity: options.identity.unwrap_or_else(Identity::generate),
+        socket,
+        reply_timeout: options.reply_timeout.unwrap_or(DEFAULT_REPLY_TIMEOUT),
+        session_id: None,
+    })
+}
+
+impl Remote {
+    pub fn address(&self) -> Address {
+        self.address
+    }
+
+    /// How this handle reaches the agent.
+    pub fn path(&self) -> &'static str {
+        "relay"
+    }
+
+    /// The session the next turn continues, once there is one.
+    pub fn session_id(&self) -> Option<&str> {
+        self.session_id.as_deref()
+    }
+
+    /// Sends a prompt and returns the verified result.
+    pub async fn input(&mut self, prompt: &str) -> Result<Answer, CallError> {
+        self.input_streaming(prompt, |_| {}).await
+    }
+
+    /// Sends a prompt; `on_chunk` sees each verified STREAM chunk as it arrives.
+    pub async fn input_streaming(
+        &mut self,
+        prompt: &str,
+        mut on_chunk: impl FnMut(&str),
+    ) -> Result<Answer, CallError> {
+        let session_id = self
+            .session_id
+            .clone()
+            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+        let mut payload = Map::new();
+        payload.insert("prompt".into(), json!(prompt));
+        payload.insert("session".into(), json!({ "session_id": session_id }));
+        let input = Envelope::sign(&self.identity, Kind::Input, Some(self.address), payload);
+        let input_id = input.id().unwrap_or_default().to_owned();
+        let mut frame = input.to_nested_json();
+        frame["type"] = json!("INPUT");
+        frame["to"] = json!(self.address.to_string());
+        self.socket
+            .send(Message::text(frame.to_string()))
+            .await
+            .map_err(|e| CallError::Disconnected(e.to_string()))?;
+
+        let mut chunks = Vec::new();
+        loop {
+            let frame = self.next_frame().await?;
+            let Some(obj) = frame.as_object() else {
+                continue;
+            };
+            if !obj.contains_key("signature") {
+                // Unsigned frames come from the relay: they can only report failure.
+                if obj.get("type").and_then(Value::as_str) == Some("ERROR") {
+                    return Err(relay_error(obj, self.address));
+                }
+                continue;
+            }
+            let env = self.check(obj, &session_id)?;
+            match env.kind() {
+                Some(Kind::Stream) => {
+                    if env.str_field("in_reply_to") != Some(input_id.as_str()) {
+                        return Err(CallError::Tampered(
+                            "a chunk answers another request".into(),
+                        ));
+                    }
+                    let seq = env.payload.get("seq").and_then(Value::as_u64).unwrap_or(0);
+                    let expected = chunks.len() as u64 + 1;
+                    if seq != expected {
+                        return Err(CallError::Tampered(format!(
+                            "chunk {seq} arrived where {expected} was due"
+                        )));
+                    }
+                    let chunk = env.str_field("chunk").unwrap_or_default().to_owned();
+                    on_chunk(&chunk);
+                    chunks.push(chunk);
+                }
+                Some(Kind::Output) => {
+                    if env.str_field("in_reply_to") != Some(input_id.as_str()) {
+                        return Err(CallError::Tampered(
+                            "the result answers another request".into(),
+                        ));
+                    }
+                    let sent = env
+                        .payload
+                        .get("chunks")
+                        .and_then(Value::as_u64)
+                        .unwrap_or(0);
+                    if sent != chunks.len() as u64 {
+                        return Err(CallError::Tampered(format!(
+                            "the agent sent {sent} chunks but {} arrived",
+                            chunks.len()
+                        )));
+                    }
+                    self.session_id = Some(session_id.clone());
+                    return Ok(Answer {
+                        result: env.str_field("result").unwrap_or_default().to_owned(),
+                        session_id,
+                        chunks,
+                        duration_ms: env
+                            .payload
+                            .get("duration_ms")
+                            .and_then(Value::as_u64)
+                            .unwrap_or(0),
+                        session: env.payload.get("session").cloned().unwrap_or(Value::Null),
+                    });
+                }
+                Some(Kind::Error) => {
+                    let code = env.str_field("code").unwrap_or("error").to_owned();
+                    let message = env.str_field("message").unwrap_or("").to_owned();
+                    return Err(match code.as_str() {
+                        "agent_error" | "agent_panicked" | "agent_cancelled" | "internal" => {
+                            CallError::Failed { code, message }
+                        }
+                        _ => CallError::Refused { code, message },
+                    });
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Verifies a signed reply: signer, recipient, session, freshness.
+    fn check(&self, obj: &Map<String, Value>, session_id: &str) -> Result<Envelope, CallError> {
+        let env = Envelope::from_flat(obj).map_err(|e| CallError::Tampered(e.to_string()))?;
+        let signer = env
+            .verify()
+            .map_err(|e| CallError::Tampered(e.to_string()))?;
+        if signer != self.address {
+            return Err(CallError::Tampered(format!(
+                "signed by {}, not by the agent called ({})",
+                signer.short(),
+                self.address.short()
+            )));
+        }
+        if env.to().ok().flatten() != Some(self.identity.address()) {
+            return Err(CallError::Tampered(
+                "the answer is addressed to someone else".into(),
+            ));
+        }
+        if env.str_field("session_id") != Some(session_id) {
+            return Err(CallError::Tampered(
+                "the answer belongs to another session".into(),
+            ));
+        }
+        let ts = env.timestamp().unwrap_or(0);
+        if unix_now().abs_diff(ts) > MAX_CLOCK_SKEW_SECS {
+            return Err(CallError::Tampered("the answer is stale".into()));
+        }
+        Ok(env)
+    }
+
+    async fn next_frame(&mut self) -> Result<Value, CallError> {
+        loop {
+            let msg = tokio::time::timeout(self.reply_timeout, self.socket.next())
+                .await
+                .map_err(|_| CallError::Timeout(self.reply_timeout))?;
+            let msg = match msg {
+                Some(Ok(m)) => m,
+                Some(Err(e)) => return Err(CallError::Disconnected(e.to_string())),
+                None => {
+                    return Err(CallError::Disconnected(
+                        "the relay closed the connection".into(),
+                    ))
+                }
+            };
+            let text = match msg {
+                Message::Text(t) => t.to_string(),
+                Message::Binary(b) => String::from_utf8_lossy(&b).into_owned(),
+                Message::Close(_) => {
+                    return Err(CallError::Disconnected(
+                        "the relay closed the connection".into(),
+                    ))
+                }
+                _ => continue,
+            };
+            match serde_json::from_str(&text) {
+                Ok(v) => return Ok(v),
+                Err(_) => continue,
+            }
+        }
+    }
+}
+
+fn relay_error(obj: &Map<String, Value>, address: Address) -> CallError {
+    let code = obj
+        .get("code")
+        .and_then(Value::as_str)
+        .unwrap_or("error")
+        .to_owned();
+    let message = obj
+        .get("error")
+        .or_else(|| obj.get("message"))
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_owned();
+    match code.as_str() {
+        "agent_offline" | "agent_disconnected" => CallError::Offline(address.to_string()),
+        "unknown_agent" => CallError::Unknown(address.to_string()),
+        _ => CallError::Relay { code, message },
+    }
+}

@@ -1,0 +1,166 @@
+//! ANNOUNCE: how an agent tells a relay "I am this address, reach me on this socket".
+//! Pure code: build, sign, check.
+//!
+//! The Python shape, signed in form B over the whole message without `signature`:
+//! `{"type":"ANNOUNCE","address","timestamp","summary","endpoints","relay","signature"}`.
+//! Form A is accepted too.
+
+use serde_json::{json, Map, Value};
+
+use crate::envelope::{canonical_json, canonical_json_form_b, EnvelopeError, MAX_CLOCK_SKEW_SECS};
+use crate::identity::{Address, Identity};
+
+/// Longest summary an ANNOUNCE may carry (the Python relay's limit).
+pub const MAX_SUMMARY_CHARS: usize = 1000;
+/// Most endpoints one ANNOUNCE may list.
+pub const MAX_ENDPOINTS: usize = 16;
+
+/// What a relay keeps of an accepted ANNOUNCE.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Announce {
+    pub address: Address,
+    pub timestamp: u64,
+    pub summary: String,
+    pub endpoints: Vec<String>,
+}
+
+/// Builds a signed ANNOUNCE (form B, so that Python relays accept it too).
+pub fn signed_announce(
+    identity: &Identity,
+    summary: &str,
+    endpoints: &[String],
+    relay: &str,
+    now: u64,
+) -> Value {
+    let mut msg = json!({
+        "type": "ANNOUNCE",
+        "address": identity.address().to_string(),
+        "timestamp": now,
+        "summary": summary.chars().take(MAX_SUMMARY_CHARS).collect::<String>(),
+        "endpoints": endpoints.iter().take(MAX_ENDPOINTS).collect::<Vec<_>>(),
+        "relay": relay,
+    });
+    let sig = identity.sign(&canonical_json_form_b(&msg));
+    msg["signature"] = Value::String(hex::encode(sig.to_bytes()));
+    msg
+}
+
+/// Checks an ANNOUNCE: address, signature (form B or A), freshness, field limits.
+pub fn verify_announce(msg: &Map<String, Value>, now: u64) -> Result<Announce, EnvelopeError> {
+    let malformed = |m: &str| EnvelopeError::Malformed(m.to_string());
+    let address: Address = msg
+        .get("address")
+        .and_then(Value::as_str)
+        .ok_or_else(|| malformed("ANNOUNCE needs `address`"))?
+        .parse()
+        .map_err(|e: crate::identity::AddressError| EnvelopeError::BadFrom(e.to_string()))?;
+    let sig_hex = msg
+        .get("signature")
+        .and_then(Value::as_str)
+        .ok_or(EnvelopeError::Unsigned)?;
+    let sig_hex = sig_hex.strip_prefix("0x").unwrap_or(sig_hex);
+    let mut sig = [0u8; 64];
+    hex::decode_to_slice(sig_hex, &mut sig).map_err(|_| EnvelopeError::BadSignatureEncoding)?;
+    let sig = ed25519_dalek::Signature::from_bytes(&sig);
+    let mut unsigned = msg.clone();
+    unsigned.remove("signature");
+    let unsigned = Value::Object(unsigned);
+    let key = address.verifying_key();
+    let ok = key
+        .verify_strict(&canonical_json_form_b(&unsigned), &sig)
+        .is_ok()
+        || key.verify_strict(&canonical_json(&unsigned), &sig).is_ok();
+    if !ok {
+        return Err(EnvelopeError::BadSignature(address.short()));
+    }
+    let timestamp = msg
+        .get("timestamp")
+        .and_then(Value::as_u64)
+        .ok_or(EnvelopeError::MissingTimestamp)?;
+    let skew = now.abs_diff(timestamp);
+    if skew > MAX_CLOCK_SKEW_SECS {
+        return Err(EnvelopeError::Stale { skew });
+    }
+    let summary = match msg.get("summary") {
+        None | Some(Value::Null) => String::new(),
+        Some(Value::String(s)) if s.chars().count() <= MAX_SUMMARY_CHARS => s.clone(),
+        Some(Value::String(_)) => {
+            return Err(malformed(&format!(
+                "summary is over {MAX_SUMMARY_CHARS} characters"
+            )))
+        }
+        Some(_) => return Err(malformed("`summary` must be a string")),
+    };
+    let endpoints = match msg.get("endpoints") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::Array(items)) if items.len() <= MAX_ENDPOINTS => items
+            .iter()
+            .map(|e| {
+                e.as_str()
+                    .map(str::to_owned)
+                    .ok_or_else(|| malformed("endpoints must be strings"))
+            })
+            .collect::<Result<_, _>>()?,
+        Some(Value::Array(_)) => {
+            return Err(malformed(&format!("more than {MAX_ENDPOINTS} endpoints")))
+        }
+        Some(_) => return Err(malformed("`endpoints` must be a list")),
+    };
+    Ok(Announce {
+        address,
+        timestamp,
+        summary,
+        endpoints,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::envelope::unix_now;
+
+    #[test]
+    fn a_signed_announce_verifies_and_any_change_breaks_it() {
+        let id = Identity::from_seed([8; 32]);
+        let now = unix_now();
+        let msg = signed_announce(
+            &id,
+            "I translate",
+            &["http://10.0.0.2:8000".into()],
+            "ws://r",
+            now,
+        );
+        let obj = msg.as_object().unwrap();
+        let a = verify_announce(obj, now).unwrap();
+        assert_eq!(a.address, id.address());
+        assert_eq!(a.summary, "I translate");
+
+        let mut changed = obj.clone();
+        changed.insert("summary".into(), json!("I steal"));
+        assert!(matches!(
+            verify_announce(&changed, now),
+            Err(EnvelopeError::BadSignature(_))
+        ));
+        assert!(matches!(
+            verify_announce(obj, now + 301),
+            Err(EnvelopeError::Stale { .. })
+        ));
+        let mut other = obj.clone();
+        other.insert(
+            "address".into(),
+            json!(Identity::from_seed([9; 32]).address().to_string()),
+        );
+        assert!(verify_announce(&other, now).is_err());
+    }
+
+    #[test]
+    fn form_a_announces_are_accepted_too() {
+        let id = Identity::from_seed([8; 32]);
+        let now = unix_now();
+        let mut msg =
+            json!({"type": "ANNOUNCE", "address": id.address().to_string(), "timestamp": now});
+        let sig = id.sign(&canonical_json(&msg));
+        msg["signature"] = json!(hex::encode(sig.to_bytes()));
+        assert!(verify_announce(msg.as_object().unwrap(), now).is_ok());
+    }
+}

@@ -1,0 +1,345 @@
+//! The relay server: a public rendezvous that makes nodes reachable by address without
+//! any open port.
+//!
+//! Agents keep an outbound WebSocket to `/ws/announce` and announce themselves; callers
+//! connect to `/ws/input` and name the agent in `to`. The relay routes frames by `to`,
+//! then by `session_id`. It is untrusted by design: it reads frames but cannot forge
+//! them, since every INPUT is signed by its caller and every reply by its agent.
+//!
+//! `GET /api/agents/{address}` is the directory; `GET /health` counts.
+
+pub(crate) mod announce;
+mod conn;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime};
+
+use axum::extract::{Path, State, WebSocketUpgrade};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use crate::identity::Address;
+
+pub use announce::{signed_announce, verify_announce, Announce};
+
+/// The relay's limits. Every one has a default; see the README's relay section.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct RelayConfig {
+    pub listen: SocketAddr,
+    /// Largest frame accepted from anyone.
+    pub max_frame_bytes: usize,
+    /// Agents online at once.
+    pub max_agents: usize,
+    /// Caller connections open at once.
+    pub max_callers: usize,
+    /// Sessions routed to one agent at once.
+    pub max_sessions_per_agent: usize,
+    /// Sessions one caller connection may open.
+    pub max_sessions_per_caller: usize,
+    /// Frames per second one connection may send (burst: twice that).
+    pub frames_per_sec: u32,
+    /// An agent that sends nothing (no frame, no re-announce) for this long is dropped.
+    pub agent_timeout: Duration,
+    /// A caller connection with no frame either way for this long is closed.
+    pub caller_idle: Duration,
+    /// Frames queued per socket; a reader that lets it fill is disconnected.
+    pub send_queue: usize,
+    /// How long an offline agent stays in the directory.
+    pub forget_after: Duration,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        RelayConfig {
+            listen: SocketAddr::from(([0, 0, 0, 0], 8765)),
+            max_frame_bytes: 4 * 1024 * 1024,
+            max_agents: 10_000,
+            max_callers: 10_000,
+            max_sessions_per_agent: 1_000,
+            max_sessions_per_caller: 64,
+            frames_per_sec: 100,
+            agent_timeout: Duration::from_secs(120),
+            caller_idle: Duration::from_secs(300),
+            send_queue: 1024,
+            forget_after: Duration::from_secs(3600),
+        }
+    }
+}
+
+impl RelayConfig {
+    pub fn listen(mut self, addr: SocketAddr) -> Self {
+        self.listen = addr;
+        self
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// The relay server, for `oonode relay` and for tests.
+pub struct Relay;
+
+impl Relay {
+    /// Binds `config.listen` and serves in the background.
+    pub async fn spawn(config: RelayConfig) -> Result<RelayHandle, RelayError> {
+        let listener =
+            TcpListener::bind(config.listen)
+                .await
+                .map_err(|source| RelayError::Bind {
+                    addr: config.listen,
+                    source,
+                })?;
+        let local_addr = listener.local_addr().map_err(|source| RelayError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+        let shutdown = CancellationToken::new();
+        let state = Arc::new(RelayState {
+            callers: Arc::new(Semaphore::new(config.max_callers)),
+            config,
+            agents: Mutex::new(HashMap::new()),
+            sessions: Mutex::new(HashMap::new()),
+            next_conn: AtomicU64::new(1),
+            started: Instant::now(),
+            shutdown: shutdown.clone(),
+        });
+        let router = Router::new()
+            .route("/ws/announce", get(announce_socket))
+            .route("/ws/input", get(input_socket))
+            .route("/api/agents/{address}", get(directory))
+            .route("/health", get(health))
+            .fallback(|| async { (StatusCode::NOT_FOUND, Json(json!({"error": "not found"}))) })
+            .with_state(state.clone());
+        let stop = shutdown.clone();
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, router)
+                .with_graceful_shutdown(stop.cancelled_owned())
+                .await;
+        });
+        tokio::spawn(forget_loop(state.clone()));
+        info!(%local_addr, "relay listening on ws://{local_addr}/ws/announce and /ws/input");
+        Ok(RelayHandle {
+            local_addr,
+            shutdown,
+            task,
+        })
+    }
+}
+
+/// A running relay.
+pub struct RelayHandle {
+    local_addr: SocketAddr,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RelayHandle {
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// `ws://host:port`, the base both agents and callers take.
+    pub fn url(&self) -> String {
+        format!("ws://{}", self.local_addr)
+    }
+
+    /// Closes every connection and stops listening.
+    pub async fn shutdown(self) {
+        self.shutdown.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.task).await;
+    }
+
+    /// Waits until the relay stops (for the CLI).
+    pub async fn wait(self) {
+        let _ = self.task.await;
+    }
+}
+
+pub(crate) struct RelayState {
+    config: RelayConfig,
+    callers: Arc<Semaphore>,
+    agents: Mutex<HashMap<Address, AgentEntry>>,
+    sessions: Mutex<HashMap<String, Route>>,
+    next_conn: AtomicU64,
+    started: Instant,
+    shutdown: CancellationToken,
+}
+
+/// An agent the relay knows, online or recently seen.
+struct AgentEntry {
+    link: Option<AgentLink>,
+    summary: String,
+    endpoints: Vec<String>,
+    last_seen: SystemTime,
+    /// Timestamp of the newest accepted ANNOUNCE: an older or equal one on a new socket
+    /// is a replay and cannot take the address over.
+    announced_at: u64,
+}
+
+#[derive(Clone)]
+struct AgentLink {
+    conn: u64,
+    tx: mpsc::Sender<String>,
+    sessions: Arc<Semaphore>,
+    closed: CancellationToken,
+}
+
+/// Where a session's frames go.
+struct Route {
+    agent: Address,
+    agent_conn: u64,
+    caller_conn: u64,
+    caller_tx: mpsc::Sender<String>,
+    closed: CancellationToken,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl RelayState {
+    fn agents(&self) -> MutexGuard<'_, HashMap<Address, AgentEntry>> {
+        self.agents.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn sessions(&self) -> MutexGuard<'_, HashMap<String, Route>> {
+        self.sessions.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn conn_id(&self) -> u64 {
+        self.next_conn.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+async fn announce_socket(State(st): State<Arc<RelayState>>, ws: WebSocketUpgrade) -> Response {
+    let max = st.config.max_frame_bytes;
+    ws.max_message_size(max)
+        .max_frame_size(max)
+        .on_upgrade(move |socket| conn::serve_agent(st, socket))
+}
+
+async fn input_socket(State(st): State<Arc<RelayState>>, ws: WebSocketUpgrade) -> Response {
+    let Ok(permit) = st.callers.clone().try_acquire_owned() else {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"error": "relay is at its caller limit", "code": "relay_full"})),
+        )
+            .into_response();
+    };
+    let max = st.config.max_frame_bytes;
+    ws.max_message_size(max)
+        .max_frame_size(max)
+        .on_upgrade(move |socket| conn::serve_caller(st, socket, permit))
+}
+
+async fn directory(State(st): State<Arc<RelayState>>, Path(address): Path<String>) -> Response {
+    let Ok(address) = address.parse::<Address>() else {
+        return (
+            StatusCode::BAD_REQUEST,
+            Json(json!({"error": "not an address (0x + 64 hex)"})),
+        )
+            .into_response();
+    };
+    let agents = st.agents();
+    let Some(entry) = agents.get(&address) else {
+        return (
+            StatusCode::NOT_FOUND,
+            Json(json!({"error": "unknown agent"})),
+        )
+            .into_response();
+    };
+    Json(json!({
+        "address": address.to_string(),
+        "online": entry.link.is_some(),
+        "summary": entry.summary,
+        "endpoints": entry.endpoints,
+        "last_seen": iso_time(entry.last_seen),
+    }))
+    .into_response()
+}
+
+async fn health(State(st): State<Arc<RelayState>>) -> Response {
+    let (online, known) = {
+        let agents = st.agents();
+        (
+            agents.values().filter(|a| a.link.is_some()).count(),
+            agents.len(),
+        )
+    };
+    let sessions = st.sessions().len();
+    let callers = st.config.max_callers - st.callers.available_permits();
+    Json(json!({
+        "status": "healthy",
+        "agents_online": online,
+        "agents_known": known,
+        "callers": callers,
+        "sessions": sessions,
+        "uptime": st.started.elapsed().as_secs(),
+    }))
+    .into_response()
+}
+
+/// Drops directory entries of agents offline for longer than `forget_after`.
+async fn forget_loop(st: Arc<RelayState>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(60));
+    loop {
+        tokio::select! {
+            _ = st.shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let horizon = SystemTime::now() - st.config.forget_after;
+        st.agents()
+            .retain(|_, a| a.link.is_some() || a.last_seen > horizon);
+    }
+}
+
+/// RFC 3339 UTC time, second precision, without a date crate.
+fn iso_time(t: SystemTime) -> String {
+    let secs = t
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil-from-days (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn iso_time_is_utc_rfc3339() {
+        let t = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        assert_eq!(iso_time(t), "2023-11-14T22:13:20Z");
+        assert_eq!(iso_time(SystemTime::UNIX_EPOCH), "1970-01-01T00:00:00Z");
+    }
+}

@@ -1,0 +1,456 @@
+//! The relay transport: the node's outbound WebSocket to a relay, so that it is reachable
+//! by address with no open port.
+//!
+//! Announces itself (signed, form B), re-announces every 60 s, and reconnects with
+//! capped backoff and jitter. Relayed frames carry a `session_id`; INPUT, CONNECT and
+//! RESUME go through the same dispatcher as every other transport, and every reply goes
+//! back tagged with its session.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use serde::Serialize;
+use serde_json::{json, Map, Value};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::dispatch::{Dispatcher, Refusal};
+use crate::envelope::{unix_now, Envelope};
+use crate::relay::signed_announce;
+use crate::trust::Caller;
+
+/// How often the node re-announces (the relay forgets an agent after 120 s of silence).
+const REANNOUNCE_EVERY: Duration = Duration::from_secs(60);
+/// How long to wait for a connection and its ANNOUNCE_OK.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Backoff between reconnection attempts: 1, 2, 3, 3, … s, plus up to 1 s of jitter.
+/// Short enough that a node is back within 5 s of its relay's return.
+const BACKOFF_SECS: [u64; 3] = [1, 2, 3];
+/// Frames queued towards the relay.
+const OUTBOUND_QUEUE: usize = 1024;
+/// How long a reply may wait for room towards the relay before the link counts as dead.
+const SEND_TIMEOUT: Duration = Duration::from_secs(10);
+/// Relayed sessions with CONNECT state kept at once.
+const MAX_CONNECTED_SESSIONS: usize = 4096;
+/// Largest frame taken from the relay.
+const MAX_FRAME_BYTES: usize = 16 * 1024 * 1024;
+
+/// The relay link's state, shown in `/health`, `/info` and the banner.
+#[derive(Debug, Clone, Serialize)]
+pub struct RelayStatus {
+    pub url: String,
+    /// `connecting`, `connected` or `disconnected`.
+    pub state: &'static str,
+    /// Unix time of the last change of state.
+    pub since: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+}
+
+#[derive(Clone)]
+pub(crate) struct RelayLink {
+    status: Arc<Mutex<RelayStatus>>,
+}
+
+impl RelayLink {
+    pub fn status(&self) -> RelayStatus {
+        self.status
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn set(&self, state: &'static str, error: Option<String>) {
+        let mut s = self.status.lock().unwrap_or_else(|e| e.into_inner());
+        if s.state != state {
+            s.since = unix_now();
+        }
+        s.state = state;
+        if error.is_some() || state == "connected" {
+            s.last_error = error;
+        }
+    }
+}
+
+/// What the node announces.
+pub(crate) struct AnnounceInfo {
+    pub summary: String,
+    pub endpoints: Vec<String>,
+}
+
+/// `ws://relay:port` or `…/ws/announce` → the announce URL.
+pub fn announce_url(relay: &str) -> String {
+    with_path(relay, "/ws/announce")
+}
+
+/// `ws://relay:port` or `…/ws/input` → the callers' URL.
+pub fn input_url(relay: &str) -> String {
+    with_path(relay, "/ws/input")
+}
+
+fn with_path(relay: &str, path: &str) -> String {
+    let base = relay.trim_end_matches('/');
+    let base = base
+        .strip_suffix("/ws/announce")
+        .or_else(|| base.strip_suffix("/ws/input"))
+        .unwrap_or(base);
+    format!("{base}{path}")
+}
+
+/// Starts the relay link in the background; it runs until `stop`.
+pub(crate) fn spawn(
+    url: String,
+    dispatcher: Dispatcher,
+    info: AnnounceInfo,
+    stop: CancellationToken,
+) -> RelayLink {
+    let link = RelayLink {
+        status: Arc::new(Mutex::new(RelayStatus {
+            url: url.clone(),
+            state: "connecting",
+            since: unix_now(),
+            last_error: None,
+        })),
+    };
+    let runner = Runner {
+        url: announce_url(&url),
+        dispatcher,
+        info,
+        link: link.clone(),
+    };
+    tokio::spawn(async move { runner.run(stop).await });
+    link
+}
+
+struct Runner {
+    url: String,
+    dispatcher: Dispatcher,
+    info: AnnounceInfo,
+    link: RelayLink,
+}
+
+impl Runner {
+    async fn run(self, stop: CancellationToken) {
+        let mut attempt = 0usize;
+        loop {
+            self.link.set("connecting", None);
+            let outcome = tokio::select! {
+                _ = stop.cancelled() => return,
+                r = self.connect_and_serve(&stop) => r,
+            };
+            match outcome {
+                Ok(()) if stop.is_cancelled() => return,
+                Ok(()) => {
+                    attempt = 0;
+                    warn!(url = %self.url, "relay connection closed; reconnecting");
+                    self.link
+                        .set("disconnected", Some("connection closed".into()));
+                }
+                Err(e) => {
+                    warn!(url = %self.url, error = %e, "relay unavailable; retrying");
+                    self.link.set("disconnected", Some(e));
+                }
+            }
+            let base = BACKOFF_SECS[attempt.min(BACKOFF_SECS.len() - 1)];
+            attempt += 1;
+            let jitter = rand::random::<u64>() % 1000;
+            let wait = Duration::from_secs(base) + Duration::from_millis(jitter);
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+
+    fn announce(&self) -> String {
+        let me = self.dispatcher.identity();
+        signed_announce(
+            me,
+            &self.info.summary,
+            &self.info.endpoints,
+            &self.url,
+            unix_now(),
+        )
+        .to_string()
+    }
+
+    /// One connection: announce, then serve until it closes. `Ok` after a connection
+    /// that was accepted, `Err` if it never got that far.
+    async fn connect_and_serve(&self, stop: &CancellationToken) -> Result<(), String> {
+        if self.url.starts_with("wss://") {
+            return Err(
+                "wss:// relays need TLS, which this build does not include; use ws://".into(),
+            );
+        }
+        let config = WebSocketConfig::default()
+            .max_message_size(Some(MAX_FRAME_BYTES))
+            .max_frame_size(Some(MAX_FRAME_BYTES));
+        let connect =
+            tokio_tungstenite::connect_async_with_config(self.url.as_str(), Some(config), false);
+        let (socket, _) = tokio::time::timeout(CONNECT_TIMEOUT, connect)
+            .await
+            .map_err(|_| "connection timed out".to_string())?
+            .map_err(|e| e.to_string())?;
+        let (mut sink, mut stream) = socket.split();
+        sink.send(Message::text(self.announce()))
+            .await
+            .map_err(|e| e.to_string())?;
+        let answer = tokio::time::timeout(CONNECT_TIMEOUT, stream.next())
+            .await
+            .map_err(|_| "no answer to ANNOUNCE".to_string())?;
+        let answer: Value = match answer {
+            Some(Ok(Message::Text(t))) => serde_json::from_str(&t).map_err(|e| e.to_string())?,
+            Some(Ok(other)) => return Err(format!("unexpected answer to ANNOUNCE: {other:?}")),
+            Some(Err(e)) => return Err(e.to_string()),
+            None => return Err("relay closed the connection".into()),
+        };
+        if answer["type"] != "ANNOUNCE_OK" {
+            return Err(format!(
+                "relay refused the announce: {}",
+                answer["error"].as_str().unwrap_or("no reason given")
+            ));
+        }
+        info!(url = %self.url, address = %self.dispatcher.address(), "announced on the relay");
+        self.link.set("connected", None);
+
+        let (out_tx, mut out_rx) = mpsc::channel::<String>(OUTBOUND_QUEUE);
+        let dead = CancellationToken::new();
+        let writer_dead = dead.clone();
+        let writer = tokio::spawn(async move {
+            while let Some(text) = out_rx.recv().await {
+                if tokio::time::timeout(SEND_TIMEOUT, sink.send(Message::text(text)))
+                    .await
+                    .map_or(true, |r| r.is_err())
+                {
+                    writer_dead.cancel();
+                    break;
+                }
+            }
+            let _ = sink.close().await;
+        });
+
+        let mut session = RelayedSessions {
+            dispatcher: self.dispatcher.clone(),
+            out: out_tx.clone(),
+            dead: dead.clone(),
+            callers: HashMap::new(),
+            forwarders: JoinSet::new(),
+        };
+        let mut reannounce = tokio::time::interval(REANNOUNCE_EVERY);
+        reannounce.tick().await;
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = dead.cancelled() => break,
+                _ = reannounce.tick() => {
+                    if out_tx.try_send(self.announce()).is_err() {
+                        break;
+                    }
+                }
+                frame = stream.next() => match frame {
+                    Some(Ok(Message::Text(text))) => session.on_frame(text.as_bytes()).await,
+                    Some(Ok(Message::Binary(bytes))) => session.on_frame(&bytes).await,
+                    Some(Ok(Message::Close(_))) | None => break,
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => {
+                        debug!(error = %e, "relay socket error");
+                        break;
+                    }
+                },
+            }
+            while session.forwarders.try_join_next().is_some() {}
+        }
+        // Accepted runs go on and are stored; a caller can RESUME them later.
+        session.forwarders.abort_all();
+        drop(session);
+        drop(out_tx);
+        let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
+        Ok(())
+    }
+}
+
+/// The sessions relayed over one relay connection.
+struct RelayedSessions {
+    dispatcher: Dispatcher,
+    out: mpsc::Sender<String>,
+    dead: CancellationToken,
+    /// Callers that authenticated a session with a signed CONNECT.
+    callers: HashMap<String, Caller>,
+    forwarders: JoinSet<()>,
+}
+
+impl RelayedSessions {
+    fn send(&self, frame: String) {
+        if self.out.try_send(frame).is_err() {
+            self.dead.cancel();
+        }
+    }
+
+    fn send_error(
+        &self,
+        refusal: &Refusal,
+        to: Option<crate::identity::Address>,
+        session_id: &str,
+    ) {
+        let env = self
+            .dispatcher
+            .refusal_envelope(refusal, to, Some(session_id));
+        self.send(env.to_flat_json().to_string());
+    }
+
+    async fn on_frame(&mut self, bytes: &[u8]) {
+        let Ok(Value::Object(mut obj)) = serde_json::from_slice::<Value>(bytes) else {
+            debug!("unreadable frame from the relay");
+            return;
+        };
+        let kind = obj
+            .get("type")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string();
+        match kind.as_str() {
+            "ANNOUNCE_OK" => return,
+            "ERROR" if !obj.contains_key("session_id") => {
+                warn!(error = ?obj.get("error"), "the relay reported an error");
+                return;
+            }
+            _ => {}
+        }
+        let Some(session_id) = obj
+            .get("session_id")
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+        else {
+            debug!(kind, "relayed frame without session_id ignored");
+            return;
+        };
+        match kind.as_str() {
+            "INPUT" => self.on_input(obj, session_id).await,
+            "CONNECT" => self.on_connect(&obj, session_id).await,
+            "RESUME" => {
+                let after = obj.get("after").and_then(Value::as_u64).unwrap_or(0);
+                let caller = self.caller(&session_id);
+                match self.dispatcher.follow(&session_id, after, &caller).await {
+                    Ok(replies) => self.forward(replies),
+                    Err(r) => self.send_error(&r, caller.verified(), &session_id),
+                }
+            }
+            "PING" => self.send(json!({"type": "PONG", "session_id": session_id}).to_string()),
+            // The caller left; what it started goes on and stays stored.
+            "close" => {
+                self.callers.remove(&session_id);
+            }
+            "PONG" => {}
+            other => {
+                obj.clear();
+                let msg = format!("unknown frame type {other:?}");
+                self.send_error(&Refusal::BadRequest(msg), None, &session_id);
+            }
+        }
+    }
+
+    fn caller(&self, session_id: &str) -> Caller {
+        self.callers
+            .get(session_id)
+            .copied()
+            .unwrap_or(Caller::Unsigned { claimed: None })
+    }
+
+    async fn on_input(&mut self, mut obj: Map<String, Value>, session_id: String) {
+        obj.remove("session_id");
+        obj.remove("to");
+        if !obj.contains_key("session") {
+            obj.insert("session".into(), json!({ "session_id": session_id }));
+        }
+        if !obj.contains_key("payload") {
+            obj.remove("type");
+        }
+        let submission = match super::submission_from_json(obj) {
+            Ok(s) => s,
+            Err(r) => return self.send_error(&r, None, &session_id),
+        };
+        let caller = submission.envelope.from;
+        match self.dispatcher.submit(submission).await {
+            Ok(accepted) => {
+                if accepted.session_id != session_id {
+                    // The signed payload named another session than the relay routes by;
+                    // replies would not find their way back.
+                    warn!(relay = %session_id, signed = %accepted.session_id, "relayed INPUT names a different session");
+                }
+                self.forward(accepted.replies);
+            }
+            Err(r) => self.send_error(&r, caller, &session_id),
+        }
+    }
+
+    async fn on_connect(&mut self, obj: &Map<String, Value>, session_id: String) {
+        let caller = if obj.contains_key("payload") {
+            let env = match Envelope::from_nested(obj) {
+                Ok(e) => e,
+                Err(e) => return self.send_error(&Refusal::Envelope(e), None, &session_id),
+            };
+            match self.dispatcher.authorize_once(&env).await {
+                Ok(c) => c,
+                Err(r) => return self.send_error(&r, env.from, &session_id),
+            }
+        } else {
+            let caller = Caller::Unsigned { claimed: None };
+            if let Err(r) = self.dispatcher.trust().decide(&caller) {
+                return self.send_error(&Refusal::Trust(r), None, &session_id);
+            }
+            caller
+        };
+        if self.callers.len() >= MAX_CONNECTED_SESSIONS && !self.callers.contains_key(&session_id) {
+            let msg = "too many relayed sessions at once; try again later".to_string();
+            return self.send_error(&Refusal::BadRequest(msg), caller.verified(), &session_id);
+        }
+        self.callers.insert(session_id.clone(), caller);
+        let status = match self.dispatcher.session(&session_id, &caller).await {
+            Ok(Some(rec)) if rec.status == crate::store::SessionStatus::Running => "running",
+            Ok(Some(_)) => "connected",
+            _ => "new",
+        };
+        self.send(
+            json!({"type": "CONNECTED", "session_id": session_id, "status": status}).to_string(),
+        );
+    }
+
+    /// Copies a run's replies to the relay. A relay link that cannot take them within the
+    /// send timeout is dead; the run itself goes on.
+    fn forward(&mut self, mut replies: mpsc::Receiver<Envelope>) {
+        let out = self.out.clone();
+        let dead = self.dead.clone();
+        self.forwarders.spawn(async move {
+            while let Some(env) = replies.recv().await {
+                if out
+                    .send_timeout(env.to_flat_json().to_string(), SEND_TIMEOUT)
+                    .await
+                    .is_err()
+                {
+                    dead.cancel();
+                    return;
+                }
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relay_urls_take_a_base_or_either_path() {
+        assert_eq!(announce_url("ws://r:1"), "ws://r:1/ws/announce");
+        assert_eq!(announce_url("ws://r:1/"), "ws://r:1/ws/announce");
+        assert_eq!(announce_url("ws://r:1/ws/announce"), "ws://r:1/ws/announce");
+        assert_eq!(input_url("ws://r:1/ws/announce"), "ws://r:1/ws/input");
+        assert_eq!(input_url("ws://r:1"), "ws://r:1/ws/input");
+    }
+}
