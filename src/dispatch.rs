@@ -282,6 +282,8 @@ impl Dispatcher {
             owner: caller.verified(),
             error: None,
         };
+        // Replies kept from the session's previous turn would be mistaken for this one's.
+        inner.store.clear_replies(start.session_id.clone()).await?;
         inner.store.put_session(record).await?;
         let (live_tx, _) = broadcast::channel(LIVE_BUFFER);
         self.live()
@@ -303,8 +305,16 @@ impl Dispatcher {
                 let _slot = slot;
                 let session_id = start.session_id.clone();
                 let dispatcher = run.dispatcher.clone();
+                let mine = run.live_tx.clone();
                 run.execute(start).await;
-                dispatcher.live().remove(&session_id);
+                // Only this run's entry: the session's next turn may have its own by now.
+                let mut live = dispatcher.live();
+                if live
+                    .get(&session_id)
+                    .is_some_and(|tx| tx.same_channel(&mine))
+                {
+                    live.remove(&session_id);
+                }
             }
             .instrument(span),
         );
@@ -379,11 +389,13 @@ impl Dispatcher {
     }
 
     /// A signed ERROR envelope for a refusal, for transports that answer in envelopes.
+    /// `in_reply_to` names the refused INPUT's id, when it had one.
     pub fn refusal_envelope(
         &self,
         refusal: &Refusal,
         to: Option<Address>,
         session_id: Option<&str>,
+        in_reply_to: Option<&str>,
     ) -> Envelope {
         let mut p = Map::new();
         p.insert("code".into(), refusal.code().into());
@@ -391,6 +403,9 @@ impl Dispatcher {
         p.insert("error".into(), refusal.to_string().into());
         if let Some(s) = session_id {
             p.insert("session_id".into(), s.into());
+        }
+        if let Some(id) = in_reply_to {
+            p.insert("in_reply_to".into(), id.into());
         }
         Envelope::sign_flat(&self.inner.identity, Kind::Error, to, p)
     }
@@ -465,7 +480,7 @@ impl Dispatcher {
                 // Not running and no final reply kept: a restart cut the run.
                 let err = Refusal::Interrupted(session_id.clone());
                 let _ = tx
-                    .send(self.refusal_envelope(&err, None, Some(&session_id)))
+                    .send(self.refusal_envelope(&err, None, Some(&session_id), None))
                     .await;
                 return;
             };

@@ -555,7 +555,7 @@ impl NodeHandle {
                 }
             }
         }
-        self.node.store.flush().await?;
+        self.node.store.close().await?;
         result
     }
 

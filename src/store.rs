@@ -1,8 +1,7 @@
-//! Persistence in sled, inside co_dir: sessions and the ids of signed messages already
-//! seen. Every call runs on the blocking pool, never on the async workers.
+//! Persistence in sled, inside co_dir: sessions, the ids of signed messages already seen,
+//! and the replies kept for resuming clients. One thread owns sled (see [`Store`]).
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -30,6 +29,12 @@ pub enum StoreError {
     Corrupt(#[from] serde_json::Error),
     #[error("store: background task failed: {0}")]
     Join(#[from] tokio::task::JoinError),
+    #[error("store: flushing to disk failed: {0}")]
+    Flush(String),
+    #[error("store: cannot start the store thread: {0}")]
+    Thread(String),
+    #[error("store: closed")]
+    Closed,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -78,14 +83,38 @@ impl SessionRecord {
     }
 }
 
-/// Handle to the store; cheap to clone.
-#[derive(Clone)]
-pub struct Store {
-    db: Arc<sled::Db>,
+/// The sled trees, owned by the store thread.
+struct Trees {
+    db: sled::Db,
     sessions: sled::Tree,
     seen: sled::Tree,
     /// `session_id 0x00 seq(be)` → the signed reply, for clients that resume.
     chunks: sled::Tree,
+}
+
+/// How a job finishes: answer now, or once the batch it is in has been flushed.
+enum Completion {
+    Now(Box<dyn FnOnce() + Send>),
+    AfterFlush(Box<dyn FnOnce(Result<(), String>) + Send>),
+    /// Flush, close sled (releasing its lock on the directory), then answer.
+    Close(Box<dyn FnOnce(Result<(), String>) + Send>),
+}
+
+type Job = Box<dyn FnOnce(&Trees) -> Completion + Send>;
+
+/// Jobs waiting for the store thread.
+const JOB_QUEUE: usize = 4096;
+/// Durable writes that share one flush at most.
+const MAX_BATCH: usize = 512;
+
+/// Handle to the store; cheap to clone.
+///
+/// One thread owns sled and runs jobs in order, so blocking calls never touch the async
+/// workers and a read always sees the writes queued before it. Durable writes are
+/// answered after a flush that every write of the same batch shares (group commit).
+#[derive(Clone)]
+pub struct Store {
+    jobs: tokio::sync::mpsc::Sender<Job>,
 }
 
 impl Store {
@@ -99,44 +128,62 @@ impl Store {
                 path: path.to_path_buf(),
                 source,
             })?;
-        let store = Store {
+        let trees = Trees {
             sessions: db.open_tree(SESSIONS)?,
             seen: db.open_tree(SEEN)?,
             chunks: db.open_tree(CHUNKS)?,
-            db: Arc::new(db),
+            db,
         };
         let mut marked = 0;
-        for item in store.sessions.iter() {
+        for item in trees.sessions.iter() {
             let (key, bytes) = item?;
             let mut rec: SessionRecord = serde_json::from_slice(&bytes)?;
             if rec.status == SessionStatus::Running {
                 rec.status = SessionStatus::Interrupted;
                 rec.expires = Some(now + result_ttl);
                 rec.error = Some("the node stopped while this session was running".into());
-                store.sessions.insert(key, serde_json::to_vec(&rec)?)?;
+                trees.sessions.insert(key, serde_json::to_vec(&rec)?)?;
                 marked += 1;
             }
         }
-        store.db.flush()?;
-        Ok((store, marked))
+        trees.db.flush()?;
+        let (jobs, rx) = tokio::sync::mpsc::channel(JOB_QUEUE);
+        std::thread::Builder::new()
+            .name("oonode-store".into())
+            .spawn(move || run_store(trees, rx))
+            .map_err(|e| StoreError::Thread(e.to_string()))?;
+        Ok((Store { jobs }, marked))
     }
 
-    async fn blocking<T, F>(&self, f: F) -> Result<T, StoreError>
+    /// Runs `f` on the store thread; with `durable`, answers only once it is flushed.
+    async fn call<T, F>(&self, durable: bool, f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
-        F: FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
+        F: FnOnce(&Trees) -> Result<T, StoreError> + Send + 'static,
     {
-        let store = self.clone();
-        tokio::task::spawn_blocking(move || f(&store)).await?
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let job: Job = Box::new(move |trees| {
+            let result = f(trees);
+            if durable && result.is_ok() {
+                Completion::AfterFlush(Box::new(move |flushed| {
+                    let _ = tx.send(flushed.map_err(StoreError::Flush).and(result));
+                }))
+            } else {
+                Completion::Now(Box::new(move || {
+                    let _ = tx.send(result);
+                }))
+            }
+        });
+        self.jobs.send(job).await.map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
     }
 
     /// Writes a session durably (flushed before returning): what was accepted survives a
     /// crash.
     pub async fn put_session(&self, rec: SessionRecord) -> Result<(), StoreError> {
-        self.blocking(move |s| {
-            s.sessions
+        self.call(true, move |t| {
+            t.sessions
                 .insert(rec.session_id.as_bytes(), serde_json::to_vec(&rec)?)?;
-            s.db.flush()?;
             Ok(())
         })
         .await
@@ -148,7 +195,7 @@ impl Store {
         id: String,
         now: u64,
     ) -> Result<Option<SessionRecord>, StoreError> {
-        self.blocking(move |s| match s.sessions.get(id.as_bytes())? {
+        self.call(false, move |t| match t.sessions.get(id.as_bytes())? {
             Some(bytes) => {
                 let rec: SessionRecord = serde_json::from_slice(&bytes)?;
                 Ok((!rec.is_expired(now)).then_some(rec))
@@ -164,9 +211,9 @@ impl Store {
         owner: Option<Address>,
         now: u64,
     ) -> Result<Vec<SessionRecord>, StoreError> {
-        self.blocking(move |s| {
+        self.call(false, move |t| {
             let mut out = Vec::new();
-            for item in s.sessions.iter() {
+            for item in t.sessions.iter() {
                 let (_, bytes) = item?;
                 let rec: SessionRecord = serde_json::from_slice(&bytes)?;
                 if rec.owner == owner && !rec.is_expired(now) {
@@ -183,36 +230,48 @@ impl Store {
     /// Remembers a signed message's replay key until `expires`. Returns false if it was
     /// already there: the message is a replay. Atomic, and flushed before returning.
     pub async fn record_seen(&self, key: String, expires: u64) -> Result<bool, StoreError> {
-        self.blocking(move |s| {
-            let fresh = s
-                .seen
+        self.call(true, move |t| {
+            Ok(t.seen
                 .compare_and_swap(
                     key.as_bytes(),
                     None as Option<&[u8]>,
                     Some(&expires.to_be_bytes()[..]),
                 )?
-                .is_ok();
-            if fresh {
-                s.db.flush()?;
-            }
-            Ok(fresh)
+                .is_ok())
         })
         .await
     }
 
     /// Keeps one signed reply of a session (a STREAM chunk, or the final reply under
-    /// [`FINAL_SEQ`]). Not flushed on its own: the session write that follows flushes it.
+    /// [`FINAL_SEQ`]). Queued without waiting for it: jobs run in order, so any later
+    /// read sees it, and the durable session write that follows flushes it.
     pub async fn put_reply(
         &self,
         session_id: String,
         seq: u64,
         bytes: Vec<u8>,
     ) -> Result<(), StoreError> {
-        self.blocking(move |s| {
-            s.chunks.insert(chunk_key(&session_id, seq), bytes)?;
-            Ok(())
-        })
-        .await
+        let job: Job = Box::new(move |t| {
+            if let Err(e) = t.chunks.insert(chunk_key(&session_id, seq), bytes) {
+                tracing::warn!(error = %e, "keeping a reply failed");
+            }
+            Completion::Now(Box::new(|| {}))
+        });
+        self.jobs.send(job).await.map_err(|_| StoreError::Closed)
+    }
+
+    /// Forgets a session's kept replies: a new turn numbers its chunks from 1 again, and
+    /// a resuming client must only ever see the latest turn's. Queued like `put_reply`.
+    pub async fn clear_replies(&self, session_id: String) -> Result<(), StoreError> {
+        let job: Job = Box::new(move |t| {
+            let mut prefix = session_id.into_bytes();
+            prefix.push(0);
+            for key in t.chunks.scan_prefix(&prefix).keys().flatten() {
+                let _ = t.chunks.remove(key);
+            }
+            Completion::Now(Box::new(|| {}))
+        });
+        self.jobs.send(job).await.map_err(|_| StoreError::Closed)
     }
 
     /// The kept replies of a session with a sequence number above `after`, in order (the
@@ -222,11 +281,11 @@ impl Store {
         session_id: String,
         after: u64,
     ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
-        self.blocking(move |s| {
+        self.call(false, move |t| {
             let start = chunk_key(&session_id, after.saturating_add(1));
             let end = chunk_key(&session_id, FINAL_SEQ);
             let mut out = Vec::new();
-            for item in s.chunks.range(start..=end) {
+            for item in t.chunks.range(start..=end) {
                 let (key, bytes) = item?;
                 let seq =
                     u64::from_be_bytes(key[key.len() - 8..].try_into().expect("8-byte suffix"));
@@ -240,23 +299,23 @@ impl Store {
     /// Deletes expired sessions (with their kept replies) and replay keys. Returns the
     /// ids of the sessions removed and how many replay keys went.
     pub async fn sweep(&self, now: u64) -> Result<(Vec<String>, usize), StoreError> {
-        self.blocking(move |s| {
+        self.call(true, move |t| {
             let mut sessions = Vec::new();
-            for item in s.sessions.iter() {
+            for item in t.sessions.iter() {
                 let (key, bytes) = item?;
                 let rec: SessionRecord = serde_json::from_slice(&bytes)?;
                 if rec.is_expired(now) {
-                    s.sessions.remove(&key)?;
+                    t.sessions.remove(&key)?;
                     let mut prefix = key.to_vec();
                     prefix.push(0);
-                    for chunk in s.chunks.scan_prefix(&prefix).keys() {
-                        s.chunks.remove(chunk?)?;
+                    for chunk in t.chunks.scan_prefix(&prefix).keys() {
+                        t.chunks.remove(chunk?)?;
                     }
                     sessions.push(rec.session_id);
                 }
             }
             let mut keys = 0;
-            for item in s.seen.iter() {
+            for item in t.seen.iter() {
                 let (key, value) = item?;
                 let expires = value
                     .as_ref()
@@ -264,20 +323,71 @@ impl Store {
                     .map(u64::from_be_bytes)
                     .unwrap_or(0);
                 if expires <= now {
-                    s.seen.remove(key)?;
+                    t.seen.remove(key)?;
                     keys += 1;
                 }
-            }
-            if !sessions.is_empty() || keys > 0 {
-                s.db.flush()?;
             }
             Ok((sessions, keys))
         })
         .await
     }
 
+    /// Flushes everything written so far.
     pub async fn flush(&self) -> Result<(), StoreError> {
-        self.blocking(|s| Ok(s.db.flush().map(|_| ())?)).await
+        self.call(true, |_| Ok(())).await
+    }
+
+    /// Flushes and closes the store; later calls on any handle fail with `Closed`. Once
+    /// this returns, the directory can be opened again.
+    pub async fn close(&self) -> Result<(), StoreError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let job: Job = Box::new(move |_| {
+            Completion::Close(Box::new(move |flushed| {
+                let _ = tx.send(flushed.map_err(StoreError::Flush));
+            }))
+        });
+        if self.jobs.send(job).await.is_err() {
+            return Ok(()); // Already closed.
+        }
+        rx.await.unwrap_or(Ok(()))
+    }
+}
+
+/// The store thread: runs jobs in order; all durable jobs of a batch share one flush.
+/// Ends (after a last flush) when every handle is dropped.
+fn run_store(trees: Trees, mut jobs: tokio::sync::mpsc::Receiver<Job>) {
+    let mut closing = None;
+    while let Some(first) = jobs.blocking_recv() {
+        let mut waiting = Vec::new();
+        let mut next = Some(first);
+        while let Some(job) = next.take() {
+            match job(&trees) {
+                Completion::Now(answer) => answer(),
+                Completion::AfterFlush(answer) => waiting.push(answer),
+                Completion::Close(answer) => {
+                    closing = Some(answer);
+                    break;
+                }
+            }
+            if waiting.len() < MAX_BATCH {
+                next = jobs.try_recv().ok();
+            }
+        }
+        if !waiting.is_empty() {
+            let flushed = trees.db.flush().map(|_| ()).map_err(|e| e.to_string());
+            for answer in waiting {
+                answer(flushed.clone());
+            }
+        }
+        if closing.is_some() {
+            break;
+        }
+    }
+    jobs.close();
+    let flushed = trees.db.flush().map(|_| ()).map_err(|e| e.to_string());
+    drop(trees);
+    if let Some(answer) = closing {
+        answer(flushed);
     }
 }
 
@@ -323,6 +433,7 @@ mod tests {
             .put_reply("s2".into(), 5, b"other".to_vec())
             .await
             .unwrap();
+        store.clear_replies("s2".into()).await.unwrap();
         let seqs: Vec<u64> = store
             .replies_after("s".into(), 1)
             .await
@@ -347,6 +458,7 @@ mod tests {
                 .put_session(record("b", SessionStatus::Done, Some(1000)))
                 .await
                 .unwrap();
+            store.close().await.unwrap();
         }
         let (store, marked) = Store::open(dir.path(), 60, 200).unwrap();
         assert_eq!(marked, 1);

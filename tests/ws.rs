@@ -480,3 +480,78 @@ async fn a_client_that_stops_reading_is_cut_off_and_the_run_still_completes() {
     drop(ws);
     node.stop().await;
 }
+
+#[tokio::test]
+async fn resume_during_a_later_turn_returns_only_that_turns_chunks() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = TestNode::start(ticker(100), dir.path()).await;
+    let mut ws = connect(&node).await;
+    send(
+        &mut ws,
+        json!({"type": "INPUT", "prompt": "one two three four five six", "session_id": "turns"}),
+    )
+    .await;
+    assert_eq!(
+        collect(&mut ws, node.address).await.1["result"],
+        "one two three four five six"
+    );
+
+    // Turn 2: read two chunks, then drop the connection.
+    send(
+        &mut ws,
+        json!({"type": "INPUT", "prompt": "alpha beta gamma delta"}),
+    )
+    .await;
+    for seq in 1..=2 {
+        assert_eq!(recv(&mut ws).await["seq"], seq);
+    }
+    drop(ws);
+
+    let mut ws = connect(&node).await;
+    send(
+        &mut ws,
+        json!({"type": "RESUME", "session_id": "turns", "after": 2}),
+    )
+    .await;
+    let (chunks, out) = collect(&mut ws, node.address).await;
+    let words: Vec<&str> = chunks.iter().map(|(_, c)| c.as_str()).collect();
+    assert_eq!(
+        words,
+        vec!["gamma", "delta"],
+        "only the running turn's chunks"
+    );
+    assert_eq!(out["result"], "alpha beta gamma delta");
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn an_oversize_frame_gets_a_clear_error_before_the_socket_closes() {
+    let dir = tempfile::tempdir().unwrap();
+    // Body (and frame) limit: 1 MiB + 4/3 of 1 MiB.
+    let node = TestNode::start(
+        Host::new(Echo).max_file_size(1).max_files_per_request(1),
+        dir.path(),
+    )
+    .await;
+    let mut ws = connect(&node).await;
+    let huge = "x".repeat(3 * 1024 * 1024);
+    let _ = ws
+        .send(Message::text(
+            json!({"type": "INPUT", "prompt": huge}).to_string(),
+        ))
+        .await;
+    let err = recv(&mut ws).await;
+    assert_eq!(
+        (err["type"].as_str(), err["code"].as_str()),
+        (Some("ERROR"), Some("too_large")),
+        "{err}"
+    );
+    // Others are unaffected.
+    let mut other = connect(&node).await;
+    send(&mut other, json!({"type": "INPUT", "prompt": "still fine"})).await;
+    assert_eq!(
+        collect(&mut other, node.address).await.1["result"],
+        "still fine"
+    );
+    node.stop().await;
+}

@@ -107,26 +107,48 @@ fn split(
     (stream, tx)
 }
 
-/// The next text (or binary) frame as a JSON object; `None` when the socket ends.
-async fn next_object(
-    stream: &mut SplitStream<WebSocket>,
-) -> Option<Result<Map<String, Value>, String>> {
+/// What reading one frame gave.
+enum Frame {
+    Object(Map<String, Value>),
+    /// Readable, but not a JSON object: the connection goes on.
+    Invalid(String),
+    /// The socket failed (e.g. a frame over the size limit): the connection ends.
+    Broken {
+        code: &'static str,
+        message: String,
+    },
+    Closed,
+}
+
+/// The next text (or binary) frame as a JSON object.
+async fn next_object(stream: &mut SplitStream<WebSocket>) -> Frame {
     loop {
-        let msg = match stream.next().await? {
-            Ok(m) => m,
-            Err(e) => return Some(Err(format!("socket error: {e}"))),
+        let msg = match stream.next().await {
+            None => return Frame::Closed,
+            Some(Ok(m)) => m,
+            Some(Err(e)) => {
+                let message = e.to_string();
+                let code = if message.to_ascii_lowercase().contains("too long")
+                    || message.contains("size")
+                {
+                    "too_large"
+                } else {
+                    "socket_error"
+                };
+                return Frame::Broken { code, message };
+            }
         };
         let bytes = match msg {
             Message::Text(t) => t.as_bytes().to_vec(),
             Message::Binary(b) => b.to_vec(),
-            Message::Close(_) => return None,
+            Message::Close(_) => return Frame::Closed,
             Message::Ping(_) | Message::Pong(_) => continue,
         };
-        return Some(match serde_json::from_slice::<Value>(&bytes) {
-            Ok(Value::Object(o)) => Ok(o),
-            Ok(_) => Err("expected a JSON object".into()),
-            Err(e) => Err(format!("invalid JSON: {e}")),
-        });
+        return match serde_json::from_slice::<Value>(&bytes) {
+            Ok(Value::Object(o)) => Frame::Object(o),
+            Ok(_) => Frame::Invalid("expected a JSON object".into()),
+            Err(e) => Frame::Invalid(format!("invalid JSON: {e}")),
+        };
     }
 }
 
@@ -137,8 +159,10 @@ pub(super) async fn serve_agent(st: Arc<RelayState>, socket: WebSocket) {
 
     let first = tokio::time::timeout(ANNOUNCE_WAIT, next_object(&mut stream)).await;
     let announce = match first {
-        Ok(Some(Ok(obj))) if obj.get("type").and_then(Value::as_str) == Some("ANNOUNCE") => obj,
-        Ok(Some(Ok(_))) => {
+        Ok(Frame::Object(obj)) if obj.get("type").and_then(Value::as_str) == Some("ANNOUNCE") => {
+            obj
+        }
+        Ok(Frame::Object(_)) => {
             let _ = tx.try_send(error_frame(
                 "bad_request",
                 "the first frame must be ANNOUNCE",
@@ -146,11 +170,15 @@ pub(super) async fn serve_agent(st: Arc<RelayState>, socket: WebSocket) {
             ));
             return;
         }
-        Ok(Some(Err(e))) => {
+        Ok(Frame::Invalid(e)) => {
             let _ = tx.try_send(error_frame("invalid_json", &e, None));
             return;
         }
-        Ok(None) => return,
+        Ok(Frame::Broken { code, message }) => {
+            let _ = tx.try_send(error_frame(code, &message, None));
+            return;
+        }
+        Ok(Frame::Closed) => return,
         Err(_) => {
             let _ = tx.try_send(error_frame("timeout", "no ANNOUNCE within 10 s", None));
             return;
@@ -269,12 +297,16 @@ async fn agent_loop(
                 info!("agent silent for {:?}; dropped", st.config.agent_timeout);
                 return;
             }
-            Ok(None) => return,
-            Ok(Some(Err(e))) => {
+            Ok(Frame::Closed) => return,
+            Ok(Frame::Broken { code, message }) => {
+                info!(code, %message, "agent socket failed");
+                return;
+            }
+            Ok(Frame::Invalid(e)) => {
                 debug!(%e, "unreadable frame from agent");
                 continue;
             }
-            Ok(Some(Ok(obj))) => obj,
+            Ok(Frame::Object(obj)) => obj,
         };
         if let Some(e) = st.agents().get_mut(&address) {
             e.last_seen = SystemTime::now();
@@ -365,9 +397,13 @@ pub(super) async fn serve_caller(
                         tx.try_send(error_frame("idle", "no frame for too long; closing", None));
                     break;
                 }
-                Ok(None) => break,
-                Ok(Some(Err(e))) => caller.send(error_frame("invalid_json", &e, None)),
-                Ok(Some(Ok(obj))) => caller.on_frame(obj),
+                Ok(Frame::Closed) => break,
+                Ok(Frame::Broken { code, message }) => {
+                    let _ = tx.try_send(error_frame(code, &message, None));
+                    break;
+                }
+                Ok(Frame::Invalid(e)) => caller.send(error_frame("invalid_json", &e, None)),
+                Ok(Frame::Object(obj)) => caller.on_frame(obj),
             }
         }
         caller.close_all();

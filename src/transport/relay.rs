@@ -298,9 +298,19 @@ impl RelayedSessions {
         to: Option<crate::identity::Address>,
         session_id: &str,
     ) {
+        self.send_refusal(refusal, to, session_id, None);
+    }
+
+    fn send_refusal(
+        &self,
+        refusal: &Refusal,
+        to: Option<crate::identity::Address>,
+        session_id: &str,
+        in_reply_to: Option<&str>,
+    ) {
         let env = self
             .dispatcher
-            .refusal_envelope(refusal, to, Some(session_id));
+            .refusal_envelope(refusal, to, Some(session_id), in_reply_to);
         self.send(env.to_flat_json().to_string());
     }
 
@@ -376,6 +386,7 @@ impl RelayedSessions {
             Err(r) => return self.send_error(&r, None, &session_id),
         };
         let caller = submission.envelope.from;
+        let input_id = submission.envelope.id().map(str::to_owned);
         match self.dispatcher.submit(submission).await {
             Ok(accepted) => {
                 if accepted.session_id != session_id {
@@ -385,7 +396,7 @@ impl RelayedSessions {
                 }
                 self.forward(accepted.replies);
             }
-            Err(r) => self.send_error(&r, caller, &session_id),
+            Err(r) => self.send_refusal(&r, caller, &session_id, input_id.as_deref()),
         }
     }
 

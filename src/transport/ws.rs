@@ -129,7 +129,18 @@ impl Connection {
                         Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
                         Some(Ok(Message::Close(_))) | None => break,
                         Some(Err(e)) => {
-                            debug!(error = %e, "socket error");
+                            // Most often a frame over the size limit: say so before closing.
+                            let message = e.to_string();
+                            debug!(error = %message, "socket error");
+                            let refusal = if message.to_ascii_lowercase().contains("too long") {
+                                Refusal::Envelope(crate::envelope::EnvelopeError::TooLarge {
+                                    len: 0,
+                                    max: self.st.max_body_bytes,
+                                })
+                            } else {
+                                Refusal::BadRequest(format!("socket error: {message}"))
+                            };
+                            self.send_error(&refusal, self.session_id.as_deref());
                             break;
                         }
                     }
@@ -156,9 +167,16 @@ impl Connection {
     }
 
     fn send_error(&self, refusal: &Refusal, session_id: Option<&str>) {
-        let env = self
-            .dispatcher()
-            .refusal_envelope(refusal, self.caller.verified(), session_id);
+        self.send_refusal(refusal, session_id, None);
+    }
+
+    fn send_refusal(&self, refusal: &Refusal, session_id: Option<&str>, in_reply_to: Option<&str>) {
+        let env = self.dispatcher().refusal_envelope(
+            refusal,
+            self.caller.verified(),
+            session_id,
+            in_reply_to,
+        );
         self.send_now(env.to_flat_json());
     }
 
@@ -218,12 +236,13 @@ impl Connection {
             Ok(s) => s,
             Err(r) => return self.send_error(&r, self.session_id.as_deref()),
         };
+        let input_id = submission.envelope.id().map(str::to_owned);
         match self.dispatcher().submit(submission).await {
             Ok(accepted) => {
                 self.session_id = Some(accepted.session_id.clone());
                 self.forward(accepted.replies);
             }
-            Err(r) => self.send_error(&r, self.session_id.as_deref()),
+            Err(r) => self.send_refusal(&r, self.session_id.as_deref(), input_id.as_deref()),
         }
     }
 
