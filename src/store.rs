@@ -102,6 +102,9 @@ enum Completion {
 
 type Job = Box<dyn FnOnce(&Trees) -> Completion + Send>;
 
+/// sled's page cache; its default (1 GiB) would let a busy node's memory grow far past
+/// what the sessions need.
+const CACHE_BYTES: u64 = 64 * 1024 * 1024;
 /// Jobs waiting for the store thread.
 const JOB_QUEUE: usize = 4096;
 /// Durable writes that share one flush at most.
@@ -123,6 +126,7 @@ impl Store {
     pub fn open(path: &Path, result_ttl: u64, now: u64) -> Result<(Store, usize), StoreError> {
         let db = sled::Config::new()
             .path(path)
+            .cache_capacity(CACHE_BYTES)
             .open()
             .map_err(|source| StoreError::Open {
                 path: path.to_path_buf(),
