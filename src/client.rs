@@ -135,7 +135,15 @@ pub async fn connect(address: &str, options: ConnectOptions) -> Result<Remote, C
     )
     .await
     .map_err(|_| unreachable("timed out".into()))?
-    .map_err(|e| unreachable(e.to_string()))?;
+    .map_err(|e| match e {
+        tokio_tungstenite::tungstenite::Error::Http(res) if res.status() == 503 => {
+            CallError::Relay {
+                code: "relay_full".into(),
+                message: "the relay is at its limit of callers; try again later".into(),
+            }
+        }
+        e => unreachable(e.to_string()),
+    })?;
     Ok(Remote {
         address,
         identity: options.identity.unwrap_or_else(Identity::generate),

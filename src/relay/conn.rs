@@ -12,7 +12,7 @@ use futures::{SinkExt, StreamExt};
 use serde_json::{json, Map, Value};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, info_span, warn, Instrument};
+use tracing::{debug, info, info_span, Instrument};
 
 use super::announce::verify_announce;
 use super::{AgentEntry, AgentLink, RelayState, Route};
@@ -32,6 +32,12 @@ fn error_frame(code: &str, message: &str, session_id: Option<&str>) -> String {
         frame["session_id"] = json!(s);
     }
     frame.to_string()
+}
+
+/// Tells the agent the largest frame the relay takes, so that it can answer a too-large
+/// reply with an error for that session instead of losing its link.
+fn announce_ok(st: &RelayState) -> String {
+    json!({"type": "ANNOUNCE_OK", "max_frame_bytes": st.config.max_frame_bytes}).to_string()
 }
 
 /// Frames per second with a burst allowance.
@@ -62,6 +68,24 @@ impl RateLimit {
         } else {
             false
         }
+    }
+}
+
+/// When a caller connection last saw a frame, either way.
+#[derive(Clone)]
+pub(super) struct Activity(Arc<std::sync::Mutex<Instant>>);
+
+impl Activity {
+    fn new() -> Self {
+        Activity(Arc::new(std::sync::Mutex::new(Instant::now())))
+    }
+
+    pub(super) fn touch(&self) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+    }
+
+    fn idle_for(&self) -> Duration {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).elapsed()
     }
 }
 
@@ -127,10 +151,8 @@ async fn next_object(stream: &mut SplitStream<WebSocket>) -> Frame {
             None => return Frame::Closed,
             Some(Ok(m)) => m,
             Some(Err(e)) => {
-                let message = e.to_string();
-                let code = if message.to_ascii_lowercase().contains("too long")
-                    || message.contains("size")
-                {
+                let (too_large, message) = crate::transport::ws::classify_error(e);
+                let code = if too_large {
                     "too_large"
                 } else {
                     "socket_error"
@@ -195,7 +217,7 @@ pub(super) async fn serve_agent(st: Arc<RelayState>, socket: WebSocket) {
     let span = info_span!("agent", address = %address.short(), conn);
     async {
         info!("agent online");
-        let _ = tx.try_send(json!({"type": "ANNOUNCE_OK"}).to_string());
+        let _ = tx.try_send(announce_ok(&st));
         agent_loop(&st, &mut stream, &tx, &closed, address, conn).await;
         drop_agent(&st, address, conn);
         closed.cancel();
@@ -286,7 +308,6 @@ async fn agent_loop(
     address: Address,
     conn: u64,
 ) {
-    let mut rate = RateLimit::new(st.config.frames_per_sec);
     loop {
         let frame = tokio::select! {
             _ = closed.cancelled() => return,
@@ -311,16 +332,14 @@ async fn agent_loop(
         if let Some(e) = st.agents().get_mut(&address) {
             e.last_seen = SystemTime::now();
         }
-        if !rate.allow() {
-            warn!("agent over its frame rate; frame dropped");
-            continue;
-        }
+        // No frame-rate limit here: this one socket carries the replies of every session
+        // of the agent, and dropping one would read as tampering to its caller.
         if obj.get("type").and_then(Value::as_str) == Some("ANNOUNCE") {
             let same =
                 obj.get("address").and_then(Value::as_str) == Some(address.to_string().as_str());
             match register(st, &obj, conn, tx, closed) {
                 Ok(_) if same => {
-                    let _ = tx.try_send(json!({"type": "ANNOUNCE_OK"}).to_string());
+                    let _ = tx.try_send(announce_ok(st));
                 }
                 Ok(_) | Err(_) => {
                     let _ = tx.try_send(error_frame("bad_request", "re-announce refused", None));
@@ -343,6 +362,8 @@ async fn agent_loop(
         {
             // The caller does not read its replies: cut it off.
             route.closed.cancel();
+        } else {
+            route.caller_activity.touch();
         }
     }
 }
@@ -376,11 +397,13 @@ pub(super) async fn serve_caller(
     let conn = st.conn_id();
     let closed = st.shutdown.child_token();
     let (mut stream, tx) = split(socket, st.config.send_queue, closed.clone());
+    let activity = Activity::new();
     let mut caller = Caller {
         st: &st,
         conn,
         tx: tx.clone(),
         closed: closed.clone(),
+        activity: activity.clone(),
         current: HashMap::new(),
         sessions: HashSet::new(),
         rate: RateLimit::new(st.config.frames_per_sec),
@@ -389,9 +412,14 @@ pub(super) async fn serve_caller(
         loop {
             let frame = tokio::select! {
                 _ = closed.cancelled() => break,
-                f = tokio::time::timeout(st.config.caller_idle, next_object(&mut stream)) => f,
+                f = tokio::time::timeout(
+                    st.config.caller_idle.saturating_sub(activity.idle_for()),
+                    next_object(&mut stream),
+                ) => f,
             };
             match frame {
+                // Replies flowing to the caller count as activity too.
+                Err(_) if activity.idle_for() < st.config.caller_idle => continue,
                 Err(_) => {
                     let _ =
                         tx.try_send(error_frame("idle", "no frame for too long; closing", None));
@@ -403,7 +431,10 @@ pub(super) async fn serve_caller(
                     break;
                 }
                 Ok(Frame::Invalid(e)) => caller.send(error_frame("invalid_json", &e, None)),
-                Ok(Frame::Object(obj)) => caller.on_frame(obj),
+                Ok(Frame::Object(obj)) => {
+                    activity.touch();
+                    caller.on_frame(obj)
+                }
             }
         }
         caller.close_all();
@@ -418,6 +449,7 @@ struct Caller<'a> {
     conn: u64,
     tx: mpsc::Sender<String>,
     closed: CancellationToken,
+    activity: Activity,
     /// The session this socket last used with each agent: an INPUT that names none
     /// continues it.
     current: HashMap<Address, String>,
@@ -552,6 +584,7 @@ impl Caller<'_> {
                 agent_conn: link.conn,
                 caller_conn: self.conn,
                 caller_tx: self.tx.clone(),
+                caller_activity: self.activity.clone(),
                 closed: self.closed.clone(),
                 _permit: permit,
             },

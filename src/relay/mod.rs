@@ -47,7 +47,8 @@ pub struct RelayConfig {
     pub max_sessions_per_agent: usize,
     /// Sessions one caller connection may open.
     pub max_sessions_per_caller: usize,
-    /// Frames per second one connection may send (burst: twice that).
+    /// Frames per second one caller connection may send (burst: twice that). Agents'
+    /// sockets carry every session's replies and are not limited.
     pub frames_per_sec: u32,
     /// An agent that sends nothing (no frame, no re-announce) for this long is dropped.
     pub agent_timeout: Duration,
@@ -207,6 +208,7 @@ struct Route {
     agent_conn: u64,
     caller_conn: u64,
     caller_tx: mpsc::Sender<String>,
+    caller_activity: conn::Activity,
     closed: CancellationToken,
     _permit: OwnedSemaphorePermit,
 }

@@ -40,6 +40,9 @@ const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_CONNECTED_SESSIONS: usize = 4096;
 /// Largest frame taken from the relay.
 const MAX_FRAME_BYTES: usize = 16 * 1024 * 1024;
+/// Largest frame sent to a relay that does not say its limit in ANNOUNCE_OK (our relay's
+/// default).
+const DEFAULT_RELAY_FRAME_BYTES: usize = 4 * 1024 * 1024;
 
 /// The relay link's state, shown in `/health`, `/info` and the banner.
 #[derive(Debug, Clone, Serialize)]
@@ -216,6 +219,9 @@ impl Runner {
                 answer["error"].as_str().unwrap_or("no reason given")
             ));
         }
+        let max_frame = answer["max_frame_bytes"]
+            .as_u64()
+            .map_or(DEFAULT_RELAY_FRAME_BYTES, |n| n as usize);
         info!(url = %self.url, address = %self.dispatcher.address(), "announced on the relay");
         self.link.set("connected", None);
 
@@ -237,6 +243,7 @@ impl Runner {
 
         let mut session = RelayedSessions {
             dispatcher: self.dispatcher.clone(),
+            max_frame,
             out: out_tx.clone(),
             dead: dead.clone(),
             callers: HashMap::new(),
@@ -278,6 +285,8 @@ impl Runner {
 /// The sessions relayed over one relay connection.
 struct RelayedSessions {
     dispatcher: Dispatcher,
+    /// The relay's frame limit: a bigger reply would cost the whole link.
+    max_frame: usize,
     out: mpsc::Sender<String>,
     dead: CancellationToken,
     /// Callers that authenticated a session with a signed CONNECT.
@@ -437,13 +446,28 @@ impl RelayedSessions {
     fn forward(&mut self, mut replies: mpsc::Receiver<Envelope>) {
         let out = self.out.clone();
         let dead = self.dead.clone();
+        let dispatcher = self.dispatcher.clone();
+        let max_frame = self.max_frame;
         self.forwarders.spawn(async move {
             while let Some(env) = replies.recv().await {
-                if out
-                    .send_timeout(env.to_flat_json().to_string(), SEND_TIMEOUT)
-                    .await
-                    .is_err()
-                {
+                let mut frame = env.to_flat_json().to_string();
+                if frame.len() > max_frame {
+                    // Over the relay's limit: fail this answer, not the link. The session
+                    // is stored as usual and can be read over HTTP.
+                    let refusal = Refusal::Envelope(crate::envelope::EnvelopeError::TooLarge {
+                        len: frame.len(),
+                        max: max_frame,
+                    });
+                    let to = env.to().ok().flatten();
+                    let err = dispatcher.refusal_envelope(
+                        &refusal,
+                        to,
+                        env.str_field("session_id"),
+                        env.str_field("in_reply_to"),
+                    );
+                    frame = err.to_flat_json().to_string();
+                }
+                if out.send_timeout(frame, SEND_TIMEOUT).await.is_err() {
                     dead.cancel();
                     return;
                 }

@@ -130,9 +130,9 @@ impl Connection {
                         Some(Ok(Message::Close(_))) | None => break,
                         Some(Err(e)) => {
                             // Most often a frame over the size limit: say so before closing.
-                            let message = e.to_string();
+                            let (too_large, message) = classify_error(e);
                             debug!(error = %message, "socket error");
-                            let refusal = if message.to_ascii_lowercase().contains("too long") {
+                            let refusal = if too_large {
                                 Refusal::Envelope(crate::envelope::EnvelopeError::TooLarge {
                                     len: 0,
                                     max: self.st.max_body_bytes,
@@ -327,4 +327,14 @@ impl Connection {
             }
         });
     }
+}
+
+/// Whether a WebSocket read failed because a frame was over the size limit, and the
+/// error's text.
+pub(crate) fn classify_error(e: axum::Error) -> (bool, String) {
+    use tokio_tungstenite::tungstenite::Error as WsError;
+    let message = e.to_string();
+    let inner = e.into_inner();
+    let too_large = matches!(inner.downcast_ref::<WsError>(), Some(WsError::Capacity(_)));
+    (too_large, message)
 }
