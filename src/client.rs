@@ -5,7 +5,8 @@
 //! sequence. Anything else is an error, never a silent result: the relay in between can
 //! drop frames but cannot forge or alter them.
 //!
-//! The path today is the relay; direct and libp2p paths plug in here later.
+//! Paths: the relay (`ConnectOptions::relay`) or the libp2p swarm
+//! (`ConnectOptions::bootstrap`); a direct path and automatic choice come later.
 
 use std::time::Duration;
 
@@ -15,6 +16,7 @@ use tokio_tungstenite::tungstenite::Message;
 
 use crate::envelope::{unix_now, Envelope, Kind, MAX_CLOCK_SKEW_SECS};
 use crate::identity::{Address, AddressError, Identity};
+use crate::transport::p2p::{wire, P2p, P2pConfig, P2pError};
 use crate::transport::relay::input_url;
 
 /// Default wait for each next reply frame (not for the whole answer: long streams are
@@ -29,14 +31,18 @@ type Socket =
 pub enum CallError {
     #[error("invalid address: {0}")]
     BadAddress(#[from] AddressError),
-    #[error("no way to reach the agent: give a relay URL")]
+    #[error("no way to reach the agent: give a relay URL or a bootstrap peer")]
     NoPath,
+    #[error("cannot join the swarm: {0}")]
+    Swarm(String),
     #[error("cannot reach the relay at {url}: {reason}")]
     Unreachable { url: String, reason: String },
     #[error("agent {0} is offline")]
     Offline(String),
     #[error("agent {0} is unknown to the relay (it never announced there)")]
     Unknown(String),
+    #[error("agent {0} is not reachable in the swarm (offline, or never joined it)")]
+    NotInSwarm(String),
     #[error("refused by the agent ({code}): {message}")]
     Refused { code: String, message: String },
     #[error("the agent failed ({code}): {message}")]
@@ -55,8 +61,11 @@ impl CallError {
     /// The process exit status `oonode call` uses for this error.
     pub fn exit_code(&self) -> u8 {
         match self {
-            CallError::BadAddress(_) | CallError::NoPath => 2,
-            CallError::Offline(_) | CallError::Unknown(_) | CallError::Unreachable { .. } => 3,
+            CallError::BadAddress(_) | CallError::NoPath | CallError::Swarm(_) => 2,
+            CallError::Offline(_)
+            | CallError::Unknown(_)
+            | CallError::NotInSwarm(_)
+            | CallError::Unreachable { .. } => 3,
             CallError::Refused { .. } => 4,
             CallError::Timeout(_) => 5,
             CallError::Tampered(_) => 6,
@@ -65,11 +74,24 @@ impl CallError {
     }
 }
 
+/// Which way to reach the agent.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Via {
+    /// The relay if one is given, else the swarm.
+    #[default]
+    Auto,
+    Relay,
+    P2p,
+}
+
 /// How to reach and identify to a peer.
 #[derive(Clone, Debug, Default)]
 #[non_exhaustive]
 pub struct ConnectOptions {
     pub relay_url: Option<String>,
+    /// Swarm peers to join through (multiaddrs ending in `/p2p/<PeerId>`).
+    pub bootstrap: Vec<libp2p::Multiaddr>,
+    pub via: Via,
     /// The caller's own key; a fresh one is made when absent (an anonymous caller).
     pub identity: Option<Identity>,
     /// Wait for each next reply frame; default [`DEFAULT_REPLY_TIMEOUT`].
@@ -79,6 +101,16 @@ pub struct ConnectOptions {
 impl ConnectOptions {
     pub fn relay(mut self, url: impl Into<String>) -> Self {
         self.relay_url = Some(url.into());
+        self
+    }
+
+    pub fn bootstrap(mut self, addr: libp2p::Multiaddr) -> Self {
+        self.bootstrap.push(addr);
+        self
+    }
+
+    pub fn via(mut self, via: Via) -> Self {
+        self.via = via;
         self
     }
 
@@ -106,20 +138,59 @@ pub struct Answer {
     pub session: Value,
 }
 
+/// How a [`Remote`] reaches its agent.
+enum Path {
+    Relay(Box<Socket>),
+    /// A swarm of the caller's own, joined through the bootstrap peers; stopped with the
+    /// handle.
+    P2p {
+        swarm: P2p,
+        _stop: tokio_util::sync::DropGuard,
+    },
+}
+
 /// A connection to one peer agent. Turns on one handle continue one session.
 pub struct Remote {
     address: Address,
     identity: Identity,
-    socket: Socket,
+    path: Path,
     reply_timeout: Duration,
     session_id: Option<String>,
+}
+
+/// What arrived for a call.
+enum Incoming {
+    Signed(Envelope),
+    /// An unsigned ERROR from the relay: it can report failure, never a result.
+    RelayError(Map<String, Value>),
+    Other,
 }
 
 /// Connects to the agent at `address` (a `0x…` string).
 pub async fn connect(address: &str, options: ConnectOptions) -> Result<Remote, CallError> {
     let address: Address = address.parse()?;
-    let relay = options.relay_url.ok_or(CallError::NoPath)?;
-    let url = input_url(&relay);
+    let via = match options.via {
+        Via::Auto if options.relay_url.is_some() => Via::Relay,
+        Via::Auto if !options.bootstrap.is_empty() => Via::P2p,
+        Via::Auto => return Err(CallError::NoPath),
+        v => v,
+    };
+    let path = match via {
+        Via::P2p => join_swarm(&options).await?,
+        _ => Path::Relay(Box::new(open_relay(&options).await?)),
+    };
+    Ok(Remote {
+        address,
+        identity: options.identity.unwrap_or_else(Identity::generate),
+        path,
+        reply_timeout: options.reply_timeout.unwrap_or(DEFAULT_REPLY_TIMEOUT),
+        session_id: None,
+    })
+}
+
+async fn open_relay(options: &ConnectOptions) -> Result<Socket, CallError> {
+    let relay = options.relay_url.as_deref().ok_or(CallError::NoPath)?;
+    let url = input_url(relay);
     let unreachable = |reason: String| CallError::Unreachable {
         url: url.clone(),
         reason,
@@ -144,12 +215,27 @@ pub async fn connect(address: &str, options: ConnectOptions) -> Result<Remote, C
         }
         e => unreachable(e.to_string()),
     })?;
-    Ok(Remote {
-        address,
-        identity: options.identity.unwrap_or_else(Identity::generate),
-        socket,
-        reply_timeout: options.reply_timeout.unwrap_or(DEFAULT_REPLY_TIMEOUT),
-        session_id: None,
+    Ok(socket)
+}
+
+/// Joins the swarm as a caller: a throwaway swarm key (so a running node with the same
+/// co_dir keeps its PeerId to itself), DHT client mode, no listening.
+async fn join_swarm(options: &ConnectOptions) -> Result<Path, CallError> {
+    if options.bootstrap.is_empty() {
+        return Err(CallError::NoPath);
+    }
+    let config = P2pConfig::caller(options.bootstrap.clone());
+    let stop = tokio_util::sync::CancellationToken::new();
+    let swarm = P2p::spawn(
+        libp2p::identity::Keypair::generate_ed25519(),
+        config,
+        stop.clone(),
+    )
+    .await
+    .map_err(|e| CallError::Swarm(e.to_string()))?;
+    Ok(Path::P2p {
+        swarm,
+        _stop: stop.drop_guard(),
     })
 }
 
@@ -158,9 +244,12 @@ impl Remote {
         self.address
     }
 
-    /// How this handle reaches the agent.
+    /// How this handle reaches the agent: `relay` or `p2p`.
     pub fn path(&self) -> &'static str {
-        "relay"
+        match self.path {
+            Path::Relay(_) => "relay",
+            Path::P2p { .. } => "p2p",
+        }
     }
 
     /// The session the next turn continues, once there is one.
@@ -188,28 +277,16 @@ impl Remote {
         payload.insert("session".into(), json!({ "session_id": session_id }));
         let input = Envelope::sign(&self.identity, Kind::Input, Some(self.address), payload);
         let input_id = input.id().unwrap_or_default().to_owned();
-        let mut frame = input.to_nested_json();
-        frame["type"] = json!("INPUT");
-        frame["to"] = json!(self.address.to_string());
-        self.socket
-            .send(Message::text(frame.to_string()))
-            .await
-            .map_err(|e| CallError::Disconnected(e.to_string()))?;
+        let mut stream = self.send(&input).await?;
 
         let mut chunks = Vec::new();
         loop {
-            let frame = self.next_frame().await?;
-            let Some(obj) = frame.as_object() else {
-                continue;
+            let env = match self.next(&mut stream).await? {
+                Incoming::Signed(env) => env,
+                Incoming::RelayError(obj) => return Err(relay_error(&obj, self.address)),
+                Incoming::Other => continue,
             };
-            if !obj.contains_key("signature") {
-                // Unsigned frames come from the relay: they can only report failure.
-                if obj.get("type").and_then(Value::as_str) == Some("ERROR") {
-                    return Err(relay_error(obj, self.address));
-                }
-                continue;
-            }
-            let env = self.check(obj, &session_id)?;
+            self.check(&env, &session_id)?;
             match env.kind() {
                 Some(Kind::Stream) => {
                     if env.str_field("in_reply_to") != Some(input_id.as_str()) {
@@ -273,9 +350,83 @@ impl Remote {
         }
     }
 
+    /// Sends the INPUT; over the swarm this opens the call's own stream.
+    async fn send(&mut self, input: &Envelope) -> Result<Option<libp2p::Stream>, CallError> {
+        match &mut self.path {
+            Path::Relay(socket) => {
+                let mut frame = input.to_nested_json();
+                frame["type"] = json!("INPUT");
+                frame["to"] = json!(self.address.to_string());
+                socket
+                    .send(Message::text(frame.to_string()))
+                    .await
+                    .map_err(|e| CallError::Disconnected(e.to_string()))?;
+                Ok(None)
+            }
+            Path::P2p { swarm, .. } => {
+                let mut stream = swarm.open(self.address).await.map_err(|e| match e {
+                    P2pError::NotFound(_) => CallError::NotInSwarm(self.address.to_string()),
+                    P2pError::Timeout(_) => CallError::Timeout(crate::transport::p2p::DIAL_TIMEOUT),
+                    P2pError::Unreachable { .. } => CallError::Offline(self.address.to_string()),
+                    other => CallError::Swarm(other.to_string()),
+                })?;
+                wire::write_frame(&mut stream, input)
+                    .await
+                    .map_err(|e| CallError::Disconnected(e.to_string()))?;
+                Ok(Some(stream))
+            }
+        }
+    }
+
+    /// The next frame of the call, waiting at most the reply timeout.
+    async fn next(&mut self, stream: &mut Option<libp2p::Stream>) -> Result<Incoming, CallError> {
+        let wait = self.reply_timeout;
+        match (&mut self.path, stream) {
+            (_, Some(stream)) => match tokio::time::timeout(wait, wire::read_frame(stream)).await {
+                Err(_) => Err(CallError::Timeout(wait)),
+                Ok(Ok(Some(env))) => Ok(Incoming::Signed(env)),
+                Ok(Ok(None)) => Err(CallError::Disconnected(
+                    "the agent closed the stream without an answer".into(),
+                )),
+                Ok(Err(e)) => Err(CallError::Tampered(format!("undecodable reply: {e}"))),
+            },
+            (Path::Relay(socket), None) => {
+                let msg = tokio::time::timeout(wait, socket.next())
+                    .await
+                    .map_err(|_| CallError::Timeout(wait))?;
+                let text = match msg {
+                    Some(Ok(Message::Text(t))) => t.to_string(),
+                    Some(Ok(Message::Binary(b))) => String::from_utf8_lossy(&b).into_owned(),
+                    Some(Ok(Message::Close(_))) | None => {
+                        return Err(CallError::Disconnected(
+                            "the relay closed the connection".into(),
+                        ))
+                    }
+                    Some(Ok(_)) => return Ok(Incoming::Other),
+                    Some(Err(e)) => return Err(CallError::Disconnected(e.to_string())),
+                };
+                let Ok(Value::Object(obj)) = serde_json::from_str::<Value>(&text) else {
+                    return Ok(Incoming::Other);
+                };
+                if !obj.contains_key("signature") {
+                    return Ok(
+                        if obj.get("type").and_then(Value::as_str) == Some("ERROR") {
+                            Incoming::RelayError(obj)
+                        } else {
+                            Incoming::Other
+                        },
+                    );
+                }
+                Envelope::from_flat(&obj)
+                    .map(Incoming::Signed)
+                    .map_err(|e| CallError::Tampered(e.to_string()))
+            }
+            (Path::P2p { .. }, None) => Err(CallError::Disconnected("no stream".into())),
+        }
+    }
+
     /// Verifies a signed reply: signer, recipient, session, freshness.
-    fn check(&self, obj: &Map<String, Value>, session_id: &str) -> Result<Envelope, CallError> {
-        let env = Envelope::from_flat(obj).map_err(|e| CallError::Tampered(e.to_string()))?;
+    fn check(&self, env: &Envelope, session_id: &str) -> Result<(), CallError> {
         let signer = env
             .verify()
             .map_err(|e| CallError::Tampered(e.to_string()))?;
@@ -300,38 +451,7 @@ impl Remote {
         if unix_now().abs_diff(ts) > MAX_CLOCK_SKEW_SECS {
             return Err(CallError::Tampered("the answer is stale".into()));
         }
-        Ok(env)
-    }
-
-    async fn next_frame(&mut self) -> Result<Value, CallError> {
-        loop {
-            let msg = tokio::time::timeout(self.reply_timeout, self.socket.next())
-                .await
-                .map_err(|_| CallError::Timeout(self.reply_timeout))?;
-            let msg = match msg {
-                Some(Ok(m)) => m,
-                Some(Err(e)) => return Err(CallError::Disconnected(e.to_string())),
-                None => {
-                    return Err(CallError::Disconnected(
-                        "the relay closed the connection".into(),
-                    ))
-                }
-            };
-            let text = match msg {
-                Message::Text(t) => t.to_string(),
-                Message::Binary(b) => String::from_utf8_lossy(&b).into_owned(),
-                Message::Close(_) => {
-                    return Err(CallError::Disconnected(
-                        "the relay closed the connection".into(),
-                    ))
-                }
-                _ => continue,
-            };
-            match serde_json::from_str(&text) {
-                Ok(v) => return Ok(v),
-                Err(_) => continue,
-            }
-        }
+        Ok(())
     }
 }
 

@@ -1,13 +1,15 @@
 //! Configuration: code parameters > `.co/host.yaml` > defaults.
 //!
-//! The file takes exactly the seed's keys (plus `bind` and `max_queue`, documented in
-//! the README); an unknown or ill-typed key stops start-up with the file and key named.
+//! The file takes exactly the seed's keys, plus `bind`, `max_queue` and the swarm's
+//! `p2p`, `listen`, `bootstrap`, `mdns` (documented in the README); an unknown or
+//! ill-typed key stops start-up with the file and key named.
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::transport::p2p::{parse_multiaddr, P2pConfig};
 use crate::trust::{AddressList, ListError, Trust, TrustLevel};
 
 pub const DEFAULT_PORT: u16 = 8000;
@@ -62,6 +64,14 @@ pub struct Settings {
     pub examples: Option<Vec<String>>,
     pub max_file_size: Option<u64>,
     pub max_files_per_request: Option<usize>,
+    /// Join the libp2p swarm (default true).
+    pub p2p: Option<bool>,
+    /// Swarm listen multiaddrs.
+    pub listen: Option<Vec<String>>,
+    /// Swarm bootstrap peers: multiaddrs ending in `/p2p/<PeerId>`.
+    pub bootstrap: Option<Vec<String>>,
+    /// Find peers on the LAN by mDNS (default false).
+    pub mdns: Option<bool>,
 }
 
 /// The `trust` key. Only the levels exist so far; policies come with the trust issue.
@@ -143,6 +153,10 @@ impl Settings {
             examples: self.examples.or(lower.examples),
             max_file_size: self.max_file_size.or(lower.max_file_size),
             max_files_per_request: self.max_files_per_request.or(lower.max_files_per_request),
+            p2p: self.p2p.or(lower.p2p),
+            listen: self.listen.or(lower.listen),
+            bootstrap: self.bootstrap.or(lower.bootstrap),
+            mdns: self.mdns.or(lower.mdns),
         }
     }
 }
@@ -165,6 +179,8 @@ pub struct HostConfig {
     pub examples: Vec<String>,
     pub max_file_size_mb: u64,
     pub max_files_per_request: usize,
+    /// The swarm's settings; `None` when `p2p: false`.
+    pub p2p: Option<P2pConfig>,
 }
 
 impl HostConfig {
@@ -188,6 +204,34 @@ impl HostConfig {
         if result_ttl == 0 {
             return Err(invalid("result_ttl", "must be at least 1 second"));
         }
+        let p2p =
+            if s.p2p.unwrap_or(true) {
+                let mut p2p = P2pConfig::default();
+                let parse = |key: &str, items: Vec<String>| {
+                    items
+                        .iter()
+                        .map(|a| parse_multiaddr(a).map_err(|e| invalid(key, &e)))
+                        .collect::<Result<Vec<_>, _>>()
+                };
+                if let Some(listen) = s.listen {
+                    p2p.listen = parse("listen", listen)?;
+                }
+                if let Some(bootstrap) = s.bootstrap {
+                    p2p.bootstrap = parse("bootstrap", bootstrap)?;
+                    if let Some(bad) = p2p.bootstrap.iter().find(|a| {
+                        !matches!(a.iter().last(), Some(libp2p::multiaddr::Protocol::P2p(_)))
+                    }) {
+                        return Err(invalid(
+                            "bootstrap",
+                            &format!("{bad} must end with /p2p/<PeerId>"),
+                        ));
+                    }
+                }
+                p2p.mdns = s.mdns.unwrap_or(false);
+                Some(p2p)
+            } else {
+                None
+            };
         let data_dir = match s.co_dir {
             Some(p) if p.is_relative() => co_dir.join(p),
             Some(p) => p,
@@ -213,6 +257,7 @@ impl HostConfig {
             examples: s.examples.unwrap_or_default(),
             max_file_size_mb,
             max_files_per_request: s.max_files_per_request.unwrap_or(DEFAULT_MAX_FILES),
+            p2p,
         })
     }
 
@@ -306,6 +351,37 @@ co_dir: null
         assert_eq!(cfg.result_ttl, DEFAULT_RESULT_TTL);
         assert_eq!(cfg.relay_url, None);
         assert_eq!(cfg.trust.level, TrustLevel::Careful);
+    }
+
+    #[test]
+    fn swarm_keys_parse_and_a_bootstrap_needs_a_peer_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let s =
+            Settings::from_yaml("listen: [\"/ip4/127.0.0.1/tcp/0\"]\nmdns: true\n", "f").unwrap();
+        let p2p = HostConfig::resolve(s, dir.path(), "f")
+            .unwrap()
+            .p2p
+            .unwrap();
+        assert_eq!(p2p.listen.len(), 1);
+        assert!(p2p.mdns);
+        let s = Settings::from_yaml("bootstrap: [\"/ip4/127.0.0.1/tcp/1\"]\n", "f").unwrap();
+        let err = HostConfig::resolve(s, dir.path(), "f")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("key `bootstrap`") && err.contains("/p2p/"),
+            "{err}"
+        );
+        let s = Settings::from_yaml("listen: [\"not an addr\"]\n", "f").unwrap();
+        assert!(HostConfig::resolve(s, dir.path(), "f")
+            .unwrap_err()
+            .to_string()
+            .contains("key `listen`"));
+        let s = Settings::from_yaml("p2p: false\n", "f").unwrap();
+        assert!(HostConfig::resolve(s, dir.path(), "f")
+            .unwrap()
+            .p2p
+            .is_none());
     }
 
     #[test]

@@ -19,6 +19,7 @@ use crate::envelope::unix_now;
 use crate::identity::{find_co_dir, Address, Identity, KeyFileError};
 use crate::store::{Store, StoreError};
 use crate::transport::http::{self, HttpState, NodeInfo};
+use crate::transport::p2p::{P2p, P2pError};
 use crate::transport::relay::{self, RelayLink, RelayStatus};
 use crate::trust::TrustLevel;
 
@@ -48,6 +49,8 @@ pub enum HostError {
     },
     #[error("server error: {0}")]
     Serve(std::io::Error),
+    #[error("swarm: {0}")]
+    P2p(#[from] P2pError),
 }
 
 /// Builder for a hosted agent, with the seed's parameters. Anything not set here comes
@@ -173,6 +176,30 @@ impl Host {
         self
     }
 
+    /// Whether to join the libp2p swarm (default: yes).
+    pub fn p2p(mut self, on: bool) -> Self {
+        self.code.p2p = Some(on);
+        self
+    }
+
+    /// Swarm listen multiaddrs, e.g. `/ip4/0.0.0.0/udp/4001/quic-v1`.
+    pub fn listen<I: IntoIterator<Item = S>, S: Into<String>>(mut self, addrs: I) -> Self {
+        self.code.listen = Some(addrs.into_iter().map(Into::into).collect());
+        self
+    }
+
+    /// Swarm peers to join through: multiaddrs ending in `/p2p/<PeerId>`.
+    pub fn bootstrap<I: IntoIterator<Item = S>, S: Into<String>>(mut self, addrs: I) -> Self {
+        self.code.bootstrap = Some(addrs.into_iter().map(Into::into).collect());
+        self
+    }
+
+    /// Find peers on the LAN by multicast DNS.
+    pub fn mdns(mut self, on: bool) -> Self {
+        self.code.mdns = Some(on);
+        self
+    }
+
     /// Loads config, the key and the store: everything but the listeners.
     pub fn build(self) -> Result<Node, HostError> {
         let base = match &self.code.co_dir {
@@ -192,6 +219,9 @@ impl Host {
     pub async fn serve(self) -> Result<(), HostError> {
         let handle = self.build()?.spawn().await?;
         handle.wait_for_relay(Duration::from_secs(5)).await;
+        if let Some(p2p) = &handle.p2p {
+            p2p.listening(Duration::from_secs(2)).await;
+        }
         println!("{}", handle.banner());
         handle.run_until_signal().await
     }
@@ -290,16 +320,17 @@ impl Node {
     }
 
     /// The HTTP router; the node's background tasks stop when the last clone is dropped.
-    /// (HTTP and WebSocket only: an embedded router starts no relay link.)
+    /// (HTTP and WebSocket only: an embedded router starts no relay link and no swarm.)
     pub fn router(self) -> Router {
         let guard = self.background.clone().drop_guard();
-        self.router_with(Some(guard), None)
+        self.router_with(Some(guard), None, None)
     }
 
     fn router_with(
         &self,
         guard: Option<tokio_util::sync::DropGuard>,
         relay: Option<RelayLink>,
+        p2p: Option<P2p>,
     ) -> Router {
         http::router(Arc::new(HttpState {
             dispatcher: self.dispatcher.clone(),
@@ -308,6 +339,7 @@ impl Node {
             started: Instant::now(),
             ws_connections: Arc::new(tokio::sync::Semaphore::new(MAX_WS_CONNECTIONS)),
             relay,
+            p2p,
             _background: guard,
         }))
     }
@@ -348,10 +380,31 @@ impl Node {
             relay::spawn(url, self.dispatcher.clone(), info, shutdown.child_token())
         });
 
+        let p2p = match &self.config.p2p {
+            Some(config) => {
+                let p2p = P2p::spawn(
+                    self.identity.libp2p_keypair(),
+                    config.clone(),
+                    shutdown.child_token(),
+                )
+                .await?;
+                p2p.serve(self.dispatcher.clone(), config, shutdown.child_token());
+                tokio::spawn(publish_presence(
+                    p2p.clone(),
+                    self.identity.clone(),
+                    self.config.summary.clone(),
+                    self.config.examples.clone(),
+                    shutdown.child_token(),
+                ));
+                Some(p2p)
+            }
+            None => None,
+        };
+
         let mut tasks = JoinSet::new();
         if let (Some(listener), Some(addr)) = (listener, http_addr) {
             info!(address = %self.address(), http_addr = %addr, "listening on http://{addr}");
-            let router = self.router_with(None, relay.clone());
+            let router = self.router_with(None, relay.clone(), p2p.clone());
             let stop = shutdown.clone();
             tasks.spawn(async move {
                 axum::serve(listener, router)
@@ -366,9 +419,31 @@ impl Node {
             node: self,
             http_addr,
             relay,
+            p2p,
             shutdown,
             tasks,
         })
+    }
+}
+
+/// Keeps the node's presence record in the DHT: soon after start (as peers come),
+/// then every few minutes.
+async fn publish_presence(
+    p2p: P2p,
+    identity: Identity,
+    summary: Option<String>,
+    examples: Vec<String>,
+    stop: CancellationToken,
+) {
+    let mut waits = [1u64, 3, 10, 30].into_iter();
+    loop {
+        let wait = Duration::from_secs(waits.next().unwrap_or(300));
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(wait) => {}
+        }
+        p2p.publish_presence(&identity, summary.as_deref(), &examples)
+            .await;
     }
 }
 
@@ -414,6 +489,7 @@ pub struct NodeHandle {
     node: Node,
     http_addr: Option<SocketAddr>,
     relay: Option<RelayLink>,
+    p2p: Option<P2p>,
     shutdown: CancellationToken,
     tasks: JoinSet<Result<(), HostError>>,
 }
@@ -441,6 +517,11 @@ impl NodeHandle {
             ip.to_string()
         };
         Some(format!("http://{host}:{}", addr.port()))
+    }
+
+    /// The swarm, when the node joined one.
+    pub fn p2p(&self) -> Option<&P2p> {
+        self.p2p.as_ref()
     }
 
     /// The relay link's state, if a relay is configured.
@@ -508,7 +589,19 @@ impl NodeHandle {
             String::new(),
             "P2P Relay:".to_string(),
             format!("  {relay}"),
+            String::new(),
         ]);
+        match &self.p2p {
+            Some(p2p) => {
+                let status = p2p.status();
+                lines.push("P2P Swarm (libp2p):".to_string());
+                lines.push(format!("  PeerId {}", status.peer_id));
+                for addr in &status.listen_addrs {
+                    lines.push(format!("  {addr}"));
+                }
+            }
+            None => lines.push("P2P Swarm (libp2p): off".to_string()),
+        }
         let width = lines.iter().map(|l| l.chars().count()).max().unwrap_or(0) + 2;
         let mut out = format!("╭{}╮\n", "─".repeat(width + 2));
         for (i, line) in lines.iter().enumerate() {

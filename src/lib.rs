@@ -25,7 +25,7 @@
 //! | `store.rs` | sled: sessions and seen message ids, TTL sweep, restart → `interrupted` |
 //! | `config.rs` | `host.yaml` + code parameters → [`HostConfig`] |
 //! | `host.rs` | [`Host`] builder, [`host()`], [`router()`], banner, graceful shutdown |
-//! | `transport/` | ways in: `http.rs` (the seed's API, `/docs`), `ws.rs` (`/ws`), `relay.rs` (the outbound link to a relay); transports know the dispatcher, never the reverse |
+//! | `transport/` | ways in: `http.rs` (the seed's API, `/docs`), `ws.rs` (`/ws`), `relay.rs` (the outbound link to a relay), `p2p/` (the libp2p swarm and its CBOR wire); transports know the dispatcher, never the reverse |
 //! | `relay/` | the relay server: announce, routing by address and session, directory, limits |
 //! | `client.rs` | [`connect()`]: call a peer by address, verifying every reply |
 //! | `main.rs` | the thin CLI: `oonode host`, `relay`, `call`, `keys` |
@@ -47,7 +47,7 @@ pub mod trust;
 pub use agent::{Agent, AgentError, AgentFactory, StreamSink, Turn};
 /// For implementing [`Agent`] without depending on `async-trait` directly.
 pub use async_trait::async_trait;
-pub use client::{connect, Answer, CallError, ConnectOptions, Remote};
+pub use client::{connect, Answer, CallError, ConnectOptions, Remote, Via};
 pub use config::{ConfigError, HostConfig, Settings};
 pub use dispatch::{Accepted, Dispatcher, Refusal, Submission, Upload};
 pub use ed25519_dalek::Signature;
@@ -56,5 +56,6 @@ pub use host::{host, router, Host, HostError, Node, NodeHandle};
 pub use identity::{find_co_dir, Address, AddressError, Identity};
 pub use relay::{Relay, RelayConfig, RelayHandle};
 pub use store::{SessionRecord, SessionStatus};
+pub use transport::p2p::{P2p, P2pConfig, PeerPresence, SwarmStatus};
 pub use transport::relay::RelayStatus;
 pub use trust::TrustLevel;

@@ -29,6 +29,8 @@ enum Command {
     /// Call an agent by address through a relay; streams chunks to stderr, prints the
     /// result on stdout.
     Call(CallArgs),
+    /// List the agents a swarm knows, with their summaries (joins through --bootstrap).
+    Peers(PeersArgs),
     /// Print this node's address and PeerId, creating the key if needed.
     Keys {
         /// Directory holding keys/agent.key (default: project .co/, else ~/.co).
@@ -72,9 +74,41 @@ struct HostArgs {
     /// Do not announce on any relay.
     #[arg(long)]
     no_relay: bool,
-    /// Open no HTTP/WebSocket port at all (reachable through the relay only).
+    /// Open no HTTP/WebSocket port at all (reachable through the relay or the swarm).
     #[arg(long)]
     no_http: bool,
+    /// Swarm listen multiaddr (repeatable), e.g. /ip4/0.0.0.0/udp/4001/quic-v1.
+    #[arg(long = "listen", value_name = "MULTIADDR")]
+    listen: Vec<String>,
+    /// Swarm peer to join through (repeatable): a multiaddr ending in /p2p/<PeerId>.
+    #[arg(long = "bootstrap", value_name = "MULTIADDR")]
+    bootstrap: Vec<String>,
+    /// Find peers on the LAN by multicast DNS.
+    #[arg(long)]
+    mdns: bool,
+    /// Do not join the libp2p swarm.
+    #[arg(long, conflicts_with_all = ["listen", "bootstrap", "mdns"])]
+    no_p2p: bool,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ViaArg {
+    Auto,
+    Relay,
+    P2p,
+}
+
+#[derive(clap::Args)]
+struct PeersArgs {
+    /// Swarm peer to join through (repeatable): a multiaddr ending in /p2p/<PeerId>.
+    #[arg(long = "bootstrap", value_name = "MULTIADDR", required = true)]
+    bootstrap: Vec<String>,
+    /// Seconds to let the swarm fill its routing table before listing.
+    #[arg(long, default_value_t = 3)]
+    wait: u64,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(clap::Args)]
@@ -111,9 +145,16 @@ struct CallArgs {
     address: String,
     /// The prompt to send.
     prompt: String,
+    /// Which way to reach it: through a relay or over the libp2p swarm (auto: the relay
+    /// when one is given, else the swarm).
+    #[arg(long, value_enum, default_value = "auto")]
+    via: ViaArg,
     /// Relay to reach the agent through (ws://host:port).
     #[arg(long, env = "OONODE_RELAY")]
-    relay: String,
+    relay: Option<String>,
+    /// Swarm peer to join through (repeatable): a multiaddr ending in /p2p/<PeerId>.
+    #[arg(long = "bootstrap", value_name = "MULTIADDR")]
+    bootstrap: Vec<String>,
     /// Directory holding the caller's key (keys/agent.key), created if needed.
     #[arg(long)]
     co_dir: Option<PathBuf>,
@@ -126,7 +167,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+                "info,libp2p_swarm=warn,libp2p_quic=warn,libp2p_tcp=warn".into()
+            }),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
@@ -155,6 +198,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Host(args) => host(args).await,
         Command::Relay(args) => relay(args).await,
+        Command::Peers(args) => peers(args).await,
         Command::Call(args) => match call(args).await {
             code if code == ExitCode::SUCCESS => Ok(()),
             _ => Err(anyhow::anyhow!("call failed")),
@@ -211,6 +255,18 @@ async fn host(args: HostArgs) -> anyhow::Result<()> {
     if args.no_http {
         host = host.http(false);
     }
+    if args.no_p2p {
+        host = host.p2p(false);
+    }
+    if !args.listen.is_empty() {
+        host = host.listen(args.listen);
+    }
+    if !args.bootstrap.is_empty() {
+        host = host.bootstrap(args.bootstrap);
+    }
+    if args.mdns {
+        host = host.mdns(true);
+    }
     host.serve().await?;
     Ok(())
 }
@@ -254,10 +310,26 @@ async fn call(args: CallArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let options = oonode::ConnectOptions::default()
-        .relay(args.relay)
+    let mut options = oonode::ConnectOptions::default()
         .identity(identity)
-        .reply_timeout(std::time::Duration::from_secs(args.timeout));
+        .reply_timeout(std::time::Duration::from_secs(args.timeout))
+        .via(match args.via {
+            ViaArg::Auto => oonode::Via::Auto,
+            ViaArg::Relay => oonode::Via::Relay,
+            ViaArg::P2p => oonode::Via::P2p,
+        });
+    if let Some(relay) = args.relay {
+        options = options.relay(relay);
+    }
+    for addr in &args.bootstrap {
+        match addr.parse() {
+            Ok(a) => options = options.bootstrap(a),
+            Err(e) => {
+                eprintln!("error: --bootstrap {addr:?} is not a multiaddr: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    }
     let result = async {
         let mut remote = oonode::connect(&args.address, options).await?;
         remote
@@ -282,4 +354,40 @@ async fn call(args: CallArgs) -> ExitCode {
             ExitCode::from(e.exit_code())
         }
     }
+}
+
+async fn peers(args: PeersArgs) -> anyhow::Result<()> {
+    let mut bootstrap = Vec::new();
+    for addr in &args.bootstrap {
+        bootstrap.push(
+            addr.parse()
+                .with_context(|| format!("--bootstrap {addr:?} is not a multiaddr"))?,
+        );
+    }
+    let config = oonode::P2pConfig::caller(bootstrap);
+    let stop = tokio_util::sync::CancellationToken::new();
+    let keypair = libp2p::identity::Keypair::generate_ed25519();
+    let swarm = oonode::P2p::spawn(keypair, config, stop.clone()).await?;
+    tokio::time::sleep(std::time::Duration::from_secs(args.wait)).await;
+    let mut peers = swarm.peers().await?;
+    peers.sort_by(|a, b| a.address.cmp(&b.address));
+    stop.cancel();
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&peers)?);
+        return Ok(());
+    }
+    if peers.is_empty() {
+        println!("no agents found (is the bootstrap peer up?)");
+    }
+    for p in &peers {
+        println!(
+            "{}  {}",
+            p.address,
+            p.summary.as_deref().unwrap_or("(no summary published)")
+        );
+        for e in &p.examples {
+            println!("    e.g. {e}");
+        }
+    }
+    Ok(())
 }

@@ -40,6 +40,8 @@ pub(crate) struct HttpState {
     pub ws_connections: Arc<tokio::sync::Semaphore>,
     /// The relay link, when the node announces on one.
     pub relay: Option<super::relay::RelayLink>,
+    /// The swarm, when the node joined one.
+    pub p2p: Option<super::p2p::P2p>,
     /// Stops the node's background tasks once the last router clone is gone.
     pub _background: Option<DropGuard>,
 }
@@ -293,6 +295,7 @@ async fn info(State(st): State<Arc<HttpState>>) -> Response {
         "summary": i.summary,
         "examples": i.examples,
         "relay": st.relay.as_ref().map(|r| r.status()),
+        "p2p": st.p2p.as_ref().map(|p| p.status()),
         "accepted_inputs": {
             "text": true,
             "images": true,

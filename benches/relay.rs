@@ -1,0 +1,785 @@
+//! Round-trip latency on loopback, relay vs direct WebSocket: `cargo bench --bench relay`.
+//!
+//! Starts the real binaries as children, both with `RUST_LOG=warn`:
+//!
+//! - a relay: `oonode relay --listen 127.0.0.1:<free port> --frames-per-sec <F>`;
+//! - a node: `oonode host --agent echo --port 0 --bind 127.0.0.1
+//!   --relay ws://127.0.0.1:<relay port> --co-dir <tempdir>`.
+//!
+//! The node's port and address come from its banner; the bench waits until the relay's
+//! directory lists the node online. Then, for each mode below, it sends 50 warm-up
+//! requests and N measured ones, one at a time, with the prompt `ping` (the echo agent
+//! answers one STREAM frame and one OUTPUT frame). A round trip is timed from just
+//! before the request is written to just after the OUTPUT frame (or the HTTP body) has
+//! been read and parsed.
+//!
+//! Modes, fresh session per request (the same work on the node every time):
+//! - `http`: `POST /input` `{"prompt":"ping"}` on one keep-alive reqwest client.
+//! - `ws`: one socket to the node's `/ws`, `{"type":"INPUT","prompt":"ping",
+//!   "session_id":<new>}` (unsigned).
+//! - `ws-signed`: the same socket kind, carrying the signed INPUT that `relay-raw`
+//!   sends, signed before the timer starts; the node verifies it, the client does not
+//!   verify the replies. Against `relay-raw` the only difference is the relay hop.
+//! - `relay-raw`: one socket to the relay's `/ws/input`, the signed nested INPUT with
+//!   top-level `"type":"INPUT"` and `"to"` (what `connect()` sends), signed before the
+//!   timer; replies are not verified. After each answer (untimed) a
+//!   `{"type":"close"}` frees the session, as the relay allows 64 per connection.
+//! - `relay-client`: `oonode::connect(address, relay)` then one `remote.input("ping")`
+//!   per handle: a new handle per request, connected before the timer starts
+//!   (connect times are reported apart). This includes signing the INPUT and verifying
+//!   the signature (and sender, recipient, session, freshness) of every reply.
+//!
+//! Modes on ONE session (what a single handle does; the session history grows by two
+//! messages a turn and every OUTPUT carries all of it, so later turns cost more):
+//! - `ws-1session`: one `/ws` socket, `{"type":"INPUT","prompt":"ping"}` with no
+//!   session, which the node continues on the socket's session.
+//! - `relay-client-1session`: one `connect()` handle, N+50 sequential `input("ping")`.
+//!
+//! Per mode it prints p50/p90/p99/max/mean in ms, requests/s (= 1000 / mean ms, as the
+//! requests are sequential), the p50 of the first and of the last 100 measured requests
+//! (to show drift), and the CPU time per request of the node, the relay and this
+//! process over the measured loop (from /proc, 10 ms ticks, so ±10 µs/req at N=1000).
+//! Afterwards it times client-side signing of an INPUT and verifying an OUTPUT.
+//!
+//! The relay's default limit of 100 frames per second per connection (burst 200)
+//! would throttle a sequential loop at ~1000 req/s (the relay drops the agent's excess
+//! frames and answers the caller's with `rate_limited`), so the relay is started with
+//! `--frames-per-sec 1000000` unless `OONODE_BENCH_RELAY_FPS` says otherwise.
+//!
+//! Every request has a 10 s timeout; a mode stops after 10 failures. Only 127.0.0.1 is
+//! contacted. Both children are killed (by PID, `Child::kill`) when the bench ends, also
+//! on panic. Linux only (reads /proc).
+//!
+//! Options (environment variables):
+//! - `OONODE_BENCH_N`: measured requests per mode (default 1000).
+//! - `OONODE_BENCH_RELAY_FPS`: the relay's `--frames-per-sec` (default 1000000).
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+use futures::{SinkExt, StreamExt};
+use oonode::{Address, ConnectOptions, Envelope, Identity, Kind, Remote};
+use serde_json::{json, Map, Value};
+use tokio_tungstenite::tungstenite::Message;
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+const PROMPT: &str = "ping";
+const WARMUP: usize = 50;
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(15);
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// A mode stops after this many failed requests.
+const MAX_ERRORS: usize = 10;
+const DEFAULT_RELAY_FPS: u32 = 1_000_000;
+/// Requests in the "first" and "last" windows used to show drift.
+const EDGE: usize = 100;
+
+fn main() {
+    let n: usize = env_num("OONODE_BENCH_N", 1000);
+    let relay_fps: u32 = env_num("OONODE_BENCH_RELAY_FPS", DEFAULT_RELAY_FPS);
+    let loadavg = || {
+        std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .trim()
+            .to_owned()
+    };
+    eprintln!(
+        "oonode relay bench: binary {}, N={n} (+{WARMUP} warm-up) per mode, relay --frames-per-sec {relay_fps}, load average {}",
+        env!("CARGO_BIN_EXE_oonode"),
+        loadavg()
+    );
+    let load_before = loadavg();
+
+    let relay_port = free_port();
+    let relay_url = format!("ws://127.0.0.1:{relay_port}");
+    let (relay, relay_out) = spawn(
+        "relay",
+        Command::new(env!("CARGO_BIN_EXE_oonode"))
+            .arg("relay")
+            .args(["--listen", &format!("127.0.0.1:{relay_port}")])
+            .args(["--frames-per-sec", &relay_fps.to_string()]),
+    );
+    wait_for(&relay, &relay_out, "relay listening on", |l| {
+        l.contains("relay listening on").then_some(())
+    });
+
+    let dir = tempfile::Builder::new()
+        .prefix("oonode-relay-bench-")
+        .tempdir()
+        .expect("cannot create a temporary co_dir");
+    let (node, node_out) = spawn(
+        "node",
+        Command::new(env!("CARGO_BIN_EXE_oonode"))
+            .args([
+                "host",
+                "--agent",
+                "echo",
+                "--port",
+                "0",
+                "--bind",
+                "127.0.0.1",
+            ])
+            .args(["--relay", &relay_url])
+            .arg("--co-dir")
+            .arg(dir.path()),
+    );
+    let mut port = None;
+    let mut address = None;
+    while port.is_none() || address.is_none() {
+        let (p, a) = wait_for(
+            &node,
+            &node_out,
+            "`POST http://127.0.0.1:<port>/input` and `Address: 0x…`",
+            |l| Some((banner_port(l), banner_address(l))),
+        );
+        port = port.or(p);
+        address = address.or(a);
+    }
+    let (port, address) = (port.unwrap(), address.unwrap());
+    eprintln!(
+        "relay pid {} on {relay_url}; node pid {} on 127.0.0.1:{port}, address {address}",
+        relay.pid, node.pid
+    );
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("cannot build the tokio runtime");
+    let results = rt.block_on(async {
+        wait_online(relay_port, &address).await;
+        let ctx = Ctx {
+            port,
+            relay_url: relay_url.clone(),
+            address,
+            identity: Identity::generate(),
+            pids: (node.pid, relay.pid),
+        };
+        let mut results = Vec::new();
+        for mode in MODES {
+            results.push(ctx.run(mode, n).await);
+        }
+        let crypto = crypto_costs(&ctx, &results);
+        (results, crypto)
+    });
+    let (results, crypto) = results;
+    let load_after = loadavg();
+    let (node_warn, relay_warn) = (
+        node.stderr_lines.load(Ordering::Relaxed),
+        relay.stderr_lines.load(Ordering::Relaxed),
+    );
+    drop(node);
+    drop(relay);
+
+    println!();
+    println!("| mode | ok | errors | p50 ms | p90 ms | p99 ms | max ms | mean ms | req/s | p50 first {EDGE} | p50 last {EDGE} | node µs/req | relay µs/req | client µs/req |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    for r in &results {
+        println!(
+            "| {} | {} | {} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.0} | {:.3} | {:.3} | {:.0} | {:.0} | {:.0} |",
+            r.mode.label(),
+            r.lat.len(),
+            r.errors,
+            r.pct(0.50),
+            r.pct(0.90),
+            r.pct(0.99),
+            r.pct(1.0),
+            r.mean_ms(),
+            1000.0 / r.mean_ms(),
+            edge_p50(&r.lat[..EDGE.min(r.lat.len())]),
+            edge_p50(&r.lat[r.lat.len().saturating_sub(EDGE)..]),
+            r.cpu_us.0,
+            r.cpu_us.1,
+            r.cpu_us.2,
+        );
+    }
+    println!();
+    for r in &results {
+        if let Some(note) = &r.note {
+            println!("{}: {note}", r.mode.label());
+        }
+    }
+    println!(
+        "client-side crypto (this process, {CRYPTO_REPS} reps): sign an INPUT {:.1} µs, parse + verify an OUTPUT {:.1} µs, parse + verify a STREAM {:.1} µs",
+        crypto.0, crypto.1, crypto.2
+    );
+    println!(
+        "lines on stderr (RUST_LOG=warn): node {node_warn}, relay {relay_warn} (printed above, prefixed)"
+    );
+    println!("load average: before {load_before}; after {load_after}");
+    println!(
+        "(req/s = 1000 / mean ms; CPU µs/req over the measured loop, untimed work such as signing, \
+         `close` frames and connect() included)"
+    );
+}
+
+fn env_num<T: std::str::FromStr>(name: &str, default: T) -> T {
+    match std::env::var(name) {
+        Ok(s) => s
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("{name}={s:?}: expected a positive integer")),
+        Err(_) => default,
+    }
+}
+
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("cannot bind 127.0.0.1:0");
+    l.local_addr().expect("no local address").port()
+}
+
+/// A child process; killed (SIGKILL by PID) and reaped on drop.
+struct Proc {
+    name: &'static str,
+    child: Child,
+    pid: u32,
+    stderr_lines: Arc<AtomicUsize>,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts a child with `RUST_LOG=warn`; its stderr is echoed with a prefix and
+/// counted, its stdout lines come through the receiver. Both pipes are drained for the
+/// child's whole life.
+fn spawn(name: &'static str, cmd: &mut Command) -> (Proc, mpsc::Receiver<String>) {
+    let mut child = cmd
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start the {name}: {e}"));
+    let pid = child.id();
+    let stdout = child.stdout.take().expect("stdout is piped");
+    let stderr = child.stderr.take().expect("stderr is piped");
+    let stderr_lines = Arc::new(AtomicUsize::new(0));
+    let proc = Proc {
+        name,
+        child,
+        pid,
+        stderr_lines: stderr_lines.clone(),
+    };
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            stderr_lines.fetch_add(1, Ordering::Relaxed);
+            eprintln!("[{name} pid {pid} stderr] {line}");
+        }
+    });
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    (proc, rx)
+}
+
+/// Reads the child's stdout until `f` gives a value.
+fn wait_for<T>(
+    p: &Proc,
+    rx: &mpsc::Receiver<String>,
+    what: &str,
+    f: impl Fn(&str) -> Option<T>,
+) -> T {
+    let deadline = Instant::now() + STARTUP_TIMEOUT;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) => {
+                if let Some(v) = f(&line) {
+                    return v;
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => panic!(
+                "the {} (pid {}) did not print {what} within {STARTUP_TIMEOUT:?}",
+                p.name, p.pid
+            ),
+            Err(mpsc::RecvTimeoutError::Disconnected) => panic!(
+                "the {} (pid {}) closed its stdout without printing {what} (see its stderr above)",
+                p.name, p.pid
+            ),
+        }
+    }
+}
+
+/// The port in the banner line `POST http://127.0.0.1:<port>/input`.
+fn banner_port(line: &str) -> Option<u16> {
+    const PREFIX: &str = "POST http://127.0.0.1:";
+    let rest = &line[line.find(PREFIX)? + PREFIX.len()..];
+    let end = rest.find("/input")?;
+    rest[..end].parse().ok()
+}
+
+/// The address in the banner line `Address: 0x…`.
+fn banner_address(line: &str) -> Option<Address> {
+    const PREFIX: &str = "Address: ";
+    let rest = &line[line.find(PREFIX)? + PREFIX.len()..];
+    rest.split_whitespace().next()?.parse().ok()
+}
+
+/// Polls the relay's directory until it lists the node online.
+async fn wait_online(relay_port: u16, address: &Address) {
+    let url = format!("http://127.0.0.1:{relay_port}/api/agents/{address}");
+    let http = http_client();
+    let deadline = Instant::now() + STARTUP_TIMEOUT;
+    loop {
+        if let Ok(res) = http.get(&url).send().await {
+            if let Ok(v) = res.json::<Value>().await {
+                if v["online"] == json!(true) {
+                    return;
+                }
+            }
+        }
+        if Instant::now() > deadline {
+            panic!("{url} did not list the node online within {STARTUP_TIMEOUT:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn http_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .tcp_nodelay(true)
+        .timeout(REQUEST_TIMEOUT)
+        .build()
+        .expect("cannot build the HTTP client")
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Http,
+    Ws,
+    WsSigned,
+    RelayRaw,
+    RelayClient,
+    WsOneSession,
+    RelayClientOneSession,
+}
+
+const MODES: [Mode; 7] = [
+    Mode::Http,
+    Mode::Ws,
+    Mode::WsSigned,
+    Mode::RelayRaw,
+    Mode::RelayClient,
+    Mode::WsOneSession,
+    Mode::RelayClientOneSession,
+];
+
+impl Mode {
+    fn label(self) -> &'static str {
+        match self {
+            Mode::Http => "http",
+            Mode::Ws => "ws",
+            Mode::WsSigned => "ws-signed",
+            Mode::RelayRaw => "relay-raw",
+            Mode::RelayClient => "relay-client",
+            Mode::WsOneSession => "ws-1session",
+            Mode::RelayClientOneSession => "relay-client-1session",
+        }
+    }
+}
+
+struct Ctx {
+    port: u16,
+    relay_url: String,
+    address: Address,
+    identity: Identity,
+    /// (node, relay)
+    pids: (u32, u32),
+}
+
+/// One mode's connection state (one value per mode, so its size does not matter).
+#[allow(clippy::large_enum_variant)]
+enum Client {
+    Http {
+        http: reqwest::Client,
+        url: String,
+    },
+    Ws {
+        ws: Ws,
+    },
+    Remote {
+        remote: Option<Remote>,
+        connect_ns: Vec<u64>,
+    },
+}
+
+struct ModeResult {
+    mode: Mode,
+    /// Measured round trips in ns, in the order they were made.
+    lat: Vec<u64>,
+    errors: usize,
+    /// CPU µs per measured request: node, relay, this process.
+    cpu_us: (f64, f64, f64),
+    note: Option<String>,
+    /// One OUTPUT and one STREAM frame as received (for the crypto timing).
+    samples: Vec<Value>,
+}
+
+impl ModeResult {
+    fn pct(&self, q: f64) -> f64 {
+        let mut s = self.lat.clone();
+        s.sort_unstable();
+        if s.is_empty() {
+            return f64::NAN;
+        }
+        let rank = ((q * s.len() as f64).ceil() as usize).clamp(1, s.len());
+        s[rank - 1] as f64 / 1e6
+    }
+
+    fn mean_ms(&self) -> f64 {
+        self.lat.iter().sum::<u64>() as f64 / self.lat.len().max(1) as f64 / 1e6
+    }
+}
+
+fn edge_p50(lat: &[u64]) -> f64 {
+    let mut s = lat.to_vec();
+    s.sort_unstable();
+    if s.is_empty() {
+        return f64::NAN;
+    }
+    s[(s.len() - 1) / 2] as f64 / 1e6
+}
+
+/// One request's outcome: the round trip and the raw frames that answered it.
+struct Trip {
+    elapsed: Duration,
+    frames: Vec<Value>,
+    last_size: usize,
+}
+
+impl Ctx {
+    async fn open(&self, mode: Mode) -> Client {
+        match mode {
+            Mode::Http => Client::Http {
+                http: http_client(),
+                url: format!("http://127.0.0.1:{}/input", self.port),
+            },
+            Mode::Ws | Mode::WsSigned | Mode::WsOneSession => Client::Ws {
+                ws: ws_connect(&format!("ws://127.0.0.1:{}/ws", self.port)).await,
+            },
+            Mode::RelayRaw => Client::Ws {
+                ws: ws_connect(&format!("{}/ws/input", self.relay_url)).await,
+            },
+            Mode::RelayClient => Client::Remote {
+                remote: None,
+                connect_ns: Vec::new(),
+            },
+            Mode::RelayClientOneSession => Client::Remote {
+                remote: Some(self.connect().await.expect("connect() failed")),
+                connect_ns: Vec::new(),
+            },
+        }
+    }
+
+    async fn connect(&self) -> Result<Remote, String> {
+        let options = ConnectOptions::default()
+            .relay(self.relay_url.clone())
+            .identity(self.identity.clone())
+            .reply_timeout(REQUEST_TIMEOUT);
+        oonode::connect(&self.address.to_string(), options)
+            .await
+            .map_err(|e| format!("connect: {e}"))
+    }
+
+    /// The signed INPUT frame `connect()` would send, on a new session.
+    fn signed_input(&self, session_id: &str, relayed: bool) -> String {
+        let mut payload = Map::new();
+        payload.insert("prompt".into(), json!(PROMPT));
+        payload.insert("session".into(), json!({ "session_id": session_id }));
+        let input = Envelope::sign(&self.identity, Kind::Input, Some(self.address), payload);
+        let mut frame = input.to_nested_json();
+        frame["type"] = json!("INPUT");
+        if relayed {
+            frame["to"] = json!(self.address.to_string());
+        }
+        frame.to_string()
+    }
+
+    async fn request(&self, mode: Mode, client: &mut Client) -> Result<Trip, String> {
+        let sid = uuid::Uuid::new_v4().to_string();
+        match client {
+            Client::Http { http, url } => {
+                let body = json!({ "prompt": PROMPT }).to_string();
+                let t0 = Instant::now();
+                let res = http
+                    .post(url.as_str())
+                    .header("content-type", "application/json")
+                    .body(body)
+                    .send()
+                    .await
+                    .map_err(|e| format!("request error: {e:?}"))?;
+                let status = res.status();
+                let bytes = res.bytes().await.map_err(|e| format!("body: {e:?}"))?;
+                let v: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+                let elapsed = t0.elapsed();
+                if status != reqwest::StatusCode::OK || v["result"] != json!(PROMPT) {
+                    return Err(format!("{status}: {}", String::from_utf8_lossy(&bytes)));
+                }
+                Ok(Trip {
+                    elapsed,
+                    frames: Vec::new(),
+                    last_size: bytes.len(),
+                })
+            }
+            Client::Ws { ws } => {
+                let (frame, want_session) = match mode {
+                    Mode::Ws => (
+                        json!({"type": "INPUT", "prompt": PROMPT, "session_id": sid}).to_string(),
+                        Some(sid.as_str()),
+                    ),
+                    Mode::WsSigned => (self.signed_input(&sid, false), Some(sid.as_str())),
+                    Mode::RelayRaw => (self.signed_input(&sid, true), Some(sid.as_str())),
+                    _ => (json!({"type": "INPUT", "prompt": PROMPT}).to_string(), None),
+                };
+                let trip = ws_round_trip(ws, frame, want_session).await;
+                if mode == Mode::RelayRaw {
+                    // Untimed: free the relay's session slot (64 per connection).
+                    let close = json!({"type": "close", "session_id": sid}).to_string();
+                    ws.send(Message::text(close))
+                        .await
+                        .map_err(|e| format!("sending close: {e}"))?;
+                }
+                trip
+            }
+            Client::Remote { remote, connect_ns } => {
+                let mut handle = match remote.take() {
+                    Some(r) => r,
+                    None => {
+                        let t = Instant::now();
+                        let r = self.connect().await?;
+                        connect_ns.push(t.elapsed().as_nanos() as u64);
+                        r
+                    }
+                };
+                let t0 = Instant::now();
+                let answer = handle.input(PROMPT).await;
+                let elapsed = t0.elapsed();
+                let answer = answer.map_err(|e| format!("input: {e}"))?;
+                if answer.result != PROMPT {
+                    return Err(format!("unexpected result {:?}", answer.result));
+                }
+                let last_size = answer.session.to_string().len();
+                if mode == Mode::RelayClientOneSession {
+                    *remote = Some(handle);
+                }
+                Ok(Trip {
+                    elapsed,
+                    frames: Vec::new(),
+                    last_size,
+                })
+            }
+        }
+    }
+
+    async fn run(&self, mode: Mode, n: usize) -> ModeResult {
+        eprintln!("--- {}: {WARMUP} warm-up + {n} measured", mode.label());
+        let mut client = self.open(mode).await;
+        let mut errors = 0;
+        let mut lat = Vec::with_capacity(n);
+        let mut samples = Vec::new();
+        let mut last_size = 0;
+        let mut before = None;
+        let mut i = 0;
+        while i < WARMUP + n && errors < MAX_ERRORS {
+            if i == WARMUP {
+                before = Some(self.cpu());
+            }
+            let outcome = tokio::time::timeout(REQUEST_TIMEOUT, self.request(mode, &mut client))
+                .await
+                .unwrap_or_else(|_| Err(format!("no answer within {REQUEST_TIMEOUT:?}")));
+            i += 1;
+            match outcome {
+                Ok(trip) => {
+                    if i > WARMUP {
+                        lat.push(trip.elapsed.as_nanos() as u64);
+                    }
+                    if samples.is_empty() && !trip.frames.is_empty() {
+                        samples = trip.frames;
+                    }
+                    last_size = trip.last_size;
+                }
+                Err(e) => {
+                    errors += 1;
+                    eprintln!("FAILED {} request #{i}: {e}", mode.label());
+                    if mode == Mode::RelayClientOneSession {
+                        // The handle is gone with the error; carry on with a new one.
+                        if let Ok(r) = self.connect().await {
+                            client = Client::Remote {
+                                remote: Some(r),
+                                connect_ns: Vec::new(),
+                            };
+                        }
+                    }
+                }
+            }
+        }
+        let after = self.cpu();
+        let cpu_us = match before {
+            Some(b) if !lat.is_empty() => {
+                let per = |a: u64, b: u64| (a - b) as f64 * 1e6 / clock_ticks() / lat.len() as f64;
+                (per(after.0, b.0), per(after.1, b.1), per(after.2, b.2))
+            }
+            _ => (f64::NAN, f64::NAN, f64::NAN),
+        };
+        if errors >= MAX_ERRORS {
+            eprintln!("{}: stopped after {errors} failures", mode.label());
+        }
+        let note = match (&client, mode) {
+            (Client::Remote { connect_ns, .. }, Mode::RelayClient) if !connect_ns.is_empty() => {
+                let mut c = connect_ns.clone();
+                c.sort_unstable();
+                let at = |q: f64| {
+                    c[((q * c.len() as f64).ceil() as usize).clamp(1, c.len()) - 1] as f64 / 1e6
+                };
+                Some(format!(
+                    "connect() (untimed above): p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms over {} handles",
+                    at(0.5),
+                    at(0.99),
+                    at(1.0),
+                    c.len()
+                ))
+            }
+            (_, Mode::WsOneSession) => Some(format!(
+                "the last OUTPUT frame was {last_size} bytes (the session history rides in every OUTPUT)"
+            )),
+            (_, Mode::RelayClientOneSession) => Some(format!(
+                "the last answer's session history was {last_size} bytes of JSON"
+            )),
+            _ => None,
+        };
+        ModeResult {
+            mode,
+            lat,
+            errors,
+            cpu_us,
+            note,
+            samples,
+        }
+    }
+
+    /// CPU ticks (utime+stime) of the node, the relay and this process.
+    fn cpu(&self) -> (u64, u64, u64) {
+        (
+            proc_cpu_ticks(&self.pids.0.to_string()),
+            proc_cpu_ticks(&self.pids.1.to_string()),
+            proc_cpu_ticks("self"),
+        )
+    }
+}
+
+async fn ws_connect(url: &str) -> Ws {
+    // TCP_NODELAY on the bench's own sockets, so that its back-to-back frames (`close`,
+    // then the next INPUT) are not held by Nagle's algorithm.
+    let connect = tokio_tungstenite::connect_async_with_config(url, None, true);
+    let (ws, _) = tokio::time::timeout(REQUEST_TIMEOUT, connect)
+        .await
+        .unwrap_or_else(|_| panic!("connecting to {url} timed out"))
+        .unwrap_or_else(|e| panic!("cannot connect to {url}: {e}"));
+    ws
+}
+
+/// Sends one INPUT and reads until its OUTPUT (STREAM and other frames skipped; with
+/// `session`, only that session's OUTPUT counts). The clock covers send to OUTPUT.
+async fn ws_round_trip(ws: &mut Ws, frame: String, session: Option<&str>) -> Result<Trip, String> {
+    let t0 = Instant::now();
+    ws.send(Message::text(frame))
+        .await
+        .map_err(|e| format!("send: {e}"))?;
+    let mut frames = Vec::new();
+    loop {
+        let msg = match ws.next().await {
+            Some(Ok(m)) => m,
+            Some(Err(e)) => return Err(format!("socket error: {e}")),
+            None => return Err("socket closed".into()),
+        };
+        let text = match msg {
+            Message::Text(t) => t.to_string(),
+            Message::Binary(b) => String::from_utf8_lossy(&b).into_owned(),
+            Message::Close(c) => return Err(format!("socket closed: {c:?}")),
+            _ => continue,
+        };
+        let v: Value =
+            serde_json::from_str(&text).map_err(|e| format!("bad frame {text:?}: {e}"))?;
+        let kind = v["type"].as_str().unwrap_or("");
+        let ours = session.is_none_or(|s| v["session_id"].as_str() == Some(s));
+        match kind {
+            "OUTPUT" if ours => {
+                let elapsed = t0.elapsed();
+                if v["result"] != json!(PROMPT) {
+                    return Err(format!("unexpected OUTPUT {text}"));
+                }
+                frames.push(v);
+                return Ok(Trip {
+                    elapsed,
+                    frames,
+                    last_size: text.len(),
+                });
+            }
+            "ERROR" => return Err(format!("ERROR frame {text}")),
+            "STREAM" if ours => frames.push(v),
+            _ => {}
+        }
+    }
+}
+
+const CRYPTO_REPS: u32 = 1000;
+
+/// Client-side cost of signing an INPUT and of parsing + verifying a reply, in µs.
+fn crypto_costs(ctx: &Ctx, results: &[ModeResult]) -> (f64, f64, f64) {
+    let t = Instant::now();
+    for _ in 0..CRYPTO_REPS {
+        std::hint::black_box(ctx.signed_input("00000000-0000-4000-8000-000000000000", true));
+    }
+    let sign = t.elapsed().as_secs_f64() * 1e6 / f64::from(CRYPTO_REPS);
+    let frames = results
+        .iter()
+        .find(|r| r.mode == Mode::RelayRaw)
+        .map(|r| r.samples.clone())
+        .unwrap_or_default();
+    let verify = |kind: &str| {
+        let Some(Value::Object(obj)) = frames.iter().find(|f| f["type"] == json!(kind)) else {
+            return f64::NAN;
+        };
+        let t = Instant::now();
+        for _ in 0..CRYPTO_REPS {
+            let env = Envelope::from_flat(std::hint::black_box(obj)).expect("sample parses");
+            env.verify().expect("sample verifies");
+        }
+        t.elapsed().as_secs_f64() * 1e6 / f64::from(CRYPTO_REPS)
+    };
+    (sign, verify("OUTPUT"), verify("STREAM"))
+}
+
+/// utime+stime of a process, in clock ticks.
+fn proc_cpu_ticks(pid: &str) -> u64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .unwrap_or_else(|e| panic!("cannot read /proc/{pid}/stat: {e}"));
+    // Fields after the `(comm)`, which may contain spaces: utime is field 14, stime 15.
+    let after = &text[text.rfind(')').expect("malformed stat") + 2..];
+    let f: Vec<&str> = after.split_whitespace().collect();
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+}
+
+fn clock_ticks() -> f64 {
+    static HZ: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *HZ.get_or_init(|| {
+        Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(100.0)
+    })
+}
