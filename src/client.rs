@@ -91,6 +91,9 @@ pub struct ConnectOptions {
     pub relay_url: Option<String>,
     /// Swarm peers to join through (multiaddrs ending in `/p2p/<PeerId>`).
     pub bootstrap: Vec<libp2p::Multiaddr>,
+    /// A swarm already running (a node's own, from `NodeHandle::p2p`): calls go through
+    /// it instead of a swarm of the caller's own.
+    pub swarm: Option<P2p>,
     pub via: Via,
     /// The caller's own key; a fresh one is made when absent (an anonymous caller).
     pub identity: Option<Identity>,
@@ -106,6 +109,11 @@ impl ConnectOptions {
 
     pub fn bootstrap(mut self, addr: libp2p::Multiaddr) -> Self {
         self.bootstrap.push(addr);
+        self
+    }
+
+    pub fn swarm(mut self, swarm: P2p) -> Self {
+        self.swarm = Some(swarm);
         self
     }
 
@@ -141,11 +149,11 @@ pub struct Answer {
 /// How a [`Remote`] reaches its agent.
 enum Path {
     Relay(Box<Socket>),
-    /// A swarm of the caller's own, joined through the bootstrap peers; stopped with the
-    /// handle.
+    /// A swarm given in the options, or one of the caller's own joined through the
+    /// bootstrap peers (stopped with the handle).
     P2p {
         swarm: P2p,
-        _stop: tokio_util::sync::DropGuard,
+        _stop: Option<tokio_util::sync::DropGuard>,
     },
 }
 
@@ -171,7 +179,7 @@ pub async fn connect(address: &str, options: ConnectOptions) -> Result<Remote, C
     let address: Address = address.parse()?;
     let via = match options.via {
         Via::Auto if options.relay_url.is_some() => Via::Relay,
-        Via::Auto if !options.bootstrap.is_empty() => Via::P2p,
+        Via::Auto if options.swarm.is_some() || !options.bootstrap.is_empty() => Via::P2p,
         Via::Auto => return Err(CallError::NoPath),
         v => v,
     };
@@ -221,6 +229,12 @@ async fn open_relay(options: &ConnectOptions) -> Result<Socket, CallError> {
 /// Joins the swarm as a caller: a throwaway swarm key (so a running node with the same
 /// co_dir keeps its PeerId to itself), DHT client mode, no listening.
 async fn join_swarm(options: &ConnectOptions) -> Result<Path, CallError> {
+    if let Some(swarm) = &options.swarm {
+        return Ok(Path::P2p {
+            swarm: swarm.clone(),
+            _stop: None,
+        });
+    }
     if options.bootstrap.is_empty() {
         return Err(CallError::NoPath);
     }
@@ -235,7 +249,7 @@ async fn join_swarm(options: &ConnectOptions) -> Result<Path, CallError> {
     .map_err(|e| CallError::Swarm(e.to_string()))?;
     Ok(Path::P2p {
         swarm,
-        _stop: stop.drop_guard(),
+        _stop: Some(stop.drop_guard()),
     })
 }
 

@@ -183,6 +183,12 @@ pub struct P2p {
     status: Arc<Mutex<SwarmStatus>>,
 }
 
+impl std::fmt::Debug for P2p {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("P2p").field("peer_id", &self.peer_id).finish_non_exhaustive()
+    }
+}
+
 impl P2p {
     /// Builds the swarm, starts listening and dialing the bootstrap peers, and runs the
     /// event loop until `stop`.
