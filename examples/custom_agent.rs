@@ -1,12 +1,20 @@
-//! A custom agent hosted with one call.
+//! A custom agent with a tool, hosted with one call.
 //!
 //! Run: `cargo run --example custom_agent`, then
-//! `curl -X POST localhost:9000/input -d '{"prompt": "hello"}'`.
+//! `curl -X POST localhost:9000/input -d '{"prompt": "count the words in to be or not to be"}'`.
 
 use oonode::{Agent, AgentError, Host, StreamSink, TrustLevel, Turn};
 
+/// Answers by shouting, and counts words when asked: a tool the agent decides to use.
 #[derive(Clone)]
 struct Shout;
+
+impl Shout {
+    /// The tool: a plain function the agent calls.
+    fn word_count(text: &str) -> usize {
+        text.split_whitespace().count()
+    }
+}
 
 #[oonode::async_trait]
 impl Agent for Shout {
@@ -14,8 +22,16 @@ impl Agent for Shout {
         "shout".into()
     }
 
+    fn tools(&self) -> Vec<String> {
+        vec!["word_count".into()]
+    }
+
     async fn run(&mut self, turn: Turn, stream: &StreamSink) -> Result<String, AgentError> {
-        stream.send("thinking…").await; // a STREAM chunk, signed and numbered
+        if let Some(text) = turn.prompt.strip_prefix("count the words in ") {
+            stream.send("using word_count…").await; // a STREAM chunk, signed and numbered
+            return Ok(format!("{} words", Shout::word_count(text)));
+        }
+        stream.send("thinking…").await;
         Ok(turn.prompt.to_uppercase())
     }
 }

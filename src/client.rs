@@ -75,13 +75,39 @@ impl CallError {
 }
 
 /// Which way to reach the agent.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum Via {
-    /// The relay if one is given, else the swarm.
+    /// The best that works: what worked last for this address, else a direct endpoint
+    /// that proves to be the agent, else the swarm, else the relay.
     #[default]
     Auto,
-    Relay,
+    /// The agent's own HTTP/WebSocket endpoint.
+    Direct,
     P2p,
+    Relay,
+}
+
+impl Via {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Via::Auto => "auto",
+            Via::Direct => "direct",
+            Via::P2p => "p2p",
+            Via::Relay => "relay",
+        }
+    }
+}
+
+/// How long a path that worked is tried first for the same address.
+const REMEMBER_FOR: Duration = Duration::from_secs(300);
+
+/// What worked per address, process-wide.
+fn remembered(
+) -> &'static std::sync::Mutex<std::collections::HashMap<Address, (Via, std::time::Instant)>> {
+    static PATHS: std::sync::OnceLock<
+        std::sync::Mutex<std::collections::HashMap<Address, (Via, std::time::Instant)>>,
+    > = std::sync::OnceLock::new();
+    PATHS.get_or_init(Default::default)
 }
 
 /// How to reach and identify to a peer.
@@ -94,6 +120,12 @@ pub struct ConnectOptions {
     /// A swarm already running (a node's own, from `NodeHandle::p2p`): calls go through
     /// it instead of a swarm of the caller's own.
     pub swarm: Option<P2p>,
+    /// The agent's HTTP endpoints, if known (`http://host:port`). More are learnt from the
+    /// relay's directory and the agent's presence record in the swarm.
+    pub endpoints: Vec<String>,
+    /// Also use plaintext endpoints on private networks (10/8, 172.16/12, 192.168/16),
+    /// not only on loopback.
+    pub allow_private: bool,
     pub via: Via,
     /// The caller's own key; a fresh one is made when absent (an anonymous caller).
     pub identity: Option<Identity>,
@@ -109,6 +141,16 @@ impl ConnectOptions {
 
     pub fn bootstrap(mut self, addr: libp2p::Multiaddr) -> Self {
         self.bootstrap.push(addr);
+        self
+    }
+
+    pub fn endpoint(mut self, url: impl Into<String>) -> Self {
+        self.endpoints.push(url.into());
+        self
+    }
+
+    pub fn allow_private(mut self, on: bool) -> Self {
+        self.allow_private = on;
         self
     }
 
@@ -148,6 +190,8 @@ pub struct Answer {
 
 /// How a [`Remote`] reaches its agent.
 enum Path {
+    /// The agent's own `/ws`.
+    Direct(Box<Socket>),
     Relay(Box<Socket>),
     /// A swarm given in the options, or one of the caller's own joined through the
     /// bootstrap peers (stopped with the handle).
@@ -162,6 +206,10 @@ pub struct Remote {
     address: Address,
     identity: Identity,
     path: Path,
+    via: Via,
+    /// Paths still to try if this one fails to connect (auto mode).
+    fallbacks: Vec<Via>,
+    options: ConnectOptions,
     reply_timeout: Duration,
     session_id: Option<String>,
 }
@@ -174,26 +222,210 @@ enum Incoming {
     Other,
 }
 
-/// Connects to the agent at `address` (a `0x…` string).
+/// Connects to the agent at `address` (a `0x…` string), by the path `options.via` names
+/// or, in auto mode, the best one that works.
 pub async fn connect(address: &str, options: ConnectOptions) -> Result<Remote, CallError> {
     let address: Address = address.parse()?;
-    let via = match options.via {
-        Via::Auto if options.relay_url.is_some() => Via::Relay,
-        Via::Auto if options.swarm.is_some() || !options.bootstrap.is_empty() => Via::P2p,
-        Via::Auto => return Err(CallError::NoPath),
-        v => v,
+    let mut order = match options.via {
+        Via::Auto => auto_order(address, &options),
+        via => vec![via],
     };
-    let path = match via {
-        Via::P2p => join_swarm(&options).await?,
-        _ => Path::Relay(Box::new(open_relay(&options).await?)),
-    };
-    Ok(Remote {
-        address,
-        identity: options.identity.unwrap_or_else(Identity::generate),
-        path,
-        reply_timeout: options.reply_timeout.unwrap_or(DEFAULT_REPLY_TIMEOUT),
-        session_id: None,
+    if order.is_empty() {
+        return Err(CallError::NoPath);
+    }
+    let mut last = None;
+    while !order.is_empty() {
+        let via = order.remove(0);
+        match open_path(via, address, &options).await {
+            Ok(path) => {
+                tracing::debug!(agent = %address.short(), path = via.as_str(), "connected");
+                if options.via == Via::Auto {
+                    remember(address, via);
+                }
+                return Ok(Remote {
+                    address,
+                    identity: options.identity.clone().unwrap_or_else(Identity::generate),
+                    path,
+                    via,
+                    fallbacks: order,
+                    reply_timeout: options.reply_timeout.unwrap_or(DEFAULT_REPLY_TIMEOUT),
+                    options,
+                    session_id: None,
+                });
+            }
+            Err(e) => {
+                tracing::debug!(agent = %address.short(), path = via.as_str(), error = %e, "path failed");
+                last = Some(e);
+            }
+        }
+    }
+    Err(last.unwrap_or(CallError::NoPath))
+}
+
+/// Auto mode: what worked lately first, then direct, swarm, relay — each only when the
+/// options make it possible.
+fn auto_order(address: Address, options: &ConnectOptions) -> Vec<Via> {
+    let can_swarm = options.swarm.is_some() || !options.bootstrap.is_empty();
+    let can_relay = options.relay_url.is_some();
+    let can_direct = !options.endpoints.is_empty() || can_swarm || can_relay;
+    let mut order: Vec<Via> = [
+        (Via::Direct, can_direct),
+        (Via::P2p, can_swarm),
+        (Via::Relay, can_relay),
+    ]
+    .into_iter()
+    .filter_map(|(v, ok)| ok.then_some(v))
+    .collect();
+    let recent = remembered()
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(&address)
+        .filter(|(_, at)| at.elapsed() < REMEMBER_FOR)
+        .map(|(v, _)| *v);
+    if let Some(v) = recent {
+        if let Some(i) = order.iter().position(|o| *o == v) {
+            order.remove(i);
+            order.insert(0, v);
+        }
+    }
+    order
+}
+
+fn remember(address: Address, via: Via) {
+    remembered()
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(address, (via, std::time::Instant::now()));
+}
+
+async fn open_path(
+    via: Via,
+    address: Address,
+    options: &ConnectOptions,
+) -> Result<Path, CallError> {
+    match via {
+        Via::Direct => open_direct(address, options).await,
+        Via::P2p => {
+            let path = join_swarm(options).await?;
+            if let Path::P2p { swarm, .. } = &path {
+                // Reachable now, or fall back now rather than at the first prompt.
+                swarm
+                    .connect(address.peer_id())
+                    .await
+                    .map_err(|e| p2p_error(e, address))?;
+            }
+            Ok(path)
+        }
+        Via::Relay => Ok(Path::Relay(Box::new(open_relay(options).await?))),
+        Via::Auto => Err(CallError::NoPath),
+    }
+}
+
+fn p2p_error(e: P2pError, address: Address) -> CallError {
+    match e {
+        P2pError::NotFound(_) => CallError::NotInSwarm(address.to_string()),
+        P2pError::Timeout(_) => CallError::Timeout(crate::transport::p2p::DIAL_TIMEOUT),
+        P2pError::Unreachable { .. } => CallError::Offline(address.to_string()),
+        other => CallError::Swarm(other.to_string()),
+    }
+}
+
+/// A direct endpoint that proves to be the agent: its `/info` names the address called.
+/// Plaintext only on loopback, or on private networks when allowed.
+async fn open_direct(address: Address, options: &ConnectOptions) -> Result<Path, CallError> {
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(3))
+        .build()
+        .map_err(|e| CallError::Swarm(e.to_string()))?;
+    let mut candidates = options.endpoints.clone();
+    if let Some(relay) = &options.relay_url {
+        let directory = format!(
+            "{}/api/agents/{address}",
+            input_url(relay)
+                .trim_end_matches("/ws/input")
+                .replacen("ws", "http", 1)
+        );
+        if let Ok(res) = http.get(&directory).send().await {
+            if let Ok(entry) = res.json::<Value>().await {
+                candidates.extend(strings(&entry["endpoints"]));
+            }
+        }
+    }
+    // A swarm that is running anyway can tell the agent's published endpoints.
+    if let Some(swarm) = &options.swarm {
+        if let Some(presence) = swarm.presence(&address).await {
+            candidates.extend(strings(presence.get("endpoints").unwrap_or(&Value::Null)));
+        }
+    }
+    let mut reasons = Vec::new();
+    for endpoint in candidates.iter().filter(|e| e.starts_with("http://")) {
+        let base = endpoint.trim_end_matches('/');
+        if !plaintext_allowed(base, options.allow_private) {
+            reasons.push(format!(
+                "{base}: plaintext outside loopback (allow_private is off)"
+            ));
+            continue;
+        }
+        let info = match http.get(format!("{base}/info")).send().await {
+            Ok(res) => res.json::<Value>().await.unwrap_or(Value::Null),
+            Err(e) => {
+                reasons.push(format!("{base}: {e}"));
+                continue;
+            }
+        };
+        if info["address"].as_str() != Some(address.to_string().as_str()) {
+            reasons.push(format!("{base}: /info names another address"));
+            continue;
+        }
+        let url = format!("{}/ws", base.replacen("http://", "ws://", 1));
+        match tokio::time::timeout(
+            Duration::from_secs(5),
+            tokio_tungstenite::connect_async(url.as_str()),
+        )
+        .await
+        {
+            Ok(Ok((socket, _))) => return Ok(Path::Direct(Box::new(socket))),
+            Ok(Err(e)) => reasons.push(format!("{url}: {e}")),
+            Err(_) => reasons.push(format!("{url}: timed out")),
+        }
+    }
+    Err(CallError::Unreachable {
+        url: "direct endpoints".into(),
+        reason: if reasons.is_empty() {
+            "none known".into()
+        } else {
+            reasons.join("; ")
+        },
     })
+}
+
+fn strings(v: &Value) -> Vec<String> {
+    v.as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|e| e.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Plaintext HTTP is used on loopback, and on private networks only when allowed.
+fn plaintext_allowed(base: &str, allow_private: bool) -> bool {
+    let host = base
+        .trim_start_matches("http://")
+        .split(['/', '?'])
+        .next()
+        .unwrap_or("");
+    let host = host.rsplit_once(':').map_or(host, |(h, _)| h);
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host == "localhost" {
+        return true;
+    }
+    match host.parse::<std::net::IpAddr>() {
+        Ok(ip) if ip.is_loopback() => true,
+        Ok(std::net::IpAddr::V4(v4)) => allow_private && v4.is_private(),
+        _ => false,
+    }
 }
 
 async fn open_relay(options: &ConnectOptions) -> Result<Socket, CallError> {
@@ -258,12 +490,15 @@ impl Remote {
         self.address
     }
 
-    /// How this handle reaches the agent: `relay` or `p2p`.
+    /// How this handle reaches the agent: `direct`, `p2p` or `relay`.
     pub fn path(&self) -> &'static str {
-        match self.path {
-            Path::Relay(_) => "relay",
-            Path::P2p { .. } => "p2p",
-        }
+        self.via.as_str()
+    }
+
+    /// Continues an earlier session (e.g. one saved by `oonode call --session`). The
+    /// agent keeps the history; only the same caller identity may continue it.
+    pub fn set_session_id(&mut self, id: impl Into<String>) {
+        self.session_id = Some(id.into());
     }
 
     /// The session the next turn continues, once there is one.
@@ -291,7 +526,21 @@ impl Remote {
         payload.insert("session".into(), json!({ "session_id": session_id }));
         let input = Envelope::sign(&self.identity, Kind::Input, Some(self.address), payload);
         let input_id = input.id().unwrap_or_default().to_owned();
-        let mut stream = self.send(&input).await?;
+        let mut stream = loop {
+            match self.send(&input).await {
+                Ok(stream) => break stream,
+                // The path broke before the INPUT left: the next path can take it.
+                Err(
+                    e @ (CallError::Disconnected(_)
+                    | CallError::Offline(_)
+                    | CallError::Unreachable { .. }),
+                ) if !self.fallbacks.is_empty() => {
+                    tracing::debug!(error = %e, path = self.via.as_str(), "path failed; falling back");
+                    self.fall_back().await?;
+                }
+                Err(e) => return Err(e),
+            }
+        };
 
         let mut chunks = Vec::new();
         loop {
@@ -364,10 +613,28 @@ impl Remote {
         }
     }
 
+    /// Switches to the next path that connects.
+    async fn fall_back(&mut self) -> Result<(), CallError> {
+        let mut last = CallError::NoPath;
+        while !self.fallbacks.is_empty() {
+            let via = self.fallbacks.remove(0);
+            match open_path(via, self.address, &self.options).await {
+                Ok(path) => {
+                    self.path = path;
+                    self.via = via;
+                    remember(self.address, via);
+                    return Ok(());
+                }
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+
     /// Sends the INPUT; over the swarm this opens the call's own stream.
     async fn send(&mut self, input: &Envelope) -> Result<Option<libp2p::Stream>, CallError> {
         match &mut self.path {
-            Path::Relay(socket) => {
+            Path::Direct(socket) | Path::Relay(socket) => {
                 let mut frame = input.to_nested_json();
                 frame["type"] = json!("INPUT");
                 frame["to"] = json!(self.address.to_string());
@@ -378,12 +645,11 @@ impl Remote {
                 Ok(None)
             }
             Path::P2p { swarm, .. } => {
-                let mut stream = swarm.open(self.address).await.map_err(|e| match e {
-                    P2pError::NotFound(_) => CallError::NotInSwarm(self.address.to_string()),
-                    P2pError::Timeout(_) => CallError::Timeout(crate::transport::p2p::DIAL_TIMEOUT),
-                    P2pError::Unreachable { .. } => CallError::Offline(self.address.to_string()),
-                    other => CallError::Swarm(other.to_string()),
-                })?;
+                let address = self.address;
+                let mut stream = swarm
+                    .open(address)
+                    .await
+                    .map_err(|e| p2p_error(e, address))?;
                 wire::write_frame(&mut stream, input)
                     .await
                     .map_err(|e| CallError::Disconnected(e.to_string()))?;
@@ -404,7 +670,7 @@ impl Remote {
                 )),
                 Ok(Err(e)) => Err(CallError::Tampered(format!("undecodable reply: {e}"))),
             },
-            (Path::Relay(socket), None) => {
+            (Path::Direct(socket) | Path::Relay(socket), None) => {
                 let msg = tokio::time::timeout(wait, socket.next())
                     .await
                     .map_err(|_| CallError::Timeout(wait))?;

@@ -19,6 +19,62 @@ pub const DEFAULT_RESULT_TTL: u64 = 86_400;
 pub const DEFAULT_MAX_FILE_SIZE_MB: u64 = 10;
 pub const DEFAULT_MAX_FILES: usize = 10;
 
+/// The commented host.yaml `oonode init` writes: every key with its default.
+pub const HOST_YAML_TEMPLATE: &str = r#"# .co/host.yaml: settings for `oonode host` (code parameters override these).
+# Every key is shown with its default; uncomment to change. An unknown key stops start-up.
+
+# Name shown in the banner, /health and /info (default: the agent's own name).
+# name: translator
+
+# What /info and the relay/swarm announce say about the agent.
+# summary: I translate text between a few languages
+# examples:
+#   - "Translate 'hello' to Spanish"
+#   - "What language is 'hola' in?"
+
+# Trust level: open (accept all), careful (unsigned accepted, a present signature must
+# be valid), strict (a valid signature required).
+# trust: careful
+
+# Address lists: a file path (relative to this directory) or a list of addresses.
+# Without them, whitelist.txt and blocklist.txt/blacklist.txt here are read if present.
+# whitelist: whitelist.txt
+# blacklist: blacklist.txt
+
+# HTTP/WebSocket listener.
+# port: 8000
+# bind: 0.0.0.0
+
+# Agent runs at once, and requests that may wait for one before "busy" (503).
+# workers: 1
+# max_queue: 256
+
+# Seconds a finished session is kept.
+# result_ttl: 86400
+
+# Relay to announce on so the agent is reachable without an open port
+# (ws://host:port; empty or null: off).
+# relay_url: ""
+
+# Accepted for compatibility; a compiled agent does not reload.
+# reload: false
+
+# Where the key and the store live (default: this directory).
+# co_dir: null
+
+# Attachment limits: size of one file in MB, and files per request.
+# max_file_size: 10
+# max_files_per_request: 10
+
+# libp2p swarm: join it, where to listen, peers to join through, LAN discovery.
+# p2p: true
+# listen:
+#   - /ip4/0.0.0.0/udp/0/quic-v1
+#   - /ip4/0.0.0.0/tcp/0
+# bootstrap: []          # multiaddrs ending in /p2p/<PeerId>
+# mdns: false
+"#;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read {path}: {source}")]
@@ -320,6 +376,30 @@ co_dir: null
 
         let err = Settings::from_yaml("trust:\n  allow: [whitelisted]\n", "host.yaml").unwrap_err();
         assert!(err.to_string().contains("`trust`"), "{err}");
+    }
+
+    #[test]
+    fn the_init_template_parses_and_uncommented_it_is_the_defaults() {
+        let s = Settings::from_yaml(HOST_YAML_TEMPLATE, "template").unwrap();
+        assert!(s.port.is_none(), "everything is commented out");
+        let is_setting = |rest: &str| {
+            let key: String = rest
+                .chars()
+                .take_while(|c| c.is_ascii_lowercase() || *c == '_')
+                .collect();
+            (!key.is_empty() && rest[key.len()..].starts_with(':')) || rest.starts_with("  - ")
+        };
+        let uncommented: String = HOST_YAML_TEMPLATE
+            .lines()
+            .filter_map(|l| l.strip_prefix("# "))
+            .filter(|rest| is_setting(rest))
+            .map(|rest| format!("{rest}\n"))
+            .collect();
+        let s = Settings::from_yaml(&uncommented, "uncommented").unwrap();
+        assert_eq!(s.port, Some(DEFAULT_PORT));
+        assert_eq!(s.workers, Some(DEFAULT_WORKERS));
+        assert_eq!(s.result_ttl, Some(DEFAULT_RESULT_TTL));
+        assert_eq!(s.max_queue, Some(DEFAULT_MAX_QUEUE));
     }
 
     #[test]

@@ -289,12 +289,6 @@ impl Node {
             },
         );
         let background = CancellationToken::new();
-        tokio::spawn(sweep_loop(
-            store.clone(),
-            uploads_dir(&config.co_dir),
-            config.result_ttl,
-            background.clone(),
-        ));
         Ok(Node {
             config,
             identity,
@@ -322,6 +316,7 @@ impl Node {
     /// The HTTP router; the node's background tasks stop when the last clone is dropped.
     /// (HTTP and WebSocket only: an embedded router starts no relay link and no swarm.)
     pub fn router(self) -> Router {
+        self.start_sweeper();
         let guard = self.background.clone().drop_guard();
         self.router_with(Some(guard), None, None)
     }
@@ -344,8 +339,19 @@ impl Node {
         }))
     }
 
+    /// Expired sessions and replay keys go in the background until the node stops.
+    fn start_sweeper(&self) {
+        tokio::spawn(sweep_loop(
+            self.store.clone(),
+            uploads_dir(&self.config.co_dir),
+            self.config.result_ttl,
+            self.background.clone(),
+        ));
+    }
+
     /// Binds the listeners and starts serving; returns at once with a handle.
     pub async fn spawn(self) -> Result<NodeHandle, HostError> {
+        self.start_sweeper();
         let listener = if self.http {
             let addr = SocketAddr::new(self.config.bind, self.config.port);
             let listener = TcpListener::bind(addr)
@@ -367,15 +373,9 @@ impl Node {
         }
         let shutdown = self.background.clone();
         let relay = self.config.relay_url.clone().map(|url| {
-            let endpoints = match http_addr {
-                Some(a) if !a.ip().is_unspecified() => {
-                    vec![format!("http://{a}"), format!("ws://{a}/ws")]
-                }
-                _ => Vec::new(),
-            };
             let info = relay::AnnounceInfo {
                 summary: self.config.summary.clone().unwrap_or_default(),
-                endpoints,
+                endpoints: http_endpoints(http_addr),
             };
             relay::spawn(url, self.dispatcher.clone(), info, shutdown.child_token())
         });
@@ -394,6 +394,7 @@ impl Node {
                     self.identity.clone(),
                     self.config.summary.clone(),
                     self.config.examples.clone(),
+                    http_endpoints(http_addr),
                     shutdown.child_token(),
                 ));
                 Some(p2p)
@@ -426,6 +427,15 @@ impl Node {
     }
 }
 
+/// The HTTP endpoints to tell others about: the bound address when it is a specific one
+/// (an unspecified bind has no single address to give).
+fn http_endpoints(http_addr: Option<SocketAddr>) -> Vec<String> {
+    match http_addr {
+        Some(a) if !a.ip().is_unspecified() => vec![format!("http://{a}"), format!("ws://{a}/ws")],
+        _ => Vec::new(),
+    }
+}
+
 /// Keeps the node's presence record in the DHT: soon after start (as peers come),
 /// then every few minutes.
 async fn publish_presence(
@@ -433,6 +443,7 @@ async fn publish_presence(
     identity: Identity,
     summary: Option<String>,
     examples: Vec<String>,
+    endpoints: Vec<String>,
     stop: CancellationToken,
 ) {
     let mut waits = [1u64, 3, 10, 30].into_iter();
@@ -442,7 +453,7 @@ async fn publish_presence(
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(wait) => {}
         }
-        p2p.publish_presence(&identity, summary.as_deref(), &examples)
+        p2p.publish_presence(&identity, summary.as_deref(), &examples, &endpoints)
             .await;
     }
 }

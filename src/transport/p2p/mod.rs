@@ -185,7 +185,9 @@ pub struct P2p {
 
 impl std::fmt::Debug for P2p {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("P2p").field("peer_id", &self.peer_id).finish_non_exhaustive()
+        f.debug_struct("P2p")
+            .field("peer_id", &self.peer_id)
+            .finish_non_exhaustive()
     }
 }
 
@@ -363,8 +365,10 @@ impl P2p {
         identity: &Identity,
         summary: Option<&str>,
         examples: &[String],
+        endpoints: &[String],
     ) {
         let mut payload = Map::new();
+        payload.insert("endpoints".into(), json!(endpoints));
         payload.insert("type".into(), json!("PRESENCE"));
         payload.insert("address".into(), json!(identity.address().to_string()));
         payload.insert("from".into(), json!(identity.address().to_string()));
@@ -412,7 +416,9 @@ impl P2p {
         Ok(futures::future::join_all(lookups).await)
     }
 
-    async fn presence(&self, address: &Address) -> Option<Map<String, Value>> {
+    /// The presence record `address` published, if the DHT has one and its signature
+    /// is that address's.
+    pub async fn presence(&self, address: &Address) -> Option<Map<String, Value>> {
         let (reply, rx) = oneshot::channel();
         self.command(Command::GetRecord {
             key: presence_key(address),
