@@ -10,7 +10,9 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::transport::p2p::{parse_multiaddr, P2pConfig};
-use crate::trust::{AddressList, ListError, Trust, TrustLevel};
+use crate::trust::{
+    AddressList, InviteCode, ListError, ListFile, ListFiles, Policy, Trust, TrustLevel,
+};
 
 pub const DEFAULT_PORT: u16 = 8000;
 pub const DEFAULT_WORKERS: usize = 1;
@@ -130,25 +132,52 @@ pub struct Settings {
     pub mdns: Option<bool>,
 }
 
-/// The `trust` key. Only the levels exist so far; policies come with the trust issue.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct TrustSetting(pub TrustLevel);
+/// The `trust` key: a level, a policy (the seed's advanced mapping), or policy text
+/// (YAML front matter + natural language) inline or in a file.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TrustSetting {
+    Level(TrustLevel),
+    Policy(Policy),
+    /// A policy text file, relative to co_dir.
+    PolicyFile(PathBuf),
+}
 
 impl<'de> Deserialize<'de> for TrustSetting {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         use serde::de::Error;
         match serde_norway::Value::deserialize(d)? {
-            serde_norway::Value::String(s) if s.trim().contains('\n') => Err(D::Error::custom(
-                "natural-language trust policies are not supported yet; use open, careful or strict",
+            serde_norway::Value::String(s) => {
+                if let Ok(level) = s.parse() {
+                    Ok(TrustSetting::Level(level))
+                } else if s.trim().contains('\n') {
+                    Policy::from_text(&s)
+                        .map(TrustSetting::Policy)
+                        .map_err(D::Error::custom)
+                } else if s.ends_with(".md")
+                    || s.ends_with(".txt")
+                    || s.ends_with(".yaml")
+                    || s.contains('/')
+                {
+                    Ok(TrustSetting::PolicyFile(PathBuf::from(s)))
+                } else {
+                    Err(D::Error::custom(format!(
+                        "{s:?} is not a trust level (open, careful, strict), a policy, or a policy file"
+                    )))
+                }
+            }
+            v @ serde_norway::Value::Mapping(_) => Policy::from_mapping(v)
+                .map(TrustSetting::Policy)
+                .map_err(D::Error::custom),
+            _ => Err(D::Error::custom(
+                "expected a trust level, a policy mapping or policy text",
             )),
-            serde_norway::Value::String(s) => s.parse().map(TrustSetting).map_err(D::Error::custom),
-            serde_norway::Value::Mapping(_) => Err(D::Error::custom(
-                "trust policies (allow/deny/onboard/default) are not supported yet; use open, careful or strict",
-            )),
-            _ => Err(D::Error::custom("expected open, careful or strict")),
         }
     }
 }
+
+/// Invite codes may also come from the environment (comma-separated), so that they need
+/// not sit in host.yaml.
+pub const INVITE_CODES_ENV: &str = "OONODE_INVITE_CODES";
 
 fn relay_url<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Option<String>>, D::Error> {
     let v: Option<String> = Option::deserialize(d)?;
@@ -293,10 +322,55 @@ impl HostConfig {
             Some(p) => p,
             None => co_dir.to_path_buf(),
         };
+        let (level, mut policy) = match s.trust {
+            None => (TrustLevel::default(), None),
+            Some(TrustSetting::Level(l)) => (l, None),
+            Some(TrustSetting::Policy(p)) => (TrustLevel::Careful, Some(p)),
+            Some(TrustSetting::PolicyFile(path)) => {
+                let path = co_dir.join(path);
+                let text = std::fs::read_to_string(&path).map_err(|e| {
+                    invalid(
+                        "trust",
+                        &format!("cannot read policy file {}: {e}", path.display()),
+                    )
+                })?;
+                let p = Policy::from_text(&text)
+                    .map_err(|e| invalid("trust", &format!("{}: {e}", path.display())))?;
+                (TrustLevel::Careful, Some(p))
+            }
+        };
+        if let (Some(p), Ok(codes)) = (policy.as_mut(), std::env::var(INVITE_CODES_ENV)) {
+            p.onboard.invite_code.extend(
+                codes
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|c| !c.is_empty())
+                    .map(InviteCode::new),
+            );
+        }
+        let (whitelist, wl_files, code_whitelist) =
+            load_list(s.whitelist, co_dir, &["whitelist.txt"])?;
+        let (blacklist, bl_files, code_blacklist) =
+            load_list(s.blacklist, co_dir, &["blocklist.txt", "blacklist.txt"])?;
+        let optional = |name: &str| {
+            vec![ListFile {
+                path: co_dir.join(name),
+                required: false,
+            }]
+        };
         let trust = Trust {
-            level: s.trust.map(|t| t.0).unwrap_or_default(),
-            whitelist: load_list(s.whitelist, co_dir, &["whitelist.txt"])?,
-            blacklist: load_list(s.blacklist, co_dir, &["blocklist.txt", "blacklist.txt"])?,
+            level,
+            whitelist,
+            blacklist,
+            policy,
+            files: ListFiles {
+                whitelist: wl_files,
+                blacklist: bl_files,
+                contacts: optional("contacts.txt"),
+                admins: optional("admins.txt"),
+                code_whitelist,
+                code_blacklist,
+            },
         };
         Ok(HostConfig {
             name: s.name,
@@ -325,25 +399,40 @@ impl HostConfig {
     }
 }
 
+/// A list as configured: its addresses now, the files to watch, and the part given in
+/// code or inline. A file named explicitly must be readable; default files are optional.
 fn load_list(
     source: Option<ListSource>,
     co_dir: &Path,
     defaults: &[&str],
-) -> Result<AddressList, ConfigError> {
-    Ok(match source {
-        Some(ListSource::Addresses(items)) => AddressList::from_patterns(items)?,
-        Some(ListSource::File(path)) => AddressList::from_file(&co_dir.join(path))?,
-        None => {
-            let mut list = AddressList::default();
-            for name in defaults {
-                let path = co_dir.join(name);
-                if path.exists() {
-                    list.extend(AddressList::from_file(&path)?);
-                }
-            }
-            list
+) -> Result<(AddressList, Vec<ListFile>, AddressList), ConfigError> {
+    let (code, files) = match source {
+        Some(ListSource::Addresses(items)) => (AddressList::from_patterns(items)?, Vec::new()),
+        Some(ListSource::File(path)) => (
+            AddressList::default(),
+            vec![ListFile {
+                path: co_dir.join(path),
+                required: true,
+            }],
+        ),
+        None => (
+            AddressList::default(),
+            defaults
+                .iter()
+                .map(|name| ListFile {
+                    path: co_dir.join(name),
+                    required: false,
+                })
+                .collect(),
+        ),
+    };
+    let mut list = code.clone();
+    for f in &files {
+        if f.required || f.path.exists() {
+            list.extend(AddressList::from_file(&f.path)?);
         }
-    })
+    }
+    Ok((list, files, code))
 }
 
 #[cfg(test)]
@@ -368,13 +457,19 @@ co_dir: null
 "#;
         let s = Settings::from_yaml(yaml, "host.yaml").unwrap();
         assert_eq!(s.workers, Some(4));
-        assert_eq!(s.trust, Some(TrustSetting(TrustLevel::Careful)));
+        assert_eq!(s.trust, Some(TrustSetting::Level(TrustLevel::Careful)));
         assert_eq!(
             s.relay_url,
             Some(Some("wss://oo.openonion.ai/ws/announce".into()))
         );
 
-        let err = Settings::from_yaml("trust:\n  allow: [whitelisted]\n", "host.yaml").unwrap_err();
+        let s = Settings::from_yaml(
+            "trust:\n  allow: [whitelisted]\n  default: ask\n",
+            "host.yaml",
+        )
+        .unwrap();
+        assert!(matches!(s.trust, Some(TrustSetting::Policy(_))));
+        let err = Settings::from_yaml("trust:\n  allow: [friends]\n", "host.yaml").unwrap_err();
         assert!(err.to_string().contains("`trust`"), "{err}");
     }
 

@@ -19,7 +19,7 @@ use crate::agent::{AgentFactory, Attachment, Message, StreamSink, Turn};
 use crate::envelope::{unix_now, Envelope, EnvelopeError, Kind, MAX_CLOCK_SKEW_SECS};
 use crate::identity::{Address, Identity};
 use crate::store::{SessionRecord, SessionStatus, Store, StoreError, FINAL_SEQ};
-use crate::trust::{Caller, Refused, Trust};
+use crate::trust::{Caller, Refused, Trust, TrustAgent, TrustEngine};
 
 /// Replies buffered per request before a slow transport slows the agent down.
 const REPLY_QUEUE: usize = 64;
@@ -87,8 +87,7 @@ impl Refusal {
                 EnvelopeError::MissingTimestamp | EnvelopeError::Stale { .. } => "stale",
                 EnvelopeError::WrongRecipient { .. } => "wrong_recipient",
             },
-            Refusal::Trust(Refused::Blocked(_)) => "blocked",
-            Refusal::Trust(Refused::SignatureRequired) => "signature_required",
+            Refusal::Trust(r) => r.code(),
             Refusal::Replayed => "replayed",
             Refusal::SessionForbidden(_) => "forbidden",
             Refusal::SessionBusy(_) => "session_busy",
@@ -111,7 +110,9 @@ impl Refusal {
             "too_large" => 413,
             "invalid_signature" | "signature_required" | "stale" | "wrong_recipient"
             | "replayed" => 401,
-            "blocked" | "forbidden" => 403,
+            "blocked" | "forbidden" | "onboarding_required" | "not_allowed" | "not_admin" => 403,
+            "insufficient_credits" => 402,
+            "list_unreadable" => 503,
             "session_busy" => 409,
             "busy" | "shutting_down" => 503,
             _ => 500,
@@ -147,9 +148,11 @@ pub struct Accepted {
 }
 
 /// Settings the dispatcher needs from the node's configuration.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct DispatcherConfig {
     pub trust: Trust,
+    /// Decides about strangers when the trust policy says `default: ask`.
+    pub trust_agent: Option<Arc<dyn TrustAgent>>,
     pub workers: usize,
     pub max_queue: usize,
     pub result_ttl: u64,
@@ -167,6 +170,7 @@ pub struct Dispatcher {
 
 struct Inner {
     identity: Identity,
+    trust: Arc<TrustEngine>,
     factory: AgentFactory,
     store: Store,
     config: DispatcherConfig,
@@ -197,8 +201,15 @@ impl Dispatcher {
         config: DispatcherConfig,
     ) -> Self {
         let workers = config.workers.max(1);
+        let trust = Arc::new(TrustEngine::new(
+            &config.trust,
+            store.clone(),
+            config.trust_agent.clone(),
+            identity.address(),
+        ));
         Dispatcher {
             inner: Arc::new(Inner {
+                trust,
                 identity,
                 factory,
                 store,
@@ -220,8 +231,8 @@ impl Dispatcher {
         &self.inner.identity
     }
 
-    pub fn trust(&self) -> &Trust {
-        &self.inner.config.trust
+    pub fn trust(&self) -> &Arc<TrustEngine> {
+        &self.inner.trust
     }
 
     /// Agent runs in flight or waiting for a worker.
@@ -244,7 +255,9 @@ impl Dispatcher {
             ));
         }
         let caller = self.authenticate(env, now, true)?;
-        inner.config.trust.decide(&caller)?;
+        // An invite code counts only inside the signed part.
+        let invite = caller.verified().and(env.str_field("invite_code"));
+        inner.trust.decide(&caller, invite).await?;
         let start = parse_turn(&sub, now)?;
         self.check_uploads(&sub.uploads)?;
 
@@ -333,8 +346,7 @@ impl Dispatcher {
         now: u64,
         require_to: bool,
     ) -> Result<Caller, Refusal> {
-        let trust = &self.inner.config.trust;
-        trust.check_blacklist(env.from.as_ref())?;
+        self.inner.trust.check_blacklist(env.from.as_ref())?;
         if env.signature.is_none() {
             return Ok(Caller::Unsigned { claimed: env.from });
         }
@@ -351,7 +363,7 @@ impl Dispatcher {
     pub async fn authorize_once(&self, env: &Envelope) -> Result<Caller, Refusal> {
         let now = unix_now();
         let caller = self.authenticate(env, now, true)?;
-        self.inner.config.trust.decide(&caller)?;
+        self.inner.trust.decide(&caller, None).await?;
         if let Some(key) = env.replay_key() {
             if !self
                 .inner
@@ -363,6 +375,50 @@ impl Dispatcher {
             }
         }
         Ok(caller)
+    }
+
+    /// A trust admin action: a signed ADMIN envelope (`action`, `address`, `amount`?)
+    /// from the node itself or an address in admins.txt; fresh, addressed to this node,
+    /// single-use.
+    pub async fn admin(&self, env: &Envelope) -> Result<Value, Refusal> {
+        if env.kind() != Some(Kind::Admin) {
+            return Err(Refusal::BadRequest(
+                "admin actions are ADMIN envelopes".into(),
+            ));
+        }
+        let now = unix_now();
+        let caller = self.authenticate(env, now, true)?;
+        let Caller::Verified(admin) = caller else {
+            return Err(Refusal::Trust(Refused::SignatureRequired));
+        };
+        if !self.inner.trust.is_admin(&admin) {
+            return Err(Refusal::Trust(Refused::NotAdmin));
+        }
+        let action = env
+            .str_field("action")
+            .ok_or_else(|| Refusal::BadRequest("`action` is missing".into()))?
+            .to_owned();
+        let target: Address = env
+            .str_field("address")
+            .ok_or_else(|| Refusal::BadRequest("`address` is missing".into()))?
+            .parse()
+            .map_err(|e| Refusal::BadRequest(format!("invalid `address`: {e}")))?;
+        let amount = env.payload.get("amount").and_then(Value::as_u64);
+        if let Some(key) = env.replay_key() {
+            if !self
+                .inner
+                .store
+                .record_seen(key, now + 2 * MAX_CLOCK_SKEW_SECS)
+                .await?
+            {
+                return Err(Refusal::Replayed);
+            }
+        }
+        self.inner
+            .trust
+            .admin(&action, target, amount)
+            .await
+            .map_err(Refusal::BadRequest)
     }
 
     /// A session as `reader` may see it: its own only; another caller's reads as absent.

@@ -29,6 +29,8 @@ pub enum Kind {
     Stream,
     Output,
     Error,
+    /// A trust admin action (promote, block, credit, …) for the node.
+    Admin,
 }
 
 impl Kind {
@@ -38,6 +40,7 @@ impl Kind {
             Kind::Stream => "STREAM",
             Kind::Output => "OUTPUT",
             Kind::Error => "ERROR",
+            Kind::Admin => "ADMIN",
         }
     }
 
@@ -47,6 +50,7 @@ impl Kind {
             "STREAM" => Kind::Stream,
             "OUTPUT" => Kind::Output,
             "ERROR" => Kind::Error,
+            "ADMIN" => Kind::Admin,
             _ => return None,
         })
     }

@@ -21,7 +21,7 @@ use crate::store::{Store, StoreError};
 use crate::transport::http::{self, HttpState, NodeInfo};
 use crate::transport::p2p::{P2p, P2pError};
 use crate::transport::relay::{self, RelayLink, RelayStatus};
-use crate::trust::TrustLevel;
+use crate::trust::{Policy, TrustAgent, TrustLevel};
 
 /// How long shutdown waits for accepted runs before leaving them to be marked
 /// `interrupted` on the next start.
@@ -59,6 +59,7 @@ pub struct Host {
     factory: AgentFactory,
     code: Settings,
     http: bool,
+    trust_agent: Option<Arc<dyn TrustAgent>>,
 }
 
 impl Host {
@@ -73,6 +74,7 @@ impl Host {
             factory,
             code: Settings::default(),
             http: true,
+            trust_agent: None,
         }
     }
 
@@ -82,7 +84,20 @@ impl Host {
     }
 
     pub fn trust(mut self, level: TrustLevel) -> Self {
-        self.code.trust = Some(TrustSetting(level));
+        self.code.trust = Some(TrustSetting::Level(level));
+        self
+    }
+
+    /// A trust policy (the seed's advanced form) instead of a plain level.
+    pub fn trust_policy(mut self, policy: Policy) -> Self {
+        self.code.trust = Some(TrustSetting::Policy(policy));
+        self
+    }
+
+    /// The agent that decides about strangers when the policy says `default: ask`. It
+    /// sees the caller's address, level and history, never the prompt.
+    pub fn trust_agent(mut self, agent: impl TrustAgent) -> Self {
+        self.trust_agent = Some(Arc::new(agent));
         self
     }
 
@@ -209,7 +224,7 @@ impl Host {
         let yaml = base.join("host.yaml");
         let file = Settings::from_file(&yaml)?.unwrap_or_default();
         let config = HostConfig::resolve(self.code.or(file), &base, &yaml.display().to_string())?;
-        let mut node = Node::open(self.factory, config)?;
+        let mut node = Node::open(self.factory, config, self.trust_agent)?;
         node.http = self.http;
         Ok(node)
     }
@@ -251,7 +266,11 @@ pub struct Node {
 }
 
 impl Node {
-    fn open(factory: AgentFactory, config: HostConfig) -> Result<Node, HostError> {
+    fn open(
+        factory: AgentFactory,
+        config: HostConfig,
+        trust_agent: Option<Arc<dyn TrustAgent>>,
+    ) -> Result<Node, HostError> {
         std::fs::create_dir_all(&config.co_dir).map_err(|source| HostError::CoDir {
             path: config.co_dir.clone(),
             source,
@@ -280,6 +299,7 @@ impl Node {
             store.clone(),
             DispatcherConfig {
                 trust: config.trust.clone(),
+                trust_agent,
                 workers: config.workers,
                 max_queue: config.max_queue,
                 result_ttl: config.result_ttl,
@@ -339,8 +359,10 @@ impl Node {
         }))
     }
 
-    /// Expired sessions and replay keys go in the background until the node stops.
+    /// Expired sessions and replay keys go, and edited list files are re-read, in the
+    /// background until the node stops.
     fn start_sweeper(&self) {
+        self.dispatcher.trust().watch_files(self.background.clone());
         tokio::spawn(sweep_loop(
             self.store.clone(),
             uploads_dir(&self.config.co_dir),
@@ -575,7 +597,7 @@ impl NodeHandle {
             format!("Agent '{}' is now hosted", self.node.info.name),
             String::new(),
             format!("Address: {}", self.address()),
-            format!("Trust:   {}", self.node.config.trust.level),
+            format!("Trust:   {}", self.node.dispatcher.trust().describe()),
             String::new(),
         ];
         match self.http_url() {

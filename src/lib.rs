@@ -58,4 +58,4 @@ pub use relay::{Relay, RelayConfig, RelayHandle};
 pub use store::{SessionRecord, SessionStatus};
 pub use transport::p2p::{P2p, P2pConfig, PeerPresence, SwarmStatus};
 pub use transport::relay::RelayStatus;
-pub use trust::TrustLevel;
+pub use trust::{Policy, TrustAgent, TrustLevel, TrustQuestion};

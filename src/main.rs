@@ -31,6 +31,9 @@ enum Command {
     Call(CallArgs),
     /// List the agents a swarm knows, with their summaries (joins through --bootstrap).
     Peers(PeersArgs),
+    /// Trust admin: promote, demote, block, unblock, level, credit (signed with the key
+    /// in --co-dir; the node accepts its own key and the addresses in its admins.txt).
+    Trust(TrustArgs),
     /// Create a .co/ directory: identity key and a commented host.yaml with every key.
     Init {
         /// Where to create .co/ (default: the current directory).
@@ -97,6 +100,33 @@ struct HostArgs {
     /// Do not join the libp2p swarm.
     #[arg(long, conflicts_with_all = ["listen", "bootstrap", "mdns"])]
     no_p2p: bool,
+}
+
+#[derive(clap::Args)]
+struct TrustArgs {
+    #[arg(value_enum)]
+    action: TrustAction,
+    /// The address acted on.
+    address: String,
+    /// Credits to grant (for `credit`).
+    amount: Option<u64>,
+    /// The node's HTTP URL.
+    #[arg(long, default_value = "http://127.0.0.1:8000")]
+    node: String,
+    /// Directory holding the admin's key (keys/agent.key); the node's own co_dir makes
+    /// you the node itself.
+    #[arg(long)]
+    co_dir: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum TrustAction {
+    Promote,
+    Demote,
+    Block,
+    Unblock,
+    Level,
+    Credit,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -225,6 +255,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Relay(args) => relay(args).await,
         Command::Peers(args) => peers(args).await,
         Command::Init { dir, force } => init(dir, force),
+        Command::Trust(args) => trust(args).await,
         Command::Call(args) => match call(args).await {
             code if code == ExitCode::SUCCESS => Ok(()),
             _ => Err(anyhow::anyhow!("call failed")),
@@ -487,5 +518,64 @@ fn init(dir: Option<PathBuf>, force: bool) -> anyhow::Result<()> {
     );
     println!("wrote {}", yaml.display());
     println!("address: {}", identity.address());
+    Ok(())
+}
+
+/// `oonode trust …`: a signed, single-use ADMIN envelope to the node's /admin/trust.
+async fn trust(args: TrustArgs) -> anyhow::Result<()> {
+    use clap::ValueEnum;
+    let dir = match args.co_dir {
+        Some(d) => d,
+        None => find_co_dir(&std::env::current_dir().context("no working directory")?),
+    };
+    let (identity, _) = Identity::load_or_create(&dir)?;
+    let target: oonode::Address = args.address.parse().context("invalid address")?;
+    let action = args
+        .action
+        .to_possible_value()
+        .expect("no skipped values")
+        .get_name()
+        .to_string();
+    if matches!(args.action, TrustAction::Credit) && args.amount.is_none() {
+        anyhow::bail!("credit needs an amount: oonode trust credit 0x… 10");
+    }
+    let http = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(10))
+        .build()?;
+    let base = args.node.trim_end_matches('/');
+    let info: serde_json::Value = http
+        .get(format!("{base}/info"))
+        .send()
+        .await
+        .with_context(|| format!("cannot reach the node at {base}"))?
+        .json()
+        .await?;
+    let node: oonode::Address = info["address"]
+        .as_str()
+        .unwrap_or_default()
+        .parse()
+        .context("the node's /info has no address")?;
+    let mut payload = serde_json::Map::new();
+    payload.insert("action".into(), action.into());
+    payload.insert("address".into(), target.to_string().into());
+    if let Some(n) = args.amount {
+        payload.insert("amount".into(), n.into());
+    }
+    let env = oonode::Envelope::sign(&identity, oonode::Kind::Admin, Some(node), payload);
+    let res = http
+        .post(format!("{base}/admin/trust"))
+        .json(&env.to_nested_json())
+        .send()
+        .await?;
+    let status = res.status();
+    let body: serde_json::Value = res.json().await.unwrap_or_default();
+    if !status.is_success() {
+        anyhow::bail!(
+            "{} ({})",
+            body["error"].as_str().unwrap_or("refused"),
+            body["code"].as_str().unwrap_or(status.as_str())
+        );
+    }
+    println!("{}", serde_json::to_string_pretty(&body)?);
     Ok(())
 }

@@ -11,6 +11,8 @@ use crate::identity::Address;
 const SESSIONS: &str = "sessions";
 const SEEN: &str = "seen";
 const CHUNKS: &str = "chunks";
+/// Trust state: `contact:<addr>`, `credits:<addr>`, `blocked:<addr>`, `caller:<addr>`.
+const TRUST: &str = "trust";
 
 /// The sequence number under which a session's final reply (OUTPUT or ERROR) is kept
 /// beside its STREAM chunks.
@@ -90,6 +92,18 @@ struct Trees {
     seen: sled::Tree,
     /// `session_id 0x00 seq(be)` → the signed reply, for clients that resume.
     chunks: sled::Tree,
+    trust: sled::Tree,
+}
+
+/// What the node knows of a caller, for the trust agent.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CallerHistory {
+    pub first_seen: u64,
+    pub calls: u64,
+}
+
+fn trust_key(kind: &str, address: &Address) -> Vec<u8> {
+    format!("{kind}:{address}").into_bytes()
 }
 
 /// How a job finishes: answer now, or once the batch it is in has been flushed.
@@ -136,6 +150,7 @@ impl Store {
             sessions: db.open_tree(SESSIONS)?,
             seen: db.open_tree(SEEN)?,
             chunks: db.open_tree(CHUNKS)?,
+            trust: db.open_tree(TRUST)?,
             db,
         };
         let mut marked = 0;
@@ -336,6 +351,95 @@ impl Store {
         .await
     }
 
+    /// Whether a trust mark (`contact`, `blocked`) is set for an address.
+    pub async fn has_mark(&self, kind: &'static str, address: Address) -> Result<bool, StoreError> {
+        self.call(false, move |t| {
+            Ok(t.trust.contains_key(trust_key(kind, &address))?)
+        })
+        .await
+    }
+
+    /// Sets or clears a trust mark, durably. Returns whether it changed anything.
+    pub async fn set_mark(
+        &self,
+        kind: &'static str,
+        address: Address,
+        on: bool,
+        now: u64,
+    ) -> Result<bool, StoreError> {
+        self.call(true, move |t| {
+            let key = trust_key(kind, &address);
+            Ok(if on {
+                t.trust.insert(key, &now.to_be_bytes())?.is_none()
+            } else {
+                t.trust.remove(key)?.is_some()
+            })
+        })
+        .await
+    }
+
+    pub async fn credits(&self, address: Address) -> Result<u64, StoreError> {
+        self.call(false, move |t| {
+            Ok(read_u64(t.trust.get(trust_key("credits", &address))?))
+        })
+        .await
+    }
+
+    /// Adds credits, durably; returns the new balance.
+    pub async fn add_credits(&self, address: Address, amount: u64) -> Result<u64, StoreError> {
+        self.call(true, move |t| {
+            let key = trust_key("credits", &address);
+            let balance = read_u64(t.trust.get(&key)?).saturating_add(amount);
+            t.trust.insert(key, &balance.to_be_bytes())?;
+            Ok(balance)
+        })
+        .await
+    }
+
+    /// Takes `amount` credits if the balance covers it, durably. `Ok(remaining)` or
+    /// `Err(balance)` when it does not. Atomic: jobs run one at a time.
+    pub async fn charge(
+        &self,
+        address: Address,
+        amount: u64,
+    ) -> Result<Result<u64, u64>, StoreError> {
+        self.call(true, move |t| {
+            let key = trust_key("credits", &address);
+            let balance = read_u64(t.trust.get(&key)?);
+            if balance < amount {
+                return Ok(Err(balance));
+            }
+            t.trust.insert(key, &(balance - amount).to_be_bytes())?;
+            Ok(Ok(balance - amount))
+        })
+        .await
+    }
+
+    /// Counts a call from `address`; returns its history before this call.
+    pub async fn record_call(
+        &self,
+        address: Address,
+        now: u64,
+    ) -> Result<CallerHistory, StoreError> {
+        self.call(false, move |t| {
+            let key = trust_key("caller", &address);
+            let before: CallerHistory = match t.trust.get(&key)? {
+                Some(bytes) => serde_json::from_slice(&bytes)?,
+                None => CallerHistory {
+                    first_seen: now,
+                    calls: 0,
+                },
+            };
+            let after = CallerHistory {
+                calls: before.calls + 1,
+                ..before
+            };
+            t.trust.insert(key, serde_json::to_vec(&after)?)?;
+            Ok(before)
+        })
+        .await
+    }
+
     /// Flushes everything written so far.
     pub async fn flush(&self) -> Result<(), StoreError> {
         self.call(true, |_| Ok(())).await
@@ -395,6 +499,12 @@ fn run_store(trees: Trees, mut jobs: tokio::sync::mpsc::Receiver<Job>) {
     }
 }
 
+fn read_u64(value: Option<sled::IVec>) -> u64 {
+    value
+        .and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes))
+        .unwrap_or(0)
+}
+
 fn chunk_key(session_id: &str, seq: u64) -> Vec<u8> {
     let mut key = Vec::with_capacity(session_id.len() + 9);
     key.extend_from_slice(session_id.as_bytes());
@@ -447,6 +557,28 @@ mod tests {
             .collect();
         assert_eq!(seqs, vec![2, 3, FINAL_SEQ]);
         assert_eq!(store.replies_after("s".into(), 3).await.unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn credits_are_charged_only_when_they_cover_the_amount() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(dir.path(), 60, 100).unwrap();
+        let a = crate::identity::Identity::from_seed([1; 32]).address();
+        assert_eq!(store.charge(a, 10).await.unwrap(), Err(0));
+        assert_eq!(store.add_credits(a, 15).await.unwrap(), 15);
+        assert_eq!(store.charge(a, 10).await.unwrap(), Ok(5));
+        assert_eq!(store.charge(a, 10).await.unwrap(), Err(5));
+        assert!(store.set_mark("contact", a, true, 1).await.unwrap());
+        assert!(store.has_mark("contact", a).await.unwrap());
+        assert!(!store.has_mark("blocked", a).await.unwrap());
+        assert_eq!(store.record_call(a, 7).await.unwrap().calls, 0);
+        assert_eq!(
+            store.record_call(a, 9).await.unwrap(),
+            CallerHistory {
+                first_seen: 7,
+                calls: 1
+            }
+        );
     }
 
     #[tokio::test]

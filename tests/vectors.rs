@@ -395,7 +395,7 @@ fn check_flat(v: &Obj) {
             "chunks",
         ],
         Kind::Error => &["code", "message", "error", "session_id", "status"],
-        Kind::Input => panic!("{n}: a flat vector is a reply"),
+        Kind::Input | Kind::Admin => panic!("{n}: a flat vector is a reply"),
     };
     for f in ["type", "id", "timestamp", "from", "to"]
         .iter()

@@ -56,6 +56,7 @@ pub(crate) fn router(state: Arc<HttpState>) -> Router {
         .route("/info", get(info))
         .route("/ws", get(super::ws::upgrade))
         .route("/docs", get(docs))
+        .route("/admin/trust", post(admin_trust))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "not_found", "not found") })
         .method_not_allowed_fallback(|| async {
             error(
@@ -179,7 +180,7 @@ async fn post_input(State(st): State<Arc<HttpState>>, headers: HeaderMap, body: 
 
 /// Who is reading: unsigned, or signed with `x-co-from`/`x-co-signature`/`x-co-timestamp`
 /// over `{"method","path","timestamp"}` (form A).
-fn reader(
+async fn reader(
     st: &HttpState,
     method: &Method,
     path: &str,
@@ -213,7 +214,7 @@ fn reader(
             ))
         }
     };
-    st.dispatcher.trust().decide(&caller)?;
+    st.dispatcher.trust().decide(&caller, None).await?;
     Ok(caller)
 }
 
@@ -232,7 +233,7 @@ async fn get_session(
     uri: axum::http::Uri,
     headers: HeaderMap,
 ) -> Response {
-    let caller = match reader(&st, &method, uri.path(), &headers) {
+    let caller = match reader(&st, &method, uri.path(), &headers).await {
         Ok(c) => c,
         Err(r) => return refusal(&r),
     };
@@ -249,7 +250,7 @@ async fn list_sessions(
     uri: axum::http::Uri,
     headers: HeaderMap,
 ) -> Response {
-    let caller = match reader(&st, &method, uri.path(), &headers) {
+    let caller = match reader(&st, &method, uri.path(), &headers).await {
         Ok(c) => c,
         Err(r) => return refusal(&r),
     };
@@ -261,6 +262,22 @@ async fn list_sessions(
                 .collect();
             Json(json!({ "sessions": sessions })).into_response()
         }
+        Err(r) => refusal(&r),
+    }
+}
+
+/// A trust admin action: a signed ADMIN envelope in the nested shape.
+async fn admin_trust(State(st): State<Arc<HttpState>>, body: axum::body::Bytes) -> Response {
+    let obj = match decode_object(&body, crate::envelope::MAX_ENVELOPE_BYTES) {
+        Ok(o) => o,
+        Err(e) => return refusal(&Refusal::Envelope(e)),
+    };
+    let env = match Envelope::from_nested(&obj) {
+        Ok(e) => e,
+        Err(e) => return refusal(&Refusal::Envelope(e)),
+    };
+    match st.dispatcher.admin(&env).await {
+        Ok(result) => Json(result).into_response(),
         Err(r) => refusal(&r),
     }
 }
@@ -290,7 +307,7 @@ async fn info(State(st): State<Arc<HttpState>>) -> Response {
         "address": address.to_string(),
         "peer_id": address.peer_id().to_string(),
         "tools": i.tools,
-        "trust": st.dispatcher.trust().level.as_str(),
+        "trust": st.dispatcher.trust().describe(),
         "version": env!("CARGO_PKG_VERSION"),
         "summary": i.summary,
         "examples": i.examples,

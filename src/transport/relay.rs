@@ -421,7 +421,7 @@ impl RelayedSessions {
             }
         } else {
             let caller = Caller::Unsigned { claimed: None };
-            if let Err(r) = self.dispatcher.trust().decide(&caller) {
+            if let Err(r) = self.dispatcher.trust().decide(&caller, None).await {
                 return self.send_error(&Refusal::Trust(r), None, &session_id);
             }
             caller

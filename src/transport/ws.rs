@@ -261,7 +261,7 @@ impl Connection {
             }
         } else {
             let caller = Caller::Unsigned { claimed: None };
-            if let Err(r) = self.dispatcher().trust().decide(&caller) {
+            if let Err(r) = self.dispatcher().trust().decide(&caller, None).await {
                 return self.send_error(&Refusal::Trust(r), None);
             }
             caller

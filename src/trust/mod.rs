@@ -1,18 +1,22 @@
 //! Trust: who may use the agent. One decision for every transport, made by the
 //! dispatcher after the signature check.
 //!
-//! This is the first part of the seed's table: the levels `open`, `careful`, `strict` and
-//! the whitelist/blacklist. Policies, onboarding and the trust agent plug in behind
-//! [`Trust::decide`] later.
+//! [`Trust`] is the configuration: a level (`open`, `careful`, `strict`), the
+//! whitelist/blacklist, and optionally a [`Policy`] (the seed's advanced form: allow, deny,
+//! onboarding, default). [`TrustEngine`] makes the decisions.
 
+mod engine;
 mod lists;
+mod policy;
 
 use std::fmt;
 use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
+pub use engine::{CallerLevel, ListFile, ListFiles, TrustAgent, TrustEngine, TrustQuestion};
 pub use lists::{AddressList, ListError};
+pub use policy::{AllowRule, DefaultAction, DenyRule, InviteCode, Onboard, Policy};
 
 use crate::identity::Address;
 
@@ -78,80 +82,57 @@ impl Caller {
     }
 }
 
-/// Why trust refused a caller.
+/// Why trust refused a caller; each reason has its own code.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum Refused {
     #[error("address {0} is blocked by this agent")]
     Blocked(String),
-    #[error("this agent requires a valid signature (trust level strict)")]
+    #[error("this agent requires a valid signature")]
     SignatureRequired,
+    #[error("this agent serves its contacts; to become one, present {0}")]
+    OnboardingRequired(String),
+    #[error("too few credits: {have} held, {need} needed to become a contact")]
+    InsufficientCredits { have: u64, need: u64 },
+    #[error("not allowed: {0}")]
+    NotAllowed(String),
+    #[error("the agent's access lists cannot be read; refusing everyone until they can ({0})")]
+    ListUnreadable(String),
+    #[error("only the node itself and its admins may do this")]
+    NotAdmin,
+}
+
+impl Refused {
+    pub fn code(&self) -> &'static str {
+        match self {
+            Refused::Blocked(_) => "blocked",
+            Refused::SignatureRequired => "signature_required",
+            Refused::OnboardingRequired(_) => "onboarding_required",
+            Refused::InsufficientCredits { .. } => "insufficient_credits",
+            Refused::NotAllowed(_) => "not_allowed",
+            Refused::ListUnreadable(_) => "list_unreadable",
+            Refused::NotAdmin => "not_admin",
+        }
+    }
 }
 
 /// The trust configuration of one node.
 #[derive(Debug, Clone, Default)]
+#[non_exhaustive]
 pub struct Trust {
     pub level: TrustLevel,
     pub whitelist: AddressList,
     pub blacklist: AddressList,
+    pub policy: Option<Policy>,
+    /// Where the lists come from, for reloading them when the files change.
+    pub files: ListFiles,
 }
 
 impl Trust {
-    /// Checked before anything else, on the claimed sender too: a blocked address is
-    /// refused whether or not its signature is valid.
-    pub fn check_blacklist(&self, from: Option<&Address>) -> Result<(), Refused> {
-        match from {
-            Some(a) if self.blacklist.contains(a) => Err(Refused::Blocked(a.short())),
-            _ => Ok(()),
+    pub fn with_level(level: TrustLevel) -> Self {
+        Trust {
+            level,
+            ..Trust::default()
         }
-    }
-
-    /// The decision after signature checks: whitelist, then level.
-    pub fn decide(&self, caller: &Caller) -> Result<(), Refused> {
-        if let Caller::Verified(a) = caller {
-            self.check_blacklist(Some(a))?;
-            if self.whitelist.contains(a) {
-                return Ok(());
-            }
-        }
-        match (self.level, caller) {
-            (TrustLevel::Strict, Caller::Unsigned { .. }) => Err(Refused::SignatureRequired),
-            _ => Ok(()),
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::identity::Identity;
-
-    #[test]
-    fn blacklist_beats_whitelist_and_levels() {
-        let bad = Identity::from_seed([1; 32]).address();
-        let good = Identity::from_seed([2; 32]).address();
-        for level in [TrustLevel::Open, TrustLevel::Careful, TrustLevel::Strict] {
-            let trust = Trust {
-                level,
-                whitelist: AddressList::from_patterns([bad.to_string(), good.to_string()]).unwrap(),
-                blacklist: AddressList::from_patterns([bad.to_string()]).unwrap(),
-            };
-            assert!(matches!(
-                trust.decide(&Caller::Verified(bad)),
-                Err(Refused::Blocked(_))
-            ));
-            assert!(trust.check_blacklist(Some(&bad)).is_err());
-            assert_eq!(trust.decide(&Caller::Verified(good)), Ok(()));
-            let unsigned = trust.decide(&Caller::Unsigned { claimed: None });
-            assert_eq!(unsigned.is_err(), level == TrustLevel::Strict);
-        }
-    }
-
-    #[test]
-    fn levels_parse_case_insensitively_with_a_clear_error() {
-        assert_eq!("Strict".parse::<TrustLevel>(), Ok(TrustLevel::Strict));
-        assert!("paranoid"
-            .parse::<TrustLevel>()
-            .unwrap_err()
-            .contains("open, careful or strict"));
     }
 }
