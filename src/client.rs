@@ -35,7 +35,7 @@ pub enum CallError {
     NoPath,
     #[error("cannot join the swarm: {0}")]
     Swarm(String),
-    #[error("cannot reach the relay at {url}: {reason}")]
+    #[error("cannot reach {url}: {reason}")]
     Unreachable { url: String, reason: String },
     #[error("agent {0} is offline")]
     Offline(String),
@@ -255,11 +255,39 @@ pub async fn connect(address: &str, options: ConnectOptions) -> Result<Remote, C
             }
             Err(e) => {
                 tracing::debug!(agent = %address.short(), path = via.as_str(), error = %e, "path failed");
-                last = Some(e);
+                last = Some(match last {
+                    Some(prev) => more_telling(prev, e),
+                    None => e,
+                });
             }
         }
     }
     Err(last.unwrap_or(CallError::NoPath))
+}
+
+/// Sends of one INPUT over the swarm, when a new stream dies before any reply.
+const P2P_SEND_ATTEMPTS: u32 = 4;
+
+/// A call's stream over the swarm, holding its slot in the per-peer call limit.
+struct CallStream {
+    stream: libp2p::Stream,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+/// Of the errors of several paths, the one that tells most: what the agent is (offline,
+/// unknown) over a path we could not use.
+fn more_telling(a: CallError, b: CallError) -> CallError {
+    let rank = |e: &CallError| match e {
+        CallError::Offline(_) | CallError::NotInSwarm(_) | CallError::Unknown(_) => 3,
+        CallError::Timeout(_) | CallError::Relay { .. } => 2,
+        CallError::Unreachable { reason, .. } if reason == "none known" => 0,
+        _ => 1,
+    };
+    if rank(&b) > rank(&a) {
+        b
+    } else {
+        a
+    }
 }
 
 /// Auto mode: what worked lately first, then direct, swarm, relay — each only when the
@@ -526,9 +554,18 @@ impl Remote {
         payload.insert("session".into(), json!({ "session_id": session_id }));
         let input = Envelope::sign(&self.identity, Kind::Input, Some(self.address), payload);
         let input_id = input.id().unwrap_or_default().to_owned();
+        let mut sends = 0;
         let mut stream = loop {
+            sends += 1;
             match self.send(&input).await {
                 Ok(stream) => break stream,
+                // A swarm stream reset while the INPUT was written: try a new one.
+                Err(CallError::Disconnected(why))
+                    if matches!(self.path, Path::P2p { .. }) && sends < P2P_SEND_ATTEMPTS =>
+                {
+                    tracing::debug!(%why, sends, "call stream dropped while sending; resending");
+                    tokio::time::sleep(Duration::from_millis(20 * u64::from(sends))).await;
+                }
                 // The path broke before the INPUT left: the next path can take it.
                 Err(
                     e @ (CallError::Disconnected(_)
@@ -542,9 +579,33 @@ impl Remote {
             }
         };
 
+        // Over the swarm a new stream can be dropped before the agent reads it (libp2p
+        // hands inbound streams over one at a time): resend the same signed INPUT. It
+        // cannot run twice; at worst the agent answers `replayed`.
+        let mut first = None;
+        for attempt in 1..=P2P_SEND_ATTEMPTS {
+            match self.next(&mut stream).await {
+                Ok(incoming) => {
+                    first = Some(incoming);
+                    break;
+                }
+                Err(CallError::Disconnected(why))
+                    if matches!(self.path, Path::P2p { .. }) && attempt < P2P_SEND_ATTEMPTS =>
+                {
+                    tracing::debug!(%why, attempt, "call stream dropped before any reply; resending");
+                    tokio::time::sleep(Duration::from_millis(20 * attempt as u64)).await;
+                    stream = self.send(&input).await?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
         let mut chunks = Vec::new();
         loop {
-            let env = match self.next(&mut stream).await? {
+            let next = match first.take() {
+                Some(incoming) => incoming,
+                None => self.next(&mut stream).await?,
+            };
+            let env = match next {
                 Incoming::Signed(env) => env,
                 Incoming::RelayError(obj) => return Err(relay_error(&obj, self.address)),
                 Incoming::Other => continue,
@@ -632,7 +693,7 @@ impl Remote {
     }
 
     /// Sends the INPUT; over the swarm this opens the call's own stream.
-    async fn send(&mut self, input: &Envelope) -> Result<Option<libp2p::Stream>, CallError> {
+    async fn send(&mut self, input: &Envelope) -> Result<Option<CallStream>, CallError> {
         match &mut self.path {
             Path::Direct(socket) | Path::Relay(socket) => {
                 let mut frame = input.to_nested_json();
@@ -646,30 +707,36 @@ impl Remote {
             }
             Path::P2p { swarm, .. } => {
                 let address = self.address;
-                let mut stream = swarm
-                    .open(address)
+                let (mut stream, permit) = swarm
+                    .open_call(address)
                     .await
                     .map_err(|e| p2p_error(e, address))?;
                 wire::write_frame(&mut stream, input)
                     .await
                     .map_err(|e| CallError::Disconnected(e.to_string()))?;
-                Ok(Some(stream))
+                Ok(Some(CallStream {
+                    stream,
+                    _permit: permit,
+                }))
             }
         }
     }
 
     /// The next frame of the call, waiting at most the reply timeout.
-    async fn next(&mut self, stream: &mut Option<libp2p::Stream>) -> Result<Incoming, CallError> {
+    async fn next(&mut self, stream: &mut Option<CallStream>) -> Result<Incoming, CallError> {
         let wait = self.reply_timeout;
         match (&mut self.path, stream) {
-            (_, Some(stream)) => match tokio::time::timeout(wait, wire::read_frame(stream)).await {
-                Err(_) => Err(CallError::Timeout(wait)),
-                Ok(Ok(Some(env))) => Ok(Incoming::Signed(env)),
-                Ok(Ok(None)) => Err(CallError::Disconnected(
-                    "the agent closed the stream without an answer".into(),
-                )),
-                Ok(Err(e)) => Err(CallError::Tampered(format!("undecodable reply: {e}"))),
-            },
+            (_, Some(call)) => {
+                match tokio::time::timeout(wait, wire::read_frame(&mut call.stream)).await {
+                    Err(_) => Err(CallError::Timeout(wait)),
+                    Ok(Ok(Some(env))) => Ok(Incoming::Signed(env)),
+                    Ok(Ok(None)) => Err(CallError::Disconnected(
+                        "the agent closed the stream without an answer".into(),
+                    )),
+                    Ok(Err(wire::WireError::Io(e))) => Err(CallError::Disconnected(e.to_string())),
+                    Ok(Err(e)) => Err(CallError::Tampered(format!("undecodable reply: {e}"))),
+                }
+            }
             (Path::Direct(socket) | Path::Relay(socket), None) => {
                 let msg = tokio::time::timeout(wait, socket.next())
                     .await

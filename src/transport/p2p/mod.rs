@@ -39,6 +39,10 @@ const IDENTIFY_PROTOCOL: &str = "/oonode/id/1.0.0";
 const INPUT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long one reply frame may take to write (per chunk, not per answer).
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The most calls this swarm opens to one peer at once. Peers accept twice that
+/// ([`P2pConfig::max_streams_per_peer`]), so a conforming caller never trips the limit,
+/// not even while a finished call's stream is still being closed.
+pub const MAX_CALLS_PER_PEER: usize = 32;
 /// How long a misbehaving peer stays blocked.
 const BAN: Duration = Duration::from_secs(60);
 /// How often the node refreshes its routing table.
@@ -85,7 +89,7 @@ impl Default for P2pConfig {
             mdns: false,
             dht_server: true,
             max_inbound_streams: 256,
-            max_streams_per_peer: 32,
+            max_streams_per_peer: 2 * MAX_CALLS_PER_PEER,
             max_connections: 1024,
             idle_timeout: Duration::from_secs(60),
         }
@@ -181,6 +185,11 @@ pub struct P2p {
     control: libp2p_stream::Control,
     peer_id: PeerId,
     status: Arc<Mutex<SwarmStatus>>,
+    /// How many listen addresses were asked for.
+    listeners: usize,
+    /// Calls this swarm has open to each peer: kept under the peers' per-peer limit, so
+    /// a node relaying many callers' calls is never mistaken for a misbehaving peer.
+    outbound: Arc<Mutex<HashMap<PeerId, Arc<Semaphore>>>>,
 }
 
 impl std::fmt::Debug for P2p {
@@ -227,6 +236,8 @@ impl P2p {
                 let local = key.public().to_peer_id();
                 let mut kad_config = kad::Config::new(KAD_PROTOCOL);
                 kad_config.set_query_timeout(Duration::from_secs(10));
+                // Records are checked before they are stored: only valid presence records.
+                kad_config.set_record_filtering(kad::StoreInserts::FilterBoth);
                 let kad = kad::Behaviour::with_config(
                     local,
                     kad::store::MemoryStore::new(local),
@@ -299,6 +310,8 @@ impl P2p {
             control,
             peer_id,
             status,
+            listeners: config.listen.len(),
+            outbound: Arc::default(),
         })
     }
 
@@ -313,12 +326,12 @@ impl P2p {
             .clone()
     }
 
-    /// Waits until the swarm listens somewhere (or `limit` passes).
+    /// Waits until every configured listener is up (or `limit` passes).
     pub async fn listening(&self, limit: Duration) -> Vec<String> {
         let deadline = Instant::now() + limit;
         loop {
             let addrs = self.status().listen_addrs;
-            if !addrs.is_empty() || Instant::now() >= deadline {
+            if addrs.len() >= self.listeners.max(1) || Instant::now() >= deadline {
                 return addrs;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -352,6 +365,23 @@ impl P2p {
                 peer: peer.to_string(),
                 reason: e.to_string(),
             })
+    }
+
+    /// Opens a call stream, waiting while this swarm already has
+    /// [`MAX_CALLS_PER_PEER`] calls open to that peer. The permit lasts as long as the call.
+    pub(crate) async fn open_call(
+        &self,
+        address: Address,
+    ) -> Result<(libp2p::Stream, tokio::sync::OwnedSemaphorePermit), P2pError> {
+        let slots = self
+            .outbound
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(address.peer_id())
+            .or_insert_with(|| Arc::new(Semaphore::new(MAX_CALLS_PER_PEER)))
+            .clone();
+        let permit = slots.acquire_owned().await.map_err(|_| P2pError::Stopped)?;
+        Ok((self.open(address).await?, permit))
     }
 
     /// Cuts a peer off for a while.
@@ -475,7 +505,9 @@ impl P2p {
                 if count > per_peer_max {
                     warn!(%peer, "peer opened more than {per_peer_max} calls at once; cut off");
                     release(&open, peer);
-                    this.ban(peer).await;
+                    // Never wait here: streams queue behind this loop one at a time.
+                    let this = this.clone();
+                    tokio::spawn(async move { this.ban(peer).await });
                     continue;
                 }
                 let (this, dispatcher, open) = (this.clone(), dispatcher.clone(), open.clone());
@@ -500,6 +532,24 @@ fn release(open: &Mutex<HashMap<PeerId, usize>>, peer: PeerId) {
             open.remove(&peer);
         }
     }
+}
+
+/// A presence record is stored only under its signer's own key.
+fn valid_presence(record: &kad::Record) -> bool {
+    let key = record.key.as_ref();
+    let Some(raw) = key.strip_prefix(PRESENCE_PREFIX) else {
+        return false;
+    };
+    let Ok(bytes) = <[u8; 32]>::try_from(raw) else {
+        return false;
+    };
+    let Ok(address) = Address::from_bytes(bytes) else {
+        return false;
+    };
+    let Ok(Value::Object(obj)) = serde_json::from_slice::<Value>(&record.value) else {
+        return false;
+    };
+    Envelope::from_flat(&obj).and_then(|e| e.verify()).ok() == Some(address)
 }
 
 fn presence_key(address: &Address) -> Vec<u8> {
@@ -534,9 +584,12 @@ async fn serve_stream(
                 other => Refusal::BadRequest(other.to_string()),
             };
             let err = dispatcher.refusal_envelope(&refusal, None, None, None);
-            let _ =
-                tokio::time::timeout(Duration::from_secs(1), wire::write_frame(&mut stream, &err))
-                    .await;
+            // Write the reason and close, so it arrives before the ban cuts the connection.
+            let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                let _ = wire::write_frame(&mut stream, &err).await;
+                let _ = futures::AsyncWriteExt::close(&mut stream).await;
+            })
+            .await;
             p2p.ban(peer).await;
             return;
         }
@@ -660,8 +713,11 @@ impl EventLoop {
                         known.insert(*entry.node.key.preimage(), (addrs, false));
                     }
                 }
+                // Routing-table entries only: one-off callers (DHT clients) are not agents.
                 for peer in self.swarm.connected_peers() {
-                    known.entry(*peer).or_default().1 = true;
+                    if let Some(entry) = known.get_mut(peer) {
+                        entry.1 = true;
+                    }
                 }
                 let _ = reply.send(known.into_iter().map(|(p, (a, c))| (p, a, c)).collect());
             }
@@ -747,6 +803,22 @@ impl EventLoop {
             })) => {
                 for addr in info.listen_addrs {
                     self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Kad(kad::Event::InboundRequest {
+                request:
+                    kad::InboundRequest::PutRecord {
+                        record: Some(record),
+                        ..
+                    },
+            })) => {
+                if valid_presence(&record) {
+                    use kad::store::RecordStore;
+                    if let Err(e) = self.swarm.behaviour_mut().kad.store_mut().put(record) {
+                        debug!(error = ?e, "storing a presence record failed");
+                    }
+                } else {
+                    debug!("refused a DHT record that is no valid presence record");
                 }
             }
             SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(found))) => {
