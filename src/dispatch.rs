@@ -270,17 +270,8 @@ impl Dispatcher {
                 queued: inner.config.max_queue,
             })?;
         let start = self.continue_session(start, &caller, now).await?;
-        if let (Caller::Verified(_), Some(key)) = (caller, env.replay_key()) {
-            // Kept past the freshness window on both sides: by then the timestamp check
-            // refuses the message anyway.
-            if !inner
-                .store
-                .record_seen(key, now + 2 * MAX_CLOCK_SKEW_SECS)
-                .await?
-            {
-                return Err(Refusal::Replayed);
-            }
-        }
+        // Only signed envelopes have a replay key, and `authenticate` verified those.
+        self.use_once(env, now).await?;
         let files = self.save_uploads(&start.session_id, sub.uploads).await?;
 
         let record = SessionRecord {
@@ -358,22 +349,25 @@ impl Dispatcher {
         Ok(Caller::Verified(from))
     }
 
+    /// Records a signed envelope as used; a second use is a replay. Kept past the
+    /// freshness window on both sides: by then the timestamp check refuses it anyway.
+    async fn use_once(&self, env: &Envelope, now: u64) -> Result<(), Refusal> {
+        if let Some(key) = env.replay_key() {
+            let expires = now + 2 * MAX_CLOCK_SKEW_SECS;
+            if !self.inner.store.record_seen(key, expires).await? {
+                return Err(Refusal::Replayed);
+            }
+        }
+        Ok(())
+    }
+
     /// Checks a signed control message (a CONNECT): sender, signature, freshness, `to`,
     /// trust, and that it was not seen before.
     pub async fn authorize_once(&self, env: &Envelope) -> Result<Caller, Refusal> {
         let now = unix_now();
         let caller = self.authenticate(env, now, true)?;
         self.inner.trust.decide(&caller, None).await?;
-        if let Some(key) = env.replay_key() {
-            if !self
-                .inner
-                .store
-                .record_seen(key, now + 2 * MAX_CLOCK_SKEW_SECS)
-                .await?
-            {
-                return Err(Refusal::Replayed);
-            }
-        }
+        self.use_once(env, now).await?;
         Ok(caller)
     }
 
@@ -404,16 +398,7 @@ impl Dispatcher {
             .parse()
             .map_err(|e| Refusal::BadRequest(format!("invalid `address`: {e}")))?;
         let amount = env.payload.get("amount").and_then(Value::as_u64);
-        if let Some(key) = env.replay_key() {
-            if !self
-                .inner
-                .store
-                .record_seen(key, now + 2 * MAX_CLOCK_SKEW_SECS)
-                .await?
-            {
-                return Err(Refusal::Replayed);
-            }
-        }
+        self.use_once(env, now).await?;
         self.inner
             .trust
             .admin(&action, target, amount)

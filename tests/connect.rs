@@ -6,7 +6,6 @@ mod common;
 
 use std::process::Command;
 use std::sync::Arc;
-use std::time::Duration;
 
 use async_trait::async_trait;
 use common::*;
@@ -307,23 +306,6 @@ async fn forged_or_gapped_answers_are_rejected() {
     }
 }
 
-/// Sleeps as many milliseconds as the prompt says.
-#[derive(Clone)]
-struct Sleeper;
-
-#[async_trait]
-impl Agent for Sleeper {
-    fn name(&self) -> String {
-        "sleeper".into()
-    }
-
-    async fn run(&mut self, turn: Turn, _: &StreamSink) -> Result<String, AgentError> {
-        let ms: u64 = turn.prompt.parse().unwrap_or(0);
-        tokio::time::sleep(Duration::from_millis(ms)).await;
-        Ok(format!("slept {ms}"))
-    }
-}
-
 /// Runs `oonode call` off the async runtime; returns (status, stdout, stderr).
 async fn cli(args: Vec<String>) -> (i32, String, String) {
     tokio::task::spawn_blocking(move || {
@@ -382,12 +364,12 @@ async fn oonode_call_exit_statuses_and_messages() {
     };
 
     let (code, out, _) = cli(args(&ok.address().to_string(), "0", &[])).await;
-    assert_eq!((code, out.trim()), (0, "slept 0"));
+    assert_eq!((code, out.trim()), (0, "0"));
     let (code, out, _) = cli(args(&ok.address().to_string(), "0", &["--json"])).await;
     let json: Value = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(
         (code, json["result"].as_str(), json["path"].as_str()),
-        (0, Some("slept 0"), Some("relay"))
+        (0, Some("0"), Some("relay"))
     );
 
     let (code, _, err) = cli(args("0x1234", "hi", &[])).await;

@@ -202,23 +202,6 @@ async fn failing_and_panicking_runs_become_failed_sessions_and_the_node_keeps_se
     node.stop().await;
 }
 
-/// Waits until released through its prompt's sleep time.
-#[derive(Clone)]
-struct Sleeper;
-
-#[async_trait]
-impl Agent for Sleeper {
-    fn name(&self) -> String {
-        "sleeper".into()
-    }
-
-    async fn run(&mut self, turn: Turn, _: &StreamSink) -> Result<String, AgentError> {
-        let ms: u64 = turn.prompt.parse()?;
-        tokio::time::sleep(Duration::from_millis(ms)).await;
-        Ok(turn.prompt)
-    }
-}
-
 #[tokio::test]
 async fn past_the_queue_callers_get_a_clear_busy_503() {
     let dir = tempfile::tempdir().unwrap();

@@ -147,3 +147,24 @@ pub async fn signed_get(url: &str, caller: &Identity, path: &str) -> (u16, Value
     let status = res.status().as_u16();
     (status, res.json().await.unwrap_or(Value::Null))
 }
+
+/// Sleeps as many milliseconds as the prompt says, then answers with the prompt.
+#[derive(Clone)]
+pub struct Sleeper;
+
+#[oonode::async_trait]
+impl oonode::Agent for Sleeper {
+    fn name(&self) -> String {
+        "sleeper".into()
+    }
+
+    async fn run(
+        &mut self,
+        turn: oonode::Turn,
+        _: &oonode::StreamSink,
+    ) -> Result<String, oonode::AgentError> {
+        let ms: u64 = turn.prompt.parse()?;
+        tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+        Ok(turn.prompt)
+    }
+}
