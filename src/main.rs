@@ -42,6 +42,12 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// A local multi-node testnet: a relay and N nodes on 127.0.0.1 (up, status, call,
+    /// logs, down).
+    Testnet {
+        #[command(subcommand)]
+        command: oonode::testnet::TestnetCommand,
+    },
     /// Print this node's address and PeerId, creating the key if needed.
     Keys {
         /// Directory holding keys/agent.key (default: project .co/, else ~/.co).
@@ -256,6 +262,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Peers(args) => peers(args).await,
         Command::Init { dir, force } => init(dir, force),
         Command::Trust(args) => trust(args).await,
+        Command::Testnet { command } => oonode::testnet::run(command).await,
         Command::Call(args) => match call(args).await {
             code if code == ExitCode::SUCCESS => Ok(()),
             _ => Err(anyhow::anyhow!("call failed")),
