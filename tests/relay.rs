@@ -1373,3 +1373,57 @@ async fn the_directory_lists_agents_and_health_counts() {
     );
     drop(ws);
 }
+
+/// A relay that answers the first ANNOUNCE and then goes silent on a socket that stays
+/// open, like the far side of a partition: the node must notice and reconnect.
+#[tokio::test]
+async fn a_node_notices_a_silent_relay_and_reconnects() {
+    use futures::{SinkExt as _, StreamExt as _};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("ws://{}", listener.local_addr().unwrap());
+    let connections = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = connections.clone();
+    let black_hole = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((tcp, _)) = listener.accept().await {
+            seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let Ok(mut ws) = tokio_tungstenite::accept_async(tcp).await else {
+                continue;
+            };
+            if ws.next().await.is_some() {
+                let _ = ws
+                    .send(tokio_tungstenite::tungstenite::Message::text(
+                        r#"{"type":"ANNOUNCE_OK"}"#,
+                    ))
+                    .await;
+            }
+            held.push(ws); // never read or answer again
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let node = oonode::Host::new(oonode::agent::Echo)
+        .co_dir(dir.path())
+        .http(false)
+        .p2p(false)
+        .relay_url(Some(url))
+        .build()
+        .unwrap()
+        .spawn()
+        .await
+        .unwrap();
+    assert!(node.wait_for_relay(Duration::from_secs(10)).await);
+    let started = std::time::Instant::now();
+    while connections.load(std::sync::atomic::Ordering::SeqCst) < 2 {
+        assert!(
+            started.elapsed() < Duration::from_secs(70),
+            "the node kept a silent relay link for over a minute"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    eprintln!(
+        "silent relay noticed and replaced after {:?}",
+        started.elapsed()
+    );
+    node.shutdown().await.unwrap();
+    black_hole.abort();
+}

@@ -26,7 +26,10 @@ use crate::relay::signed_announce;
 use crate::trust::Caller;
 
 /// How often the node re-announces (the relay forgets an agent after 120 s of silence).
-const REANNOUNCE_EVERY: Duration = Duration::from_secs(60);
+const REANNOUNCE_EVERY: Duration = Duration::from_secs(30);
+/// A re-announce not answered within this long means the link is dead even if TCP has
+/// not noticed (a partition leaves a half-open socket): reconnect.
+const ANNOUNCE_OK_WITHIN: Duration = Duration::from_secs(15);
 /// How long to wait for a connection and its ANNOUNCE_OK.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Backoff between reconnection attempts: 1, 2, 3, 3, … s, plus up to 1 s of jitter.
@@ -248,10 +251,13 @@ impl Runner {
             dead: dead.clone(),
             callers: HashMap::new(),
             forwarders: JoinSet::new(),
+            answered: true,
         };
         let mut reannounce = tokio::time::interval(REANNOUNCE_EVERY);
         reannounce.tick().await;
+        let mut unanswered_since: Option<tokio::time::Instant> = None;
         loop {
+            let deadline = unanswered_since.map(|t| t + ANNOUNCE_OK_WITHIN);
             tokio::select! {
                 _ = stop.cancelled() => break,
                 _ = dead.cancelled() => break,
@@ -259,6 +265,12 @@ impl Runner {
                     if out_tx.try_send(self.announce()).is_err() {
                         break;
                     }
+                    session.answered = false;
+                    unanswered_since.get_or_insert_with(tokio::time::Instant::now);
+                }
+                _ = tokio::time::sleep_until(deadline.unwrap_or_else(tokio::time::Instant::now)), if deadline.is_some() => {
+                    warn!(url = %self.url, "the relay did not answer a re-announce; the link is dead");
+                    break;
                 }
                 frame = stream.next() => match frame {
                     Some(Ok(Message::Text(text))) => session.on_frame(text.as_bytes()).await,
@@ -270,6 +282,9 @@ impl Runner {
                         break;
                     }
                 },
+            }
+            if session.answered {
+                unanswered_since = None;
             }
             while session.forwarders.try_join_next().is_some() {}
         }
@@ -292,6 +307,8 @@ struct RelayedSessions {
     /// Callers that authenticated a session with a signed CONNECT.
     callers: HashMap<String, Caller>,
     forwarders: JoinSet<()>,
+    /// Whether the relay answered the last re-announce.
+    answered: bool,
 }
 
 impl RelayedSessions {
@@ -334,7 +351,10 @@ impl RelayedSessions {
             .unwrap_or("")
             .to_string();
         match kind.as_str() {
-            "ANNOUNCE_OK" => return,
+            "ANNOUNCE_OK" => {
+                self.answered = true;
+                return;
+            }
             "ERROR" if !obj.contains_key("session_id") => {
                 warn!(error = ?obj.get("error"), "the relay reported an error");
                 return;
