@@ -408,7 +408,7 @@ async fn open_direct(address: Address, options: &ConnectOptions) -> Result<Path,
         let url = format!("{}/ws", base.replacen("http://", "ws://", 1));
         match tokio::time::timeout(
             Duration::from_secs(5),
-            tokio_tungstenite::connect_async(url.as_str()),
+            tokio_tungstenite::connect_async_with_config(url.as_str(), None, true),
         )
         .await
         {
@@ -470,7 +470,7 @@ async fn open_relay(options: &ConnectOptions) -> Result<Socket, CallError> {
     }
     let (socket, _) = tokio::time::timeout(
         Duration::from_secs(10),
-        tokio_tungstenite::connect_async(url.as_str()),
+        tokio_tungstenite::connect_async_with_config(url.as_str(), None, true),
     )
     .await
     .map_err(|_| unreachable("timed out".into()))?

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use axum::serve::ListenerExt;
 use axum::Router;
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
@@ -19,6 +20,7 @@ use crate::envelope::unix_now;
 use crate::identity::{find_co_dir, Address, Identity, KeyFileError};
 use crate::store::{Store, StoreError};
 use crate::transport::http::{self, HttpState, NodeInfo};
+use crate::transport::no_delay;
 use crate::transport::p2p::{P2p, P2pError};
 use crate::transport::relay::{self, RelayLink, RelayStatus};
 use crate::trust::{Policy, TrustAgent, TrustLevel};
@@ -430,7 +432,7 @@ impl Node {
             let router = self.router_with(None, relay.clone(), p2p.clone());
             let stop = shutdown.clone();
             tasks.spawn(async move {
-                axum::serve(listener, router)
+                axum::serve(listener.tap_io(no_delay), router)
                     .with_graceful_shutdown(stop.cancelled_owned())
                     .await
                     .map_err(HostError::Serve)

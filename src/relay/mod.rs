@@ -21,6 +21,7 @@ use axum::extract::{Path, State, WebSocketUpgrade};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use axum::serve::ListenerExt;
 use axum::{Json, Router};
 use serde_json::json;
 use tokio::net::TcpListener;
@@ -130,7 +131,7 @@ impl Relay {
             .with_state(state.clone());
         let stop = shutdown.clone();
         let task = tokio::spawn(async move {
-            let _ = axum::serve(listener, router)
+            let _ = axum::serve(listener.tap_io(crate::transport::no_delay), router)
                 .with_graceful_shutdown(stop.cancelled_owned())
                 .await;
         });

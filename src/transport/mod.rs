@@ -14,6 +14,14 @@ use base64::Engine;
 use crate::dispatch::{Refusal, Submission, Upload};
 use crate::envelope::Envelope;
 
+/// Small WebSocket frames and HTTP replies must not wait for Nagle's algorithm (and the
+/// peer's delayed ACK): every accepted socket sends at once.
+pub(crate) fn no_delay(tcp: &mut tokio::net::TcpStream) {
+    if let Err(e) = tcp.set_nodelay(true) {
+        tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+    }
+}
+
 /// Reads an INPUT in any of the JSON shapes callers use (HTTP body, and later WS/relay
 /// frames):
 ///

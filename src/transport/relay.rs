@@ -198,7 +198,7 @@ impl Runner {
             .max_message_size(Some(MAX_FRAME_BYTES))
             .max_frame_size(Some(MAX_FRAME_BYTES));
         let connect =
-            tokio_tungstenite::connect_async_with_config(self.url.as_str(), Some(config), false);
+            tokio_tungstenite::connect_async_with_config(self.url.as_str(), Some(config), true);
         let (socket, _) = tokio::time::timeout(CONNECT_TIMEOUT, connect)
             .await
             .map_err(|_| "connection timed out".to_string())?
