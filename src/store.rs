@@ -467,10 +467,14 @@ fn run_store(trees: Trees, mut jobs: tokio::sync::mpsc::Receiver<Job>) {
     let mut closing = None;
     while let Some(first) = jobs.blocking_recv() {
         let mut waiting = Vec::new();
+        // Answers that come after a durable write in the batch wait for its flush, so
+        // that nobody sees (and acts on) state a crash could still take back.
+        let mut after_flush: Vec<Box<dyn FnOnce() + Send>> = Vec::new();
         let mut next = Some(first);
         while let Some(job) = next.take() {
             match job(&trees) {
-                Completion::Now(answer) => answer(),
+                Completion::Now(answer) if waiting.is_empty() => answer(),
+                Completion::Now(answer) => after_flush.push(answer),
                 Completion::AfterFlush(answer) => waiting.push(answer),
                 Completion::Close(answer) => {
                     closing = Some(answer);
@@ -486,6 +490,9 @@ fn run_store(trees: Trees, mut jobs: tokio::sync::mpsc::Receiver<Job>) {
             for answer in waiting {
                 answer(flushed.clone());
             }
+        }
+        for answer in after_flush {
+            answer();
         }
         if closing.is_some() {
             break;
