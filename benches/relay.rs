@@ -4,7 +4,8 @@
 //!
 //! - a relay: `oonode relay --listen 127.0.0.1:<free port> --frames-per-sec <F>`;
 //! - a node: `oonode host --agent echo --port 0 --bind 127.0.0.1
-//!   --relay ws://127.0.0.1:<relay port> --co-dir <tempdir>`.
+//!   --relay ws://127.0.0.1:<relay port> --no-p2p --co-dir <tempdir>` (no libp2p
+//!   swarm, which would listen on every interface).
 //!
 //! The node's port and address come from its banner; the bench waits until the relay's
 //! directory lists the node online. Then, for each mode below, it sends 50 warm-up
@@ -24,16 +25,24 @@
 //!   top-level `"type":"INPUT"` and `"to"` (what `connect()` sends), signed before the
 //!   timer; replies are not verified. After each answer (untimed) a
 //!   `{"type":"close"}` frees the session, as the relay allows 64 per connection.
-//! - `relay-client`: `oonode::connect(address, relay)` then one `remote.input("ping")`
-//!   per handle: a new handle per request, connected before the timer starts
-//!   (connect times are reported apart). This includes signing the INPUT and verifying
-//!   the signature (and sender, recipient, session, freshness) of every reply.
+//! - `client-direct`: `oonode::connect(address, ConnectOptions::default()
+//!   .endpoint("http://127.0.0.1:<port>").via(Via::Direct))`, then
+//!   `remote.set_session_id(<new>)` and a timed `remote.input("ping")` per request.
+//!   This includes signing the INPUT and verifying the signature (and sender,
+//!   recipient, session, freshness) of every reply. The handle's `path()` must be
+//!   `direct`. A handle serves 60 requests and is then replaced (untimed; connect
+//!   times are reported apart), because the relay allows 64 sessions per caller
+//!   connection and the client never closes one.
+//! - `client-relay`: the same through the relay, `ConnectOptions::default()
+//!   .relay(url).via(Via::Relay)`; `path()` must be `relay`. (`Via::Auto` would pick
+//!   the node's loopback endpoint and skip the relay.)
 //!
 //! Modes on ONE session (what a single handle does; the session history grows by two
 //! messages a turn and every OUTPUT carries all of it, so later turns cost more):
 //! - `ws-1session`: one `/ws` socket, `{"type":"INPUT","prompt":"ping"}` with no
 //!   session, which the node continues on the socket's session.
-//! - `relay-client-1session`: one `connect()` handle, N+50 sequential `input("ping")`.
+//! - `client-relay-1session`: one `connect()` handle through the relay, N+50 sequential
+//!   `input("ping")`.
 //!
 //! Per mode it prints p50/p90/p99/max/mean in ms, requests/s (= 1000 / mean ms, as the
 //! requests are sequential), the p50 of the first and of the last 100 measured requests
@@ -41,10 +50,17 @@
 //! process over the measured loop (from /proc, 10 ms ticks, so ±10 µs/req at N=1000).
 //! Afterwards it times client-side signing of an INPUT and verifying an OUTPUT.
 //!
-//! The relay's default limit of 100 frames per second per connection (burst 200)
-//! would throttle a sequential loop at ~1000 req/s (the relay drops the agent's excess
-//! frames and answers the caller's with `rate_limited`), so the relay is started with
-//! `--frames-per-sec 1000000` unless `OONODE_BENCH_RELAY_FPS` says otherwise.
+//! The relay limits each caller connection to 100 frames per second (burst 200) by
+//! default. A sequential loop at several hundred requests per second exhausts that
+//! within a second, after which the relay answers `rate_limited` (`relay-raw`, which
+//! also sends a `close` per request, fails from about its 100th request with
+//! `OONODE_BENCH_RELAY_FPS=100`). So the relay is started with `--frames-per-sec
+//! 1000000` unless `OONODE_BENCH_RELAY_FPS` says otherwise.
+//!
+//! Before commit 0cbcfb8 (TCP_NODELAY on every listener and outbound WebSocket), each
+//! WebSocket hop that wrote two frames back to back (STREAM, then OUTPUT) waited ~40 ms
+//! for the peer's delayed ACK: `ws` took ~44 ms and `relay-raw` ~88 ms. Rows at those
+//! values mean Nagle's algorithm is back on some socket (see BENCHMARKS.md).
 //!
 //! Every request has a 10 s timeout; a mode stops after 10 failures. Only 127.0.0.1 is
 //! contacted. Both children are killed (by PID, `Child::kill`) when the bench ends, also
@@ -61,7 +77,7 @@ use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use futures::{SinkExt, StreamExt};
-use oonode::{Address, ConnectOptions, Envelope, Identity, Kind, Remote};
+use oonode::{Address, ConnectOptions, Envelope, Identity, Kind, Remote, Via};
 use serde_json::{json, Map, Value};
 use tokio_tungstenite::tungstenite::Message;
 
@@ -75,6 +91,10 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// A mode stops after this many failed requests.
 const MAX_ERRORS: usize = 10;
 const DEFAULT_RELAY_FPS: u32 = 1_000_000;
+/// Requests (each on its own session) per `connect()` handle in `client-direct` and
+/// `client-relay`: the relay allows 64 sessions per caller connection, and the client
+/// never closes one.
+const SESSIONS_PER_HANDLE: usize = 60;
 /// Requests in the "first" and "last" windows used to show drift.
 const EDGE: usize = 100;
 
@@ -124,6 +144,8 @@ fn main() {
                 "127.0.0.1",
             ])
             .args(["--relay", &relay_url])
+            // The libp2p swarm would listen on 0.0.0.0; this bench stays on loopback.
+            .arg("--no-p2p")
             .arg("--co-dir")
             .arg(dir.path()),
     );
@@ -360,19 +382,21 @@ enum Mode {
     Ws,
     WsSigned,
     RelayRaw,
-    RelayClient,
+    ClientDirect,
+    ClientRelay,
     WsOneSession,
-    RelayClientOneSession,
+    ClientRelayOneSession,
 }
 
-const MODES: [Mode; 7] = [
+const MODES: [Mode; 8] = [
     Mode::Http,
     Mode::Ws,
     Mode::WsSigned,
     Mode::RelayRaw,
-    Mode::RelayClient,
+    Mode::ClientDirect,
+    Mode::ClientRelay,
     Mode::WsOneSession,
-    Mode::RelayClientOneSession,
+    Mode::ClientRelayOneSession,
 ];
 
 impl Mode {
@@ -382,9 +406,18 @@ impl Mode {
             Mode::Ws => "ws",
             Mode::WsSigned => "ws-signed",
             Mode::RelayRaw => "relay-raw",
-            Mode::RelayClient => "relay-client",
+            Mode::ClientDirect => "client-direct",
+            Mode::ClientRelay => "client-relay",
             Mode::WsOneSession => "ws-1session",
-            Mode::RelayClientOneSession => "relay-client-1session",
+            Mode::ClientRelayOneSession => "client-relay-1session",
+        }
+    }
+
+    /// The path a `connect()` handle of this mode takes.
+    fn via(self) -> Via {
+        match self {
+            Mode::ClientDirect => Via::Direct,
+            _ => Via::Relay,
         }
     }
 }
@@ -411,6 +444,8 @@ enum Client {
     Remote {
         remote: Option<Remote>,
         connect_ns: Vec<u64>,
+        /// Requests made on the current handle.
+        turns: usize,
     },
 }
 
@@ -471,25 +506,38 @@ impl Ctx {
             Mode::RelayRaw => Client::Ws {
                 ws: ws_connect(&format!("{}/ws/input", self.relay_url)).await,
             },
-            Mode::RelayClient => Client::Remote {
-                remote: None,
-                connect_ns: Vec::new(),
-            },
-            Mode::RelayClientOneSession => Client::Remote {
-                remote: Some(self.connect().await.expect("connect() failed")),
-                connect_ns: Vec::new(),
-            },
+            Mode::ClientDirect | Mode::ClientRelay | Mode::ClientRelayOneSession => {
+                Client::Remote {
+                    remote: None,
+                    connect_ns: Vec::new(),
+                    turns: 0,
+                }
+            }
         }
     }
 
-    async fn connect(&self) -> Result<Remote, String> {
-        let options = ConnectOptions::default()
-            .relay(self.relay_url.clone())
+    async fn connect(&self, via: Via) -> Result<Remote, String> {
+        let options = match via {
+            Via::Direct => {
+                ConnectOptions::default().endpoint(format!("http://127.0.0.1:{}", self.port))
+            }
+            _ => ConnectOptions::default().relay(self.relay_url.clone()),
+        };
+        let options = options
+            .via(via)
             .identity(self.identity.clone())
             .reply_timeout(REQUEST_TIMEOUT);
-        oonode::connect(&self.address.to_string(), options)
+        let remote = oonode::connect(&self.address.to_string(), options)
             .await
-            .map_err(|e| format!("connect: {e}"))
+            .map_err(|e| format!("connect: {e}"))?;
+        if remote.path() != via.as_str() {
+            return Err(format!(
+                "connect() took the {} path, not {}",
+                remote.path(),
+                via.as_str()
+            ));
+        }
+        Ok(remote)
     }
 
     /// The signed INPUT frame `connect()` would send, on a new session.
@@ -552,16 +600,30 @@ impl Ctx {
                 }
                 trip
             }
-            Client::Remote { remote, connect_ns } => {
+            Client::Remote {
+                remote,
+                connect_ns,
+                turns,
+            } => {
+                let fresh_sessions = mode != Mode::ClientRelayOneSession;
+                if fresh_sessions && *turns >= SESSIONS_PER_HANDLE {
+                    *remote = None; // Closes its socket.
+                }
+                // A handle that failed was not put back: connect anew.
                 let mut handle = match remote.take() {
                     Some(r) => r,
                     None => {
                         let t = Instant::now();
-                        let r = self.connect().await?;
+                        let r = self.connect(mode.via()).await?;
                         connect_ns.push(t.elapsed().as_nanos() as u64);
+                        *turns = 0;
                         r
                     }
                 };
+                if fresh_sessions {
+                    handle.set_session_id(sid.as_str());
+                }
+                *turns += 1;
                 let t0 = Instant::now();
                 let answer = handle.input(PROMPT).await;
                 let elapsed = t0.elapsed();
@@ -570,9 +632,7 @@ impl Ctx {
                     return Err(format!("unexpected result {:?}", answer.result));
                 }
                 let last_size = answer.session.to_string().len();
-                if mode == Mode::RelayClientOneSession {
-                    *remote = Some(handle);
-                }
+                *remote = Some(handle);
                 Ok(Trip {
                     elapsed,
                     frames: Vec::new(),
@@ -612,15 +672,6 @@ impl Ctx {
                 Err(e) => {
                     errors += 1;
                     eprintln!("FAILED {} request #{i}: {e}", mode.label());
-                    if mode == Mode::RelayClientOneSession {
-                        // The handle is gone with the error; carry on with a new one.
-                        if let Ok(r) = self.connect().await {
-                            client = Client::Remote {
-                                remote: Some(r),
-                                connect_ns: Vec::new(),
-                            };
-                        }
-                    }
                 }
             }
         }
@@ -636,7 +687,9 @@ impl Ctx {
             eprintln!("{}: stopped after {errors} failures", mode.label());
         }
         let note = match (&client, mode) {
-            (Client::Remote { connect_ns, .. }, Mode::RelayClient) if !connect_ns.is_empty() => {
+            (Client::Remote { connect_ns, .. }, Mode::ClientDirect | Mode::ClientRelay)
+                if !connect_ns.is_empty() =>
+            {
                 let mut c = connect_ns.clone();
                 c.sort_unstable();
                 let at = |q: f64| {
@@ -653,7 +706,7 @@ impl Ctx {
             (_, Mode::WsOneSession) => Some(format!(
                 "the last OUTPUT frame was {last_size} bytes (the session history rides in every OUTPUT)"
             )),
-            (_, Mode::RelayClientOneSession) => Some(format!(
+            (_, Mode::ClientRelayOneSession) => Some(format!(
                 "the last answer's session history was {last_size} bytes of JSON"
             )),
             _ => None,
