@@ -22,12 +22,13 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Host an agent: HTTP API on --port, identity and sessions in the co_dir.
+    /// Host an agent: reachable over HTTP/WebSocket, the libp2p swarm and a relay; identity
+    /// and sessions in the co_dir.
     Host(HostArgs),
     /// Run a relay: agents announce on /ws/announce, callers reach them on /ws/input.
     Relay(RelayArgs),
-    /// Call an agent by address through a relay; streams chunks to stderr, prints the
-    /// result on stdout.
+    /// Call an agent by address (direct, over the swarm, or through a relay; the best that
+    /// works): chunks stream to stdout, then the result.
     Call(CallArgs),
     /// List the agents a swarm knows, with their summaries (joins through --bootstrap).
     Peers(PeersArgs),
