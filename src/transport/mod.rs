@@ -11,8 +11,11 @@ use serde_json::{Map, Value};
 
 use base64::Engine;
 
-use crate::dispatch::{Refusal, Submission, Upload};
+use crate::dispatch::{Dispatcher, Refusal, Submission, Upload};
 use crate::envelope::Envelope;
+use crate::identity::Address;
+use crate::store::SessionStatus;
+use crate::trust::Caller;
 
 /// Small WebSocket frames and HTTP replies must not wait for Nagle's algorithm (and the
 /// peer's delayed ACK): every accepted socket sends at once.
@@ -55,6 +58,60 @@ pub(crate) fn submission_from_json(mut obj: Map<String, Value>) -> Result<Submis
         session,
         uploads,
     })
+}
+
+/// An INPUT frame of a socket (`/ws` or a relayed one): the session is the one the frame
+/// names, else `fallback` (the socket's current session, or the relay's routing id).
+/// Routing-only fields (`session_id`, `to`, `type`) are dropped before parsing.
+pub(crate) fn submission_from_frame(
+    mut obj: Map<String, Value>,
+    fallback: Option<String>,
+) -> Result<Submission, Refusal> {
+    let named = obj
+        .remove("session_id")
+        .and_then(|v| v.as_str().map(str::to_owned));
+    obj.remove("to");
+    if !obj.contains_key("session") {
+        if let Some(id) = named.or(fallback) {
+            obj.insert("session".into(), serde_json::json!({ "session_id": id }));
+        }
+    }
+    if !obj.contains_key("payload") {
+        obj.remove("type");
+    }
+    submission_from_json(obj)
+}
+
+/// A CONNECT frame, the Python client's way to open a socket session: a signed one is
+/// checked like an INPUT and is single-use; an unsigned one passes where trust allows.
+/// Returns the caller and whether `session_id` is `new`, `connected` or `running` for
+/// it. On refusal, also the claimed sender, to address the ERROR to.
+pub(crate) async fn connect_frame(
+    dispatcher: &Dispatcher,
+    obj: &Map<String, Value>,
+    session_id: &str,
+) -> Result<(Caller, &'static str), (Refusal, Option<Address>)> {
+    let caller = if obj.contains_key("payload") {
+        let env = Envelope::from_nested(obj).map_err(|e| (Refusal::Envelope(e), None))?;
+        dispatcher
+            .authorize_once(&env)
+            .await
+            .map_err(|r| (r, env.from))?
+    } else {
+        let caller = Caller::Unsigned { claimed: None };
+        dispatcher
+            .trust()
+            .decide(&caller, None)
+            .await
+            .map_err(|r| (Refusal::Trust(r), None))?;
+        caller
+    };
+    let status = match dispatcher.session(session_id, &caller).await {
+        Ok(Some(rec)) if rec.status == SessionStatus::Running => "running",
+        Ok(Some(_)) => "connected",
+        _ => "new",
+    };
+    Ok((caller, status))
 }
 
 /// Decodes `files: [{"name", "data": "data:…;base64,…"}]` and `images: ["data:…"]`.

@@ -401,16 +401,8 @@ impl RelayedSessions {
             .unwrap_or(Caller::Unsigned { claimed: None })
     }
 
-    async fn on_input(&mut self, mut obj: Map<String, Value>, session_id: String) {
-        obj.remove("session_id");
-        obj.remove("to");
-        if !obj.contains_key("session") {
-            obj.insert("session".into(), json!({ "session_id": session_id }));
-        }
-        if !obj.contains_key("payload") {
-            obj.remove("type");
-        }
-        let submission = match super::submission_from_json(obj) {
+    async fn on_input(&mut self, obj: Map<String, Value>, session_id: String) {
+        let submission = match super::submission_from_frame(obj, Some(session_id.clone())) {
             Ok(s) => s,
             Err(r) => return self.send_error(&r, None, &session_id),
         };
@@ -430,35 +422,20 @@ impl RelayedSessions {
     }
 
     async fn on_connect(&mut self, obj: &Map<String, Value>, session_id: String) {
-        let caller = if obj.contains_key("payload") {
-            let env = match Envelope::from_nested(obj) {
-                Ok(e) => e,
-                Err(e) => return self.send_error(&Refusal::Envelope(e), None, &session_id),
-            };
-            match self.dispatcher.authorize_once(&env).await {
-                Ok(c) => c,
-                Err(r) => return self.send_error(&r, env.from, &session_id),
-            }
-        } else {
-            let caller = Caller::Unsigned { claimed: None };
-            if let Err(r) = self.dispatcher.trust().decide(&caller, None).await {
-                return self.send_error(&Refusal::Trust(r), None, &session_id);
-            }
-            caller
-        };
         if self.callers.len() >= MAX_CONNECTED_SESSIONS && !self.callers.contains_key(&session_id) {
             let msg = "too many relayed sessions at once; try again later".to_string();
-            return self.send_error(&Refusal::BadRequest(msg), caller.verified(), &session_id);
+            return self.send_error(&Refusal::BadRequest(msg), None, &session_id);
         }
-        self.callers.insert(session_id.clone(), caller);
-        let status = match self.dispatcher.session(&session_id, &caller).await {
-            Ok(Some(rec)) if rec.status == crate::store::SessionStatus::Running => "running",
-            Ok(Some(_)) => "connected",
-            _ => "new",
-        };
-        self.send(
-            json!({"type": "CONNECTED", "session_id": session_id, "status": status}).to_string(),
-        );
+        match super::connect_frame(&self.dispatcher, obj, &session_id).await {
+            Ok((caller, status)) => {
+                self.callers.insert(session_id.clone(), caller);
+                self.send(
+                    json!({"type": "CONNECTED", "session_id": session_id, "status": status})
+                        .to_string(),
+                );
+            }
+            Err((r, to)) => self.send_error(&r, to, &session_id),
+        }
     }
 
     /// Copies a run's replies to the relay. A relay link that cannot take them within the

@@ -214,25 +214,15 @@ impl Connection {
         }
     }
 
-    async fn on_input(&mut self, mut obj: Map<String, Value>) {
+    async fn on_input(&mut self, obj: Map<String, Value>) {
         if self.forwarders.len() >= MAX_IN_FLIGHT_PER_SOCKET {
             let msg = format!(
                 "too many requests in flight on this socket (max {MAX_IN_FLIGHT_PER_SOCKET})"
             );
             return self.send_error(&Refusal::BadRequest(msg), None);
         }
-        // The session named beside the input, else the one this socket is in.
-        let named = obj.remove("session_id");
-        if !obj.contains_key("session") {
-            let id = named.or_else(|| self.session_id.clone().map(Value::String));
-            if let Some(id) = id {
-                obj.insert("session".into(), json!({ "session_id": id }));
-            }
-        }
-        if !obj.contains_key("payload") {
-            obj.remove("type");
-        }
-        let submission = match super::submission_from_json(obj) {
+        // The session named in the frame, else the one this socket is in.
+        let submission = match super::submission_from_frame(obj, self.session_id.clone()) {
             Ok(s) => s,
             Err(r) => return self.send_error(&r, self.session_id.as_deref()),
         };
@@ -250,40 +240,21 @@ impl Connection {
     /// "session_id"?, "session"?}` → `{"type":"CONNECTED","session_id","status"}`.
     /// A signed CONNECT is single-use and makes the socket read as its signer.
     async fn on_connect(&mut self, obj: Map<String, Value>) {
-        let caller = if obj.contains_key("payload") {
-            let env = match Envelope::from_nested(&obj) {
-                Ok(e) => e,
-                Err(e) => return self.send_error(&Refusal::Envelope(e), None),
-            };
-            match self.dispatcher().authorize_once(&env).await {
-                Ok(c) => c,
-                Err(r) => return self.send_error(&r, None),
-            }
-        } else {
-            let caller = Caller::Unsigned { claimed: None };
-            if let Err(r) = self.dispatcher().trust().decide(&caller, None).await {
-                return self.send_error(&Refusal::Trust(r), None);
-            }
-            caller
-        };
-        self.caller = caller;
-        let requested = obj
+        let session_id = obj
             .get("session_id")
             .or_else(|| obj.get("session").and_then(|s| s.get("session_id")))
             .and_then(Value::as_str)
-            .map(str::to_owned);
-        let (session_id, status) = match requested {
-            Some(id) => match self.dispatcher().session(&id, &self.caller).await {
-                Ok(Some(rec)) if rec.status == crate::store::SessionStatus::Running => {
-                    (id, "running")
-                }
-                Ok(Some(_)) => (id, "connected"),
-                _ => (id, "new"),
-            },
-            None => (uuid::Uuid::new_v4().to_string(), "new"),
-        };
-        self.session_id = Some(session_id.clone());
-        self.send_now(json!({"type": "CONNECTED", "session_id": session_id, "status": status}));
+            .map_or_else(|| uuid::Uuid::new_v4().to_string(), str::to_owned);
+        match super::connect_frame(self.dispatcher(), &obj, &session_id).await {
+            Ok((caller, status)) => {
+                self.caller = caller;
+                self.session_id = Some(session_id.clone());
+                self.send_now(
+                    json!({"type": "CONNECTED", "session_id": session_id, "status": status}),
+                );
+            }
+            Err((r, _)) => self.send_error(&r, None),
+        }
     }
 
     /// `{"type":"RESUME","session_id","after":N}`: the replies after sequence N, then
