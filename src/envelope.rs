@@ -314,7 +314,8 @@ fn with_header(
     payload
 }
 
-fn parse_from(v: Option<&Value>) -> Result<Option<Address>, EnvelopeError> {
+/// A `from` field: absent or null, or an address.
+pub(crate) fn parse_from(v: Option<&Value>) -> Result<Option<Address>, EnvelopeError> {
     match v {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) => s

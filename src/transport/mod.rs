@@ -43,14 +43,7 @@ pub(crate) fn submission_from_json(mut obj: Map<String, Value>) -> Result<Submis
                 "a signed request carries the signed fields in `payload`".into(),
             ));
         }
-        let from = match obj.remove("from") {
-            None | Some(Value::Null) => None,
-            Some(Value::String(s)) => Some(
-                s.parse()
-                    .map_err(|e| Refusal::BadRequest(format!("invalid `from` address: {e}")))?,
-            ),
-            Some(_) => return Err(Refusal::BadRequest("`from` must be a string".into())),
-        };
+        let from = crate::envelope::parse_from(obj.remove("from").as_ref())?;
         Envelope::unsigned(obj, from)
     };
     Ok(Submission {

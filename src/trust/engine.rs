@@ -204,11 +204,16 @@ impl TrustEngine {
                 .by_default(policy, None, None, CallerHistory::default())
                 .await;
         };
-        let history = self
-            .store
-            .record_call(a, unix_now())
-            .await
-            .unwrap_or_default();
+        // Only the trust agent reads a caller's history: no store write per request
+        // unless there is one to ask.
+        let history = if policy.default == DefaultAction::Ask {
+            self.store
+                .record_call(a, unix_now())
+                .await
+                .unwrap_or_default()
+        } else {
+            CallerHistory::default()
+        };
         if policy.deny.contains(&DenyRule::Blocked) && self.admin_blocked(&a).await {
             return Err(Refused::Blocked(a.short()));
         }
