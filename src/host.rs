@@ -62,6 +62,7 @@ pub struct Host {
     code: Settings,
     http: bool,
     trust_agent: Option<Arc<dyn TrustAgent>>,
+    ready_json: bool,
 }
 
 impl Host {
@@ -77,7 +78,15 @@ impl Host {
             code: Settings::default(),
             http: true,
             trust_agent: None,
+            ready_json: false,
         }
+    }
+
+    /// With `serve()`: print one [`Ready`] JSON line to stdout when the node is ready,
+    /// and the banner to stderr (for scripts, tests and the testnet).
+    pub fn ready_json(mut self, on: bool) -> Self {
+        self.ready_json = on;
+        self
     }
 
     pub fn name(mut self, name: impl Into<String>) -> Self {
@@ -234,12 +243,18 @@ impl Host {
     /// Builds and serves until SIGINT/SIGTERM, printing the banner to stdout (after
     /// giving the relay a moment to connect, so the banner can say whether it did).
     pub async fn serve(self) -> Result<(), HostError> {
+        let ready_json = self.ready_json;
         let handle = self.build()?.spawn().await?;
         handle.wait_for_relay(Duration::from_secs(5)).await;
         if let Some(p2p) = &handle.p2p {
             p2p.listening(Duration::from_secs(2)).await;
         }
-        println!("{}", handle.banner());
+        if ready_json {
+            eprintln!("{}", handle.banner());
+            println!("{}", handle.ready().to_line());
+        } else {
+            println!("{}", handle.banner());
+        }
         handle.run_until_signal().await
     }
 }
@@ -519,6 +534,31 @@ async fn sweep_loop(store: Store, uploads: PathBuf, result_ttl: u64, stop: Cance
     }
 }
 
+/// The machine-readable line `oonode host --ready-json` prints once the node is ready:
+/// `{"event":"ready","name","address","peer_id","http","swarm":[…],"relay","version"}`.
+/// `http` is null with HTTP off, `relay` null without a relay; `swarm` lists the swarm's
+/// listen multiaddrs (empty with the swarm off).
+#[derive(Debug, Clone, serde::Serialize)]
+#[non_exhaustive]
+pub struct Ready {
+    /// Always `"ready"`.
+    pub event: &'static str,
+    pub name: String,
+    pub address: String,
+    pub peer_id: String,
+    pub http: Option<String>,
+    pub swarm: Vec<String>,
+    pub relay: Option<RelayStatus>,
+    pub version: &'static str,
+}
+
+impl Ready {
+    /// One line of JSON.
+    pub fn to_line(&self) -> String {
+        serde_json::to_string(self).unwrap_or_default()
+    }
+}
+
 /// A running node.
 pub struct NodeHandle {
     node: Node,
@@ -581,6 +621,25 @@ impl NodeHandle {
 
     pub fn dispatcher(&self) -> &Dispatcher {
         &self.node.dispatcher
+    }
+
+    /// What a script needs to use the node: see [`Ready`].
+    pub fn ready(&self) -> Ready {
+        let address = self.address();
+        Ready {
+            event: "ready",
+            name: self.node.info.name.clone(),
+            address: address.to_string(),
+            peer_id: address.peer_id().to_string(),
+            http: self.http_url(),
+            swarm: self
+                .p2p
+                .as_ref()
+                .map(|p| p.status().listen_addrs)
+                .unwrap_or_default(),
+            relay: self.relay_status(),
+            version: env!("CARGO_PKG_VERSION"),
+        }
     }
 
     /// The start-up box: name, address, endpoints, UI and relay.

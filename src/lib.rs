@@ -54,7 +54,7 @@ pub use config::{ConfigError, HostConfig, Settings, HOST_YAML_TEMPLATE};
 pub use dispatch::{Accepted, Dispatcher, Refusal, Submission, Upload};
 pub use ed25519_dalek::Signature;
 pub use envelope::{Envelope, Kind};
-pub use host::{host, router, Host, HostError, Node, NodeHandle};
+pub use host::{host, router, Host, HostError, Node, NodeHandle, Ready};
 pub use identity::{find_co_dir, Address, AddressError, Identity};
 pub use relay::{Relay, RelayConfig, RelayHandle};
 pub use store::{SessionRecord, SessionStatus};

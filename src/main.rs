@@ -107,6 +107,10 @@ struct HostArgs {
     /// Do not join the libp2p swarm.
     #[arg(long, conflicts_with_all = ["listen", "bootstrap", "mdns"])]
     no_p2p: bool,
+    /// Print one JSON line to stdout when ready ({"event":"ready","address","http",
+    /// "swarm","relay",…}) and the banner to stderr: for scripts and tests.
+    #[arg(long)]
+    ready_json: bool,
 }
 
 #[derive(clap::Args)]
@@ -183,6 +187,10 @@ struct RelayArgs {
     /// Seconds without a frame after which a caller connection is closed.
     #[arg(long, default_value_t = 300)]
     caller_idle: u64,
+    /// Print one JSON line to stdout when listening ({"event":"ready","url","announce",
+    /// "input","http"}) instead of the human-readable lines.
+    #[arg(long)]
+    ready_json: bool,
 }
 
 #[derive(clap::Args)]
@@ -332,7 +340,7 @@ async fn host(args: HostArgs) -> anyhow::Result<()> {
     if args.mdns {
         host = host.mdns(true);
     }
-    host.serve().await?;
+    host.ready_json(args.ready_json).serve().await?;
     Ok(())
 }
 
@@ -346,9 +354,21 @@ async fn relay(args: RelayArgs) -> anyhow::Result<()> {
     config.agent_timeout = std::time::Duration::from_secs(args.agent_timeout);
     config.caller_idle = std::time::Duration::from_secs(args.caller_idle);
     let handle = oonode::Relay::spawn(config).await?;
-    println!("relay listening on {}", handle.url());
-    println!("  agents:  {}/ws/announce", handle.url());
-    println!("  callers: {}/ws/input", handle.url());
+    if args.ready_json {
+        let url = handle.url();
+        let line = serde_json::json!({
+            "event": "ready",
+            "url": url,
+            "announce": format!("{url}/ws/announce"),
+            "input": format!("{url}/ws/input"),
+            "http": format!("http://{}", handle.local_addr()),
+        });
+        println!("{line}");
+    } else {
+        println!("relay listening on {}", handle.url());
+        println!("  agents:  {}/ws/announce", handle.url());
+        println!("  callers: {}/ws/input", handle.url());
+    }
     let signal = async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {
