@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::proto::RelayUrl;
 use crate::transport::p2p::{parse_multiaddr, P2pConfig};
 use crate::trust::{
     AddressList, InviteCode, ListError, ListFile, ListFiles, Policy, Trust, TrustLevel,
@@ -257,7 +258,7 @@ pub struct HostConfig {
     pub workers: usize,
     pub max_queue: usize,
     pub result_ttl: u64,
-    pub relay_url: Option<String>,
+    pub relay_url: Option<RelayUrl>,
     pub reload: bool,
     pub co_dir: PathBuf,
     pub summary: Option<String>,
@@ -285,6 +286,13 @@ impl HostConfig {
         if max_file_size_mb == 0 {
             return Err(invalid("max_file_size", "must be at least 1 (MB)"));
         }
+        let relay_url = match s.relay_url.flatten() {
+            Some(url) => Some(
+                url.parse::<RelayUrl>()
+                    .map_err(|e| invalid("relay_url", &e.to_string()))?,
+            ),
+            None => None,
+        };
         let result_ttl = s.result_ttl.unwrap_or(DEFAULT_RESULT_TTL);
         if result_ttl == 0 {
             return Err(invalid("result_ttl", "must be at least 1 second"));
@@ -380,7 +388,7 @@ impl HostConfig {
             workers,
             max_queue: s.max_queue.unwrap_or(DEFAULT_MAX_QUEUE),
             result_ttl,
-            relay_url: s.relay_url.flatten(),
+            relay_url,
             reload: s.reload.unwrap_or(false),
             co_dir: data_dir,
             summary: s.summary,

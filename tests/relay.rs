@@ -17,7 +17,7 @@ use common::{client, STEP};
 use futures::{Sink, SinkExt, StreamExt};
 use oonode::agent::{Echo, Ticker};
 use oonode::envelope::unix_now;
-use oonode::relay::signed_announce;
+use oonode::proto::signed_announce;
 use oonode::{
     Address, Answer, CallError, ConnectOptions, Envelope, Host, Identity, Kind, NodeHandle, Relay,
     RelayConfig, RelayHandle,
@@ -428,7 +428,7 @@ async fn the_node_is_callable_again_within_5_s_of_the_relays_return_after_kill_9
     drop(relay);
     // The node notices and starts retrying; the relay stays down for a while.
     wait_until("the node to see its relay gone", STEP, || async {
-        node.handle.relay_status().unwrap().state != "connected"
+        node.handle.relay_status().unwrap().state != oonode::LinkState::Connected
     })
     .await;
     match call(&url, node.address, "while down").await {
@@ -442,7 +442,10 @@ async fn the_node_is_callable_again_within_5_s_of_the_relays_return_after_kill_9
     let took = call_until_ok(&url, node.address, Duration::from_secs(5)).await;
     println!("relay-return-to-callable: {took:?}");
     assert!(took < Duration::from_secs(5));
-    assert_eq!(node.handle.relay_status().unwrap().state, "connected");
+    assert_eq!(
+        node.handle.relay_status().unwrap().state,
+        oonode::LinkState::Connected
+    );
     call_ok(&url, node.address, "after the restart").await;
     drop(relay);
 }

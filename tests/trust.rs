@@ -186,7 +186,7 @@ async fn the_same_verdicts_through_the_dispatcher_directly() {
     let refusal = d.submit(unsigned).await.unwrap_err();
     assert_eq!(
         (refusal.code(), refusal.http_status()),
-        ("signature_required", 401)
+        (oonode::proto::ErrorCode::SignatureRequired, 401)
     );
 
     let env = Envelope::sign(

@@ -5,18 +5,21 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::body::Body;
-use axum::extract::{Path, Request, State};
+use axum::extract::{FromRef, Path, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 use tokio_util::sync::DropGuard;
 use tracing::{debug, info_span, Instrument};
 
-use crate::dispatch::{Dispatcher, Refusal};
-use crate::envelope::{decode_object, unix_now, Envelope, EnvelopeError, Kind};
+use super::error_response as error;
+use super::ws::WsState;
+use crate::dispatch::{Dispatcher, Refusal, SignedRead};
+use crate::envelope::{decode_object, Envelope, EnvelopeError, Kind};
+use crate::proto::ErrorCode;
 use crate::store::SessionRecord;
 use crate::trust::Caller;
 
@@ -36,14 +39,20 @@ pub(crate) struct HttpState {
     pub info: NodeInfo,
     pub max_body_bytes: usize,
     pub started: Instant,
-    /// Caps open WebSocket connections.
-    pub ws_connections: Arc<tokio::sync::Semaphore>,
+    /// What `/ws` needs (the dispatcher, its frame limit and connection cap).
+    pub ws: WsState,
     /// The relay link, when the node announces on one.
-    pub relay: Option<super::relay::RelayLink>,
+    pub relay: Option<super::relay_link::RelayLink>,
     /// The swarm, when the node joined one.
     pub p2p: Option<super::p2p::P2p>,
     /// Stops the node's background tasks once the last router clone is gone.
     pub _background: Option<DropGuard>,
+}
+
+impl FromRef<Arc<HttpState>> for WsState {
+    fn from_ref(st: &Arc<HttpState>) -> Self {
+        st.ws.clone()
+    }
 }
 
 /// The router serving the seed's endpoints.
@@ -57,29 +66,19 @@ pub(crate) fn router(state: Arc<HttpState>) -> Router {
         .route("/ws", get(super::ws::upgrade))
         .route("/docs", get(docs))
         .route("/admin/trust", post(admin_trust))
-        .fallback(|| async { error(StatusCode::NOT_FOUND, "not_found", "not found") })
+        .fallback(|| async { error(ErrorCode::NotFound, "not found") })
         .method_not_allowed_fallback(|| async {
-            error(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "method_not_allowed",
-                "method not allowed",
-            )
+            error(ErrorCode::MethodNotAllowed, "method not allowed")
         })
         .layer(middleware::from_fn(cors))
         .with_state(state)
 }
 
-/// An HTTP error body: `{"error": message, "code": code}`.
-pub(crate) fn error(status: StatusCode, code: &str, message: &str) -> Response {
-    (status, Json(json!({"error": message, "code": code}))).into_response()
-}
-
 fn refusal(r: &Refusal) -> Response {
-    let status = StatusCode::from_u16(r.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    if status.is_server_error() {
+    let mut res = error(r.code(), &r.to_string());
+    if res.status().is_server_error() {
         tracing::warn!(error = ?r, "request failed");
     }
-    let mut res = error(status, r.code(), &r.to_string());
     if matches!(r, Refusal::Busy { .. }) {
         res.headers_mut()
             .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
@@ -118,12 +117,7 @@ async fn post_input(State(st): State<Arc<HttpState>>, headers: HeaderMap, body: 
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<usize>().ok());
-    let too_large = |len: usize| {
-        refusal(&Refusal::Envelope(EnvelopeError::TooLarge {
-            len,
-            max: st.max_body_bytes,
-        }))
-    };
+    let too_large = |len: usize| refusal(&Refusal::too_large(len, st.max_body_bytes));
     if let Some(len) = declared.filter(|&l| l > st.max_body_bytes) {
         return too_large(len);
     }
@@ -134,11 +128,7 @@ async fn post_input(State(st): State<Arc<HttpState>>, headers: HeaderMap, body: 
     let obj = match decode_object(&bytes, st.max_body_bytes) {
         Ok(o) => o,
         Err(EnvelopeError::InvalidJson(detail)) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                "invalid_json",
-                &format!("Invalid JSON: {detail}"),
-            )
+            return error(ErrorCode::InvalidJson, &format!("Invalid JSON: {detail}"))
         }
         Err(e) => return refusal(&Refusal::Envelope(e)),
     };
@@ -148,9 +138,9 @@ async fn post_input(State(st): State<Arc<HttpState>>, headers: HeaderMap, body: 
     };
     let mut accepted = match st.dispatcher.submit(submission).await {
         Ok(a) => a,
-        Err(r) => {
-            debug!(code = r.code(), "input refused");
-            return refusal(&r);
+        Err(rejected) => {
+            debug!(code = %rejected.refusal.code(), "input refused");
+            return refusal(&rejected.refusal);
         }
     };
     let span = info_span!("http_input", session = %accepted.session_id);
@@ -168,18 +158,14 @@ async fn post_input(State(st): State<Arc<HttpState>>, headers: HeaderMap, body: 
                 _ => {}
             }
         }
-        error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            "the run ended without a result",
-        )
+        error(ErrorCode::Internal, "the run ended without a result")
     }
     .instrument(span)
     .await
 }
 
 /// Who is reading: unsigned, or signed with `x-co-from`/`x-co-signature`/`x-co-timestamp`
-/// over `{"method","path","timestamp"}` (form A).
+/// over `{"method","path","timestamp"}` (form A); the dispatcher decides.
 async fn reader(
     st: &HttpState,
     method: &Method,
@@ -187,35 +173,26 @@ async fn reader(
     headers: &HeaderMap,
 ) -> Result<Caller, Refusal> {
     let get = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
-    let (from, sig, ts) = (
+    let signed = match (
         get("x-co-from"),
         get("x-co-signature"),
         get("x-co-timestamp"),
-    );
-    let caller = match (from, sig, ts) {
-        (None, None, None) => Caller::Unsigned { claimed: None },
-        (Some(from), Some(sig), Some(ts)) => {
-            let timestamp: u64 = ts
-                .parse()
-                .map_err(|_| Refusal::BadRequest("x-co-timestamp must be an integer".into()))?;
-            let mut signed = Map::new();
-            signed.insert(
-                "payload".into(),
-                json!({"method": method.as_str(), "path": path, "timestamp": timestamp}),
-            );
-            signed.insert("from".into(), from.into());
-            signed.insert("signature".into(), sig.into());
-            let env = Envelope::from_nested(&signed)?;
-            st.dispatcher.authenticate(&env, unix_now(), false)?
-        }
+    ) {
+        (None, None, None) => None,
+        (Some(from), Some(signature), Some(timestamp)) => Some(SignedRead {
+            from,
+            signature,
+            timestamp,
+            method: method.as_str(),
+            path,
+        }),
         _ => {
             return Err(Refusal::BadRequest(
                 "signed reads need all of x-co-from, x-co-signature and x-co-timestamp".into(),
             ))
         }
     };
-    st.dispatcher.trust().decide(&caller, None).await?;
-    Ok(caller)
+    st.dispatcher.reader(signed).await
 }
 
 fn session_json(rec: &SessionRecord) -> Value {
@@ -239,7 +216,7 @@ async fn get_session(
     };
     match st.dispatcher.session(&id, &caller).await {
         Ok(Some(rec)) => Json(session_json(&rec)).into_response(),
-        Ok(None) => error(StatusCode::NOT_FOUND, "not_found", "not found"),
+        Ok(None) => error(ErrorCode::NotFound, "not found"),
         Err(r) => refusal(&r),
     }
 }

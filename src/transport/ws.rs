@@ -13,15 +13,15 @@ use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::State;
 use axum::response::Response;
 use futures::{SinkExt, StreamExt};
-use serde_json::{json, Map, Value};
-use tokio::sync::{mpsc, OwnedSemaphorePermit};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info_span, Instrument};
 
-use super::http::HttpState;
-use crate::dispatch::{Dispatcher, Refusal};
+use crate::dispatch::{Dispatcher, Refusal, Rejected};
 use crate::envelope::{decode_object, Envelope};
+use crate::net::SocketFailure;
+use crate::proto::{session_of, ClientFrame, ErrorCode, NodeFrame, Object};
 use crate::trust::Caller;
 
 /// Frames queued for one socket before the client counts as too slow.
@@ -37,15 +37,24 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// Requests one socket may have in flight at once.
 const MAX_IN_FLIGHT_PER_SOCKET: usize = 16;
 
-pub(crate) async fn upgrade(State(st): State<Arc<HttpState>>, ws: WebSocketUpgrade) -> Response {
-    let Ok(permit) = st.ws_connections.clone().try_acquire_owned() else {
-        return super::http::error(
-            axum::http::StatusCode::SERVICE_UNAVAILABLE,
-            "busy",
+/// What `/ws` needs from the node (cheap to clone).
+#[derive(Clone)]
+pub(crate) struct WsState {
+    pub dispatcher: Dispatcher,
+    /// Largest frame read.
+    pub max_frame_bytes: usize,
+    /// Caps open WebSocket connections.
+    pub connections: Arc<Semaphore>,
+}
+
+pub(crate) async fn upgrade(State(st): State<WsState>, ws: WebSocketUpgrade) -> Response {
+    let Ok(permit) = st.connections.clone().try_acquire_owned() else {
+        return super::error_response(
+            ErrorCode::Busy,
             "too many WebSocket connections; try again later",
         );
     };
-    let max = st.max_body_bytes;
+    let max = st.max_frame_bytes;
     ws.max_message_size(max)
         .max_frame_size(max)
         .on_upgrade(move |socket| async move {
@@ -58,7 +67,7 @@ pub(crate) async fn upgrade(State(st): State<Arc<HttpState>>, ws: WebSocketUpgra
 }
 
 struct Connection {
-    st: Arc<HttpState>,
+    st: WsState,
     out: Option<mpsc::Sender<Message>>,
     /// Cancelled when the socket is done: closed, idle, or too slow.
     closed: CancellationToken,
@@ -71,7 +80,7 @@ struct Connection {
 }
 
 impl Connection {
-    fn new(st: Arc<HttpState>, permit: OwnedSemaphorePermit) -> Self {
+    fn new(st: WsState, permit: OwnedSemaphorePermit) -> Self {
         Connection {
             st,
             out: None,
@@ -119,7 +128,7 @@ impl Connection {
                         debug!("closing an idle socket");
                         break;
                     }
-                    self.send_now(json!({"type": "PING"}));
+                    self.send_text(NodeFrame::Ping.encode(None));
                 }
                 frame = stream.next() => {
                     last_heard = Instant::now();
@@ -130,17 +139,17 @@ impl Connection {
                         Some(Ok(Message::Close(_))) | None => break,
                         Some(Err(e)) => {
                             // Most often a frame over the size limit: say so before closing.
-                            let (too_large, message) = classify_error(e);
-                            debug!(error = %message, "socket error");
-                            let refusal = if too_large {
-                                Refusal::Envelope(crate::envelope::EnvelopeError::TooLarge {
-                                    len: 0,
-                                    max: self.st.max_body_bytes,
-                                })
-                            } else {
-                                Refusal::BadRequest(format!("socket error: {message}"))
+                            let refusal = match SocketFailure::of(e) {
+                                SocketFailure::TooLarge(m) => {
+                                    debug!(error = %m, "socket error");
+                                    Refusal::too_large(0, self.st.max_frame_bytes)
+                                }
+                                SocketFailure::Other(m) => {
+                                    debug!(error = %m, "socket error");
+                                    Refusal::BadRequest(format!("socket error: {m}"))
+                                }
                             };
-                            self.send_error(&refusal, self.session_id.as_deref());
+                            self.send_rejected(refusal.into());
                             break;
                         }
                     }
@@ -154,123 +163,96 @@ impl Connection {
         let _ = tokio::time::timeout(WRITE_TIMEOUT, writer).await;
     }
 
-    /// Queues a control frame; a client whose queue is full is too slow and is closed.
-    fn send_now(&self, frame: Value) {
+    /// Queues a frame; a client whose queue is full is too slow and is closed.
+    fn send_text(&self, frame: String) {
         if let Some(out) = &self.out {
-            if out
-                .try_send(Message::Text(frame.to_string().into()))
-                .is_err()
-            {
+            if out.try_send(Message::Text(frame.into())).is_err() {
                 self.closed.cancel();
             }
         }
     }
 
-    fn send_error(&self, refusal: &Refusal, session_id: Option<&str>) {
-        self.send_refusal(refusal, session_id, None);
-    }
-
-    fn send_refusal(&self, refusal: &Refusal, session_id: Option<&str>, in_reply_to: Option<&str>) {
-        let env = self.dispatcher().refusal_envelope(
-            refusal,
-            self.caller.verified(),
-            session_id,
-            in_reply_to,
-        );
-        self.send_now(env.to_flat_json());
+    /// Answers a refusal with a signed ERROR, in the socket's session unless it names
+    /// its own, to the socket's caller unless the request named its sender.
+    fn send_rejected(&self, rejected: Rejected) {
+        let rejected = rejected
+            .or_session(self.session_id.as_deref())
+            .or_to(self.caller.verified());
+        let env = self.dispatcher().error_envelope(&rejected);
+        self.send_text(env.to_flat_json().to_string());
     }
 
     async fn on_frame(&mut self, bytes: &[u8]) {
-        let obj = match decode_object(bytes, self.st.max_body_bytes) {
+        let obj = match decode_object(bytes, self.st.max_frame_bytes) {
             Ok(o) => o,
-            Err(e) => return self.send_error(&Refusal::Envelope(e), None),
+            Err(e) => return self.send_rejected(e.into()),
         };
-        let kind = obj
-            .get("type")
-            .and_then(Value::as_str)
-            .unwrap_or("")
-            .to_ascii_uppercase();
-        match kind.as_str() {
-            "INPUT" => self.on_input(obj).await,
-            "CONNECT" => self.on_connect(obj).await,
-            "RESUME" => self.on_resume(obj).await,
-            "PING" => self.send_now(json!({"type": "PONG"})),
-            "PONG" => {}
+        match ClientFrame::decode(obj) {
+            Ok(ClientFrame::Input(obj)) => self.on_input(obj).await,
+            Ok(ClientFrame::Connect(obj)) => self.on_connect(obj).await,
+            Ok(ClientFrame::Resume { session_id, after }) => {
+                self.on_resume(session_id, after).await
+            }
+            Ok(ClientFrame::Ping) => self.send_text(NodeFrame::Pong.encode(None)),
+            Ok(ClientFrame::Pong | ClientFrame::Close) => {}
             // Python clients try to seal first; answering at once lets them fall back to
             // a plain CONNECT on the same socket instead of waiting 10 s.
-            "SEAL" => self.send_error(
-                &Refusal::BadRequest(
+            Ok(ClientFrame::Seal(_)) => self.send_rejected(
+                Refusal::BadRequest(
                     "this node does not seal sockets; send CONNECT or INPUT in the clear".into(),
-                ),
-                None,
+                )
+                .into(),
             ),
-            "" => self.send_error(&Refusal::BadRequest("frame has no `type`".into()), None),
-            other => self.send_error(
-                &Refusal::BadRequest(format!(
-                    "unknown frame type {other:?} (expected INPUT, CONNECT, RESUME, PING or PONG)"
-                )),
-                None,
-            ),
+            Err(e) => self.send_rejected(Refusal::from(e).into()),
         }
     }
 
-    async fn on_input(&mut self, obj: Map<String, Value>) {
+    async fn on_input(&mut self, obj: Object) {
         if self.forwarders.len() >= MAX_IN_FLIGHT_PER_SOCKET {
             let msg = format!(
                 "too many requests in flight on this socket (max {MAX_IN_FLIGHT_PER_SOCKET})"
             );
-            return self.send_error(&Refusal::BadRequest(msg), None);
+            return self.send_rejected(Refusal::BadRequest(msg).into());
         }
         // The session named in the frame, else the one this socket is in.
-        let submission = match super::submission_from_frame(obj, self.session_id.clone()) {
-            Ok(s) => s,
-            Err(r) => return self.send_error(&r, self.session_id.as_deref()),
+        let named = session_of(&obj);
+        let outcome = match super::submission_from_frame(obj, self.session_id.clone()) {
+            Ok(submission) => self.dispatcher().submit(submission).await,
+            Err(r) => Err(r.into()),
         };
-        let input_id = submission.envelope.id().map(str::to_owned);
-        match self.dispatcher().submit(submission).await {
+        let outcome = outcome.map_err(|r| r.or_session(named.as_deref()));
+        match outcome {
             Ok(accepted) => {
                 self.session_id = Some(accepted.session_id.clone());
                 self.forward(accepted.replies);
             }
-            Err(r) => self.send_refusal(&r, self.session_id.as_deref(), input_id.as_deref()),
+            Err(rejected) => self.send_rejected(rejected),
         }
     }
 
     /// `{"type":"CONNECT", "payload":{"to","timestamp",…}, "from", "signature",
     /// "session_id"?, "session"?}` → `{"type":"CONNECTED","session_id","status"}`.
     /// A signed CONNECT is single-use and makes the socket read as its signer.
-    async fn on_connect(&mut self, obj: Map<String, Value>) {
-        let session_id = obj
-            .get("session_id")
-            .or_else(|| obj.get("session").and_then(|s| s.get("session_id")))
-            .and_then(Value::as_str)
-            .map_or_else(|| uuid::Uuid::new_v4().to_string(), str::to_owned);
-        match super::connect_frame(self.dispatcher(), &obj, &session_id).await {
+    async fn on_connect(&mut self, obj: Object) {
+        let session_id =
+            ClientFrame::connect_session(&obj).unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+        match self.dispatcher().connect(&obj, &session_id).await {
             Ok((caller, status)) => {
                 self.caller = caller;
                 self.session_id = Some(session_id.clone());
-                self.send_now(
-                    json!({"type": "CONNECTED", "session_id": session_id, "status": status}),
-                );
+                self.send_text(NodeFrame::Connected { session_id, status }.encode(None));
             }
-            Err((r, _)) => self.send_error(&r, None),
+            Err(rejected) => self.send_rejected(rejected),
         }
     }
 
     /// `{"type":"RESUME","session_id","after":N}`: the replies after sequence N, then
     /// live ones until the final reply.
-    async fn on_resume(&mut self, obj: Map<String, Value>) {
-        let Some(session_id) = obj
-            .get("session_id")
-            .and_then(Value::as_str)
-            .map(str::to_owned)
-        else {
-            return self.send_error(
-                &Refusal::BadRequest("RESUME needs `session_id`".into()),
-                None,
-            );
+    async fn on_resume(&mut self, session_id: Option<String>, after: u64) {
+        let session_id = match super::resume_session(session_id) {
+            Ok(s) => s,
+            Err(r) => return self.send_rejected(r.into()),
         };
-        let after = obj.get("after").and_then(Value::as_u64).unwrap_or(0);
         match self
             .dispatcher()
             .follow(&session_id, after, &self.caller)
@@ -280,7 +262,7 @@ impl Connection {
                 self.session_id = Some(session_id);
                 self.forward(replies);
             }
-            Err(r) => self.send_error(&r, Some(&session_id)),
+            Err(r) => self.send_rejected(Rejected::from(r).or_session(Some(&session_id))),
         }
     }
 
@@ -298,14 +280,4 @@ impl Connection {
             }
         });
     }
-}
-
-/// Whether a WebSocket read failed because a frame was over the size limit, and the
-/// error's text.
-pub(crate) fn classify_error(e: axum::Error) -> (bool, String) {
-    use tokio_tungstenite::tungstenite::Error as WsError;
-    let message = e.to_string();
-    let inner = e.into_inner();
-    let too_large = matches!(inner.downcast_ref::<WsError>(), Some(WsError::Capacity(_)));
-    (too_large, message)
 }

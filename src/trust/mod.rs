@@ -19,6 +19,7 @@ pub use lists::{AddressList, ListError};
 pub use policy::{AllowRule, DefaultAction, DenyRule, InviteCode, Onboard, Policy};
 
 use crate::identity::Address;
+use crate::proto::ErrorCode;
 
 /// The seed's trust levels.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -103,15 +104,15 @@ pub enum Refused {
 }
 
 impl Refused {
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> ErrorCode {
         match self {
-            Refused::Blocked(_) => "blocked",
-            Refused::SignatureRequired => "signature_required",
-            Refused::OnboardingRequired(_) => "onboarding_required",
-            Refused::InsufficientCredits { .. } => "insufficient_credits",
-            Refused::NotAllowed(_) => "not_allowed",
-            Refused::ListUnreadable(_) => "list_unreadable",
-            Refused::NotAdmin => "not_admin",
+            Refused::Blocked(_) => ErrorCode::Blocked,
+            Refused::SignatureRequired => ErrorCode::SignatureRequired,
+            Refused::OnboardingRequired(_) => ErrorCode::OnboardingRequired,
+            Refused::InsufficientCredits { .. } => ErrorCode::InsufficientCredits,
+            Refused::NotAllowed(_) => ErrorCode::NotAllowed,
+            Refused::ListUnreadable(_) => ErrorCode::ListUnreadable,
+            Refused::NotAdmin => ErrorCode::NotAdmin,
         }
     }
 }

@@ -27,8 +27,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::dispatch::{Dispatcher, Refusal, Submission};
-use crate::envelope::{canonical_json, unix_now, Envelope, EnvelopeError};
+use crate::envelope::{canonical_json, unix_now, Envelope};
 use crate::identity::{Address, Identity};
+use crate::proto::session_of;
 use wire::WireError;
 
 /// Our protocol: signed envelopes as length-prefixed CBOR.
@@ -577,13 +578,10 @@ async fn serve_stream(
             // Oversize or undecodable: this peer does not speak the protocol; cut it off.
             warn!(error = %e, "misbehaving peer cut off");
             let refusal = match e {
-                WireError::TooLarge(len) => Refusal::Envelope(EnvelopeError::TooLarge {
-                    len,
-                    max: wire::MAX_FRAME_BYTES,
-                }),
+                WireError::TooLarge(len) => Refusal::too_large(len, wire::MAX_FRAME_BYTES),
                 other => Refusal::BadRequest(other.to_string()),
             };
-            let err = dispatcher.refusal_envelope(&refusal, None, None, None);
+            let err = dispatcher.error_envelope(&refusal.into());
             // Write the reason and close, so it arrives before the ban cuts the connection.
             let _ = tokio::time::timeout(Duration::from_secs(1), async {
                 let _ = wire::write_frame(&mut stream, &err).await;
@@ -594,15 +592,7 @@ async fn serve_stream(
             return;
         }
     };
-    let caller = input.from;
-    let input_id = input.id().map(str::to_owned);
-    let session_id = input
-        .payload
-        .get("session")
-        .and_then(|s| s.get("session_id"))
-        .or_else(|| input.payload.get("session_id"))
-        .and_then(Value::as_str)
-        .map(str::to_owned);
+    let session_id = session_of(&input.payload);
     let submission = Submission {
         envelope: input,
         session: None,
@@ -610,9 +600,8 @@ async fn serve_stream(
     };
     let mut accepted = match dispatcher.submit(submission).await {
         Ok(a) => a,
-        Err(r) => {
-            let err =
-                dispatcher.refusal_envelope(&r, caller, session_id.as_deref(), input_id.as_deref());
+        Err(rejected) => {
+            let err = dispatcher.error_envelope(&rejected.or_session(session_id.as_deref()));
             let _ = tokio::time::timeout(WRITE_TIMEOUT, wire::write_frame(&mut stream, &err)).await;
             let _ = stream.close().await;
             return;

@@ -9,15 +9,19 @@ use std::time::{Duration, Instant, SystemTime};
 use axum::extract::ws::{Message, WebSocket};
 use futures::stream::SplitStream;
 use futures::{SinkExt, StreamExt};
-use serde_json::{json, Map, Value};
+use serde_json::Value;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, info_span, Instrument};
 
-use super::announce::verify_announce;
 use super::{AgentEntry, AgentLink, RelayState, Route};
-use crate::envelope::{unix_now, EnvelopeError};
+use crate::envelope::unix_now;
 use crate::identity::Address;
+use crate::net::SocketFailure;
+use crate::proto::{
+    session_of, verify_announce, AgentToRelay, CallerToRelay, ErrorCode, Object, RelayError,
+    RelayToAgent,
+};
 
 /// How long an agent has to send its first ANNOUNCE.
 const ANNOUNCE_WAIT: Duration = Duration::from_secs(10);
@@ -26,18 +30,16 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A relay ERROR frame. Relay errors are not signed: the relay has no say over results,
 /// it can only fail to deliver them.
-fn error_frame(code: &str, message: &str, session_id: Option<&str>) -> String {
-    let mut frame = json!({"type": "ERROR", "code": code, "error": message, "message": message});
-    if let Some(s) = session_id {
-        frame["session_id"] = json!(s);
-    }
-    frame.to_string()
+fn error_frame(code: ErrorCode, message: &str, session_id: Option<&str>) -> String {
+    RelayError::new(code, message)
+        .in_session(session_id)
+        .encode()
 }
 
 /// Tells the agent the largest frame the relay takes, so that it can answer a too-large
 /// reply with an error for that session instead of losing its link.
 fn announce_ok(st: &RelayState) -> String {
-    json!({"type": "ANNOUNCE_OK", "max_frame_bytes": st.config.max_frame_bytes}).to_string()
+    RelayToAgent::announce_ok(st.config.max_frame_bytes)
 }
 
 /// Frames per second with a burst allowance.
@@ -133,14 +135,11 @@ fn split(
 
 /// What reading one frame gave.
 enum Frame {
-    Object(Map<String, Value>),
+    Object(Object),
     /// Readable, but not a JSON object: the connection goes on.
     Invalid(String),
     /// The socket failed (e.g. a frame over the size limit): the connection ends.
-    Broken {
-        code: &'static str,
-        message: String,
-    },
+    Broken(RelayError),
     Closed,
 }
 
@@ -151,13 +150,10 @@ async fn next_object(stream: &mut SplitStream<WebSocket>) -> Frame {
             None => return Frame::Closed,
             Some(Ok(m)) => m,
             Some(Err(e)) => {
-                let (too_large, message) = crate::transport::ws::classify_error(e);
-                let code = if too_large {
-                    "too_large"
-                } else {
-                    "socket_error"
-                };
-                return Frame::Broken { code, message };
+                return Frame::Broken(match SocketFailure::of(e) {
+                    SocketFailure::TooLarge(m) => RelayError::new(ErrorCode::TooLarge, m),
+                    SocketFailure::Other(m) => RelayError::new(ErrorCode::SocketError, m),
+                })
             }
         };
         let bytes = match msg {
@@ -180,37 +176,34 @@ pub(super) async fn serve_agent(st: Arc<RelayState>, socket: WebSocket) {
     let (mut stream, tx) = split(socket, st.config.send_queue, closed.clone());
 
     let first = tokio::time::timeout(ANNOUNCE_WAIT, next_object(&mut stream)).await;
-    let announce = match first {
-        Ok(Frame::Object(obj)) if obj.get("type").and_then(Value::as_str) == Some("ANNOUNCE") => {
-            obj
-        }
-        Ok(Frame::Object(_)) => {
-            let _ = tx.try_send(error_frame(
-                "bad_request",
+    let refusal = match first {
+        Ok(Frame::Object(obj)) => match AgentToRelay::decode(obj) {
+            AgentToRelay::Announce(announce) => {
+                match register(&st, &announce, conn, &tx, &closed) {
+                    Ok(address) => Ok(address),
+                    Err(e) => {
+                        debug!(code = %e.code, message = %e.error, "announce refused");
+                        Err(e)
+                    }
+                }
+            }
+            _ => Err(RelayError::new(
+                ErrorCode::BadRequest,
                 "the first frame must be ANNOUNCE",
-                None,
-            ));
-            return;
-        }
-        Ok(Frame::Invalid(e)) => {
-            let _ = tx.try_send(error_frame("invalid_json", &e, None));
-            return;
-        }
-        Ok(Frame::Broken { code, message }) => {
-            let _ = tx.try_send(error_frame(code, &message, None));
-            return;
-        }
+            )),
+        },
+        Ok(Frame::Invalid(e)) => Err(RelayError::new(ErrorCode::InvalidJson, e)),
+        Ok(Frame::Broken(e)) => Err(e),
         Ok(Frame::Closed) => return,
-        Err(_) => {
-            let _ = tx.try_send(error_frame("timeout", "no ANNOUNCE within 10 s", None));
-            return;
-        }
+        Err(_) => Err(RelayError::new(
+            ErrorCode::Timeout,
+            "no ANNOUNCE within 10 s",
+        )),
     };
-    let address = match register(&st, &announce, conn, &tx, &closed) {
+    let address = match refusal {
         Ok(a) => a,
-        Err((code, msg)) => {
-            debug!(code, %msg, "announce refused");
-            let _ = tx.try_send(error_frame(code, &msg, None));
+        Err(e) => {
+            let _ = tx.try_send(e.encode());
             return;
         }
     };
@@ -231,21 +224,13 @@ pub(super) async fn serve_agent(st: Arc<RelayState>, socket: WebSocket) {
 /// replaces the old socket; an older or equal one is a replay and is refused.
 fn register(
     st: &RelayState,
-    msg: &Map<String, Value>,
+    msg: &Object,
     conn: u64,
     tx: &mpsc::Sender<String>,
     closed: &CancellationToken,
-) -> Result<Address, (&'static str, String)> {
-    let a = verify_announce(msg, unix_now()).map_err(|e| {
-        let code = match e {
-            EnvelopeError::Stale { .. } | EnvelopeError::MissingTimestamp => "stale",
-            EnvelopeError::BadSignature(_)
-            | EnvelopeError::BadSignatureEncoding
-            | EnvelopeError::Unsigned => "invalid_signature",
-            _ => "bad_request",
-        };
-        (code, e.to_string())
-    })?;
+) -> Result<Address, RelayError> {
+    let a = verify_announce(msg, unix_now())
+        .map_err(|e| RelayError::new(ErrorCode::of_envelope(&e), e.to_string()))?;
     let mut agents = st.agents();
     let online = agents.values().filter(|e| e.link.is_some()).count();
     let entry = agents.get_mut(&a.address);
@@ -256,16 +241,16 @@ fn register(
     if let Some(e) = &entry {
         let newer = a.timestamp > e.announced_at || (same_socket && a.timestamp == e.announced_at);
         if !newer {
-            return Err((
-                "replayed",
-                "an announce as new as this one was already accepted".into(),
+            return Err(RelayError::new(
+                ErrorCode::Replayed,
+                "an announce as new as this one was already accepted",
             ));
         }
     }
     let replacing = entry.as_ref().is_some_and(|e| e.link.is_some());
     if !replacing && online >= st.config.max_agents {
-        return Err((
-            "relay_full",
+        return Err(RelayError::new(
+            ErrorCode::RelayFull,
             format!(
                 "the relay is at its limit of {} agents",
                 st.config.max_agents
@@ -319,8 +304,8 @@ async fn agent_loop(
                 return;
             }
             Ok(Frame::Closed) => return,
-            Ok(Frame::Broken { code, message }) => {
-                info!(code, %message, "agent socket failed");
+            Ok(Frame::Broken(e)) => {
+                info!(code = %e.code, message = %e.error, "agent socket failed");
                 return;
             }
             Ok(Frame::Invalid(e)) => {
@@ -334,30 +319,37 @@ async fn agent_loop(
         }
         // No frame-rate limit here: this one socket carries the replies of every session
         // of the agent, and dropping one would read as tampering to its caller.
-        if obj.get("type").and_then(Value::as_str) == Some("ANNOUNCE") {
-            let same =
-                obj.get("address").and_then(Value::as_str) == Some(address.to_string().as_str());
-            match register(st, &obj, conn, tx, closed) {
-                Ok(_) if same => {
-                    let _ = tx.try_send(announce_ok(st));
+        let (session_id, frame) = match AgentToRelay::decode(obj) {
+            AgentToRelay::Announce(announce) => {
+                let same = announce.get("address").and_then(Value::as_str)
+                    == Some(address.to_string().as_str());
+                match register(st, &announce, conn, tx, closed) {
+                    Ok(_) if same => {
+                        let _ = tx.try_send(announce_ok(st));
+                    }
+                    Ok(_) | Err(_) => {
+                        let _ = tx.try_send(error_frame(
+                            ErrorCode::BadRequest,
+                            "re-announce refused",
+                            None,
+                        ));
+                    }
                 }
-                Ok(_) | Err(_) => {
-                    let _ = tx.try_send(error_frame("bad_request", "re-announce refused", None));
-                }
+                continue;
             }
-            continue;
-        }
-        let Some(session_id) = obj.get("session_id").and_then(Value::as_str) else {
-            debug!("agent frame without session_id dropped");
-            continue;
+            AgentToRelay::Unrouted => {
+                debug!("agent frame without session_id dropped");
+                continue;
+            }
+            AgentToRelay::Session { session_id, frame } => (session_id, frame),
         };
         let sessions = st.sessions();
-        let Some(route) = sessions.get(session_id).filter(|r| r.agent_conn == conn) else {
+        let Some(route) = sessions.get(&session_id).filter(|r| r.agent_conn == conn) else {
             continue; // The caller is gone.
         };
         if route
             .caller_tx
-            .try_send(Value::Object(obj).to_string())
+            .try_send(Value::Object(frame).to_string())
             .is_err()
         {
             // The caller does not read its replies: cut it off.
@@ -381,7 +373,7 @@ fn drop_agent(st: &RelayState, address: Address, conn: u64) {
             return true;
         }
         let _ = r.caller_tx.try_send(error_frame(
-            "agent_disconnected",
+            ErrorCode::AgentDisconnected,
             &format!("agent {} disconnected before answering", r.agent.short()),
             Some(id),
         ));
@@ -421,16 +413,19 @@ pub(super) async fn serve_caller(
                 // Replies flowing to the caller count as activity too.
                 Err(_) if activity.idle_for() < st.config.caller_idle => continue,
                 Err(_) => {
-                    let _ =
-                        tx.try_send(error_frame("idle", "no frame for too long; closing", None));
+                    let _ = tx.try_send(error_frame(
+                        ErrorCode::Idle,
+                        "no frame for too long; closing",
+                        None,
+                    ));
                     break;
                 }
                 Ok(Frame::Closed) => break,
-                Ok(Frame::Broken { code, message }) => {
-                    let _ = tx.try_send(error_frame(code, &message, None));
+                Ok(Frame::Broken(e)) => {
+                    let _ = tx.try_send(e.encode());
                     break;
                 }
-                Ok(Frame::Invalid(e)) => caller.send(error_frame("invalid_json", &e, None)),
+                Ok(Frame::Invalid(e)) => caller.send(error_frame(ErrorCode::InvalidJson, &e, None)),
                 Ok(Frame::Object(obj)) => {
                     activity.touch();
                     caller.on_frame(obj)
@@ -464,48 +459,37 @@ impl Caller<'_> {
         }
     }
 
-    fn on_frame(&mut self, mut obj: Map<String, Value>) {
+    fn on_frame(&mut self, obj: Object) {
         if !self.rate.allow() {
             let msg = format!(
                 "over {} frames per second; frame dropped",
                 self.st.config.frames_per_sec
             );
             return self.send(error_frame(
-                "rate_limited",
+                ErrorCode::RateLimited,
                 &msg,
                 session_of(&obj).as_deref(),
             ));
         }
-        match obj.get("type").and_then(Value::as_str) {
-            Some("PING") => return self.send(json!({"type": "PONG"}).to_string()),
-            Some("PONG") => return,
-            Some("close") => return self.close_session(session_of(&obj)),
-            _ => {}
-        }
-        let to = obj
-            .get("to")
-            .or_else(|| obj.get("payload").and_then(|p| p.get("to")))
-            .and_then(Value::as_str)
-            .map(str::parse::<Address>);
-        let to = match to {
-            Some(Ok(a)) => a,
-            Some(Err(e)) => {
-                return self.send(error_frame(
-                    "bad_request",
-                    &format!("invalid `to`: {e}"),
-                    None,
-                ))
-            }
-            None => return self.send(error_frame("bad_request", "name the agent in `to`", None)),
+        let (to, named, mut obj) = match CallerToRelay::decode(obj) {
+            Ok(CallerToRelay::Ping) => return self.send(CallerToRelay::pong()),
+            Ok(CallerToRelay::Pong) => return,
+            Ok(CallerToRelay::Close { session_id }) => return self.close_session(session_id),
+            Ok(CallerToRelay::Route {
+                to,
+                session_id,
+                frame,
+            }) => (to, session_id, frame),
+            Err(e) => return self.send(error_frame(e.code(), &e.to_string(), None)),
         };
-        let session_id = session_of(&obj)
+        let session_id = named
             .or_else(|| self.current.get(&to).cloned())
             .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
-        if let Err((code, msg)) = self.route(&session_id, to) {
-            return self.send(error_frame(code, &msg, Some(&session_id)));
+        if let Err(e) = self.route(&session_id, to) {
+            return self.send(e.in_session(Some(&session_id)).encode());
         }
         self.current.insert(to, session_id.clone());
-        obj.insert("session_id".into(), json!(session_id));
+        obj.insert("session_id".into(), Value::String(session_id.clone()));
         let agent_tx = {
             let agents = self.st.agents();
             agents
@@ -517,7 +501,7 @@ impl Caller<'_> {
             agent_tx.is_some_and(|t| t.try_send(Value::Object(obj).to_string()).is_ok());
         if !delivered {
             self.send(error_frame(
-                "agent_busy",
+                ErrorCode::AgentBusy,
                 &format!(
                     "agent {} is not taking frames right now; try again",
                     to.short()
@@ -528,26 +512,26 @@ impl Caller<'_> {
     }
 
     /// Finds or creates the route of `session_id` to `to`.
-    fn route(&mut self, session_id: &str, to: Address) -> Result<(), (&'static str, String)> {
+    fn route(&mut self, session_id: &str, to: Address) -> Result<(), RelayError> {
         let mut sessions = self.st.sessions();
         if let Some(r) = sessions.get(session_id) {
             if r.caller_conn != self.conn {
-                return Err((
-                    "session_taken",
+                return Err(RelayError::new(
+                    ErrorCode::SessionTaken,
                     format!("session {session_id} belongs to another connection"),
                 ));
             }
             if r.agent != to {
-                return Err((
-                    "bad_request",
+                return Err(RelayError::new(
+                    ErrorCode::BadRequest,
                     format!("session {session_id} is with another agent"),
                 ));
             }
             return Ok(());
         }
         if self.sessions.len() >= self.st.config.max_sessions_per_caller {
-            return Err((
-                "too_many_sessions",
+            return Err(RelayError::new(
+                ErrorCode::TooManySessions,
                 format!(
                     "at most {} sessions per connection",
                     self.st.config.max_sessions_per_caller
@@ -557,19 +541,24 @@ impl Caller<'_> {
         let agents = self.st.agents();
         let link = match agents.get(&to) {
             None => {
-                return Err((
-                    "unknown_agent",
+                return Err(RelayError::new(
+                    ErrorCode::UnknownAgent,
                     format!("no agent {} has announced on this relay", to.short()),
                 ))
             }
             Some(e) => match &e.link {
-                None => return Err(("agent_offline", format!("agent {} is offline", to.short()))),
+                None => {
+                    return Err(RelayError::new(
+                        ErrorCode::AgentOffline,
+                        format!("agent {} is offline", to.short()),
+                    ))
+                }
                 Some(l) => l,
             },
         };
         let Ok(permit) = link.sessions.clone().try_acquire_owned() else {
-            return Err((
-                "agent_busy",
+            return Err(RelayError::new(
+                ErrorCode::AgentBusy,
                 format!(
                     "agent {} has its maximum of {} sessions through this relay",
                     to.short(),
@@ -620,24 +609,6 @@ impl Caller<'_> {
 fn notify_close(st: &RelayState, agent: Address, session_id: &str) {
     let agents = st.agents();
     if let Some(link) = agents.get(&agent).and_then(|e| e.link.as_ref()) {
-        let _ = link
-            .tx
-            .try_send(json!({"type": "close", "session_id": session_id}).to_string());
+        let _ = link.tx.try_send(RelayToAgent::close(session_id));
     }
-}
-
-/// The session a caller's frame names, wherever the Python or our client put it.
-fn session_of(obj: &Map<String, Value>) -> Option<String> {
-    let payload = obj.get("payload");
-    [
-        obj.get("session_id"),
-        obj.get("session").and_then(|s| s.get("session_id")),
-        payload.and_then(|p| p.get("session_id")),
-        payload
-            .and_then(|p| p.get("session"))
-            .and_then(|s| s.get("session_id")),
-    ]
-    .into_iter()
-    .flatten()
-    .find_map(|v| v.as_str().map(str::to_owned))
 }

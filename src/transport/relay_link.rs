@@ -1,7 +1,7 @@
 //! The relay transport: the node's outbound WebSocket to a relay, so that it is reachable
 //! by address with no open port.
 //!
-//! Announces itself (signed, form B), re-announces every 60 s, and reconnects with
+//! Announces itself (signed, form B), re-announces every 30 s, and reconnects with
 //! capped backoff and jitter. Relayed frames carry a `session_id`; INPUT, CONNECT and
 //! RESUME go through the same dispatcher as every other transport, and every reply goes
 //! back tagged with its session.
@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
 use serde::Serialize;
-use serde_json::{json, Map, Value};
+use serde_json::Value;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
@@ -20,9 +20,10 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::dispatch::{Dispatcher, Refusal};
+use crate::dispatch::{Dispatcher, Refusal, Rejected};
 use crate::envelope::{unix_now, Envelope};
-use crate::relay::signed_announce;
+use crate::identity::Address;
+use crate::proto::{signed_announce, ClientFrame, NodeFrame, Object, RelayToAgent, RelayUrl};
 use crate::trust::Caller;
 
 /// How often the node re-announces (the relay forgets an agent after 120 s of silence).
@@ -47,12 +48,49 @@ const MAX_FRAME_BYTES: usize = 16 * 1024 * 1024;
 /// default).
 const DEFAULT_RELAY_FRAME_BYTES: usize = 4 * 1024 * 1024;
 
+/// Where the link to the relay stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LinkState {
+    Connecting,
+    Connected,
+    Disconnected,
+}
+
+impl LinkState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LinkState::Connecting => "connecting",
+            LinkState::Connected => "connected",
+            LinkState::Disconnected => "disconnected",
+        }
+    }
+}
+
+/// Why one connection to the relay ended before it was accepted.
+#[derive(Debug, thiserror::Error)]
+enum LinkError {
+    #[error("wss:// relays need TLS, which this build does not include; use ws://")]
+    NeedsTls,
+    #[error("connection timed out")]
+    ConnectTimeout,
+    #[error("no answer to ANNOUNCE")]
+    NoAnswer,
+    #[error("{0}")]
+    Socket(#[from] tokio_tungstenite::tungstenite::Error),
+    #[error("relay closed the connection")]
+    Closed,
+    #[error("unexpected answer to ANNOUNCE: {0}")]
+    Unexpected(String),
+    #[error("relay refused the announce: {0}")]
+    Refused(String),
+}
+
 /// The relay link's state, shown in `/health`, `/info` and the banner.
 #[derive(Debug, Clone, Serialize)]
 pub struct RelayStatus {
     pub url: String,
-    /// `connecting`, `connected` or `disconnected`.
-    pub state: &'static str,
+    pub state: LinkState,
     /// Unix time of the last change of state.
     pub since: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -72,13 +110,13 @@ impl RelayLink {
             .clone()
     }
 
-    fn set(&self, state: &'static str, error: Option<String>) {
+    fn set(&self, state: LinkState, error: Option<String>) {
         let mut s = self.status.lock().unwrap_or_else(|e| e.into_inner());
         if s.state != state {
             s.since = unix_now();
         }
         s.state = state;
-        if error.is_some() || state == "connected" {
+        if error.is_some() || state == LinkState::Connected {
             s.last_error = error;
         }
     }
@@ -90,42 +128,23 @@ pub(crate) struct AnnounceInfo {
     pub endpoints: Vec<String>,
 }
 
-/// `ws://relay:port` or `…/ws/announce` → the announce URL.
-pub fn announce_url(relay: &str) -> String {
-    with_path(relay, "/ws/announce")
-}
-
-/// `ws://relay:port` or `…/ws/input` → the callers' URL.
-pub fn input_url(relay: &str) -> String {
-    with_path(relay, "/ws/input")
-}
-
-fn with_path(relay: &str, path: &str) -> String {
-    let base = relay.trim_end_matches('/');
-    let base = base
-        .strip_suffix("/ws/announce")
-        .or_else(|| base.strip_suffix("/ws/input"))
-        .unwrap_or(base);
-    format!("{base}{path}")
-}
-
 /// Starts the relay link in the background; it runs until `stop`.
 pub(crate) fn spawn(
-    url: String,
+    url: RelayUrl,
     dispatcher: Dispatcher,
     info: AnnounceInfo,
     stop: CancellationToken,
 ) -> RelayLink {
     let link = RelayLink {
         status: Arc::new(Mutex::new(RelayStatus {
-            url: url.clone(),
-            state: "connecting",
+            url: url.to_string(),
+            state: LinkState::Connecting,
             since: unix_now(),
             last_error: None,
         })),
     };
     let runner = Runner {
-        url: announce_url(&url),
+        url,
         dispatcher,
         info,
         link: link.clone(),
@@ -135,7 +154,7 @@ pub(crate) fn spawn(
 }
 
 struct Runner {
-    url: String,
+    url: RelayUrl,
     dispatcher: Dispatcher,
     info: AnnounceInfo,
     link: RelayLink,
@@ -145,7 +164,7 @@ impl Runner {
     async fn run(self, stop: CancellationToken) {
         let mut attempt = 0usize;
         loop {
-            self.link.set("connecting", None);
+            self.link.set(LinkState::Connecting, None);
             let outcome = tokio::select! {
                 _ = stop.cancelled() => return,
                 r = self.connect_and_serve(&stop) => r,
@@ -156,11 +175,11 @@ impl Runner {
                     attempt = 0;
                     warn!(url = %self.url, "relay connection closed; reconnecting");
                     self.link
-                        .set("disconnected", Some("connection closed".into()));
+                        .set(LinkState::Disconnected, Some("connection closed".into()));
                 }
                 Err(e) => {
                     warn!(url = %self.url, error = %e, "relay unavailable; retrying");
-                    self.link.set("disconnected", Some(e));
+                    self.link.set(LinkState::Disconnected, Some(e.to_string()));
                 }
             }
             let base = BACKOFF_SECS[attempt.min(BACKOFF_SECS.len() - 1)];
@@ -180,7 +199,7 @@ impl Runner {
             me,
             &self.info.summary,
             &self.info.endpoints,
-            &self.url,
+            &self.url.announce(),
             unix_now(),
         )
         .to_string()
@@ -188,45 +207,44 @@ impl Runner {
 
     /// One connection: announce, then serve until it closes. `Ok` after a connection
     /// that was accepted, `Err` if it never got that far.
-    async fn connect_and_serve(&self, stop: &CancellationToken) -> Result<(), String> {
-        if self.url.starts_with("wss://") {
-            return Err(
-                "wss:// relays need TLS, which this build does not include; use ws://".into(),
-            );
+    async fn connect_and_serve(&self, stop: &CancellationToken) -> Result<(), LinkError> {
+        if self.url.is_secure() {
+            return Err(LinkError::NeedsTls);
         }
         let config = WebSocketConfig::default()
             .max_message_size(Some(MAX_FRAME_BYTES))
             .max_frame_size(Some(MAX_FRAME_BYTES));
+        let url = self.url.announce();
         let connect =
-            tokio_tungstenite::connect_async_with_config(self.url.as_str(), Some(config), true);
+            tokio_tungstenite::connect_async_with_config(url.as_str(), Some(config), true);
         let (socket, _) = tokio::time::timeout(CONNECT_TIMEOUT, connect)
             .await
-            .map_err(|_| "connection timed out".to_string())?
-            .map_err(|e| e.to_string())?;
+            .map_err(|_| LinkError::ConnectTimeout)??;
         let (mut sink, mut stream) = socket.split();
-        sink.send(Message::text(self.announce()))
-            .await
-            .map_err(|e| e.to_string())?;
+        sink.send(Message::text(self.announce())).await?;
         let answer = tokio::time::timeout(CONNECT_TIMEOUT, stream.next())
             .await
-            .map_err(|_| "no answer to ANNOUNCE".to_string())?;
-        let answer: Value = match answer {
-            Some(Ok(Message::Text(t))) => serde_json::from_str(&t).map_err(|e| e.to_string())?,
-            Some(Ok(other)) => return Err(format!("unexpected answer to ANNOUNCE: {other:?}")),
-            Some(Err(e)) => return Err(e.to_string()),
-            None => return Err("relay closed the connection".into()),
+            .map_err(|_| LinkError::NoAnswer)?;
+        let answer = match answer {
+            Some(Ok(Message::Text(t))) => match serde_json::from_str::<Value>(&t) {
+                Ok(Value::Object(obj)) => RelayToAgent::decode(obj),
+                _ => return Err(LinkError::Unexpected(t.to_string())),
+            },
+            Some(Ok(other)) => return Err(LinkError::Unexpected(format!("{other:?}"))),
+            Some(Err(e)) => return Err(e.into()),
+            None => return Err(LinkError::Closed),
         };
-        if answer["type"] != "ANNOUNCE_OK" {
-            return Err(format!(
-                "relay refused the announce: {}",
-                answer["error"].as_str().unwrap_or("no reason given")
-            ));
-        }
-        let max_frame = answer["max_frame_bytes"]
-            .as_u64()
-            .map_or(DEFAULT_RELAY_FRAME_BYTES, |n| n as usize);
+        let max_frame = match answer {
+            RelayToAgent::AnnounceOk { max_frame_bytes } => {
+                max_frame_bytes.unwrap_or(DEFAULT_RELAY_FRAME_BYTES)
+            }
+            RelayToAgent::Error(e) if !e.error.is_empty() => {
+                return Err(LinkError::Refused(e.error))
+            }
+            _ => return Err(LinkError::Refused("no reason given".into())),
+        };
         info!(url = %self.url, address = %self.dispatcher.address(), "announced on the relay");
-        self.link.set("connected", None);
+        self.link.set(LinkState::Connected, None);
 
         let (out_tx, mut out_rx) = mpsc::channel::<String>(OUTBOUND_QUEUE);
         let dead = CancellationToken::new();
@@ -318,79 +336,62 @@ impl RelayedSessions {
         }
     }
 
-    fn send_error(
-        &self,
-        refusal: &Refusal,
-        to: Option<crate::identity::Address>,
-        session_id: &str,
-    ) {
-        self.send_refusal(refusal, to, session_id, None);
-    }
-
-    fn send_refusal(
-        &self,
-        refusal: &Refusal,
-        to: Option<crate::identity::Address>,
-        session_id: &str,
-        in_reply_to: Option<&str>,
-    ) {
-        let env = self
-            .dispatcher
-            .refusal_envelope(refusal, to, Some(session_id), in_reply_to);
+    /// Answers a refusal with a signed ERROR in the relayed session `session_id`.
+    fn send_rejected(&self, rejected: Rejected, session_id: &str) {
+        let rejected = Rejected {
+            session_id: Some(session_id.to_owned()),
+            ..rejected
+        };
+        let env = self.dispatcher.error_envelope(&rejected);
         self.send(env.to_flat_json().to_string());
     }
 
     async fn on_frame(&mut self, bytes: &[u8]) {
-        let Ok(Value::Object(mut obj)) = serde_json::from_slice::<Value>(bytes) else {
+        let Ok(Value::Object(obj)) = serde_json::from_slice::<Value>(bytes) else {
             debug!("unreadable frame from the relay");
             return;
         };
-        let kind = obj
-            .get("type")
-            .and_then(Value::as_str)
-            .unwrap_or("")
-            .to_string();
-        match kind.as_str() {
-            "ANNOUNCE_OK" => {
+        let (session_id, frame) = match RelayToAgent::decode(obj) {
+            RelayToAgent::AnnounceOk { .. } => {
                 self.answered = true;
                 return;
             }
-            "ERROR" if !obj.contains_key("session_id") => {
-                warn!(error = ?obj.get("error"), "the relay reported an error");
+            RelayToAgent::Error(e) => {
+                warn!(code = %e.code, error = %e.error, "the relay reported an error");
                 return;
             }
-            _ => {}
-        }
-        let Some(session_id) = obj
-            .get("session_id")
-            .and_then(Value::as_str)
-            .map(str::to_owned)
-        else {
-            debug!(kind, "relayed frame without session_id ignored");
-            return;
+            RelayToAgent::Unrouted(kind) => {
+                debug!(?kind, "relayed frame without session_id ignored");
+                return;
+            }
+            RelayToAgent::Session { session_id, frame } => (session_id, frame),
         };
-        match kind.as_str() {
-            "INPUT" => self.on_input(obj, session_id).await,
-            "CONNECT" => self.on_connect(&obj, session_id).await,
-            "RESUME" => {
-                let after = obj.get("after").and_then(Value::as_u64).unwrap_or(0);
+        match frame {
+            Ok(ClientFrame::Input(obj)) => self.on_input(obj, session_id).await,
+            Ok(ClientFrame::Connect(obj)) => self.on_connect(&obj, session_id).await,
+            Ok(ClientFrame::Resume { after, .. }) => {
                 let caller = self.caller(&session_id);
                 match self.dispatcher.follow(&session_id, after, &caller).await {
                     Ok(replies) => self.forward(replies),
-                    Err(r) => self.send_error(&r, caller.verified(), &session_id),
+                    Err(r) => {
+                        self.send_rejected(Rejected::from(r).or_to(caller.verified()), &session_id)
+                    }
                 }
             }
-            "PING" => self.send(json!({"type": "PONG", "session_id": session_id}).to_string()),
+            Ok(ClientFrame::Ping) => self.send(NodeFrame::Pong.encode(Some(&session_id))),
             // The caller left; what it started goes on and stays stored.
-            "close" => {
+            Ok(ClientFrame::Close) => {
                 self.callers.remove(&session_id);
             }
-            "PONG" => {}
-            other => {
-                obj.clear();
-                let msg = format!("unknown frame type {other:?}");
-                self.send_error(&Refusal::BadRequest(msg), None, &session_id);
-            }
+            Ok(ClientFrame::Pong) => {}
+            Ok(ClientFrame::Seal(_)) => self.send_rejected(
+                Refusal::BadRequest(
+                    "this node does not seal sockets; send CONNECT or INPUT in the clear".into(),
+                )
+                .into(),
+                &session_id,
+            ),
+            Err(e) => self.send_rejected(Refusal::from(e).into(), &session_id),
         }
     }
 
@@ -401,14 +402,12 @@ impl RelayedSessions {
             .unwrap_or(Caller::Unsigned { claimed: None })
     }
 
-    async fn on_input(&mut self, obj: Map<String, Value>, session_id: String) {
-        let submission = match super::submission_from_frame(obj, Some(session_id.clone())) {
-            Ok(s) => s,
-            Err(r) => return self.send_error(&r, None, &session_id),
+    async fn on_input(&mut self, obj: Object, session_id: String) {
+        let outcome = match super::submission_from_frame(obj, Some(session_id.clone())) {
+            Ok(submission) => self.dispatcher.submit(submission).await,
+            Err(r) => Err(r.into()),
         };
-        let caller = submission.envelope.from;
-        let input_id = submission.envelope.id().map(str::to_owned);
-        match self.dispatcher.submit(submission).await {
+        match outcome {
             Ok(accepted) => {
                 if accepted.session_id != session_id {
                     // The signed payload named another session than the relay routes by;
@@ -417,24 +416,25 @@ impl RelayedSessions {
                 }
                 self.forward(accepted.replies);
             }
-            Err(r) => self.send_refusal(&r, caller, &session_id, input_id.as_deref()),
+            Err(rejected) => self.send_rejected(rejected, &session_id),
         }
     }
 
-    async fn on_connect(&mut self, obj: &Map<String, Value>, session_id: String) {
+    async fn on_connect(&mut self, obj: &Object, session_id: String) {
         if self.callers.len() >= MAX_CONNECTED_SESSIONS && !self.callers.contains_key(&session_id) {
             let msg = "too many relayed sessions at once; try again later".to_string();
-            return self.send_error(&Refusal::BadRequest(msg), None, &session_id);
+            return self.send_rejected(Refusal::BadRequest(msg).into(), &session_id);
         }
-        match super::connect_frame(&self.dispatcher, obj, &session_id).await {
+        match self.dispatcher.connect(obj, &session_id).await {
             Ok((caller, status)) => {
                 self.callers.insert(session_id.clone(), caller);
-                self.send(
-                    json!({"type": "CONNECTED", "session_id": session_id, "status": status})
-                        .to_string(),
-                );
+                let connected = NodeFrame::Connected {
+                    session_id: session_id.clone(),
+                    status,
+                };
+                self.send(connected.encode(Some(&session_id)));
             }
-            Err((r, to)) => self.send_error(&r, to, &session_id),
+            Err(rejected) => self.send_rejected(rejected, &session_id),
         }
     }
 
@@ -451,18 +451,18 @@ impl RelayedSessions {
                 if frame.len() > max_frame {
                     // Over the relay's limit: fail this answer, not the link. The session
                     // is stored as usual and can be read over HTTP.
-                    let refusal = Refusal::Envelope(crate::envelope::EnvelopeError::TooLarge {
-                        len: frame.len(),
-                        max: max_frame,
-                    });
-                    let to = env.to().ok().flatten();
-                    let err = dispatcher.refusal_envelope(
-                        &refusal,
-                        to,
-                        env.str_field("session_id"),
-                        env.str_field("in_reply_to"),
-                    );
-                    frame = err.to_flat_json().to_string();
+                    let to: Option<Address> = env.to().ok().flatten();
+                    let rejected = Rejected::from(Refusal::too_large(frame.len(), max_frame))
+                        .or_to(to)
+                        .or_session(env.str_field("session_id"));
+                    let rejected = Rejected {
+                        in_reply_to: env.str_field("in_reply_to").map(str::to_owned),
+                        ..rejected
+                    };
+                    frame = dispatcher
+                        .error_envelope(&rejected)
+                        .to_flat_json()
+                        .to_string();
                 }
                 if out.send_timeout(frame, SEND_TIMEOUT).await.is_err() {
                     dead.cancel();
@@ -470,19 +470,5 @@ impl RelayedSessions {
                 }
             }
         });
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn relay_urls_take_a_base_or_either_path() {
-        assert_eq!(announce_url("ws://r:1"), "ws://r:1/ws/announce");
-        assert_eq!(announce_url("ws://r:1/"), "ws://r:1/ws/announce");
-        assert_eq!(announce_url("ws://r:1/ws/announce"), "ws://r:1/ws/announce");
-        assert_eq!(input_url("ws://r:1/ws/announce"), "ws://r:1/ws/input");
-        assert_eq!(input_url("ws://r:1"), "ws://r:1/ws/input");
     }
 }

@@ -8,7 +8,6 @@
 //!
 //! `GET /api/agents/{address}` is the directory; `GET /health` counts.
 
-pub(crate) mod announce;
 mod conn;
 
 use std::collections::HashMap;
@@ -30,8 +29,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use crate::identity::Address;
-
-pub use announce::{signed_announce, verify_announce, Announce};
+use crate::proto::{ErrorCode, RelayUrl, ANNOUNCE_PATH, DIRECTORY_ROUTE, HEALTH_PATH, INPUT_PATH};
 
 /// The relay's limits. Every one has a default; see the README's relay section.
 #[derive(Debug, Clone)]
@@ -123,20 +121,20 @@ impl Relay {
             shutdown: shutdown.clone(),
         });
         let router = Router::new()
-            .route("/ws/announce", get(announce_socket))
-            .route("/ws/input", get(input_socket))
-            .route("/api/agents/{address}", get(directory))
-            .route("/health", get(health))
+            .route(ANNOUNCE_PATH, get(announce_socket))
+            .route(INPUT_PATH, get(input_socket))
+            .route(DIRECTORY_ROUTE, get(directory))
+            .route(HEALTH_PATH, get(health))
             .fallback(|| async { (StatusCode::NOT_FOUND, Json(json!({"error": "not found"}))) })
             .with_state(state.clone());
         let stop = shutdown.clone();
         let task = tokio::spawn(async move {
-            let _ = axum::serve(listener.tap_io(crate::transport::no_delay), router)
+            let _ = axum::serve(listener.tap_io(crate::net::no_delay), router)
                 .with_graceful_shutdown(stop.cancelled_owned())
                 .await;
         });
         tokio::spawn(forget_loop(state.clone()));
-        info!(%local_addr, "relay listening on ws://{local_addr}/ws/announce and /ws/input");
+        info!(%local_addr, "relay listening on ws://{local_addr}{ANNOUNCE_PATH} and {INPUT_PATH}");
         Ok(RelayHandle {
             local_addr,
             shutdown,
@@ -159,7 +157,14 @@ impl RelayHandle {
 
     /// `ws://host:port`, the base both agents and callers take.
     pub fn url(&self) -> String {
+        self.relay_url().base()
+    }
+
+    /// The relay's URL, with every route on it.
+    pub fn relay_url(&self) -> RelayUrl {
         format!("ws://{}", self.local_addr)
+            .parse()
+            .expect("a socket address makes a relay URL")
     }
 
     /// Closes every connection and stops listening.
@@ -239,7 +244,7 @@ async fn input_socket(State(st): State<Arc<RelayState>>, ws: WebSocketUpgrade) -
     let Ok(permit) = st.callers.clone().try_acquire_owned() else {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"error": "relay is at its caller limit", "code": "relay_full"})),
+            Json(json!({"error": "relay is at its caller limit", "code": ErrorCode::RelayFull})),
         )
             .into_response();
     };

@@ -1,12 +1,16 @@
 //! Persistence in sled, inside co_dir: sessions, the ids of signed messages already seen,
 //! and the replies kept for resuming clients. One thread owns sled (see [`Store`]).
 
+mod uploads;
+
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::identity::Address;
+
+pub use uploads::{Upload, UploadError, Uploads};
 
 const SESSIONS: &str = "sessions";
 const SEEN: &str = "seen";

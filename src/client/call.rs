@@ -1,0 +1,305 @@
+//! One turn over an open path: send the signed INPUT, then read and verify every frame
+//! of the answer (signer, recipient, session, the request answered, freshness, order).
+
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use serde_json::{json, Map, Value};
+use tokio_tungstenite::tungstenite::Message;
+
+use super::path::{open_path, p2p_error, remember, Path};
+use super::{Answer, CallError, Remote};
+use crate::envelope::{unix_now, Envelope, Kind, MAX_CLOCK_SKEW_SECS};
+use crate::identity::Address;
+use crate::proto::{input_frame, ErrorCode, FrameType, RelayError};
+use crate::transport::p2p::wire;
+
+/// What arrived for a call.
+enum Incoming {
+    Signed(Envelope),
+    /// An unsigned ERROR from the relay: it can report failure, never a result.
+    RelayError(RelayError),
+    Other,
+}
+
+/// Sends of one INPUT over the swarm, when a new stream dies before any reply.
+const P2P_SEND_ATTEMPTS: u32 = 4;
+
+/// A call's stream over the swarm, holding its slot in the per-peer call limit.
+struct CallStream {
+    stream: libp2p::Stream,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl Remote {
+    /// Sends a prompt; `on_chunk` sees each verified STREAM chunk as it arrives.
+    pub async fn input_streaming(
+        &mut self,
+        prompt: &str,
+        mut on_chunk: impl FnMut(&str),
+    ) -> Result<Answer, CallError> {
+        let session_id = self
+            .session_id
+            .clone()
+            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+        let mut payload = Map::new();
+        payload.insert("prompt".into(), json!(prompt));
+        payload.insert("session".into(), json!({ "session_id": session_id }));
+        let input = Envelope::sign(&self.identity, Kind::Input, Some(self.address), payload);
+        let input_id = input.id().unwrap_or_default().to_owned();
+        let mut sends = 0;
+        let mut stream = loop {
+            sends += 1;
+            match self.send(&input).await {
+                Ok(stream) => break stream,
+                // A swarm stream reset while the INPUT was written: try a new one.
+                Err(CallError::Disconnected(why))
+                    if matches!(self.path, Path::P2p { .. }) && sends < P2P_SEND_ATTEMPTS =>
+                {
+                    tracing::debug!(%why, sends, "call stream dropped while sending; resending");
+                    tokio::time::sleep(Duration::from_millis(20 * u64::from(sends))).await;
+                }
+                // The path broke before the INPUT left: the next path can take it.
+                Err(
+                    e @ (CallError::Disconnected(_)
+                    | CallError::Offline(_)
+                    | CallError::Unreachable { .. }),
+                ) if !self.fallbacks.is_empty() => {
+                    tracing::debug!(error = %e, path = self.via.as_str(), "path failed; falling back");
+                    self.fall_back().await?;
+                }
+                Err(e) => return Err(e),
+            }
+        };
+
+        // Over the swarm a new stream can be dropped before the agent reads it (libp2p
+        // hands inbound streams over one at a time): resend the same signed INPUT. It
+        // cannot run twice; at worst the agent answers `replayed`.
+        let mut first = None;
+        for attempt in 1..=P2P_SEND_ATTEMPTS {
+            match self.next(&mut stream).await {
+                Ok(incoming) => {
+                    first = Some(incoming);
+                    break;
+                }
+                Err(CallError::Disconnected(why))
+                    if matches!(self.path, Path::P2p { .. }) && attempt < P2P_SEND_ATTEMPTS =>
+                {
+                    tracing::debug!(%why, attempt, "call stream dropped before any reply; resending");
+                    tokio::time::sleep(Duration::from_millis(20 * attempt as u64)).await;
+                    stream = self.send(&input).await?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let mut chunks = Vec::new();
+        loop {
+            let next = match first.take() {
+                Some(incoming) => incoming,
+                None => self.next(&mut stream).await?,
+            };
+            let env = match next {
+                Incoming::Signed(env) => env,
+                Incoming::RelayError(e) => return Err(relay_error(e, self.address)),
+                Incoming::Other => continue,
+            };
+            self.check(&env, &session_id)?;
+            match env.kind() {
+                Some(Kind::Stream) => {
+                    if env.str_field("in_reply_to") != Some(input_id.as_str()) {
+                        return Err(CallError::Tampered(
+                            "a chunk answers another request".into(),
+                        ));
+                    }
+                    let seq = env.payload.get("seq").and_then(Value::as_u64).unwrap_or(0);
+                    let expected = chunks.len() as u64 + 1;
+                    if seq != expected {
+                        return Err(CallError::Tampered(format!(
+                            "chunk {seq} arrived where {expected} was due"
+                        )));
+                    }
+                    let chunk = env.str_field("chunk").unwrap_or_default().to_owned();
+                    on_chunk(&chunk);
+                    chunks.push(chunk);
+                }
+                Some(Kind::Output) => {
+                    if env.str_field("in_reply_to") != Some(input_id.as_str()) {
+                        return Err(CallError::Tampered(
+                            "the result answers another request".into(),
+                        ));
+                    }
+                    let sent = env
+                        .payload
+                        .get("chunks")
+                        .and_then(Value::as_u64)
+                        .unwrap_or(0);
+                    if sent != chunks.len() as u64 {
+                        return Err(CallError::Tampered(format!(
+                            "the agent sent {sent} chunks but {} arrived",
+                            chunks.len()
+                        )));
+                    }
+                    self.session_id = Some(session_id.clone());
+                    return Ok(Answer {
+                        result: env.str_field("result").unwrap_or_default().to_owned(),
+                        session_id,
+                        chunks,
+                        duration_ms: env
+                            .payload
+                            .get("duration_ms")
+                            .and_then(Value::as_u64)
+                            .unwrap_or(0),
+                        session: env.payload.get("session").cloned().unwrap_or(Value::Null),
+                    });
+                }
+                Some(Kind::Error) => {
+                    let code = env
+                        .str_field("code")
+                        .map_or(ErrorCode::Unknown, ErrorCode::parse);
+                    let message = env.str_field("message").unwrap_or("").to_owned();
+                    return Err(if code.is_agent_failure() {
+                        CallError::Failed { code, message }
+                    } else {
+                        CallError::Refused { code, message }
+                    });
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Switches to the next path that connects.
+    async fn fall_back(&mut self) -> Result<(), CallError> {
+        let mut last = CallError::NoPath;
+        while !self.fallbacks.is_empty() {
+            let via = self.fallbacks.remove(0);
+            match open_path(via, self.address, &self.options).await {
+                Ok(path) => {
+                    self.path = path;
+                    self.via = via;
+                    remember(self.address, via);
+                    return Ok(());
+                }
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+
+    /// Sends the INPUT; over the swarm this opens the call's own stream.
+    async fn send(&mut self, input: &Envelope) -> Result<Option<CallStream>, CallError> {
+        match &mut self.path {
+            Path::Direct(socket) | Path::Relay(socket) => {
+                socket
+                    .send(Message::text(input_frame(input, &self.address)))
+                    .await
+                    .map_err(|e| CallError::Disconnected(e.to_string()))?;
+                Ok(None)
+            }
+            Path::P2p { swarm, .. } => {
+                let address = self.address;
+                let (mut stream, permit) = swarm
+                    .open_call(address)
+                    .await
+                    .map_err(|e| p2p_error(e, address))?;
+                wire::write_frame(&mut stream, input)
+                    .await
+                    .map_err(|e| CallError::Disconnected(e.to_string()))?;
+                Ok(Some(CallStream {
+                    stream,
+                    _permit: permit,
+                }))
+            }
+        }
+    }
+
+    /// The next frame of the call, waiting at most the reply timeout.
+    async fn next(&mut self, stream: &mut Option<CallStream>) -> Result<Incoming, CallError> {
+        let wait = self.reply_timeout;
+        match (&mut self.path, stream) {
+            (_, Some(call)) => {
+                match tokio::time::timeout(wait, wire::read_frame(&mut call.stream)).await {
+                    Err(_) => Err(CallError::Timeout(wait)),
+                    Ok(Ok(Some(env))) => Ok(Incoming::Signed(env)),
+                    Ok(Ok(None)) => Err(CallError::Disconnected(
+                        "the agent closed the stream without an answer".into(),
+                    )),
+                    Ok(Err(wire::WireError::Io(e))) => Err(CallError::Disconnected(e.to_string())),
+                    Ok(Err(e)) => Err(CallError::Tampered(format!("undecodable reply: {e}"))),
+                }
+            }
+            (Path::Direct(socket) | Path::Relay(socket), None) => {
+                let msg = tokio::time::timeout(wait, socket.next())
+                    .await
+                    .map_err(|_| CallError::Timeout(wait))?;
+                let text = match msg {
+                    Some(Ok(Message::Text(t))) => t.to_string(),
+                    Some(Ok(Message::Binary(b))) => String::from_utf8_lossy(&b).into_owned(),
+                    Some(Ok(Message::Close(_))) | None => {
+                        return Err(CallError::Disconnected(
+                            "the relay closed the connection".into(),
+                        ))
+                    }
+                    Some(Ok(_)) => return Ok(Incoming::Other),
+                    Some(Err(e)) => return Err(CallError::Disconnected(e.to_string())),
+                };
+                let Ok(Value::Object(obj)) = serde_json::from_str::<Value>(&text) else {
+                    return Ok(Incoming::Other);
+                };
+                if !obj.contains_key("signature") {
+                    return Ok(if FrameType::of(&obj) == Some(FrameType::Error) {
+                        Incoming::RelayError(RelayError::from_object(&obj))
+                    } else {
+                        Incoming::Other
+                    });
+                }
+                Envelope::from_flat(&obj)
+                    .map(Incoming::Signed)
+                    .map_err(|e| CallError::Tampered(e.to_string()))
+            }
+            (Path::P2p { .. }, None) => Err(CallError::Disconnected("no stream".into())),
+        }
+    }
+
+    /// Verifies a signed reply: signer, recipient, session, freshness.
+    fn check(&self, env: &Envelope, session_id: &str) -> Result<(), CallError> {
+        let signer = env
+            .verify()
+            .map_err(|e| CallError::Tampered(e.to_string()))?;
+        if signer != self.address {
+            return Err(CallError::Tampered(format!(
+                "signed by {}, not by the agent called ({})",
+                signer.short(),
+                self.address.short()
+            )));
+        }
+        if env.to().ok().flatten() != Some(self.identity.address()) {
+            return Err(CallError::Tampered(
+                "the answer is addressed to someone else".into(),
+            ));
+        }
+        if env.str_field("session_id") != Some(session_id) {
+            return Err(CallError::Tampered(
+                "the answer belongs to another session".into(),
+            ));
+        }
+        let ts = env.timestamp().unwrap_or(0);
+        if unix_now().abs_diff(ts) > MAX_CLOCK_SKEW_SECS {
+            return Err(CallError::Tampered("the answer is stale".into()));
+        }
+        Ok(())
+    }
+}
+
+fn relay_error(e: RelayError, address: Address) -> CallError {
+    match e.code {
+        ErrorCode::AgentOffline | ErrorCode::AgentDisconnected => {
+            CallError::Offline(address.to_string())
+        }
+        ErrorCode::UnknownAgent => CallError::Unknown(address.to_string()),
+        code => CallError::Relay {
+            code,
+            message: e.error,
+        },
+    }
+}

@@ -1,0 +1,276 @@
+//! The ways to an agent: its own endpoint (direct), the swarm, the relay; which to try
+//! first, and remembering what worked.
+
+use std::time::Duration;
+
+use serde_json::Value;
+
+use super::{CallError, ConnectOptions, Via};
+use crate::identity::Address;
+use crate::proto::{ErrorCode, RelayUrl};
+use crate::transport::p2p::{P2p, P2pConfig, P2pError};
+
+pub(super) type Socket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// How long a path that worked is tried first for the same address.
+const REMEMBER_FOR: Duration = Duration::from_secs(300);
+
+/// What worked per address, process-wide.
+fn remembered(
+) -> &'static std::sync::Mutex<std::collections::HashMap<Address, (Via, std::time::Instant)>> {
+    static PATHS: std::sync::OnceLock<
+        std::sync::Mutex<std::collections::HashMap<Address, (Via, std::time::Instant)>>,
+    > = std::sync::OnceLock::new();
+    PATHS.get_or_init(Default::default)
+}
+
+/// How a [`Remote`] reaches its agent.
+pub(super) enum Path {
+    /// The agent's own `/ws`.
+    Direct(Box<Socket>),
+    Relay(Box<Socket>),
+    /// A swarm given in the options, or one of the caller's own joined through the
+    /// bootstrap peers (stopped with the handle).
+    P2p {
+        swarm: P2p,
+        _stop: Option<tokio_util::sync::DropGuard>,
+    },
+}
+
+/// Of the errors of several paths, the one that tells most: what the agent is (offline,
+/// unknown) over a path we could not use.
+pub(super) fn more_telling(a: CallError, b: CallError) -> CallError {
+    let rank = |e: &CallError| match e {
+        CallError::Offline(_) | CallError::NotInSwarm(_) | CallError::Unknown(_) => 3,
+        CallError::Timeout(_) | CallError::Relay { .. } => 2,
+        CallError::NoEndpoint => 0,
+        _ => 1,
+    };
+    if rank(&b) > rank(&a) {
+        b
+    } else {
+        a
+    }
+}
+
+/// Auto mode: what worked lately first, then direct, swarm, relay — each only when the
+/// options make it possible.
+pub(super) fn auto_order(address: Address, options: &ConnectOptions) -> Vec<Via> {
+    let can_swarm = options.swarm.is_some() || !options.bootstrap.is_empty();
+    let can_relay = options.relay_url.is_some();
+    let can_direct = !options.endpoints.is_empty() || can_swarm || can_relay;
+    let mut order: Vec<Via> = [
+        (Via::Direct, can_direct),
+        (Via::P2p, can_swarm),
+        (Via::Relay, can_relay),
+    ]
+    .into_iter()
+    .filter_map(|(v, ok)| ok.then_some(v))
+    .collect();
+    let recent = remembered()
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(&address)
+        .filter(|(_, at)| at.elapsed() < REMEMBER_FOR)
+        .map(|(v, _)| *v);
+    if let Some(v) = recent {
+        if let Some(i) = order.iter().position(|o| *o == v) {
+            order.remove(i);
+            order.insert(0, v);
+        }
+    }
+    order
+}
+
+pub(super) fn remember(address: Address, via: Via) {
+    remembered()
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(address, (via, std::time::Instant::now()));
+}
+
+pub(super) async fn open_path(
+    via: Via,
+    address: Address,
+    options: &ConnectOptions,
+) -> Result<Path, CallError> {
+    match via {
+        Via::Direct => open_direct(address, options).await,
+        Via::P2p => {
+            let path = join_swarm(options).await?;
+            if let Path::P2p { swarm, .. } = &path {
+                // Reachable now, or fall back now rather than at the first prompt.
+                swarm
+                    .connect(address.peer_id())
+                    .await
+                    .map_err(|e| p2p_error(e, address))?;
+            }
+            Ok(path)
+        }
+        Via::Relay => Ok(Path::Relay(Box::new(open_relay(options).await?))),
+        Via::Auto => Err(CallError::NoPath),
+    }
+}
+
+pub(super) fn p2p_error(e: P2pError, address: Address) -> CallError {
+    match e {
+        P2pError::NotFound(_) => CallError::NotInSwarm(address.to_string()),
+        P2pError::Timeout(_) => CallError::Timeout(crate::transport::p2p::DIAL_TIMEOUT),
+        P2pError::Unreachable { .. } => CallError::Offline(address.to_string()),
+        other => CallError::Swarm(other.to_string()),
+    }
+}
+
+/// A direct endpoint that proves to be the agent: its `/info` names the address called.
+/// Plaintext only on loopback, or on private networks when allowed.
+async fn open_direct(address: Address, options: &ConnectOptions) -> Result<Path, CallError> {
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(3))
+        .build()
+        .map_err(|e| CallError::Swarm(e.to_string()))?;
+    let mut candidates = options.endpoints.clone();
+    if let Some(relay) = &options.relay_url {
+        let directory = relay.parse::<RelayUrl>()?.directory(&address);
+        if let Ok(res) = http.get(&directory).send().await {
+            if let Ok(entry) = res.json::<Value>().await {
+                candidates.extend(strings(&entry["endpoints"]));
+            }
+        }
+    }
+    // A swarm that is running anyway can tell the agent's published endpoints.
+    if let Some(swarm) = &options.swarm {
+        if let Some(presence) = swarm.presence(&address).await {
+            candidates.extend(strings(presence.get("endpoints").unwrap_or(&Value::Null)));
+        }
+    }
+    let mut reasons = Vec::new();
+    for endpoint in candidates.iter().filter(|e| e.starts_with("http://")) {
+        let base = endpoint.trim_end_matches('/');
+        if !plaintext_allowed(base, options.allow_private) {
+            reasons.push(format!(
+                "{base}: plaintext outside loopback (allow_private is off)"
+            ));
+            continue;
+        }
+        let info = match http.get(format!("{base}/info")).send().await {
+            Ok(res) => res.json::<Value>().await.unwrap_or(Value::Null),
+            Err(e) => {
+                reasons.push(format!("{base}: {e}"));
+                continue;
+            }
+        };
+        if info["address"].as_str() != Some(address.to_string().as_str()) {
+            reasons.push(format!("{base}: /info names another address"));
+            continue;
+        }
+        let url = format!("{}/ws", base.replacen("http://", "ws://", 1));
+        match tokio::time::timeout(
+            Duration::from_secs(5),
+            tokio_tungstenite::connect_async_with_config(url.as_str(), None, true),
+        )
+        .await
+        {
+            Ok(Ok((socket, _))) => return Ok(Path::Direct(Box::new(socket))),
+            Ok(Err(e)) => reasons.push(format!("{url}: {e}")),
+            Err(_) => reasons.push(format!("{url}: timed out")),
+        }
+    }
+    if reasons.is_empty() {
+        return Err(CallError::NoEndpoint);
+    }
+    Err(CallError::Unreachable {
+        url: "direct endpoints".into(),
+        reason: reasons.join("; "),
+    })
+}
+
+fn strings(v: &Value) -> Vec<String> {
+    v.as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|e| e.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Plaintext HTTP is used on loopback, and on private networks only when allowed.
+fn plaintext_allowed(base: &str, allow_private: bool) -> bool {
+    let host = base
+        .trim_start_matches("http://")
+        .split(['/', '?'])
+        .next()
+        .unwrap_or("");
+    let host = host.rsplit_once(':').map_or(host, |(h, _)| h);
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host == "localhost" {
+        return true;
+    }
+    match host.parse::<std::net::IpAddr>() {
+        Ok(ip) if ip.is_loopback() => true,
+        Ok(std::net::IpAddr::V4(v4)) => allow_private && v4.is_private(),
+        _ => false,
+    }
+}
+
+async fn open_relay(options: &ConnectOptions) -> Result<Socket, CallError> {
+    let relay: RelayUrl = options
+        .relay_url
+        .as_deref()
+        .ok_or(CallError::NoPath)?
+        .parse()?;
+    let url = relay.input();
+    let unreachable = |reason: String| CallError::Unreachable {
+        url: url.clone(),
+        reason,
+    };
+    if relay.is_secure() {
+        return Err(unreachable(
+            "wss:// needs TLS, which this build does not include; use ws://".into(),
+        ));
+    }
+    let (socket, _) = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio_tungstenite::connect_async_with_config(url.as_str(), None, true),
+    )
+    .await
+    .map_err(|_| unreachable("timed out".into()))?
+    .map_err(|e| match e {
+        tokio_tungstenite::tungstenite::Error::Http(res) if res.status() == 503 => {
+            CallError::Relay {
+                code: ErrorCode::RelayFull,
+                message: "the relay is at its limit of callers; try again later".into(),
+            }
+        }
+        e => unreachable(e.to_string()),
+    })?;
+    Ok(socket)
+}
+
+/// Joins the swarm as a caller: a throwaway swarm key (so a running node with the same
+/// co_dir keeps its PeerId to itself), DHT client mode, no listening.
+async fn join_swarm(options: &ConnectOptions) -> Result<Path, CallError> {
+    if let Some(swarm) = &options.swarm {
+        return Ok(Path::P2p {
+            swarm: swarm.clone(),
+            _stop: None,
+        });
+    }
+    if options.bootstrap.is_empty() {
+        return Err(CallError::NoPath);
+    }
+    let config = P2pConfig::caller(options.bootstrap.clone());
+    let stop = tokio_util::sync::CancellationToken::new();
+    let swarm = P2p::spawn(
+        libp2p::identity::Keypair::generate_ed25519(),
+        config,
+        stop.clone(),
+    )
+    .await
+    .map_err(|e| CallError::Swarm(e.to_string()))?;
+    Ok(Path::P2p {
+        swarm,
+        _stop: Some(stop.drop_guard()),
+    })
+}

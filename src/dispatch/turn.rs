@@ -1,0 +1,94 @@
+//! A turn's starting point: the prompt and the session state a submission carries.
+
+use serde_json::{Map, Value};
+
+use super::{Refusal, Submission};
+use crate::agent::Message;
+
+/// Longest session id a caller may choose.
+const MAX_SESSION_ID_LEN: usize = 128;
+
+/// What a turn starts from.
+pub(super) struct TurnStart {
+    pub prompt: String,
+    pub session_id: String,
+    pub history: Vec<Message>,
+    pub extra: Map<String, Value>,
+    pub created: u64,
+}
+
+/// Reads the prompt and session state out of a submission.
+pub(super) fn parse_turn(sub: &Submission, now: u64) -> Result<TurnStart, Refusal> {
+    let payload = &sub.envelope.payload;
+    let prompt = match payload.get("prompt") {
+        Some(Value::String(p)) if !p.trim().is_empty() => p.clone(),
+        Some(Value::String(_)) => return Err(Refusal::BadRequest("`prompt` is empty".into())),
+        Some(_) => return Err(Refusal::BadRequest("`prompt` must be a string".into())),
+        None => return Err(Refusal::BadRequest("`prompt` is missing".into())),
+    };
+    let session = match payload.get("session").or(sub.session.as_ref()) {
+        None | Some(Value::Null) => Value::Object(Map::new()),
+        Some(v @ Value::Object(_)) => v.clone(),
+        Some(_) => return Err(Refusal::BadRequest("`session` must be an object".into())),
+    };
+    let session_id = match session.get("session_id").or(payload.get("session_id")) {
+        None | Some(Value::Null) => uuid::Uuid::new_v4().to_string(),
+        Some(Value::String(s)) if valid_session_id(s) => s.clone(),
+        Some(_) => {
+            return Err(Refusal::BadRequest(format!(
+            "`session_id` must be 1-{MAX_SESSION_ID_LEN} characters of letters, digits, '-' or '_'"
+        )))
+        }
+    };
+    let (history, extra) = split_session(&session);
+    Ok(TurnStart {
+        prompt,
+        session_id,
+        history,
+        extra,
+        created: now,
+    })
+}
+
+fn valid_session_id(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= MAX_SESSION_ID_LEN
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
+/// Splits a session object into its history and the other keys, kept as they came (a
+/// Python client's session carries keys of its own).
+pub(super) fn split_session(session: &Value) -> (Vec<Message>, Map<String, Value>) {
+    let mut extra = session.as_object().cloned().unwrap_or_default();
+    extra.remove("session_id");
+    let history = match extra.remove("messages") {
+        Some(Value::Array(items)) => items
+            .into_iter()
+            .filter_map(|m| {
+                let role = m.get("role")?.as_str()?.to_owned();
+                let content = match m.get("content")? {
+                    Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                };
+                Some(Message { role, content })
+            })
+            .collect(),
+        _ => Vec::new(),
+    };
+    (history, extra)
+}
+
+pub(super) fn session_value(
+    session_id: &str,
+    history: &[Message],
+    extra: &Map<String, Value>,
+) -> Value {
+    let mut obj = extra.clone();
+    obj.insert("session_id".into(), session_id.into());
+    obj.insert(
+        "messages".into(),
+        serde_json::to_value(history).unwrap_or(Value::Null),
+    );
+    Value::Object(obj)
+}

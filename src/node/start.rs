@@ -1,0 +1,295 @@
+//! Opening a node (key, store, dispatcher) and starting it (HTTP, relay link, swarm,
+//! sweeper).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::serve::ListenerExt;
+use axum::Router;
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::agent::AgentFactory;
+use crate::config::HostConfig;
+use crate::dispatch::{Dispatcher, DispatcherConfig};
+use crate::envelope::unix_now;
+use crate::identity::{Address, Identity};
+use crate::net::no_delay;
+use crate::store::{Store, Uploads};
+use crate::transport::http::{self, HttpState, NodeInfo};
+use crate::transport::p2p::P2p;
+use crate::transport::relay_link::{self, RelayLink};
+use crate::transport::ws::WsState;
+use crate::trust::TrustAgent;
+
+use super::handle::NodeHandle;
+use super::{HostError, MAX_WS_CONNECTIONS};
+
+/// A node that is configured but not yet listening.
+pub struct Node {
+    pub(super) config: HostConfig,
+    pub(super) identity: Identity,
+    pub(super) dispatcher: Dispatcher,
+    pub(super) store: Store,
+    pub(super) info: NodeInfo,
+    pub(super) key_created: bool,
+    pub(super) background: CancellationToken,
+    pub(super) http: bool,
+}
+
+impl Node {
+    pub(super) fn open(
+        factory: AgentFactory,
+        config: HostConfig,
+        trust_agent: Option<Arc<dyn TrustAgent>>,
+    ) -> Result<Node, HostError> {
+        std::fs::create_dir_all(&config.co_dir).map_err(|source| HostError::CoDir {
+            path: config.co_dir.clone(),
+            source,
+        })?;
+        let (identity, key_created) = Identity::load_or_create(&config.co_dir)?;
+        let (store, interrupted) =
+            Store::open(&store_path(&config.co_dir), config.result_ttl, unix_now())?;
+        if interrupted > 0 {
+            warn!(
+                interrupted,
+                "sessions left running by the previous process are marked interrupted"
+            );
+        }
+        let sample = factory.make();
+        let info = NodeInfo {
+            name: config.name.clone().unwrap_or_else(|| sample.name()),
+            tools: sample.tools(),
+            summary: config.summary.clone(),
+            examples: config.examples.clone(),
+            max_file_size_mb: config.max_file_size_mb,
+            max_files_per_request: config.max_files_per_request,
+        };
+        let dispatcher = Dispatcher::new(
+            identity.clone(),
+            factory,
+            store.clone(),
+            DispatcherConfig {
+                trust: config.trust.clone(),
+                trust_agent,
+                workers: config.workers,
+                max_queue: config.max_queue,
+                result_ttl: config.result_ttl,
+                uploads: uploads(&config),
+            },
+        );
+        let background = CancellationToken::new();
+        Ok(Node {
+            config,
+            identity,
+            dispatcher,
+            store,
+            info,
+            key_created,
+            background,
+            http: true,
+        })
+    }
+
+    pub fn address(&self) -> Address {
+        self.identity.address()
+    }
+
+    pub fn config(&self) -> &HostConfig {
+        &self.config
+    }
+
+    pub fn dispatcher(&self) -> &Dispatcher {
+        &self.dispatcher
+    }
+
+    /// The HTTP router; the node's background tasks stop when the last clone is dropped.
+    /// (HTTP and WebSocket only: an embedded router starts no relay link and no swarm.)
+    pub fn router(self) -> Router {
+        self.start_sweeper();
+        let guard = self.background.clone().drop_guard();
+        self.router_with(Some(guard), None, None)
+    }
+
+    fn router_with(
+        &self,
+        guard: Option<tokio_util::sync::DropGuard>,
+        relay: Option<RelayLink>,
+        p2p: Option<P2p>,
+    ) -> Router {
+        let max_body_bytes = self.config.max_body_bytes();
+        http::router(Arc::new(HttpState {
+            dispatcher: self.dispatcher.clone(),
+            info: self.info.clone(),
+            max_body_bytes,
+            started: Instant::now(),
+            ws: WsState {
+                dispatcher: self.dispatcher.clone(),
+                max_frame_bytes: max_body_bytes,
+                connections: Arc::new(tokio::sync::Semaphore::new(MAX_WS_CONNECTIONS)),
+            },
+            relay,
+            p2p,
+            _background: guard,
+        }))
+    }
+
+    /// Expired sessions and replay keys go, and edited list files are re-read, in the
+    /// background until the node stops.
+    pub(super) fn start_sweeper(&self) {
+        self.dispatcher.trust().watch_files(self.background.clone());
+        tokio::spawn(sweep_loop(
+            self.store.clone(),
+            uploads(&self.config),
+            self.config.result_ttl,
+            self.background.clone(),
+        ));
+    }
+
+    /// Binds the listeners and starts serving; returns at once with a handle.
+    pub async fn spawn(self) -> Result<NodeHandle, HostError> {
+        self.start_sweeper();
+        let listener = if self.http {
+            let addr = SocketAddr::new(self.config.bind, self.config.port);
+            let listener = TcpListener::bind(addr)
+                .await
+                .map_err(|source| HostError::Bind { addr, source })?;
+            Some(listener)
+        } else {
+            None
+        };
+        let http_addr = match &listener {
+            Some(l) => Some(l.local_addr().map_err(HostError::Serve)?),
+            None => None,
+        };
+        if self.key_created {
+            info!(address = %self.address(), "created a new identity key");
+        }
+        if self.config.reload {
+            warn!("`reload: true` has no effect on a compiled agent; restart the node to pick up changes");
+        }
+        let shutdown = self.background.clone();
+        let relay = self.config.relay_url.clone().map(|url| {
+            let info = relay_link::AnnounceInfo {
+                summary: self.config.summary.clone().unwrap_or_default(),
+                endpoints: http_endpoints(http_addr),
+            };
+            relay_link::spawn(url, self.dispatcher.clone(), info, shutdown.child_token())
+        });
+
+        let p2p = match &self.config.p2p {
+            Some(config) => {
+                let p2p = P2p::spawn(
+                    self.identity.libp2p_keypair(),
+                    config.clone(),
+                    shutdown.child_token(),
+                )
+                .await?;
+                p2p.serve(self.dispatcher.clone(), config, shutdown.child_token());
+                tokio::spawn(publish_presence(
+                    p2p.clone(),
+                    self.identity.clone(),
+                    self.config.summary.clone(),
+                    self.config.examples.clone(),
+                    http_endpoints(http_addr),
+                    shutdown.child_token(),
+                ));
+                Some(p2p)
+            }
+            None => None,
+        };
+
+        let mut tasks = JoinSet::new();
+        if let (Some(listener), Some(addr)) = (listener, http_addr) {
+            info!(address = %self.address(), http_addr = %addr, "listening on http://{addr}");
+            let router = self.router_with(None, relay.clone(), p2p.clone());
+            let stop = shutdown.clone();
+            tasks.spawn(async move {
+                axum::serve(listener.tap_io(no_delay), router)
+                    .with_graceful_shutdown(stop.cancelled_owned())
+                    .await
+                    .map_err(HostError::Serve)
+            });
+        } else {
+            info!(address = %self.address(), "HTTP is off: no listening port");
+        }
+        Ok(NodeHandle {
+            node: self,
+            http_addr,
+            relay,
+            p2p,
+            shutdown,
+            tasks,
+        })
+    }
+}
+
+/// The HTTP endpoints to tell others about: the bound address when it is a specific one
+/// (an unspecified bind has no single address to give).
+fn http_endpoints(http_addr: Option<SocketAddr>) -> Vec<String> {
+    match http_addr {
+        Some(a) if !a.ip().is_unspecified() => vec![format!("http://{a}"), format!("ws://{a}/ws")],
+        _ => Vec::new(),
+    }
+}
+
+/// Keeps the node's presence record in the DHT: soon after start (as peers come),
+/// then every few minutes.
+async fn publish_presence(
+    p2p: P2p,
+    identity: Identity,
+    summary: Option<String>,
+    examples: Vec<String>,
+    endpoints: Vec<String>,
+    stop: CancellationToken,
+) {
+    let mut waits = [1u64, 3, 10, 30].into_iter();
+    loop {
+        let wait = Duration::from_secs(waits.next().unwrap_or(300));
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(wait) => {}
+        }
+        p2p.publish_presence(&identity, summary.as_deref(), &examples, &endpoints)
+            .await;
+    }
+}
+
+fn store_path(co_dir: &Path) -> PathBuf {
+    co_dir.join("oonode").join("db")
+}
+
+/// Attached files live under `<co_dir>/oonode/uploads/<session>/`.
+fn uploads(config: &HostConfig) -> Uploads {
+    Uploads::new(
+        config.co_dir.join("oonode").join("uploads"),
+        config.max_file_size_mb,
+        config.max_files_per_request,
+    )
+}
+
+/// Deletes expired sessions and replay keys, often enough that a session is gone within
+/// about a quarter of `result_ttl` after it expires (reads never show expired ones).
+async fn sweep_loop(store: Store, uploads: Uploads, result_ttl: u64, stop: CancellationToken) {
+    let every = Duration::from_secs((result_ttl / 4).clamp(1, 60));
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        match store.sweep(unix_now()).await {
+            Ok((sessions, keys)) => {
+                uploads.remove(&sessions).await;
+                if !sessions.is_empty() || keys > 0 {
+                    tracing::debug!(sessions = sessions.len(), keys, "swept expired records");
+                }
+            }
+            Err(e) => warn!(error = %e, "sweeping expired records failed"),
+        }
+    }
+}

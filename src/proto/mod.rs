@@ -1,0 +1,21 @@
+//! The wire: typed frames per link, error codes, ANNOUNCE signing and relay URLs. No I/O.
+//!
+//! The node (`transport/`, `client/`) and the relay server (`relay_server/`) both depend
+//! on this layer and never on each other. Nothing outside it matches a frame type or an
+//! error code as a string.
+
+mod announce;
+mod error;
+mod frame;
+mod relay_url;
+
+pub use announce::{signed_announce, verify_announce, Announce, MAX_ENDPOINTS, MAX_SUMMARY_CHARS};
+pub use error::ErrorCode;
+pub use frame::{
+    input_frame, session_of, AgentToRelay, CallerToRelay, ClientFrame, ConnectStatus, FrameError,
+    FrameType, NodeFrame, Object, RelayError, RelayToAgent,
+};
+pub use relay_url::{
+    RelayUrl, RelayUrlError, ANNOUNCE_PATH, DIRECTORY_PREFIX, DIRECTORY_ROUTE, HEALTH_PATH,
+    INPUT_PATH,
+};

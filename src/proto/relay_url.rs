@@ -1,0 +1,174 @@
+//! [`RelayUrl`]: a relay's base URL and every route on it, shared by the relay's router,
+//! the node's relay link and the client, so that no one derives a URL by editing text.
+
+use std::fmt;
+use std::str::FromStr;
+
+use crate::identity::Address;
+
+/// Where agents keep their outbound WebSocket (and announce).
+pub const ANNOUNCE_PATH: &str = "/ws/announce";
+/// Where callers open their WebSocket.
+pub const INPUT_PATH: &str = "/ws/input";
+/// The directory route, axum syntax.
+pub const DIRECTORY_ROUTE: &str = "/api/agents/{address}";
+/// The directory's prefix; the address follows.
+pub const DIRECTORY_PREFIX: &str = "/api/agents/";
+/// Counts: agents online and known, callers, sessions.
+pub const HEALTH_PATH: &str = "/health";
+
+/// A relay's base URL: `ws://host:port` or `wss://host:port`, optionally under a path
+/// prefix (a relay behind a reverse proxy). Parsing accepts the base or either socket
+/// URL (`…/ws/announce`, `…/ws/input`), as the Python ecosystem writes `relay_url`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct RelayUrl {
+    secure: bool,
+    /// `host:port` (or `host`), as given.
+    authority: String,
+    /// Path prefix without a trailing `/` (usually empty).
+    prefix: String,
+}
+
+/// Why a string is not a relay URL.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RelayUrlError {
+    #[error("a relay URL starts with ws:// or wss:// (got {0:?})")]
+    Scheme(String),
+    #[error("a relay URL names a host (got {0:?})")]
+    NoHost(String),
+    #[error("a relay URL has no query or fragment (got {0:?})")]
+    Query(String),
+}
+
+impl RelayUrl {
+    /// Whether the relay is reached over TLS (`wss://`).
+    pub fn is_secure(&self) -> bool {
+        self.secure
+    }
+
+    /// `host:port` as given.
+    pub fn authority(&self) -> &str {
+        &self.authority
+    }
+
+    /// `ws://host:port[/prefix]`.
+    pub fn base(&self) -> String {
+        let scheme = if self.secure { "wss" } else { "ws" };
+        format!("{scheme}://{}{}", self.authority, self.prefix)
+    }
+
+    /// Where an agent connects and announces.
+    pub fn announce(&self) -> String {
+        format!("{}{ANNOUNCE_PATH}", self.base())
+    }
+
+    /// Where a caller connects.
+    pub fn input(&self) -> String {
+        format!("{}{INPUT_PATH}", self.base())
+    }
+
+    /// The relay's HTTP base: `http://` for `ws://`, `https://` for `wss://`.
+    pub fn http_base(&self) -> String {
+        let scheme = if self.secure { "https" } else { "http" };
+        format!("{scheme}://{}{}", self.authority, self.prefix)
+    }
+
+    /// The directory entry of `address`.
+    pub fn directory(&self, address: &Address) -> String {
+        format!("{}{DIRECTORY_PREFIX}{address}", self.http_base())
+    }
+
+    /// The relay's health counts.
+    pub fn health(&self) -> String {
+        format!("{}{HEALTH_PATH}", self.http_base())
+    }
+}
+
+impl FromStr for RelayUrl {
+    type Err = RelayUrlError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let given = s.trim();
+        let (secure, rest) = if let Some(r) = given.strip_prefix("ws://") {
+            (false, r)
+        } else if let Some(r) = given.strip_prefix("wss://") {
+            (true, r)
+        } else {
+            return Err(RelayUrlError::Scheme(given.to_owned()));
+        };
+        if rest.contains(['?', '#']) {
+            return Err(RelayUrlError::Query(given.to_owned()));
+        }
+        let (authority, path) = match rest.find('/') {
+            Some(i) => rest.split_at(i),
+            None => (rest, ""),
+        };
+        if authority.is_empty() || authority.starts_with(':') || authority.contains('@') {
+            return Err(RelayUrlError::NoHost(given.to_owned()));
+        }
+        let path = path.trim_end_matches('/');
+        let prefix = path
+            .strip_suffix(ANNOUNCE_PATH)
+            .or_else(|| path.strip_suffix(INPUT_PATH))
+            .unwrap_or(path);
+        Ok(RelayUrl {
+            secure,
+            authority: authority.to_owned(),
+            prefix: prefix.to_owned(),
+        })
+    }
+}
+
+impl fmt::Display for RelayUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.base())
+    }
+}
+
+impl serde::Serialize for RelayUrl {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_base_or_either_socket_url_gives_every_route() {
+        for given in [
+            "ws://r:1",
+            "ws://r:1/",
+            "ws://r:1/ws/announce",
+            "ws://r:1/ws/input/",
+        ] {
+            let url: RelayUrl = given.parse().unwrap();
+            assert_eq!(url.base(), "ws://r:1");
+            assert_eq!(url.announce(), "ws://r:1/ws/announce");
+            assert_eq!(url.input(), "ws://r:1/ws/input");
+            assert_eq!(url.health(), "http://r:1/health");
+        }
+        let a = crate::identity::Identity::from_seed([7; 32]).address();
+        let tls: RelayUrl = "wss://relay.example/oo/ws/announce".parse().unwrap();
+        assert!(tls.is_secure());
+        assert_eq!(tls.input(), "wss://relay.example/oo/ws/input");
+        assert_eq!(
+            tls.directory(&a),
+            format!("https://relay.example/oo/api/agents/{a}")
+        );
+    }
+
+    #[test]
+    fn anything_else_is_refused_with_a_reason() {
+        for bad in [
+            "127.0.0.1:9",
+            "http://r:1",
+            "ws://",
+            "ws://:1",
+            "ws://r:1/?x=1",
+        ] {
+            assert!(bad.parse::<RelayUrl>().is_err(), "{bad}");
+        }
+    }
+}
