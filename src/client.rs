@@ -75,7 +75,7 @@ impl CallError {
 }
 
 /// Which way to reach the agent.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, clap::ValueEnum)]
 pub enum Via {
     /// The best that works: what worked last for this address, else a direct endpoint
     /// that proves to be the agent, else the swarm, else the relay.

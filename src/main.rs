@@ -140,14 +140,6 @@ enum TrustAction {
     Credit,
 }
 
-#[derive(Clone, Copy, clap::ValueEnum)]
-enum ViaArg {
-    Auto,
-    Direct,
-    P2p,
-    Relay,
-}
-
 #[derive(clap::Args)]
 struct PeersArgs {
     /// Swarm peer to join through (repeatable): a multiaddr ending in /p2p/<PeerId>.
@@ -202,7 +194,7 @@ struct CallArgs {
     /// Which way to reach it. auto: what worked lately, else a direct endpoint that
     /// proves to be the agent, else the swarm, else the relay.
     #[arg(long, value_enum, default_value = "auto")]
-    via: ViaArg,
+    via: oonode::Via,
     /// Relay to reach the agent through (ws://host:port); its directory also tells the
     /// agent's direct endpoints.
     #[arg(long, env = "OONODE_RELAY")]
@@ -401,12 +393,7 @@ async fn call(args: CallArgs) -> ExitCode {
         .identity(identity)
         .allow_private(args.allow_private)
         .reply_timeout(std::time::Duration::from_secs(args.timeout))
-        .via(match args.via {
-            ViaArg::Auto => oonode::Via::Auto,
-            ViaArg::Direct => oonode::Via::Direct,
-            ViaArg::P2p => oonode::Via::P2p,
-            ViaArg::Relay => oonode::Via::Relay,
-        });
+        .via(args.via);
     if let Some(relay) = args.relay {
         options = options.relay(relay);
     }
