@@ -28,8 +28,8 @@
 //! | `transport/` | ways in: `http.rs` (the seed's API, `/docs`), `ws.rs` (`/ws`), `relay.rs` (the outbound link to a relay), `p2p/` (the libp2p swarm and its CBOR wire); transports know the dispatcher, never the reverse |
 //! | `relay/` | the relay server: announce, routing by address and session, directory, limits |
 //! | `client.rs` | [`connect()`]: call a peer by address (direct, swarm or relay), verifying every reply |
-//! | `testnet.rs` | `oonode testnet`: a relay and N nodes as local processes, for trying and testing |
 //! | `main.rs` | the thin CLI: `oonode host`, `relay`, `call`, `peers`, `trust`, `init`, `testnet`, `keys` |
+//! | `cli/` | the CLI's own commands, in the binary: `testnet/` (a relay and N nodes as local processes, for trying and testing) |
 //!
 //! The wire forms and test vectors are in `docs/protocol.md`.
 
@@ -42,7 +42,6 @@ mod host;
 mod identity;
 pub mod relay;
 mod store;
-pub mod testnet;
 mod transport;
 pub mod trust;
 

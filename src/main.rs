@@ -9,6 +9,8 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use oonode::{agent, find_co_dir, Host, Identity, TrustLevel};
 
+mod cli;
+
 #[derive(Parser)]
 #[command(
     name = "oonode",
@@ -47,7 +49,7 @@ enum Command {
     /// logs, down).
     Testnet {
         #[command(subcommand)]
-        command: oonode::testnet::TestnetCommand,
+        command: cli::testnet::TestnetCommand,
     },
     /// Print this node's address and PeerId, creating the key if needed.
     Keys {
@@ -251,7 +253,11 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::FAILURE
+            // A failed call (`testnet call`) exits as `oonode call` does.
+            let call = e
+                .chain()
+                .find_map(|c| c.downcast_ref::<oonode::CallError>());
+            call.map_or(ExitCode::FAILURE, |c| ExitCode::from(c.exit_code()))
         }
     }
 }
@@ -263,7 +269,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Peers(args) => peers(args).await,
         Command::Init { dir, force } => init(dir, force),
         Command::Trust(args) => trust(args).await,
-        Command::Testnet { command } => oonode::testnet::run(command).await,
+        Command::Testnet { command } => cli::testnet::run(command).await,
         Command::Call(args) => match call(args).await {
             code if code == ExitCode::SUCCESS => Ok(()),
             _ => Err(anyhow::anyhow!("call failed")),

@@ -1,0 +1,3 @@
+//! The binary's subcommands that are not the library's job: code only the CLI uses.
+
+pub(crate) mod testnet;
