@@ -28,8 +28,7 @@
 //! | `transport/` | ways in: `http.rs` (the seed's API, `/docs`), `ws.rs` (`/ws`), `relay.rs` (the outbound link to a relay), `p2p/` (the libp2p swarm and its CBOR wire); transports know the dispatcher, never the reverse |
 //! | `relay/` | the relay server: announce, routing by address and session, directory, limits |
 //! | `client.rs` | [`connect()`]: call a peer by address (direct, swarm or relay), verifying every reply |
-//! | `testnet.rs` | `oonode testnet`: a relay and N nodes as local processes, for trying and testing |
-//! | `main.rs` | the thin CLI: `oonode host`, `relay`, `call`, `peers`, `trust`, `init`, `testnet`, `keys` |
+//! | `main.rs`, `cli/` | the binary, not the library: `main.rs` launches, `cli/` holds the commands (`oonode host`, `relay`, `call`, `peers`, `trust`, `init`, `keys`, and `testnet/`: a relay and N nodes as local processes, for trying and testing) |
 //!
 //! The wire forms and test vectors are in `docs/protocol.md`.
 
@@ -44,7 +43,6 @@ mod node;
 pub mod proto;
 mod relay_server;
 mod store;
-pub mod testnet;
 mod transport;
 pub mod trust;
 

@@ -99,16 +99,17 @@ compose up -d --no-build
 
 container() { compose ps -q "$1"; }
 
-# The address a service printed in its banner (waits for the banner).
+# The address in a service's `--ready-json` line (waits for the line).
 address_of() {
   local service=$1 deadline=$(( $(date +%s) + 30 )) addr
   while [ "$(date +%s)" -lt "$deadline" ]; do
     addr=$(compose logs --no-color "$service" 2>/dev/null \
-      | grep -o 'Address: 0x[0-9a-f]\{64\}' | head -1 | cut -d' ' -f2 || true)
+      | grep -o '"event":"ready".*"address":"0x[0-9a-f]\{64\}"' | head -1 \
+      | grep -o '0x[0-9a-f]\{64\}' || true)
     if [ -n "$addr" ]; then echo "$addr"; return 0; fi
     sleep 0.5
   done
-  fail "$service printed no address within 30 s"
+  fail "$service printed no ready line within 30 s"
 }
 
 # call CLIENT ADDRESS PROMPT [ARGS…]: one `oonode call` from a fresh client container;

@@ -1,6 +1,7 @@
 //! `oonode testnet` end to end, with the real binary: `up --nodes 5` is ready within
 //! 15 s, node I calls node J by address for all 20 ordered pairs, `status` sees everyone,
-//! and `down` leaves no process behind. Every command is bounded; whatever happens, the
+//! a call to a stopped node exits 3 (as `oonode call` does), and `down` leaves no process
+//! behind. Every command is bounded; whatever happens, the
 //! processes listed in testnet.json are killed when the test ends.
 
 use std::path::{Path, PathBuf};
@@ -65,15 +66,14 @@ fn alive(pid: u32, start_ticks: u64) -> bool {
 }
 
 fn kill9(pid: u32) {
-    extern "C" {
-        fn kill(pid: i32, sig: i32) -> i32;
-    }
+    signal(pid, nix::sys::signal::Signal::SIGKILL);
+}
+
+/// Sends `sig` to that one PID (never a group).
+fn signal(pid: u32, sig: nix::sys::signal::Signal) {
     if let Ok(pid) = i32::try_from(pid) {
         if pid > 0 {
-            // SAFETY: kill(2) takes plain integers and touches no memory of ours.
-            unsafe {
-                kill(pid, 9);
-            }
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig);
         }
     }
 }
@@ -205,6 +205,35 @@ fn five_nodes_up_all_pairs_call_and_down_leaves_nothing() {
     );
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no node 9"));
+
+    // A node that is gone: the call fails as `oonode call` does for an unreachable
+    // agent (exit status 3), not with a generic 1.
+    let (dead_pid, dead_ticks) = pids[NODES - 1];
+    signal(dead_pid, nix::sys::signal::Signal::SIGTERM);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while alive(dead_pid, dead_ticks) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        !alive(dead_pid, dead_ticks),
+        "node {} stops on SIGTERM",
+        NODES - 1
+    );
+    let last = (NODES - 1).to_string();
+    let out = testnet(
+        &["call", "0", &last, "hi", "--dir", &dir_s],
+        Duration::from_secs(60),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "exit status of a call to a dead node\n{stderr}"
+    );
+    assert!(
+        stderr.contains(&format!("could not call node {last}")),
+        "{stderr}"
+    );
 
     expect_ok(&["down", "--dir", &dir_s], Duration::from_secs(30));
     let left: Vec<u32> = pids

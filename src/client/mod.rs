@@ -85,7 +85,7 @@ impl CallError {
 }
 
 /// Which way to reach the agent.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, clap::ValueEnum)]
 pub enum Via {
     /// The best that works: what worked last for this address, else a direct endpoint
     /// that proves to be the agent, else the swarm, else the relay.
@@ -93,7 +93,9 @@ pub enum Via {
     Auto,
     /// The agent's own HTTP/WebSocket endpoint.
     Direct,
+    /// The libp2p swarm.
     P2p,
+    /// A relay the agent announced on.
     Relay,
 }
 

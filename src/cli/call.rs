@@ -1,0 +1,152 @@
+//! `oonode call`: one call by address, chunks to stdout.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use oonode::{find_co_dir, Identity};
+
+#[derive(clap::Args)]
+pub(crate) struct CallArgs {
+    /// The agent's address (0x + 64 hex).
+    address: String,
+    /// The prompt to send.
+    prompt: String,
+    /// Which way to reach it. auto: what worked lately, else a direct endpoint that
+    /// proves to be the agent, else the swarm, else the relay.
+    #[arg(long, value_enum, default_value = "auto")]
+    via: oonode::Via,
+    /// Relay to reach the agent through (ws://host:port); its directory also tells the
+    /// agent's direct endpoints.
+    #[arg(long, env = "OONODE_RELAY")]
+    relay: Option<String>,
+    /// Swarm peer to join through (repeatable): a multiaddr ending in /p2p/<PeerId>.
+    #[arg(long = "bootstrap", value_name = "MULTIADDR")]
+    bootstrap: Vec<String>,
+    /// The agent's own HTTP endpoint, if known (repeatable): http://host:port.
+    #[arg(long = "endpoint", value_name = "URL")]
+    endpoints: Vec<String>,
+    /// Use plaintext endpoints on private networks too (not only on loopback).
+    #[arg(long)]
+    allow_private: bool,
+    /// Directory holding the caller's key (keys/agent.key), created if needed.
+    #[arg(long)]
+    co_dir: Option<PathBuf>,
+    /// A file keeping the session between calls: read if present, written after.
+    #[arg(long, value_name = "FILE")]
+    session: Option<PathBuf>,
+    /// Print the answer as JSON (result, session_id, chunks, path, duration_ms).
+    #[arg(long)]
+    json: bool,
+    /// Say on stderr which path was used.
+    #[arg(long, short)]
+    verbose: bool,
+    /// Seconds to wait for each next reply frame.
+    #[arg(long, default_value_t = 60)]
+    timeout: u64,
+}
+
+/// `oonode call`: streams chunks to stdout as they come, then the result; exit 0 on
+/// success, else a one-line reason and the error's exit status.
+pub(crate) async fn call(args: CallArgs) -> ExitCode {
+    use std::io::Write;
+    let fail = |msg: String, code: u8| {
+        eprintln!("error: {msg}");
+        ExitCode::from(code)
+    };
+    let dir = match args.co_dir {
+        Some(d) => d,
+        None => find_co_dir(&std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."))),
+    };
+    let identity = match Identity::load_or_create(&dir) {
+        Ok((id, _)) => id,
+        Err(e) => return fail(e.to_string(), 1),
+    };
+    let mut options = oonode::ConnectOptions::default()
+        .identity(identity)
+        .allow_private(args.allow_private)
+        .reply_timeout(std::time::Duration::from_secs(args.timeout))
+        .via(args.via);
+    if let Some(relay) = args.relay {
+        options = options.relay(relay);
+    }
+    for url in args.endpoints {
+        options = options.endpoint(url);
+    }
+    for addr in &args.bootstrap {
+        match addr.parse() {
+            Ok(a) => options = options.bootstrap(a),
+            Err(e) => return fail(format!("--bootstrap {addr:?} is not a multiaddr: {e}"), 2),
+        }
+    }
+    let saved = match &args.session {
+        Some(file) if file.exists() => match std::fs::read(file)
+            .map_err(|e| e.to_string())
+            .and_then(|b| {
+                serde_json::from_slice::<serde_json::Value>(&b).map_err(|e| e.to_string())
+            }) {
+            Ok(v) => v["session_id"].as_str().map(str::to_owned),
+            Err(e) => {
+                return fail(
+                    format!("cannot read session file {}: {e}", file.display()),
+                    2,
+                )
+            }
+        },
+        _ => None,
+    };
+    let mut remote = match oonode::connect(&args.address, options).await {
+        Ok(r) => r,
+        Err(e) => return fail(e.to_string(), e.exit_code()),
+    };
+    if args.verbose {
+        eprintln!("path: {}", remote.path());
+    }
+    if let Some(id) = saved {
+        remote.set_session_id(id);
+    }
+    let streaming = !args.json;
+    let printed = std::cell::Cell::new(false);
+    let answer = remote
+        .input_streaming(&args.prompt, |chunk| {
+            if streaming {
+                let mut out = std::io::stdout();
+                let _ = write!(out, "{chunk}");
+                let _ = out.flush();
+                printed.set(true);
+            }
+        })
+        .await;
+    let answer = match answer {
+        Ok(a) => a,
+        Err(e) => {
+            if printed.get() {
+                println!();
+            }
+            return fail(e.to_string(), e.exit_code());
+        }
+    };
+    if let Some(file) = &args.session {
+        let saved = serde_json::json!({"address": args.address, "session_id": answer.session_id});
+        if let Err(e) = std::fs::write(file, saved.to_string()) {
+            eprintln!("warning: cannot write session file {}: {e}", file.display());
+        }
+    }
+    if args.json {
+        let out = serde_json::json!({
+            "result": answer.result,
+            "session_id": answer.session_id,
+            "chunks": answer.chunks,
+            "duration_ms": answer.duration_ms,
+            "path": remote.path(),
+        });
+        println!("{out}");
+    } else if answer.chunks.concat() == answer.result {
+        println!();
+    } else {
+        if !answer.chunks.is_empty() {
+            println!();
+        }
+        println!("{}", answer.result);
+    }
+    ExitCode::SUCCESS
+}

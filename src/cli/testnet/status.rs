@@ -1,0 +1,205 @@
+//! `testnet status`: each process (alive, `/health`, listed by the relay), the relay's
+//! view, and the swarm's view.
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::anyhow;
+use oonode::{P2p, P2pConfig};
+use serde_json::{json, Value};
+
+use super::state::{load, NodeEntry, TestnetState};
+use super::{get_json, loopback_client};
+
+pub(super) async fn status(dir: &Path, swarm: bool, json: bool) -> anyhow::Result<()> {
+    let state = load(dir)?;
+    let http = loopback_client()?;
+    let relay = match &state.relay {
+        Some(r) => {
+            let proc = r.proc();
+            let health = match get_json(&http, &format!("{}/health", r.http)).await {
+                Ok((200, v)) => Some(v),
+                _ => None,
+            };
+            json!({
+                "pid": r.pid,
+                "alive": proc.alive(),
+                "rss_kib": proc.rss_kib(),
+                "url": r.url,
+                "health": health,
+            })
+        }
+        None => Value::Null,
+    };
+    let mut nodes = Vec::new();
+    for n in &state.nodes {
+        let proc = n.proc();
+        let health = match get_json(&http, &format!("{}/health", n.http)).await {
+            Ok((200, v)) => Some(v),
+            _ => None,
+        };
+        let info = match get_json(&http, &format!("{}/info", n.http)).await {
+            Ok((200, v)) => Some(v),
+            _ => None,
+        };
+        let listed = match &state.relay {
+            Some(r) => {
+                match get_json(&http, &format!("{}/api/agents/{}", r.http, n.address)).await {
+                    Ok((200, v)) => v["online"].as_bool(),
+                    Ok((404, _)) => Some(false),
+                    _ => None,
+                }
+            }
+            None => None,
+        };
+        nodes.push(json!({
+            "index": n.index,
+            "pid": n.pid,
+            "alive": proc.alive(),
+            "rss_kib": proc.rss_kib(),
+            "agent": n.agent,
+            "address": n.address,
+            "http": n.http,
+            "healthy": health.as_ref().is_some_and(|h| h["status"] == "healthy"),
+            "relay_link": health.as_ref().and_then(|h| h["relay"]["state"].as_str().map(str::to_owned)),
+            "relay_lists_online": listed,
+            "swarm_peers": info.as_ref().and_then(|i| i["p2p"]["connected_peers"].as_u64()),
+        }));
+    }
+    let swarm_view = if swarm {
+        Some(swarm_view(&state).await)
+    } else {
+        None
+    };
+    let up = nodes
+        .iter()
+        .filter(|n| n["alive"] == true && n["healthy"] == true)
+        .count();
+    let relay_up = relay["alive"] == true && !relay["health"].is_null();
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({
+                "dir": state.dir,
+                "relay": relay,
+                "nodes": nodes,
+                "swarm": swarm_view,
+                "nodes_up": up,
+                "relay_up": relay_up,
+            }))?
+        );
+    } else {
+        println!(
+            "relay  {}  PID {}  {}{}",
+            relay["url"].as_str().unwrap_or("-"),
+            relay["pid"],
+            if relay_up { "up" } else { "DOWN" },
+            match &relay["health"] {
+                Value::Null => String::new(),
+                h => format!(
+                    "  agents online {} (known {}), sessions {}, RSS {}",
+                    h["agents_online"],
+                    h["agents_known"],
+                    h["sessions"],
+                    kib(relay["rss_kib"].as_u64())
+                ),
+            }
+        );
+        println!(
+            "{:>3}  {:<8}  {:<5}  {:<9}  {:<9}  {:>5}  {:>8}  {:<10}  address",
+            "#", "PID", "proc", "/health", "relay", "peers", "RSS", "agent"
+        );
+        for n in &nodes {
+            println!(
+                "{:>3}  {:<8}  {:<5}  {:<9}  {:<9}  {:>5}  {:>8}  {:<10}  {}",
+                n["index"].as_u64().unwrap_or(0),
+                n["pid"].as_u64().unwrap_or(0),
+                if n["alive"] == true { "alive" } else { "dead" },
+                if n["healthy"] == true { "healthy" } else { "-" },
+                match n["relay_lists_online"].as_bool() {
+                    Some(true) => "online",
+                    Some(false) => "offline",
+                    None => "?",
+                },
+                n["swarm_peers"]
+                    .as_u64()
+                    .map_or("-".into(), |p| p.to_string()),
+                kib(n["rss_kib"].as_u64()),
+                n["agent"].as_str().unwrap_or("?"),
+                n["address"].as_str().unwrap_or("?"),
+            );
+        }
+        if let Some(view) = &swarm_view {
+            match view["joined_through"].as_u64() {
+                Some(i) => println!(
+                    "swarm  joined through node {i}: it knows {} of the {} testnet nodes ({} besides itself)",
+                    view["known"], state.nodes.len(), view["known_others"]
+                ),
+                None => println!(
+                    "swarm  {}",
+                    view["error"].as_str().unwrap_or("no view")
+                ),
+            }
+        }
+        println!(
+            "{up} of {} nodes up; relay {}",
+            nodes.len(),
+            if relay_up { "up" } else { "down" }
+        );
+    }
+    if up == nodes.len() && relay_up {
+        Ok(())
+    } else {
+        Err(anyhow!(
+            "{} of {} nodes down{}",
+            nodes.len() - up,
+            nodes.len(),
+            if relay_up { "" } else { "; the relay is down" }
+        ))
+    }
+}
+
+fn kib(v: Option<u64>) -> String {
+    match v {
+        Some(k) => format!("{:.1} MiB", k as f64 / 1024.0),
+        None => "-".into(),
+    }
+}
+
+/// Joins the swarm through the first live node (a throwaway caller swarm) and asks which
+/// of the testnet's nodes its routing table knows.
+async fn swarm_view(state: &TestnetState) -> Value {
+    let Some(entry) = state.nodes.iter().find(|n| n.proc().alive()) else {
+        return json!({"error": "no live node to join the swarm through"});
+    };
+    let Ok(addr) = entry.p2p.parse() else {
+        return json!({"error": format!("bad swarm address {}", entry.p2p)});
+    };
+    let stop = tokio_util::sync::CancellationToken::new();
+    let _guard = stop.clone().drop_guard();
+    let keypair = libp2p::identity::Keypair::generate_ed25519();
+    let swarm = match P2p::spawn(keypair, P2pConfig::caller(vec![addr]), stop).await {
+        Ok(s) => s,
+        Err(e) => return json!({"error": format!("cannot join the swarm: {e}")}),
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let peers = match tokio::time::timeout(Duration::from_secs(15), swarm.peers()).await {
+        Ok(Ok(p)) => p,
+        Ok(Err(e)) => return json!({"error": format!("swarm: {e}")}),
+        Err(_) => return json!({"error": "the swarm did not answer within 15 s"}),
+    };
+    let known: Vec<&NodeEntry> = state
+        .nodes
+        .iter()
+        .filter(|n| peers.iter().any(|p| p.address == n.address))
+        .collect();
+    json!({
+        "joined_through": entry.index,
+        "known": known.len(),
+        "known_others": known.iter().filter(|n| n.index != entry.index).count(),
+        "peers": peers.iter().map(|p| json!({
+            "address": p.address,
+            "connected": p.connected,
+        })).collect::<Vec<_>>(),
+    })
+}

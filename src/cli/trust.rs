@@ -1,0 +1,89 @@
+//! `oonode trust`: trust admin over a node's /admin/trust.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use oonode::Identity;
+
+#[derive(clap::Args)]
+pub(crate) struct TrustArgs {
+    #[arg(value_enum)]
+    action: TrustAction,
+    /// The address acted on.
+    address: String,
+    /// Credits to grant (for `credit`).
+    amount: Option<u64>,
+    /// The node's HTTP URL.
+    #[arg(long, default_value = "http://127.0.0.1:8000")]
+    node: String,
+    /// Directory holding the admin's key (keys/agent.key); the node's own co_dir makes
+    /// you the node itself.
+    #[arg(long)]
+    co_dir: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub(crate) enum TrustAction {
+    Promote,
+    Demote,
+    Block,
+    Unblock,
+    Level,
+    Credit,
+}
+
+/// `oonode trust …`: a signed, single-use ADMIN envelope to the node's /admin/trust.
+pub(crate) async fn trust(args: TrustArgs) -> anyhow::Result<()> {
+    use clap::ValueEnum;
+    let dir = super::co_dir_or_default(args.co_dir)?;
+    let (identity, _) = Identity::load_or_create(&dir)?;
+    let target: oonode::Address = args.address.parse().context("invalid address")?;
+    let action = args
+        .action
+        .to_possible_value()
+        .expect("no skipped values")
+        .get_name()
+        .to_string();
+    if matches!(args.action, TrustAction::Credit) && args.amount.is_none() {
+        anyhow::bail!("credit needs an amount: oonode trust credit 0x… 10");
+    }
+    let http = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(10))
+        .build()?;
+    let base = args.node.trim_end_matches('/');
+    let info: serde_json::Value = http
+        .get(format!("{base}/info"))
+        .send()
+        .await
+        .with_context(|| format!("cannot reach the node at {base}"))?
+        .json()
+        .await?;
+    let node: oonode::Address = info["address"]
+        .as_str()
+        .unwrap_or_default()
+        .parse()
+        .context("the node's /info has no address")?;
+    let mut payload = serde_json::Map::new();
+    payload.insert("action".into(), action.into());
+    payload.insert("address".into(), target.to_string().into());
+    if let Some(n) = args.amount {
+        payload.insert("amount".into(), n.into());
+    }
+    let env = oonode::Envelope::sign(&identity, oonode::Kind::Admin, Some(node), payload);
+    let res = http
+        .post(format!("{base}/admin/trust"))
+        .json(&env.to_nested_json())
+        .send()
+        .await?;
+    let status = res.status();
+    let body: serde_json::Value = res.json().await.unwrap_or_default();
+    if !status.is_success() {
+        anyhow::bail!(
+            "{} ({})",
+            body["error"].as_str().unwrap_or("refused"),
+            body["code"].as_str().unwrap_or(status.as_str())
+        );
+    }
+    println!("{}", serde_json::to_string_pretty(&body)?);
+    Ok(())
+}
