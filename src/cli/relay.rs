@@ -1,7 +1,6 @@
 //! `oonode relay`: a relay with the limits given as flags (each defaults to
 //! [`RelayConfig::default`]'s).
 
-use anyhow::Context;
 use oonode::RelayConfig;
 
 #[derive(clap::Args)]
@@ -47,28 +46,13 @@ pub(crate) async fn relay(args: RelayArgs) -> anyhow::Result<()> {
     config.caller_idle = std::time::Duration::from_secs(args.caller_idle);
     let handle = oonode::Relay::spawn(config).await?;
     if args.ready_json {
-        let url = handle.url();
-        let line = serde_json::json!({
-            "event": "ready",
-            "url": url,
-            "announce": format!("{url}/ws/announce"),
-            "input": format!("{url}/ws/input"),
-            "http": format!("http://{}", handle.local_addr()),
-        });
-        println!("{line}");
+        println!("{}", handle.ready().to_line());
     } else {
-        println!("relay listening on {}", handle.url());
-        println!("  agents:  {}/ws/announce", handle.url());
-        println!("  callers: {}/ws/input", handle.url());
+        let url = handle.relay_url();
+        println!("relay listening on {url}");
+        println!("  agents:  {}", url.announce());
+        println!("  callers: {}", url.input());
     }
-    let signal = async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-        tokio::select! {
-            r = tokio::signal::ctrl_c() => r,
-            _ = term.recv() => Ok(()),
-        }
-    };
-    signal.await.context("waiting for a signal")?;
-    handle.shutdown().await;
+    handle.run_until_signal().await;
     Ok(())
 }

@@ -131,7 +131,7 @@ async fn open_direct(address: Address, options: &ConnectOptions) -> Result<Path,
         .map_err(|e| CallError::Swarm(e.to_string()))?;
     let mut candidates = options.endpoints.clone();
     if let Some(relay) = &options.relay_url {
-        let directory = relay.parse::<RelayUrl>()?.directory(&address);
+        let directory = relay.parse::<RelayUrl>()?.directory(address);
         if let Ok(res) = http.get(&directory).send().await {
             if let Ok(entry) = res.json::<Value>().await {
                 candidates.extend(strings(&entry["endpoints"]));

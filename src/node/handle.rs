@@ -18,21 +18,28 @@ use super::{HostError, Node, SHUTDOWN_GRACE};
 /// `{"event":"ready","name","address","peer_id","http","swarm":[…],"relay","version"}`.
 /// `http` is null with HTTP off, `relay` null without a relay; `swarm` lists the swarm's
 /// listen multiaddrs (empty with the swarm off).
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 #[non_exhaustive]
 pub struct Ready {
     /// Always `"ready"`.
-    pub event: &'static str,
+    pub event: String,
     pub name: String,
     pub address: String,
     pub peer_id: String,
     pub http: Option<String>,
     pub swarm: Vec<String>,
     pub relay: Option<RelayStatus>,
-    pub version: &'static str,
+    pub version: String,
 }
 
 impl Ready {
+    /// Reads a ready line; `None` for any other line.
+    pub fn parse(line: &str) -> Option<Ready> {
+        serde_json::from_str::<Ready>(line.trim())
+            .ok()
+            .filter(|r| r.event == "ready")
+    }
+
     /// One line of JSON.
     pub fn to_line(&self) -> String {
         serde_json::to_string(self).unwrap_or_default()
@@ -107,7 +114,7 @@ impl NodeHandle {
     pub fn ready(&self) -> Ready {
         let address = self.address();
         Ready {
-            event: "ready",
+            event: "ready".into(),
             name: self.node.info.name.clone(),
             address: address.to_string(),
             peer_id: address.peer_id().to_string(),
@@ -118,7 +125,7 @@ impl NodeHandle {
                 .map(|p| p.status().listen_addrs)
                 .unwrap_or_default(),
             relay: self.relay_status(),
-            version: env!("CARGO_PKG_VERSION"),
+            version: env!("CARGO_PKG_VERSION").into(),
         }
     }
 
@@ -237,7 +244,7 @@ impl NodeHandle {
             }
         };
         let failed = tokio::select! {
-            _ = shutdown_signal() => None,
+            _ = crate::net::shutdown_signal() => None,
             e = listeners_failed => e,
         };
         let result = self.shutdown().await;
@@ -245,20 +252,5 @@ impl NodeHandle {
             Some(e) => Err(e),
             None => result,
         }
-    }
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-            return;
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
     }
 }

@@ -4,8 +4,6 @@
 use std::fmt;
 use std::str::FromStr;
 
-use crate::identity::Address;
-
 /// Where agents keep their outbound WebSocket (and announce).
 pub const ANNOUNCE_PATH: &str = "/ws/announce";
 /// Where callers open their WebSocket.
@@ -73,8 +71,8 @@ impl RelayUrl {
         format!("{scheme}://{}{}", self.authority, self.prefix)
     }
 
-    /// The directory entry of `address`.
-    pub fn directory(&self, address: &Address) -> String {
+    /// The directory entry of `address` (an `Address` or its `0x…` text).
+    pub fn directory(&self, address: impl fmt::Display) -> String {
         format!("{}{DIRECTORY_PREFIX}{address}", self.http_base())
     }
 
@@ -154,7 +152,7 @@ mod tests {
         assert!(tls.is_secure());
         assert_eq!(tls.input(), "wss://relay.example/oo/ws/input");
         assert_eq!(
-            tls.directory(&a),
+            tls.directory(a),
             format!("https://relay.example/oo/api/agents/{a}")
         );
     }

@@ -143,6 +143,35 @@ impl Relay {
     }
 }
 
+/// The line `oonode relay --ready-json` prints once listening:
+/// `{"event":"ready","url","announce","input","http"}`.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[non_exhaustive]
+pub struct RelayReady {
+    /// Always `"ready"`.
+    pub event: String,
+    /// The base both agents and callers take (`ws://host:port`).
+    pub url: String,
+    pub announce: String,
+    pub input: String,
+    /// The directory and health base (`http://host:port`).
+    pub http: String,
+}
+
+impl RelayReady {
+    /// Reads a ready line; `None` for any other line.
+    pub fn parse(line: &str) -> Option<RelayReady> {
+        serde_json::from_str::<RelayReady>(line.trim())
+            .ok()
+            .filter(|r| r.event == "ready")
+    }
+
+    /// One line of JSON.
+    pub fn to_line(&self) -> String {
+        serde_json::to_string(self).unwrap_or_default()
+    }
+}
+
 /// A running relay.
 pub struct RelayHandle {
     local_addr: SocketAddr,
@@ -165,6 +194,24 @@ impl RelayHandle {
         format!("ws://{}", self.local_addr)
             .parse()
             .expect("a socket address makes a relay URL")
+    }
+
+    /// What a script needs to use the relay: see [`RelayReady`].
+    pub fn ready(&self) -> RelayReady {
+        let url = self.relay_url();
+        RelayReady {
+            event: "ready".into(),
+            announce: url.announce(),
+            input: url.input(),
+            http: url.http_base(),
+            url: url.base(),
+        }
+    }
+
+    /// Serves until SIGINT or SIGTERM, then closes every connection.
+    pub async fn run_until_signal(self) {
+        crate::net::shutdown_signal().await;
+        self.shutdown().await;
     }
 
     /// Closes every connection and stops listening.

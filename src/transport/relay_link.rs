@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
@@ -49,7 +49,7 @@ const MAX_FRAME_BYTES: usize = 16 * 1024 * 1024;
 const DEFAULT_RELAY_FRAME_BYTES: usize = 4 * 1024 * 1024;
 
 /// Where the link to the relay stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LinkState {
     Connecting,
@@ -87,7 +87,7 @@ enum LinkError {
 }
 
 /// The relay link's state, shown in `/health`, `/info` and the banner.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RelayStatus {
     pub url: String,
     pub state: LinkState,

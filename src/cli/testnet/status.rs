@@ -1,6 +1,7 @@
 //! `testnet status`: each process (alive, `/health`, listed by the relay), the relay's
 //! view, and the swarm's view.
 
+use oonode::proto::RelayUrl;
 use std::path::Path;
 use std::time::Duration;
 
@@ -44,7 +45,12 @@ pub(super) async fn status(dir: &Path, swarm: bool, json: bool) -> anyhow::Resul
         };
         let listed = match &state.relay {
             Some(r) => {
-                match get_json(&http, &format!("{}/api/agents/{}", r.http, n.address)).await {
+                let directory = r
+                    .url
+                    .parse::<RelayUrl>()
+                    .map(|u| u.directory(&n.address))
+                    .unwrap_or_default();
+                match get_json(&http, &directory).await {
                     Ok((200, v)) => v["online"].as_bool(),
                     Ok((404, _)) => Some(false),
                     _ => None,

@@ -9,8 +9,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
 use oonode::agent::BUILTIN_AGENTS;
+use oonode::proto::RelayUrl;
+use oonode::{Ready, RelayReady};
 use serde::de::DeserializeOwned;
-use serde::Deserialize;
 
 use super::logs::tail_of;
 use super::procs::{start_ticks, stop_procs};
@@ -32,30 +33,13 @@ pub(super) struct UpOptions {
     pub timeout: Duration,
 }
 
-/// The line `oonode relay --ready-json` prints (the fields we use).
-#[derive(Debug, Deserialize)]
-struct RelayReady {
-    url: String,
-    http: String,
-}
-
-/// The line `oonode host --ready-json` prints (the fields we use; see `oonode::Ready`).
-#[derive(Debug, Deserialize)]
-struct NodeReady {
-    address: String,
-    peer_id: String,
-    http: Option<String>,
-    swarm: Vec<String>,
-}
-
-impl NodeReady {
-    /// The swarm address to bootstrap through: QUIC if there is one, else the first.
-    fn primary_swarm(&self) -> Option<&String> {
-        self.swarm
-            .iter()
-            .find(|a| a.contains("/quic-v1/"))
-            .or_else(|| self.swarm.first())
-    }
+/// The swarm address to bootstrap through: QUIC if there is one, else the first.
+fn primary_swarm(ready: &Ready) -> Option<&String> {
+    ready
+        .swarm
+        .iter()
+        .find(|a| a.contains("/quic-v1/"))
+        .or_else(|| ready.swarm.first())
 }
 
 /// Starts the testnet in `dir`; on failure stops whatever it started (the logs stay).
@@ -295,7 +279,7 @@ impl Starter {
             // still knows the PID to stop.
             state.nodes.push(entry.clone());
             save(state)?;
-            let ready: NodeReady = self.wait_ready_line(&node).await?;
+            let ready: Ready = self.wait_ready_line(&node).await?;
             let missing = |what: &str| {
                 anyhow!(
                     "{} reported no {what} (see {})",
@@ -304,15 +288,14 @@ impl Starter {
                 )
             };
             entry.http = ready.http.clone().ok_or_else(|| missing("HTTP endpoint"))?;
-            entry.p2p = ready
-                .primary_swarm()
+            entry.p2p = primary_swarm(&ready)
                 .cloned()
                 .ok_or_else(|| missing("swarm address"))?;
             entry.address = ready.address;
             entry.peer_id = ready.peer_id;
             entry.p2p_addrs = ready.swarm;
-            let relay_http = &state.relay.as_ref().expect("set above").http;
-            self.wait_node_listed(&node, &entry, relay_http).await?;
+            let relay_url: RelayUrl = state.relay.as_ref().expect("set above").url.parse()?;
+            self.wait_node_listed(&node, &entry, &relay_url).await?;
             entry.ready_ms = t.elapsed().as_millis() as u64;
             *state.nodes.last_mut().expect("pushed above") = entry.clone();
             save(state)?;
@@ -402,11 +385,11 @@ impl Starter {
         &mut self,
         proc: &Started,
         node: &NodeEntry,
-        relay_http: &str,
+        relay: &RelayUrl,
     ) -> anyhow::Result<()> {
         let deadline = Instant::now() + self.timeout;
         let health_url = format!("{}/health", node.http);
-        let listing_url = format!("{relay_http}/api/agents/{}", node.address);
+        let listing_url = relay.directory(&node.address);
         loop {
             let health = get_json(&self.http, &health_url).await;
             let listed = get_json(&self.http, &listing_url).await;
@@ -445,14 +428,14 @@ mod tests {
     #[test]
     fn parses_a_nodes_ready_line() {
         let line = r#"{"event":"ready","name":"echo","address":"0x3b6a27bcceb6a42d62a3a8d02a6f0d73653215771de243a63ac048a18b59da29","peer_id":"12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN","http":"http://127.0.0.1:41234","swarm":["/ip4/127.0.0.1/tcp/40001/p2p/12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN","/ip4/127.0.0.1/udp/40002/quic-v1/p2p/12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN"],"relay":{"url":"ws://127.0.0.1:9","state":"connected","since":1},"version":"0.1.0"}"#;
-        let ready: NodeReady = parse_ready(line).expect("a ready line");
+        let ready: Ready = parse_ready(line).expect("a ready line");
         assert_eq!(
             ready.address,
             "0x3b6a27bcceb6a42d62a3a8d02a6f0d73653215771de243a63ac048a18b59da29"
         );
         assert_eq!(ready.http.as_deref(), Some("http://127.0.0.1:41234"));
         assert_eq!(ready.swarm.len(), 2);
-        assert!(ready.primary_swarm().unwrap().contains("/quic-v1/"));
+        assert!(primary_swarm(&ready).unwrap().contains("/quic-v1/"));
     }
 
     #[test]
