@@ -328,7 +328,7 @@ struct Gatekeeper {
 
 #[oonode::async_trait]
 impl TrustAgent for Gatekeeper {
-    async fn decide(&self, q: TrustQuestion) -> Result<(), String> {
+    async fn decide(&self, q: TrustQuestion) -> Result<(), oonode::trust::Denial> {
         self.asked
             .lock()
             .unwrap()

@@ -23,7 +23,7 @@ use crate::envelope::{unix_now, Envelope, Kind, MAX_CLOCK_SKEW_SECS};
 use crate::identity::{Address, Identity};
 use crate::proto::{ConnectStatus, Object};
 use crate::store::{SessionRecord, SessionStatus, Store, Upload, Uploads, FINAL_SEQ};
-use crate::trust::{Caller, Refused, Trust, TrustAgent, TrustEngine};
+use crate::trust::{AdminAction, Caller, Refused, Trust, TrustAgent, TrustEngine};
 
 pub use refusal::{Refusal, Rejected};
 use run::Run;
@@ -364,10 +364,10 @@ impl Dispatcher {
         if !self.inner.trust.is_admin(&admin) {
             return Err(Refusal::Trust(Refused::NotAdmin));
         }
-        let action = env
+        let action: AdminAction = env
             .str_field("action")
             .ok_or_else(|| Refusal::BadRequest("`action` is missing".into()))?
-            .to_owned();
+            .parse()?;
         let target: Address = env
             .str_field("address")
             .ok_or_else(|| Refusal::BadRequest("`address` is missing".into()))?
@@ -377,9 +377,9 @@ impl Dispatcher {
         self.use_once(env, now).await?;
         self.inner
             .trust
-            .admin(&action, target, amount)
+            .admin(action, target, amount)
             .await
-            .map_err(Refusal::BadRequest)
+            .map_err(Refusal::from)
     }
 
     /// A session as `reader` may see it: its own only; another caller's reads as absent.

@@ -7,7 +7,7 @@ use crate::envelope::{Envelope, EnvelopeError, Kind};
 use crate::identity::{Address, Identity};
 use crate::proto::{ErrorCode, FrameError};
 use crate::store::{StoreError, UploadError};
-use crate::trust::Refused;
+use crate::trust::{AdminError, Refused};
 
 /// Why the dispatcher would not take a request. Nothing was stored or run.
 #[derive(Debug, thiserror::Error)]
@@ -21,6 +21,8 @@ pub enum Refusal {
     Envelope(#[from] EnvelopeError),
     #[error(transparent)]
     Trust(#[from] Refused),
+    #[error(transparent)]
+    Admin(#[from] AdminError),
     #[error("this message was already received (replay refused)")]
     Replayed,
     #[error("session {0} belongs to another caller")]
@@ -54,6 +56,8 @@ impl Refusal {
             Refusal::Frame(e) => e.code(),
             Refusal::Envelope(e) => ErrorCode::of_envelope(e),
             Refusal::Trust(r) => r.code(),
+            Refusal::Admin(AdminError::Store(_)) => ErrorCode::Internal,
+            Refusal::Admin(_) => ErrorCode::BadRequest,
             Refusal::Replayed => ErrorCode::Replayed,
             Refusal::SessionForbidden(_) => ErrorCode::Forbidden,
             Refusal::SessionBusy(_) => ErrorCode::SessionBusy,

@@ -106,8 +106,31 @@ pub struct CallerHistory {
     pub calls: u64,
 }
 
-fn trust_key(kind: &str, address: &Address) -> Vec<u8> {
-    format!("{kind}:{address}").into_bytes()
+/// A flag the trust state keeps per address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mark {
+    /// Promoted (or onboarded): passes `allow: [contact]`.
+    Contact,
+    /// Blocked by an admin action.
+    Blocked,
+}
+
+/// What the trust tree keeps per address, as the key's prefix.
+#[derive(Debug, Clone, Copy)]
+enum TrustKey {
+    Mark(Mark),
+    Credits,
+    Caller,
+}
+
+fn trust_key(kind: TrustKey, address: &Address) -> Vec<u8> {
+    let prefix = match kind {
+        TrustKey::Mark(Mark::Contact) => "contact",
+        TrustKey::Mark(Mark::Blocked) => "blocked",
+        TrustKey::Credits => "credits",
+        TrustKey::Caller => "caller",
+    };
+    format!("{prefix}:{address}").into_bytes()
 }
 
 /// How a job finishes: answer now, or once the batch it is in has been flushed.
@@ -355,10 +378,11 @@ impl Store {
         .await
     }
 
-    /// Whether a trust mark (`contact`, `blocked`) is set for an address.
-    pub async fn has_mark(&self, kind: &'static str, address: Address) -> Result<bool, StoreError> {
+    /// Whether a trust mark is set for an address.
+    pub async fn has_mark(&self, mark: Mark, address: Address) -> Result<bool, StoreError> {
         self.call(false, move |t| {
-            Ok(t.trust.contains_key(trust_key(kind, &address))?)
+            Ok(t.trust
+                .contains_key(trust_key(TrustKey::Mark(mark), &address))?)
         })
         .await
     }
@@ -366,13 +390,13 @@ impl Store {
     /// Sets or clears a trust mark, durably. Returns whether it changed anything.
     pub async fn set_mark(
         &self,
-        kind: &'static str,
+        mark: Mark,
         address: Address,
         on: bool,
         now: u64,
     ) -> Result<bool, StoreError> {
         self.call(true, move |t| {
-            let key = trust_key(kind, &address);
+            let key = trust_key(TrustKey::Mark(mark), &address);
             Ok(if on {
                 t.trust.insert(key, &now.to_be_bytes())?.is_none()
             } else {
@@ -384,7 +408,9 @@ impl Store {
 
     pub async fn credits(&self, address: Address) -> Result<u64, StoreError> {
         self.call(false, move |t| {
-            Ok(read_u64(t.trust.get(trust_key("credits", &address))?))
+            Ok(read_u64(
+                t.trust.get(trust_key(TrustKey::Credits, &address))?,
+            ))
         })
         .await
     }
@@ -392,7 +418,7 @@ impl Store {
     /// Adds credits, durably; returns the new balance.
     pub async fn add_credits(&self, address: Address, amount: u64) -> Result<u64, StoreError> {
         self.call(true, move |t| {
-            let key = trust_key("credits", &address);
+            let key = trust_key(TrustKey::Credits, &address);
             let balance = read_u64(t.trust.get(&key)?).saturating_add(amount);
             t.trust.insert(key, &balance.to_be_bytes())?;
             Ok(balance)
@@ -408,7 +434,7 @@ impl Store {
         amount: u64,
     ) -> Result<Result<u64, u64>, StoreError> {
         self.call(true, move |t| {
-            let key = trust_key("credits", &address);
+            let key = trust_key(TrustKey::Credits, &address);
             let balance = read_u64(t.trust.get(&key)?);
             if balance < amount {
                 return Ok(Err(balance));
@@ -426,7 +452,7 @@ impl Store {
         now: u64,
     ) -> Result<CallerHistory, StoreError> {
         self.call(false, move |t| {
-            let key = trust_key("caller", &address);
+            let key = trust_key(TrustKey::Caller, &address);
             let before: CallerHistory = match t.trust.get(&key)? {
                 Some(bytes) => serde_json::from_slice(&bytes)?,
                 None => CallerHistory {
@@ -579,9 +605,9 @@ mod tests {
         assert_eq!(store.add_credits(a, 15).await.unwrap(), 15);
         assert_eq!(store.charge(a, 10).await.unwrap(), Ok(5));
         assert_eq!(store.charge(a, 10).await.unwrap(), Err(5));
-        assert!(store.set_mark("contact", a, true, 1).await.unwrap());
-        assert!(store.has_mark("contact", a).await.unwrap());
-        assert!(!store.has_mark("blocked", a).await.unwrap());
+        assert!(store.set_mark(Mark::Contact, a, true, 1).await.unwrap());
+        assert!(store.has_mark(Mark::Contact, a).await.unwrap());
+        assert!(!store.has_mark(Mark::Blocked, a).await.unwrap());
         assert_eq!(store.record_call(a, 7).await.unwrap().calls, 0);
         assert_eq!(
             store.record_call(a, 9).await.unwrap(),

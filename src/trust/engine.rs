@@ -16,10 +16,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use super::policy::{AllowRule, DefaultAction, DenyRule, Policy};
-use super::{AddressList, Caller, Refused, Trust, TrustLevel};
+use super::{AddressList, Caller, ListError, Refused, Trust, TrustLevel};
 use crate::envelope::unix_now;
 use crate::identity::Address;
-use crate::store::{CallerHistory, Store};
+use crate::store::{CallerHistory, Mark, Store};
 
 /// How often list files are checked for changes.
 const RELOAD_EVERY: Duration = Duration::from_millis(500);
@@ -40,8 +40,88 @@ pub struct TrustQuestion {
 /// Decides about strangers when the policy says `default: ask`.
 #[async_trait]
 pub trait TrustAgent: Send + Sync + 'static {
-    /// `Ok(())` to let the stranger in, `Err(reason)` to refuse (the caller sees the reason).
-    async fn decide(&self, question: TrustQuestion) -> Result<(), String>;
+    /// `Ok(())` to let the stranger in, `Err(denial)` to refuse (the caller sees its
+    /// reason).
+    async fn decide(&self, question: TrustQuestion) -> Result<(), Denial>;
+}
+
+/// A trust agent's refusal; the caller sees the reason.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Denial(pub String);
+
+impl From<&str> for Denial {
+    fn from(reason: &str) -> Self {
+        Denial(reason.to_owned())
+    }
+}
+
+impl From<String> for Denial {
+    fn from(reason: String) -> Self {
+        Denial(reason)
+    }
+}
+
+/// A trust admin action, as `oonode trust` and `POST /admin/trust` name it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdminAction {
+    /// Make a contact.
+    Promote,
+    /// Remove from the contacts.
+    Demote,
+    Block,
+    Unblock,
+    /// Only report the address's level and credits.
+    Level,
+    /// Grant credits (needs an amount).
+    Credit,
+}
+
+impl AdminAction {
+    const ALL: [AdminAction; 6] = [
+        AdminAction::Promote,
+        AdminAction::Demote,
+        AdminAction::Block,
+        AdminAction::Unblock,
+        AdminAction::Level,
+        AdminAction::Credit,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AdminAction::Promote => "promote",
+            AdminAction::Demote => "demote",
+            AdminAction::Block => "block",
+            AdminAction::Unblock => "unblock",
+            AdminAction::Level => "level",
+            AdminAction::Credit => "credit",
+        }
+    }
+}
+
+impl std::str::FromStr for AdminAction {
+    type Err = AdminError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::ALL
+            .into_iter()
+            .find(|a| a.as_str() == s)
+            .ok_or_else(|| AdminError::UnknownAction(s.to_owned()))
+    }
+}
+
+/// Why an admin action could not be done.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AdminError {
+    #[error("unknown action {0:?} (promote, demote, block, unblock, level, credit)")]
+    UnknownAction(String),
+    #[error("credit needs an amount")]
+    NeedsAmount,
+    #[error("this address is in a blacklist file or parameter; remove it there")]
+    InBlacklistFile,
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
 }
 
 /// Where a caller stands.
@@ -83,7 +163,7 @@ struct Lists {
 }
 
 /// A trust agent's decision and when it was made.
-type Asked = (Result<(), String>, Instant);
+type Asked = (Result<(), Denial>, Instant);
 
 /// The node's trust decisions.
 pub struct TrustEngine {
@@ -165,12 +245,16 @@ impl TrustEngine {
 
     /// Whether an admin blocked the address (kept in the store).
     async fn admin_blocked(&self, a: &Address) -> bool {
-        self.store.has_mark("blocked", *a).await.unwrap_or(true)
+        self.store.has_mark(Mark::Blocked, *a).await.unwrap_or(true)
     }
 
     async fn is_contact(&self, a: &Address) -> bool {
         self.lists().contacts.contains(a)
-            || self.store.has_mark("contact", *a).await.unwrap_or(false)
+            || self
+                .store
+                .has_mark(Mark::Contact, *a)
+                .await
+                .unwrap_or(false)
     }
 
     pub fn is_admin(&self, a: &Address) -> bool {
@@ -263,7 +347,11 @@ impl TrustEngine {
     }
 
     async fn promote(&self, a: Address, how: &str) {
-        match self.store.set_mark("contact", a, true, unix_now()).await {
+        match self
+            .store
+            .set_mark(Mark::Contact, a, true, unix_now())
+            .await
+        {
             Ok(_) => info!(caller = %a.short(), how, "stranger became a contact"),
             Err(e) => error!(error = %e, "saving a contact failed"),
         }
@@ -323,62 +411,50 @@ impl TrustEngine {
                 d
             }
         };
-        decision.map_err(Refused::NotAllowed)
+        decision.map_err(|d| Refused::NotAllowed(d.0))
     }
 
     /// Runs an admin action; the caller's admin rights were checked by the dispatcher.
     pub async fn admin(
         &self,
-        action: &str,
+        action: AdminAction,
         target: Address,
         amount: Option<u64>,
-    ) -> Result<Value, String> {
+    ) -> Result<Value, AdminError> {
         let now = unix_now();
-        let store_err = |e: crate::store::StoreError| e.to_string();
         let changed = match action {
-            "promote" => self
-                .store
-                .set_mark("contact", target, true, now)
-                .await
-                .map_err(store_err)?,
-            "demote" => self
-                .store
-                .set_mark("contact", target, false, now)
-                .await
-                .map_err(store_err)?,
-            "block" => self
-                .store
-                .set_mark("blocked", target, true, now)
-                .await
-                .map_err(store_err)?,
-            "unblock" => {
+            AdminAction::Promote => {
+                self.store
+                    .set_mark(Mark::Contact, target, true, now)
+                    .await?
+            }
+            AdminAction::Demote => {
+                self.store
+                    .set_mark(Mark::Contact, target, false, now)
+                    .await?
+            }
+            AdminAction::Block => {
+                self.store
+                    .set_mark(Mark::Blocked, target, true, now)
+                    .await?
+            }
+            AdminAction::Unblock => {
                 if self.lists().blacklist.contains(&target) {
-                    return Err(
-                        "this address is in a blacklist file or parameter; remove it there".into(),
-                    );
+                    return Err(AdminError::InBlacklistFile);
                 }
                 self.store
-                    .set_mark("blocked", target, false, now)
-                    .await
-                    .map_err(store_err)?
+                    .set_mark(Mark::Blocked, target, false, now)
+                    .await?
             }
-            "credit" => {
-                let amount = amount.ok_or("credit needs an amount")?;
-                self.store
-                    .add_credits(target, amount)
-                    .await
-                    .map_err(store_err)?;
+            AdminAction::Credit => {
+                let amount = amount.ok_or(AdminError::NeedsAmount)?;
+                self.store.add_credits(target, amount).await?;
                 true
             }
-            "level" => false,
-            other => {
-                return Err(format!(
-                    "unknown action {other:?} (promote, demote, block, unblock, level, credit)"
-                ))
-            }
+            AdminAction::Level => false,
         };
-        if action != "level" {
-            info!(action, target = %target.short(), "admin action");
+        if action != AdminAction::Level {
+            info!(action = action.as_str(), target = %target.short(), "admin action");
             self.asked
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
@@ -386,7 +462,7 @@ impl TrustEngine {
         }
         Ok(json!({
             "address": target.to_string(),
-            "action": action,
+            "action": action.as_str(),
             "changed": changed,
             "level": self.level_of(&target).await,
             "credits": self.store.credits(target).await.unwrap_or(0),
@@ -449,7 +525,7 @@ impl TrustEngine {
             }
             Err(e) => {
                 error!(error = %e, "cannot read a blacklist: refusing every caller until it can be read");
-                lists.broken = Some(e);
+                lists.broken = Some(e.to_string());
             }
         }
         for (name, files, code, slot) in [
@@ -485,13 +561,13 @@ impl TrustEngine {
 }
 
 /// The addresses of `code` plus every file (a missing optional file is empty).
-pub(crate) fn read_all(files: &[ListFile], code: &AddressList) -> Result<AddressList, String> {
+pub(crate) fn read_all(files: &[ListFile], code: &AddressList) -> Result<AddressList, ListError> {
     let mut list = code.clone();
     for f in files {
         if !f.required && !f.path.exists() {
             continue;
         }
-        list.extend(AddressList::from_file(&f.path).map_err(|e| e.to_string())?);
+        list.extend(AddressList::from_file(&f.path)?);
     }
     Ok(list)
 }

@@ -14,9 +14,12 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-pub use engine::{CallerLevel, ListFile, ListFiles, TrustAgent, TrustEngine, TrustQuestion};
+pub use engine::{
+    AdminAction, AdminError, CallerLevel, Denial, ListFile, ListFiles, TrustAgent, TrustEngine,
+    TrustQuestion,
+};
 pub use lists::{AddressList, ListError};
-pub use policy::{AllowRule, DefaultAction, DenyRule, InviteCode, Onboard, Policy};
+pub use policy::{AllowRule, DefaultAction, DenyRule, InviteCode, Onboard, Policy, PolicyError};
 
 use crate::identity::Address;
 use crate::proto::ErrorCode;

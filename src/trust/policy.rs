@@ -102,28 +102,40 @@ fn default_cache() -> u64 {
     300
 }
 
+/// Why a trust policy could not be read.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PolicyError {
+    #[error("front matter opened with --- is not closed")]
+    Unclosed,
+    #[error("front matter: {0}")]
+    FrontMatter(serde_norway::Error),
+    #[error("{0}")]
+    Invalid(serde_norway::Error),
+}
+
 impl Policy {
     /// A text policy: optional `---` YAML front matter, then the natural-language body.
-    pub fn from_text(text: &str) -> Result<Policy, String> {
+    pub fn from_text(text: &str) -> Result<Policy, PolicyError> {
         let trimmed = text.trim_start();
         let (front, body) = match trimmed.strip_prefix("---") {
             Some(rest) => match rest.split_once("\n---") {
                 Some((front, body)) => (front, body.trim_start_matches('-').trim()),
-                None => return Err("front matter opened with --- is not closed".into()),
+                None => return Err(PolicyError::Unclosed),
             },
             None => ("", trimmed.trim()),
         };
         let mut policy: Policy = if front.trim().is_empty() {
             Policy::from_mapping(serde_norway::Value::Mapping(Default::default()))?
         } else {
-            serde_norway::from_str(front).map_err(|e| format!("front matter: {e}"))?
+            serde_norway::from_str(front).map_err(PolicyError::FrontMatter)?
         };
         policy.text = body.to_string();
         Ok(policy)
     }
 
-    pub fn from_mapping(value: serde_norway::Value) -> Result<Policy, String> {
-        serde_norway::from_value(value).map_err(|e| e.to_string())
+    pub fn from_mapping(value: serde_norway::Value) -> Result<Policy, PolicyError> {
+        serde_norway::from_value(value).map_err(PolicyError::Invalid)
     }
 
     /// The ways a stranger can onboard, for refusal messages (never the codes).
