@@ -3,12 +3,13 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
+use oonode::trust::AdminAction;
 use oonode::Identity;
 
 #[derive(clap::Args)]
 pub(crate) struct TrustArgs {
     #[arg(value_enum)]
-    action: TrustAction,
+    action: AdminAction,
     /// The address acted on.
     address: String,
     /// Credits to grant (for `credit`).
@@ -22,29 +23,13 @@ pub(crate) struct TrustArgs {
     co_dir: Option<PathBuf>,
 }
 
-#[derive(Clone, Copy, clap::ValueEnum)]
-pub(crate) enum TrustAction {
-    Promote,
-    Demote,
-    Block,
-    Unblock,
-    Level,
-    Credit,
-}
-
 /// `oonode trust …`: a signed, single-use ADMIN envelope to the node's /admin/trust.
 pub(crate) async fn trust(args: TrustArgs) -> anyhow::Result<()> {
-    use clap::ValueEnum;
     let dir = super::co_dir_or_default(args.co_dir)?;
     let (identity, _) = Identity::load_or_create(&dir)?;
     let target: oonode::Address = args.address.parse().context("invalid address")?;
-    let action = args
-        .action
-        .to_possible_value()
-        .expect("no skipped values")
-        .get_name()
-        .to_string();
-    if matches!(args.action, TrustAction::Credit) && args.amount.is_none() {
+    let action = args.action.as_str();
+    if args.action == AdminAction::Credit && args.amount.is_none() {
         anyhow::bail!("credit needs an amount: oonode trust credit 0x… 10");
     }
     let http = reqwest::Client::builder()

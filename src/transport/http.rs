@@ -93,22 +93,17 @@ async fn cors(req: Request, next: Next) -> Response {
         next.run(req).await
     };
     let h = res.headers_mut();
-    h.insert(
-        header::ACCESS_CONTROL_ALLOW_ORIGIN,
-        HeaderValue::from_static("*"),
-    );
-    h.insert(
-        header::ACCESS_CONTROL_ALLOW_METHODS,
-        HeaderValue::from_static("GET, POST, OPTIONS"),
-    );
-    h.insert(
-        header::ACCESS_CONTROL_ALLOW_HEADERS,
-        HeaderValue::from_static("content-type, x-co-from, x-co-signature, x-co-timestamp"),
-    );
-    h.insert(
-        header::ACCESS_CONTROL_MAX_AGE,
-        HeaderValue::from_static("86400"),
-    );
+    for (name, value) in [
+        (header::ACCESS_CONTROL_ALLOW_ORIGIN, "*"),
+        (header::ACCESS_CONTROL_ALLOW_METHODS, "GET, POST, OPTIONS"),
+        (
+            header::ACCESS_CONTROL_ALLOW_HEADERS,
+            "content-type, x-co-from, x-co-signature, x-co-timestamp",
+        ),
+        (header::ACCESS_CONTROL_MAX_AGE, "86400"),
+    ] {
+        h.insert(name, HeaderValue::from_static(value));
+    }
     res
 }
 
