@@ -15,20 +15,24 @@
 //!
 //! # Layout
 //!
-//! | file | what lives there |
+//! Read top to bottom: each layer depends only on the layers above it.
+//!
+//! | module | what lives there |
 //! | --- | --- |
 //! | `identity.rs` | keys, [`Address`], PeerId conversion, key file, co_dir lookup |
-//! | `envelope.rs` | envelope shapes, canonical JSON (form A), sign/verify, freshness, replay keys (no I/O) |
-//! | `agent.rs` | the [`Agent`] trait, [`AgentFactory`] (a fresh agent per request), built-in `echo` and `translator` |
-//! | `dispatch.rs` | the [`Dispatcher`]: verify → trust → admit → run → stream → persist → reply |
-//! | `trust/` | trust levels and address lists; the seam for policies |
-//! | `store.rs` | sled: sessions and seen message ids, TTL sweep, restart → `interrupted` |
+//! | `envelope.rs` | envelope shapes, canonical JSON (forms A and B), sign/verify, freshness, replay keys (no I/O) |
+//! | `proto/` | the wire (no I/O): typed frames per link (`frame.rs`), [`proto::ErrorCode`] (`error.rs`), ANNOUNCE (`announce.rs`), [`proto::RelayUrl`] and the relay's routes (`relay_url.rs`) |
+//! | `net.rs` | socket helpers shared by the node and the relay server: TCP_NODELAY, WebSocket read errors, SIGINT/SIGTERM |
+//! | `agent.rs` | the [`Agent`] trait, [`AgentFactory`] (a fresh agent per request), built-ins `echo`, `translator`, `ticker` |
+//! | `store/` | sled (`mod.rs`: sessions, seen ids, kept replies, trust state; one store thread, group commit) and attached files (`uploads.rs`) |
+//! | `trust/` | trust levels, address lists (`lists.rs`), policies (`policy.rs`), the decision, onboarding and admin actions (`engine.rs`) |
+//! | `dispatch/` | the [`Dispatcher`]: verify → trust → admit → run → stream → persist → reply (`mod.rs`), refusals and their answers (`refusal.rs`), one run (`run.rs`), a turn's session state (`turn.rs`) |
+//! | `transport/` | the ways in, each knowing the dispatcher and never the reverse: `http.rs` (the seed's API, `/docs`), `ws.rs` (`/ws`), `relay_link.rs` (the node's outbound link to a relay), `p2p/` (the libp2p swarm and its CBOR `wire.rs`) |
+//! | `relay_server/` | the relay server: announce, routing by address and session, directory, limits (`conn.rs`: one task per connection) |
+//! | `client/` | [`connect()`]: the ways to an agent and the choice among them (`path.rs`), one verified turn (`call.rs`) |
 //! | `config.rs` | `host.yaml` + code parameters → [`HostConfig`] |
-//! | `host.rs` | [`Host`] builder, [`host()`], [`router()`], banner, graceful shutdown |
-//! | `transport/` | ways in: `http.rs` (the seed's API, `/docs`), `ws.rs` (`/ws`), `relay.rs` (the outbound link to a relay), `p2p/` (the libp2p swarm and its CBOR wire); transports know the dispatcher, never the reverse |
-//! | `relay/` | the relay server: announce, routing by address and session, directory, limits |
-//! | `client.rs` | [`connect()`]: call a peer by address (direct, swarm or relay), verifying every reply |
-//! | `main.rs`, `cli/` | the binary, not the library: `main.rs` launches, `cli/` holds the commands (`oonode host`, `relay`, `call`, `peers`, `trust`, `init`, `keys`, and `testnet/`: a relay and N nodes as local processes, for trying and testing) |
+//! | `node/` | the [`Host`] builder, [`host()`], [`router()`] (`mod.rs`); opening and starting a [`Node`] (`start.rs`); the running [`NodeHandle`], banner, [`Ready`] line and shutdown (`handle.rs`) |
+//! | `main.rs`, `cli/` | the binary, not the library: `main.rs` launches, `cli/` holds one file per command and `testnet/` (a relay and N nodes as local processes) |
 //!
 //! The wire forms and test vectors are in `docs/protocol.md`.
 

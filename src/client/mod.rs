@@ -129,7 +129,7 @@ pub struct ConnectOptions {
     pub via: Via,
     /// The caller's own key; a fresh one is made when absent (an anonymous caller).
     pub identity: Option<Identity>,
-    /// Wait for each next reply frame; default [`DEFAULT_REPLY_TIMEOUT`].
+    /// Wait for each next reply frame; default 60 s.
     pub reply_timeout: Option<Duration>,
 }
 
