@@ -1,8 +1,9 @@
 //! Load benchmark of the real `oonode` binary: `cargo bench --bench load`.
 //!
 //! For each concurrency C it starts a fresh node as a child process
-//! (`oonode host --agent echo --port 0 --bind 127.0.0.1 --co-dir <tempdir> --no-relay
-//! --workers C --max-queue 4096`, `RUST_LOG=warn`), sends one warm-up request, waits ~1 s
+//! (`oonode host --ready-json --agent echo --port 0 --bind 127.0.0.1 --co-dir <tempdir>
+//! --no-relay --workers C --max-queue 4096`, `RUST_LOG=warn`; its port from the ready
+//! line), sends one warm-up request, waits ~1 s
 //! and reads the node's idle resident memory (VmRSS), then runs a closed loop: C tokio
 //! tasks, each POSTing `{"prompt":"hello world"}` to `/input` back to back on one shared
 //! keep-alive `reqwest::Client`. The first second is warm-up and not counted; then the
@@ -24,12 +25,13 @@
 //! - `OONODE_BENCH_CONC`: comma-separated concurrencies to run (default `1,64`). Each
 //!   run gets its own node with `--workers` equal to the concurrency.
 
-use std::io::{BufRead, BufReader};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+mod common;
+
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use common::*;
 
 const BODY: &str = r#"{"prompt":"hello world"}"#;
 const EXPECTED: &str = "hello world";
@@ -37,29 +39,10 @@ const WARMUP: Duration = Duration::from_secs(1);
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(10);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 const MAX_QUEUE: usize = 4096;
-/// Failures printed in full per run; the rest are only counted.
-const MAX_PRINTED_FAILURES: usize = 20;
 
 fn main() {
-    let secs: f64 = match std::env::var("OONODE_BENCH_SECS") {
-        Ok(s) => s
-            .trim()
-            .parse()
-            .ok()
-            .filter(|v: &f64| v.is_finite() && *v > 0.0)
-            .unwrap_or_else(|| panic!("OONODE_BENCH_SECS={s:?}: expected a positive number")),
-        Err(_) => 5.0,
-    };
-    let concs: Vec<usize> =
-        std::env::var("OONODE_BENCH_CONC")
-            .unwrap_or_else(|_| "1,64".into())
-            .split(',')
-            .map(|c| {
-                c.trim().parse().ok().filter(|&n: &usize| n > 0).unwrap_or_else(|| {
-                panic!("OONODE_BENCH_CONC: {c:?} is not a positive integer (expected e.g. 1,64)")
-            })
-            })
-            .collect();
+    let secs: f64 = env_num("OONODE_BENCH_SECS", 5.0);
+    let concs: Vec<usize> = env_list("OONODE_BENCH_CONC", "1,64");
     let measured = Duration::from_secs_f64(secs);
 
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -71,7 +54,7 @@ fn main() {
         "oonode load bench: binary {}, {secs} s measured + {} s warm-up per run, concurrency {concs:?}, load average {}",
         env!("CARGO_BIN_EXE_oonode"),
         WARMUP.as_secs(),
-        std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim()
+        loadavg()
     );
 
     let mut results = Vec::new();
@@ -159,147 +142,31 @@ struct RunResult {
     store_kib: u64,
 }
 
-/// The node child process; killed (SIGKILL by PID) and reaped on drop, then its
-/// co_dir is removed.
-struct NodeProc {
-    child: Child,
-    pid: u32,
-    dir: tempfile::TempDir,
-}
-
-impl Drop for NodeProc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// The port in the banner line `POST http://127.0.0.1:<port>/input`.
-fn banner_port(line: &str) -> Option<u16> {
-    const PREFIX: &str = "POST http://127.0.0.1:";
-    let rest = &line[line.find(PREFIX)? + PREFIX.len()..];
-    let end = rest.find("/input")?;
-    rest[..end].parse().ok()
-}
-
-fn start_node(workers: usize) -> (NodeProc, u16) {
-    let dir = tempfile::Builder::new()
-        .prefix("oonode-bench-")
-        .tempdir()
-        .expect("cannot create a temporary co_dir");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_oonode"))
-        .args([
-            "host",
-            "--agent",
-            "echo",
-            "--port",
-            "0",
-            "--bind",
-            "127.0.0.1",
-        ])
-        .arg("--co-dir")
-        .arg(dir.path())
-        .arg("--no-relay")
-        .args(["--workers", &workers.to_string()])
-        .args(["--max-queue", &MAX_QUEUE.to_string()])
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("cannot start the oonode binary");
-    let pid = child.id();
-    let stdout = child.stdout.take().expect("child stdout is piped");
-    let stderr = child.stderr.take().expect("child stderr is piped");
-    let node = NodeProc { child, pid, dir };
-
-    // Drain both pipes for the child's whole life so it never blocks on a full pipe.
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            eprintln!("[oonode pid {pid} stderr] {line}");
-        }
-    });
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let mut tx = Some(tx);
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if let Some(port) = banner_port(&line) {
-                if let Some(tx) = tx.take() {
-                    let _ = tx.send(port);
-                }
-            }
-        }
-    });
-    let port = match rx.recv_timeout(STARTUP_TIMEOUT) {
-        Ok(port) => port,
-        Err(mpsc::RecvTimeoutError::Timeout) => panic!(
-            "oonode (pid {pid}) did not print `POST http://127.0.0.1:<port>/input` within {STARTUP_TIMEOUT:?}"
-        ),
-        Err(mpsc::RecvTimeoutError::Disconnected) => panic!(
-            "oonode (pid {pid}) closed its stdout without printing `POST http://127.0.0.1:<port>/input` (see its stderr above)"
-        ),
-    };
-    (node, port)
-}
-
-/// One field (in kB) of /proc/<pid>/status, e.g. `VmRSS`.
-fn proc_status(pid: u32, field: &str) -> u64 {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_else(|e| panic!("cannot read /proc/{pid}/status: {e}"));
-    text.lines()
-        .find_map(|l| {
-            let rest = l.strip_prefix(field)?.strip_prefix(':')?;
-            rest.split_whitespace().next()?.parse().ok()
-        })
-        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
-}
-
-/// (utime, stime) of a process, in clock ticks.
-fn proc_cpu_ticks(pid: &str) -> (u64, u64) {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .unwrap_or_else(|e| panic!("cannot read /proc/{pid}/stat: {e}"));
-    // Fields after the `(comm)`, which may contain spaces: state is field 3, utime 14, stime 15.
-    let after = &text[text.rfind(')').expect("malformed stat") + 2..];
-    let f: Vec<&str> = after.split_whitespace().collect();
-    (f[11].parse().unwrap(), f[12].parse().unwrap())
-}
-
-/// Machine-wide (idle, iowait, total) ticks from the `cpu` line of /proc/stat.
-fn sys_cpu_ticks() -> (u64, u64, u64) {
-    let text = std::fs::read_to_string("/proc/stat").expect("cannot read /proc/stat");
-    let line = text.lines().next().expect("empty /proc/stat");
-    let v: Vec<u64> = line
-        .split_whitespace()
-        .skip(1)
-        .filter_map(|x| x.parse().ok())
-        .collect();
-    // user nice system idle iowait irq softirq steal (guest* are already in user/nice).
-    let total = v.iter().take(8).sum();
-    (v[3], v[4], total)
-}
-
-fn clock_ticks_per_sec() -> f64 {
-    Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(100.0)
-}
-
-fn dir_size(path: &Path) -> u64 {
-    let Ok(entries) = std::fs::read_dir(path) else {
-        return 0;
-    };
-    entries
-        .filter_map(Result::ok)
-        .map(|e| match e.metadata() {
-            Ok(m) if m.is_dir() => dir_size(&e.path()),
-            Ok(m) => m.len(),
-            Err(_) => 0,
-        })
-        .sum()
+/// A node with `--workers workers`; its co_dir lives as long as the returned TempDir.
+fn start_node(workers: usize) -> (Child, tempfile::TempDir, u16) {
+    let dir = co_dir("oonode-bench-");
+    let (workers, max_queue) = (workers.to_string(), MAX_QUEUE.to_string());
+    let (node, ready) = start_echo_node(
+        "oonode",
+        dir.path(),
+        true,
+        &[
+            "--no-relay",
+            "--workers",
+            &workers,
+            "--max-queue",
+            &max_queue,
+        ],
+        "warn",
+        STARTUP_TIMEOUT,
+    );
+    let http = ready.http.expect("HTTP is on");
+    let port = http
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no port in {http}"));
+    (node, dir, port)
 }
 
 #[derive(Clone, Copy)]
@@ -307,15 +174,15 @@ struct Snapshot {
     at: Instant,
     node: (u64, u64),
     client: (u64, u64),
-    sys: (u64, u64, u64),
+    sys: SysTicks,
 }
 
 fn snapshot(pid: u32) -> Snapshot {
     Snapshot {
         at: Instant::now(),
-        node: proc_cpu_ticks(&pid.to_string()),
-        client: proc_cpu_ticks("self"),
-        sys: sys_cpu_ticks(),
+        node: cpu_ticks(&pid.to_string()),
+        client: cpu_ticks("self"),
+        sys: SysTicks::now(),
     }
 }
 
@@ -351,8 +218,8 @@ struct TaskResult {
 
 async fn bench_one(conc: usize, workers: usize, measured: Duration) -> RunResult {
     eprintln!("--- concurrency {conc}, workers {workers}: starting the node");
-    let (node, port) = start_node(workers);
-    let pid = node.pid;
+    let (node, dir, port) = start_node(workers);
+    let pid = node.pid();
     let url = format!("http://127.0.0.1:{port}/input");
     let client = reqwest::Client::builder()
         .no_proxy()
@@ -374,12 +241,7 @@ async fn bench_one(conc: usize, workers: usize, measured: Duration) -> RunResult
     let warm_end = start + WARMUP;
     let end = warm_end + measured;
 
-    let sampler = tokio::spawn(async move {
-        tokio::time::sleep_until(warm_end.into()).await;
-        let a = snapshot(pid);
-        tokio::time::sleep_until(end.into()).await;
-        (a, snapshot(pid))
-    });
+    let sampler = sample_window(warm_end, end, move || snapshot(pid));
 
     let mut tasks = Vec::with_capacity(conc);
     for _ in 0..conc {
@@ -394,12 +256,9 @@ async fn bench_one(conc: usize, workers: usize, measured: Duration) -> RunResult
                 let outcome = one_request(&client, &url).await;
                 let done = Instant::now();
                 if let Err(e) = outcome {
-                    let n = errors.fetch_add(1, Ordering::Relaxed);
-                    if n < MAX_PRINTED_FAILURES {
-                        eprintln!("FAILED request (concurrency {conc}): {e}");
-                    } else if n == MAX_PRINTED_FAILURES {
-                        eprintln!("(further failures are counted, not printed)");
-                    }
+                    note_failure(&errors, || {
+                        format!("FAILED request (concurrency {conc}): {e}")
+                    });
                 } else if t0 >= warm_end {
                     latencies_ns.push((done - t0).as_nanos() as u64);
                     last_done = last_done.max(done);
@@ -423,38 +282,31 @@ async fn bench_one(conc: usize, workers: usize, measured: Duration) -> RunResult
     let rss_after_kib = proc_status(pid, "VmRSS");
     let peak_rss_kib = proc_status(pid, "VmHWM");
     let threads_after = proc_status(pid, "Threads");
-    let store_kib = dir_size(node.dir.path()) / 1024;
+    let store_kib = dir_size(dir.path()) / 1024;
     drop(node);
+    drop(dir);
 
-    latencies.sort_unstable();
-    let pct = |q: f64| -> f64 {
-        if latencies.is_empty() {
-            return f64::NAN;
-        }
-        let rank = ((q * latencies.len() as f64).ceil() as usize).clamp(1, latencies.len());
-        latencies[rank - 1] as f64 / 1e6
-    };
     let window = (last_done - warm_end)
         .as_secs_f64()
         .max(measured.as_secs_f64());
-    let hz = clock_ticks_per_sec();
+    let hz = clock_ticks();
     let wall = (b.at - a.at).as_secs_f64();
     let (sys_total, sys_idle, sys_iowait) = (
-        (b.sys.2 - a.sys.2).max(1) as f64,
-        (b.sys.0 - a.sys.0) as f64,
-        (b.sys.1 - a.sys.1) as f64,
+        (b.sys.total - a.sys.total).max(1) as f64,
+        (b.sys.idle - a.sys.idle) as f64,
+        (b.sys.iowait - a.sys.iowait) as f64,
     );
     let cpu = |t: (u64, u64)| t.0 + t.1;
-    let busy = (b.sys.2 - b.sys.0 - b.sys.1).saturating_sub(a.sys.2 - a.sys.0 - a.sys.1);
+    let busy = b.sys.busy().saturating_sub(a.sys.busy());
     let ours = (cpu(b.node) - cpu(a.node)) + (cpu(b.client) - cpu(a.client));
     RunResult {
         conc,
         workers,
         requests: latencies.len(),
         rps: latencies.len() as f64 / window,
-        p50_ms: pct(0.50),
-        p99_ms: pct(0.99),
-        max_ms: latencies.last().map_or(f64::NAN, |&m| m as f64 / 1e6),
+        p50_ms: pct(&latencies, 0.50),
+        p99_ms: pct(&latencies, 0.99),
+        max_ms: pct(&latencies, 1.0),
         errors: errors.load(Ordering::Relaxed),
         idle_rss_kib,
         rss_after_kib,

@@ -7,8 +7,8 @@
 //!       --listen /ip4/127.0.0.1/udp/0/quic-v1   (or /ip4/127.0.0.1/tcp/0)
 //!       --workers 32 --max-queue 4096
 //!
-//! and reads its address and its full listen multiaddr (`…/p2p/<PeerId>`) from the
-//! banner. This process is the caller: a swarm of its own,
+//! (with `--ready-json`) and reads its address and its full listen multiaddr
+//! (`…/p2p/<PeerId>`) from the ready line. This process is the caller: a swarm of its own,
 //! `P2p::spawn(Keypair::generate_ed25519(), P2pConfig::caller(vec![addr]), token)`, on a
 //! multi-threaded tokio runtime, and one caller `Identity` for every call.
 //!
@@ -59,12 +59,14 @@
 //! - `OONODE_BENCH_CALLERS`: concurrent callers (default 32).
 //! - `OONODE_BENCH_NODE_LOG`: the nodes' `RUST_LOG` (default `warn`).
 
+mod common;
+
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use common::*;
 
 use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
 use libp2p::multiaddr::Protocol;
@@ -81,7 +83,6 @@ const STARTUP_TIMEOUT: Duration = Duration::from_secs(15);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// A sequential mode stops after this many failed calls.
 const MAX_ERRORS: usize = 10;
-const MAX_PRINTED_FAILURES: usize = 20;
 /// Calls in the "first" and "last" windows used to show drift.
 const EDGE: usize = 100;
 /// The node's `--workers` (at least the number of concurrent callers) and `--max-queue`.
@@ -191,19 +192,12 @@ fn main() {
             }
         };
         println!(
-            "| {} | {} | {} | {} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.0} | {:.3} | {:.3} | {} | {:.0} | {} | {:.1} | {:.0} |",
+            "| {} | {} | {} | {} | {} | {} | {:.0} | {} | {:.1} | {:.0} |",
             r.transport.label(),
             r.mode.label(),
             r.lat.len(),
             r.errors,
-            pct(&r.lat, 0.50),
-            pct(&r.lat, 0.90),
-            pct(&r.lat, 0.99),
-            pct(&r.lat, 1.0),
-            mean_ms(&r.lat),
-            1000.0 / mean_ms(&r.lat),
-            pct(&r.lat[..EDGE.min(r.lat.len())], 0.5),
-            pct(&r.lat[r.lat.len().saturating_sub(EDGE)..], 0.5),
+            latency_cells(&r.lat, EDGE),
             node(r.usage.node_us),
             r.usage.caller_us,
             node(r.usage.node_cs),
@@ -266,7 +260,7 @@ fn main() {
     );
     for (t, lines) in &stderr_lines {
         println!(
-            "lines on the {} node's stderr (RUST_LOG=warn): {lines} (printed above, prefixed)",
+            "log lines on the {} node's stderr (RUST_LOG=warn): {lines} (printed above, prefixed, after its banner)",
             t.label()
         );
     }
@@ -278,38 +272,6 @@ fn main() {
          other process on the machine meanwhile, 100 = one core, {} cores here)",
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
-}
-
-fn env_num<T: std::str::FromStr>(name: &str, default: T) -> T {
-    match std::env::var(name) {
-        Ok(s) => s
-            .trim()
-            .parse()
-            .unwrap_or_else(|_| panic!("{name}={s:?}: expected a positive number")),
-        Err(_) => default,
-    }
-}
-
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .unwrap_or_default()
-        .trim()
-        .to_owned()
-}
-
-/// The `q` quantile of latencies in ns, in ms (nearest rank).
-fn pct(lat: &[u64], q: f64) -> f64 {
-    let mut s = lat.to_vec();
-    s.sort_unstable();
-    if s.is_empty() {
-        return f64::NAN;
-    }
-    let rank = ((q * s.len() as f64).ceil() as usize).clamp(1, s.len());
-    s[rank - 1] as f64 / 1e6
-}
-
-fn mean_ms(lat: &[u64]) -> f64 {
-    lat.iter().sum::<u64>() as f64 / lat.len().max(1) as f64 / 1e6
 }
 
 struct SeqResult {
@@ -348,96 +310,39 @@ struct Usage {
     others_pct: f64,
 }
 
-/// A child process; killed (SIGKILL by PID) and reaped on drop.
-struct Proc {
-    child: Child,
-    pid: u32,
-    stderr_lines: Arc<AtomicUsize>,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// Starts a node listening on `transport` only; returns it with its address and its
-/// full listen multiaddr, both read from the banner.
-fn start_node(transport: Transport, workers: usize) -> (Proc, Address, Multiaddr) {
-    let dir = tempfile::Builder::new()
-        .prefix("oonode-p2p-bench-")
-        .tempdir()
-        .expect("cannot create a temporary co_dir");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_oonode"))
-        .args(["host", "--agent", "echo", "--no-http", "--no-relay"])
-        .arg("--co-dir")
-        .arg(dir.path())
-        .args(["--listen", transport.listen()])
-        .args(["--workers", &workers.to_string()])
-        .args(["--max-queue", &MAX_QUEUE.to_string()])
-        .env(
-            "RUST_LOG",
-            std::env::var("OONODE_BENCH_NODE_LOG").unwrap_or_else(|_| "warn".into()),
+/// full listen multiaddr, both read from its ready line, and its co_dir.
+fn start_node(
+    transport: Transport,
+    workers: usize,
+) -> (Child, Address, Multiaddr, tempfile::TempDir) {
+    let dir = co_dir("oonode-p2p-bench-");
+    let (workers, max_queue) = (workers.to_string(), MAX_QUEUE.to_string());
+    let log = std::env::var("OONODE_BENCH_NODE_LOG").unwrap_or_else(|_| "warn".into());
+    let (node, ready) = start_echo_node(
+        &format!("{} node", transport.label()),
+        dir.path(),
+        false,
+        &[
+            "--no-relay",
+            "--listen",
+            transport.listen(),
+            "--workers",
+            &workers,
+            "--max-queue",
+            &max_queue,
+        ],
+        &log,
+        STARTUP_TIMEOUT,
+    );
+    let addr = ready.swarm.into_iter().next().unwrap_or_else(|| {
+        panic!(
+            "the {} node (pid {}) lists no swarm address",
+            transport.label(),
+            node.pid()
         )
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("cannot start the oonode binary");
-    let pid = child.id();
-    let stdout = child.stdout.take().expect("stdout is piped");
-    let stderr = child.stderr.take().expect("stderr is piped");
-    let stderr_lines = Arc::new(AtomicUsize::new(0));
-    let proc = Proc {
-        child,
-        pid,
-        stderr_lines: stderr_lines.clone(),
-        _dir: dir,
-    };
-    let name = transport.label();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            stderr_lines.fetch_add(1, Ordering::Relaxed);
-            eprintln!("[{name} node pid {pid} stderr] {line}");
-        }
     });
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let deadline = Instant::now() + STARTUP_TIMEOUT;
-    let (mut address, mut addr) = (None, None);
-    while address.is_none() || addr.is_none() {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match rx.recv_timeout(left) {
-            Ok(line) => {
-                address = address.or_else(|| banner_address(&line));
-                addr = addr.or_else(|| banner_multiaddr(&line));
-            }
-            Err(e) => panic!(
-                "the {name} node (pid {pid}) did not print `Address: 0x…` and a `/ip4/…/p2p/…` listen address within {STARTUP_TIMEOUT:?} ({e}; see its stderr above)"
-            ),
-        }
-    }
-    (proc, address.unwrap(), addr.unwrap())
-}
-
-/// The address in the banner line `Address: 0x…`.
-fn banner_address(line: &str) -> Option<Address> {
-    const PREFIX: &str = "Address: ";
-    let rest = &line[line.find(PREFIX)? + PREFIX.len()..];
-    rest.split_whitespace().next()?.parse().ok()
-}
-
-/// A listen address in the banner's swarm section: `/ip4/…/p2p/<PeerId>`.
-fn banner_multiaddr(line: &str) -> Option<Multiaddr> {
-    let token = line[line.find("/ip4/")?..].split_whitespace().next()?;
-    let addr: Multiaddr = token.parse().ok()?;
-    matches!(addr.iter().last(), Some(Protocol::P2p(_))).then_some(addr)
+    (node, ready.address, addr, dir)
 }
 
 const CRYPTO_REPS: u32 = 2000;
@@ -511,46 +416,6 @@ fn failure_kind(e: &str) -> String {
         .join(" ")
 }
 
-/// utime+stime of a process, in clock ticks.
-fn cpu_ticks(pid: &str) -> u64 {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .unwrap_or_else(|e| panic!("cannot read /proc/{pid}/stat: {e}"));
-    // Fields after the `(comm)`, which may contain spaces: utime is field 14, stime 15.
-    let after = &text[text.rfind(')').expect("malformed stat") + 2..];
-    let f: Vec<&str> = after.split_whitespace().collect();
-    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
-}
-
-/// Context switches (voluntary + involuntary) summed over a process's live threads.
-fn ctx_switches(pid: &str) -> u64 {
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return 0;
-    };
-    tasks
-        .filter_map(Result::ok)
-        .filter_map(|t| std::fs::read_to_string(t.path().join("status")).ok())
-        .map(|s| {
-            s.lines()
-                .filter(|l| l.contains("ctxt_switches:"))
-                .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-                .sum::<u64>()
-        })
-        .sum()
-}
-
-fn clock_ticks() -> f64 {
-    static HZ: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
-    *HZ.get_or_init(|| {
-        Command::new("getconf")
-            .arg("CLK_TCK")
-            .output()
-            .ok()
-            .and_then(|o| String::from_utf8(o.stdout).ok())
-            .and_then(|s| s.trim().parse().ok())
-            .unwrap_or(100.0)
-    })
-}
-
 /// CPU ticks and context switches of the node and of this process.
 #[derive(Clone, Copy)]
 struct Sample {
@@ -567,27 +432,12 @@ fn sample(node_pid: u32) -> Sample {
     let pid = node_pid.to_string();
     Sample {
         at: Instant::now(),
-        node_cpu: cpu_ticks(&pid),
-        self_cpu: cpu_ticks("self"),
+        node_cpu: cpu_total(&pid),
+        self_cpu: cpu_total("self"),
         node_cs: ctx_switches(&pid),
         self_cs: ctx_switches("self"),
-        sys_busy: sys_busy_ticks(),
+        sys_busy: SysTicks::now().busy(),
     }
-}
-
-/// Machine-wide busy ticks (user nice system irq softirq steal) from /proc/stat.
-fn sys_busy_ticks() -> u64 {
-    let text = std::fs::read_to_string("/proc/stat").expect("cannot read /proc/stat");
-    let v: Vec<u64> = text
-        .lines()
-        .next()
-        .expect("empty /proc/stat")
-        .split_whitespace()
-        .skip(1)
-        .filter_map(|x| x.parse().ok())
-        .collect();
-    // user nice system idle iowait irq softirq steal (guest* are already in user/nice).
-    v.iter().take(8).sum::<u64>() - v[3] - v[4]
 }
 
 fn usage(a: Sample, b: Sample, calls: usize) -> Usage {
@@ -928,12 +778,7 @@ impl Ctx {
         let warm_end = start + CONC_WARMUP;
         let end = warm_end + measured;
         let pid = self.node_pid;
-        let sampler = tokio::spawn(async move {
-            tokio::time::sleep_until(warm_end.into()).await;
-            let a = sample(pid);
-            tokio::time::sleep_until(end.into()).await;
-            (a, sample(pid))
-        });
+        let sampler = sample_window(warm_end, end, move || sample(pid));
         let mut tasks = Vec::with_capacity(callers);
         for c in 0..callers {
             let swarm = swarms[c % swarms.len()].0.clone();
@@ -955,15 +800,12 @@ impl Ctx {
                         }
                         Err(e) => {
                             *kinds.lock().unwrap().entry(failure_kind(&e)).or_default() += 1;
-                            let k = errors.fetch_add(1, Ordering::Relaxed);
-                            if k < MAX_PRINTED_FAILURES {
-                                eprintln!(
+                            note_failure(&errors, || {
+                                format!(
                                     "FAILED {} concurrent call (caller {c}): {e}",
                                     ctx.transport.label()
-                                );
-                            } else if k == MAX_PRINTED_FAILURES {
-                                eprintln!("(further failures are counted, not printed)");
-                            }
+                                )
+                            });
                         }
                     }
                 }
@@ -1001,16 +843,16 @@ async fn bench_transport(
     measured: Duration,
 ) -> (Vec<SeqResult>, Vec<ConcResult>, usize) {
     eprintln!("=== {}: starting the node", transport.label());
-    let (node, address, addr) = start_node(transport, callers);
+    let (node, address, addr, dir) = start_node(transport, callers);
     eprintln!(
         "{} node pid {} at {addr}, address {address}",
         transport.label(),
-        node.pid
+        node.pid()
     );
     let (caller, _caller_guard) = caller_swarm(&addr).await;
     let ctx = Arc::new(Ctx {
         transport,
-        node_pid: node.pid,
+        node_pid: node.pid(),
         address,
         caller,
         identity: Identity::generate(),
@@ -1035,7 +877,8 @@ async fn bench_transport(
     for own_swarms in [false, true] {
         conc.push(ctx.concurrent(callers, own_swarms, &addr, measured).await);
     }
-    let lines = node.stderr_lines.load(Ordering::Relaxed);
+    let lines = node.log_lines();
     drop(node);
+    drop(dir);
     (seq, conc, lines)
 }

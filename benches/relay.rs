@@ -2,15 +2,15 @@
 //!
 //! Starts the real binaries as children, both with `RUST_LOG=warn`:
 //!
-//! - a relay: `oonode relay --listen 127.0.0.1:<free port> --frames-per-sec <F>`;
-//! - a node: `oonode host --agent echo --port 0 --bind 127.0.0.1
+//! - a relay: `oonode relay --listen 127.0.0.1:0 --ready-json --frames-per-sec <F>`;
+//! - a node: `oonode host --ready-json --agent echo --port 0 --bind 127.0.0.1
 //!   --relay ws://127.0.0.1:<relay port> --no-p2p --co-dir <tempdir>` (no libp2p
 //!   swarm, which would listen on every interface).
 //!
-//! The node's port and address come from its banner; the bench waits until the relay's
-//! directory lists the node online. Then, for each mode below, it sends 50 warm-up
-//! requests and N measured ones, one at a time, with the prompt `ping` (the echo agent
-//! answers one STREAM frame and one OUTPUT frame). A round trip is timed from just
+//! Ports and the node's address come from their `--ready-json` lines; the bench waits
+//! until the relay's directory lists the node online. Then, for each mode below, it
+//! sends 50 warm-up requests and N measured ones, one at a time, with the prompt `ping`
+//! (the echo agent answers one STREAM frame and one OUTPUT frame). A round trip is timed from just
 //! before the request is written to just after the OUTPUT frame (or the HTTP body) has
 //! been read and parsed.
 //!
@@ -70,11 +70,11 @@
 //! - `OONODE_BENCH_N`: measured requests per mode (default 1000).
 //! - `OONODE_BENCH_RELAY_FPS`: the relay's `--frames-per-sec` (default 1000000).
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc};
+mod common;
+
 use std::time::{Duration, Instant};
+
+use common::*;
 
 use futures::{SinkExt, StreamExt};
 use oonode::{Address, ConnectOptions, Envelope, Identity, Kind, Remote, Via};
@@ -101,12 +101,6 @@ const EDGE: usize = 100;
 fn main() {
     let n: usize = env_num("OONODE_BENCH_N", 1000);
     let relay_fps: u32 = env_num("OONODE_BENCH_RELAY_FPS", DEFAULT_RELAY_FPS);
-    let loadavg = || {
-        std::fs::read_to_string("/proc/loadavg")
-            .unwrap_or_default()
-            .trim()
-            .to_owned()
-    };
     eprintln!(
         "oonode relay bench: binary {}, N={n} (+{WARMUP} warm-up) per mode, relay --frames-per-sec {relay_fps}, load average {}",
         env!("CARGO_BIN_EXE_oonode"),
@@ -114,57 +108,27 @@ fn main() {
     );
     let load_before = loadavg();
 
-    let relay_port = free_port();
-    let relay_url = format!("ws://127.0.0.1:{relay_port}");
-    let (relay, relay_out) = spawn(
-        "relay",
-        Command::new(env!("CARGO_BIN_EXE_oonode"))
-            .arg("relay")
-            .args(["--listen", &format!("127.0.0.1:{relay_port}")])
-            .args(["--frames-per-sec", &relay_fps.to_string()]),
-    );
-    wait_for(&relay, &relay_out, "relay listening on", |l| {
-        l.contains("relay listening on").then_some(())
-    });
+    let fps = relay_fps.to_string();
+    let (relay, relay_url) = start_relay(&["--frames-per-sec", &fps], STARTUP_TIMEOUT);
 
-    let dir = tempfile::Builder::new()
-        .prefix("oonode-relay-bench-")
-        .tempdir()
-        .expect("cannot create a temporary co_dir");
-    let (node, node_out) = spawn(
+    let dir = co_dir("oonode-relay-bench-");
+    let (node, ready) = start_echo_node(
         "node",
-        Command::new(env!("CARGO_BIN_EXE_oonode"))
-            .args([
-                "host",
-                "--agent",
-                "echo",
-                "--port",
-                "0",
-                "--bind",
-                "127.0.0.1",
-            ])
-            .args(["--relay", &relay_url])
+        dir.path(),
+        true,
+        &[
+            "--relay", &relay_url,
             // The libp2p swarm would listen on 0.0.0.0; this bench stays on loopback.
-            .arg("--no-p2p")
-            .arg("--co-dir")
-            .arg(dir.path()),
+            "--no-p2p",
+        ],
+        "warn",
+        STARTUP_TIMEOUT,
     );
-    let mut port = None;
-    let mut address = None;
-    while port.is_none() || address.is_none() {
-        let (p, a) = wait_for(
-            &node,
-            &node_out,
-            "`POST http://127.0.0.1:<port>/input` and `Address: 0x…`",
-            |l| Some((banner_port(l), banner_address(l))),
-        );
-        port = port.or(p);
-        address = address.or(a);
-    }
-    let (port, address) = (port.unwrap(), address.unwrap());
+    let (node_url, address) = (ready.http.expect("HTTP is on"), ready.address);
     eprintln!(
-        "relay pid {} on {relay_url}; node pid {} on 127.0.0.1:{port}, address {address}",
-        relay.pid, node.pid
+        "relay pid {} on {relay_url}; node pid {} on {node_url}, address {address}",
+        relay.pid(),
+        node.pid()
     );
 
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -172,13 +136,13 @@ fn main() {
         .build()
         .expect("cannot build the tokio runtime");
     let results = rt.block_on(async {
-        wait_online(relay_port, &address).await;
+        wait_online(&relay_url, &address).await;
         let ctx = Ctx {
-            port,
+            node_url,
             relay_url: relay_url.clone(),
             address,
             identity: Identity::generate(),
-            pids: (node.pid, relay.pid),
+            pids: (node.pid(), relay.pid()),
         };
         let mut results = Vec::new();
         for mode in MODES {
@@ -189,30 +153,21 @@ fn main() {
     });
     let (results, crypto) = results;
     let load_after = loadavg();
-    let (node_warn, relay_warn) = (
-        node.stderr_lines.load(Ordering::Relaxed),
-        relay.stderr_lines.load(Ordering::Relaxed),
-    );
+    let (node_warn, relay_warn) = (node.log_lines(), relay.log_lines());
     drop(node);
     drop(relay);
+    drop(dir);
 
     println!();
     println!("| mode | ok | errors | p50 ms | p90 ms | p99 ms | max ms | mean ms | req/s | p50 first {EDGE} | p50 last {EDGE} | node µs/req | relay µs/req | client µs/req |");
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for r in &results {
         println!(
-            "| {} | {} | {} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.0} | {:.3} | {:.3} | {:.0} | {:.0} | {:.0} |",
+            "| {} | {} | {} | {} | {:.0} | {:.0} | {:.0} |",
             r.mode.label(),
             r.lat.len(),
             r.errors,
-            r.pct(0.50),
-            r.pct(0.90),
-            r.pct(0.99),
-            r.pct(1.0),
-            r.mean_ms(),
-            1000.0 / r.mean_ms(),
-            edge_p50(&r.lat[..EDGE.min(r.lat.len())]),
-            edge_p50(&r.lat[r.lat.len().saturating_sub(EDGE)..]),
+            latency_cells(&r.lat, EDGE),
             r.cpu_us.0,
             r.cpu_us.1,
             r.cpu_us.2,
@@ -229,7 +184,7 @@ fn main() {
         crypto.0, crypto.1, crypto.2
     );
     println!(
-        "lines on stderr (RUST_LOG=warn): node {node_warn}, relay {relay_warn} (printed above, prefixed)"
+        "log lines on stderr (RUST_LOG=warn): node {node_warn}, relay {relay_warn} (printed above, prefixed, after the node's banner)"
     );
     println!("load average: before {load_before}; after {load_after}");
     println!(
@@ -238,118 +193,12 @@ fn main() {
     );
 }
 
-fn env_num<T: std::str::FromStr>(name: &str, default: T) -> T {
-    match std::env::var(name) {
-        Ok(s) => s
-            .trim()
-            .parse()
-            .unwrap_or_else(|_| panic!("{name}={s:?}: expected a positive integer")),
-        Err(_) => default,
-    }
-}
-
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("cannot bind 127.0.0.1:0");
-    l.local_addr().expect("no local address").port()
-}
-
-/// A child process; killed (SIGKILL by PID) and reaped on drop.
-struct Proc {
-    name: &'static str,
-    child: Child,
-    pid: u32,
-    stderr_lines: Arc<AtomicUsize>,
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Starts a child with `RUST_LOG=warn`; its stderr is echoed with a prefix and
-/// counted, its stdout lines come through the receiver. Both pipes are drained for the
-/// child's whole life.
-fn spawn(name: &'static str, cmd: &mut Command) -> (Proc, mpsc::Receiver<String>) {
-    let mut child = cmd
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start the {name}: {e}"));
-    let pid = child.id();
-    let stdout = child.stdout.take().expect("stdout is piped");
-    let stderr = child.stderr.take().expect("stderr is piped");
-    let stderr_lines = Arc::new(AtomicUsize::new(0));
-    let proc = Proc {
-        name,
-        child,
-        pid,
-        stderr_lines: stderr_lines.clone(),
-    };
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            stderr_lines.fetch_add(1, Ordering::Relaxed);
-            eprintln!("[{name} pid {pid} stderr] {line}");
-        }
-    });
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    (proc, rx)
-}
-
-/// Reads the child's stdout until `f` gives a value.
-fn wait_for<T>(
-    p: &Proc,
-    rx: &mpsc::Receiver<String>,
-    what: &str,
-    f: impl Fn(&str) -> Option<T>,
-) -> T {
-    let deadline = Instant::now() + STARTUP_TIMEOUT;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match rx.recv_timeout(left) {
-            Ok(line) => {
-                if let Some(v) = f(&line) {
-                    return v;
-                }
-            }
-            Err(mpsc::RecvTimeoutError::Timeout) => panic!(
-                "the {} (pid {}) did not print {what} within {STARTUP_TIMEOUT:?}",
-                p.name, p.pid
-            ),
-            Err(mpsc::RecvTimeoutError::Disconnected) => panic!(
-                "the {} (pid {}) closed its stdout without printing {what} (see its stderr above)",
-                p.name, p.pid
-            ),
-        }
-    }
-}
-
-/// The port in the banner line `POST http://127.0.0.1:<port>/input`.
-fn banner_port(line: &str) -> Option<u16> {
-    const PREFIX: &str = "POST http://127.0.0.1:";
-    let rest = &line[line.find(PREFIX)? + PREFIX.len()..];
-    let end = rest.find("/input")?;
-    rest[..end].parse().ok()
-}
-
-/// The address in the banner line `Address: 0x…`.
-fn banner_address(line: &str) -> Option<Address> {
-    const PREFIX: &str = "Address: ";
-    let rest = &line[line.find(PREFIX)? + PREFIX.len()..];
-    rest.split_whitespace().next()?.parse().ok()
-}
-
 /// Polls the relay's directory until it lists the node online.
-async fn wait_online(relay_port: u16, address: &Address) {
-    let url = format!("http://127.0.0.1:{relay_port}/api/agents/{address}");
+async fn wait_online(relay_url: &str, address: &Address) {
+    let url = format!(
+        "{}/api/agents/{address}",
+        relay_url.replacen("ws://", "http://", 1)
+    );
     let http = http_client();
     let deadline = Instant::now() + STARTUP_TIMEOUT;
     loop {
@@ -423,7 +272,8 @@ impl Mode {
 }
 
 struct Ctx {
-    port: u16,
+    /// `http://127.0.0.1:PORT`
+    node_url: String,
     relay_url: String,
     address: Address,
     identity: Identity,
@@ -461,31 +311,6 @@ struct ModeResult {
     samples: Vec<Value>,
 }
 
-impl ModeResult {
-    fn pct(&self, q: f64) -> f64 {
-        let mut s = self.lat.clone();
-        s.sort_unstable();
-        if s.is_empty() {
-            return f64::NAN;
-        }
-        let rank = ((q * s.len() as f64).ceil() as usize).clamp(1, s.len());
-        s[rank - 1] as f64 / 1e6
-    }
-
-    fn mean_ms(&self) -> f64 {
-        self.lat.iter().sum::<u64>() as f64 / self.lat.len().max(1) as f64 / 1e6
-    }
-}
-
-fn edge_p50(lat: &[u64]) -> f64 {
-    let mut s = lat.to_vec();
-    s.sort_unstable();
-    if s.is_empty() {
-        return f64::NAN;
-    }
-    s[(s.len() - 1) / 2] as f64 / 1e6
-}
-
 /// One request's outcome: the round trip and the raw frames that answered it.
 struct Trip {
     elapsed: Duration,
@@ -498,10 +323,14 @@ impl Ctx {
         match mode {
             Mode::Http => Client::Http {
                 http: http_client(),
-                url: format!("http://127.0.0.1:{}/input", self.port),
+                url: format!("{}/input", self.node_url),
             },
             Mode::Ws | Mode::WsSigned | Mode::WsOneSession => Client::Ws {
-                ws: ws_connect(&format!("ws://127.0.0.1:{}/ws", self.port)).await,
+                ws: ws_connect(&format!(
+                    "{}/ws",
+                    self.node_url.replacen("http://", "ws://", 1)
+                ))
+                .await,
             },
             Mode::RelayRaw => Client::Ws {
                 ws: ws_connect(&format!("{}/ws/input", self.relay_url)).await,
@@ -518,9 +347,7 @@ impl Ctx {
 
     async fn connect(&self, via: Via) -> Result<Remote, String> {
         let options = match via {
-            Via::Direct => {
-                ConnectOptions::default().endpoint(format!("http://127.0.0.1:{}", self.port))
-            }
+            Via::Direct => ConnectOptions::default().endpoint(self.node_url.clone()),
             _ => ConnectOptions::default().relay(self.relay_url.clone()),
         };
         let options = options
@@ -690,17 +517,12 @@ impl Ctx {
             (Client::Remote { connect_ns, .. }, Mode::ClientDirect | Mode::ClientRelay)
                 if !connect_ns.is_empty() =>
             {
-                let mut c = connect_ns.clone();
-                c.sort_unstable();
-                let at = |q: f64| {
-                    c[((q * c.len() as f64).ceil() as usize).clamp(1, c.len()) - 1] as f64 / 1e6
-                };
                 Some(format!(
                     "connect() (untimed above): p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms over {} handles",
-                    at(0.5),
-                    at(0.99),
-                    at(1.0),
-                    c.len()
+                    pct(connect_ns, 0.5),
+                    pct(connect_ns, 0.99),
+                    pct(connect_ns, 1.0),
+                    connect_ns.len()
                 ))
             }
             (_, Mode::WsOneSession) => Some(format!(
@@ -724,9 +546,9 @@ impl Ctx {
     /// CPU ticks (utime+stime) of the node, the relay and this process.
     fn cpu(&self) -> (u64, u64, u64) {
         (
-            proc_cpu_ticks(&self.pids.0.to_string()),
-            proc_cpu_ticks(&self.pids.1.to_string()),
-            proc_cpu_ticks("self"),
+            cpu_total(&self.pids.0.to_string()),
+            cpu_total(&self.pids.1.to_string()),
+            cpu_total("self"),
         )
     }
 }
@@ -812,27 +634,4 @@ fn crypto_costs(ctx: &Ctx, results: &[ModeResult]) -> (f64, f64, f64) {
         t.elapsed().as_secs_f64() * 1e6 / f64::from(CRYPTO_REPS)
     };
     (sign, verify("OUTPUT"), verify("STREAM"))
-}
-
-/// utime+stime of a process, in clock ticks.
-fn proc_cpu_ticks(pid: &str) -> u64 {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .unwrap_or_else(|e| panic!("cannot read /proc/{pid}/stat: {e}"));
-    // Fields after the `(comm)`, which may contain spaces: utime is field 14, stime 15.
-    let after = &text[text.rfind(')').expect("malformed stat") + 2..];
-    let f: Vec<&str> = after.split_whitespace().collect();
-    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
-}
-
-fn clock_ticks() -> f64 {
-    static HZ: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
-    *HZ.get_or_init(|| {
-        Command::new("getconf")
-            .arg("CLK_TCK")
-            .output()
-            .ok()
-            .and_then(|o| String::from_utf8(o.stdout).ok())
-            .and_then(|s| s.trim().parse().ok())
-            .unwrap_or(100.0)
-    })
 }

@@ -3,76 +3,16 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::{json, Value};
 
-const BIN: &str = env!("CARGO_BIN_EXE_oonode");
-
-/// A running `oonode host`; killed (by its own PID) when dropped.
-struct Proc {
-    child: Child,
-    port: u16,
-}
-
-impl Proc {
-    fn start(co_dir: &Path, args: &[&str]) -> Proc {
-        let mut child = Command::new(BIN)
-            .args([
-                "host",
-                "--port",
-                "0",
-                "--bind",
-                "127.0.0.1",
-                "--no-relay",
-                "--co-dir",
-            ])
-            .arg(co_dir)
-            .args(args)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("oonode starts");
-        let port = read_port(&mut child);
-        Proc { child, port }
-    }
-
-    fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
-    }
-
-    fn kill9(mut self) {
-        let _ = self.child.kill(); // SIGKILL
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Reads the banner until the POST line and takes the port from it.
-fn read_port(child: &mut Child) -> u16 {
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if let Some(rest) = line.split("POST http://127.0.0.1:").nth(1) {
-                let port: String = rest.chars().take_while(char::is_ascii_digit).collect();
-                let _ = tx.send(port.parse::<u16>().unwrap());
-            }
-        }
-    });
-    rx.recv_timeout(Duration::from_secs(20))
-        .expect("the banner names the HTTP port within 20 s")
+/// `oonode host` on 127.0.0.1 port 0 with `co_dir` as its home and `args` added.
+fn start(co_dir: &Path, args: &[&str]) -> NodeProc {
+    NodeProc::builder(co_dir).args(args).start()
 }
 
 fn curl(args: &[&str]) -> Value {
@@ -89,8 +29,8 @@ fn curl(args: &[&str]) -> Value {
 #[test]
 fn the_seeds_curl_calls_work_verbatim() {
     let dir = tempfile::tempdir().unwrap();
-    let node = Proc::start(dir.path(), &["--agent", "translator"]);
-    let base = node.url();
+    let node = start(dir.path(), &["--agent", "translator"]);
+    let base = node.url.clone();
 
     // curl -X POST http://localhost:8000/input -H "Content-Type: application/json" \
     //   -d '{"prompt": "Translate hello to Spanish"}'
@@ -211,24 +151,21 @@ fn a_bad_host_yaml_key_fails_start_up_with_file_and_key_named() {
     );
 }
 
-fn get(url: &str) -> (u16, Value) {
-    let rt = tokio::runtime::Builder::new_current_thread()
+/// Runs `fut` on a runtime of its own (these tests are synchronous).
+fn block_on<T>(fut: impl std::future::Future<Output = T>) -> T {
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .unwrap();
-    rt.block_on(async {
-        let res = client().get(url).send().await.expect("GET");
-        let status = res.status().as_u16();
-        (status, res.json().await.unwrap_or(Value::Null))
-    })
+        .unwrap()
+        .block_on(fut)
+}
+
+fn get(url: &str) -> (u16, Value) {
+    block_on(get_json(url))
 }
 
 fn post(url: &str, body: Value) -> (u16, Value) {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(post_json(url, &body))
+    block_on(post_json(url, &body))
 }
 
 fn wait_for(what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
@@ -243,11 +180,11 @@ fn wait_for(what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
 fn sessions_survive_kill_9_running_ones_read_interrupted_and_expire_after_ttl() {
     let dir = tempfile::tempdir().unwrap();
     let ttl = "6";
-    let node = Proc::start(
+    let mut node = start(
         dir.path(),
         &["--agent", "ticker", "--result-ttl", ttl, "--workers", "2"],
     );
-    let url = node.url();
+    let url = node.url.clone();
 
     let (status, done) = post(&format!("{url}/input"), json!({"prompt": "quick one"}));
     assert_eq!(status, 200, "{done}");
@@ -271,8 +208,8 @@ fn sessions_survive_kill_9_running_ones_read_interrupted_and_expire_after_ttl() 
     );
     node.kill9();
 
-    let node = Proc::start(dir.path(), &["--agent", "ticker", "--result-ttl", ttl]);
-    let url = node.url();
+    let node = start(dir.path(), &["--agent", "ticker", "--result-ttl", ttl]);
+    let url = node.url.clone();
     let (status, rec) = get(&format!("{url}/sessions/{done_id}"));
     assert_eq!(status, 200, "a done session survives kill -9");
     assert_eq!(

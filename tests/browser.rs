@@ -8,9 +8,9 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
@@ -63,18 +63,10 @@ fn find_binary(env: &str, names: &[&str]) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// The chromedriver child and the browser session it runs; dropping it ends both, also
 /// when the test panics.
 struct Driver {
-    child: Child,
+    child: common::Child,
     port: u16,
     session: Option<String>,
 }
@@ -84,13 +76,10 @@ impl Driver {
         let port = free_port();
         let mut cmd = Command::new(chromedriver);
         cmd.arg(format!("--port={port}"))
-            .arg(format!("--log-path={}", log.display()))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
+            .arg(format!("--log-path={}", log.display()));
         #[cfg(unix)]
         std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
-        let child = cmd.spawn().expect("chromedriver starts");
+        let child = common::Child::spawn("chromedriver", &mut cmd, Stderr::Null);
         Driver {
             child,
             port,
@@ -122,10 +111,9 @@ impl Driver {
 impl Drop for Driver {
     fn drop(&mut self) {
         self.delete_session_blocking();
-        let pid = self.child.id();
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        // Any browser process left in chromedriver's own process group.
+        // chromedriver and every browser process in its own process group; the child is
+        // then reaped when `self.child` drops.
+        let pid = self.child.pid();
         #[cfg(unix)]
         let _ = Command::new("kill")
             .args(["-KILL", "--", &format!("-{pid}")])
@@ -192,7 +180,7 @@ impl Browser {
             if matches!(&ready, Ok(v) if v["ready"] == true) {
                 break;
             }
-            if let Ok(Some(status)) = driver.child.try_wait() {
+            if let Some(status) = driver.child.try_wait() {
                 panic!("chromedriver exited early: {status}");
             }
             assert!(

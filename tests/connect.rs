@@ -12,17 +12,9 @@ use common::*;
 use oonode::agent::{Echo, Translator};
 use oonode::{
     Agent, AgentError, CallError, ConnectOptions, Envelope, Host, Identity, Kind, NodeHandle,
-    Relay, RelayConfig, RelayHandle, StreamSink, Turn, Via,
+    RelayHandle, StreamSink, Turn, Via,
 };
 use serde_json::{json, Value};
-
-const BIN: &str = env!("CARGO_BIN_EXE_oonode");
-
-async fn relay() -> RelayHandle {
-    Relay::spawn(RelayConfig::default().listen("127.0.0.1:0".parse().unwrap()))
-        .await
-        .unwrap()
-}
 
 /// A node on loopback: HTTP and swarm only where asked, announced on `relay`.
 async fn node(
@@ -32,29 +24,14 @@ async fn node(
     p2p: bool,
     relay: Option<&RelayHandle>,
 ) -> NodeHandle {
-    let handle = host
-        .co_dir(dir)
-        .port(0)
-        .bind("127.0.0.1".parse().unwrap())
-        .http(http)
-        .p2p(p2p)
-        .listen(["/ip4/127.0.0.1/udp/0/quic-v1", "/ip4/127.0.0.1/tcp/0"])
-        .relay_url(relay.map(|r| r.url()))
-        .build()
-        .unwrap()
-        .spawn()
-        .await
-        .unwrap();
-    if relay.is_some() {
-        assert!(
-            handle.wait_for_relay(STEP).await,
-            "node announced on the relay"
-        );
+    let mut node = TestNode::builder(host).co_dir(dir).http(http);
+    if p2p {
+        node = node.swarm(&[QUIC, TCP]);
     }
-    if let Some(p2p) = handle.p2p() {
-        assert!(!p2p.listening(STEP).await.is_empty());
+    if let Some(relay) = relay {
+        node = node.relay(&relay.url());
     }
-    handle
+    node.start().await.handle
 }
 
 fn swarm_addr(handle: &NodeHandle) -> libp2p::Multiaddr {
@@ -80,7 +57,7 @@ async fn ask(
 
 #[tokio::test]
 async fn each_path_forced_and_auto_prefers_direct() {
-    let r = relay().await;
+    let r = start_relay(relay_config()).await;
     let dir = tempfile::tempdir().unwrap();
     let n = node(Host::new(Echo), dir.path(), true, true, Some(&r)).await;
     let addr = n.address().to_string();
@@ -125,7 +102,7 @@ async fn each_path_forced_and_auto_prefers_direct() {
 
 #[tokio::test]
 async fn auto_falls_back_to_the_swarm_then_the_relay_and_remembers() {
-    let r = relay().await;
+    let r = start_relay(relay_config()).await;
     let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     // No HTTP: no direct path. Reachable over the swarm and the relay.
     let swarm_node = node(Host::new(Echo), d1.path(), false, true, Some(&r)).await;
@@ -198,7 +175,7 @@ impl Agent for Delegate {
 
 #[tokio::test]
 async fn an_agent_calls_another_agent_by_address_while_answering() {
-    let r = relay().await;
+    let r = start_relay(relay_config()).await;
     let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let b = node(Host::new(Translator), db.path(), false, false, Some(&r)).await;
     let delegate = Delegate {
@@ -327,7 +304,7 @@ async fn cli(args: Vec<String>) -> (i32, String, String) {
 
 #[tokio::test]
 async fn oonode_call_exit_statuses_and_messages() {
-    let r = relay().await;
+    let r = start_relay(relay_config()).await;
     let caller_dir = tempfile::tempdir().unwrap();
     let (caller, _) = Identity::load_or_create(caller_dir.path()).unwrap();
     let co = caller_dir.path().display().to_string();

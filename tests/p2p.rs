@@ -13,26 +13,23 @@
 //! The last two tests are regressions of bugs these tests found (dropped concurrent
 //! streams; auto mode hiding the swarm's error).
 
+mod common;
+
 use std::future::Future;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use common::{NodeProc, TestNode, BIN, QUIC, TCP};
 use futures::{AsyncReadExt, AsyncWriteExt};
 use libp2p::Multiaddr;
 use oonode::agent::{Echo, Ticker};
 use oonode::envelope::{canonical_json, MAX_ENVELOPE_BYTES};
 use oonode::{
-    connect, Address, Answer, CallError, ConnectOptions, Envelope, Host, Identity, Kind,
-    NodeHandle, P2p, P2pConfig, Signature, Via,
+    connect, Address, Answer, CallError, ConnectOptions, Envelope, Host, Identity, Kind, P2p,
+    P2pConfig, Signature, Via,
 };
 use serde_json::{json, Map, Value};
-use tempfile::TempDir;
-use tokio::io::AsyncBufReadExt;
 use tokio_util::sync::CancellationToken;
 
-const BIN: &str = env!("CARGO_BIN_EXE_oonode");
-const QUIC: &str = "/ip4/127.0.0.1/udp/0/quic-v1";
-const TCP: &str = "/ip4/127.0.0.1/tcp/0";
 /// `wire::MAX_FRAME_BYTES` (the `wire` module is not public).
 const MAX_FRAME_BYTES: usize = MAX_ENVELOPE_BYTES + 256;
 /// How long the DHT may take to let a call through (the brief's warm-up).
@@ -49,72 +46,13 @@ async fn within<T>(limit: Duration, what: &str, fut: impl Future<Output = T>) ->
 }
 
 /// A node hosted in-process: swarm only (no HTTP, no relay), its own co_dir.
-struct Node {
-    handle: NodeHandle,
-    address: Address,
-    addrs: Vec<Multiaddr>,
-    _dir: TempDir,
-}
-
-impl Node {
-    async fn start(host: Host, listen: &[&str], bootstrap: &[Multiaddr]) -> Node {
-        let dir = tempfile::tempdir().unwrap();
-        let handle = host
-            .co_dir(dir.path())
-            .http(false)
-            .relay_url(None)
-            .listen(listen.iter().copied())
-            .bootstrap(bootstrap.iter().map(ToString::to_string))
-            .build()
-            .expect("node builds")
-            .spawn()
-            .await
-            .expect("node starts");
-        let p2p = handle.p2p().expect("the node joined the swarm").clone();
-        // One address per listener (every listener is on 127.0.0.1).
-        let addrs = within(Duration::from_secs(10), "listening", async {
-            loop {
-                let addrs = p2p.status().listen_addrs;
-                if addrs.len() >= listen.len() {
-                    return addrs;
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        })
-        .await;
-        let addrs = addrs
-            .iter()
-            .map(|a| a.parse::<Multiaddr>().expect("a listen multiaddr"))
-            .collect::<Vec<_>>();
-        for a in &addrs {
-            let s = a.to_string();
-            assert!(s.starts_with("/ip4/127.0.0.1/"), "{s} is not on loopback");
-            assert!(
-                s.ends_with(&format!("/p2p/{}", p2p.peer_id())),
-                "{s} does not end with /p2p/<PeerId>"
-            );
-        }
-        Node {
-            address: handle.address(),
-            handle,
-            addrs,
-            _dir: dir,
-        }
-    }
-
-    fn p2p(&self) -> P2p {
-        self.handle.p2p().expect("swarm").clone()
-    }
-
-    async fn stop(self) {
-        within(
-            Duration::from_secs(40),
-            "node shutdown",
-            self.handle.shutdown(),
-        )
+async fn start(host: Host, listen: &[&str], bootstrap: &[Multiaddr]) -> TestNode {
+    TestNode::builder(host)
+        .http(false)
+        .swarm(listen)
+        .bootstrap(bootstrap)
+        .start()
         .await
-        .expect("clean shutdown");
-    }
 }
 
 /// A swarm of its own (a throwaway key), for raw streams and discovery.
@@ -187,11 +125,11 @@ async fn call_via_swarm(swarm: &P2p, caller: &Identity, target: Address, prompt:
 }
 
 /// Starts `n` Echo nodes listening on `listen`, node i bootstrapping to node i-1 only.
-async fn chain(n: usize, listen: &[&str]) -> Vec<Node> {
-    let mut nodes: Vec<Node> = Vec::new();
+async fn chain(n: usize, listen: &[&str]) -> Vec<TestNode> {
+    let mut nodes: Vec<TestNode> = Vec::new();
     for _ in 0..n {
-        let bootstrap = nodes.last().map(|p| p.addrs.clone()).unwrap_or_default();
-        nodes.push(Node::start(Host::new(Echo), listen, &bootstrap).await);
+        let bootstrap = nodes.last().map(|p| p.swarm.clone()).unwrap_or_default();
+        nodes.push(start(Host::new(Echo), listen, &bootstrap).await);
     }
     nodes
 }
@@ -200,7 +138,7 @@ async fn chain(n: usize, listen: &[&str]) -> Vec<Node> {
 async fn full_matrix(label: &str, listen: &[&str]) {
     let nodes = chain(5, listen).await;
     for node in &nodes {
-        for a in &node.addrs {
+        for a in &node.swarm {
             let s = a.to_string();
             match listen {
                 [QUIC] => assert!(
@@ -382,9 +320,9 @@ async fn assert_good_caller(bootstrap: &Multiaddr, node: Address, prompt: &str) 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversize_and_undecodable_frames_get_the_peer_cut_off() {
     within(Duration::from_secs(120), "test", async {
-        let node = Node::start(Host::new(Echo), &[QUIC, TCP], &[]).await;
+        let node = start(Host::new(Echo), &[QUIC, TCP], &[]).await;
         // A neighbour node that was already talking to it before the trouble.
-        let neighbour = Node::start(Host::new(Echo), &[TCP], &node.addrs[..1]).await;
+        let neighbour = start(Host::new(Echo), &[TCP], &node.swarm[..1]).await;
         let neighbour_id = Identity::generate();
         call_via_swarm(
             &neighbour.p2p(),
@@ -405,7 +343,7 @@ async fn oversize_and_undecodable_frames_get_the_peer_cut_off() {
             ("oversize", &oversize, "too_large"),
             ("undecodable", &garbage, "bad_request"),
         ] {
-            for addr in &node.addrs {
+            for addr in &node.swarm {
                 let transport = if addr.to_string().contains("/quic-v1/") {
                     "quic"
                 } else {
@@ -456,9 +394,9 @@ async fn oversize_and_undecodable_frames_get_the_peer_cut_off() {
             "after trouble",
         )
         .await;
-        assert_good_caller(&node.addrs[0], node.address, "still here for good callers").await;
+        assert_good_caller(&node.swarm[0], node.address, "still here for good callers").await;
         assert_good_caller(
-            &neighbour.addrs[0],
+            &neighbour.swarm[0],
             node.address,
             "found through a neighbour",
         )
@@ -476,8 +414,8 @@ async fn oversize_and_undecodable_frames_get_the_peer_cut_off() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn too_many_concurrent_streams_get_the_peer_cut_off() {
     within(Duration::from_secs(120), "test", async {
-        let node = Node::start(Host::new(Echo), &[TCP], &[]).await;
-        let (flooder, stop) = caller_swarm(vec![node.addrs[0].clone()]).await;
+        let node = start(Host::new(Echo), &[TCP], &[]).await;
+        let (flooder, stop) = caller_swarm(vec![node.swarm[0].clone()]).await;
 
         // The limit itself is not over it: hold that many streams without an INPUT.
         let limit = oonode::P2pConfig::default().max_streams_per_peer;
@@ -576,7 +514,7 @@ async fn too_many_concurrent_streams_get_the_peer_cut_off() {
         drop(held);
 
         assert_cut_off(&flooder, node.address).await;
-        assert_good_caller(&node.addrs[0], node.address, "others still get answers").await;
+        assert_good_caller(&node.swarm[0], node.address, "others still get answers").await;
 
         stop.cancel();
         node.stop().await;
@@ -603,59 +541,26 @@ fn assert_unreachable(e: &CallError) {
     );
 }
 
-/// Reads `oonode host`'s banner: its address and swarm multiaddrs.
-async fn read_banner(child: &mut tokio::process::Child) -> (Address, Vec<Multiaddr>) {
-    let stdout = child.stdout.take().unwrap();
-    let mut lines = tokio::io::BufReader::new(stdout).lines();
-    let mut address = None;
-    let mut addrs = Vec::new();
-    within(Duration::from_secs(60), "banner", async {
-        while let Some(line) = lines.next_line().await.unwrap() {
-            if let Some(rest) = line.split("Address: ").nth(1) {
-                address = Some(rest.split_whitespace().next().unwrap().parse().unwrap());
-            }
-            for word in line.split_whitespace() {
-                if word.contains("/p2p/") {
-                    addrs.push(word.parse::<Multiaddr>().unwrap());
-                }
-            }
-            if line.contains("Waiting for tasks") {
-                break;
-            }
-        }
-    })
-    .await;
-    // Keep draining stdout so the process never blocks on it.
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    (address.expect("the banner names the address"), addrs)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_binary_node_gives_a_clear_error_in_time() {
     within(Duration::from_secs(150), "test", async {
         let dir = tempfile::tempdir().unwrap();
-        let mut child = tokio::process::Command::new(BIN)
-            .args(["host", "--agent", "echo", "--no-http", "--no-relay"])
-            .args(["--listen", TCP, "--co-dir"])
-            .arg(dir.path())
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("oonode host starts");
-        let (target, addrs) = read_banner(&mut child).await;
+        let mut node = NodeProc::builder(dir.path())
+            .args(&["--agent", "echo"])
+            .no_http()
+            .listen(TCP)
+            .ready_within(Duration::from_secs(60))
+            .start_async()
+            .await;
+        let (target, addrs) = (node.address, node.swarm.clone());
         assert_eq!(addrs.len(), 1, "one TCP listener: {addrs:?}");
         assert!(addrs[0].to_string().starts_with("/ip4/127.0.0.1/tcp/"));
 
-        let caller = Node::start(Host::new(Echo), &[TCP], &addrs).await;
+        let caller = start(Host::new(Echo), &[TCP], &addrs).await;
         let me = Identity::generate();
         call_via_swarm(&caller.p2p(), &me, target, "are you alive").await;
 
-        child.start_kill().expect("kill -9");
-        within(Duration::from_secs(10), "reaping", child.wait())
-            .await
-            .unwrap();
+        node.kill9(); // and reaps it, bounded
         let killed = Instant::now();
         let options = ConnectOptions::default()
             .swarm(caller.p2p())
@@ -701,8 +606,8 @@ async fn a_killed_binary_node_gives_a_clear_error_in_time() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shut_down_quic_node_gives_a_clear_error_in_time() {
     within(Duration::from_secs(150), "test", async {
-        let target = Node::start(Host::new(Echo), &[QUIC], &[]).await;
-        let caller = Node::start(Host::new(Echo), &[QUIC], &target.addrs).await;
+        let target = start(Host::new(Echo), &[QUIC], &[]).await;
+        let caller = start(Host::new(Echo), &[QUIC], &target.swarm).await;
         let address = target.address;
         let me = Identity::generate();
         call_via_swarm(&caller.p2p(), &me, address, "are you alive").await;
@@ -742,12 +647,12 @@ async fn a_thirty_second_stream_completes_over_the_swarm() {
         let ticker = Ticker {
             pause: Duration::from_secs(1),
         };
-        let node = Node::start(Host::new(ticker), &[QUIC, TCP], &[]).await;
+        let node = start(Host::new(ticker), &[QUIC, TCP], &[]).await;
         let words: Vec<String> = (1..=30).map(|i| format!("w{i:02}")).collect();
         let prompt = words.join(" ");
         // A reply timeout well under the answer's length: it is per frame.
         let options = ConnectOptions::default()
-            .bootstrap(node.addrs[0].clone())
+            .bootstrap(node.swarm[0].clone())
             .via(Via::P2p)
             .identity(Identity::generate())
             .reply_timeout(Duration::from_secs(5));
@@ -804,10 +709,10 @@ async fn presence_is_found_by_another_swarm() {
         let host = Host::new(Echo)
             .summary("I translate")
             .examples(["Translate hello to Spanish"]);
-        let speaker = Node::start(host, &[QUIC, TCP], &[]).await;
-        let other = Node::start(Host::new(Echo), &[TCP], &speaker.addrs).await;
+        let speaker = start(host, &[QUIC, TCP], &[]).await;
+        let other = start(Host::new(Echo), &[TCP], &speaker.swarm).await;
         // The observer joins through the other node, not through the speaker.
-        let (observer, stop) = caller_swarm(other.addrs.clone()).await;
+        let (observer, stop) = caller_swarm(other.swarm.clone()).await;
         let wanted = speaker.address.to_string();
         let found = within(Duration::from_secs(30), "presence", async {
             loop {
@@ -840,8 +745,8 @@ async fn presence_is_found_by_another_swarm() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_binary_calls_over_the_swarm_through_another_peer() {
     within(Duration::from_secs(120), "test", async {
-        let target = Node::start(Host::new(Echo), &[QUIC, TCP], &[]).await;
-        let hub = Node::start(Host::new(Echo), &[TCP], &target.addrs).await;
+        let target = start(Host::new(Echo), &[QUIC, TCP], &[]).await;
+        let hub = start(Host::new(Echo), &[TCP], &target.swarm).await;
         let caller_dir = tempfile::tempdir().unwrap();
         let prompt = "hello from the binary";
         let mut last = None;
@@ -855,7 +760,7 @@ async fn the_binary_calls_over_the_swarm_through_another_peer() {
                     .arg(target.address.to_string())
                     .arg(prompt)
                     .args(["--via", "p2p", "--timeout", "10", "--bootstrap"])
-                    .arg(hub.addrs[0].to_string())
+                    .arg(hub.swarm[0].to_string())
                     .arg("--co-dir")
                     .arg(caller_dir.path())
                     .env("RUST_LOG", "warn")
@@ -904,9 +809,9 @@ async fn the_binary_calls_over_the_swarm_through_another_peer() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_calls_from_several_peers_all_get_answers() {
     within(Duration::from_secs(150), "test", async {
-        let node = Node::start(Host::new(Echo), &[QUIC, TCP], &[]).await;
+        let node = start(Host::new(Echo), &[QUIC, TCP], &[]).await;
         let mut failures = Vec::new();
-        for addr in &node.addrs {
+        for addr in &node.swarm {
             let mut swarms = Vec::new();
             for _ in 0..4 {
                 swarms.push(caller_swarm(vec![addr.clone()]).await);
@@ -967,8 +872,8 @@ async fn concurrent_calls_from_several_peers_all_get_answers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn auto_mode_reports_the_swarm_error_for_a_dead_node() {
     within(Duration::from_secs(90), "test", async {
-        let target = Node::start(Host::new(Echo), &[TCP], &[]).await;
-        let caller = Node::start(Host::new(Echo), &[TCP], &target.addrs).await;
+        let target = start(Host::new(Echo), &[TCP], &[]).await;
+        let caller = start(Host::new(Echo), &[TCP], &target.swarm).await;
         let address = target.address;
         let options = || {
             ConnectOptions::default()

@@ -7,28 +7,23 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{client, STEP};
+use common::{free_port, get_json, relay_config, start_relay, NodeProc, RelayProc, TestNode, STEP};
 use futures::{Sink, SinkExt, StreamExt};
 use oonode::agent::{Echo, Ticker};
 use oonode::envelope::unix_now;
 use oonode::proto::signed_announce;
 use oonode::{
-    Address, Answer, CallError, ConnectOptions, Envelope, Host, Identity, Kind, NodeHandle, Relay,
-    RelayConfig, RelayHandle,
+    Address, Answer, CallError, ConnectOptions, Envelope, Host, Identity, Kind, RelayConfig,
 };
 use serde_json::{json, Map, Value};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
 use tokio_tungstenite::tungstenite::Message;
-
-const BIN: &str = env!("CARGO_BIN_EXE_oonode");
 
 type Socket =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
@@ -37,58 +32,17 @@ type Socket =
 // Helpers: relays, nodes, callers
 // ---------------------------------------------------------------------------------------
 
-fn loopback_config() -> RelayConfig {
-    RelayConfig::default().listen("127.0.0.1:0".parse().unwrap())
-}
-
-async fn start_relay(config: RelayConfig) -> RelayHandle {
-    tokio::time::timeout(STEP, Relay::spawn(config))
-        .await
-        .expect("relay start timed out")
-        .expect("relay starts")
-}
-
 fn http_base(relay_ws: &str) -> String {
     relay_ws.replacen("ws://", "http://", 1)
 }
 
-/// An in-process node announcing on a relay; its co_dir lives as long as it does.
-struct RelayNode {
-    handle: NodeHandle,
-    address: Address,
-    _dir: tempfile::TempDir,
-}
-
 /// Starts `host` with HTTP off, announcing on `relay`, and waits for the link.
-async fn start_node(host: Host, relay: &str) -> RelayNode {
-    start_node_with(host.http(false), relay).await
-}
-
-/// Starts `host` as configured (the caller chooses HTTP), announcing on `relay`.
-async fn start_node_with(host: Host, relay: &str) -> RelayNode {
-    let dir = tempfile::tempdir().unwrap();
-    let handle = tokio::time::timeout(STEP, async {
-        host.co_dir(dir.path())
-            .relay_url(Some(relay.to_string()))
-            .build()
-            .expect("node builds")
-            .spawn()
-            .await
-            .expect("node starts")
-    })
-    .await
-    .expect("node start timed out");
-    assert!(
-        handle.wait_for_relay(STEP).await,
-        "the node connects to the relay: {:?}",
-        handle.relay_status()
-    );
-    let address = handle.address();
-    RelayNode {
-        handle,
-        address,
-        _dir: dir,
-    }
+async fn start_node(host: Host, relay: &str) -> TestNode {
+    TestNode::builder(host)
+        .http(false)
+        .relay(relay)
+        .start()
+        .await
 }
 
 fn options(relay: &str) -> ConnectOptions {
@@ -196,15 +150,6 @@ fn input_frame(caller: &Identity, to: Address, prompt: &str, session_id: &str) -
     frame
 }
 
-async fn get_json(url: &str) -> (u16, Value) {
-    let res = tokio::time::timeout(STEP, client().get(url).send())
-        .await
-        .expect("GET timed out")
-        .expect("GET failed");
-    let status = res.status().as_u16();
-    (status, res.json().await.unwrap_or(Value::Null))
-}
-
 async fn directory(relay: &str, address: &str) -> (u16, Value) {
     get_json(&format!("{}/api/agents/{address}", http_base(relay))).await
 }
@@ -227,108 +172,13 @@ where
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-// ---------------------------------------------------------------------------------------
-// Helpers: the real binary
-// ---------------------------------------------------------------------------------------
-
-/// A process started here; killed (SIGKILL, by its own handle) when dropped.
-struct Proc {
-    child: Child,
-    lines: std::sync::mpsc::Receiver<String>,
-}
-
-impl Proc {
-    fn spawn(args: &[&str]) -> Proc {
-        let mut child = Command::new(BIN)
-            .args(args)
-            .env("RUST_LOG", "error")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("oonode starts");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, lines) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Proc { child, lines }
-    }
-
-    /// Waits (without blocking the runtime) for a stdout line containing `needle`.
-    async fn wait_line(&self, needle: &str, limit: Duration) {
-        let start = Instant::now();
-        loop {
-            while let Ok(line) = self.lines.try_recv() {
-                if line.contains(needle) {
-                    return;
-                }
-            }
-            assert!(
-                start.elapsed() < limit,
-                "no stdout line with {needle:?} within {limit:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    }
-
-    /// kill -9, then reap.
-    fn kill9(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.kill9();
-    }
-}
-
-/// `oonode relay --listen 127.0.0.1:<port>`, once it says it listens.
-async fn bin_relay(port: u16) -> Proc {
-    let listen = format!("127.0.0.1:{port}");
-    let proc = Proc::spawn(&["relay", "--listen", &listen]);
-    proc.wait_line("relay listening on", STEP).await;
-    proc
-}
-
-/// The address `oonode keys` gives the key in `co_dir` (creating it).
-fn bin_address(co_dir: &std::path::Path) -> Address {
-    let out = Command::new(BIN)
-        .args(["keys", "--co-dir"])
-        .arg(co_dir)
-        .output()
-        .expect("oonode keys runs");
-    assert!(out.status.success(), "{out:?}");
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("address: "))
-        .expect("an address line")
-        .parse()
-        .expect("a valid address")
-}
-
 // ---------------------------------------------------------------------------------------
 // 1. A node with HTTP off, called by address through the relay
 // ---------------------------------------------------------------------------------------
 
 #[tokio::test]
 async fn a_node_with_http_off_is_called_by_address_through_the_relay_and_streams() {
-    let relay = start_relay(loopback_config()).await;
+    let relay = start_relay(relay_config()).await;
     let url = relay.url();
     let node = start_node(
         Host::new(Ticker {
@@ -420,7 +270,7 @@ async fn a_node_with_http_off_is_called_by_address_through_the_relay_and_streams
 async fn the_node_is_callable_again_within_5_s_of_the_relays_return_after_kill_9() {
     let port = free_port();
     let url = format!("ws://127.0.0.1:{port}");
-    let mut relay = bin_relay(port).await;
+    let mut relay = RelayProc::start(port).await;
     let node = start_node(Host::new(Echo), &url).await;
     call_ok(&url, node.address, "before the crash").await;
 
@@ -437,7 +287,7 @@ async fn the_node_is_callable_again_within_5_s_of_the_relays_return_after_kill_9
     }
     tokio::time::sleep(Duration::from_millis(2500)).await;
 
-    let relay = bin_relay(port).await;
+    let relay = RelayProc::start(port).await;
     // From the moment the new relay listens: poll calls until one succeeds.
     let took = call_until_ok(&url, node.address, Duration::from_secs(5)).await;
     println!("relay-return-to-callable: {took:?}");
@@ -456,21 +306,17 @@ async fn the_node_is_callable_again_within_5_s_of_the_relays_return_after_kill_9
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_node_reads_offline_to_callers_within_1_s() {
-    let relay = start_relay(loopback_config()).await;
+    let relay = start_relay(relay_config()).await;
     let url = relay.url();
     let dir = tempfile::tempdir().unwrap();
-    let address = bin_address(dir.path());
-    let co_dir = dir.path().to_str().unwrap();
-    let mut node = Proc::spawn(&[
-        "host",
-        "--agent",
-        "ticker",
-        "--no-http",
-        "--relay",
-        &url,
-        "--co-dir",
-        co_dir,
-    ]);
+    let mut node = NodeProc::builder(dir.path())
+        .args(&["--agent", "ticker"])
+        .no_http()
+        .relay(&url)
+        .log("error")
+        .start_async()
+        .await;
+    let address = node.address;
     wait_until("the binary node to announce", STEP, || async {
         directory(&url, &address.to_string()).await.1["online"] == true
     })
@@ -586,7 +432,7 @@ async fn many_callers(config: RelayConfig, callers: usize) -> (Duration, usize, 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_hundred_concurrent_callers_each_get_their_own_answer() {
-    let (wall, ok, errors) = many_callers(loopback_config(), 200).await;
+    let (wall, ok, errors) = many_callers(relay_config(), 200).await;
     println!("200 callers, default relay config: wall {wall:?}, {ok} ok");
     assert!(
         errors.is_empty() && ok == 200,
@@ -599,7 +445,7 @@ async fn two_hundred_concurrent_callers_each_get_their_own_answer() {
 /// routing (no leak, no loss) from the rate limit the agent's one connection hits.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_hundred_concurrent_callers_route_correctly_without_the_frame_rate_limit() {
-    let mut config = loopback_config();
+    let mut config = relay_config();
     config.frames_per_sec = 1_000_000;
     let (wall, ok, errors) = many_callers(config, 200).await;
     println!("200 callers, frames_per_sec 1e6: wall {wall:?}, {ok} ok");
@@ -616,7 +462,7 @@ async fn two_hundred_concurrent_callers_route_correctly_without_the_frame_rate_l
 /// "tampered" sequence gap instead of its answer or a clear error.
 #[tokio::test]
 async fn an_answer_longer_than_the_frame_burst_reaches_the_caller_whole() {
-    let mut config = loopback_config();
+    let mut config = relay_config();
     config.frames_per_sec = 5; // burst 10
     let relay = start_relay(config).await;
     let url = relay.url();
@@ -782,7 +628,7 @@ fn tamper_rule() -> Rule {
 
 #[tokio::test]
 async fn frames_altered_or_dropped_in_transit_are_rejected() {
-    let relay = start_relay(loopback_config()).await;
+    let relay = start_relay(relay_config()).await;
     let mitm = Mitm::start(relay.url(), tamper_rule()).await;
     let via = mitm.url();
     // Both the node and its callers go through the proxy.
@@ -837,7 +683,7 @@ async fn frames_altered_or_dropped_in_transit_are_rejected() {
 /// agent run it twice: the node answers the copy with a signed `replayed` refusal.
 #[tokio::test]
 async fn an_input_delivered_twice_runs_once() {
-    let relay = start_relay(loopback_config()).await;
+    let relay = start_relay(relay_config()).await;
     let url = relay.url();
     let node = start_node(Host::new(Echo), &url).await;
     let caller = Identity::generate();
@@ -862,7 +708,7 @@ async fn an_input_delivered_twice_runs_once() {
 
 #[tokio::test]
 async fn a_frame_over_max_frame_bytes_is_refused_too_large_and_others_go_on() {
-    let mut config = loopback_config();
+    let mut config = relay_config();
     config.max_frame_bytes = 16 * 1024;
     let relay = start_relay(config).await;
     let url = relay.url();
@@ -912,7 +758,7 @@ async fn a_frame_over_max_frame_bytes_is_refused_too_large_and_others_go_on() {
 /// the prompt three times: result and both history messages) should fail that call only.
 #[tokio::test]
 async fn a_reply_over_max_frame_bytes_does_not_knock_the_agent_off_the_relay() {
-    let mut config = loopback_config();
+    let mut config = relay_config();
     config.max_frame_bytes = 16 * 1024;
     let relay = start_relay(config).await;
     let url = relay.url();
@@ -952,7 +798,7 @@ async fn a_reply_over_max_frame_bytes_does_not_knock_the_agent_off_the_relay() {
 
 #[tokio::test]
 async fn an_agent_over_max_agents_is_refused_relay_full() {
-    let mut config = loopback_config();
+    let mut config = relay_config();
     config.max_agents = 1;
     let relay = start_relay(config).await;
     let url = relay.url();
@@ -978,7 +824,7 @@ async fn an_agent_over_max_agents_is_refused_relay_full() {
 
 #[tokio::test]
 async fn a_caller_over_max_callers_gets_503_on_upgrade() {
-    let mut config = loopback_config();
+    let mut config = relay_config();
     config.max_callers = 2;
     let relay = start_relay(config).await;
     let url = relay.url();
@@ -1035,7 +881,7 @@ async fn a_caller_over_max_callers_gets_503_on_upgrade() {
 
 #[tokio::test]
 async fn sessions_over_max_sessions_per_agent_read_agent_busy() {
-    let mut config = loopback_config();
+    let mut config = relay_config();
     config.max_sessions_per_agent = 2;
     let relay = start_relay(config).await;
     let url = relay.url();
@@ -1072,7 +918,7 @@ async fn sessions_over_max_sessions_per_agent_read_agent_busy() {
 
 #[tokio::test]
 async fn sessions_over_max_sessions_per_caller_read_too_many_sessions() {
-    let mut config = loopback_config();
+    let mut config = relay_config();
     config.max_sessions_per_caller = 2;
     let relay = start_relay(config).await;
     let url = relay.url();
@@ -1107,7 +953,7 @@ async fn sessions_over_max_sessions_per_caller_read_too_many_sessions() {
 
 #[tokio::test]
 async fn frames_over_frames_per_sec_read_rate_limited() {
-    let mut config = loopback_config();
+    let mut config = relay_config();
     config.frames_per_sec = 5; // burst 10
     let relay = start_relay(config).await;
     let url = relay.url();
@@ -1142,7 +988,7 @@ async fn frames_over_frames_per_sec_read_rate_limited() {
 
 #[tokio::test]
 async fn an_idle_caller_gets_error_idle_then_close() {
-    let mut config = loopback_config();
+    let mut config = relay_config();
     config.caller_idle = Duration::from_secs(1);
     let relay = start_relay(config).await;
     let url = relay.url();
@@ -1169,7 +1015,7 @@ async fn an_idle_caller_gets_error_idle_then_close() {
 /// this long is closed": a caller receiving a stream is not idle.
 #[tokio::test]
 async fn a_caller_receiving_a_long_stream_is_not_idle() {
-    let mut config = loopback_config();
+    let mut config = relay_config();
     config.caller_idle = Duration::from_secs(1);
     let relay = start_relay(config).await;
     let url = relay.url();
@@ -1190,7 +1036,7 @@ async fn a_caller_receiving_a_long_stream_is_not_idle() {
 
 #[tokio::test]
 async fn an_unknown_address_reads_unknown_at_once() {
-    let relay = start_relay(loopback_config()).await;
+    let relay = start_relay(relay_config()).await;
     let url = relay.url();
     let node = start_node(Host::new(Echo), &url).await;
     let nobody = Identity::generate().address();
@@ -1209,7 +1055,7 @@ async fn an_unknown_address_reads_unknown_at_once() {
 
 #[tokio::test]
 async fn a_replayed_announce_is_refused_and_does_not_take_the_address() {
-    let relay = start_relay(loopback_config()).await;
+    let relay = start_relay(relay_config()).await;
     let url = relay.url();
     let node = start_node(Host::new(Echo), &url).await;
 
@@ -1283,7 +1129,7 @@ fn is_rfc3339_utc(s: &str) -> bool {
 
 #[tokio::test]
 async fn the_directory_lists_agents_and_health_counts() {
-    let relay = start_relay(loopback_config()).await;
+    let relay = start_relay(relay_config()).await;
     let url = relay.url();
     let h = health(&url).await;
     assert_eq!(
@@ -1306,15 +1152,10 @@ async fn the_directory_lists_agents_and_health_counts() {
     assert!(h["uptime"].is_u64());
 
     // A node with HTTP on lists its endpoints.
-    let node = start_node_with(
-        Host::new(Echo)
-            .summary("I echo what you say")
-            .bind("127.0.0.1".parse().unwrap())
-            .port(0)
-            .http(true),
-        &url,
-    )
-    .await;
+    let node = TestNode::builder(Host::new(Echo).summary("I echo what you say"))
+        .relay(&url)
+        .start()
+        .await;
     let http = node.handle.http_addr().expect("HTTP on");
     let address = node.address.to_string();
     let (status, entry) = directory(&url, &address).await;
@@ -1403,18 +1244,12 @@ async fn a_node_notices_a_silent_relay_and_reconnects() {
             held.push(ws); // never read or answer again
         }
     });
-    let dir = tempfile::tempdir().unwrap();
-    let node = oonode::Host::new(oonode::agent::Echo)
-        .co_dir(dir.path())
+    let node = TestNode::builder(Host::new(Echo))
         .http(false)
-        .p2p(false)
-        .relay_url(Some(url))
-        .build()
-        .unwrap()
-        .spawn()
-        .await
-        .unwrap();
-    assert!(node.wait_for_relay(Duration::from_secs(10)).await);
+        .relay(&url)
+        .relay_wait(Duration::from_secs(10))
+        .start()
+        .await;
     let started = std::time::Instant::now();
     while connections.load(std::sync::atomic::Ordering::SeqCst) < 2 {
         assert!(
@@ -1427,6 +1262,6 @@ async fn a_node_notices_a_silent_relay_and_reconnects() {
         "silent relay noticed and replaced after {:?}",
         started.elapsed()
     );
-    node.shutdown().await.unwrap();
+    node.handle.shutdown().await.unwrap();
     black_hole.abort();
 }

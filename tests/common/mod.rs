@@ -1,65 +1,29 @@
-//! Shared helpers: real nodes on 127.0.0.1:0 with their own temporary co_dir.
+//! Shared helpers: test nodes and relays (in-process or the real binary, see `node` and
+//! `relay`), child processes (`proc`), HTTP calls and signed requests.
+//!
+//! Every test file compiles this module on its own and uses part of it.
 #![allow(dead_code)]
 
-use std::net::{IpAddr, Ipv4Addr};
-use std::path::Path;
+pub mod node;
+pub mod proc;
+pub mod relay;
+
 use std::time::Duration;
 
 use oonode::envelope::unix_now;
-use oonode::{Address, Envelope, Host, Identity, Kind, NodeHandle};
+use oonode::{Address, Envelope, Identity, Kind};
 use serde_json::{json, Map, Value};
+
+// Each test file uses only some of these.
+#[allow(unused_imports)]
+pub use node::{NodeProc, TestNode, QUIC, TCP};
+#[allow(unused_imports)]
+pub use proc::{Child, Stderr, BIN};
+#[allow(unused_imports)]
+pub use relay::{relay_config, start_relay, RelayProc};
 
 /// Every await on the network in tests is bounded by this.
 pub const STEP: Duration = Duration::from_secs(20);
-
-pub struct TestNode {
-    pub handle: NodeHandle,
-    pub url: String,
-    pub address: Address,
-}
-
-impl TestNode {
-    /// Starts `host` on loopback, port 0, relay off, with `co_dir` as its home.
-    pub async fn start(host: Host, co_dir: &Path) -> TestNode {
-        let handle = host
-            .co_dir(co_dir)
-            .port(0)
-            .bind(IpAddr::V4(Ipv4Addr::LOCALHOST))
-            .relay_url(None)
-            .build()
-            .expect("node builds")
-            .spawn()
-            .await
-            .expect("node starts");
-        let url = format!("http://{}", handle.http_addr().expect("HTTP is on"));
-        let address = handle.address();
-        TestNode {
-            handle,
-            url,
-            address,
-        }
-    }
-
-    pub async fn post(&self, body: &Value) -> (u16, Value) {
-        post_json(&format!("{}/input", self.url), body).await
-    }
-
-    pub async fn get(&self, path: &str) -> (u16, Value) {
-        let res = tokio::time::timeout(STEP, client().get(format!("{}{path}", self.url)).send())
-            .await
-            .expect("GET timed out")
-            .expect("GET failed");
-        let status = res.status().as_u16();
-        (status, res.json().await.unwrap_or(Value::Null))
-    }
-
-    pub async fn stop(self) {
-        tokio::time::timeout(STEP, self.handle.shutdown())
-            .await
-            .expect("shutdown timed out")
-            .expect("clean shutdown");
-    }
-}
 
 pub fn client() -> reqwest::Client {
     reqwest::Client::builder().timeout(STEP).build().unwrap()
@@ -70,17 +34,23 @@ pub async fn post_json(url: &str, body: &Value) -> (u16, Value) {
 }
 
 pub async fn post_raw(url: &str, body: Vec<u8>) -> (u16, Value) {
-    let res = tokio::time::timeout(
-        STEP,
-        client()
-            .post(url)
-            .header("content-type", "application/json")
-            .body(body)
-            .send(),
-    )
-    .await
-    .expect("POST timed out")
-    .expect("POST failed");
+    let req = client()
+        .post(url)
+        .header("content-type", "application/json")
+        .body(body);
+    send(req).await
+}
+
+pub async fn get_json(url: &str) -> (u16, Value) {
+    send(client().get(url)).await
+}
+
+/// Sends `req`, bounded by a step: the status and the JSON body (`Null` if not JSON).
+pub async fn send(req: reqwest::RequestBuilder) -> (u16, Value) {
+    let res = tokio::time::timeout(STEP, req.send())
+        .await
+        .expect("request timed out")
+        .expect("request failed");
     let status = res.status().as_u16();
     (status, res.json().await.unwrap_or(Value::Null))
 }
@@ -135,17 +105,22 @@ pub fn signed_get_headers(caller: &Identity, path: &str) -> Vec<(&'static str, S
     ]
 }
 
+/// A port that was free a moment ago, for the rare test that must know a port before
+/// its server starts (a restart on the same port; a server that cannot report its port).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 pub async fn signed_get(url: &str, caller: &Identity, path: &str) -> (u16, Value) {
     let mut req = client().get(format!("{url}{path}"));
     for (k, v) in signed_get_headers(caller, path) {
         req = req.header(k, v);
     }
-    let res = tokio::time::timeout(STEP, req.send())
-        .await
-        .expect("GET timed out")
-        .expect("GET failed");
-    let status = res.status().as_u16();
-    (status, res.json().await.unwrap_or(Value::Null))
+    send(req).await
 }
 
 /// Sleeps as many milliseconds as the prompt says, then answers with the prompt.

@@ -1,0 +1,217 @@
+//! A child process started by a test or a bench, and the `--ready-json` line it prints.
+//!
+//! Shared by `tests/common` and `benches/common` (the benches include this file by
+//! path), so it uses nothing but the crate's own dependencies.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+use libp2p::Multiaddr;
+use oonode::Address;
+use serde_json::Value;
+
+/// The `oonode` binary Cargo built for these tests and benches.
+pub const BIN: &str = env!("CARGO_BIN_EXE_oonode");
+
+/// How long a killed child may take to be reaped.
+const REAP_LIMIT: Duration = Duration::from_secs(10);
+
+/// Where a child's stderr goes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Stderr {
+    /// Straight to ours (tests: shown when a test fails).
+    Inherit,
+    Null,
+    /// Echoed line by line as `[name pid N stderr] …`, and its log lines counted.
+    Echo,
+}
+
+/// A child process; killed (SIGKILL, by its own handle) and reaped when dropped, also
+/// when the test or bench panics. Its stdout is read line by line on a thread of its
+/// own for its whole life, so it never blocks on a full pipe.
+pub struct Child {
+    name: String,
+    child: std::process::Child,
+    lines: mpsc::Receiver<String>,
+    log_lines: Arc<AtomicUsize>,
+}
+
+impl Child {
+    /// Starts `cmd` with stdin closed and stdout piped; `name` labels panics and echoes.
+    pub fn spawn(name: &str, cmd: &mut Command, stderr: Stderr) -> Child {
+        cmd.stdin(Stdio::null()).stdout(Stdio::piped());
+        cmd.stderr(match stderr {
+            Stderr::Inherit => Stdio::inherit(),
+            Stderr::Null => Stdio::null(),
+            Stderr::Echo => Stdio::piped(),
+        });
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start the {name}: {e}"));
+        let pid = child.id();
+        let log_lines = Arc::new(AtomicUsize::new(0));
+        if let Some(err) = child.stderr.take() {
+            let (label, count) = (format!("[{name} pid {pid} stderr]"), log_lines.clone());
+            std::thread::spawn(move || {
+                for line in BufReader::new(err).lines().map_while(Result::ok) {
+                    if is_log_line(&line) {
+                        count.fetch_add(1, Ordering::Relaxed);
+                    }
+                    eprintln!("{label} {line}");
+                }
+            });
+        }
+        let out = child.stdout.take().expect("stdout is piped");
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                // The receiver may be gone; keep draining regardless.
+                let _ = tx.send(line);
+            }
+        });
+        Child {
+            name: name.to_owned(),
+            child,
+            lines,
+            log_lines,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Log lines (tracing events) seen on stderr so far, with [`Stderr::Echo`]; the
+    /// banner that `--ready-json` sends to stderr does not count.
+    pub fn log_lines(&self) -> usize {
+        self.log_lines.load(Ordering::Relaxed)
+    }
+
+    /// The child's `{"event":"ready",…}` line, waiting (blocking) up to `limit`.
+    pub fn ready(&self, limit: Duration) -> Value {
+        let deadline = Instant::now() + limit;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    if let Some(ready) = ready_line(&line) {
+                        return ready;
+                    }
+                }
+                Err(e) => self.no_ready_line(limit, e),
+            }
+        }
+    }
+
+    /// [`Child::ready`] for async code: polls, so the runtime's threads stay free.
+    pub async fn ready_async(&self, limit: Duration) -> Value {
+        let deadline = Instant::now() + limit;
+        loop {
+            loop {
+                match self.lines.try_recv() {
+                    Ok(line) => {
+                        if let Some(ready) = ready_line(&line) {
+                            return ready;
+                        }
+                    }
+                    Err(mpsc::TryRecvError::Empty) => break,
+                    Err(mpsc::TryRecvError::Disconnected) => {
+                        self.no_ready_line(limit, mpsc::RecvTimeoutError::Disconnected)
+                    }
+                }
+            }
+            if Instant::now() >= deadline {
+                self.no_ready_line(limit, mpsc::RecvTimeoutError::Timeout);
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    fn no_ready_line(&self, limit: Duration, e: mpsc::RecvTimeoutError) -> ! {
+        let (name, pid) = (&self.name, self.pid());
+        match e {
+            mpsc::RecvTimeoutError::Timeout => {
+                panic!("the {name} (pid {pid}) printed no ready line within {limit:?}")
+            }
+            mpsc::RecvTimeoutError::Disconnected => panic!(
+                "the {name} (pid {pid}) closed its stdout without a ready line (see its stderr)"
+            ),
+        }
+    }
+
+    pub fn try_wait(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().expect("try_wait")
+    }
+
+    /// kill -9, then reap it (bounded).
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let deadline = Instant::now() + REAP_LIMIT;
+        while self.try_wait().is_none() {
+            assert!(
+                Instant::now() < deadline,
+                "the {} (pid {}) was not reaped within {REAP_LIMIT:?} of kill -9",
+                self.name,
+                self.pid()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `line` as JSON, if it is an object with `"event":"ready"`.
+fn ready_line(line: &str) -> Option<Value> {
+    let v: Value = serde_json::from_str(line).ok()?;
+    (v["event"] == "ready").then_some(v)
+}
+
+/// A tracing event as `oonode` writes it without colours: `<time>  WARN target: …`.
+fn is_log_line(line: &str) -> bool {
+    matches!(
+        line.split_whitespace().nth(1),
+        Some("TRACE" | "DEBUG" | "INFO" | "WARN" | "ERROR")
+    )
+}
+
+/// What `oonode host --ready-json` says about the node it started.
+pub struct NodeReady {
+    pub address: Address,
+    /// `http://127.0.0.1:PORT` (as bound), `None` with HTTP off.
+    pub http: Option<String>,
+    /// The swarm's listen multiaddrs, each ending in `/p2p/<PeerId>`.
+    pub swarm: Vec<Multiaddr>,
+}
+
+impl NodeReady {
+    pub fn parse(ready: &Value) -> NodeReady {
+        let address = ready["address"]
+            .as_str()
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("no valid address in the ready line {ready}"));
+        let swarm = ready["swarm"]
+            .as_array()
+            .unwrap_or_else(|| panic!("no swarm list in the ready line {ready}"))
+            .iter()
+            .map(|a| {
+                a.as_str()
+                    .and_then(|a| a.parse().ok())
+                    .unwrap_or_else(|| panic!("{a} is not a multiaddr"))
+            })
+            .collect();
+        NodeReady {
+            address,
+            http: ready["http"].as_str().map(str::to_owned),
+            swarm,
+        }
+    }
+}
