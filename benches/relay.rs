@@ -195,10 +195,10 @@ fn main() {
 
 /// Polls the relay's directory until it lists the node online.
 async fn wait_online(relay_url: &str, address: &Address) {
-    let url = format!(
-        "{}/api/agents/{address}",
-        relay_url.replacen("ws://", "http://", 1)
-    );
+    let url = relay_url
+        .parse::<oonode::proto::RelayUrl>()
+        .expect("a relay URL")
+        .directory(address);
     let http = http_client();
     let deadline = Instant::now() + STARTUP_TIMEOUT;
     loop {
@@ -281,6 +281,16 @@ struct Ctx {
     pids: (u32, u32),
 }
 
+impl Ctx {
+    /// The node's `/ws`, from its HTTP URL.
+    fn node_ws_url(&self) -> String {
+        let mut url = reqwest::Url::parse(&self.node_url).expect("the node's HTTP URL");
+        url.set_scheme("ws").expect("http becomes ws");
+        url.set_path("/ws");
+        url.to_string()
+    }
+}
+
 /// One mode's connection state (one value per mode, so its size does not matter).
 #[allow(clippy::large_enum_variant)]
 enum Client {
@@ -326,11 +336,7 @@ impl Ctx {
                 url: format!("{}/input", self.node_url),
             },
             Mode::Ws | Mode::WsSigned | Mode::WsOneSession => Client::Ws {
-                ws: ws_connect(&format!(
-                    "{}/ws",
-                    self.node_url.replacen("http://", "ws://", 1)
-                ))
-                .await,
+                ws: ws_connect(&self.node_ws_url()).await,
             },
             Mode::RelayRaw => Client::Ws {
                 ws: ws_connect(&format!("{}/ws/input", self.relay_url)).await,

@@ -15,7 +15,7 @@ use common::{free_port, get_json, relay_config, start_relay, NodeProc, RelayProc
 use futures::{Sink, SinkExt, StreamExt};
 use oonode::agent::{Echo, Ticker};
 use oonode::envelope::unix_now;
-use oonode::proto::signed_announce;
+use oonode::proto::{signed_announce, RelayUrl, ANNOUNCE_PATH, INPUT_PATH};
 use oonode::{
     Address, Answer, CallError, ConnectOptions, Envelope, Host, Identity, Kind, RelayConfig,
 };
@@ -32,8 +32,8 @@ type Socket =
 // Helpers: relays, nodes, callers
 // ---------------------------------------------------------------------------------------
 
-fn http_base(relay_ws: &str) -> String {
-    relay_ws.replacen("ws://", "http://", 1)
+fn relay_url(relay_ws: &str) -> RelayUrl {
+    relay_ws.parse().expect("a relay URL")
 }
 
 /// Starts `host` with HTTP off, announcing on `relay`, and waits for the link.
@@ -151,11 +151,11 @@ fn input_frame(caller: &Identity, to: Address, prompt: &str, session_id: &str) -
 }
 
 async fn directory(relay: &str, address: &str) -> (u16, Value) {
-    get_json(&format!("{}/api/agents/{address}", http_base(relay))).await
+    get_json(&relay_url(relay).directory(address)).await
 }
 
 async fn health(relay: &str) -> Value {
-    let (status, body) = get_json(&format!("{}/health", http_base(relay))).await;
+    let (status, body) = get_json(&relay_url(relay).health()).await;
     assert_eq!(status, 200, "{body}");
     body
 }
@@ -234,7 +234,7 @@ async fn a_node_with_http_off_is_called_by_address_through_the_relay_and_streams
     assert_eq!(again.result, "one more");
 
     // The same exchange on a raw socket: every reply is signed by the node, to the caller.
-    let mut ws = ws_connect(&format!("{url}/ws/input")).await;
+    let mut ws = ws_connect(&relay_url(&url).input()).await;
     send(
         &mut ws,
         &input_frame(&caller, node.address, "raw check", "raw-s1"),
@@ -598,18 +598,18 @@ fn tamper_rule() -> Rule {
         let is = |kind: &str| text.contains(&format!("\"type\":\"{kind}\""));
         let altered = match path {
             // (a) caller → relay: one character of the signed prompt.
-            "/ws/input" => flip(
+            INPUT_PATH => flip(
                 text,
                 "\"prompt\":\"ALTER-PROMPT-A\"",
                 "\"prompt\":\"ALTER-PROMPT-B\"",
             ),
             // (b) agent → relay: one character of the result, or of a chunk.
-            "/ws/announce" if is("OUTPUT") => flip(
+            ANNOUNCE_PATH if is("OUTPUT") => flip(
                 text,
                 "\"result\":\"ALTER-RESULT-A\"",
                 "\"result\":\"ALTER-RESULT-B\"",
             ),
-            "/ws/announce" if is("STREAM") => {
+            ANNOUNCE_PATH if is("STREAM") => {
                 if text.contains("\"chunk\":\"DROP-ME \"") {
                     // (c) a relay that loses one STREAM frame.
                     return None;
@@ -688,7 +688,7 @@ async fn an_input_delivered_twice_runs_once() {
     let node = start_node(Host::new(Echo), &url).await;
     let caller = Identity::generate();
     let frame = input_frame(&caller, node.address, "only once", "once-1");
-    let mut ws = ws_connect(&format!("{url}/ws/input")).await;
+    let mut ws = ws_connect(&relay_url(&url).input()).await;
     send(&mut ws, &frame).await;
     assert_eq!(until_final(&mut ws).await["result"], "only once");
     send(&mut ws, &frame).await;
@@ -716,7 +716,7 @@ async fn a_frame_over_max_frame_bytes_is_refused_too_large_and_others_go_on() {
 
     // A bystander with an open connection.
     let other = Identity::generate();
-    let mut bystander = ws_connect(&format!("{url}/ws/input")).await;
+    let mut bystander = ws_connect(&relay_url(&url).input()).await;
     send(
         &mut bystander,
         &input_frame(&other, node.address, "first", "b-1"),
@@ -725,7 +725,7 @@ async fn a_frame_over_max_frame_bytes_is_refused_too_large_and_others_go_on() {
     assert_eq!(until_final(&mut bystander).await["result"], "first");
 
     let big = "x".repeat(32 * 1024);
-    let mut ws = ws_connect(&format!("{url}/ws/input")).await;
+    let mut ws = ws_connect(&relay_url(&url).input()).await;
     send(
         &mut ws,
         &input_frame(&Identity::generate(), node.address, &big, "big-1"),
@@ -805,7 +805,7 @@ async fn an_agent_over_max_agents_is_refused_relay_full() {
     let node = start_node(Host::new(Echo), &url).await;
 
     let second = Identity::generate();
-    let mut ws = ws_connect(&format!("{url}/ws/announce")).await;
+    let mut ws = ws_connect(&relay_url(&url).announce()).await;
     let announce = signed_announce(&second, "second agent", &[], &url, unix_now());
     send(&mut ws, &announce).await;
     let frame = recv(&mut ws).await.expect("an answer to the ANNOUNCE");
@@ -829,7 +829,7 @@ async fn a_caller_over_max_callers_gets_503_on_upgrade() {
     let relay = start_relay(config).await;
     let url = relay.url();
     let node = start_node(Host::new(Echo), &url).await;
-    let input = format!("{url}/ws/input");
+    let input = relay_url(&url).input();
 
     let held_id = Identity::generate();
     let mut held_a = ws_connect(&input).await;
@@ -925,7 +925,7 @@ async fn sessions_over_max_sessions_per_caller_read_too_many_sessions() {
     let node = start_node(Host::new(Echo), &url).await;
 
     let me = Identity::generate();
-    let mut ws = ws_connect(&format!("{url}/ws/input")).await;
+    let mut ws = ws_connect(&relay_url(&url).input()).await;
     for s in ["s-1", "s-2"] {
         send(&mut ws, &input_frame(&me, node.address, s, s)).await;
         assert_eq!(until_final(&mut ws).await["result"], s);
@@ -959,7 +959,7 @@ async fn frames_over_frames_per_sec_read_rate_limited() {
     let url = relay.url();
     let node = start_node(Host::new(Echo), &url).await;
 
-    let mut ws = ws_connect(&format!("{url}/ws/input")).await;
+    let mut ws = ws_connect(&relay_url(&url).input()).await;
     for _ in 0..30 {
         send(&mut ws, &json!({"type": "PING"})).await;
     }
@@ -994,7 +994,7 @@ async fn an_idle_caller_gets_error_idle_then_close() {
     let url = relay.url();
     let node = start_node(Host::new(Echo), &url).await;
 
-    let mut ws = ws_connect(&format!("{url}/ws/input")).await;
+    let mut ws = ws_connect(&relay_url(&url).input()).await;
     let start = Instant::now();
     let frame = recv(&mut ws).await.expect("an ERROR before the close");
     let after = start.elapsed();
@@ -1061,12 +1061,12 @@ async fn a_replayed_announce_is_refused_and_does_not_take_the_address() {
 
     let agent = Identity::generate();
     let announce = signed_announce(&agent, "the real one", &[], &url, unix_now());
-    let mut real = ws_connect(&format!("{url}/ws/announce")).await;
+    let mut real = ws_connect(&relay_url(&url).announce()).await;
     send(&mut real, &announce).await;
     assert_eq!(recv(&mut real).await.unwrap()["type"], "ANNOUNCE_OK");
 
     // The same signed frame, on a new socket: refused.
-    let mut thief = ws_connect(&format!("{url}/ws/announce")).await;
+    let mut thief = ws_connect(&relay_url(&url).announce()).await;
     send(&mut thief, &announce).await;
     let frame = recv(&mut thief).await.expect("an answer");
     assert_eq!(
@@ -1078,7 +1078,7 @@ async fn a_replayed_announce_is_refused_and_does_not_take_the_address() {
 
     // INPUTs for the address still reach the real socket.
     let caller = Identity::generate();
-    let mut ws = ws_connect(&format!("{url}/ws/input")).await;
+    let mut ws = ws_connect(&relay_url(&url).input()).await;
     send(
         &mut ws,
         &input_frame(&caller, agent.address(), "for the real one", "r-1"),
@@ -1097,7 +1097,7 @@ async fn a_replayed_announce_is_refused_and_does_not_take_the_address() {
         directory(&url, &agent.address().to_string()).await.1["online"] == false
     })
     .await;
-    let mut thief = ws_connect(&format!("{url}/ws/announce")).await;
+    let mut thief = ws_connect(&relay_url(&url).announce()).await;
     send(&mut thief, &announce).await;
     assert_eq!(
         recv(&mut thief).await.expect("an answer")["code"],
@@ -1177,7 +1177,7 @@ async fn the_directory_lists_agents_and_health_counts() {
 
     // A caller with one session shows in the counts.
     let caller = Identity::generate();
-    let mut ws = ws_connect(&format!("{url}/ws/input")).await;
+    let mut ws = ws_connect(&relay_url(&url).input()).await;
     send(
         &mut ws,
         &input_frame(&caller, node.address, "count me", "c-1"),

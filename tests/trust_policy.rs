@@ -51,7 +51,7 @@ async fn outcome(node: &TestNode, via: Via, frame: Value) -> (String, String) {
             }
         }
         Via::Ws => {
-            let url = format!("{}/ws", node.url.replacen("http://", "ws://", 1));
+            let url = node.ws_url();
             let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
             let mut frame = frame;
             frame["type"] = json!("INPUT");

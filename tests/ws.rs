@@ -17,7 +17,7 @@ type Socket =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 async fn connect(node: &TestNode) -> Socket {
-    let url = format!("{}/ws", node.url.replacen("http://", "ws://", 1));
+    let url = node.ws_url();
     let (socket, _) = tokio::time::timeout(STEP, tokio_tungstenite::connect_async(url))
         .await
         .expect("connect timed out")
@@ -284,7 +284,7 @@ async fn python_client_shapes_connect_seal_ping() {
 async fn five_hundred_concurrent_clients_each_get_their_own_output() {
     let dir = tempfile::tempdir().unwrap();
     let node = TestNode::start(Host::new(Echo).workers(8).max_queue(1000), dir.path()).await;
-    let url = format!("{}/ws", node.url.replacen("http://", "ws://", 1));
+    let url = node.ws_url();
     let started = std::time::Instant::now();
     let mut clients = tokio::task::JoinSet::new();
     for i in 0..500 {

@@ -145,15 +145,23 @@ async fn open_direct(address: Address, options: &ConnectOptions) -> Result<Path,
         }
     }
     let mut reasons = Vec::new();
-    for endpoint in candidates.iter().filter(|e| e.starts_with("http://")) {
-        let base = endpoint.trim_end_matches('/');
-        if !plaintext_allowed(base, options.allow_private) {
+    for endpoint in &candidates {
+        // Only the HTTP endpoints: their /info proves the address before /ws is used.
+        let Some(base) = reqwest::Url::parse(endpoint)
+            .ok()
+            .filter(|u| u.scheme() == "http")
+        else {
+            continue;
+        };
+        if !plaintext_allowed(&base, options.allow_private) {
             reasons.push(format!(
                 "{base}: plaintext outside loopback (allow_private is off)"
             ));
             continue;
         }
-        let info = match http.get(format!("{base}/info")).send().await {
+        let mut info_url = base.clone();
+        info_url.set_path("/info");
+        let info = match http.get(info_url).send().await {
             Ok(res) => res.json::<Value>().await.unwrap_or(Value::Null),
             Err(e) => {
                 reasons.push(format!("{base}: {e}"));
@@ -164,7 +172,12 @@ async fn open_direct(address: Address, options: &ConnectOptions) -> Result<Path,
             reasons.push(format!("{base}: /info names another address"));
             continue;
         }
-        let url = format!("{}/ws", base.replacen("http://", "ws://", 1));
+        let mut url = base.clone();
+        if url.set_scheme("ws").is_err() {
+            continue;
+        }
+        url.set_path("/ws");
+        let url = url.to_string();
         match tokio::time::timeout(
             Duration::from_secs(5),
             tokio_tungstenite::connect_async_with_config(url.as_str(), None, true),
@@ -196,21 +209,15 @@ fn strings(v: &Value) -> Vec<String> {
 }
 
 /// Plaintext HTTP is used on loopback, and on private networks only when allowed.
-fn plaintext_allowed(base: &str, allow_private: bool) -> bool {
-    let host = base
-        .trim_start_matches("http://")
-        .split(['/', '?'])
-        .next()
-        .unwrap_or("");
-    let host = host.rsplit_once(':').map_or(host, |(h, _)| h);
-    let host = host.trim_start_matches('[').trim_end_matches(']');
+fn plaintext_allowed(base: &reqwest::Url, allow_private: bool) -> bool {
+    let host = base.host_str().unwrap_or_default();
     if host == "localhost" {
         return true;
     }
-    match host.parse::<std::net::IpAddr>() {
-        Ok(ip) if ip.is_loopback() => true,
-        Ok(std::net::IpAddr::V4(v4)) => allow_private && v4.is_private(),
-        _ => false,
+    match host.trim_matches(['[', ']']).parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V4(ip)) => ip.is_loopback() || (allow_private && ip.is_private()),
+        Ok(std::net::IpAddr::V6(ip)) => ip.is_loopback(),
+        Err(_) => false,
     }
 }
 

@@ -69,6 +69,16 @@ impl NodeHandle {
 
     /// A URL for reaching the HTTP listener from this machine.
     pub fn http_url(&self) -> Option<String> {
+        Some(format!("http://{}", self.host_port()?))
+    }
+
+    /// The node's WebSocket, `/ws`, from this machine.
+    pub fn ws_url(&self) -> Option<String> {
+        Some(format!("ws://{}/ws", self.host_port()?))
+    }
+
+    /// `host:port` of the HTTP listener as reached from this machine.
+    fn host_port(&self) -> Option<String> {
         let addr = self.http_addr?;
         let ip = addr.ip();
         let host = if ip.is_unspecified() {
@@ -78,7 +88,7 @@ impl NodeHandle {
         } else {
             ip.to_string()
         };
-        Some(format!("http://{host}:{}", addr.port()))
+        Some(format!("{host}:{}", addr.port()))
     }
 
     /// The swarm, when the node joined one.
@@ -148,9 +158,8 @@ impl NodeHandle {
             format!("Trust:   {}", self.node.dispatcher.trust().describe()),
             String::new(),
         ];
-        match self.http_url() {
-            Some(url) => {
-                let ws = url.replacen("http://", "ws://", 1);
+        match (self.http_url(), self.ws_url()) {
+            (Some(url), Some(ws)) => {
                 lines.extend([
                     "HTTP Endpoints:".to_string(),
                     format!("  POST {url}/input"),
@@ -158,13 +167,13 @@ impl NodeHandle {
                     format!("  GET  {url}/sessions"),
                     format!("  GET  {url}/health"),
                     format!("  GET  {url}/info"),
-                    format!("  WS   {ws}/ws"),
+                    format!("  WS   {ws}"),
                     String::new(),
                     "Interactive UI:".to_string(),
                     format!("  {url}/docs"),
                 ]);
             }
-            None => lines.push("HTTP: off (no listening port)".to_string()),
+            _ => lines.push("HTTP: off (no listening port)".to_string()),
         }
         lines.extend([
             String::new(),

@@ -167,6 +167,11 @@ async fn listening(p2p: &P2p, count: usize) -> Vec<Multiaddr> {
 }
 
 impl TestNode {
+    /// The node's `/ws` URL (HTTP must be on).
+    pub fn ws_url(&self) -> String {
+        self.handle.ws_url().expect("the node's HTTP is on")
+    }
+
     /// A node hosting `host`, with the test defaults; see [`NodeBuilder`].
     pub fn builder(host: Host) -> NodeBuilder {
         NodeBuilder {

@@ -194,24 +194,22 @@ pub struct NodeReady {
 
 impl NodeReady {
     pub fn parse(ready: &Value) -> NodeReady {
-        let address = ready["address"]
-            .as_str()
-            .and_then(|a| a.parse().ok())
-            .unwrap_or_else(|| panic!("no valid address in the ready line {ready}"));
-        let swarm = ready["swarm"]
-            .as_array()
-            .unwrap_or_else(|| panic!("no swarm list in the ready line {ready}"))
-            .iter()
-            .map(|a| {
-                a.as_str()
-                    .and_then(|a| a.parse().ok())
-                    .unwrap_or_else(|| panic!("{a} is not a multiaddr"))
-            })
-            .collect();
+        let ready: oonode::Ready = serde_json::from_value(ready.clone())
+            .unwrap_or_else(|e| panic!("not a node's ready line ({e}): {ready}"));
         NodeReady {
-            address,
-            http: ready["http"].as_str().map(str::to_owned),
-            swarm,
+            address: ready
+                .address
+                .parse()
+                .unwrap_or_else(|e| panic!("no valid address in the ready line: {e}")),
+            swarm: ready
+                .swarm
+                .iter()
+                .map(|a| {
+                    a.parse()
+                        .unwrap_or_else(|_| panic!("{a} is not a multiaddr"))
+                })
+                .collect(),
+            http: ready.http,
         }
     }
 }
