@@ -303,7 +303,7 @@ impl HostConfig {
                 let parse = |key: &str, items: Vec<String>| {
                     items
                         .iter()
-                        .map(|a| parse_multiaddr(a).map_err(|e| invalid(key, &e)))
+                        .map(|a| parse_multiaddr(a).map_err(|e| invalid(key, &e.to_string())))
                         .collect::<Result<Vec<_>, _>>()
                 };
                 if let Some(listen) = s.listen {

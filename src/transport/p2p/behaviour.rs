@@ -1,0 +1,110 @@
+//! What the swarm is made of: the transports, the behaviours and their limits, and how a
+//! swarm is built from [`P2pConfig`].
+
+use std::time::Duration;
+
+use libp2p::swarm::behaviour::toggle::Toggle;
+use libp2p::swarm::NetworkBehaviour;
+use libp2p::{
+    allow_block_list, connection_limits, identify, identity::Keypair, kad, mdns,
+    multiaddr::Protocol, noise, ping, tcp, yamux, StreamProtocol, Swarm,
+};
+use tracing::warn;
+
+use super::{P2pConfig, P2pError};
+
+const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/oonode/kad/1.0.0");
+const IDENTIFY_PROTOCOL: &str = "/oonode/id/1.0.0";
+
+#[derive(NetworkBehaviour)]
+pub(super) struct Behaviour {
+    pub(super) limits: connection_limits::Behaviour,
+    pub(super) blocked: allow_block_list::Behaviour<allow_block_list::BlockedPeers>,
+    pub(super) identify: identify::Behaviour,
+    pub(super) ping: ping::Behaviour,
+    pub(super) kad: kad::Behaviour<kad::store::MemoryStore>,
+    pub(super) mdns: Toggle<mdns::tokio::Behaviour>,
+    pub(super) stream: libp2p_stream::Behaviour,
+}
+
+/// Builds the swarm, starts listening and dials the bootstrap peers.
+pub(super) fn build_swarm(
+    keypair: Keypair,
+    config: &P2pConfig,
+) -> Result<Swarm<Behaviour>, P2pError> {
+    let mut bootstrap = Vec::new();
+    for addr in &config.bootstrap {
+        match addr.iter().last() {
+            Some(Protocol::P2p(peer)) => bootstrap.push((peer, addr.clone())),
+            _ => return Err(P2pError::BootstrapWithoutPeer(addr.clone())),
+        }
+    }
+    let build = |e: &dyn std::fmt::Display| P2pError::Build(e.to_string());
+    let limits = connection_limits::ConnectionLimits::default()
+        .with_max_established(Some(config.max_connections))
+        .with_max_established_per_peer(Some(4))
+        .with_max_pending_incoming(Some(128));
+    let mdns_on = config.mdns;
+    let dht_server = config.dht_server;
+    let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
+        .with_tokio()
+        .with_tcp(
+            tcp::Config::default().nodelay(true),
+            noise::Config::new,
+            yamux::Config::default,
+        )
+        .map_err(|e| build(&e))?
+        .with_quic()
+        .with_behaviour(|key| {
+            let local = key.public().to_peer_id();
+            let mut kad_config = kad::Config::new(KAD_PROTOCOL);
+            kad_config.set_query_timeout(Duration::from_secs(10));
+            // Any peer may PUT into our store: the event loop gets each record first and
+            // keeps only valid presence records.
+            kad_config.set_record_filtering(kad::StoreInserts::FilterBoth);
+            let kad =
+                kad::Behaviour::with_config(local, kad::store::MemoryStore::new(local), kad_config);
+            let mdns = if mdns_on {
+                Some(mdns::tokio::Behaviour::new(mdns::Config::default(), local)?)
+            } else {
+                None
+            };
+            Ok(Behaviour {
+                limits: connection_limits::Behaviour::new(limits),
+                blocked: allow_block_list::Behaviour::default(),
+                identify: identify::Behaviour::new(
+                    identify::Config::new(IDENTIFY_PROTOCOL.into(), key.public())
+                        .with_agent_version(format!("oonode/{}", env!("CARGO_PKG_VERSION"))),
+                ),
+                ping: ping::Behaviour::default(),
+                kad,
+                mdns: mdns.into(),
+                stream: libp2p_stream::Behaviour::new(),
+            })
+        })
+        .map_err(|e| build(&e))?
+        .with_swarm_config(|c| c.with_idle_connection_timeout(config.idle_timeout))
+        .build();
+    // Loopback and private test networks have no confirmed external address, which
+    // would leave Kademlia in client mode: nodes serve the DHT explicitly.
+    swarm.behaviour_mut().kad.set_mode(Some(if dht_server {
+        kad::Mode::Server
+    } else {
+        kad::Mode::Client
+    }));
+    for addr in &config.listen {
+        swarm
+            .listen_on(addr.clone())
+            .map_err(|e| P2pError::Listen {
+                addr: addr.clone(),
+                reason: e.to_string(),
+            })?;
+    }
+    for (peer, addr) in &bootstrap {
+        swarm.behaviour_mut().kad.add_address(peer, addr.clone());
+        if let Err(e) = swarm.dial(addr.clone()) {
+            warn!(%addr, error = %e, "cannot dial bootstrap peer");
+        }
+    }
+    Ok(swarm)
+}
