@@ -348,13 +348,13 @@ impl HostConfig {
             }
         };
         if let (Some(p), Ok(codes)) = (policy.as_mut(), std::env::var(INVITE_CODES_ENV)) {
-            p.onboard.invite_code.extend(
-                codes
-                    .split(',')
-                    .map(str::trim)
-                    .filter(|c| !c.is_empty())
-                    .map(InviteCode::new),
-            );
+            for code in codes.split(',').map(str::trim).filter(|c| !c.is_empty()) {
+                let code = InviteCode::new(code).map_err(|e| ConfigError::Invalid {
+                    path: INVITE_CODES_ENV.into(),
+                    message: e.to_string(),
+                })?;
+                p.onboard.invite_code.push(code);
+            }
         }
         let (whitelist, wl_files, code_whitelist) =
             load_list(s.whitelist, co_dir, &["whitelist.txt"])?;

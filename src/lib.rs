@@ -55,7 +55,10 @@ pub use agent::{Agent, AgentError, AgentFactory, StreamSink, Turn};
 pub use async_trait::async_trait;
 pub use client::{connect, Answer, CallError, ConnectOptions, Remote, Via};
 pub use config::{ConfigError, HostConfig, Settings, HOST_YAML_TEMPLATE};
-pub use dispatch::{Accepted, Dispatcher, Refusal, Rejected, SignedRead, Submission};
+pub use dispatch::{
+    Accepted, Dispatcher, Origin, Reader, Refusal, Rejected, Scope, SessionSecret, SignedRead,
+    Submission,
+};
 pub use ed25519_dalek::Signature;
 pub use envelope::{Envelope, Kind};
 pub use identity::{find_co_dir, Address, AddressError, Identity};

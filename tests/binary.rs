@@ -27,7 +27,7 @@ fn curl(args: &[&str]) -> Value {
 }
 
 #[test]
-fn the_seeds_curl_calls_work_verbatim() {
+fn the_seeds_curl_calls_work_with_a_secret_for_anonymous_reads() {
     let dir = tempfile::tempdir().unwrap();
     let node = start(dir.path(), &["--agent", "translator"]);
     let base = node.url.clone();
@@ -71,16 +71,26 @@ fn the_seeds_curl_calls_work_verbatim() {
     ]);
     assert_eq!(second["result"], "Your name is John");
 
-    // curl http://localhost:8000/sessions/550e8400-...
-    let rec = curl(&[&format!("{base}/sessions/{id}")]);
+    // curl http://localhost:8000/sessions/550e8400-... : an anonymous caller's session
+    // reads only with the secret its answer carried (as a header), and the second
+    // conversation, with a secret of its own, is not listed with the first.
+    let secret = format!(
+        "x-co-session-secret: {}",
+        body["session_secret"].as_str().unwrap()
+    );
+    let rec = curl(&["-H", &secret, &format!("{base}/sessions/{id}")]);
     assert_eq!(
         (rec["status"].as_str(), rec["result"].as_str()),
         (Some("done"), Some("Hola"))
     );
     assert!(rec["duration_ms"].is_u64());
+    let hidden = curl(&[&format!("{base}/sessions/{id}")]);
+    assert_eq!(hidden["code"], "not_found", "{hidden}");
     // curl http://localhost:8000/sessions
+    let list = curl(&["-H", &secret, &format!("{base}/sessions")]);
+    assert_eq!(list["sessions"].as_array().unwrap().len(), 1);
     let list = curl(&[&format!("{base}/sessions")]);
-    assert_eq!(list["sessions"].as_array().unwrap().len(), 2);
+    assert_eq!(list["sessions"], json!([]));
     // curl http://localhost:8000/health
     let health = curl(&[&format!("{base}/health")]);
     assert_eq!(
@@ -160,8 +170,10 @@ fn block_on<T>(fut: impl std::future::Future<Output = T>) -> T {
         .block_on(fut)
 }
 
+/// GET as the unsigned caller whose sessions are those of [`SECRET`].
 fn get(url: &str) -> (u16, Value) {
-    block_on(get_json(url))
+    let req = client().get(url).header("x-co-session-secret", SECRET);
+    block_on(send(req))
 }
 
 fn post(url: &str, body: Value) -> (u16, Value) {
@@ -186,7 +198,10 @@ fn sessions_survive_kill_9_running_ones_read_interrupted_and_expire_after_ttl() 
     );
     let url = node.url.clone();
 
-    let (status, done) = post(&format!("{url}/input"), json!({"prompt": "quick one"}));
+    let (status, done) = post(
+        &format!("{url}/input"),
+        json!({"prompt": "quick one", "session_secret": SECRET}),
+    );
     assert_eq!(status, 200, "{done}");
     let done_id = done["session_id"].as_str().unwrap().to_string();
 
@@ -197,7 +212,7 @@ fn sessions_survive_kill_9_running_ones_read_interrupted_and_expire_after_ttl() 
         let _ = std::panic::catch_unwind(|| {
             post(
                 &long_url,
-                json!({"prompt": words, "session": {"session_id": "long-run"}}),
+                json!({"prompt": words, "session": {"session_id": "long-run", "session_secret": SECRET}}),
             )
         });
     });

@@ -518,7 +518,26 @@ async fn docs_page_in_headless_chromium() {
             |v| v.as_u64() >= Some(1),
         )
         .await;
-    let (_, listed) = translator.get("/sessions").await;
+    // The page's sessions are those of the secret it keeps; the node shows them to
+    // nobody else.
+    let (_, nobody) = translator.get("/sessions").await;
+    assert_eq!(
+        nobody["sessions"],
+        json!([]),
+        "unsigned readers without the secret"
+    );
+    let secret = browser
+        .wait_for(
+            "the page's session secret",
+            "return localStorage.getItem('oonode.session_secret');",
+            json!([]),
+            |v| v.as_str().is_some_and(|s| s.len() == 64),
+        )
+        .await;
+    let req = client()
+        .get(format!("{}/sessions", translator.url))
+        .header("x-co-session-secret", secret.as_str().unwrap());
+    let (_, listed) = send(req).await;
     let ids: Vec<&str> = listed["sessions"]
         .as_array()
         .unwrap()

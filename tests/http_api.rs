@@ -43,15 +43,22 @@ async fn seed_examples_translate_multi_turn_sessions_health_info() {
     assert_eq!(second["session_id"], first["session_id"]);
     assert_eq!(second["session"]["messages"].as_array().unwrap().len(), 4);
 
-    // Only the id is enough too: the node keeps the history.
+    // The id (and, for an unsigned caller, the session's secret) is enough too: the
+    // node keeps the history.
     let (_, third) = node
-        .post(
-            &json!({"prompt": "What is my name?", "session": {"session_id": first["session_id"]}}),
-        )
+        .post(&json!({"prompt": "What is my name?", "session": {
+            "session_id": first["session_id"],
+            "session_secret": first["session_secret"],
+        }}))
         .await;
     assert_eq!(third["result"], "Your name is John");
 
-    let (status, rec) = node.get(&format!("/sessions/{first_id}")).await;
+    let (status, rec) = node
+        .get_with_secret(
+            &format!("/sessions/{first_id}"),
+            body["session_secret"].as_str().unwrap(),
+        )
+        .await;
     assert_eq!(status, 200);
     assert_eq!(rec["session_id"], first_id.as_str());
     assert_eq!(rec["status"], "done");
@@ -59,7 +66,10 @@ async fn seed_examples_translate_multi_turn_sessions_health_info() {
     assert_eq!(rec["prompt"], "Translate hello to Spanish");
     assert!(rec["duration_ms"].is_u64() && rec["created"].is_u64() && rec["expires"].is_u64());
 
-    let (status, list) = node.get("/sessions").await;
+    // Each anonymous conversation has its own secret; its list shows its sessions only.
+    let (status, list) = node
+        .get_with_secret("/sessions", body["session_secret"].as_str().unwrap())
+        .await;
     assert_eq!(status, 200);
     let ids: Vec<&str> = list["sessions"]
         .as_array()
@@ -67,8 +77,7 @@ async fn seed_examples_translate_multi_turn_sessions_health_info() {
         .iter()
         .map(|s| s["session_id"].as_str().unwrap())
         .collect();
-    assert_eq!(ids.len(), 2, "{list}");
-    assert!(ids.contains(&first_id.as_str()));
+    assert_eq!(ids, [first_id.as_str()], "{list}");
     assert!(list["sessions"][0]["created"].is_u64() && list["sessions"][0]["status"] == "done");
 
     let (status, health) = node.get("/health").await;
@@ -120,9 +129,12 @@ async fn a_signed_caller_sees_only_its_own_sessions() {
     let a_id = a["session_id"].as_str().unwrap();
 
     let path = format!("/sessions/{a_id}");
-    assert_eq!(signed_get(&node.url, &alice, &path).await.0, 200);
     assert_eq!(
-        signed_get(&node.url, &bob, &path).await.0,
+        signed_get(&node.url, node.address, &alice, &path).await.0,
+        200
+    );
+    assert_eq!(
+        signed_get(&node.url, node.address, &bob, &path).await.0,
         404,
         "another caller's session reads as absent"
     );
@@ -132,26 +144,42 @@ async fn a_signed_caller_sees_only_its_own_sessions() {
         "unsigned readers cannot see signed sessions"
     );
 
-    let (_, list) = signed_get(&node.url, &bob, "/sessions").await;
+    let (_, list) = signed_get(&node.url, node.address, &bob, "/sessions").await;
     let sessions = list["sessions"].as_array().unwrap();
     assert_eq!(sessions.len(), 1);
     assert_eq!(sessions[0]["session_id"], b["session_id"]);
+    // An unsigned caller sees its sessions only with the secret its answer carried.
     let (_, list) = node.get("/sessions").await;
+    assert_eq!(list["sessions"], json!([]));
+    let secret = anon["session_secret"]
+        .as_str()
+        .expect("a secret for the anonymous caller");
+    let req = client()
+        .get(format!("{}/sessions", node.url))
+        .header("x-co-session-secret", secret);
+    let (_, list) = send(req).await;
     assert_eq!(list["sessions"].as_array().unwrap().len(), 1);
     assert_eq!(list["sessions"][0]["session_id"], anon["session_id"]);
 
     // A signature over another path does not open this one.
     let mut req = client().get(format!("{}{path}", node.url));
-    for (k, v) in signed_get_headers(&alice, "/sessions") {
+    for (k, v) in signed_get_headers(&alice, node.address, "/sessions") {
         req = req.header(k, v);
     }
     assert_eq!(req.send().await.unwrap().status().as_u16(), 401);
 
-    // Nor can bob continue alice's session.
+    // Nor can bob continue alice's session: naming its id, he gets a session of his own.
     let mut hijack = signed_input(&bob, node.address, "hi");
     hijack["session"] = json!({"session_id": a_id});
     let (status, body) = node.post(&hijack).await;
-    assert_eq!((status, body["code"].as_str()), (403, Some("forbidden")));
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body["session"]["messages"].as_array().unwrap().len(),
+        2,
+        "{body}"
+    );
+    let (_, mine) = signed_get(&node.url, node.address, &alice, &path).await;
+    assert_eq!(mine["prompt"], a["session"]["messages"][0]["content"]);
     node.stop().await;
 }
 
@@ -186,10 +214,10 @@ async fn failing_and_panicking_runs_become_failed_sessions_and_the_node_keeps_se
         assert!(body["error"].as_str().unwrap().len() > 5);
         verified_reply(&body, node.address);
         let (_, rec) = node
-            .get(&format!(
-                "/sessions/{}",
-                body["session_id"].as_str().unwrap()
-            ))
+            .get_with_secret(
+                &format!("/sessions/{}", body["session_id"].as_str().unwrap()),
+                body["session_secret"].as_str().unwrap(),
+            )
             .await;
         assert_eq!(rec["status"], "failed");
         assert!(rec["error"].is_string());
@@ -261,7 +289,7 @@ async fn shutdown_lets_accepted_runs_finish_and_stores_them() {
     let url = format!("{}/input", node.url);
     let run = tokio::spawn(post_json_owned(
         url,
-        json!({"prompt": "600", "session": {"session_id": "graceful"}}),
+        json!({"prompt": "600", "session": {"session_id": "graceful", "session_secret": SECRET}}),
     ));
     tokio::time::sleep(Duration::from_millis(200)).await;
     node.stop().await;
@@ -270,7 +298,7 @@ async fn shutdown_lets_accepted_runs_finish_and_stores_them() {
 
     // Reopen the same co_dir: the session is stored as done.
     let node = TestNode::start(Host::new(Sleeper), dir.path()).await;
-    let (_, rec) = node.get("/sessions/graceful").await;
+    let (_, rec) = node.get_with_secret("/sessions/graceful", SECRET).await;
     assert_eq!(rec["status"], "done");
     node.stop().await;
 }

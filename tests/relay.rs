@@ -653,7 +653,10 @@ async fn frames_altered_or_dropped_in_transit_are_rejected() {
     let stored = node
         .handle
         .dispatcher()
-        .sessions(&oonode::trust::Caller::Verified(victim.address()))
+        .sessions(&oonode::Reader::new(
+            oonode::trust::Caller::Verified(victim.address()),
+            None,
+        ))
         .await
         .unwrap();
     assert!(stored.is_empty(), "{stored:?}");

@@ -90,7 +90,7 @@ async fn a_blacklisted_signer_is_refused_at_every_level_even_if_whitelisted() {
         } else {
             assert_eq!(list["sessions"], json!([]), "nothing stored for refusals");
         }
-        let (_, mine) = signed_get(&node.url, &good, "/sessions").await;
+        let (_, mine) = signed_get(&node.url, node.address, &good, "/sessions").await;
         assert_eq!(mine["sessions"].as_array().unwrap().len(), 1);
         node.stop().await;
     }
@@ -178,11 +178,7 @@ async fn the_same_verdicts_through_the_dispatcher_directly() {
     let dir = tempfile::tempdir().unwrap();
     let node = TestNode::start(Host::new(Echo).trust(TrustLevel::Strict), dir.path()).await;
     let d = node.handle.dispatcher();
-    let unsigned = oonode::Submission {
-        envelope: Envelope::unsigned(obj(json!({"prompt": "hi"})), None),
-        session: None,
-        uploads: vec![],
-    };
+    let unsigned = oonode::Submission::new(Envelope::unsigned(obj(json!({"prompt": "hi"})), None));
     let refusal = d.submit(unsigned).await.unwrap_err();
     assert_eq!(
         (refusal.code(), refusal.http_status()),
@@ -195,14 +191,7 @@ async fn the_same_verdicts_through_the_dispatcher_directly() {
         Some(node.address),
         obj(json!({"prompt": "a b c"})),
     );
-    let mut accepted = d
-        .submit(oonode::Submission {
-            envelope: env,
-            session: None,
-            uploads: vec![],
-        })
-        .await
-        .unwrap();
+    let mut accepted = d.submit(oonode::Submission::new(env)).await.unwrap();
     let mut seqs = vec![];
     let last = loop {
         let env = accepted.replies.recv().await.expect("a final reply");

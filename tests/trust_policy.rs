@@ -250,7 +250,7 @@ async fn an_invite_code_makes_a_stranger_a_contact_who_stays_one_after_a_restart
 #[tokio::test]
 async fn invite_codes_can_come_from_the_environment() {
     // Its own process state: set before any node reads it, and unique to this test.
-    std::env::set_var("OONODE_INVITE_CODES", "FROM-ENV-7, other");
+    std::env::set_var("OONODE_INVITE_CODES", "FROM-ENV-7, other-code");
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("host.yaml"), "trust:\n  default: deny\n").unwrap();
     let node = TestNode::start(Host::new(Echo), dir.path()).await;

@@ -78,7 +78,11 @@ async fn streams_chunks_in_order_then_output_and_continues_on_the_same_socket() 
     let node = TestNode::start(ticker(20), dir.path()).await;
     let mut ws = connect(&node).await;
 
-    send(&mut ws, json!({"type": "INPUT", "prompt": "one two three"})).await;
+    send(
+        &mut ws,
+        json!({"type": "INPUT", "session_secret": SECRET, "prompt": "one two three"}),
+    )
+    .await;
     let (chunks, out) = collect(&mut ws, node.address).await;
     assert_eq!(
         chunks,
@@ -89,7 +93,11 @@ async fn streams_chunks_in_order_then_output_and_continues_on_the_same_socket() 
     assert_eq!(out["chunks"], 3);
     let session_id = out["session_id"].as_str().unwrap().to_string();
 
-    send(&mut ws, json!({"type": "INPUT", "prompt": "four five"})).await;
+    send(
+        &mut ws,
+        json!({"type": "INPUT", "session_secret": SECRET, "prompt": "four five"}),
+    )
+    .await;
     let (chunks, out) = collect(&mut ws, node.address).await;
     assert_eq!(chunks.len(), 2);
     assert_eq!(
@@ -108,19 +116,19 @@ async fn the_translator_remembers_across_turns_on_one_socket() {
     let mut ws = connect(&node).await;
     send(
         &mut ws,
-        json!({"type": "INPUT", "prompt": "Translate hello to Spanish"}),
+        json!({"type": "INPUT", "session_secret": SECRET, "prompt": "Translate hello to Spanish"}),
     )
     .await;
     assert_eq!(collect(&mut ws, node.address).await.1["result"], "Hola");
     send(
         &mut ws,
-        json!({"type": "INPUT", "prompt": "My name is John"}),
+        json!({"type": "INPUT", "session_secret": SECRET, "prompt": "My name is John"}),
     )
     .await;
     collect(&mut ws, node.address).await;
     send(
         &mut ws,
-        json!({"type": "INPUT", "prompt": "What is my name?"}),
+        json!({"type": "INPUT", "session_secret": SECRET, "prompt": "What is my name?"}),
     )
     .await;
     assert_eq!(
@@ -140,7 +148,7 @@ async fn a_reconnecting_client_gets_exactly_the_missing_chunks() {
     let mut ws = connect(&node).await;
     send(
         &mut ws,
-        json!({"type": "INPUT", "prompt": words.join(" "), "session_id": "resume-me"}),
+        json!({"type": "INPUT", "session_secret": SECRET, "prompt": words.join(" "), "session_id": "resume-me"}),
     )
     .await;
     for expected in 1..=3 {
@@ -153,7 +161,7 @@ async fn a_reconnecting_client_gets_exactly_the_missing_chunks() {
     let mut ws = connect(&node).await;
     send(
         &mut ws,
-        json!({"type": "RESUME", "session_id": "resume-me", "after": 3}),
+        json!({"type": "RESUME", "session_secret": SECRET, "session_id": "resume-me", "after": 3}),
     )
     .await;
     let (chunks, out) = collect(&mut ws, node.address).await;
@@ -165,7 +173,7 @@ async fn a_reconnecting_client_gets_exactly_the_missing_chunks() {
     // After it finished: the same from the store.
     send(
         &mut ws,
-        json!({"type": "RESUME", "session_id": "resume-me", "after": 7}),
+        json!({"type": "RESUME", "session_secret": SECRET, "session_id": "resume-me", "after": 7}),
     )
     .await;
     let (chunks, out) = collect(&mut ws, node.address).await;
@@ -177,7 +185,7 @@ async fn a_reconnecting_client_gets_exactly_the_missing_chunks() {
 
     send(
         &mut ws,
-        json!({"type": "RESUME", "session_id": "nope", "after": 0}),
+        json!({"type": "RESUME", "session_secret": SECRET, "session_id": "nope", "after": 0}),
     )
     .await;
     let err = recv(&mut ws).await;
@@ -195,7 +203,7 @@ async fn a_closed_socket_cancels_nothing_that_was_accepted() {
     let mut ws = connect(&node).await;
     send(
         &mut ws,
-        json!({"type": "INPUT", "prompt": "a b c d e f", "session_id": "orphan"}),
+        json!({"type": "INPUT", "session_secret": SECRET, "prompt": "a b c d e f", "session_id": "orphan"}),
     )
     .await;
     let first = recv(&mut ws).await;
@@ -204,7 +212,7 @@ async fn a_closed_socket_cancels_nothing_that_was_accepted() {
     drop(ws);
     let mut done = Value::Null;
     for _ in 0..100 {
-        done = node.get("/sessions/orphan").await.1;
+        done = node.get_with_secret("/sessions/orphan", SECRET).await.1;
         if done["status"] == "done" {
             break;
         }
@@ -265,7 +273,11 @@ async fn python_client_shapes_connect_seal_ping() {
     assert_eq!(env.to().unwrap(), Some(caller.address()));
 
     // An unsigned INPUT on a strict node is refused; CONNECT signatures are single-use.
-    send(&mut ws, json!({"type": "INPUT", "prompt": "hi"})).await;
+    send(
+        &mut ws,
+        json!({"type": "INPUT", "session_secret": SECRET, "prompt": "hi"}),
+    )
+    .await;
     assert_eq!(recv(&mut ws).await["code"], "signature_required");
     send(&mut ws, connect_frame).await;
     assert_eq!(recv(&mut ws).await["code"], "replayed");
@@ -295,7 +307,11 @@ async fn five_hundred_concurrent_clients_each_get_their_own_output() {
                 .await
                 .expect("connect");
             let prompt = format!("client {i} says hi");
-            send(&mut ws, json!({"type": "INPUT", "prompt": prompt})).await;
+            send(
+                &mut ws,
+                json!({"type": "INPUT", "session_secret": SECRET, "prompt": prompt}),
+            )
+            .await;
             let (chunks, out) = collect(&mut ws, address).await;
             assert_eq!(
                 out["result"], prompt,
@@ -348,8 +364,7 @@ async fn files_within_limits_reach_the_agent_over_http_and_ws() {
         body["result"],
         "look\nfiles: notes.txt (10 bytes), image-0.png (4 bytes)"
     );
-    let sid = body["session_id"].as_str().unwrap();
-    let saved = dir.path().join("oonode/uploads").join(sid);
+    let saved = upload_dir_with(&dir.path().join("oonode/uploads"), "00-notes.txt");
     let mut names: Vec<String> = std::fs::read_dir(&saved)
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())
@@ -362,19 +377,26 @@ async fn files_within_limits_reach_the_agent_over_http_and_ws() {
     );
 
     let mut ws = connect(&node).await;
-    send(&mut ws, json!({"type": "INPUT", "prompt": "ws", "files": [{"name": "../../evil.sh", "data": data_url("text/plain", b"x")}]})).await;
+    send(&mut ws, json!({"type": "INPUT", "session_secret": SECRET, "prompt": "ws", "files": [{"name": "../../evil.sh", "data": data_url("text/plain", b"x")}]})).await;
     let (_, out) = collect(&mut ws, node.address).await;
     assert_eq!(out["result"], "ws\nfiles: ../../evil.sh (1 bytes)");
-    let sid = out["session_id"].as_str().unwrap();
     assert!(
-        dir.path()
-            .join("oonode/uploads")
-            .join(sid)
-            .join("00-evil.sh")
-            .exists(),
+        upload_dir_with(&dir.path().join("oonode/uploads"), "00-evil.sh").is_dir(),
         "the name is made safe"
     );
     node.stop().await;
+}
+
+/// The one session folder under `uploads` that holds `file` (folders are named by a
+/// digest of the session's scope and id).
+fn upload_dir_with(uploads: &std::path::Path, file: &str) -> std::path::PathBuf {
+    let dirs: Vec<_> = std::fs::read_dir(uploads)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|d| d.join(file).exists())
+        .collect();
+    assert_eq!(dirs.len(), 1, "one session folder holds {file}: {dirs:?}");
+    dirs[0].clone()
 }
 
 #[tokio::test]
@@ -422,7 +444,7 @@ async fn too_many_or_too_large_files_are_refused_naming_the_limit_and_nothing_is
     let eleven: Vec<Value> = (0..11).map(|_| small.clone()).collect();
     send(
         &mut ws,
-        json!({"type": "INPUT", "prompt": "x", "files": eleven}),
+        json!({"type": "INPUT", "session_secret": SECRET, "prompt": "x", "files": eleven}),
     )
     .await;
     assert_eq!(recv(&mut ws).await["code"], "too_many_files");
@@ -462,14 +484,14 @@ async fn a_client_that_stops_reading_is_cut_off_and_the_run_still_completes() {
     let mut ws = connect(&node).await;
     send(
         &mut ws,
-        json!({"type": "INPUT", "prompt": "go", "session_id": "firehose"}),
+        json!({"type": "INPUT", "session_secret": SECRET, "prompt": "go", "session_id": "firehose"}),
     )
     .await;
     // Never read again. The node must not buffer 24 MB for us: it cuts us off and the
     // run completes on its own.
     let mut rec = Value::Null;
     for _ in 0..600 {
-        rec = node.get("/sessions/firehose").await.1;
+        rec = node.get_with_secret("/sessions/firehose", SECRET).await.1;
         if rec["status"] == "done" {
             break;
         }
@@ -488,7 +510,7 @@ async fn resume_during_a_later_turn_returns_only_that_turns_chunks() {
     let mut ws = connect(&node).await;
     send(
         &mut ws,
-        json!({"type": "INPUT", "prompt": "one two three four five six", "session_id": "turns"}),
+        json!({"type": "INPUT", "session_secret": SECRET, "prompt": "one two three four five six", "session_id": "turns"}),
     )
     .await;
     assert_eq!(
@@ -499,7 +521,7 @@ async fn resume_during_a_later_turn_returns_only_that_turns_chunks() {
     // Turn 2: read two chunks, then drop the connection.
     send(
         &mut ws,
-        json!({"type": "INPUT", "prompt": "alpha beta gamma delta"}),
+        json!({"type": "INPUT", "session_secret": SECRET, "prompt": "alpha beta gamma delta"}),
     )
     .await;
     for seq in 1..=2 {
@@ -510,7 +532,7 @@ async fn resume_during_a_later_turn_returns_only_that_turns_chunks() {
     let mut ws = connect(&node).await;
     send(
         &mut ws,
-        json!({"type": "RESUME", "session_id": "turns", "after": 2}),
+        json!({"type": "RESUME", "session_secret": SECRET, "session_id": "turns", "after": 2}),
     )
     .await;
     let (chunks, out) = collect(&mut ws, node.address).await;
@@ -537,7 +559,7 @@ async fn an_oversize_frame_gets_a_clear_error_before_the_socket_closes() {
     let huge = "x".repeat(3 * 1024 * 1024);
     let _ = ws
         .send(Message::text(
-            json!({"type": "INPUT", "prompt": huge}).to_string(),
+            json!({"type": "INPUT", "session_secret": SECRET, "prompt": huge}).to_string(),
         ))
         .await;
     let err = recv(&mut ws).await;
@@ -548,7 +570,11 @@ async fn an_oversize_frame_gets_a_clear_error_before_the_socket_closes() {
     );
     // Others are unaffected.
     let mut other = connect(&node).await;
-    send(&mut other, json!({"type": "INPUT", "prompt": "still fine"})).await;
+    send(
+        &mut other,
+        json!({"type": "INPUT", "session_secret": SECRET, "prompt": "still fine"}),
+    )
+    .await;
     assert_eq!(
         collect(&mut other, node.address).await.1["result"],
         "still fine"

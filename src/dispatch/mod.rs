@@ -6,6 +6,7 @@
 
 mod refusal;
 mod run;
+mod scope;
 mod turn;
 
 use std::collections::HashMap;
@@ -13,7 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use serde_json::{json, Map, Value};
+use serde_json::{Map, Value};
 use tokio::sync::{broadcast, mpsc, Semaphore};
 use tokio_util::task::TaskTracker;
 use tracing::{info_span, warn, Instrument};
@@ -21,12 +22,13 @@ use tracing::{info_span, warn, Instrument};
 use crate::agent::AgentFactory;
 use crate::envelope::{unix_now, Envelope, Kind, MAX_CLOCK_SKEW_SECS};
 use crate::identity::{Address, Identity};
-use crate::proto::{ConnectStatus, Object};
+use crate::proto::{request_payload, ConnectStatus, FrameType, Object};
 use crate::store::{SessionRecord, SessionStatus, Store, Upload, Uploads, FINAL_SEQ};
-use crate::trust::{AdminAction, Caller, Refused, Trust, TrustAgent, TrustEngine};
+use crate::trust::{AdminAction, Caller, Invite, Refused, Trust, TrustAgent, TrustEngine};
 
 pub use refusal::{Refusal, Rejected};
 use run::Run;
+pub use scope::{Reader, Scope, SessionSecret};
 use turn::{parse_turn, session_value, split_session, TurnStart};
 
 /// Replies buffered per request before a slow transport slows the agent down.
@@ -39,19 +41,47 @@ const REPLY_SEND_TIMEOUT: Duration = Duration::from_secs(30);
 /// Replies a live follower may fall behind before it catches up from the store.
 const LIVE_BUFFER: usize = 256;
 
-/// A signed read's headers (`x-co-from`, `x-co-signature`, `x-co-timestamp`) and the
-/// request they sign.
+/// A signed read (the Python client's `sign_http_request` shape): the `x-co-from`,
+/// `x-co-signature`, `x-co-timestamp`, `x-co-to` and `x-co-request-id` headers, and the
+/// request they sign. The signature covers (form A) `{method, path, query, body_sha256,
+/// timestamp, request_id, to}`: it names this node and is single-use.
 #[derive(Debug, Clone, Copy)]
 pub struct SignedRead<'a> {
     pub from: &'a str,
     pub signature: &'a str,
     pub timestamp: &'a str,
+    pub to: &'a str,
+    pub request_id: &'a str,
     pub method: &'a str,
     pub path: &'a str,
+    /// The query string as received (canonicalised here).
+    pub query: &'a str,
+    pub body: &'a [u8],
+}
+
+/// Where a request came in, as far as binding it to a session goes: a relay sees every
+/// frame, so what it could have changed counts for less.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Origin {
+    /// Straight from the caller (HTTP, `/ws`, the swarm).
+    #[default]
+    Direct,
+    /// Through the relay at this URL.
+    Relay(String),
+}
+
+impl Origin {
+    fn relay(&self) -> Option<&str> {
+        match self {
+            Origin::Direct => None,
+            Origin::Relay(u) => Some(u),
+        }
+    }
 }
 
 /// One INPUT as a transport received it.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct Submission {
     pub envelope: Envelope,
     /// Session state sent beside the signed payload (the Python shape); the payload's own
@@ -60,13 +90,37 @@ pub struct Submission {
     /// Attached files, decoded; limits are checked and they are saved only once the
     /// request is admitted.
     pub uploads: Vec<Upload>,
+    pub origin: Origin,
+    /// The caller's IP, where the transport knows it (for per-IP limits).
+    pub peer: Option<std::net::IpAddr>,
+    /// The session secret the transport holds for an unsigned caller (a socket's, from
+    /// its earlier turns), used when the request presents none.
+    pub secret: Option<SessionSecret>,
+}
+
+impl Submission {
+    /// An INPUT with no session state beside it and no files, straight from its caller.
+    pub fn new(envelope: Envelope) -> Self {
+        Submission {
+            envelope,
+            session: None,
+            uploads: Vec::new(),
+            origin: Origin::Direct,
+            peer: None,
+            secret: None,
+        }
+    }
 }
 
 /// An accepted INPUT: its session and the replies to come (STREAM…, then OUTPUT or ERROR).
 /// Dropping the receiver cancels nothing: the run completes and is stored.
 #[derive(Debug)]
+#[non_exhaustive]
 pub struct Accepted {
     pub session_id: String,
+    /// An unsigned caller's session secret (the one it presented, or a new one): needed
+    /// to read or continue the session.
+    pub secret: Option<SessionSecret>,
     pub replies: mpsc::Receiver<Envelope>,
 }
 
@@ -177,9 +231,15 @@ impl Dispatcher {
         }
         let caller = self.authenticate(env, now, true)?;
         // An invite code counts only inside the signed part.
-        let invite = caller.verified().and(env.str_field("invite_code"));
+        let invite = caller
+            .verified()
+            .and(env.str_field("invite_code"))
+            .map(|code| Invite {
+                code,
+                peer: sub.peer,
+            });
         inner.trust.decide(&caller, invite).await?;
-        let start = parse_turn(&sub, now)?;
+        let mut start = parse_turn(&sub, now)?;
         inner.config.uploads.check(&sub.uploads)?;
 
         let slot = inner
@@ -190,15 +250,26 @@ impl Dispatcher {
                 workers: inner.config.workers,
                 queued: inner.config.max_queue,
             })?;
-        let start = self.continue_session(start, &caller, now).await?;
+        // An unsigned caller's sessions are those of its secret (a new one if it has
+        // none); a verified caller's are its address's.
+        let secret = match caller.verified() {
+            Some(_) => None,
+            None => Some(
+                start
+                    .secret
+                    .take()
+                    .or_else(|| sub.secret.clone())
+                    .unwrap_or_else(SessionSecret::generate),
+            ),
+        };
+        let scope = Scope::of(&caller, secret.as_ref()).expect("verified, or with a secret");
+        let key = scope.key(&start.session_id);
+        let (start, origin) = self.continue_session(start, &key, &sub.origin, now).await?;
         // Only signed envelopes have a replay key, and `authenticate` verified those.
         self.use_once(env, now).await?;
-        let files = inner
-            .config
-            .uploads
-            .save(&start.session_id, sub.uploads)
-            .await?;
+        let files = inner.config.uploads.save(&key, sub.uploads).await?;
 
+        let (owner, secret_hash) = scope.parts();
         let record = SessionRecord {
             session_id: start.session_id.clone(),
             status: SessionStatus::Running,
@@ -208,21 +279,25 @@ impl Dispatcher {
             created: start.created,
             expires: None,
             duration_ms: None,
-            owner: caller.verified(),
+            owner,
+            secret_hash,
+            origin,
             error: None,
         };
         // Replies kept from the session's previous turn would be mistaken for this one's.
-        inner.store.clear_replies(start.session_id.clone()).await?;
-        inner.store.put_session(record).await?;
+        inner.store.clear_replies(key.clone()).await?;
+        inner.store.put_session(key.clone(), record.clone()).await?;
         let (live_tx, _) = broadcast::channel(LIVE_BUFFER);
-        self.live()
-            .insert(start.session_id.clone(), live_tx.clone());
+        self.live().insert(key.clone(), live_tx.clone());
 
         let (reply_tx, replies) = mpsc::channel(REPLY_QUEUE);
         let session_id = start.session_id.clone();
         let run = Run {
             dispatcher: self.clone(),
+            key: key.clone(),
+            record,
             caller: caller.verified(),
+            secret: secret.clone(),
             in_reply_to: env.id().map(str::to_owned),
             files,
             reply_tx: Some(reply_tx),
@@ -232,23 +307,20 @@ impl Dispatcher {
         inner.runs.spawn(
             async move {
                 let _slot = slot;
-                let session_id = start.session_id.clone();
                 let dispatcher = run.dispatcher.clone();
                 let mine = run.live_tx.clone();
                 run.execute(start).await;
                 // Only this run's entry: the session's next turn may have its own by now.
                 let mut live = dispatcher.live();
-                if live
-                    .get(&session_id)
-                    .is_some_and(|tx| tx.same_channel(&mine))
-                {
-                    live.remove(&session_id);
+                if live.get(&key).is_some_and(|tx| tx.same_channel(&mine)) {
+                    live.remove(&key);
                 }
             }
             .instrument(span),
         );
         Ok(Accepted {
             session_id,
+            secret,
             replies,
         })
     }
@@ -286,23 +358,44 @@ impl Dispatcher {
         Ok(())
     }
 
-    /// A CONNECT frame, the Python client's way to open a socket session: a signed one
-    /// is checked like an INPUT (sender, signature, freshness, `to`, trust) and is
-    /// single-use; an unsigned one passes where trust allows. Returns the caller and the
-    /// state of `session_id` for it.
+    /// A CONNECT frame, the Python client's way to open a socket session. A signed one is
+    /// checked like an INPUT (sender, signature, freshness, `to`, trust), is single-use,
+    /// and must sign a CONNECT: a payload of another `type` (an INPUT, say) is refused.
+    /// When it also signs `session_id`, that must be the session asked for. An unsigned
+    /// one passes where trust allows, with the `session_secret` it presents.
+    ///
+    /// The Python client signs no session id, so through a relay (which could have put
+    /// any id there) such a CONNECT may only open a new session or one opened through
+    /// that same relay: nothing the relay has not seen already.
     pub async fn connect(
         &self,
         frame: &Object,
         session_id: &str,
-    ) -> Result<(Caller, ConnectStatus), Rejected> {
-        let caller = if frame.contains_key("payload") {
+        origin: &Origin,
+    ) -> Result<(Reader, ConnectStatus), Rejected> {
+        let (caller, bound) = if frame.contains_key("payload") {
             let env = Envelope::from_nested(frame).map_err(Rejected::from)?;
             let now = unix_now();
             let checked = async {
+                match env.payload.get("type").and_then(Value::as_str) {
+                    None => {}
+                    Some(t) if FrameType::parse(t) == Some(FrameType::Connect) => {}
+                    Some(_) => {
+                        return Err(Refusal::BadRequest(
+                            "a CONNECT must sign a CONNECT payload".into(),
+                        ))
+                    }
+                }
+                let signed_session = env.payload.get("session_id").and_then(Value::as_str);
+                if signed_session.is_some_and(|s| s != session_id) {
+                    return Err(Refusal::BadRequest(
+                        "the CONNECT's signed session_id is not the one asked for".into(),
+                    ));
+                }
                 let caller = self.authenticate(&env, now, true)?;
                 self.inner.trust.decide(&caller, None).await?;
                 self.use_once(&env, now).await?;
-                Ok::<_, Refusal>(caller)
+                Ok((caller, signed_session.is_some()))
             };
             checked.await.map_err(|r| Rejected::of(r, env.from, None))?
         } else {
@@ -312,19 +405,47 @@ impl Dispatcher {
                 .decide(&caller, None)
                 .await
                 .map_err(Rejected::from)?;
-            caller
+            (caller, false)
         };
-        let status = match self.session(session_id, &caller).await {
-            Ok(Some(rec)) if rec.status == SessionStatus::Running => ConnectStatus::Running,
-            Ok(Some(_)) => ConnectStatus::Connected,
-            _ => ConnectStatus::New,
+        let secret = match frame.get("session_secret").and_then(Value::as_str) {
+            Some(s) => Some(SessionSecret::parse(s).map_err(Rejected::from)?),
+            None => None,
         };
-        Ok((caller, status))
+        let reader = Reader::new(caller, secret);
+        let existing = match reader.scope() {
+            Some(scope) => self
+                .inner
+                .store
+                .get_session(scope.key(session_id), unix_now())
+                .await
+                .map_err(Rejected::from)?,
+            None => None,
+        };
+        let status = match existing {
+            Some(rec)
+                if !bound
+                    && origin.relay().is_some()
+                    && rec.origin.as_deref() != origin.relay() =>
+            {
+                return Err(
+                    Rejected::from(Refusal::NotOpenedHere(session_id.to_owned()))
+                        .or_to(caller.verified()),
+                )
+            }
+            Some(rec) if rec.status == SessionStatus::Running => ConnectStatus::Running,
+            Some(_) => ConnectStatus::Connected,
+            None => ConnectStatus::New,
+        };
+        Ok((reader, status))
     }
 
-    /// Who reads sessions: unsigned, or signed (the `x-co-*` headers of the Python
-    /// client: a form-A signature over `{"method","path","timestamp"}`), then trust.
-    pub async fn reader(&self, signed: Option<SignedRead<'_>>) -> Result<Caller, Refusal> {
+    /// Who reads sessions: unsigned (with the `session_secret` it holds, if any), or
+    /// signed (see [`SignedRead`]: fresh, addressed to this node, single-use); then trust.
+    pub async fn reader(
+        &self,
+        signed: Option<SignedRead<'_>>,
+        secret: Option<&str>,
+    ) -> Result<Reader, Refusal> {
         let caller = match signed {
             None => Caller::Unsigned { claimed: None },
             Some(read) => {
@@ -335,16 +456,31 @@ impl Dispatcher {
                 let mut signed = Map::new();
                 signed.insert(
                     "payload".into(),
-                    json!({"method": read.method, "path": read.path, "timestamp": timestamp}),
+                    request_payload(
+                        read.method,
+                        read.path,
+                        read.query,
+                        read.body,
+                        timestamp,
+                        read.request_id,
+                        read.to,
+                    ),
                 );
                 signed.insert("from".into(), read.from.into());
                 signed.insert("signature".into(), read.signature.into());
                 let env = Envelope::from_nested(&signed)?;
-                self.authenticate(&env, unix_now(), false)?
+                let now = unix_now();
+                let caller = self.authenticate(&env, now, true)?;
+                self.use_once(&env, now).await?;
+                caller
             }
         };
         self.inner.trust.decide(&caller, None).await?;
-        Ok(caller)
+        let secret = match (caller.verified(), secret) {
+            (None, Some(s)) => Some(SessionSecret::parse(s)?),
+            _ => None,
+        };
+        Ok(Reader::new(caller, secret))
     }
 
     /// A trust admin action: a signed ADMIN envelope (`action`, `address`, `amount`?)
@@ -382,26 +518,34 @@ impl Dispatcher {
             .map_err(Refusal::from)
     }
 
-    /// A session as `reader` may see it: its own only; another caller's reads as absent.
+    /// A session as `reader` may see it: one of its own scope; any other reads as
+    /// absent, exactly like a session that does not exist.
     pub async fn session(
         &self,
         id: &str,
-        reader: &Caller,
+        reader: &Reader,
     ) -> Result<Option<SessionRecord>, Refusal> {
-        let rec = self
-            .inner
-            .store
-            .get_session(id.to_owned(), unix_now())
-            .await?;
-        Ok(rec.filter(|r| r.owner == reader.verified()))
-    }
-
-    /// The sessions `reader` started, newest first.
-    pub async fn sessions(&self, reader: &Caller) -> Result<Vec<SessionRecord>, Refusal> {
+        let Some(scope) = reader.scope() else {
+            return Ok(None);
+        };
         Ok(self
             .inner
             .store
-            .list_sessions(reader.verified(), unix_now())
+            .get_session(scope.key(id), unix_now())
+            .await?)
+    }
+
+    /// The sessions of `reader`'s scope, newest first (none for an unsigned reader
+    /// without a secret).
+    pub async fn sessions(&self, reader: &Reader) -> Result<Vec<SessionRecord>, Refusal> {
+        let Some(scope) = reader.scope() else {
+            return Ok(Vec::new());
+        };
+        let (owner, secret_hash) = scope.parts();
+        Ok(self
+            .inner
+            .store
+            .list_sessions(owner, secret_hash, unix_now())
             .await?)
     }
 
@@ -430,18 +574,26 @@ impl Dispatcher {
         &self,
         session_id: &str,
         after: u64,
-        reader: &Caller,
+        reader: &Reader,
     ) -> Result<mpsc::Receiver<Envelope>, Refusal> {
-        if self.session(session_id, reader).await?.is_none() {
-            return Err(Refusal::UnknownSession(session_id.to_owned()));
+        let unknown = || Refusal::UnknownSession(session_id.to_owned());
+        let key = reader.scope().ok_or_else(unknown)?.key(session_id);
+        if self
+            .inner
+            .store
+            .get_session(key.clone(), unix_now())
+            .await?
+            .is_none()
+        {
+            return Err(unknown());
         }
         // Subscribe before reading the store, so nothing falls between the two.
-        let live = self.live().get(session_id).map(|tx| tx.subscribe());
+        let live = self.live().get(&key).map(|tx| tx.subscribe());
         let (tx, rx) = mpsc::channel(REPLY_QUEUE);
         let this = self.clone();
         let session_id = session_id.to_owned();
         self.inner.runs.spawn(async move {
-            this.replay_replies(session_id, after, live, tx).await;
+            this.replay_replies(key, session_id, after, live, tx).await;
         });
         Ok(rx)
     }
@@ -450,18 +602,14 @@ impl Dispatcher {
     /// up from the store again. Ends after the final reply.
     async fn replay_replies(
         &self,
+        key: String,
         session_id: String,
         mut after: u64,
         mut live: Option<broadcast::Receiver<Envelope>>,
         tx: mpsc::Sender<Envelope>,
     ) {
         loop {
-            let kept = match self
-                .inner
-                .store
-                .replies_after(session_id.clone(), after)
-                .await
-            {
+            let kept = match self.inner.store.replies_after(key.clone(), after).await {
                 Ok(k) => k,
                 Err(e) => {
                     warn!(error = %e, "reading kept replies failed");
@@ -511,22 +659,22 @@ impl Dispatcher {
         self.inner.live.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The turn as it continues the session stored under `key`, if there is one, and the
+    /// session's origin (kept from its first turn).
     async fn continue_session(
         &self,
         mut start: TurnStart,
-        caller: &Caller,
+        key: &str,
+        origin: &Origin,
         now: u64,
-    ) -> Result<TurnStart, Refusal> {
-        let Some(existing) = self
-            .inner
-            .store
-            .get_session(start.session_id.clone(), now)
-            .await?
-        else {
-            return Ok(start);
+    ) -> Result<(TurnStart, Option<String>), Refusal> {
+        let Some(existing) = self.inner.store.get_session(key.to_owned(), now).await? else {
+            return Ok((start, origin.relay().map(str::to_owned)));
         };
-        if existing.owner != caller.verified() {
-            return Err(Refusal::SessionForbidden(start.session_id));
+        // A session id a relay could have chosen continues only what that relay has seen.
+        if !start.bound && origin.relay().is_some() && existing.origin.as_deref() != origin.relay()
+        {
+            return Err(Refusal::NotOpenedHere(start.session_id));
         }
         if existing.status == SessionStatus::Running {
             return Err(Refusal::SessionBusy(start.session_id));
@@ -538,7 +686,7 @@ impl Dispatcher {
             start.extra = extra;
         }
         start.created = existing.created;
-        Ok(start)
+        Ok((start, existing.origin))
     }
 }
 

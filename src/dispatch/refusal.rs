@@ -25,12 +25,12 @@ pub enum Refusal {
     Admin(#[from] AdminError),
     #[error("this message was already received (replay refused)")]
     Replayed,
-    #[error("session {0} belongs to another caller")]
-    SessionForbidden(String),
     #[error("session {0} is still running its previous turn")]
     SessionBusy(String),
     #[error("no session {0}")]
     UnknownSession(String),
+    #[error("session {0} was not opened through this relay; sign its id to continue it here")]
+    NotOpenedHere(String),
     #[error(transparent)]
     Upload(#[from] UploadError),
     #[error("the agent is busy: {workers} running and {queued} waiting; try again later")]
@@ -59,9 +59,8 @@ impl Refusal {
             Refusal::Admin(AdminError::Store(_)) => ErrorCode::Internal,
             Refusal::Admin(_) => ErrorCode::BadRequest,
             Refusal::Replayed => ErrorCode::Replayed,
-            Refusal::SessionForbidden(_) => ErrorCode::Forbidden,
             Refusal::SessionBusy(_) => ErrorCode::SessionBusy,
-            Refusal::UnknownSession(_) => ErrorCode::NotFound,
+            Refusal::UnknownSession(_) | Refusal::NotOpenedHere(_) => ErrorCode::NotFound,
             Refusal::Upload(e) => match e {
                 UploadError::Malformed(_) => ErrorCode::BadRequest,
                 UploadError::TooMany { .. } => ErrorCode::TooManyFiles,

@@ -7,6 +7,7 @@ use serde_json::{json, Value};
 use tokio::sync::{broadcast, mpsc};
 use tracing::warn;
 
+use super::scope::SessionSecret;
 use super::turn::{session_value, TurnStart};
 use super::{Dispatcher, CHUNK_QUEUE, REPLY_SEND_TIMEOUT};
 use crate::agent::{Attachment, Message, StreamSink, Turn};
@@ -18,7 +19,13 @@ use crate::store::{SessionRecord, SessionStatus, FINAL_SEQ};
 /// One accepted run, owned by its task.
 pub(super) struct Run {
     pub(super) dispatcher: Dispatcher,
+    /// The session's store key (its scope and id).
+    pub(super) key: String,
+    /// The session as stored when the run was admitted.
+    pub(super) record: SessionRecord,
     pub(super) caller: Option<Address>,
+    /// An unsigned caller's secret, handed back with the answer.
+    pub(super) secret: Option<SessionSecret>,
     pub(super) in_reply_to: Option<String>,
     pub(super) files: Vec<Attachment>,
     /// The submitting transport; dropped once it stops taking replies.
@@ -28,10 +35,10 @@ pub(super) struct Run {
 
 impl Run {
     /// Keeps a reply for resuming clients, then hands it to followers and the submitter.
-    async fn publish(&mut self, session_id: &str, seq: u64, env: Envelope) {
+    async fn publish(&mut self, seq: u64, env: Envelope) {
         let store = &self.dispatcher.inner.store;
         if let Ok(bytes) = serde_json::to_vec(&env.to_flat_json()) {
-            if let Err(e) = store.put_reply(session_id.to_owned(), seq, bytes).await {
+            if let Err(e) = store.put_reply(self.key.clone(), seq, bytes).await {
                 warn!(error = %e, "keeping a reply for resuming clients failed");
             }
         }
@@ -77,7 +84,7 @@ impl Run {
                 Kind::Stream,
                 json!({"session_id": start.session_id, "seq": seq, "chunk": chunk}),
             );
-            self.publish(&start.session_id, seq, env).await;
+            self.publish(seq, env).await;
         }
         let outcome = match agent_task.await {
             Ok(Ok(result)) => Ok(result),
@@ -93,16 +100,10 @@ impl Run {
         let duration_ms = began.elapsed().as_millis() as u64;
         let now = unix_now();
         let mut record = SessionRecord {
-            session_id: start.session_id.clone(),
             status: SessionStatus::Done,
-            prompt: start.prompt.clone(),
-            result: None,
-            session: Value::Null,
-            created: start.created,
             expires: Some(now + inner.config.result_ttl),
             duration_ms: Some(duration_ms),
-            owner: self.caller,
-            error: None,
+            ..self.record.clone()
         };
         let reply = match outcome {
             Ok(result) => {
@@ -117,35 +118,40 @@ impl Run {
                 });
                 record.session = session_value(&start.session_id, &history, &start.extra);
                 record.result = Some(result.clone());
-                self.reply(
-                    Kind::Output,
-                    json!({
-                        "session_id": start.session_id,
-                        "status": "done",
-                        "result": result,
-                        "duration_ms": duration_ms,
-                        "session": record.session,
-                        "chunks": seq,
-                    }),
-                )
+                let mut body = json!({
+                    "session_id": start.session_id,
+                    "status": SessionStatus::Done.as_str(),
+                    "result": result,
+                    "duration_ms": duration_ms,
+                    "session": record.session,
+                    "chunks": seq,
+                });
+                // An unsigned caller needs its secret to read or continue the session; in
+                // `session` too, which Python clients pass back as it came.
+                if let Some(secret) = &self.secret {
+                    body["session_secret"] = json!(secret.as_str());
+                    body["session"]["session_secret"] = json!(secret.as_str());
+                }
+                self.reply(Kind::Output, body)
             }
             Err((code, message)) => {
                 warn!(%code, %message, "agent run failed");
                 record.status = SessionStatus::Failed;
                 record.session = session_value(&start.session_id, &start.history, &start.extra);
                 record.error = Some(message.clone());
-                self.reply(
-                    Kind::Error,
-                    json!({
-                        "session_id": start.session_id,
-                        "status": "failed",
-                        "code": code.as_str(),
-                        "message": message,
-                        "error": message,
-                        "duration_ms": duration_ms,
-                        "chunks": seq,
-                    }),
-                )
+                let mut body = json!({
+                    "session_id": start.session_id,
+                    "status": SessionStatus::Failed.as_str(),
+                    "code": code.as_str(),
+                    "message": message,
+                    "error": message,
+                    "duration_ms": duration_ms,
+                    "chunks": seq,
+                });
+                if let Some(secret) = &self.secret {
+                    body["session_secret"] = json!(secret.as_str());
+                }
+                self.reply(Kind::Error, body)
             }
         };
         // The final reply is kept before the session is marked finished, so a follower
@@ -153,19 +159,19 @@ impl Run {
         if let Ok(bytes) = serde_json::to_vec(&reply.to_flat_json()) {
             if let Err(e) = inner
                 .store
-                .put_reply(start.session_id.clone(), FINAL_SEQ, bytes)
+                .put_reply(self.key.clone(), FINAL_SEQ, bytes)
                 .await
             {
                 warn!(error = %e, "keeping the final reply failed");
             }
         }
-        let reply = match inner.store.put_session(record).await {
+        let reply = match inner.store.put_session(self.key.clone(), record).await {
             Ok(()) => reply,
             Err(e) => {
                 warn!(error = %e, "could not store the session result");
                 self.reply(
                     Kind::Error,
-                    json!({"session_id": start.session_id, "status": "failed", "code": ErrorCode::Internal.as_str(),
+                    json!({"session_id": start.session_id, "status": SessionStatus::Failed.as_str(), "code": ErrorCode::Internal.as_str(),
                            "message": "the result could not be stored",
                            "error": "the result could not be stored"}),
                 )

@@ -2,6 +2,7 @@
 
 use serde_json::{Map, Value};
 
+use super::scope::SessionSecret;
 use super::{Refusal, Submission};
 use crate::agent::Message;
 
@@ -15,6 +16,10 @@ pub(super) struct TurnStart {
     pub history: Vec<Message>,
     pub extra: Map<String, Value>,
     pub created: u64,
+    /// Whether the session id is inside the signature: a relay cannot have changed it.
+    pub bound: bool,
+    /// The session secret an unsigned caller presented.
+    pub secret: Option<SessionSecret>,
 }
 
 /// Reads the prompt and session state out of a submission.
@@ -30,6 +35,24 @@ pub(super) fn parse_turn(sub: &Submission, now: u64) -> Result<TurnStart, Refusa
         None | Some(Value::Null) => Value::Object(Map::new()),
         Some(v @ Value::Object(_)) => v.clone(),
         Some(_) => return Err(Refusal::BadRequest("`session` must be an object".into())),
+    };
+    let signed = sub.envelope.signature.is_some();
+    let named_in_payload = payload
+        .get("session")
+        .and_then(|s| s.get("session_id"))
+        .or(payload.get("session_id"))
+        .is_some_and(|v| !v.is_null());
+    let secret = match session
+        .get("session_secret")
+        .or(payload.get("session_secret"))
+    {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => Some(SessionSecret::parse(s)?),
+        Some(_) => {
+            return Err(Refusal::BadRequest(
+                "`session_secret` must be a string".into(),
+            ))
+        }
     };
     let session_id = match session.get("session_id").or(payload.get("session_id")) {
         None | Some(Value::Null) => uuid::Uuid::new_v4().to_string(),
@@ -47,6 +70,8 @@ pub(super) fn parse_turn(sub: &Submission, now: u64) -> Result<TurnStart, Refusa
         history,
         extra,
         created: now,
+        bound: signed && named_in_payload,
+        secret,
     })
 }
 
@@ -62,6 +87,8 @@ fn valid_session_id(s: &str) -> bool {
 pub(super) fn split_session(session: &Value) -> (Vec<Message>, Map<String, Value>) {
     let mut extra = session.as_object().cloned().unwrap_or_default();
     extra.remove("session_id");
+    // Never stored: only its digest is.
+    extra.remove("session_secret");
     let history = match extra.remove("messages") {
         Some(Value::Array(items)) => items
             .into_iter()

@@ -209,7 +209,8 @@ impl Node {
             let router = self.router_with(None, relay.clone(), p2p.clone());
             let stop = shutdown.clone();
             tasks.spawn(async move {
-                axum::serve(listener.tap_io(no_delay), router)
+                let service = router.into_make_service_with_connect_info::<SocketAddr>();
+                axum::serve(listener.tap_io(no_delay), service)
                     .with_graceful_shutdown(stop.cancelled_owned())
                     .await
                     .map_err(HostError::Serve)

@@ -159,10 +159,12 @@ pub enum ClientFrame {
     Input(Object),
     /// The Python client's session opener, as sent.
     Connect(Object),
-    /// `{"type":"RESUME","session_id","after":N}`: the replies after sequence N.
+    /// `{"type":"RESUME","session_id","after":N,"session_secret"?}`: the replies after
+    /// sequence N (an unsigned caller's session needs its secret).
     Resume {
         session_id: Option<String>,
         after: u64,
+        session_secret: Option<String>,
     },
     Ping,
     Pong,
@@ -183,6 +185,7 @@ impl ClientFrame {
             Some(FrameType::Resume) => ClientFrame::Resume {
                 session_id: str_of(&obj, "session_id"),
                 after: obj.get("after").and_then(Value::as_u64).unwrap_or(0),
+                session_secret: str_of(&obj, "session_secret"),
             },
             Some(FrameType::Ping) => ClientFrame::Ping,
             Some(FrameType::Pong) => ClientFrame::Pong,
@@ -464,7 +467,8 @@ mod tests {
             f,
             Ok(ClientFrame::Resume {
                 session_id: Some("s".into()),
-                after: 3
+                after: 3,
+                session_secret: None,
             })
         );
         assert_eq!(

@@ -8,6 +8,7 @@ mod announce;
 mod error;
 mod frame;
 mod relay_url;
+mod signed_request;
 
 pub use announce::{signed_announce, verify_announce, Announce, MAX_ENDPOINTS, MAX_SUMMARY_CHARS};
 pub use error::ErrorCode;
@@ -18,4 +19,8 @@ pub use frame::{
 pub use relay_url::{
     RelayUrl, RelayUrlError, ANNOUNCE_PATH, DIRECTORY_PREFIX, DIRECTORY_ROUTE, HEALTH_PATH,
     INPUT_PATH,
+};
+pub use signed_request::{
+    canonical_query, request_payload, sign_request, FROM_HEADER, REQUEST_ID_HEADER,
+    SESSION_SECRET_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, TO_HEADER,
 };

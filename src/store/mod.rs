@@ -79,6 +79,12 @@ pub struct SessionRecord {
     pub duration_ms: Option<u64>,
     /// The verified caller that started the session; None for unsigned callers.
     pub owner: Option<Address>,
+    /// For an unsigned caller's session: the hex SHA-256 of its session secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_hash: Option<String>,
+    /// The relay the session was opened through, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
 }
@@ -224,12 +230,12 @@ impl Store {
         rx.await.map_err(|_| StoreError::Closed)?
     }
 
-    /// Writes a session durably (flushed before returning): what was accepted survives a
-    /// crash.
-    pub async fn put_session(&self, rec: SessionRecord) -> Result<(), StoreError> {
+    /// Writes a session under `key` (its scope and id) durably (flushed before
+    /// returning): what was accepted survives a crash.
+    pub async fn put_session(&self, key: String, rec: SessionRecord) -> Result<(), StoreError> {
         self.call(true, move |t| {
             t.sessions
-                .insert(rec.session_id.as_bytes(), serde_json::to_vec(&rec)?)?;
+                .insert(key.as_bytes(), serde_json::to_vec(&rec)?)?;
             Ok(())
         })
         .await
@@ -238,10 +244,10 @@ impl Store {
     /// Reads a session; an expired one reads as absent even before the sweeper runs.
     pub async fn get_session(
         &self,
-        id: String,
+        key: String,
         now: u64,
     ) -> Result<Option<SessionRecord>, StoreError> {
-        self.call(false, move |t| match t.sessions.get(id.as_bytes())? {
+        self.call(false, move |t| match t.sessions.get(key.as_bytes())? {
             Some(bytes) => {
                 let rec: SessionRecord = serde_json::from_slice(&bytes)?;
                 Ok((!rec.is_expired(now)).then_some(rec))
@@ -251,10 +257,12 @@ impl Store {
         .await
     }
 
-    /// Sessions owned by `owner` (None = unsigned callers' sessions), newest first.
+    /// The sessions of one scope (a verified owner, or an unsigned caller's secret
+    /// digest), newest first.
     pub async fn list_sessions(
         &self,
         owner: Option<Address>,
+        secret_hash: Option<String>,
         now: u64,
     ) -> Result<Vec<SessionRecord>, StoreError> {
         self.call(false, move |t| {
@@ -262,7 +270,7 @@ impl Store {
             for item in t.sessions.iter() {
                 let (_, bytes) = item?;
                 let rec: SessionRecord = serde_json::from_slice(&bytes)?;
-                if rec.owner == owner && !rec.is_expired(now) {
+                if rec.owner == owner && rec.secret_hash == secret_hash && !rec.is_expired(now) {
                     out.push(rec);
                 }
             }
@@ -343,7 +351,7 @@ impl Store {
     }
 
     /// Deletes expired sessions (with their kept replies) and replay keys. Returns the
-    /// ids of the sessions removed and how many replay keys went.
+    /// keys of the sessions removed and how many replay keys went.
     pub async fn sweep(&self, now: u64) -> Result<(Vec<String>, usize), StoreError> {
         self.call(true, move |t| {
             let mut sessions = Vec::new();
@@ -357,7 +365,7 @@ impl Store {
                     for chunk in t.chunks.scan_prefix(&prefix).keys() {
                         t.chunks.remove(chunk?)?;
                     }
-                    sessions.push(rec.session_id);
+                    sessions.push(String::from_utf8_lossy(&key).into_owned());
                 }
             }
             let mut keys = 0;
@@ -565,6 +573,8 @@ mod tests {
             expires,
             duration_ms: None,
             owner: None,
+            secret_hash: None,
+            origin: None,
             error: None,
         }
     }
@@ -624,11 +634,11 @@ mod tests {
         {
             let (store, _) = Store::open(dir.path(), 60, 100).unwrap();
             store
-                .put_session(record("a", SessionStatus::Running, None))
+                .put_session("a".into(), record("a", SessionStatus::Running, None))
                 .await
                 .unwrap();
             store
-                .put_session(record("b", SessionStatus::Done, Some(1000)))
+                .put_session("b".into(), record("b", SessionStatus::Done, Some(1000)))
                 .await
                 .unwrap();
             store.close().await.unwrap();
@@ -647,11 +657,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (store, _) = Store::open(dir.path(), 60, 100).unwrap();
         store
-            .put_session(record("old", SessionStatus::Done, Some(150)))
+            .put_session("old".into(), record("old", SessionStatus::Done, Some(150)))
             .await
             .unwrap();
         store
-            .put_session(record("run", SessionStatus::Running, None))
+            .put_session("run".into(), record("run", SessionStatus::Running, None))
             .await
             .unwrap();
         assert!(store

@@ -134,16 +134,17 @@ impl Uploads {
         Ok(())
     }
 
-    /// Saves accepted files under `<dir>/<session>/`, with names made safe.
+    /// Saves accepted files under `<dir>/<session folder>/`, with names made safe.
+    /// `session` is the session's store key.
     pub async fn save(
         &self,
-        session_id: &str,
+        session: &str,
         uploads: Vec<Upload>,
     ) -> Result<Vec<Attachment>, UploadError> {
         if uploads.is_empty() {
             return Ok(Vec::new());
         }
-        let dir = self.session_dir(session_id);
+        let dir = self.session_dir(session);
         let saved = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<Attachment>> {
             std::fs::create_dir_all(&dir)?;
             let mut out = Vec::with_capacity(uploads.len());
@@ -164,10 +165,10 @@ impl Uploads {
         saved.map_err(UploadError::Save)
     }
 
-    /// Deletes the files of sessions that are gone.
-    pub async fn remove(&self, session_ids: &[String]) {
-        for id in session_ids {
-            let dir = self.session_dir(id);
+    /// Deletes the files of sessions that are gone (by their store keys).
+    pub async fn remove(&self, sessions: &[String]) {
+        for key in sessions {
+            let dir = self.session_dir(key);
             if tokio::fs::try_exists(&dir).await.unwrap_or(false) {
                 if let Err(e) = tokio::fs::remove_dir_all(&dir).await {
                     tracing::warn!(error = %e, dir = %dir.display(), "removing an expired session's files failed");
@@ -176,8 +177,12 @@ impl Uploads {
         }
     }
 
-    fn session_dir(&self, session_id: &str) -> PathBuf {
-        self.dir.join(session_id)
+    /// A session's folder: named by a digest of its store key, which holds characters
+    /// a file name should not.
+    fn session_dir(&self, session: &str) -> PathBuf {
+        use sha2::Digest;
+        let digest = sha2::Sha256::digest(session.as_bytes());
+        self.dir.join(hex::encode(&digest[..16]))
     }
 
     pub fn dir(&self) -> &Path {

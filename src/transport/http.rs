@@ -17,11 +17,11 @@ use tracing::{debug, info_span, Instrument};
 
 use super::error_response as error;
 use super::ws::WsState;
-use crate::dispatch::{Dispatcher, Refusal, SignedRead};
+use super::PeerIp;
+use crate::dispatch::{Dispatcher, Reader, Refusal, SignedRead};
 use crate::envelope::{decode_object, Envelope, EnvelopeError, Kind};
-use crate::proto::ErrorCode;
+use crate::proto::{self, ErrorCode};
 use crate::store::SessionRecord;
-use crate::trust::Caller;
 
 /// What `/info` and `/health` tell about the node.
 #[derive(Debug, Clone)]
@@ -98,7 +98,7 @@ async fn cors(req: Request, next: Next) -> Response {
         (header::ACCESS_CONTROL_ALLOW_METHODS, "GET, POST, OPTIONS"),
         (
             header::ACCESS_CONTROL_ALLOW_HEADERS,
-            "content-type, x-co-from, x-co-signature, x-co-timestamp",
+            "content-type, x-co-from, x-co-signature, x-co-timestamp, x-co-to, x-co-request-id, x-co-session-secret",
         ),
         (header::ACCESS_CONTROL_MAX_AGE, "86400"),
     ] {
@@ -107,7 +107,12 @@ async fn cors(req: Request, next: Next) -> Response {
     res
 }
 
-async fn post_input(State(st): State<Arc<HttpState>>, headers: HeaderMap, body: Body) -> Response {
+async fn post_input(
+    State(st): State<Arc<HttpState>>,
+    PeerIp(peer): PeerIp,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
@@ -127,10 +132,11 @@ async fn post_input(State(st): State<Arc<HttpState>>, headers: HeaderMap, body: 
         }
         Err(e) => return refusal(&Refusal::Envelope(e)),
     };
-    let submission = match super::submission_from_json(obj) {
+    let mut submission = match super::submission_from_json(obj) {
         Ok(s) => s,
         Err(r) => return refusal(&r),
     };
+    submission.peer = peer;
     let mut accepted = match st.dispatcher.submit(submission).await {
         Ok(a) => a,
         Err(rejected) => {
@@ -159,14 +165,14 @@ async fn post_input(State(st): State<Arc<HttpState>>, headers: HeaderMap, body: 
     .await
 }
 
-/// Who is reading: unsigned, or signed with `x-co-from`/`x-co-signature`/`x-co-timestamp`
-/// over `{"method","path","timestamp"}` (form A); the dispatcher decides.
+/// Who is reading: unsigned (with the `x-co-session-secret` it holds, if any), or signed
+/// with the `x-co-*` headers of [`SignedRead`]; the dispatcher decides.
 async fn reader(
     st: &HttpState,
     method: &Method,
-    path: &str,
+    uri: &axum::http::Uri,
     headers: &HeaderMap,
-) -> Result<Caller, Refusal> {
+) -> Result<Reader, Refusal> {
     let get = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
     let signed = match (
         get("x-co-from"),
@@ -174,26 +180,43 @@ async fn reader(
         get("x-co-timestamp"),
     ) {
         (None, None, None) => None,
-        (Some(from), Some(signature), Some(timestamp)) => Some(SignedRead {
-            from,
-            signature,
-            timestamp,
-            method: method.as_str(),
-            path,
-        }),
+        (Some(from), Some(signature), Some(timestamp)) => {
+            let (Some(to), Some(request_id)) =
+                (get(proto::TO_HEADER), get(proto::REQUEST_ID_HEADER))
+            else {
+                return Err(Refusal::BadRequest(
+                    "signed reads name this node and a one-time id: add x-co-to and x-co-request-id (the shape of sign_http_request)".into(),
+                ));
+            };
+            Some(SignedRead {
+                from,
+                signature,
+                timestamp,
+                to,
+                request_id,
+                method: method.as_str(),
+                path: uri.path(),
+                query: uri.query().unwrap_or(""),
+                body: b"",
+            })
+        }
         _ => {
             return Err(Refusal::BadRequest(
                 "signed reads need all of x-co-from, x-co-signature and x-co-timestamp".into(),
             ))
         }
     };
-    st.dispatcher.reader(signed).await
+    st.dispatcher
+        .reader(signed, get(proto::SESSION_SECRET_HEADER))
+        .await
 }
 
 fn session_json(rec: &SessionRecord) -> Value {
     let mut v = serde_json::to_value(rec).unwrap_or(Value::Null);
     if let Some(obj) = v.as_object_mut() {
-        obj.remove("owner");
+        for internal in ["owner", "secret_hash", "origin"] {
+            obj.remove(internal);
+        }
     }
     v
 }
@@ -205,11 +228,11 @@ async fn get_session(
     uri: axum::http::Uri,
     headers: HeaderMap,
 ) -> Response {
-    let caller = match reader(&st, &method, uri.path(), &headers).await {
+    let reader = match reader(&st, &method, &uri, &headers).await {
         Ok(c) => c,
         Err(r) => return refusal(&r),
     };
-    match st.dispatcher.session(&id, &caller).await {
+    match st.dispatcher.session(&id, &reader).await {
         Ok(Some(rec)) => Json(session_json(&rec)).into_response(),
         Ok(None) => error(ErrorCode::NotFound, "not found"),
         Err(r) => refusal(&r),
@@ -222,11 +245,11 @@ async fn list_sessions(
     uri: axum::http::Uri,
     headers: HeaderMap,
 ) -> Response {
-    let caller = match reader(&st, &method, uri.path(), &headers).await {
+    let reader = match reader(&st, &method, &uri, &headers).await {
         Ok(c) => c,
         Err(r) => return refusal(&r),
     };
-    match st.dispatcher.sessions(&caller).await {
+    match st.dispatcher.sessions(&reader).await {
         Ok(list) => {
             let sessions: Vec<Value> = list
                 .iter()

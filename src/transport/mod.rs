@@ -11,7 +11,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 
-use crate::dispatch::{Refusal, Submission};
+use crate::dispatch::{Reader, Refusal, SessionSecret, Submission};
 use crate::envelope::Envelope;
 use crate::proto::{ErrorCode, Object};
 use crate::store::Upload;
@@ -37,11 +37,10 @@ pub(crate) fn submission_from_json(mut obj: Object) -> Result<Submission, Refusa
         let from = crate::envelope::parse_from(obj.remove("from").as_ref())?;
         Envelope::unsigned(obj, from)
     };
-    Ok(Submission {
-        envelope,
-        session,
-        uploads,
-    })
+    let mut submission = Submission::new(envelope);
+    submission.session = session;
+    submission.uploads = uploads;
+    Ok(submission)
 }
 
 /// An INPUT frame of a socket (`/ws` or a relayed one): the session is the one the frame
@@ -66,9 +65,41 @@ pub(crate) fn submission_from_frame(
     submission_from_json(obj)
 }
 
-/// The session a RESUME names; an absent one is a bad request.
-pub(crate) fn resume_session(session_id: Option<String>) -> Result<String, Refusal> {
-    session_id.ok_or_else(|| Refusal::BadRequest("RESUME needs `session_id`".into()))
+/// The session a RESUME names (an absent one is a bad request) and who reads it: the
+/// socket's reader, with the secret the frame presents, if any.
+pub(crate) fn resume_reader(
+    session_id: Option<String>,
+    secret: Option<String>,
+    socket: &Reader,
+) -> Result<(String, Reader), Refusal> {
+    let session_id =
+        session_id.ok_or_else(|| Refusal::BadRequest("RESUME needs `session_id`".into()))?;
+    let mut reader = socket.clone();
+    if let Some(s) = secret {
+        reader.secret = Some(SessionSecret::parse(&s)?);
+    }
+    Ok((session_id, reader))
+}
+
+/// The caller's IP, when the server was started with connection info (a node's own
+/// listener is; a router embedded elsewhere may not be).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct PeerIp(pub Option<std::net::IpAddr>);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for PeerIp {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _: &S,
+    ) -> Result<Self, Self::Rejection> {
+        Ok(PeerIp(
+            parts
+                .extensions
+                .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+                .map(|c| c.0.ip()),
+        ))
+    }
 }
 
 /// An HTTP error body, `{"error": message, "code": code}`, with the code's status.

@@ -20,7 +20,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::dispatch::{Dispatcher, Refusal, Rejected};
+use crate::dispatch::{Dispatcher, Origin, Reader, Refusal, Rejected};
 use crate::envelope::{unix_now, Envelope};
 use crate::identity::Address;
 use crate::proto::{signed_announce, ClientFrame, NodeFrame, Object, RelayToAgent, RelayUrl};
@@ -267,7 +267,8 @@ impl Runner {
             max_frame,
             out: out_tx.clone(),
             dead: dead.clone(),
-            callers: HashMap::new(),
+            origin: Origin::Relay(self.url.base()),
+            readers: HashMap::new(),
             forwarders: JoinSet::new(),
             answered: true,
         };
@@ -322,8 +323,11 @@ struct RelayedSessions {
     max_frame: usize,
     out: mpsc::Sender<String>,
     dead: CancellationToken,
-    /// Callers that authenticated a session with a signed CONNECT.
-    callers: HashMap<String, Caller>,
+    /// This relay, as the origin of what comes through it.
+    origin: Origin,
+    /// Who reads each relayed session: the caller a CONNECT authenticated, or an
+    /// unsigned caller's secret.
+    readers: HashMap<String, Reader>,
     forwarders: JoinSet<()>,
     /// Whether the relay answered the last re-announce.
     answered: bool,
@@ -369,19 +373,32 @@ impl RelayedSessions {
         match frame {
             Ok(ClientFrame::Input(obj)) => self.on_input(obj, session_id).await,
             Ok(ClientFrame::Connect(obj)) => self.on_connect(&obj, session_id).await,
-            Ok(ClientFrame::Resume { after, .. }) => {
-                let caller = self.caller(&session_id);
-                match self.dispatcher.follow(&session_id, after, &caller).await {
+            Ok(ClientFrame::Resume {
+                after,
+                session_secret,
+                ..
+            }) => {
+                let resumed = super::resume_reader(
+                    Some(session_id.clone()),
+                    session_secret,
+                    &self.reader(&session_id),
+                );
+                let (_, reader) = match resumed {
+                    Ok(r) => r,
+                    Err(r) => return self.send_rejected(r.into(), &session_id),
+                };
+                match self.dispatcher.follow(&session_id, after, &reader).await {
                     Ok(replies) => self.forward(replies),
-                    Err(r) => {
-                        self.send_rejected(Rejected::from(r).or_to(caller.verified()), &session_id)
-                    }
+                    Err(r) => self.send_rejected(
+                        Rejected::from(r).or_to(reader.caller.verified()),
+                        &session_id,
+                    ),
                 }
             }
             Ok(ClientFrame::Ping) => self.send(NodeFrame::Pong.encode(Some(&session_id))),
             // The caller left; what it started goes on and stays stored.
             Ok(ClientFrame::Close) => {
-                self.callers.remove(&session_id);
+                self.readers.remove(&session_id);
             }
             Ok(ClientFrame::Pong) => {}
             Ok(ClientFrame::Seal(_)) => self.send_rejected(
@@ -395,20 +412,31 @@ impl RelayedSessions {
         }
     }
 
-    fn caller(&self, session_id: &str) -> Caller {
-        self.callers
+    fn reader(&self, session_id: &str) -> Reader {
+        self.readers
             .get(session_id)
-            .copied()
-            .unwrap_or(Caller::Unsigned { claimed: None })
+            .cloned()
+            .unwrap_or_else(|| Reader::new(Caller::Unsigned { claimed: None }, None))
     }
 
     async fn on_input(&mut self, obj: Object, session_id: String) {
         let outcome = match super::submission_from_frame(obj, Some(session_id.clone())) {
-            Ok(submission) => self.dispatcher.submit(submission).await,
+            Ok(mut submission) => {
+                submission.origin = self.origin.clone();
+                submission.secret = self.readers.get(&session_id).and_then(|r| r.secret.clone());
+                self.dispatcher.submit(submission).await
+            }
             Err(r) => Err(r.into()),
         };
         match outcome {
             Ok(accepted) => {
+                // An unsigned caller may RESUME this session later with the same secret.
+                if let Some(secret) = accepted.secret.clone() {
+                    if self.readers.len() < MAX_CONNECTED_SESSIONS {
+                        let reader = Reader::new(Caller::Unsigned { claimed: None }, Some(secret));
+                        self.readers.insert(session_id.clone(), reader);
+                    }
+                }
                 if accepted.session_id != session_id {
                     // The signed payload named another session than the relay routes by;
                     // replies would not find their way back.
@@ -421,13 +449,17 @@ impl RelayedSessions {
     }
 
     async fn on_connect(&mut self, obj: &Object, session_id: String) {
-        if self.callers.len() >= MAX_CONNECTED_SESSIONS && !self.callers.contains_key(&session_id) {
+        if self.readers.len() >= MAX_CONNECTED_SESSIONS && !self.readers.contains_key(&session_id) {
             let msg = "too many relayed sessions at once; try again later".to_string();
             return self.send_rejected(Refusal::BadRequest(msg).into(), &session_id);
         }
-        match self.dispatcher.connect(obj, &session_id).await {
-            Ok((caller, status)) => {
-                self.callers.insert(session_id.clone(), caller);
+        match self
+            .dispatcher
+            .connect(obj, &session_id, &self.origin)
+            .await
+        {
+            Ok((reader, status)) => {
+                self.readers.insert(session_id.clone(), reader);
                 let connected = NodeFrame::Connected {
                     session_id: session_id.clone(),
                     status,

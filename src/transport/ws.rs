@@ -18,7 +18,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info_span, Instrument};
 
-use crate::dispatch::{Dispatcher, Refusal, Rejected};
+use crate::dispatch::{Dispatcher, Origin, Reader, Refusal, Rejected};
 use crate::envelope::{decode_object, Envelope};
 use crate::net::SocketFailure;
 use crate::proto::{session_of, ClientFrame, ErrorCode, NodeFrame, Object};
@@ -47,7 +47,11 @@ pub(crate) struct WsState {
     pub connections: Arc<Semaphore>,
 }
 
-pub(crate) async fn upgrade(State(st): State<WsState>, ws: WebSocketUpgrade) -> Response {
+pub(crate) async fn upgrade(
+    State(st): State<WsState>,
+    super::PeerIp(peer): super::PeerIp,
+    ws: WebSocketUpgrade,
+) -> Response {
     let Ok(permit) = st.connections.clone().try_acquire_owned() else {
         return super::error_response(
             ErrorCode::Busy,
@@ -59,7 +63,7 @@ pub(crate) async fn upgrade(State(st): State<WsState>, ws: WebSocketUpgrade) -> 
         .max_frame_size(max)
         .on_upgrade(move |socket| async move {
             let span = info_span!("ws", conn = %uuid::Uuid::new_v4().simple());
-            Connection::new(st, permit)
+            Connection::new(st, permit, peer)
                 .run(socket)
                 .instrument(span)
                 .await
@@ -71,23 +75,27 @@ struct Connection {
     out: Option<mpsc::Sender<Message>>,
     /// Cancelled when the socket is done: closed, idle, or too slow.
     closed: CancellationToken,
-    /// Who the socket authenticated as with a signed CONNECT, if anyone.
-    caller: Caller,
+    /// Who the socket authenticated as with a signed CONNECT, if anyone, and the session
+    /// secret it uses when unsigned.
+    reader: Reader,
     /// The session this socket continues when an INPUT names none.
     session_id: Option<String>,
     forwarders: JoinSet<()>,
+    /// The client's IP, for per-IP limits.
+    peer: Option<std::net::IpAddr>,
     _permit: OwnedSemaphorePermit,
 }
 
 impl Connection {
-    fn new(st: WsState, permit: OwnedSemaphorePermit) -> Self {
+    fn new(st: WsState, permit: OwnedSemaphorePermit, peer: Option<std::net::IpAddr>) -> Self {
         Connection {
             st,
             out: None,
             closed: CancellationToken::new(),
-            caller: Caller::Unsigned { claimed: None },
+            reader: Reader::new(Caller::Unsigned { claimed: None }, None),
             session_id: None,
             forwarders: JoinSet::new(),
+            peer,
             _permit: permit,
         }
     }
@@ -177,7 +185,7 @@ impl Connection {
     fn send_rejected(&self, rejected: Rejected) {
         let rejected = rejected
             .or_session(self.session_id.as_deref())
-            .or_to(self.caller.verified());
+            .or_to(self.reader.caller.verified());
         let env = self.dispatcher().error_envelope(&rejected);
         self.send_text(env.to_flat_json().to_string());
     }
@@ -190,9 +198,11 @@ impl Connection {
         match ClientFrame::decode(obj) {
             Ok(ClientFrame::Input(obj)) => self.on_input(obj).await,
             Ok(ClientFrame::Connect(obj)) => self.on_connect(obj).await,
-            Ok(ClientFrame::Resume { session_id, after }) => {
-                self.on_resume(session_id, after).await
-            }
+            Ok(ClientFrame::Resume {
+                session_id,
+                after,
+                session_secret,
+            }) => self.on_resume(session_id, after, session_secret).await,
             Ok(ClientFrame::Ping) => self.send_text(NodeFrame::Pong.encode(None)),
             Ok(ClientFrame::Pong | ClientFrame::Close) => {}
             // Python clients try to seal first; answering at once lets them fall back to
@@ -217,13 +227,21 @@ impl Connection {
         // The session named in the frame, else the one this socket is in.
         let named = session_of(&obj);
         let outcome = match super::submission_from_frame(obj, self.session_id.clone()) {
-            Ok(submission) => self.dispatcher().submit(submission).await,
+            Ok(mut submission) => {
+                submission.peer = self.peer;
+                submission.secret = self.reader.secret.clone();
+                self.dispatcher().submit(submission).await
+            }
             Err(r) => Err(r.into()),
         };
         let outcome = outcome.map_err(|r| r.or_session(named.as_deref()));
         match outcome {
             Ok(accepted) => {
                 self.session_id = Some(accepted.session_id.clone());
+                // An unsigned socket keeps its secret for later RESUMEs and reads.
+                if self.reader.secret.is_none() {
+                    self.reader.secret = accepted.secret;
+                }
                 self.forward(accepted.replies);
             }
             Err(rejected) => self.send_rejected(rejected),
@@ -236,9 +254,13 @@ impl Connection {
     async fn on_connect(&mut self, obj: Object) {
         let session_id =
             ClientFrame::connect_session(&obj).unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
-        match self.dispatcher().connect(&obj, &session_id).await {
-            Ok((caller, status)) => {
-                self.caller = caller;
+        match self
+            .dispatcher()
+            .connect(&obj, &session_id, &Origin::Direct)
+            .await
+        {
+            Ok((reader, status)) => {
+                self.reader = reader;
                 self.session_id = Some(session_id.clone());
                 self.send_text(NodeFrame::Connected { session_id, status }.encode(None));
             }
@@ -248,16 +270,12 @@ impl Connection {
 
     /// `{"type":"RESUME","session_id","after":N}`: the replies after sequence N, then
     /// live ones until the final reply.
-    async fn on_resume(&mut self, session_id: Option<String>, after: u64) {
-        let session_id = match super::resume_session(session_id) {
-            Ok(s) => s,
+    async fn on_resume(&mut self, session_id: Option<String>, after: u64, secret: Option<String>) {
+        let (session_id, reader) = match super::resume_reader(session_id, secret, &self.reader) {
+            Ok(r) => r,
             Err(r) => return self.send_rejected(r.into()),
         };
-        match self
-            .dispatcher()
-            .follow(&session_id, after, &self.caller)
-            .await
-        {
+        match self.dispatcher().follow(&session_id, after, &reader).await {
             Ok(replies) => {
                 self.session_id = Some(session_id);
                 self.forward(replies);

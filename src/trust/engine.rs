@@ -15,6 +15,7 @@ use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
+use super::invites::InviteGuard;
 use super::policy::{AllowRule, DefaultAction, DenyRule, Policy};
 use super::{AddressList, Caller, ListError, Refused, Trust, TrustLevel};
 use crate::envelope::unix_now;
@@ -35,6 +36,14 @@ pub struct TrustQuestion {
     pub history: CallerHistory,
     /// The natural-language policy of the host, if any.
     pub policy: String,
+}
+
+/// An invite code a signed request presents, and where the request came from (for the
+/// per-IP limit on wrong codes; `None` where the transport cannot tell).
+#[derive(Debug, Clone, Copy)]
+pub struct Invite<'a> {
+    pub code: &'a str,
+    pub peer: Option<std::net::IpAddr>,
 }
 
 /// Decides about strangers when the policy says `default: ask`.
@@ -176,6 +185,8 @@ pub struct TrustEngine {
     me: Address,
     /// The trust agent's recent decisions, per caller.
     asked: Mutex<HashMap<Option<Address>, Asked>>,
+    /// Wrong invite codes, per caller and node-wide.
+    invites: InviteGuard,
 }
 
 impl TrustEngine {
@@ -209,6 +220,7 @@ impl TrustEngine {
             agent,
             me,
             asked: Mutex::new(HashMap::new()),
+            invites: InviteGuard::new(),
         }
     }
 
@@ -275,7 +287,7 @@ impl TrustEngine {
 
     /// The decision after signature checks. `invite` is the `invite_code` of the signed
     /// payload, if any.
-    pub async fn decide(&self, caller: &Caller, invite: Option<&str>) -> Result<(), Refused> {
+    pub async fn decide(&self, caller: &Caller, invite: Option<Invite<'_>>) -> Result<(), Refused> {
         self.check_blacklist(caller.verified().as_ref())?;
         let Some(policy) = &self.policy else {
             return self.decide_by_level(caller).await;
@@ -310,11 +322,23 @@ impl TrustEngine {
                 return Ok(());
             }
         }
-        if let Some(code) = invite {
-            if policy.onboard.invite_code.iter().any(|c| c.matches(code)) {
+        if let Some(invite) = invite {
+            if let Some(wait) = self.invites.wait(a, invite.peer) {
+                return Err(Refused::TooManyAttempts {
+                    retry_after_secs: wait.as_secs().max(1),
+                });
+            }
+            if policy
+                .onboard
+                .invite_code
+                .iter()
+                .any(|c| c.matches(invite.code))
+            {
+                self.invites.succeeded(a);
                 self.promote(a, "invite code").await;
                 return Ok(());
             }
+            self.invites.failed(a, invite.peer);
         }
         let mut short = None;
         if let Some(price) = policy.onboard.payment {

@@ -6,6 +6,7 @@
 //! onboarding, default). [`TrustEngine`] makes the decisions.
 
 mod engine;
+mod invites;
 mod lists;
 mod policy;
 
@@ -15,11 +16,15 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 
 pub use engine::{
-    AdminAction, AdminError, CallerLevel, Denial, ListFile, ListFiles, TrustAgent, TrustEngine,
-    TrustQuestion,
+    AdminAction, AdminError, CallerLevel, Denial, Invite, ListFile, ListFiles, TrustAgent,
+    TrustEngine, TrustQuestion,
 };
+pub use invites::FREE_ATTEMPTS as FREE_INVITE_ATTEMPTS;
 pub use lists::{AddressList, ListError};
-pub use policy::{AllowRule, DefaultAction, DenyRule, InviteCode, Onboard, Policy, PolicyError};
+pub use policy::{
+    AllowRule, DefaultAction, DenyRule, InviteCode, Onboard, Policy, PolicyError, WeakInviteCode,
+    MIN_INVITE_CODE_CHARS,
+};
 
 use crate::identity::Address;
 use crate::proto::ErrorCode;
@@ -104,6 +109,8 @@ pub enum Refused {
     ListUnreadable(String),
     #[error("only the node itself and its admins may do this")]
     NotAdmin,
+    #[error("too many wrong invite codes; try again in {retry_after_secs} s")]
+    TooManyAttempts { retry_after_secs: u64 },
 }
 
 impl Refused {
@@ -116,6 +123,7 @@ impl Refused {
             Refused::NotAllowed(_) => ErrorCode::NotAllowed,
             Refused::ListUnreadable(_) => ErrorCode::ListUnreadable,
             Refused::NotAdmin => ErrorCode::NotAdmin,
+            Refused::TooManyAttempts { .. } => ErrorCode::RateLimited,
         }
     }
 }

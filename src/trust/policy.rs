@@ -37,14 +37,44 @@ pub enum DefaultAction {
     Ask,
 }
 
+/// Shortest invite code accepted: with wrong tries limited (a few per caller and IP,
+/// then a doubling wait, and a node-wide cap), 8 characters of letters and digits leave
+/// far too many codes to guess. `oonode trust invite` makes 20-character ones.
+pub const MIN_INVITE_CODE_CHARS: usize = 8;
+
 /// An invite code: compared, never printed or logged.
 #[derive(Clone, PartialEq, Eq, Deserialize)]
-#[serde(transparent)]
+#[serde(try_from = "String")]
 pub struct InviteCode(String);
 
+/// Why an invite code was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("an invite code needs at least {MIN_INVITE_CODE_CHARS} characters (it is never printed; `oonode trust invite` makes a strong one)")]
+pub struct WeakInviteCode;
+
+impl TryFrom<String> for InviteCode {
+    type Error = WeakInviteCode;
+
+    fn try_from(code: String) -> Result<Self, Self::Error> {
+        InviteCode::new(code)
+    }
+}
+
 impl InviteCode {
-    pub fn new(code: impl Into<String>) -> Self {
-        InviteCode(code.into())
+    pub fn new(code: impl Into<String>) -> Result<Self, WeakInviteCode> {
+        let code = code.into();
+        if code.chars().count() < MIN_INVITE_CODE_CHARS {
+            return Err(WeakInviteCode);
+        }
+        Ok(InviteCode(code))
+    }
+
+    /// A fresh random code: 20 characters of an unambiguous alphabet (about 100 bits).
+    pub fn generate() -> String {
+        const ALPHABET: &[u8] = b"ABCDEFGHJKLMNPQRSTUVWXYZ23456789";
+        (0..20)
+            .map(|_| ALPHABET[rand::random::<usize>() % ALPHABET.len()] as char)
+            .collect()
     }
 
     /// Constant-time comparison, so response timing does not leak the code.

@@ -93,16 +93,17 @@ pub fn verified_reply(body: &Value, node: Address) -> Envelope {
     env
 }
 
-/// Headers for a signed GET of `path` by `caller`.
-pub fn signed_get_headers(caller: &Identity, path: &str) -> Vec<(&'static str, String)> {
-    let ts = unix_now();
-    let payload = json!({"method": "GET", "path": path, "timestamp": ts});
-    let sig = caller.sign(&oonode::envelope::canonical_json(&payload));
-    vec![
-        ("x-co-from", caller.address().to_string()),
-        ("x-co-signature", hex_sig(&sig.to_bytes())),
-        ("x-co-timestamp", ts.to_string()),
-    ]
+/// A session secret an unsigned test caller chooses itself, so that it can read its
+/// sessions before (or without) an answer.
+pub const SECRET: &str = "test-secret-0123456789abcdef0123456789";
+
+/// Headers for a signed GET of `path` by `caller`, for `node`.
+pub fn signed_get_headers(
+    caller: &Identity,
+    node: Address,
+    path: &str,
+) -> Vec<(&'static str, String)> {
+    oonode::proto::sign_request(caller, &node, "GET", path, "", b"")
 }
 
 /// A port that was free a moment ago, for the rare test that must know a port before
@@ -115,9 +116,9 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-pub async fn signed_get(url: &str, caller: &Identity, path: &str) -> (u16, Value) {
+pub async fn signed_get(url: &str, node: Address, caller: &Identity, path: &str) -> (u16, Value) {
     let mut req = client().get(format!("{url}{path}"));
-    for (k, v) in signed_get_headers(caller, path) {
+    for (k, v) in signed_get_headers(caller, node, path) {
         req = req.header(k, v);
     }
     send(req).await

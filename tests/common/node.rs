@@ -167,6 +167,14 @@ async fn listening(p2p: &P2p, count: usize) -> Vec<Multiaddr> {
 }
 
 impl TestNode {
+    /// GET `path` as an unsigned caller holding `secret` (its sessions' secret).
+    pub async fn get_with_secret(&self, path: &str, secret: &str) -> (u16, Value) {
+        let req = super::client()
+            .get(format!("{}{path}", self.url))
+            .header("x-co-session-secret", secret);
+        super::send(req).await
+    }
+
     /// The node's `/ws` URL (HTTP must be on).
     pub fn ws_url(&self) -> String {
         self.handle.ws_url().expect("the node's HTTP is on")

@@ -123,11 +123,7 @@ async fn serve_stream(
         }
     };
     let session_id = session_of(&input.payload);
-    let submission = Submission {
-        envelope: input,
-        session: None,
-        uploads: Vec::new(),
-    };
+    let submission = Submission::new(input);
     let mut accepted = match dispatcher.submit(submission).await {
         Ok(a) => a,
         Err(rejected) => {
