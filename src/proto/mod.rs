@@ -9,7 +9,10 @@ mod error;
 mod frame;
 mod relay_url;
 
-pub use announce::{signed_announce, verify_announce, Announce, MAX_ENDPOINTS, MAX_SUMMARY_CHARS};
+pub use announce::{
+    signed_announce, verify_announce, Announce, MAX_ENDPOINTS, MAX_ENDPOINT_BYTES,
+    MAX_SUMMARY_CHARS,
+};
 pub use error::ErrorCode;
 pub use frame::{
     input_frame, session_of, AgentToRelay, CallerToRelay, ClientFrame, ConnectStatus, FrameError,
