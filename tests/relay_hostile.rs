@@ -779,3 +779,216 @@ mod tuned {
         round_trip(&mut caller, &mut agent, to, "idle-2").await;
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// Memory: the real binary under all of the above at once
+// ---------------------------------------------------------------------------------------
+
+/// `oonode relay` started here; killed (by its own handle) when dropped.
+struct RelayProcess {
+    child: std::process::Child,
+    addr: SocketAddr,
+}
+
+impl RelayProcess {
+    /// `oonode relay --listen 127.0.0.1:0 --ready-json`, once its ready line is out.
+    fn spawn() -> RelayProcess {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_oonode"))
+            .args(["relay", "--listen", "127.0.0.1:0", "--ready-json"])
+            .env("RUST_LOG", "error")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("oonode relay starts");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                let _ = tx.send(line);
+            }
+        });
+        let line = rx.recv_timeout(STEP).expect("a ready line");
+        let ready = oonode::RelayReady::parse(&line).expect("the ready line parses");
+        let url: oonode::proto::RelayUrl = ready.url.parse().unwrap();
+        let addr = url.authority().parse().unwrap();
+        RelayProcess { child, addr }
+    }
+
+    /// VmRSS in KiB, from /proc.
+    fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .expect("the relay is running");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("a VmRSS line")
+    }
+}
+
+impl Drop for RelayProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// An agent on the relay at `addr`, announced as our node does; `Err` with the answer if
+/// refused.
+async fn announce_at(
+    addr: SocketAddr,
+    from: [u8; 4],
+    id: &Identity,
+    summary: &str,
+    endpoints: &[String],
+) -> Result<Socket, Value> {
+    let relay_url = format!("ws://{addr}/ws/announce");
+    let mut agent = try_ws_from(from, addr, "/ws/announce", &[])
+        .await
+        .map_err(|e| json!({"refused": e.to_string()}))?;
+    let frame = signed_announce(id, summary, endpoints, &relay_url, unix_now());
+    send(&mut agent, &frame).await;
+    match recv(&mut agent).await {
+        Some(answer) if answer["type"] == "ANNOUNCE_OK" => Ok(agent),
+        other => Err(other.unwrap_or(Value::Null)),
+    }
+}
+
+/// The bound the relay's resident memory stays under in the test below: measured at
+/// 14 MiB idle and 62 MiB at the peak of the load (debug build; most of it the 2,000
+/// full-size offline entries, then the 256 held caller connections, ~48 KiB each).
+/// Before the fixes, the 40 oversize announces alone took it past 190 MiB.
+const RSS_BOUND_KIB: u64 = 96 * 1024;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_real_relay_stays_under_its_memory_bound_under_hostile_load() {
+    let relay = RelayProcess::spawn();
+    let addr = relay.addr;
+    let idle_kib = relay.rss_kib();
+    let legit_id = Identity::generate();
+    let mut legit = announce_at(addr, [127, 0, 0, 3], &legit_id, "legit", &[])
+        .await
+        .expect("the legitimate agent announces");
+    let to = legit_id.address();
+    let mut caller = try_ws_from([127, 0, 0, 4], addr, "/ws/input", &[])
+        .await
+        .unwrap();
+    round_trip(&mut caller, &mut legit, to, "before").await;
+
+    // 1. Forty announces with ~4 MB of endpoints each (the finding: +190 MB).
+    let huge: Vec<String> = (0..16)
+        .map(|i| format!("http://10.0.0.{i}/{}", "x".repeat(240_000)))
+        .collect();
+    let mut refused = 0;
+    for _ in 0..40 {
+        if announce_at(addr, [127, 0, 0, 1], &Identity::generate(), "", &huge)
+            .await
+            .is_err()
+        {
+            refused += 1;
+        }
+    }
+    assert_eq!(refused, 40, "every oversize announce is refused");
+
+    println!(
+        "relay RSS after phase 1 (oversize announces): {} KiB",
+        relay.rss_kib()
+    );
+    // 2. Two thousand addresses with the most an announce may carry, each announced and
+    // gone (offline entries), a hundred at a time.
+    let endpoints: Vec<String> = (0..MAX_ENDPOINTS)
+        .map(|i| {
+            format!(
+                "http://10.1.0.{i}:8000/{}",
+                "e".repeat(MAX_ENDPOINT_BYTES - 24)
+            )
+        })
+        .collect();
+    let summary = "s".repeat(MAX_SUMMARY_CHARS);
+    for _ in 0..20 {
+        let batch = (0..100).map(|_| {
+            let (endpoints, summary) = (endpoints.clone(), summary.clone());
+            tokio::spawn(async move {
+                announce_at(
+                    addr,
+                    [127, 0, 0, 1],
+                    &Identity::generate(),
+                    &summary,
+                    &endpoints,
+                )
+                .await
+                .is_ok()
+            })
+        });
+        for ok in futures::future::join_all(batch).await {
+            assert!(ok.unwrap(), "a well-formed announce is accepted");
+        }
+    }
+
+    println!(
+        "relay RSS after phase 2 (2,000 full-size addresses): {} KiB",
+        relay.rss_kib()
+    );
+    // 3. One socket claiming five hundred more addresses.
+    let mut ghost_host = announce_at(addr, [127, 0, 0, 1], &Identity::generate(), "", &[])
+        .await
+        .unwrap();
+    for _ in 0..500 {
+        let frame = signed_announce(
+            &Identity::generate(),
+            &summary,
+            &endpoints,
+            &format!("ws://{addr}"),
+            unix_now(),
+        );
+        send(&mut ghost_host, &frame).await;
+        assert_eq!(
+            kind(&recv(&mut ghost_host).await.unwrap()).1,
+            Some("bad_request")
+        );
+    }
+
+    println!(
+        "relay RSS after phase 3 (500 addresses on one socket): {} KiB",
+        relay.rss_kib()
+    );
+    // 4. A flood of caller connections from one IP, each naming agents that do not exist.
+    let mut flood = Vec::new();
+    let mut turned_away = 0;
+    for i in 0..600 {
+        match try_ws_from([127, 0, 0, 1], addr, "/ws/input", &[]).await {
+            Ok(mut c) => {
+                let frame = input_frame(
+                    &legit_id,
+                    Identity::generate().address(),
+                    "x",
+                    &format!("f-{i}"),
+                );
+                send(&mut c, &frame).await;
+                flood.push(c);
+            }
+            Err(_) => turned_away += 1,
+        }
+    }
+    assert!(turned_away > 0 && flood.len() < 600, "the flood is capped");
+
+    // The legitimate agent and caller work during the load...
+    round_trip(&mut caller, &mut legit, to, "during").await;
+    let peak_kib = relay.rss_kib();
+    drop(flood);
+    drop(ghost_host);
+    // ... and after it.
+    round_trip(&mut caller, &mut legit, to, "after").await;
+    let after_kib = relay.rss_kib();
+    println!(
+        "relay RSS: idle {idle_kib} KiB, at the peak of the load {peak_kib} KiB, after {after_kib} KiB \
+         (bound {RSS_BOUND_KIB} KiB); {} caller connections held, {turned_away} turned away",
+        600 - turned_away
+    );
+    assert!(peak_kib < RSS_BOUND_KIB, "{peak_kib} KiB at the peak");
+    assert!(after_kib < RSS_BOUND_KIB, "{after_kib} KiB after");
+}

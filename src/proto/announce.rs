@@ -52,7 +52,7 @@ pub fn signed_announce(
     msg
 }
 
-/// Checks an ANNOUNCE: address, signature (form B or A), freshness, field limits.
+/// Checks an ANNOUNCE: address, field limits, signature (form B or A), freshness.
 pub fn verify_announce(msg: &Map<String, Value>, now: u64) -> Result<Announce, EnvelopeError> {
     let malformed = |m: &str| EnvelopeError::Malformed(m.to_string());
     let address: Address = msg
@@ -61,33 +61,7 @@ pub fn verify_announce(msg: &Map<String, Value>, now: u64) -> Result<Announce, E
         .ok_or_else(|| malformed("ANNOUNCE needs `address`"))?
         .parse()
         .map_err(|e: crate::identity::AddressError| EnvelopeError::BadFrom(e.to_string()))?;
-    let sig_hex = msg
-        .get("signature")
-        .and_then(Value::as_str)
-        .ok_or(EnvelopeError::Unsigned)?;
-    let sig_hex = sig_hex.strip_prefix("0x").unwrap_or(sig_hex);
-    let mut sig = [0u8; 64];
-    hex::decode_to_slice(sig_hex, &mut sig).map_err(|_| EnvelopeError::BadSignatureEncoding)?;
-    let sig = ed25519_dalek::Signature::from_bytes(&sig);
-    let mut unsigned = msg.clone();
-    unsigned.remove("signature");
-    let unsigned = Value::Object(unsigned);
-    let key = address.verifying_key();
-    let ok = key
-        .verify_strict(&canonical_json_form_b(&unsigned), &sig)
-        .is_ok()
-        || key.verify_strict(&canonical_json(&unsigned), &sig).is_ok();
-    if !ok {
-        return Err(EnvelopeError::BadSignature(address.short()));
-    }
-    let timestamp = msg
-        .get("timestamp")
-        .and_then(Value::as_u64)
-        .ok_or(EnvelopeError::MissingTimestamp)?;
-    let skew = now.abs_diff(timestamp);
-    if skew > MAX_CLOCK_SKEW_SECS {
-        return Err(EnvelopeError::Stale { skew });
-    }
+    // The cheap bounds first: a signature over megabytes of endpoints is never computed.
     let summary = match msg.get("summary") {
         None | Some(Value::Null) => String::new(),
         Some(Value::String(s)) if s.chars().count() <= MAX_SUMMARY_CHARS => s.clone(),
@@ -119,6 +93,33 @@ pub fn verify_announce(msg: &Map<String, Value>, now: u64) -> Result<Announce, E
         Some(Value::String(s)) => Some(s.clone()),
         Some(_) => return Err(malformed("`relay` must be a string")),
     };
+    let timestamp = msg
+        .get("timestamp")
+        .and_then(Value::as_u64)
+        .ok_or(EnvelopeError::MissingTimestamp)?;
+    let skew = now.abs_diff(timestamp);
+    if skew > MAX_CLOCK_SKEW_SECS {
+        return Err(EnvelopeError::Stale { skew });
+    }
+    let sig_hex = msg
+        .get("signature")
+        .and_then(Value::as_str)
+        .ok_or(EnvelopeError::Unsigned)?;
+    let sig_hex = sig_hex.strip_prefix("0x").unwrap_or(sig_hex);
+    let mut sig = [0u8; 64];
+    hex::decode_to_slice(sig_hex, &mut sig).map_err(|_| EnvelopeError::BadSignatureEncoding)?;
+    let sig = ed25519_dalek::Signature::from_bytes(&sig);
+    let mut unsigned = msg.clone();
+    unsigned.remove("signature");
+    let unsigned = Value::Object(unsigned);
+    let key = address.verifying_key();
+    let ok = key
+        .verify_strict(&canonical_json_form_b(&unsigned), &sig)
+        .is_ok()
+        || key.verify_strict(&canonical_json(&unsigned), &sig).is_ok();
+    if !ok {
+        return Err(EnvelopeError::BadSignature(address.short()));
+    }
     Ok(Announce {
         address,
         timestamp,

@@ -157,13 +157,16 @@ async fn next_object(stream: &mut SplitStream<WebSocket>) -> Frame {
                 })
             }
         };
-        let bytes = match msg {
-            Message::Text(t) => t.as_bytes().to_vec(),
-            Message::Binary(b) => b.to_vec(),
+        // Parsed in place: a frame may be max_frame_bytes long, and a copy per frame
+        // doubles what a hostile peer makes the relay hold.
+        let parsed = match &msg {
+            Message::Text(t) => serde_json::from_str::<Value>(t.as_str()),
+            Message::Binary(b) => serde_json::from_slice::<Value>(b),
             Message::Close(_) => return Frame::Closed,
             Message::Ping(_) | Message::Pong(_) => continue,
         };
-        return match serde_json::from_slice::<Value>(&bytes) {
+        drop(msg);
+        return match parsed {
             Ok(Value::Object(o)) => Frame::Object(o),
             Ok(_) => Frame::Invalid("expected a JSON object".into()),
             Err(e) => Frame::Invalid(format!("invalid JSON: {e}")),
