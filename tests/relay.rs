@@ -628,9 +628,17 @@ fn tamper_rule() -> Rule {
 
 #[tokio::test]
 async fn frames_altered_or_dropped_in_transit_are_rejected() {
-    let relay = start_relay(relay_config()).await;
-    let mitm = Mitm::start(relay.url(), tamper_rule()).await;
+    // The proxy is the relay's public face, as a reverse proxy would be: the relay is told
+    // its URL, since agents sign their ANNOUNCE for the URL they dial.
+    let relay_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let mitm = Mitm::start(format!("ws://{relay_addr}"), tamper_rule()).await;
     let via = mitm.url();
+    let _relay = start_relay(
+        relay_config()
+            .listen(relay_addr)
+            .public_url(via.parse().unwrap()),
+    )
+    .await;
     // Both the node and its callers go through the proxy.
     let node = start_node(Host::new(Echo), &via).await;
 

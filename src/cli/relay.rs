@@ -1,6 +1,9 @@
 //! `oonode relay`: a relay with the limits given as flags (each defaults to
 //! [`RelayConfig::default`]'s).
 
+use std::time::Duration;
+
+use oonode::proto::RelayUrl;
 use oonode::RelayConfig;
 
 #[derive(clap::Args)]
@@ -8,6 +11,12 @@ pub(crate) struct RelayArgs {
     /// Address to listen on.
     #[arg(long, default_value_t = RelayConfig::default().listen)]
     listen: std::net::SocketAddr,
+    /// A URL agents reach this relay by, e.g. wss://relay.example (repeat for aliases).
+    /// An ANNOUNCE must be signed for one of them. Default: the listen address
+    /// (ws://127.0.0.1:PORT and ws://localhost:PORT for a loopback or 0.0.0.0 bind, and
+    /// ws://[::1]:PORT for 0.0.0.0); a public relay must set it.
+    #[arg(long = "public-url", value_name = "URL")]
+    public_urls: Vec<RelayUrl>,
     /// Largest frame accepted, in bytes.
     #[arg(long, default_value_t = RelayConfig::default().max_frame_bytes)]
     max_frame_bytes: usize,
@@ -29,6 +38,28 @@ pub(crate) struct RelayArgs {
     /// Seconds without a frame after which a caller connection is closed.
     #[arg(long, default_value_t = RelayConfig::default().caller_idle.as_secs())]
     caller_idle: u64,
+    /// Seconds without a frame either way after which a relayed session ends.
+    #[arg(long, default_value_t = RelayConfig::default().session_idle.as_secs())]
+    session_idle: u64,
+    /// Seconds a new caller connection has to name an agent (CONNECT, INPUT or SEAL).
+    #[arg(long, default_value_t = RelayConfig::default().first_frame_timeout.as_secs())]
+    first_frame_timeout: u64,
+    /// Offline agents kept in the directory (the longest offline go first).
+    #[arg(long, default_value_t = RelayConfig::default().max_offline)]
+    max_offline: usize,
+    /// Caller connections from one IP address (IPv6: one /64).
+    #[arg(long, default_value_t = RelayConfig::default().max_callers_per_ip)]
+    max_callers_per_ip: usize,
+    /// Agent connections from one IP address (IPv6: one /64).
+    #[arg(long, default_value_t = RelayConfig::default().max_agents_per_ip)]
+    max_agents_per_ip: usize,
+    /// Sessions callers from one IP address hold with one agent.
+    #[arg(long, default_value_t = RelayConfig::default().max_ip_sessions_per_agent)]
+    max_ip_sessions_per_agent: usize,
+    /// Count clients by the last X-Forwarded-For entry (only behind a reverse proxy that
+    /// sets it; otherwise clients could claim any address).
+    #[arg(long)]
+    trust_forwarded_for: bool,
     /// Print one JSON line to stdout when listening ({"event":"ready","url","announce",
     /// "input","http"}) instead of the human-readable lines.
     #[arg(long)]
@@ -42,8 +73,16 @@ pub(crate) async fn relay(args: RelayArgs) -> anyhow::Result<()> {
     config.max_callers = args.max_callers;
     config.max_sessions_per_agent = args.max_sessions_per_agent;
     config.frames_per_sec = args.frames_per_sec;
-    config.agent_timeout = std::time::Duration::from_secs(args.agent_timeout);
-    config.caller_idle = std::time::Duration::from_secs(args.caller_idle);
+    config.agent_timeout = Duration::from_secs(args.agent_timeout);
+    config.caller_idle = Duration::from_secs(args.caller_idle);
+    config.session_idle = Duration::from_secs(args.session_idle);
+    config.first_frame_timeout = Duration::from_secs(args.first_frame_timeout);
+    config.max_offline = args.max_offline;
+    config.max_callers_per_ip = args.max_callers_per_ip;
+    config.max_agents_per_ip = args.max_agents_per_ip;
+    config.max_ip_sessions_per_agent = args.max_ip_sessions_per_agent;
+    config.trust_forwarded_for = args.trust_forwarded_for;
+    config.public_urls = args.public_urls;
     let handle = oonode::Relay::spawn(config).await?;
     if args.ready_json {
         println!("{}", handle.ready().to_line());

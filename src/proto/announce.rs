@@ -14,6 +14,9 @@ use crate::identity::{Address, Identity};
 pub const MAX_SUMMARY_CHARS: usize = 1000;
 /// Most endpoints one ANNOUNCE may list.
 pub const MAX_ENDPOINTS: usize = 16;
+/// Longest endpoint URL, in bytes: a relay keeps and serves what agents announce, so what
+/// one announce may make it hold is bounded (16 × 256 bytes of endpoints).
+pub const MAX_ENDPOINT_BYTES: usize = 256;
 
 /// What a relay keeps of an accepted ANNOUNCE.
 #[derive(Debug, Clone, PartialEq)]
@@ -22,6 +25,10 @@ pub struct Announce {
     pub timestamp: u64,
     pub summary: String,
     pub endpoints: Vec<String>,
+    /// The relay the agent signed this announce for (`relay`), as written; `None` when
+    /// absent. A relay accepts the announce only if this names itself, so that an
+    /// announce captured by one relay cannot be replayed to another.
+    pub relay: Option<String>,
 }
 
 /// Builds a signed ANNOUNCE (form B, so that Python relays accept it too).
@@ -45,7 +52,7 @@ pub fn signed_announce(
     msg
 }
 
-/// Checks an ANNOUNCE: address, signature (form B or A), freshness, field limits.
+/// Checks an ANNOUNCE: address, field limits, signature (form B or A), freshness.
 pub fn verify_announce(msg: &Map<String, Value>, now: u64) -> Result<Announce, EnvelopeError> {
     let malformed = |m: &str| EnvelopeError::Malformed(m.to_string());
     let address: Address = msg
@@ -54,6 +61,46 @@ pub fn verify_announce(msg: &Map<String, Value>, now: u64) -> Result<Announce, E
         .ok_or_else(|| malformed("ANNOUNCE needs `address`"))?
         .parse()
         .map_err(|e: crate::identity::AddressError| EnvelopeError::BadFrom(e.to_string()))?;
+    // The cheap bounds first: a signature over megabytes of endpoints is never computed.
+    let summary = match msg.get("summary") {
+        None | Some(Value::Null) => String::new(),
+        Some(Value::String(s)) if s.chars().count() <= MAX_SUMMARY_CHARS => s.clone(),
+        Some(Value::String(_)) => {
+            return Err(malformed(&format!(
+                "summary is over {MAX_SUMMARY_CHARS} characters"
+            )))
+        }
+        Some(_) => return Err(malformed("`summary` must be a string")),
+    };
+    let endpoints = match msg.get("endpoints") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::Array(items)) if items.len() <= MAX_ENDPOINTS => items
+            .iter()
+            .map(|e| match e.as_str() {
+                Some(url) => check_endpoint(url)
+                    .map(|()| url.to_owned())
+                    .map_err(malformed),
+                None => Err(malformed("endpoints must be strings")),
+            })
+            .collect::<Result<_, _>>()?,
+        Some(Value::Array(_)) => {
+            return Err(malformed(&format!("more than {MAX_ENDPOINTS} endpoints")))
+        }
+        Some(_) => return Err(malformed("`endpoints` must be a list")),
+    };
+    let relay = match msg.get("relay") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => Some(s.clone()),
+        Some(_) => return Err(malformed("`relay` must be a string")),
+    };
+    let timestamp = msg
+        .get("timestamp")
+        .and_then(Value::as_u64)
+        .ok_or(EnvelopeError::MissingTimestamp)?;
+    let skew = now.abs_diff(timestamp);
+    if skew > MAX_CLOCK_SKEW_SECS {
+        return Err(EnvelopeError::Stale { skew });
+    }
     let sig_hex = msg
         .get("signature")
         .and_then(Value::as_str)
@@ -73,45 +120,33 @@ pub fn verify_announce(msg: &Map<String, Value>, now: u64) -> Result<Announce, E
     if !ok {
         return Err(EnvelopeError::BadSignature(address.short()));
     }
-    let timestamp = msg
-        .get("timestamp")
-        .and_then(Value::as_u64)
-        .ok_or(EnvelopeError::MissingTimestamp)?;
-    let skew = now.abs_diff(timestamp);
-    if skew > MAX_CLOCK_SKEW_SECS {
-        return Err(EnvelopeError::Stale { skew });
-    }
-    let summary = match msg.get("summary") {
-        None | Some(Value::Null) => String::new(),
-        Some(Value::String(s)) if s.chars().count() <= MAX_SUMMARY_CHARS => s.clone(),
-        Some(Value::String(_)) => {
-            return Err(malformed(&format!(
-                "summary is over {MAX_SUMMARY_CHARS} characters"
-            )))
-        }
-        Some(_) => return Err(malformed("`summary` must be a string")),
-    };
-    let endpoints = match msg.get("endpoints") {
-        None | Some(Value::Null) => Vec::new(),
-        Some(Value::Array(items)) if items.len() <= MAX_ENDPOINTS => items
-            .iter()
-            .map(|e| {
-                e.as_str()
-                    .map(str::to_owned)
-                    .ok_or_else(|| malformed("endpoints must be strings"))
-            })
-            .collect::<Result<_, _>>()?,
-        Some(Value::Array(_)) => {
-            return Err(malformed(&format!("more than {MAX_ENDPOINTS} endpoints")))
-        }
-        Some(_) => return Err(malformed("`endpoints` must be a list")),
-    };
     Ok(Announce {
         address,
         timestamp,
         summary,
         endpoints,
+        relay,
     })
+}
+
+/// An endpoint is an `http(s)://` or `ws(s)://` URL with a host, at most
+/// [`MAX_ENDPOINT_BYTES`] long, with no spaces or control characters.
+fn check_endpoint(url: &str) -> Result<(), &'static str> {
+    if url.len() > MAX_ENDPOINT_BYTES {
+        return Err("an endpoint is over 256 bytes");
+    }
+    let rest = ["http://", "https://", "ws://", "wss://"]
+        .iter()
+        .find_map(|scheme| url.strip_prefix(scheme))
+        .ok_or("an endpoint is an http://, https://, ws:// or wss:// URL")?;
+    let host = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    if host.is_empty() || host.starts_with(':') {
+        return Err("an endpoint names a host");
+    }
+    if url.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err("an endpoint has no spaces or control characters");
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -161,6 +196,47 @@ mod tests {
             json!({"type": "ANNOUNCE", "address": id.address().to_string(), "timestamp": now});
         let sig = id.sign(&canonical_json(&msg));
         msg["signature"] = json!(hex::encode(sig.to_bytes()));
-        assert!(verify_announce(msg.as_object().unwrap(), now).is_ok());
+        let a = verify_announce(msg.as_object().unwrap(), now).unwrap();
+        assert_eq!(
+            a.relay, None,
+            "no `relay`: the relay refuses it, not the parser"
+        );
+    }
+
+    #[test]
+    fn endpoints_are_bounded_urls() {
+        let id = Identity::from_seed([8; 32]);
+        let now = unix_now();
+        let long = format!("http://10.0.0.2:8000/{}", "a".repeat(MAX_ENDPOINT_BYTES));
+        let good = [
+            "http://10.0.0.2:8000",
+            "https://agent.example/x",
+            "ws://10.0.0.2:8000/ws",
+            "wss://[::1]:9/ws",
+        ];
+        for ok in good {
+            let msg = signed_announce(&id, "", &[ok.into()], "ws://r", now);
+            let a = verify_announce(msg.as_object().unwrap(), now).expect(ok);
+            assert_eq!(a.endpoints, [ok]);
+            assert_eq!(a.relay.as_deref(), Some("ws://r"));
+        }
+        for bad in [
+            long.as_str(),
+            "ftp://10.0.0.2",
+            "10.0.0.2:8000",
+            "http://",
+            "http://:80",
+            "http://a b",
+            "http://a\nb",
+        ] {
+            let msg = signed_announce(&id, "", &[bad.into()], "ws://r", now);
+            assert!(
+                matches!(
+                    verify_announce(msg.as_object().unwrap(), now),
+                    Err(EnvelopeError::Malformed(_))
+                ),
+                "{bad:?}"
+            );
+        }
     }
 }

@@ -107,6 +107,8 @@ error_codes! {
     AgentBusy = "agent_busy" => 503,
     AgentDisconnected = "agent_disconnected" => 502,
     SessionTaken = "session_taken" => 409,
+    /// Too many connections from one IP address (callers or agents).
+    TooManyConnections = "too_many_connections" => 429,
     TooManySessions = "too_many_sessions" => 429,
     RateLimited = "rate_limited" => 429,
     /// No frame for too long.

@@ -10,7 +10,10 @@ mod frame;
 mod relay_url;
 mod signed_request;
 
-pub use announce::{signed_announce, verify_announce, Announce, MAX_ENDPOINTS, MAX_SUMMARY_CHARS};
+pub use announce::{
+    signed_announce, verify_announce, Announce, MAX_ENDPOINTS, MAX_ENDPOINT_BYTES,
+    MAX_SUMMARY_CHARS,
+};
 pub use error::ErrorCode;
 pub use frame::{
     input_frame, session_of, AgentToRelay, CallerToRelay, ClientFrame, ConnectStatus, FrameError,

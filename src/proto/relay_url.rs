@@ -80,6 +80,25 @@ impl RelayUrl {
     pub fn health(&self) -> String {
         format!("{}{HEALTH_PATH}", self.http_base())
     }
+
+    /// Whether two URLs name the same relay: same scheme, host (in any letter case), port
+    /// (the default one written or not) and prefix. `ws://h/ws/announce` and `ws://H:80`
+    /// are the same relay; `ws://h` and `wss://h` are not.
+    pub fn same_relay(&self, other: &RelayUrl) -> bool {
+        self.secure == other.secure
+            && self.prefix == other.prefix
+            && self.normal_authority() == other.normal_authority()
+    }
+
+    /// The authority in lower case without the scheme's default port.
+    fn normal_authority(&self) -> String {
+        let lower = self.authority.to_ascii_lowercase();
+        let default_port = if self.secure { ":443" } else { ":80" };
+        match lower.strip_suffix(default_port) {
+            Some(host) => host.to_owned(),
+            None => lower,
+        }
+    }
 }
 
 impl FromStr for RelayUrl {
@@ -155,6 +174,28 @@ mod tests {
             tls.directory(a),
             format!("https://relay.example/oo/api/agents/{a}")
         );
+    }
+
+    #[test]
+    fn the_same_relay_is_recognised_however_it_is_written() {
+        let url = |s: &str| s.parse::<RelayUrl>().unwrap();
+        let public = url("wss://relay.example");
+        for same in [
+            "wss://relay.example/ws/announce",
+            "wss://Relay.Example:443/",
+            "wss://relay.example/ws/input",
+        ] {
+            assert!(public.same_relay(&url(same)), "{same}");
+        }
+        for other in [
+            "ws://relay.example",
+            "wss://relay.example:8443",
+            "wss://relay.example/oo",
+            "wss://relay.example.evil",
+        ] {
+            assert!(!public.same_relay(&url(other)), "{other}");
+        }
+        assert!(url("ws://127.0.0.1:80").same_relay(&url("ws://127.0.0.1/ws/announce")));
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! fill is disconnected rather than buffered for.
 
 use std::collections::{HashMap, HashSet};
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -14,13 +15,13 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, info_span, Instrument};
 
-use super::{AgentEntry, AgentLink, RelayState, Route};
+use super::{evict_offline, AgentEntry, AgentLink, IpKey, IpSlot, RelayState, Route};
 use crate::envelope::unix_now;
 use crate::identity::Address;
 use crate::net::SocketFailure;
 use crate::proto::{
     session_of, verify_announce, AgentToRelay, CallerToRelay, ErrorCode, Object, RelayError,
-    RelayToAgent,
+    RelayToAgent, RelayUrl,
 };
 
 /// How long an agent has to send its first ANNOUNCE.
@@ -156,13 +157,16 @@ async fn next_object(stream: &mut SplitStream<WebSocket>) -> Frame {
                 })
             }
         };
-        let bytes = match msg {
-            Message::Text(t) => t.as_bytes().to_vec(),
-            Message::Binary(b) => b.to_vec(),
+        // Parsed in place: a frame may be max_frame_bytes long, and a copy per frame
+        // doubles what a hostile peer makes the relay hold.
+        let parsed = match &msg {
+            Message::Text(t) => serde_json::from_str::<Value>(t.as_str()),
+            Message::Binary(b) => serde_json::from_slice::<Value>(b),
             Message::Close(_) => return Frame::Closed,
             Message::Ping(_) | Message::Pong(_) => continue,
         };
-        return match serde_json::from_slice::<Value>(&bytes) {
+        drop(msg);
+        return match parsed {
             Ok(Value::Object(o)) => Frame::Object(o),
             Ok(_) => Frame::Invalid("expected a JSON object".into()),
             Err(e) => Frame::Invalid(format!("invalid JSON: {e}")),
@@ -170,7 +174,9 @@ async fn next_object(stream: &mut SplitStream<WebSocket>) -> Frame {
     }
 }
 
-pub(super) async fn serve_agent(st: Arc<RelayState>, socket: WebSocket) {
+/// One agent connection: one address, announced by its first frame. `_ip_slot` counts
+/// the connection against its IP's `max_agents_per_ip` while it lives.
+pub(super) async fn serve_agent(st: Arc<RelayState>, socket: WebSocket, _ip_slot: IpSlot) {
     let conn = st.conn_id();
     let closed = st.shutdown.child_token();
     let (mut stream, tx) = split(socket, st.config.send_queue, closed.clone());
@@ -179,7 +185,7 @@ pub(super) async fn serve_agent(st: Arc<RelayState>, socket: WebSocket) {
     let refusal = match first {
         Ok(Frame::Object(obj)) => match AgentToRelay::decode(obj) {
             AgentToRelay::Announce(announce) => {
-                match register(&st, &announce, conn, &tx, &closed) {
+                match register(&st, &announce, conn, None, &tx, &closed) {
                     Ok(address) => Ok(address),
                     Err(e) => {
                         debug!(code = %e.code, message = %e.error, "announce refused");
@@ -221,16 +227,31 @@ pub(super) async fn serve_agent(st: Arc<RelayState>, socket: WebSocket) {
 }
 
 /// Accepts an ANNOUNCE for a new or the same socket. A newer announce on a new socket
-/// replaces the old socket; an older or equal one is a replay and is refused.
+/// replaces the old socket; an older or equal one is a replay and is refused. `bound` is
+/// the address this connection already announced: a connection carries one address, so
+/// an announce for any other is refused and registers nothing. So is one signed for
+/// another relay (or for none), which a relay it was sent to could otherwise replay here.
 fn register(
     st: &RelayState,
     msg: &Object,
     conn: u64,
+    bound: Option<Address>,
     tx: &mpsc::Sender<String>,
     closed: &CancellationToken,
 ) -> Result<Address, RelayError> {
     let a = verify_announce(msg, unix_now())
         .map_err(|e| RelayError::new(ErrorCode::of_envelope(&e), e.to_string()))?;
+    if let Some(bound) = bound.filter(|b| *b != a.address) {
+        return Err(RelayError::new(
+            ErrorCode::BadRequest,
+            format!(
+                "one address per connection: this one announced {bound}; announce {} on a \
+                 connection of its own",
+                a.address
+            ),
+        ));
+    }
+    check_relay(st, a.relay.as_deref())?;
     let mut agents = st.agents();
     let online = agents.values().filter(|e| e.link.is_some()).count();
     let entry = agents.get_mut(&a.address);
@@ -285,6 +306,32 @@ fn register(
     Ok(a.address)
 }
 
+/// Whether an announce's signed `relay` names this relay.
+fn check_relay(st: &RelayState, signed_for: Option<&str>) -> Result<(), RelayError> {
+    let ours = st
+        .public_urls
+        .first()
+        .map(RelayUrl::base)
+        .unwrap_or_default();
+    let Some(signed_for) = signed_for else {
+        return Err(RelayError::new(
+            ErrorCode::WrongRecipient,
+            format!("the announce names no `relay`; sign it for this relay ({ours})"),
+        ));
+    };
+    let this_relay = signed_for
+        .parse::<RelayUrl>()
+        .is_ok_and(|url| st.public_urls.iter().any(|p| p.same_relay(&url)));
+    if this_relay {
+        Ok(())
+    } else {
+        Err(RelayError::new(
+            ErrorCode::WrongRecipient,
+            format!("the announce is signed for relay {signed_for:?}, not for this one ({ours})"),
+        ))
+    }
+}
+
 async fn agent_loop(
     st: &RelayState,
     stream: &mut SplitStream<WebSocket>,
@@ -321,20 +368,14 @@ async fn agent_loop(
         // of the agent, and dropping one would read as tampering to its caller.
         let (session_id, frame) = match AgentToRelay::decode(obj) {
             AgentToRelay::Announce(announce) => {
-                let same = announce.get("address").and_then(Value::as_str)
-                    == Some(address.to_string().as_str());
-                match register(st, &announce, conn, tx, closed) {
-                    Ok(_) if same => {
-                        let _ = tx.try_send(announce_ok(st));
+                let answer = match register(st, &announce, conn, Some(address), tx, closed) {
+                    Ok(_) => announce_ok(st),
+                    Err(e) => {
+                        debug!(code = %e.code, message = %e.error, "re-announce refused");
+                        e.encode()
                     }
-                    Ok(_) | Err(_) => {
-                        let _ = tx.try_send(error_frame(
-                            ErrorCode::BadRequest,
-                            "re-announce refused",
-                            None,
-                        ));
-                    }
-                }
+                };
+                let _ = tx.try_send(answer);
                 continue;
             }
             AgentToRelay::Unrouted => {
@@ -343,10 +384,14 @@ async fn agent_loop(
             }
             AgentToRelay::Session { session_id, frame } => (session_id, frame),
         };
-        let sessions = st.sessions();
-        let Some(route) = sessions.get(&session_id).filter(|r| r.agent_conn == conn) else {
+        let mut sessions = st.sessions();
+        let Some(route) = sessions
+            .get_mut(&session_id)
+            .filter(|r| r.agent_conn == conn)
+        else {
             continue; // The caller is gone.
         };
+        route.last_active = Instant::now();
         if route
             .caller_tx
             .try_send(Value::Object(frame).to_string())
@@ -360,12 +405,18 @@ async fn agent_loop(
     }
 }
 
+/// The agent's connection ended: its address goes offline (unless a newer connection
+/// took it over) and every session routed to this connection ends, freeing its slots.
 fn drop_agent(st: &RelayState, address: Address, conn: u64) {
-    if let Some(e) = st.agents().get_mut(&address) {
-        if e.link.as_ref().is_some_and(|l| l.conn == conn) {
-            e.link = None;
-            e.last_seen = SystemTime::now();
+    {
+        let mut agents = st.agents();
+        if let Some(e) = agents.get_mut(&address) {
+            if e.link.as_ref().is_some_and(|l| l.conn == conn) {
+                e.link = None;
+                e.last_seen = SystemTime::now();
+            }
         }
+        evict_offline(&mut agents, st.config.max_offline);
     }
     let mut sessions = st.sessions();
     sessions.retain(|id, r| {
@@ -381,10 +432,13 @@ fn drop_agent(st: &RelayState, address: Address, conn: u64) {
     });
 }
 
+/// One caller connection from `ip`. `_slots` (the relay's caller permit and the IP's)
+/// are held while it lives.
 pub(super) async fn serve_caller(
     st: Arc<RelayState>,
     socket: WebSocket,
-    _permit: OwnedSemaphorePermit,
+    ip: IpAddr,
+    _slots: (OwnedSemaphorePermit, IpSlot),
 ) {
     let conn = st.conn_id();
     let closed = st.shutdown.child_token();
@@ -393,23 +447,38 @@ pub(super) async fn serve_caller(
     let mut caller = Caller {
         st: &st,
         conn,
+        ip,
         tx: tx.clone(),
         closed: closed.clone(),
         activity: activity.clone(),
         current: HashMap::new(),
         sessions: HashSet::new(),
+        slots: Arc::new(Semaphore::new(st.config.max_sessions_per_caller)),
         rate: RateLimit::new(st.config.frames_per_sec),
+        named_an_agent: false,
     };
+    let first_frame_by = Instant::now() + st.config.first_frame_timeout;
     async {
         loop {
+            let mut wait = st.config.caller_idle.saturating_sub(activity.idle_for());
+            if !caller.named_an_agent {
+                wait = wait.min(first_frame_by.saturating_duration_since(Instant::now()));
+            }
             let frame = tokio::select! {
                 _ = closed.cancelled() => break,
-                f = tokio::time::timeout(
-                    st.config.caller_idle.saturating_sub(activity.idle_for()),
-                    next_object(&mut stream),
-                ) => f,
+                f = tokio::time::timeout(wait, next_object(&mut stream)) => f,
             };
             match frame {
+                // A socket that only PINGs (or says nothing) holds a caller slot for
+                // nothing.
+                Err(_) if !caller.named_an_agent && Instant::now() >= first_frame_by => {
+                    let msg = format!(
+                        "no CONNECT or INPUT within {} s; closing",
+                        st.config.first_frame_timeout.as_secs_f64()
+                    );
+                    let _ = tx.try_send(error_frame(ErrorCode::Timeout, &msg, None));
+                    break;
+                }
                 // Replies flowing to the caller count as activity too.
                 Err(_) if activity.idle_for() < st.config.caller_idle => continue,
                 Err(_) => {
@@ -435,21 +504,29 @@ pub(super) async fn serve_caller(
         caller.close_all();
         closed.cancel();
     }
-    .instrument(info_span!("caller", conn))
+    .instrument(info_span!("caller", conn, %ip))
     .await
 }
 
 struct Caller<'a> {
     st: &'a RelayState,
     conn: u64,
+    ip: IpAddr,
     tx: mpsc::Sender<String>,
     closed: CancellationToken,
     activity: Activity,
     /// The session this socket last used with each agent: an INPUT that names none
     /// continues it.
     current: HashMap<Address, String>,
+    /// Sessions this connection opened; some may have ended since (the agent left, or
+    /// they idled out), so a route is removed only if it is still this connection's.
     sessions: HashSet<String>,
+    /// `max_sessions_per_caller`: each live route holds one, so a session frees its
+    /// slot whichever side ends it.
+    slots: Arc<Semaphore>,
     rate: RateLimit,
+    /// Whether a frame named an agent yet (see `first_frame_timeout`).
+    named_an_agent: bool,
 }
 
 impl Caller<'_> {
@@ -471,7 +548,11 @@ impl Caller<'_> {
                 session_of(&obj).as_deref(),
             ));
         }
-        let (to, named, mut obj) = match CallerToRelay::decode(obj) {
+        let decoded = CallerToRelay::decode(obj);
+        if matches!(decoded, Ok(CallerToRelay::Route { .. })) {
+            self.named_an_agent = true;
+        }
+        let (to, named, mut obj) = match decoded {
             Ok(CallerToRelay::Ping) => return self.send(CallerToRelay::pong()),
             Ok(CallerToRelay::Pong) => return,
             Ok(CallerToRelay::Close { session_id }) => return self.close_session(session_id),
@@ -485,20 +566,13 @@ impl Caller<'_> {
         let session_id = named
             .or_else(|| self.current.get(&to).cloned())
             .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
-        if let Err(e) = self.route(&session_id, to) {
-            return self.send(e.in_session(Some(&session_id)).encode());
-        }
+        let agent_tx = match self.route(&session_id, to) {
+            Ok(tx) => tx,
+            Err(e) => return self.send(e.in_session(Some(&session_id)).encode()),
+        };
         self.current.insert(to, session_id.clone());
         obj.insert("session_id".into(), Value::String(session_id.clone()));
-        let agent_tx = {
-            let agents = self.st.agents();
-            agents
-                .get(&to)
-                .and_then(|e| e.link.as_ref())
-                .map(|l| l.tx.clone())
-        };
-        let delivered =
-            agent_tx.is_some_and(|t| t.try_send(Value::Object(obj).to_string()).is_ok());
+        let delivered = agent_tx.try_send(Value::Object(obj).to_string()).is_ok();
         if !delivered {
             self.send(error_frame(
                 ErrorCode::AgentBusy,
@@ -511,10 +585,10 @@ impl Caller<'_> {
         }
     }
 
-    /// Finds or creates the route of `session_id` to `to`.
-    fn route(&mut self, session_id: &str, to: Address) -> Result<(), RelayError> {
+    /// Finds or creates the route of `session_id` to `to`; gives the agent's queue.
+    fn route(&mut self, session_id: &str, to: Address) -> Result<mpsc::Sender<String>, RelayError> {
         let mut sessions = self.st.sessions();
-        if let Some(r) = sessions.get(session_id) {
+        if let Some(r) = sessions.get_mut(session_id) {
             if r.caller_conn != self.conn {
                 return Err(RelayError::new(
                     ErrorCode::SessionTaken,
@@ -527,9 +601,10 @@ impl Caller<'_> {
                     format!("session {session_id} is with another agent"),
                 ));
             }
-            return Ok(());
+            r.last_active = Instant::now();
+            return Ok(r.agent_tx.clone());
         }
-        if self.sessions.len() >= self.st.config.max_sessions_per_caller {
+        let Ok(caller_slot) = self.slots.clone().try_acquire_owned() else {
             return Err(RelayError::new(
                 ErrorCode::TooManySessions,
                 format!(
@@ -537,7 +612,7 @@ impl Caller<'_> {
                     self.st.config.max_sessions_per_caller
                 ),
             ));
-        }
+        };
         let agents = self.st.agents();
         let link = match agents.get(&to) {
             None => {
@@ -556,7 +631,21 @@ impl Caller<'_> {
                 Some(l) => l,
             },
         };
-        let Ok(permit) = link.sessions.clone().try_acquire_owned() else {
+        let per_ip = self.st.config.max_ip_sessions_per_agent;
+        let Some(ip_slot) = self
+            .st
+            .per_ip
+            .try_take(IpKey::Sessions(self.ip, to), per_ip)
+        else {
+            return Err(RelayError::new(
+                ErrorCode::TooManySessions,
+                format!(
+                    "at most {per_ip} sessions from one IP address with agent {}",
+                    to.short()
+                ),
+            ));
+        };
+        let Ok(agent_slot) = link.sessions.clone().try_acquire_owned() else {
             return Err(RelayError::new(
                 ErrorCode::AgentBusy,
                 format!(
@@ -566,20 +655,39 @@ impl Caller<'_> {
                 ),
             ));
         };
+        let agent_tx = link.tx.clone();
         sessions.insert(
             session_id.to_owned(),
             Route {
                 agent: to,
                 agent_conn: link.conn,
+                agent_tx: agent_tx.clone(),
                 caller_conn: self.conn,
                 caller_tx: self.tx.clone(),
                 caller_activity: self.activity.clone(),
                 closed: self.closed.clone(),
-                _permit: permit,
+                last_active: Instant::now(),
+                _agent_slot: agent_slot,
+                _caller_slot: caller_slot,
+                _ip_slot: ip_slot,
             },
         );
+        // Forget ended sessions once they could outnumber live ones.
+        if self.sessions.len() >= 2 * self.st.config.max_sessions_per_caller {
+            let conn = self.conn;
+            self.sessions
+                .retain(|id| sessions.get(id).is_some_and(|r| r.caller_conn == conn));
+        }
         self.sessions.insert(session_id.to_owned());
-        Ok(())
+        Ok(agent_tx)
+    }
+
+    /// Removes this connection's route of `id`, if it still has one.
+    fn take_route(&self, sessions: &mut HashMap<String, Route>, id: &str) -> Option<Route> {
+        if sessions.get(id)?.caller_conn != self.conn {
+            return None;
+        }
+        sessions.remove(id)
     }
 
     fn close_session(&mut self, session_id: Option<String>) {
@@ -587,28 +695,62 @@ impl Caller<'_> {
         if !self.sessions.remove(&id) {
             return;
         }
-        let route = self.st.sessions().remove(&id);
+        self.current.retain(|_, s| *s != id);
+        let route = self.take_route(&mut self.st.sessions(), &id);
         if let Some(r) = route {
-            self.current.retain(|_, s| *s != id);
-            notify_close(self.st, r.agent, &id);
+            let _ = r.agent_tx.try_send(RelayToAgent::close(&id));
         }
     }
 
     /// The caller left: its sessions end; agents hear `close` (runs there go on).
     fn close_all(&mut self) {
-        let ids: Vec<String> = self.sessions.drain().collect();
-        for id in ids {
-            let route = self.st.sessions().remove(&id);
-            if let Some(r) = route {
-                notify_close(self.st, r.agent, &id);
-            }
+        let routes: Vec<(String, Route)> = {
+            let mut sessions = self.st.sessions();
+            self.sessions
+                .iter()
+                .filter_map(|id| Some((id.clone(), self.take_route(&mut sessions, id)?)))
+                .collect()
+        };
+        self.sessions.clear();
+        for (id, r) in routes {
+            let _ = r.agent_tx.try_send(RelayToAgent::close(&id));
         }
     }
 }
 
-fn notify_close(st: &RelayState, agent: Address, session_id: &str) {
-    let agents = st.agents();
-    if let Some(link) = agents.get(&agent).and_then(|e| e.link.as_ref()) {
-        let _ = link.tx.try_send(RelayToAgent::close(session_id));
+/// Ends relayed sessions with no frame either way for `session_idle`: the caller hears
+/// `idle` for the session, the agent `close`.
+pub(super) async fn session_idle_loop(st: Arc<RelayState>) {
+    let idle = st.config.session_idle;
+    let period = (idle / 4).clamp(Duration::from_millis(50), Duration::from_secs(5));
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = st.shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let expired: Vec<(String, Route)> = {
+            let mut sessions = st.sessions();
+            let ids: Vec<String> = sessions
+                .iter()
+                .filter(|(_, r)| r.last_active.elapsed() >= idle)
+                .map(|(id, _)| id.clone())
+                .collect();
+            ids.into_iter()
+                .filter_map(|id| sessions.remove_entry(&id))
+                .collect()
+        };
+        for (id, r) in expired {
+            debug!(session = %id, "relayed session idle; ended");
+            let msg = format!(
+                "no frame in this session for {} s; ended",
+                idle.as_secs_f64()
+            );
+            let _ = r
+                .caller_tx
+                .try_send(error_frame(ErrorCode::Idle, &msg, Some(&id)));
+            let _ = r.agent_tx.try_send(RelayToAgent::close(&id));
+        }
     }
 }

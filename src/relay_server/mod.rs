@@ -11,13 +11,13 @@
 mod conn;
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
-use axum::extract::{Path, State, WebSocketUpgrade};
-use axum::http::StatusCode;
+use axum::extract::{ConnectInfo, Path, State, WebSocketUpgrade};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::serve::ListenerExt;
@@ -36,6 +36,12 @@ use crate::proto::{ErrorCode, RelayUrl, ANNOUNCE_PATH, DIRECTORY_ROUTE, HEALTH_P
 #[non_exhaustive]
 pub struct RelayConfig {
     pub listen: SocketAddr,
+    /// The URLs agents reach this relay by (aliases included). An ANNOUNCE is accepted
+    /// only when its signed `relay` names one of them, so that an announce a node sent to
+    /// another relay cannot be replayed here. Empty: the bound address (loopback or
+    /// unspecified binds: `ws://127.0.0.1:PORT`, `ws://localhost:PORT`, and
+    /// `ws://[::1]:PORT` for an unspecified one); a public relay must set them.
+    pub public_urls: Vec<RelayUrl>,
     /// Largest frame accepted from anyone.
     pub max_frame_bytes: usize,
     /// Agents online at once.
@@ -57,6 +63,22 @@ pub struct RelayConfig {
     pub send_queue: usize,
     /// How long an offline agent stays in the directory.
     pub forget_after: Duration,
+    /// Offline agents kept in the directory at most; past it the longest offline go.
+    pub max_offline: usize,
+    /// Caller connections from one IP address (IPv6: one /64) at once.
+    pub max_callers_per_ip: usize,
+    /// Agent connections (hence addresses online) from one IP address at once.
+    pub max_agents_per_ip: usize,
+    /// Sessions that callers from one IP address hold with one agent at once.
+    pub max_ip_sessions_per_agent: usize,
+    /// A relayed session with no frame either way for this long ends.
+    pub session_idle: Duration,
+    /// A caller connection that names no agent (no CONNECT, INPUT or SEAL) within this
+    /// is closed.
+    pub first_frame_timeout: Duration,
+    /// Take the client's IP address from the last `X-Forwarded-For` entry, for a relay
+    /// behind a reverse proxy that sets it. Off: anyone could claim any address.
+    pub trust_forwarded_for: bool,
 }
 
 impl Default for RelayConfig {
@@ -73,6 +95,14 @@ impl Default for RelayConfig {
             caller_idle: Duration::from_secs(300),
             send_queue: 1024,
             forget_after: Duration::from_secs(3600),
+            max_offline: 10_000,
+            max_callers_per_ip: 256,
+            max_agents_per_ip: 256,
+            max_ip_sessions_per_agent: 256,
+            session_idle: Duration::from_secs(300),
+            first_frame_timeout: Duration::from_secs(10),
+            trust_forwarded_for: false,
+            public_urls: Vec::new(),
         }
     }
 }
@@ -82,6 +112,32 @@ impl RelayConfig {
         self.listen = addr;
         self
     }
+
+    /// Adds a URL agents reach this relay by (see [`RelayConfig::public_urls`]).
+    pub fn public_url(mut self, url: RelayUrl) -> Self {
+        self.public_urls.push(url);
+        self
+    }
+}
+
+/// What a relay bound to `local` calls itself when no public URL is configured.
+fn default_public_urls(local: SocketAddr) -> Vec<RelayUrl> {
+    let port = local.port();
+    let ip = local.ip();
+    let mut hosts = Vec::new();
+    if ip.is_unspecified() {
+        hosts.push(SocketAddr::from(([127, 0, 0, 1], port)).to_string());
+        hosts.push(SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, port)).to_string());
+    } else {
+        hosts.push(local.to_string());
+    }
+    if ip.is_unspecified() || ip.is_loopback() {
+        hosts.push(format!("localhost:{port}"));
+    }
+    hosts
+        .into_iter()
+        .filter_map(|h| format!("ws://{h}").parse().ok())
+        .collect()
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -111,8 +167,15 @@ impl Relay {
             source,
         })?;
         let shutdown = CancellationToken::new();
+        let public_urls = if config.public_urls.is_empty() {
+            default_public_urls(local_addr)
+        } else {
+            config.public_urls.clone()
+        };
         let state = Arc::new(RelayState {
             callers: Arc::new(Semaphore::new(config.max_callers)),
+            per_ip: IpCounts::default(),
+            public_urls: public_urls.clone(),
             config,
             agents: Mutex::new(HashMap::new()),
             sessions: Mutex::new(HashMap::new()),
@@ -129,14 +192,21 @@ impl Relay {
             .with_state(state.clone());
         let stop = shutdown.clone();
         let task = tokio::spawn(async move {
-            let _ = axum::serve(listener.tap_io(crate::net::no_delay), router)
-                .with_graceful_shutdown(stop.cancelled_owned())
-                .await;
+            let _ = axum::serve(
+                listener.tap_io(crate::net::no_delay),
+                router.into_make_service_with_connect_info::<SocketAddr>(),
+            )
+            .with_graceful_shutdown(stop.cancelled_owned())
+            .await;
         });
         tokio::spawn(forget_loop(state.clone()));
+        tokio::spawn(conn::session_idle_loop(state.clone()));
         info!(%local_addr, "relay listening on ws://{local_addr}{ANNOUNCE_PATH} and {INPUT_PATH}");
+        let names: Vec<String> = public_urls.iter().map(RelayUrl::base).collect();
+        info!(public_urls = ?names, "agents must sign their ANNOUNCE for one of these");
         Ok(RelayHandle {
             local_addr,
+            public_urls,
             shutdown,
             task,
         })
@@ -175,6 +245,7 @@ impl RelayReady {
 /// A running relay.
 pub struct RelayHandle {
     local_addr: SocketAddr,
+    public_urls: Vec<RelayUrl>,
     shutdown: CancellationToken,
     task: tokio::task::JoinHandle<()>,
 }
@@ -182,6 +253,12 @@ pub struct RelayHandle {
 impl RelayHandle {
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The URLs an ANNOUNCE may name in `relay` (configured, or derived from the bound
+    /// address).
+    pub fn public_urls(&self) -> &[RelayUrl] {
+        &self.public_urls
     }
 
     /// `ws://host:port`, the base both agents and callers take.
@@ -228,7 +305,9 @@ impl RelayHandle {
 
 pub(crate) struct RelayState {
     config: RelayConfig,
+    public_urls: Vec<RelayUrl>,
     callers: Arc<Semaphore>,
+    per_ip: IpCounts,
     agents: Mutex<HashMap<Address, AgentEntry>>,
     sessions: Mutex<HashMap<String, Route>>,
     next_conn: AtomicU64,
@@ -255,15 +334,101 @@ struct AgentLink {
     closed: CancellationToken,
 }
 
-/// Where a session's frames go.
+/// Where a session's frames go. Dropping it frees every slot it holds: the agent's, the
+/// caller connection's and the caller IP's, whichever side ends it.
 struct Route {
     agent: Address,
     agent_conn: u64,
+    agent_tx: mpsc::Sender<String>,
     caller_conn: u64,
     caller_tx: mpsc::Sender<String>,
     caller_activity: conn::Activity,
     closed: CancellationToken,
-    _permit: OwnedSemaphorePermit,
+    /// The last frame either way, for `session_idle`.
+    last_active: Instant,
+    _agent_slot: OwnedSemaphorePermit,
+    _caller_slot: OwnedSemaphorePermit,
+    _ip_slot: IpSlot,
+}
+
+/// What one client IP address holds; IPv6 addresses count per /64, as one host
+/// usually has a whole /64 to pick from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum IpKey {
+    Callers(IpAddr),
+    Agents(IpAddr),
+    Sessions(IpAddr, Address),
+}
+
+/// Counts per [`IpKey`]; a count lives as long as its [`IpSlot`].
+#[derive(Clone, Default)]
+struct IpCounts(Arc<Mutex<HashMap<IpKey, usize>>>);
+
+impl IpCounts {
+    fn counts(&self) -> MutexGuard<'_, HashMap<IpKey, usize>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// One more for `key`, unless it already has `max`.
+    fn try_take(&self, key: IpKey, max: usize) -> Option<IpSlot> {
+        let mut counts = self.counts();
+        let n = counts.get(&key).copied().unwrap_or(0);
+        if n >= max {
+            return None;
+        }
+        counts.insert(key, n + 1);
+        Some(IpSlot {
+            counts: self.clone(),
+            key,
+        })
+    }
+}
+
+/// One unit of an IP's count, given back on drop.
+struct IpSlot {
+    counts: IpCounts,
+    key: IpKey,
+}
+
+impl Drop for IpSlot {
+    fn drop(&mut self) {
+        let mut counts = self.counts.counts();
+        if let Some(n) = counts.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                counts.remove(&self.key);
+            }
+        }
+    }
+}
+
+/// The client's IP address as the per-IP limits count it: the socket's peer, or the
+/// last `X-Forwarded-For` entry (the one our proxy appended) when trusted; IPv4-mapped
+/// IPv6 as IPv4; IPv6 cut to its /64.
+fn client_ip(peer: SocketAddr, headers: &HeaderMap, trust_forwarded_for: bool) -> IpAddr {
+    let forwarded = trust_forwarded_for
+        .then(|| headers.get_all("x-forwarded-for").iter().next_back())
+        .flatten()
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.rsplit(',').next())
+        .and_then(|v| v.trim().parse::<IpAddr>().ok());
+    match forwarded.unwrap_or(peer.ip()).to_canonical() {
+        IpAddr::V6(v6) => {
+            let s = v6.segments();
+            IpAddr::V6(Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+        }
+        v4 => v4,
+    }
+}
+
+/// An HTTP refusal before the upgrade, in the relay's error shape.
+fn refuse(code: ErrorCode, message: String) -> Response {
+    let status = StatusCode::from_u16(code.http_status()).unwrap_or(StatusCode::BAD_REQUEST);
+    (
+        status,
+        Json(json!({"error": message, "message": message, "code": code})),
+    )
+        .into_response()
 }
 
 impl RelayState {
@@ -280,25 +445,47 @@ impl RelayState {
     }
 }
 
-async fn announce_socket(State(st): State<Arc<RelayState>>, ws: WebSocketUpgrade) -> Response {
-    let max = st.config.max_frame_bytes;
-    ws.max_message_size(max)
-        .max_frame_size(max)
-        .on_upgrade(move |socket| conn::serve_agent(st, socket))
-}
-
-async fn input_socket(State(st): State<Arc<RelayState>>, ws: WebSocketUpgrade) -> Response {
-    let Ok(permit) = st.callers.clone().try_acquire_owned() else {
-        return (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"error": "relay is at its caller limit", "code": ErrorCode::RelayFull})),
-        )
-            .into_response();
+async fn announce_socket(
+    State(st): State<Arc<RelayState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    ws: WebSocketUpgrade,
+) -> Response {
+    let ip = client_ip(peer, &headers, st.config.trust_forwarded_for);
+    let max_per_ip = st.config.max_agents_per_ip;
+    let Some(ip_slot) = st.per_ip.try_take(IpKey::Agents(ip), max_per_ip) else {
+        return refuse(
+            ErrorCode::TooManyConnections,
+            format!("at most {max_per_ip} agent connections from one IP address"),
+        );
     };
     let max = st.config.max_frame_bytes;
     ws.max_message_size(max)
         .max_frame_size(max)
-        .on_upgrade(move |socket| conn::serve_caller(st, socket, permit))
+        .on_upgrade(move |socket| conn::serve_agent(st, socket, ip_slot))
+}
+
+async fn input_socket(
+    State(st): State<Arc<RelayState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    ws: WebSocketUpgrade,
+) -> Response {
+    let Ok(permit) = st.callers.clone().try_acquire_owned() else {
+        return refuse(ErrorCode::RelayFull, "relay is at its caller limit".into());
+    };
+    let ip = client_ip(peer, &headers, st.config.trust_forwarded_for);
+    let max_per_ip = st.config.max_callers_per_ip;
+    let Some(ip_slot) = st.per_ip.try_take(IpKey::Callers(ip), max_per_ip) else {
+        return refuse(
+            ErrorCode::TooManyConnections,
+            format!("at most {max_per_ip} caller connections from one IP address"),
+        );
+    };
+    let max = st.config.max_frame_bytes;
+    ws.max_message_size(max)
+        .max_frame_size(max)
+        .on_upgrade(move |socket| conn::serve_caller(st, socket, ip, (permit, ip_slot)))
 }
 
 async fn directory(State(st): State<Arc<RelayState>>, Path(address): Path<String>) -> Response {
@@ -359,6 +546,24 @@ async fn forget_loop(st: Arc<RelayState>) {
         let horizon = SystemTime::now() - st.config.forget_after;
         st.agents()
             .retain(|_, a| a.link.is_some() || a.last_seen > horizon);
+    }
+}
+
+/// Keeps at most `max` offline entries, dropping the longest offline first. Online
+/// agents are bounded by `max_agents`; this bounds the rest of the directory.
+fn evict_offline(agents: &mut HashMap<Address, AgentEntry>, max: usize) {
+    let offline = agents.values().filter(|e| e.link.is_none()).count();
+    if offline <= max {
+        return;
+    }
+    let mut oldest: Vec<(SystemTime, Address)> = agents
+        .iter()
+        .filter(|(_, e)| e.link.is_none())
+        .map(|(a, e)| (e.last_seen, *a))
+        .collect();
+    oldest.sort_unstable();
+    for (_, address) in oldest.into_iter().take(offline - max) {
+        agents.remove(&address);
     }
 }
 
