@@ -21,7 +21,7 @@ use crate::identity::{Address, Identity};
 use crate::net::no_delay;
 use crate::store::{Store, Uploads};
 use crate::transport::http::{self, HttpState, NodeInfo};
-use crate::transport::p2p::P2p;
+use crate::transport::p2p::{P2p, PRESENCE_REPUBLISH};
 use crate::transport::relay_link::{self, RelayLink};
 use crate::transport::ws::WsState;
 use crate::trust::TrustAgent;
@@ -250,7 +250,7 @@ async fn publish_presence(
 ) {
     let mut waits = [1u64, 3, 10, 30].into_iter();
     loop {
-        let wait = Duration::from_secs(waits.next().unwrap_or(300));
+        let wait = waits.next().map_or(PRESENCE_REPUBLISH, Duration::from_secs);
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(wait) => {}

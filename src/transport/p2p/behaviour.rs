@@ -11,6 +11,7 @@ use libp2p::{
 };
 use tracing::warn;
 
+use super::ip_limits::{IpLimits, PeerIps};
 use super::{P2pConfig, P2pError};
 
 const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/oonode/kad/1.0.0");
@@ -19,6 +20,7 @@ const IDENTIFY_PROTOCOL: &str = "/oonode/id/1.0.0";
 #[derive(NetworkBehaviour)]
 pub(super) struct Behaviour {
     pub(super) limits: connection_limits::Behaviour,
+    pub(super) ip_limits: IpLimits,
     pub(super) blocked: allow_block_list::Behaviour<allow_block_list::BlockedPeers>,
     pub(super) identify: identify::Behaviour,
     pub(super) ping: ping::Behaviour,
@@ -27,10 +29,12 @@ pub(super) struct Behaviour {
     pub(super) stream: libp2p_stream::Behaviour,
 }
 
-/// Builds the swarm, starts listening and dials the bootstrap peers.
+/// Builds the swarm, starts listening and dials the bootstrap peers. `peer_ips` is kept
+/// up to date with the IPs of every connection.
 pub(super) fn build_swarm(
     keypair: Keypair,
     config: &P2pConfig,
+    peer_ips: PeerIps,
 ) -> Result<Swarm<Behaviour>, P2pError> {
     let mut bootstrap = Vec::new();
     for addr in &config.bootstrap {
@@ -44,6 +48,7 @@ pub(super) fn build_swarm(
         .with_max_established(Some(config.max_connections))
         .with_max_established_per_peer(Some(4))
         .with_max_pending_incoming(Some(128));
+    let max_per_ip = config.max_connections_per_ip;
     let mdns_on = config.mdns;
     let dht_server = config.dht_server;
     let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
@@ -71,6 +76,7 @@ pub(super) fn build_swarm(
             };
             Ok(Behaviour {
                 limits: connection_limits::Behaviour::new(limits),
+                ip_limits: IpLimits::new(max_per_ip, peer_ips),
                 blocked: allow_block_list::Behaviour::default(),
                 identify: identify::Behaviour::new(
                     identify::Config::new(IDENTIFY_PROTOCOL.into(), key.public())

@@ -2,6 +2,7 @@
 //! swarm events and DHT queries.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -14,10 +15,12 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
 use super::behaviour::{build_swarm, Behaviour, BehaviourEvent};
-use super::presence::valid_presence;
+use super::ip_limits::PeerIps;
+use super::presence::{check_presence, expires_at};
 use super::{P2pConfig, P2pError, SwarmStatus};
+use crate::envelope::unix_now;
 
-/// How long a misbehaving peer stays blocked.
+/// How long a misbehaving peer, and the IPs it came from, stay blocked.
 const BAN: Duration = Duration::from_secs(60);
 /// How often the node refreshes its routing table.
 const BOOTSTRAP_EVERY: Duration = Duration::from_secs(30);
@@ -30,6 +33,7 @@ pub(super) enum Command {
     },
     Ban {
         peer: PeerId,
+        ips: Vec<IpAddr>,
     },
     PutRecord {
         key: Vec<u8>,
@@ -69,9 +73,10 @@ impl EventLoop {
         config: &P2pConfig,
         commands: mpsc::Receiver<Command>,
         status: Arc<Mutex<SwarmStatus>>,
+        peer_ips: PeerIps,
     ) -> Result<Self, P2pError> {
         Ok(EventLoop {
-            swarm: build_swarm(keypair, config)?,
+            swarm: build_swarm(keypair, config, peer_ips)?,
             commands,
             dials: HashMap::new(),
             queries: HashMap::new(),
@@ -122,12 +127,19 @@ impl EventLoop {
                     }
                 }
             }
-            Command::Ban { peer } => {
+            Command::Ban { peer, ips } => {
+                let until = Instant::now() + BAN;
+                info!(%peer, ?ips, "banned for {BAN:?}");
                 self.swarm.behaviour_mut().blocked.block_peer(peer);
-                self.bans.push((Instant::now() + BAN, peer));
+                for ip in ips {
+                    self.swarm.behaviour_mut().ip_limits.ban(ip, until);
+                }
+                self.bans.push((until, peer));
             }
             Command::PutRecord { key, value } => {
-                let record = kad::Record::new(key, value);
+                let mut record = kad::Record::new(key, value);
+                // Ours is fresh; it lives as long as any presence record may.
+                record.expires = Some(expires_at(unix_now(), unix_now()));
                 if let Err(e) = self
                     .swarm
                     .behaviour_mut()
@@ -187,6 +199,7 @@ impl EventLoop {
         for (_, peer) in done {
             self.swarm.behaviour_mut().blocked.unblock_peer(peer);
         }
+        self.swarm.behaviour_mut().ip_limits.lift_bans(now);
     }
 
     fn set_connected(&self) {
@@ -253,14 +266,7 @@ impl EventLoop {
                         ..
                     },
             })) => {
-                if valid_presence(&record) {
-                    use kad::store::RecordStore;
-                    if let Err(e) = self.swarm.behaviour_mut().kad.store_mut().put(record) {
-                        debug!(error = ?e, "storing a presence record failed");
-                    }
-                } else {
-                    debug!("refused a DHT record that is no valid presence record");
-                }
+                self.store_presence(record);
             }
             SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(found))) => {
                 for (peer, addr) in found {
@@ -276,6 +282,38 @@ impl EventLoop {
                 self.on_query(id, result, step.last);
             }
             _ => {}
+        }
+    }
+
+    /// Stores a presence record another peer put, if it is valid and fresh and newer than
+    /// the one we hold for that key: a replayed older record never replaces a newer one.
+    fn store_presence(&mut self, mut record: kad::Record) {
+        use kad::store::RecordStore;
+        let now = unix_now();
+        let presence = match check_presence(&record, now) {
+            Ok(p) => p,
+            Err(e) => {
+                debug!(error = %e, "refused a DHT record");
+                return;
+            }
+        };
+        let store = self.swarm.behaviour_mut().kad.store_mut();
+        if let Some(held) = store.get(&record.key) {
+            if let Ok(held) = check_presence(&held, now) {
+                if held.timestamp >= presence.timestamp {
+                    debug!(
+                        held = held.timestamp,
+                        offered = presence.timestamp,
+                        "refused a presence record no newer than the one held"
+                    );
+                    return;
+                }
+            }
+        }
+        let expires = expires_at(presence.timestamp, now);
+        record.expires = Some(record.expires.map_or(expires, |e| e.min(expires)));
+        if let Err(e) = store.put(record) {
+            debug!(error = ?e, "storing a presence record failed");
         }
     }
 
@@ -304,7 +342,13 @@ impl EventLoop {
             }
             (Some(Query::Record(reply)), kad::QueryResult::GetRecord(result)) => {
                 if let Ok(kad::GetRecordOk::FoundRecord(found)) = result {
-                    if let Some(reply) = reply.take() {
+                    // Checked when read too: a record may have aged since it was stored,
+                    // and peers that do not check may answer.
+                    let valid = check_presence(&found.record, unix_now());
+                    if let Err(e) = &valid {
+                        debug!(error = %e, "ignored a presence record found in the DHT");
+                    }
+                    if let (Ok(_), Some(reply)) = (valid, reply.take()) {
                         let _ = reply.send(Some(found.record.value));
                     }
                 }

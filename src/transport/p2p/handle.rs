@@ -2,6 +2,7 @@
 //! opens call streams.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -11,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info_span, Instrument};
 
 use super::event_loop::{Command, EventLoop};
+use super::ip_limits::PeerIps;
 use super::{P2pConfig, P2pError, SwarmStatus, DIAL_TIMEOUT, MAX_CALLS_PER_PEER, PROTOCOL};
 use crate::identity::Address;
 
@@ -26,6 +28,8 @@ pub struct P2p {
     /// Calls this swarm has open to each peer: kept under the peers' per-peer limit, so
     /// a node relaying many callers' calls is never mistaken for a misbehaving peer.
     outbound: Arc<Mutex<HashMap<PeerId, Arc<Semaphore>>>>,
+    /// The IPs each connected peer is connected from.
+    pub(super) peer_ips: PeerIps,
 }
 
 impl std::fmt::Debug for P2p {
@@ -50,7 +54,8 @@ impl P2p {
             ..SwarmStatus::default()
         }));
         let (commands, rx) = mpsc::channel(256);
-        let event_loop = EventLoop::new(keypair, &config, rx, status.clone())?;
+        let peer_ips = PeerIps::default();
+        let event_loop = EventLoop::new(keypair, &config, rx, status.clone(), peer_ips.clone())?;
         let control = event_loop.stream_control();
         tokio::spawn(
             event_loop
@@ -64,6 +69,7 @@ impl P2p {
             status,
             listeners: config.listen.len(),
             outbound: Arc::default(),
+            peer_ips,
         })
     }
 
@@ -136,8 +142,19 @@ impl P2p {
         Ok((self.open(address).await?, permit))
     }
 
-    /// Cuts a peer off for a while.
+    /// Cuts a peer off for a while, and refuses new connections from the IPs it is
+    /// connected from for as long: a fresh key from the same place is no way back in.
     pub async fn ban(&self, peer: PeerId) {
-        let _ = self.command(Command::Ban { peer }).await;
+        self.ban_from(peer, None).await;
+    }
+
+    /// [`ban`](Self::ban), with the IP the misbehaviour was seen from (the peer may have
+    /// hung up by the time the ban is carried out).
+    pub(super) async fn ban_from(&self, peer: PeerId, seen: Option<IpAddr>) {
+        let mut ips = self.peer_ips.all(&peer);
+        ips.extend(seen);
+        ips.sort();
+        ips.dedup();
+        let _ = self.command(Command::Ban { peer, ips }).await;
     }
 }

@@ -8,12 +8,14 @@
 //!
 //! Layout: this file holds the settings, errors and reported state; `handle.rs` the [`P2p`]
 //! handle (spawn, dial, call streams); `behaviour.rs` what the swarm is made of;
-//! `event_loop.rs` the task that owns it; `serve.rs` inbound calls; `presence.rs` presence
-//! records in the DHT; `wire.rs` the frame codec.
+//! `event_loop.rs` the task that owns it; `ip_limits.rs` connection limits and bans per
+//! remote IP; `serve.rs` inbound calls; `presence.rs` presence records in the DHT;
+//! `wire.rs` the frame codec.
 
 mod behaviour;
 mod event_loop;
 mod handle;
+mod ip_limits;
 mod presence;
 mod serve;
 pub mod wire;
@@ -24,6 +26,7 @@ use libp2p::{Multiaddr, StreamProtocol};
 use serde::Serialize;
 
 pub use handle::P2p;
+pub(crate) use presence::PRESENCE_REPUBLISH;
 
 /// Our protocol: signed envelopes as length-prefixed CBOR.
 pub const PROTOCOL: StreamProtocol = StreamProtocol::new("/oonode/envelope/1");
@@ -50,10 +53,17 @@ pub struct P2pConfig {
     pub dht_server: bool,
     /// Calls served at once, over all peers.
     pub max_inbound_streams: usize,
-    /// Calls one peer may have open at once; more gets the peer cut off.
+    /// Calls one peer may have open at once; more gets the peer cut off (and its IP
+    /// banned with it).
     pub max_streams_per_peer: usize,
+    /// Calls open at once from one remote IP (an IPv6 /64), over all its peers; more are
+    /// refused, without a ban: several honest peers may share an address.
+    pub max_streams_per_ip: usize,
     /// Connections at once.
     pub max_connections: u32,
+    /// Inbound connections at once from one remote IP (an IPv6 /64), and inbound
+    /// handshakes in flight from it; more are refused. Loopback is no exception.
+    pub max_connections_per_ip: usize,
     /// A connection with no stream for this long is closed.
     pub idle_timeout: Duration,
 }
@@ -72,7 +82,9 @@ impl Default for P2pConfig {
             dht_server: true,
             max_inbound_streams: 256,
             max_streams_per_peer: 2 * MAX_CALLS_PER_PEER,
+            max_streams_per_ip: 4 * MAX_CALLS_PER_PEER,
             max_connections: 1024,
+            max_connections_per_ip: 16,
             idle_timeout: Duration::from_secs(60),
         }
     }

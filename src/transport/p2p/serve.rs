@@ -1,7 +1,8 @@
-//! Inbound calls: the accept loop with its total and per-peer limits, and one task per
-//! stream that reads the INPUT, dispatches it and writes the replies.
+//! Inbound calls: the accept loop with its total, per-peer and per-IP limits, and one
+//! task per stream that reads the INPUT, dispatches it and writes the replies.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -36,8 +37,7 @@ impl P2p {
         };
         let this = self.clone();
         let total = Arc::new(Semaphore::new(config.max_inbound_streams));
-        let per_peer_max = config.max_streams_per_peer;
-        let open: Arc<Mutex<HashMap<PeerId, usize>>> = Arc::default();
+        let open = OpenCalls::new(config.max_streams_per_peer, config.max_streams_per_ip);
         tokio::spawn(async move {
             loop {
                 let (peer, stream) = tokio::select! {
@@ -51,26 +51,27 @@ impl P2p {
                     debug!(%peer, "over the inbound stream limit; stream refused");
                     continue;
                 };
-                let count = {
-                    let mut open = open.lock().unwrap_or_else(|e| e.into_inner());
-                    let n = open.entry(peer).or_default();
-                    *n += 1;
-                    *n
+                let ip = this.peer_ips.first(&peer);
+                let slot = match open.enter(peer, ip) {
+                    Ok(slot) => slot,
+                    Err(Over::Peer(max)) => {
+                        warn!(%peer, ?ip, "peer opened more than {max} calls at once; cut off");
+                        // Never wait here: streams queue behind this loop one at a time.
+                        let this = this.clone();
+                        tokio::spawn(async move { this.ban_from(peer, ip).await });
+                        continue;
+                    }
+                    Err(Over::Ip(max)) => {
+                        debug!(%peer, ?ip, "over {max} calls from one IP; stream refused");
+                        continue;
+                    }
                 };
-                if count > per_peer_max {
-                    warn!(%peer, "peer opened more than {per_peer_max} calls at once; cut off");
-                    release(&open, peer);
-                    // Never wait here: streams queue behind this loop one at a time.
-                    let this = this.clone();
-                    tokio::spawn(async move { this.ban(peer).await });
-                    continue;
-                }
-                let (this, dispatcher, open) = (this.clone(), dispatcher.clone(), open.clone());
+                let (this, dispatcher) = (this.clone(), dispatcher.clone());
                 tokio::spawn(
                     async move {
                         let _permit = permit;
-                        serve_stream(&this, &dispatcher, peer, stream).await;
-                        release(&open, peer);
+                        serve_stream(&this, &dispatcher, peer, ip, stream).await;
+                        drop(slot);
                     }
                     .instrument(info_span!("p2p_call", %peer)),
                 );
@@ -79,12 +80,82 @@ impl P2p {
     }
 }
 
-fn release(open: &Mutex<HashMap<PeerId, usize>>, peer: PeerId) {
-    let mut open = open.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(n) = open.get_mut(&peer) {
+/// Which limit a new call would go over.
+#[derive(Debug, PartialEq, Eq)]
+enum Over {
+    /// The peer's own: it gets banned.
+    Peer(usize),
+    /// Its IP's, over all peers there: the call is refused, nobody is banned.
+    Ip(usize),
+}
+
+/// Calls open at once, per peer and per remote IP.
+#[derive(Clone)]
+struct OpenCalls {
+    counts: Arc<Mutex<Counts>>,
+    per_peer: usize,
+    per_ip: usize,
+}
+
+#[derive(Default)]
+struct Counts {
+    peers: HashMap<PeerId, usize>,
+    ips: HashMap<IpAddr, usize>,
+}
+
+/// One open call; counted until dropped.
+struct CallSlot {
+    counts: Arc<Mutex<Counts>>,
+    peer: PeerId,
+    ip: Option<IpAddr>,
+}
+
+impl OpenCalls {
+    fn new(per_peer: usize, per_ip: usize) -> Self {
+        OpenCalls {
+            counts: Arc::default(),
+            per_peer,
+            per_ip,
+        }
+    }
+
+    /// Counts a new call from `peer` at `ip`, unless that goes over a limit (the peer's
+    /// is checked first: a peer over its own limit is banned whatever its IP's count).
+    fn enter(&self, peer: PeerId, ip: Option<IpAddr>) -> Result<CallSlot, Over> {
+        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        if counts.peers.get(&peer).copied().unwrap_or(0) >= self.per_peer {
+            return Err(Over::Peer(self.per_peer));
+        }
+        if let Some(ip) = ip {
+            if counts.ips.get(&ip).copied().unwrap_or(0) >= self.per_ip {
+                return Err(Over::Ip(self.per_ip));
+            }
+            *counts.ips.entry(ip).or_default() += 1;
+        }
+        *counts.peers.entry(peer).or_default() += 1;
+        Ok(CallSlot {
+            counts: self.counts.clone(),
+            peer,
+            ip,
+        })
+    }
+}
+
+impl Drop for CallSlot {
+    fn drop(&mut self) {
+        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        decrement(&mut counts.peers, self.peer);
+        if let Some(ip) = self.ip {
+            decrement(&mut counts.ips, ip);
+        }
+    }
+}
+
+fn decrement<K: std::hash::Hash + Eq>(map: &mut HashMap<K, usize>, key: K) {
+    if let Some(n) = map.get_mut(&key) {
         *n = n.saturating_sub(1);
         if *n == 0 {
-            open.remove(&peer);
+            map.remove(&key);
         }
     }
 }
@@ -94,6 +165,7 @@ async fn serve_stream(
     p2p: &P2p,
     dispatcher: &Dispatcher,
     peer: PeerId,
+    ip: Option<IpAddr>,
     mut stream: libp2p::Stream,
 ) {
     use futures::AsyncWriteExt;
@@ -118,7 +190,7 @@ async fn serve_stream(
                 let _ = futures::AsyncWriteExt::close(&mut stream).await;
             })
             .await;
-            p2p.ban(peer).await;
+            p2p.ban_from(peer, ip).await;
             return;
         }
     };
@@ -141,4 +213,32 @@ async fn serve_stream(
         }
     }
     let _ = stream.close().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn calls_are_capped_per_peer_then_per_ip_and_freed_on_drop() {
+        let open = OpenCalls::new(2, 3);
+        let ip: IpAddr = "127.0.0.7".parse().unwrap();
+        let (a, b) = (PeerId::random(), PeerId::random());
+        let a1 = open.enter(a, Some(ip)).unwrap();
+        let _a2 = open.enter(a, Some(ip)).unwrap();
+        assert_eq!(open.enter(a, Some(ip)).err(), Some(Over::Peer(2)));
+        let _b1 = open.enter(b, Some(ip)).unwrap();
+        // The IP is full: another key there is refused, without blame.
+        assert_eq!(open.enter(b, Some(ip)).err(), Some(Over::Ip(3)));
+        let d = PeerId::random();
+        assert_eq!(open.enter(d, Some(ip)).err(), Some(Over::Ip(3)));
+        let other: IpAddr = "127.0.0.8".parse().unwrap();
+        let _d1 = open.enter(d, Some(other)).unwrap();
+        drop(a1);
+        let _d2 = open.enter(d, Some(ip)).unwrap();
+        // A peer whose IP is unknown still has its own limit.
+        let c = PeerId::random();
+        let _c = (open.enter(c, None).unwrap(), open.enter(c, None).unwrap());
+        assert_eq!(open.enter(c, None).err(), Some(Over::Peer(2)));
+    }
 }
