@@ -76,6 +76,7 @@ pub const HOST_YAML_TEMPLATE: &str = r#"# .co/host.yaml: settings for `oonode ho
 #   - /ip4/0.0.0.0/tcp/0
 # bootstrap: []          # multiaddrs ending in /p2p/<PeerId>
 # mdns: false
+# max_connections_per_ip: 16   # inbound swarm connections one IP may hold
 "#;
 
 #[derive(Debug, thiserror::Error)]
@@ -131,6 +132,8 @@ pub struct Settings {
     pub bootstrap: Option<Vec<String>>,
     /// Find peers on the LAN by mDNS (default false).
     pub mdns: Option<bool>,
+    /// Inbound swarm connections one IP may hold (default 16).
+    pub max_connections_per_ip: Option<usize>,
 }
 
 /// The `trust` key: a level, a policy (the seed's advanced mapping), or policy text
@@ -243,6 +246,7 @@ impl Settings {
             listen: self.listen.or(lower.listen),
             bootstrap: self.bootstrap.or(lower.bootstrap),
             mdns: self.mdns.or(lower.mdns),
+            max_connections_per_ip: self.max_connections_per_ip.or(lower.max_connections_per_ip),
         }
     }
 }
@@ -321,6 +325,12 @@ impl HostConfig {
                     }
                 }
                 p2p.mdns = s.mdns.unwrap_or(false);
+                if let Some(n) = s.max_connections_per_ip {
+                    if n == 0 {
+                        return Err(invalid("max_connections_per_ip", "must be at least 1"));
+                    }
+                    p2p.max_connections_per_ip = n;
+                }
                 Some(p2p)
             } else {
                 None

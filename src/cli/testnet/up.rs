@@ -236,6 +236,12 @@ impl Starter {
             eprint!("[{}/{total}] node {index} ({agent}) … ", index + 1);
             let t = Instant::now();
             let co_dir = self.dir.join(format!("node-{index}"));
+            // Every node of a testnet dials from 127.0.0.1: lift the per-IP cap on swarm
+            // connections, which is there for strangers.
+            fs::create_dir_all(&co_dir)
+                .with_context(|| format!("cannot create {}", co_dir.display()))?;
+            fs::write(co_dir.join("host.yaml"), "max_connections_per_ip: 4096\n")
+                .with_context(|| format!("cannot write {}/host.yaml", co_dir.display()))?;
             let port = options
                 .http_port_base
                 .map_or(0, |base| usize::from(base) + index);
