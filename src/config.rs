@@ -35,6 +35,10 @@ pub const HOST_YAML_TEMPLATE: &str = r#"# .co/host.yaml: settings for `oonode ho
 #   - "Translate 'hello' to Spanish"
 #   - "What language is 'hola' in?"
 
+# Web pages (origins) that may call this node's API from a browser; its own /docs page
+# always may. Requests from any other page are refused (403).
+# cors_origins: []
+
 # Trust level: open (accept all), careful (unsigned accepted, a present signature must
 # be valid), strict (a valid signature required).
 # trust: careful
@@ -122,6 +126,9 @@ pub struct Settings {
     pub co_dir: Option<PathBuf>,
     pub summary: Option<String>,
     pub examples: Option<Vec<String>>,
+    /// Web origins (`https://app.example`) whose pages may call the node's API from a
+    /// browser; pages of the node itself always may.
+    pub cors_origins: Option<Vec<String>>,
     pub max_file_size: Option<u64>,
     pub max_files_per_request: Option<usize>,
     /// Join the libp2p swarm (default true).
@@ -240,6 +247,7 @@ impl Settings {
             co_dir: self.co_dir.or(lower.co_dir),
             summary: self.summary.or(lower.summary),
             examples: self.examples.or(lower.examples),
+            cors_origins: self.cors_origins.or(lower.cors_origins),
             max_file_size: self.max_file_size.or(lower.max_file_size),
             max_files_per_request: self.max_files_per_request.or(lower.max_files_per_request),
             p2p: self.p2p.or(lower.p2p),
@@ -267,6 +275,8 @@ pub struct HostConfig {
     pub co_dir: PathBuf,
     pub summary: Option<String>,
     pub examples: Vec<String>,
+    /// Origins allowed to call the API from a browser, as `scheme://host[:port]`.
+    pub cors_origins: Vec<String>,
     pub max_file_size_mb: u64,
     pub max_files_per_request: usize,
     /// The swarm's settings; `None` when `p2p: false`.
@@ -403,6 +413,18 @@ impl HostConfig {
             co_dir: data_dir,
             summary: s.summary,
             examples: s.examples.unwrap_or_default(),
+            cors_origins: {
+                let origins = s.cors_origins.unwrap_or_default();
+                if let Some(bad) = origins.iter().find(|o| {
+                    !(o.starts_with("http://") || o.starts_with("https://")) || o.ends_with('/')
+                }) {
+                    return Err(invalid(
+                        "cors_origins",
+                        &format!("{bad:?} is not an origin (scheme://host[:port], no path)"),
+                    ));
+                }
+                origins
+            },
             max_file_size_mb,
             max_files_per_request: s.max_files_per_request.unwrap_or(DEFAULT_MAX_FILES),
             p2p,

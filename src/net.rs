@@ -1,5 +1,14 @@
 //! Socket helpers shared by the node's transports and the relay server (below both).
 
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+
 /// Small WebSocket frames and HTTP replies must not wait for Nagle's algorithm (and the
 /// peer's delayed ACK): every accepted socket sends at once.
 pub(crate) fn no_delay(tcp: &mut tokio::net::TcpStream) {
@@ -41,5 +50,152 @@ pub(crate) async fn shutdown_signal() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
+    }
+}
+
+/// Open connections per client IP, shared by a listener and the connections it hands
+/// out (and by the `/ws` slots).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct IpCounts(Arc<Mutex<HashMap<IpAddr, usize>>>);
+
+impl IpCounts {
+    /// One more connection for `ip`, unless it already holds `max`.
+    pub(crate) fn take(&self, ip: IpAddr, max: usize) -> Option<IpSlot> {
+        let mut counts = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let n = counts.entry(ip).or_insert(0);
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(IpSlot {
+            counts: self.clone(),
+            ip,
+        })
+    }
+}
+
+/// A connection's place in its IP's count, given back when dropped.
+#[derive(Debug)]
+pub(crate) struct IpSlot {
+    counts: IpCounts,
+    ip: IpAddr,
+}
+
+impl Drop for IpSlot {
+    fn drop(&mut self) {
+        let mut counts = self.counts.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = counts.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                counts.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// A TCP listener that lets one client IP hold at most `max_per_ip` open connections:
+/// past that, a new connection is closed at once, so that one client cannot take every
+/// file descriptor. Sets TCP_NODELAY on what it accepts.
+pub(crate) struct CappedListener {
+    inner: TcpListener,
+    counts: IpCounts,
+    max_per_ip: usize,
+}
+
+impl CappedListener {
+    pub(crate) fn new(inner: TcpListener, max_per_ip: usize) -> Self {
+        CappedListener {
+            inner,
+            counts: IpCounts::default(),
+            max_per_ip,
+        }
+    }
+}
+
+impl axum::serve::Listener for CappedListener {
+    type Io = CappedStream;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            let (mut stream, addr) = axum::serve::Listener::accept(&mut self.inner).await;
+            match self.counts.take(addr.ip(), self.max_per_ip) {
+                Some(slot) => {
+                    no_delay(&mut stream);
+                    return (
+                        CappedStream {
+                            inner: stream,
+                            _slot: slot,
+                        },
+                        addr,
+                    );
+                }
+                None => {
+                    tracing::debug!(ip = %addr.ip(), max = self.max_per_ip, "connection over the per-IP cap closed")
+                }
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.inner.local_addr()
+    }
+}
+
+/// An accepted connection holding its IP's slot.
+pub(crate) struct CappedStream {
+    inner: TcpStream,
+    _slot: IpSlot,
+}
+
+impl AsyncRead for CappedStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for CappedStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+/// The client's address as the node's listener saw it (its connection info).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct PeerAddr(pub SocketAddr);
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, CappedListener>>
+    for PeerAddr
+{
+    fn connect_info(stream: axum::serve::IncomingStream<'_, CappedListener>) -> Self {
+        PeerAddr(*stream.remote_addr())
     }
 }

@@ -153,6 +153,16 @@ impl Remote {
                     });
                 }
                 Some(Kind::Error) => {
+                    // A refusal answers this INPUT, or (a frame the node could not read)
+                    // none: an old ERROR replayed by a relay answers another.
+                    if env
+                        .str_field("in_reply_to")
+                        .is_some_and(|id| id != input_id)
+                    {
+                        return Err(CallError::Tampered(
+                            "the error answers another request".into(),
+                        ));
+                    }
                     let code = env
                         .str_field("code")
                         .map_or(ErrorCode::Unknown, ErrorCode::parse);

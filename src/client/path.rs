@@ -244,11 +244,27 @@ async fn open_relay(options: &ConnectOptions) -> Result<Socket, CallError> {
     .await
     .map_err(|_| unreachable("timed out".into()))?
     .map_err(|e| match e {
-        tokio_tungstenite::tungstenite::Error::Http(res) if res.status() == 503 => {
-            CallError::Relay {
-                code: ErrorCode::RelayFull,
-                message: "the relay is at its limit of callers; try again later".into(),
-            }
+        // The relay refused the socket and says why in a JSON body: `{"error","code"}`.
+        tokio_tungstenite::tungstenite::Error::Http(res)
+            if res.status().is_client_error() || res.status().is_server_error() =>
+        {
+            let body: serde_json::Value = res
+                .body()
+                .as_deref()
+                .and_then(|b| serde_json::from_slice(b).ok())
+                .unwrap_or_default();
+            let code = body["code"].as_str().map_or(
+                if res.status() == 503 {
+                    ErrorCode::RelayFull
+                } else {
+                    ErrorCode::Unknown
+                },
+                ErrorCode::parse,
+            );
+            let message = body["error"]
+                .as_str()
+                .map_or_else(|| format!("HTTP {}", res.status()), str::to_owned);
+            CallError::Relay { code, message }
         }
         e => unreachable(e.to_string()),
     })?;

@@ -6,7 +6,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::serve::ListenerExt;
 use axum::Router;
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
@@ -18,7 +17,7 @@ use crate::config::HostConfig;
 use crate::dispatch::{Dispatcher, DispatcherConfig};
 use crate::envelope::unix_now;
 use crate::identity::{Address, Identity};
-use crate::net::no_delay;
+use crate::net::{CappedListener, IpCounts, PeerAddr};
 use crate::store::{Store, Uploads};
 use crate::transport::http::{self, HttpState, NodeInfo};
 use crate::transport::p2p::{P2p, PRESENCE_REPUBLISH};
@@ -27,7 +26,9 @@ use crate::transport::ws::WsState;
 use crate::trust::TrustAgent;
 
 use super::handle::NodeHandle;
-use super::{HostError, MAX_WS_CONNECTIONS};
+use super::{
+    HostError, MAX_HTTP_CONNECTIONS_PER_IP, MAX_WS_CONNECTIONS, MAX_WS_CONNECTIONS_PER_IP,
+};
 
 /// A node that is configured but not yet listening.
 pub struct Node {
@@ -126,11 +127,14 @@ impl Node {
             dispatcher: self.dispatcher.clone(),
             info: self.info.clone(),
             max_body_bytes,
+            cors_origins: self.config.cors_origins.clone(),
             started: Instant::now(),
             ws: WsState {
                 dispatcher: self.dispatcher.clone(),
                 max_frame_bytes: max_body_bytes,
                 connections: Arc::new(tokio::sync::Semaphore::new(MAX_WS_CONNECTIONS)),
+                per_ip: IpCounts::default(),
+                max_per_ip: MAX_WS_CONNECTIONS_PER_IP,
             },
             relay,
             p2p,
@@ -209,8 +213,9 @@ impl Node {
             let router = self.router_with(None, relay.clone(), p2p.clone());
             let stop = shutdown.clone();
             tasks.spawn(async move {
-                let service = router.into_make_service_with_connect_info::<SocketAddr>();
-                axum::serve(listener.tap_io(no_delay), service)
+                let service = router.into_make_service_with_connect_info::<PeerAddr>();
+                let listener = CappedListener::new(listener, MAX_HTTP_CONNECTIONS_PER_IP);
+                axum::serve(listener, service)
                     .with_graceful_shutdown(stop.cancelled_owned())
                     .await
                     .map_err(HostError::Serve)

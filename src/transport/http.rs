@@ -38,6 +38,8 @@ pub(crate) struct HttpState {
     pub dispatcher: Dispatcher,
     pub info: NodeInfo,
     pub max_body_bytes: usize,
+    /// Web origins allowed to call the API from a browser (besides the node's own).
+    pub cors_origins: Vec<String>,
     pub started: Instant,
     /// What `/ws` needs (the dispatcher, its frame limit and connection cap).
     pub ws: WsState,
@@ -70,7 +72,7 @@ pub(crate) fn router(state: Arc<HttpState>) -> Router {
         .method_not_allowed_fallback(|| async {
             error(ErrorCode::MethodNotAllowed, "method not allowed")
         })
-        .layer(middleware::from_fn(cors))
+        .layer(middleware::from_fn_with_state(state.clone(), cors))
         .with_state(state)
 }
 
@@ -86,15 +88,53 @@ fn refusal(r: &Refusal) -> Response {
     res
 }
 
-async fn cors(req: Request, next: Next) -> Response {
+/// Browsers: the node's own pages, and the origins of `cors_origins`, may call the API;
+/// a page from anywhere else is refused before it can run the agent or read a session
+/// (a `/ws` upgrade included, which browsers never check themselves). `/health` and
+/// `/info` are public. Requests without `Origin` (not from a browser) pass.
+async fn cors(State(st): State<Arc<HttpState>>, req: Request, next: Next) -> Response {
+    let origin = req.headers().get(header::ORIGIN).cloned();
+    let public = matches!(req.uri().path(), "/health" | "/info");
+    if let Some(o) = &origin {
+        let same_origin = {
+            let host = req
+                .headers()
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok());
+            let authority = o
+                .to_str()
+                .ok()
+                .and_then(|o| o.split_once("://"))
+                .map(|(_, a)| a);
+            host.is_some() && host == authority
+        };
+        let listed = o
+            .to_str()
+            .is_ok_and(|o| st.cors_origins.iter().any(|allowed| allowed == o));
+        if !(public || same_origin || listed) {
+            return error(
+                ErrorCode::Forbidden,
+                "this web page's origin may not use the node's API (add it to cors_origins in host.yaml)",
+            );
+        }
+    }
     let mut res = if req.method() == Method::OPTIONS {
         StatusCode::NO_CONTENT.into_response()
     } else {
         next.run(req).await
     };
+    let Some(origin) = origin else { return res };
     let h = res.headers_mut();
+    if public {
+        h.insert(
+            header::ACCESS_CONTROL_ALLOW_ORIGIN,
+            HeaderValue::from_static("*"),
+        );
+    } else {
+        h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+        h.insert(header::VARY, HeaderValue::from_static("origin"));
+    }
     for (name, value) in [
-        (header::ACCESS_CONTROL_ALLOW_ORIGIN, "*"),
         (header::ACCESS_CONTROL_ALLOW_METHODS, "GET, POST, OPTIONS"),
         (
             header::ACCESS_CONTROL_ALLOW_HEADERS,

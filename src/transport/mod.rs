@@ -96,8 +96,8 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for PeerIp {
         Ok(PeerIp(
             parts
                 .extensions
-                .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
-                .map(|c| c.0.ip()),
+                .get::<axum::extract::ConnectInfo<crate::net::PeerAddr>>()
+                .map(|c| c.0 .0.ip()),
         ))
     }
 }

@@ -20,7 +20,7 @@ use tracing::{debug, info_span, Instrument};
 
 use crate::dispatch::{Dispatcher, Origin, Reader, Refusal, Rejected};
 use crate::envelope::{decode_object, Envelope};
-use crate::net::SocketFailure;
+use crate::net::{IpCounts, SocketFailure};
 use crate::proto::{session_of, ClientFrame, ErrorCode, NodeFrame, Object};
 use crate::trust::Caller;
 
@@ -34,6 +34,8 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 const PING_EVERY: Duration = Duration::from_secs(30);
 /// A socket that sends nothing (not even PONG) for this long is closed.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// A socket must send its first frame within this long.
+const FIRST_FRAME_TIMEOUT: Duration = Duration::from_secs(10);
 /// Requests one socket may have in flight at once.
 const MAX_IN_FLIGHT_PER_SOCKET: usize = 16;
 
@@ -45,6 +47,9 @@ pub(crate) struct WsState {
     pub max_frame_bytes: usize,
     /// Caps open WebSocket connections.
     pub connections: Arc<Semaphore>,
+    /// Open WebSocket connections per client IP, and how many one IP may hold.
+    pub per_ip: IpCounts,
+    pub max_per_ip: usize,
 }
 
 pub(crate) async fn upgrade(
@@ -52,6 +57,21 @@ pub(crate) async fn upgrade(
     super::PeerIp(peer): super::PeerIp,
     ws: WebSocketUpgrade,
 ) -> Response {
+    let ip_slot = match peer {
+        Some(ip) => match st.per_ip.take(ip, st.max_per_ip) {
+            Some(slot) => Some(slot),
+            None => {
+                return super::error_response(
+                    ErrorCode::TooManyConnections,
+                    &format!(
+                        "this address holds {} WebSocket connections already",
+                        st.max_per_ip
+                    ),
+                )
+            }
+        },
+        None => None,
+    };
     let Ok(permit) = st.connections.clone().try_acquire_owned() else {
         return super::error_response(
             ErrorCode::Busy,
@@ -63,6 +83,7 @@ pub(crate) async fn upgrade(
         .max_frame_size(max)
         .on_upgrade(move |socket| async move {
             let span = info_span!("ws", conn = %uuid::Uuid::new_v4().simple());
+            let _ip_slot = ip_slot;
             Connection::new(st, permit, peer)
                 .run(socket)
                 .instrument(span)
@@ -125,10 +146,17 @@ impl Connection {
         let mut ping = tokio::time::interval(PING_EVERY);
         ping.tick().await;
         let mut last_heard = Instant::now();
+        let mut heard_any = false;
+        let first_frame = tokio::time::sleep(FIRST_FRAME_TIMEOUT);
+        tokio::pin!(first_frame);
         loop {
             tokio::select! {
                 _ = self.closed.cancelled() => {
                     debug!("closing a slow or failed socket");
+                    break;
+                }
+                _ = &mut first_frame, if !heard_any => {
+                    debug!("closing a socket that sent nothing");
                     break;
                 }
                 _ = ping.tick() => {
@@ -140,6 +168,7 @@ impl Connection {
                 }
                 frame = stream.next() => {
                     last_heard = Instant::now();
+                    heard_any = true;
                     match frame {
                         Some(Ok(Message::Text(text))) => self.on_frame(text.as_bytes()).await,
                         Some(Ok(Message::Binary(bytes))) => self.on_frame(&bytes).await,

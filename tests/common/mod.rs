@@ -7,6 +7,7 @@
 pub mod node;
 pub mod proc;
 pub mod relay;
+pub mod socket;
 
 use std::time::Duration;
 
@@ -21,6 +22,8 @@ pub use node::{NodeProc, TestNode, QUIC, TCP};
 pub use proc::{Child, Stderr, BIN};
 #[allow(unused_imports)]
 pub use relay::{relay_config, start_relay, RelayProc};
+#[allow(unused_imports)]
+pub use socket::{ws_connect, ws_recv, ws_send, Socket};
 
 /// Every await on the network in tests is bounded by this.
 pub const STEP: Duration = Duration::from_secs(20);
