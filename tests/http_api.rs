@@ -260,15 +260,21 @@ async fn post_json_owned(url: String, body: Value) -> (u16, Value) {
 async fn cors_and_preflight() {
     let dir = tempfile::tempdir().unwrap();
     let node = TestNode::start(Host::new(Echo), dir.path()).await;
+    // The node's own pages may preflight its API; the allowed origin is echoed, not `*`.
     let res = client()
         .request(reqwest::Method::OPTIONS, format!("{}/input", node.url))
+        .header("origin", node.url.as_str())
         .send()
         .await
         .unwrap();
     assert_eq!(res.status().as_u16(), 204);
-    assert_eq!(res.headers()["access-control-allow-origin"], "*");
+    assert_eq!(
+        res.headers()["access-control-allow-origin"],
+        node.url.as_str()
+    );
     let res = client()
         .get(format!("{}/health", node.url))
+        .header("origin", "https://anywhere.example")
         .send()
         .await
         .unwrap();

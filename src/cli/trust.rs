@@ -8,10 +8,12 @@ use oonode::Identity;
 
 #[derive(clap::Args)]
 pub(crate) struct TrustArgs {
-    #[arg(value_enum)]
-    action: AdminAction,
-    /// The address acted on.
-    address: String,
+    /// promote, demote, block, unblock, level, credit (an admin action on the node), or
+    /// invite (print a new strong invite code for host.yaml; nothing is sent).
+    #[arg(value_parser = parse_action)]
+    action: TrustCommand,
+    /// The address acted on (not for `invite`).
+    address: Option<String>,
     /// Credits to grant (for `credit`).
     amount: Option<u64>,
     /// The node's HTTP URL.
@@ -23,13 +25,42 @@ pub(crate) struct TrustArgs {
     co_dir: Option<PathBuf>,
 }
 
-/// `oonode trust …`: a signed, single-use ADMIN envelope to the node's /admin/trust.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum TrustCommand {
+    Admin(AdminAction),
+    Invite,
+}
+
+fn parse_action(s: &str) -> Result<TrustCommand, String> {
+    if s == "invite" {
+        return Ok(TrustCommand::Invite);
+    }
+    s.parse()
+        .map(TrustCommand::Admin)
+        .map_err(|e: oonode::trust::AdminError| format!("{e}, or invite"))
+}
+
+/// `oonode trust …`: a signed, single-use ADMIN envelope to the node's /admin/trust; or
+/// `oonode trust invite`: a new invite code.
 pub(crate) async fn trust(args: TrustArgs) -> anyhow::Result<()> {
+    let action = match args.action {
+        TrustCommand::Invite => {
+            println!("{}", oonode::trust::InviteCode::generate());
+            return Ok(());
+        }
+        TrustCommand::Admin(a) => a,
+    };
+    let Some(address) = &args.address else {
+        anyhow::bail!(
+            "{} needs an address: oonode trust {} 0x…",
+            action.as_str(),
+            action.as_str()
+        );
+    };
     let dir = super::co_dir_or_default(args.co_dir)?;
     let (identity, _) = Identity::load_or_create(&dir)?;
-    let target: oonode::Address = args.address.parse().context("invalid address")?;
-    let action = args.action.as_str();
-    if args.action == AdminAction::Credit && args.amount.is_none() {
+    let target: oonode::Address = address.parse().context("invalid address")?;
+    if action == AdminAction::Credit && args.amount.is_none() {
         anyhow::bail!("credit needs an amount: oonode trust credit 0x… 10");
     }
     let http = reqwest::Client::builder()
@@ -49,7 +80,7 @@ pub(crate) async fn trust(args: TrustArgs) -> anyhow::Result<()> {
         .parse()
         .context("the node's /info has no address")?;
     let mut payload = serde_json::Map::new();
-    payload.insert("action".into(), action.into());
+    payload.insert("action".into(), action.as_str().into());
     payload.insert("address".into(), target.to_string().into());
     if let Some(n) = args.amount {
         payload.insert("amount".into(), n.into());

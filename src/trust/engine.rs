@@ -72,7 +72,7 @@ impl From<String> for Denial {
 }
 
 /// A trust admin action, as `oonode trust` and `POST /admin/trust` name it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AdminAction {
     /// Make a contact.
     Promote,
