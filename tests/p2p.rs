@@ -305,15 +305,6 @@ async fn assert_cut_off(swarm: &P2p, node: Address) -> CallError {
     }
 }
 
-/// The node's listen multiaddr over `transport` ("quic-v1" or "tcp").
-fn addr_over(node: &TestNode, transport: &str) -> Multiaddr {
-    node.swarm
-        .iter()
-        .find(|a| a.iter().any(|p| p.tag() == transport))
-        .unwrap_or_else(|| panic!("the node listens over {transport}"))
-        .clone()
-}
-
 /// A well-behaved one-off caller (its own swarm through `bootstrap`) gets its answer. It
 /// calls from 127.0.0.2 (its QUIC listener is bound there): the misbehaving peers of
 /// these tests get 127.0.0.1 banned along with their keys.
@@ -419,7 +410,7 @@ async fn oversize_and_undecodable_frames_get_the_peer_cut_off() {
             "after trouble",
         )
         .await;
-        let quic = addr_over(&node, "quic-v1");
+        let quic = node.swarm_addr_over("quic-v1");
         assert_good_caller(&quic, node.address, "still here for good callers").await;
         assert_good_caller(
             &neighbour.swarm[0],
@@ -441,7 +432,7 @@ async fn oversize_and_undecodable_frames_get_the_peer_cut_off() {
 async fn too_many_concurrent_streams_get_the_peer_cut_off() {
     within(Duration::from_secs(120), "test", async {
         let node = start(Host::new(Echo), &[TCP, QUIC], &[]).await;
-        let (flooder, stop) = caller_swarm(vec![addr_over(&node, "tcp")]).await;
+        let (flooder, stop) = caller_swarm(vec![node.swarm_addr_over("tcp")]).await;
 
         // The limit itself is not over it: hold that many streams without an INPUT.
         let limit = oonode::P2pConfig::default().max_streams_per_peer;
@@ -540,7 +531,7 @@ async fn too_many_concurrent_streams_get_the_peer_cut_off() {
         drop(held);
 
         assert_cut_off(&flooder, node.address).await;
-        let quic = addr_over(&node, "quic-v1");
+        let quic = node.swarm_addr_over("quic-v1");
         assert_good_caller(&quic, node.address, "others still get answers").await;
 
         stop.cancel();

@@ -51,15 +51,6 @@ async fn echo_node() -> TestNode {
         .await
 }
 
-/// The node's listen multiaddr over `transport` ("quic-v1" or "tcp").
-fn addr_over(node: &TestNode, transport: &str) -> Multiaddr {
-    node.swarm
-        .iter()
-        .find(|a| a.iter().any(|p| p.tag() == transport))
-        .unwrap_or_else(|| panic!("the node listens over {transport}"))
-        .clone()
-}
-
 /// A one-off caller swarm with a fresh key, whose QUIC listener on `ip` makes it dial
 /// `node` (a QUIC address) from `ip`.
 async fn caller_from(ip: &str, node: &Multiaddr) -> (P2p, CancellationToken) {
@@ -105,7 +96,7 @@ async fn assert_refused(swarm: &P2p, target: Address, who: &str) {
 async fn a_banned_peer_cannot_return_with_a_fresh_key_from_the_same_ip() {
     within(Duration::from_secs(150), "test", async {
         let node = echo_node().await;
-        let quic = addr_over(&node, "quic-v1");
+        let quic = node.swarm_addr_over("quic-v1");
 
         // Served at first, then it sends a frame over the size limit and is banned.
         let (bad, stop_bad) = caller_from("127.0.0.3", &quic).await;
@@ -161,7 +152,7 @@ async fn a_banned_peer_cannot_return_with_a_fresh_key_from_the_same_ip() {
 async fn connections_from_one_ip_are_capped_and_others_unaffected() {
     within(Duration::from_secs(200), "test", async {
         let node = echo_node().await;
-        let quic = addr_over(&node, "quic-v1");
+        let quic = node.swarm_addr_over("quic-v1");
         let cap = P2pConfig::default().max_connections_per_ip;
 
         // Up to the cap from 127.0.0.4, each with its own key and connection: all served.
@@ -341,7 +332,7 @@ fn timestamp_of(value: &[u8]) -> u64 {
 async fn stale_future_oversize_and_replayed_presence_records_are_not_stored() {
     within(Duration::from_secs(90), "test", async {
         let node = echo_node().await;
-        let mut client = RawKad::new(&addr_over(&node, "tcp"));
+        let mut client = RawKad::new(&node.swarm_addr_over("tcp"));
         let now = unix_now();
 
         // The path works: a valid record ten minutes old is stored and served.

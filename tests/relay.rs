@@ -25,8 +25,7 @@ use tokio::task::JoinSet;
 use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
 use tokio_tungstenite::tungstenite::Message;
 
-type Socket =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+use common::{ws_connect, ws_recv as recv, ws_send as send, Socket};
 
 // ---------------------------------------------------------------------------------------
 // Helpers: relays, nodes, callers
@@ -90,37 +89,6 @@ async fn call_until_ok(relay: &str, to: Address, limit: Duration) -> Duration {
             ),
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-async fn ws_connect(url: &str) -> Socket {
-    tokio::time::timeout(STEP, tokio_tungstenite::connect_async(url))
-        .await
-        .expect("WebSocket connect timed out")
-        .unwrap_or_else(|e| panic!("WebSocket connect to {url}: {e}"))
-        .0
-}
-
-async fn send(socket: &mut Socket, frame: &Value) {
-    tokio::time::timeout(STEP, socket.send(Message::text(frame.to_string())))
-        .await
-        .expect("send timed out")
-        .expect("send");
-}
-
-/// The next JSON frame, or `None` once the socket is closed.
-async fn recv(socket: &mut Socket) -> Option<Value> {
-    loop {
-        let msg = tokio::time::timeout(STEP, socket.next())
-            .await
-            .expect("no frame (nor close) within the step timeout");
-        match msg {
-            None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return None,
-            Some(Ok(Message::Text(t))) => {
-                return Some(serde_json::from_str(&t).expect("a JSON frame"))
-            }
-            Some(Ok(_)) => continue,
-        }
     }
 }
 

@@ -11,8 +11,7 @@ mod common;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use common::{client, STEP};
-use futures::{SinkExt, StreamExt};
+use common::{client, ws_recv as recv, ws_recv_within as recv_within, ws_send as send, STEP};
 use oonode::agent::Echo;
 use oonode::envelope::{canonical_json, unix_now};
 use oonode::proto::{signed_announce, MAX_ENDPOINTS, MAX_ENDPOINT_BYTES, MAX_SUMMARY_CHARS};
@@ -20,7 +19,6 @@ use oonode::{
     Address, Envelope, Host, Identity, Kind, NodeHandle, Relay, RelayConfig, RelayHandle,
 };
 use serde_json::{json, Map, Value};
-use tokio_tungstenite::tungstenite::Message;
 
 type Socket = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
 
@@ -79,35 +77,6 @@ fn refusal(result: Result<Socket, tokio_tungstenite::tungstenite::Error>) -> (u1
         ),
         Err(e) => panic!("expected an HTTP refusal, got {e}"),
         Ok(_) => panic!("expected an HTTP refusal, the upgrade was accepted"),
-    }
-}
-
-async fn send(socket: &mut Socket, frame: &Value) {
-    tokio::time::timeout(STEP, socket.send(Message::text(frame.to_string())))
-        .await
-        .expect("send timed out")
-        .expect("send");
-}
-
-/// The next JSON frame, or `None` once the socket is closed.
-async fn recv(socket: &mut Socket) -> Option<Value> {
-    recv_within(socket, STEP)
-        .await
-        .expect("no frame (nor close) within the step timeout")
-}
-
-/// `Err` if nothing came within `wait`; `Ok(None)` once closed.
-async fn recv_within(socket: &mut Socket, wait: Duration) -> Result<Option<Value>, ()> {
-    let deadline = tokio::time::Instant::now() + wait;
-    loop {
-        match tokio::time::timeout_at(deadline, socket.next()).await {
-            Err(_) => return Err(()),
-            Ok(None | Some(Err(_)) | Some(Ok(Message::Close(_)))) => return Ok(None),
-            Ok(Some(Ok(Message::Text(t)))) => {
-                return Ok(Some(serde_json::from_str(&t).expect("a JSON frame")))
-            }
-            Ok(Some(Ok(_))) => continue,
-        }
     }
 }
 

@@ -261,17 +261,29 @@ fn session_json(rec: &SessionRecord) -> Value {
     v
 }
 
+/// The reader of a `GET /sessions…`, as the dispatcher judged it; a refusal answers at
+/// once.
+struct SessionReader(Reader);
+
+impl axum::extract::FromRequestParts<Arc<HttpState>> for SessionReader {
+    type Rejection = Response;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        st: &Arc<HttpState>,
+    ) -> Result<Self, Self::Rejection> {
+        reader(st, &parts.method, &parts.uri, &parts.headers)
+            .await
+            .map(SessionReader)
+            .map_err(|r| refusal(&r))
+    }
+}
+
 async fn get_session(
     State(st): State<Arc<HttpState>>,
     Path(id): Path<String>,
-    method: Method,
-    uri: axum::http::Uri,
-    headers: HeaderMap,
+    SessionReader(reader): SessionReader,
 ) -> Response {
-    let reader = match reader(&st, &method, &uri, &headers).await {
-        Ok(c) => c,
-        Err(r) => return refusal(&r),
-    };
     match st.dispatcher.session(&id, &reader).await {
         Ok(Some(rec)) => Json(session_json(&rec)).into_response(),
         Ok(None) => error(ErrorCode::NotFound, "not found"),
@@ -281,14 +293,8 @@ async fn get_session(
 
 async fn list_sessions(
     State(st): State<Arc<HttpState>>,
-    method: Method,
-    uri: axum::http::Uri,
-    headers: HeaderMap,
+    SessionReader(reader): SessionReader,
 ) -> Response {
-    let reader = match reader(&st, &method, &uri, &headers).await {
-        Ok(c) => c,
-        Err(r) => return refusal(&r),
-    };
     match st.dispatcher.sessions(&reader).await {
         Ok(list) => {
             let sessions: Vec<Value> = list

@@ -23,7 +23,7 @@ pub use proc::{Child, Stderr, BIN};
 #[allow(unused_imports)]
 pub use relay::{relay_config, start_relay, RelayProc};
 #[allow(unused_imports)]
-pub use socket::{ws_connect, ws_recv, ws_send, Socket};
+pub use socket::{ws_connect, ws_recv, ws_recv_within, ws_send, Socket};
 
 /// Every await on the network in tests is bounded by this.
 pub const STEP: Duration = Duration::from_secs(20);

@@ -175,6 +175,15 @@ impl TestNode {
         super::send(req).await
     }
 
+    /// The node's listen multiaddr over `transport` ("quic-v1" or "tcp").
+    pub fn swarm_addr_over(&self, transport: &str) -> Multiaddr {
+        self.swarm
+            .iter()
+            .find(|a| a.iter().any(|p| p.tag() == transport))
+            .unwrap_or_else(|| panic!("the node listens over {transport}"))
+            .clone()
+    }
+
     /// The node's `/ws` URL (HTTP must be on).
     pub fn ws_url(&self) -> String {
         self.handle.ws_url().expect("the node's HTTP is on")
