@@ -21,14 +21,14 @@
 //! | --- | --- |
 //! | `identity.rs` | keys, [`Address`], PeerId conversion, key file, co_dir lookup |
 //! | `envelope.rs` | envelope shapes, canonical JSON (forms A and B), sign/verify, freshness, replay keys (no I/O) |
-//! | `proto/` | the wire (no I/O): typed frames per link (`frame.rs`), [`proto::ErrorCode`] (`error.rs`), ANNOUNCE (`announce.rs`), [`proto::RelayUrl`] and the relay's routes (`relay_url.rs`) |
-//! | `net.rs` | socket helpers shared by the node and the relay server: TCP_NODELAY, WebSocket read errors, SIGINT/SIGTERM |
+//! | `proto/` | the wire (no I/O): typed frames per link (`frame.rs`), [`proto::ErrorCode`] (`error.rs`), ANNOUNCE (`announce.rs`), [`proto::RelayUrl`] and the relay's routes (`relay_url.rs`), signed HTTP reads (`signed_request.rs`) |
+//! | `net.rs` | socket helpers shared by the node and the relay server: TCP_NODELAY, a listener capped per client IP, WebSocket read errors, SIGINT/SIGTERM |
 //! | `agent.rs` | the [`Agent`] trait, [`AgentFactory`] (a fresh agent per request), built-ins `echo`, `translator`, `ticker` |
 //! | `store/` | sled (`mod.rs`: sessions, seen ids, kept replies, trust state; one store thread, group commit) and attached files (`uploads.rs`) |
-//! | `trust/` | trust levels, address lists (`lists.rs`), policies (`policy.rs`), the decision, onboarding and admin actions (`engine.rs`) |
-//! | `dispatch/` | the [`Dispatcher`]: verify → trust → admit → run → stream → persist → reply (`mod.rs`), refusals and their answers (`refusal.rs`), one run (`run.rs`), a turn's session state (`turn.rs`) |
-//! | `transport/` | the ways in, each knowing the dispatcher and never the reverse: `http.rs` (the seed's API, `/docs`), `ws.rs` (`/ws`), `relay_link.rs` (the node's outbound link to a relay), `p2p/` (the libp2p swarm and its CBOR `wire.rs`) |
-//! | `relay_server/` | the relay server: announce, routing by address and session, directory, limits (`conn.rs`: one task per connection) |
+//! | `trust/` | trust levels, address lists (`lists.rs`), policies (`policy.rs`), the decision, onboarding and admin actions (`engine.rs`), wrong invite codes (`invites.rs`) |
+//! | `dispatch/` | the [`Dispatcher`]: verify → trust → admit → run → stream → persist → reply (`mod.rs`); signatures, CONNECT, signed reads, admin (`access.rs`); whose sessions (`scope.rs`); refusals and their answers (`refusal.rs`); one run (`run.rs`); a turn's session state (`turn.rs`); RESUME (`follow.rs`) |
+//! | `transport/` | the ways in, each knowing the dispatcher and never the reverse: `http.rs` (the seed's API, `/docs`, origins), `ws.rs` (`/ws`), `relay_link.rs` (the node's outbound link to a relay), `p2p/` (the libp2p swarm: `handle.rs`, `behaviour.rs`, `event_loop.rs`, `serve.rs`, `presence.rs`, per-IP limits in `ip_limits.rs`, the CBOR `wire.rs`) |
+//! | `relay_server/` | the relay server (`mod.rs`: state, router, directory, limits): agent connections (`agent.rs`), caller connections (`caller.rs`), what both share (`conn.rs`) |
 //! | `client/` | [`connect()`]: the ways to an agent and the choice among them (`path.rs`), one verified turn (`call.rs`) |
 //! | `config.rs` | `host.yaml` + code parameters → [`HostConfig`] |
 //! | `node/` | the [`Host`] builder, [`host()`], [`router()`] (`mod.rs`); opening and starting a [`Node`] (`start.rs`); the running [`NodeHandle`], banner, [`Ready`] line and shutdown (`handle.rs`) |

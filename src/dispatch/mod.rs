@@ -4,6 +4,8 @@
 //! [`Envelope`] and get back a stream of signed reply envelopes (STREAM…, then OUTPUT or
 //! ERROR); it knows nothing about how bytes arrived.
 
+mod access;
+mod follow;
 mod refusal;
 mod run;
 mod scope;
@@ -14,18 +16,18 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use serde_json::{Map, Value};
+use serde_json::Value;
 use tokio::sync::{broadcast, mpsc, Semaphore};
 use tokio_util::task::TaskTracker;
-use tracing::{info_span, warn, Instrument};
+use tracing::{info_span, Instrument};
 
 use crate::agent::AgentFactory;
-use crate::envelope::{unix_now, Envelope, Kind, MAX_CLOCK_SKEW_SECS};
+use crate::envelope::{unix_now, Envelope, Kind};
 use crate::identity::{Address, Identity};
-use crate::proto::{request_payload, ConnectStatus, FrameType, Object};
 use crate::store::{SessionRecord, SessionStatus, Store, Upload, Uploads, FINAL_SEQ};
-use crate::trust::{AdminAction, Caller, Invite, Refused, Trust, TrustAgent, TrustEngine};
+use crate::trust::{Invite, Trust, TrustAgent, TrustEngine};
 
+pub use access::SignedRead;
 pub use refusal::{Refusal, Rejected};
 use run::Run;
 pub use scope::{Reader, Scope, SessionSecret};
@@ -40,24 +42,6 @@ const CHUNK_QUEUE: usize = 16;
 const REPLY_SEND_TIMEOUT: Duration = Duration::from_secs(30);
 /// Replies a live follower may fall behind before it catches up from the store.
 const LIVE_BUFFER: usize = 256;
-
-/// A signed read (the Python client's `sign_http_request` shape): the `x-co-from`,
-/// `x-co-signature`, `x-co-timestamp`, `x-co-to` and `x-co-request-id` headers, and the
-/// request they sign. The signature covers (form A) `{method, path, query, body_sha256,
-/// timestamp, request_id, to}`: it names this node and is single-use.
-#[derive(Debug, Clone, Copy)]
-pub struct SignedRead<'a> {
-    pub from: &'a str,
-    pub signature: &'a str,
-    pub timestamp: &'a str,
-    pub to: &'a str,
-    pub request_id: &'a str,
-    pub method: &'a str,
-    pub path: &'a str,
-    /// The query string as received (canonicalised here).
-    pub query: &'a str,
-    pub body: &'a [u8],
-}
 
 /// Where a request came in, as far as binding it to a session goes: a relay sees every
 /// frame, so what it could have changed counts for less.
@@ -325,199 +309,6 @@ impl Dispatcher {
         })
     }
 
-    /// Checks who sent `env`: blacklist first (on the claimed sender too), then the
-    /// signature, freshness and, for messages that must be addressed to us, `to`.
-    /// Unsigned messages pass as [`Caller::Unsigned`]; the trust level decides on them.
-    pub fn authenticate(
-        &self,
-        env: &Envelope,
-        now: u64,
-        require_to: bool,
-    ) -> Result<Caller, Refusal> {
-        self.inner.trust.check_blacklist(env.from.as_ref())?;
-        if env.signature.is_none() {
-            return Ok(Caller::Unsigned { claimed: env.from });
-        }
-        let from = env.verify()?;
-        env.check_fresh(now)?;
-        if require_to {
-            env.check_to(&self.address())?;
-        }
-        Ok(Caller::Verified(from))
-    }
-
-    /// Records a signed envelope as used; a second use is a replay. Kept past the
-    /// freshness window on both sides: by then the timestamp check refuses it anyway.
-    async fn use_once(&self, env: &Envelope, now: u64) -> Result<(), Refusal> {
-        if let Some(key) = env.replay_key() {
-            let expires = now + 2 * MAX_CLOCK_SKEW_SECS;
-            if !self.inner.store.record_seen(key, expires).await? {
-                return Err(Refusal::Replayed);
-            }
-        }
-        Ok(())
-    }
-
-    /// A CONNECT frame, the Python client's way to open a socket session. A signed one is
-    /// checked like an INPUT (sender, signature, freshness, `to`, trust), is single-use,
-    /// and must sign a CONNECT: a payload of another `type` (an INPUT, say) is refused.
-    /// When it also signs `session_id`, that must be the session asked for. An unsigned
-    /// one passes where trust allows, with the `session_secret` it presents.
-    ///
-    /// The Python client signs no session id, so through a relay (which could have put
-    /// any id there) such a CONNECT may only open a new session or one opened through
-    /// that same relay: nothing the relay has not seen already.
-    pub async fn connect(
-        &self,
-        frame: &Object,
-        session_id: &str,
-        origin: &Origin,
-    ) -> Result<(Reader, ConnectStatus), Rejected> {
-        let (caller, bound) = if frame.contains_key("payload") {
-            let env = Envelope::from_nested(frame).map_err(Rejected::from)?;
-            let now = unix_now();
-            let checked = async {
-                match env.payload.get("type").and_then(Value::as_str) {
-                    None => {}
-                    Some(t) if FrameType::parse(t) == Some(FrameType::Connect) => {}
-                    Some(_) => {
-                        return Err(Refusal::BadRequest(
-                            "a CONNECT must sign a CONNECT payload".into(),
-                        ))
-                    }
-                }
-                let signed_session = env.payload.get("session_id").and_then(Value::as_str);
-                if signed_session.is_some_and(|s| s != session_id) {
-                    return Err(Refusal::BadRequest(
-                        "the CONNECT's signed session_id is not the one asked for".into(),
-                    ));
-                }
-                let caller = self.authenticate(&env, now, true)?;
-                self.inner.trust.decide(&caller, None).await?;
-                self.use_once(&env, now).await?;
-                Ok((caller, signed_session.is_some()))
-            };
-            checked.await.map_err(|r| Rejected::of(r, env.from, None))?
-        } else {
-            let caller = Caller::Unsigned { claimed: None };
-            self.inner
-                .trust
-                .decide(&caller, None)
-                .await
-                .map_err(Rejected::from)?;
-            (caller, false)
-        };
-        let secret = match frame.get("session_secret").and_then(Value::as_str) {
-            Some(s) => Some(SessionSecret::parse(s).map_err(Rejected::from)?),
-            None => None,
-        };
-        let reader = Reader::new(caller, secret);
-        let existing = match reader.scope() {
-            Some(scope) => self
-                .inner
-                .store
-                .get_session(scope.key(session_id), unix_now())
-                .await
-                .map_err(Rejected::from)?,
-            None => None,
-        };
-        let status = match existing {
-            Some(rec)
-                if !bound
-                    && origin.relay().is_some()
-                    && rec.origin.as_deref() != origin.relay() =>
-            {
-                return Err(
-                    Rejected::from(Refusal::NotOpenedHere(session_id.to_owned()))
-                        .or_to(caller.verified()),
-                )
-            }
-            Some(rec) if rec.status == SessionStatus::Running => ConnectStatus::Running,
-            Some(_) => ConnectStatus::Connected,
-            None => ConnectStatus::New,
-        };
-        Ok((reader, status))
-    }
-
-    /// Who reads sessions: unsigned (with the `session_secret` it holds, if any), or
-    /// signed (see [`SignedRead`]: fresh, addressed to this node, single-use); then trust.
-    pub async fn reader(
-        &self,
-        signed: Option<SignedRead<'_>>,
-        secret: Option<&str>,
-    ) -> Result<Reader, Refusal> {
-        let caller = match signed {
-            None => Caller::Unsigned { claimed: None },
-            Some(read) => {
-                let timestamp: u64 = read
-                    .timestamp
-                    .parse()
-                    .map_err(|_| Refusal::BadRequest("x-co-timestamp must be an integer".into()))?;
-                let mut signed = Map::new();
-                signed.insert(
-                    "payload".into(),
-                    request_payload(
-                        read.method,
-                        read.path,
-                        read.query,
-                        read.body,
-                        timestamp,
-                        read.request_id,
-                        read.to,
-                    ),
-                );
-                signed.insert("from".into(), read.from.into());
-                signed.insert("signature".into(), read.signature.into());
-                let env = Envelope::from_nested(&signed)?;
-                let now = unix_now();
-                let caller = self.authenticate(&env, now, true)?;
-                self.use_once(&env, now).await?;
-                caller
-            }
-        };
-        self.inner.trust.decide(&caller, None).await?;
-        let secret = match (caller.verified(), secret) {
-            (None, Some(s)) => Some(SessionSecret::parse(s)?),
-            _ => None,
-        };
-        Ok(Reader::new(caller, secret))
-    }
-
-    /// A trust admin action: a signed ADMIN envelope (`action`, `address`, `amount`?)
-    /// from the node itself or an address in admins.txt; fresh, addressed to this node,
-    /// single-use.
-    pub async fn admin(&self, env: &Envelope) -> Result<Value, Refusal> {
-        if env.kind() != Some(Kind::Admin) {
-            return Err(Refusal::BadRequest(
-                "admin actions are ADMIN envelopes".into(),
-            ));
-        }
-        let now = unix_now();
-        let caller = self.authenticate(env, now, true)?;
-        let Caller::Verified(admin) = caller else {
-            return Err(Refusal::Trust(Refused::SignatureRequired));
-        };
-        if !self.inner.trust.is_admin(&admin) {
-            return Err(Refusal::Trust(Refused::NotAdmin));
-        }
-        let action: AdminAction = env
-            .str_field("action")
-            .ok_or_else(|| Refusal::BadRequest("`action` is missing".into()))?
-            .parse()?;
-        let target: Address = env
-            .str_field("address")
-            .ok_or_else(|| Refusal::BadRequest("`address` is missing".into()))?
-            .parse()
-            .map_err(|e| Refusal::BadRequest(format!("invalid `address`: {e}")))?;
-        let amount = env.payload.get("amount").and_then(Value::as_u64);
-        self.use_once(env, now).await?;
-        self.inner
-            .trust
-            .admin(action, target, amount)
-            .await
-            .map_err(Refusal::from)
-    }
-
     /// A session as `reader` may see it: one of its own scope; any other reads as
     /// absent, exactly like a session that does not exist.
     pub async fn session(
@@ -564,95 +355,6 @@ impl Dispatcher {
     /// Waits for every accepted run to finish (after [`Dispatcher::close`]).
     pub async fn drained(&self) {
         self.inner.runs.wait().await;
-    }
-
-    /// The replies of a session after sequence `after`, for a client that reconnects:
-    /// the kept ones first, then live ones while the session runs, ending with its
-    /// OUTPUT or ERROR. `reader` must be allowed to see the session (as for
-    /// [`Dispatcher::session`]).
-    pub async fn follow(
-        &self,
-        session_id: &str,
-        after: u64,
-        reader: &Reader,
-    ) -> Result<mpsc::Receiver<Envelope>, Refusal> {
-        let unknown = || Refusal::UnknownSession(session_id.to_owned());
-        let key = reader.scope().ok_or_else(unknown)?.key(session_id);
-        if self
-            .inner
-            .store
-            .get_session(key.clone(), unix_now())
-            .await?
-            .is_none()
-        {
-            return Err(unknown());
-        }
-        // Subscribe before reading the store, so nothing falls between the two.
-        let live = self.live().get(&key).map(|tx| tx.subscribe());
-        let (tx, rx) = mpsc::channel(REPLY_QUEUE);
-        let this = self.clone();
-        let session_id = session_id.to_owned();
-        self.inner.runs.spawn(async move {
-            this.replay_replies(key, session_id, after, live, tx).await;
-        });
-        Ok(rx)
-    }
-
-    /// Catches up from the store, then follows the live run; a lagging follower catches
-    /// up from the store again. Ends after the final reply.
-    async fn replay_replies(
-        &self,
-        key: String,
-        session_id: String,
-        mut after: u64,
-        mut live: Option<broadcast::Receiver<Envelope>>,
-        tx: mpsc::Sender<Envelope>,
-    ) {
-        loop {
-            let kept = match self.inner.store.replies_after(key.clone(), after).await {
-                Ok(k) => k,
-                Err(e) => {
-                    warn!(error = %e, "reading kept replies failed");
-                    return;
-                }
-            };
-            for (seq, bytes) in kept {
-                let Some(env) = decode_kept(&bytes) else {
-                    continue;
-                };
-                if tx.send(env).await.is_err() || seq == FINAL_SEQ {
-                    return;
-                }
-                after = seq;
-            }
-            let Some(rx) = live.as_mut() else {
-                // Not running and no final reply kept: a restart cut the run.
-                let err = Rejected::from(Refusal::Interrupted(session_id.clone()))
-                    .or_session(Some(&session_id));
-                let _ = tx.send(self.error_envelope(&err)).await;
-                return;
-            };
-            loop {
-                match rx.recv().await {
-                    Ok(env) => {
-                        let seq = reply_seq(&env);
-                        if seq <= after {
-                            continue;
-                        }
-                        if tx.send(env).await.is_err() || seq == FINAL_SEQ {
-                            return;
-                        }
-                        after = seq;
-                    }
-                    Err(broadcast::error::RecvError::Lagged(_)) => break,
-                    // The run ended; its final reply is in the store by now.
-                    Err(broadcast::error::RecvError::Closed) => {
-                        live = None;
-                        break;
-                    }
-                }
-            }
-        }
     }
 
     fn live(&self) -> std::sync::MutexGuard<'_, HashMap<String, broadcast::Sender<Envelope>>> {

@@ -8,6 +8,8 @@
 //!
 //! `GET /api/agents/{address}` is the directory; `GET /health` counts.
 
+mod agent;
+mod caller;
 mod conn;
 
 use std::collections::HashMap;
@@ -200,7 +202,7 @@ impl Relay {
             .await;
         });
         tokio::spawn(forget_loop(state.clone()));
-        tokio::spawn(conn::session_idle_loop(state.clone()));
+        tokio::spawn(caller::session_idle_loop(state.clone()));
         info!(%local_addr, "relay listening on ws://{local_addr}{ANNOUNCE_PATH} and {INPUT_PATH}");
         let names: Vec<String> = public_urls.iter().map(RelayUrl::base).collect();
         info!(public_urls = ?names, "agents must sign their ANNOUNCE for one of these");
@@ -462,7 +464,7 @@ async fn announce_socket(
     let max = st.config.max_frame_bytes;
     ws.max_message_size(max)
         .max_frame_size(max)
-        .on_upgrade(move |socket| conn::serve_agent(st, socket, ip_slot))
+        .on_upgrade(move |socket| agent::serve_agent(st, socket, ip_slot))
 }
 
 async fn input_socket(
@@ -485,7 +487,7 @@ async fn input_socket(
     let max = st.config.max_frame_bytes;
     ws.max_message_size(max)
         .max_frame_size(max)
-        .on_upgrade(move |socket| conn::serve_caller(st, socket, ip, (permit, ip_slot)))
+        .on_upgrade(move |socket| caller::serve_caller(st, socket, ip, (permit, ip_slot)))
 }
 
 async fn directory(State(st): State<Arc<RelayState>>, Path(address): Path<String>) -> Response {

@@ -1,0 +1,225 @@
+//! Who may do what: a sender's signature, freshness and recipient; single use; CONNECT;
+//! signed reads; trust admin actions. Every trust decision is made here or in `admit`.
+
+use serde_json::{Map, Value};
+
+use super::scope::{Reader, SessionSecret};
+use super::{Dispatcher, Origin, Refusal, Rejected};
+use crate::envelope::{unix_now, Envelope, Kind, MAX_CLOCK_SKEW_SECS};
+use crate::identity::Address;
+use crate::proto::{request_payload, ConnectStatus, FrameType, Object};
+use crate::store::SessionStatus;
+use crate::trust::{AdminAction, Caller, Refused};
+
+/// A signed read (the Python client's `sign_http_request` shape): the `x-co-from`,
+/// `x-co-signature`, `x-co-timestamp`, `x-co-to` and `x-co-request-id` headers, and the
+/// request they sign. The signature covers (form A) `{method, path, query, body_sha256,
+/// timestamp, request_id, to}`: it names this node and is single-use.
+#[derive(Debug, Clone, Copy)]
+pub struct SignedRead<'a> {
+    pub from: &'a str,
+    pub signature: &'a str,
+    pub timestamp: &'a str,
+    pub to: &'a str,
+    pub request_id: &'a str,
+    pub method: &'a str,
+    pub path: &'a str,
+    /// The query string as received (canonicalised here).
+    pub query: &'a str,
+    pub body: &'a [u8],
+}
+
+impl Dispatcher {
+    /// Checks who sent `env`: blacklist first (on the claimed sender too), then the
+    /// signature, freshness and, for messages that must be addressed to us, `to`.
+    /// Unsigned messages pass as [`Caller::Unsigned`]; the trust level decides on them.
+    pub fn authenticate(
+        &self,
+        env: &Envelope,
+        now: u64,
+        require_to: bool,
+    ) -> Result<Caller, Refusal> {
+        self.inner.trust.check_blacklist(env.from.as_ref())?;
+        if env.signature.is_none() {
+            return Ok(Caller::Unsigned { claimed: env.from });
+        }
+        let from = env.verify()?;
+        env.check_fresh(now)?;
+        if require_to {
+            env.check_to(&self.address())?;
+        }
+        Ok(Caller::Verified(from))
+    }
+
+    /// Records a signed envelope as used; a second use is a replay. Kept past the
+    /// freshness window on both sides: by then the timestamp check refuses it anyway.
+    pub(super) async fn use_once(&self, env: &Envelope, now: u64) -> Result<(), Refusal> {
+        if let Some(key) = env.replay_key() {
+            let expires = now + 2 * MAX_CLOCK_SKEW_SECS;
+            if !self.inner.store.record_seen(key, expires).await? {
+                return Err(Refusal::Replayed);
+            }
+        }
+        Ok(())
+    }
+
+    /// A CONNECT frame, the Python client's way to open a socket session. A signed one is
+    /// checked like an INPUT (sender, signature, freshness, `to`, trust), is single-use,
+    /// and must sign a CONNECT: a payload of another `type` (an INPUT, say) is refused.
+    /// When it also signs `session_id`, that must be the session asked for. An unsigned
+    /// one passes where trust allows, with the `session_secret` it presents.
+    ///
+    /// The Python client signs no session id, so through a relay (which could have put
+    /// any id there) such a CONNECT may only open a new session or one opened through
+    /// that same relay: nothing the relay has not seen already.
+    pub async fn connect(
+        &self,
+        frame: &Object,
+        session_id: &str,
+        origin: &Origin,
+    ) -> Result<(Reader, ConnectStatus), Rejected> {
+        let (caller, bound) = if frame.contains_key("payload") {
+            let env = Envelope::from_nested(frame).map_err(Rejected::from)?;
+            let now = unix_now();
+            let checked = async {
+                match env.payload.get("type").and_then(Value::as_str) {
+                    None => {}
+                    Some(t) if FrameType::parse(t) == Some(FrameType::Connect) => {}
+                    Some(_) => {
+                        return Err(Refusal::BadRequest(
+                            "a CONNECT must sign a CONNECT payload".into(),
+                        ))
+                    }
+                }
+                let signed_session = env.payload.get("session_id").and_then(Value::as_str);
+                if signed_session.is_some_and(|s| s != session_id) {
+                    return Err(Refusal::BadRequest(
+                        "the CONNECT's signed session_id is not the one asked for".into(),
+                    ));
+                }
+                let caller = self.authenticate(&env, now, true)?;
+                self.inner.trust.decide(&caller, None).await?;
+                self.use_once(&env, now).await?;
+                Ok((caller, signed_session.is_some()))
+            };
+            checked.await.map_err(|r| Rejected::of(r, env.from, None))?
+        } else {
+            let caller = Caller::Unsigned { claimed: None };
+            self.inner
+                .trust
+                .decide(&caller, None)
+                .await
+                .map_err(Rejected::from)?;
+            (caller, false)
+        };
+        let secret = match frame.get("session_secret").and_then(Value::as_str) {
+            Some(s) => Some(SessionSecret::parse(s).map_err(Rejected::from)?),
+            None => None,
+        };
+        let reader = Reader::new(caller, secret);
+        let existing = match reader.scope() {
+            Some(scope) => self
+                .inner
+                .store
+                .get_session(scope.key(session_id), unix_now())
+                .await
+                .map_err(Rejected::from)?,
+            None => None,
+        };
+        let status = match existing {
+            Some(rec)
+                if !bound
+                    && origin.relay().is_some()
+                    && rec.origin.as_deref() != origin.relay() =>
+            {
+                return Err(
+                    Rejected::from(Refusal::NotOpenedHere(session_id.to_owned()))
+                        .or_to(caller.verified()),
+                )
+            }
+            Some(rec) if rec.status == SessionStatus::Running => ConnectStatus::Running,
+            Some(_) => ConnectStatus::Connected,
+            None => ConnectStatus::New,
+        };
+        Ok((reader, status))
+    }
+
+    /// Who reads sessions: unsigned (with the `session_secret` it holds, if any), or
+    /// signed (see [`SignedRead`]: fresh, addressed to this node, single-use); then trust.
+    pub async fn reader(
+        &self,
+        signed: Option<SignedRead<'_>>,
+        secret: Option<&str>,
+    ) -> Result<Reader, Refusal> {
+        let caller = match signed {
+            None => Caller::Unsigned { claimed: None },
+            Some(read) => {
+                let timestamp: u64 = read
+                    .timestamp
+                    .parse()
+                    .map_err(|_| Refusal::BadRequest("x-co-timestamp must be an integer".into()))?;
+                let mut signed = Map::new();
+                signed.insert(
+                    "payload".into(),
+                    request_payload(
+                        read.method,
+                        read.path,
+                        read.query,
+                        read.body,
+                        timestamp,
+                        read.request_id,
+                        read.to,
+                    ),
+                );
+                signed.insert("from".into(), read.from.into());
+                signed.insert("signature".into(), read.signature.into());
+                let env = Envelope::from_nested(&signed)?;
+                let now = unix_now();
+                let caller = self.authenticate(&env, now, true)?;
+                self.use_once(&env, now).await?;
+                caller
+            }
+        };
+        self.inner.trust.decide(&caller, None).await?;
+        let secret = match (caller.verified(), secret) {
+            (None, Some(s)) => Some(SessionSecret::parse(s)?),
+            _ => None,
+        };
+        Ok(Reader::new(caller, secret))
+    }
+
+    /// A trust admin action: a signed ADMIN envelope (`action`, `address`, `amount`?)
+    /// from the node itself or an address in admins.txt; fresh, addressed to this node,
+    /// single-use.
+    pub async fn admin(&self, env: &Envelope) -> Result<Value, Refusal> {
+        if env.kind() != Some(Kind::Admin) {
+            return Err(Refusal::BadRequest(
+                "admin actions are ADMIN envelopes".into(),
+            ));
+        }
+        let now = unix_now();
+        let caller = self.authenticate(env, now, true)?;
+        let Caller::Verified(admin) = caller else {
+            return Err(Refusal::Trust(Refused::SignatureRequired));
+        };
+        if !self.inner.trust.is_admin(&admin) {
+            return Err(Refusal::Trust(Refused::NotAdmin));
+        }
+        let action: AdminAction = env
+            .str_field("action")
+            .ok_or_else(|| Refusal::BadRequest("`action` is missing".into()))?
+            .parse()?;
+        let target: Address = env
+            .str_field("address")
+            .ok_or_else(|| Refusal::BadRequest("`address` is missing".into()))?
+            .parse()
+            .map_err(|e| Refusal::BadRequest(format!("invalid `address`: {e}")))?;
+        let amount = env.payload.get("amount").and_then(Value::as_u64);
+        self.use_once(env, now).await?;
+        self.inner
+            .trust
+            .admin(action, target, amount)
+            .await
+            .map_err(Refusal::from)
+    }
+}

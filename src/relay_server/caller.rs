@@ -1,0 +1,342 @@
+//! One task per caller connection on `/ws/input`: frames routed to agents by `to`, then
+//! by session; per-connection, per-IP and per-agent session limits; idle sessions end.
+
+use std::collections::{HashMap, HashSet};
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::ws::WebSocket;
+use serde_json::Value;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info_span, Instrument};
+
+use super::{IpKey, IpSlot, RelayState, Route};
+use crate::identity::Address;
+use crate::proto::{session_of, CallerToRelay, ErrorCode, Object, RelayError, RelayToAgent};
+
+use super::conn::{error_frame, next_object, split, Activity, Frame, RateLimit};
+
+/// One caller connection from `ip`. `_slots` (the relay's caller permit and the IP's)
+/// are held while it lives.
+pub(super) async fn serve_caller(
+    st: Arc<RelayState>,
+    socket: WebSocket,
+    ip: IpAddr,
+    _slots: (OwnedSemaphorePermit, IpSlot),
+) {
+    let conn = st.conn_id();
+    let closed = st.shutdown.child_token();
+    let (mut stream, tx) = split(socket, st.config.send_queue, closed.clone());
+    let activity = Activity::new();
+    let mut caller = Caller {
+        st: &st,
+        conn,
+        ip,
+        tx: tx.clone(),
+        closed: closed.clone(),
+        activity: activity.clone(),
+        current: HashMap::new(),
+        sessions: HashSet::new(),
+        slots: Arc::new(Semaphore::new(st.config.max_sessions_per_caller)),
+        rate: RateLimit::new(st.config.frames_per_sec),
+        named_an_agent: false,
+    };
+    let first_frame_by = Instant::now() + st.config.first_frame_timeout;
+    async {
+        loop {
+            let mut wait = st.config.caller_idle.saturating_sub(activity.idle_for());
+            if !caller.named_an_agent {
+                wait = wait.min(first_frame_by.saturating_duration_since(Instant::now()));
+            }
+            let frame = tokio::select! {
+                _ = closed.cancelled() => break,
+                f = tokio::time::timeout(wait, next_object(&mut stream)) => f,
+            };
+            match frame {
+                // A socket that only PINGs (or says nothing) holds a caller slot for
+                // nothing.
+                Err(_) if !caller.named_an_agent && Instant::now() >= first_frame_by => {
+                    let msg = format!(
+                        "no CONNECT or INPUT within {} s; closing",
+                        st.config.first_frame_timeout.as_secs_f64()
+                    );
+                    let _ = tx.try_send(error_frame(ErrorCode::Timeout, &msg, None));
+                    break;
+                }
+                // Replies flowing to the caller count as activity too.
+                Err(_) if activity.idle_for() < st.config.caller_idle => continue,
+                Err(_) => {
+                    let _ = tx.try_send(error_frame(
+                        ErrorCode::Idle,
+                        "no frame for too long; closing",
+                        None,
+                    ));
+                    break;
+                }
+                Ok(Frame::Closed) => break,
+                Ok(Frame::Broken(e)) => {
+                    let _ = tx.try_send(e.encode());
+                    break;
+                }
+                Ok(Frame::Invalid(e)) => caller.send(error_frame(ErrorCode::InvalidJson, &e, None)),
+                Ok(Frame::Object(obj)) => {
+                    activity.touch();
+                    caller.on_frame(obj)
+                }
+            }
+        }
+        caller.close_all();
+        closed.cancel();
+    }
+    .instrument(info_span!("caller", conn, %ip))
+    .await
+}
+
+struct Caller<'a> {
+    st: &'a RelayState,
+    conn: u64,
+    ip: IpAddr,
+    tx: mpsc::Sender<String>,
+    closed: CancellationToken,
+    activity: Activity,
+    /// The session this socket last used with each agent: an INPUT that names none
+    /// continues it.
+    current: HashMap<Address, String>,
+    /// Sessions this connection opened; some may have ended since (the agent left, or
+    /// they idled out), so a route is removed only if it is still this connection's.
+    sessions: HashSet<String>,
+    /// `max_sessions_per_caller`: each live route holds one, so a session frees its
+    /// slot whichever side ends it.
+    slots: Arc<Semaphore>,
+    rate: RateLimit,
+    /// Whether a frame named an agent yet (see `first_frame_timeout`).
+    named_an_agent: bool,
+}
+
+impl Caller<'_> {
+    fn send(&self, frame: String) {
+        if self.tx.try_send(frame).is_err() {
+            self.closed.cancel();
+        }
+    }
+
+    fn on_frame(&mut self, obj: Object) {
+        if !self.rate.allow() {
+            let msg = format!(
+                "over {} frames per second; frame dropped",
+                self.st.config.frames_per_sec
+            );
+            return self.send(error_frame(
+                ErrorCode::RateLimited,
+                &msg,
+                session_of(&obj).as_deref(),
+            ));
+        }
+        let decoded = CallerToRelay::decode(obj);
+        if matches!(decoded, Ok(CallerToRelay::Route { .. })) {
+            self.named_an_agent = true;
+        }
+        let (to, named, mut obj) = match decoded {
+            Ok(CallerToRelay::Ping) => return self.send(CallerToRelay::pong()),
+            Ok(CallerToRelay::Pong) => return,
+            Ok(CallerToRelay::Close { session_id }) => return self.close_session(session_id),
+            Ok(CallerToRelay::Route {
+                to,
+                session_id,
+                frame,
+            }) => (to, session_id, frame),
+            Err(e) => return self.send(error_frame(e.code(), &e.to_string(), None)),
+        };
+        let session_id = named
+            .or_else(|| self.current.get(&to).cloned())
+            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+        let agent_tx = match self.route(&session_id, to) {
+            Ok(tx) => tx,
+            Err(e) => return self.send(e.in_session(Some(&session_id)).encode()),
+        };
+        self.current.insert(to, session_id.clone());
+        obj.insert("session_id".into(), Value::String(session_id.clone()));
+        let delivered = agent_tx.try_send(Value::Object(obj).to_string()).is_ok();
+        if !delivered {
+            self.send(error_frame(
+                ErrorCode::AgentBusy,
+                &format!(
+                    "agent {} is not taking frames right now; try again",
+                    to.short()
+                ),
+                Some(&session_id),
+            ));
+        }
+    }
+
+    /// Finds or creates the route of `session_id` to `to`; gives the agent's queue.
+    fn route(&mut self, session_id: &str, to: Address) -> Result<mpsc::Sender<String>, RelayError> {
+        let mut sessions = self.st.sessions();
+        if let Some(r) = sessions.get_mut(session_id) {
+            if r.caller_conn != self.conn {
+                return Err(RelayError::new(
+                    ErrorCode::SessionTaken,
+                    format!("session {session_id} belongs to another connection"),
+                ));
+            }
+            if r.agent != to {
+                return Err(RelayError::new(
+                    ErrorCode::BadRequest,
+                    format!("session {session_id} is with another agent"),
+                ));
+            }
+            r.last_active = Instant::now();
+            return Ok(r.agent_tx.clone());
+        }
+        let Ok(caller_slot) = self.slots.clone().try_acquire_owned() else {
+            return Err(RelayError::new(
+                ErrorCode::TooManySessions,
+                format!(
+                    "at most {} sessions per connection",
+                    self.st.config.max_sessions_per_caller
+                ),
+            ));
+        };
+        let agents = self.st.agents();
+        let link = match agents.get(&to) {
+            None => {
+                return Err(RelayError::new(
+                    ErrorCode::UnknownAgent,
+                    format!("no agent {} has announced on this relay", to.short()),
+                ))
+            }
+            Some(e) => match &e.link {
+                None => {
+                    return Err(RelayError::new(
+                        ErrorCode::AgentOffline,
+                        format!("agent {} is offline", to.short()),
+                    ))
+                }
+                Some(l) => l,
+            },
+        };
+        let per_ip = self.st.config.max_ip_sessions_per_agent;
+        let Some(ip_slot) = self
+            .st
+            .per_ip
+            .try_take(IpKey::Sessions(self.ip, to), per_ip)
+        else {
+            return Err(RelayError::new(
+                ErrorCode::TooManySessions,
+                format!(
+                    "at most {per_ip} sessions from one IP address with agent {}",
+                    to.short()
+                ),
+            ));
+        };
+        let Ok(agent_slot) = link.sessions.clone().try_acquire_owned() else {
+            return Err(RelayError::new(
+                ErrorCode::AgentBusy,
+                format!(
+                    "agent {} has its maximum of {} sessions through this relay",
+                    to.short(),
+                    self.st.config.max_sessions_per_agent
+                ),
+            ));
+        };
+        let agent_tx = link.tx.clone();
+        sessions.insert(
+            session_id.to_owned(),
+            Route {
+                agent: to,
+                agent_conn: link.conn,
+                agent_tx: agent_tx.clone(),
+                caller_conn: self.conn,
+                caller_tx: self.tx.clone(),
+                caller_activity: self.activity.clone(),
+                closed: self.closed.clone(),
+                last_active: Instant::now(),
+                _agent_slot: agent_slot,
+                _caller_slot: caller_slot,
+                _ip_slot: ip_slot,
+            },
+        );
+        // Forget ended sessions once they could outnumber live ones.
+        if self.sessions.len() >= 2 * self.st.config.max_sessions_per_caller {
+            let conn = self.conn;
+            self.sessions
+                .retain(|id| sessions.get(id).is_some_and(|r| r.caller_conn == conn));
+        }
+        self.sessions.insert(session_id.to_owned());
+        Ok(agent_tx)
+    }
+
+    /// Removes this connection's route of `id`, if it still has one.
+    fn take_route(&self, sessions: &mut HashMap<String, Route>, id: &str) -> Option<Route> {
+        if sessions.get(id)?.caller_conn != self.conn {
+            return None;
+        }
+        sessions.remove(id)
+    }
+
+    fn close_session(&mut self, session_id: Option<String>) {
+        let Some(id) = session_id else { return };
+        if !self.sessions.remove(&id) {
+            return;
+        }
+        self.current.retain(|_, s| *s != id);
+        let route = self.take_route(&mut self.st.sessions(), &id);
+        if let Some(r) = route {
+            let _ = r.agent_tx.try_send(RelayToAgent::close(&id));
+        }
+    }
+
+    /// The caller left: its sessions end; agents hear `close` (runs there go on).
+    fn close_all(&mut self) {
+        let routes: Vec<(String, Route)> = {
+            let mut sessions = self.st.sessions();
+            self.sessions
+                .iter()
+                .filter_map(|id| Some((id.clone(), self.take_route(&mut sessions, id)?)))
+                .collect()
+        };
+        self.sessions.clear();
+        for (id, r) in routes {
+            let _ = r.agent_tx.try_send(RelayToAgent::close(&id));
+        }
+    }
+}
+
+/// Ends relayed sessions with no frame either way for `session_idle`: the caller hears
+/// `idle` for the session, the agent `close`.
+pub(super) async fn session_idle_loop(st: Arc<RelayState>) {
+    let idle = st.config.session_idle;
+    let period = (idle / 4).clamp(Duration::from_millis(50), Duration::from_secs(5));
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = st.shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let expired: Vec<(String, Route)> = {
+            let mut sessions = st.sessions();
+            let ids: Vec<String> = sessions
+                .iter()
+                .filter(|(_, r)| r.last_active.elapsed() >= idle)
+                .map(|(id, _)| id.clone())
+                .collect();
+            ids.into_iter()
+                .filter_map(|id| sessions.remove_entry(&id))
+                .collect()
+        };
+        for (id, r) in expired {
+            debug!(session = %id, "relayed session idle; ended");
+            let msg = format!(
+                "no frame in this session for {} s; ended",
+                idle.as_secs_f64()
+            );
+            let _ = r
+                .caller_tx
+                .try_send(error_frame(ErrorCode::Idle, &msg, Some(&id)));
+            let _ = r.agent_tx.try_send(RelayToAgent::close(&id));
+        }
+    }
+}
