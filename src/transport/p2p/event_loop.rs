@@ -16,7 +16,7 @@ use tracing::{debug, info};
 
 use super::behaviour::{build_swarm, Behaviour, BehaviourEvent};
 use super::ip_limits::PeerIps;
-use super::presence::{check_presence, expires_at};
+use super::record::{check_presence, expires_at};
 use super::{P2pConfig, P2pError, SwarmStatus};
 use crate::envelope::unix_now;
 

@@ -17,6 +17,7 @@ mod event_loop;
 mod handle;
 mod ip_limits;
 mod presence;
+mod record;
 mod serve;
 pub mod wire;
 
@@ -26,7 +27,7 @@ use libp2p::{Multiaddr, StreamProtocol};
 use serde::Serialize;
 
 pub use handle::P2p;
-pub(crate) use presence::PRESENCE_REPUBLISH;
+pub(crate) use record::PRESENCE_REPUBLISH;
 
 /// Our protocol: signed envelopes as length-prefixed CBOR.
 pub const PROTOCOL: StreamProtocol = StreamProtocol::new("/oonode/envelope/1");
