@@ -18,6 +18,10 @@ use crate::trust::{
 pub const DEFAULT_PORT: u16 = 8000;
 pub const DEFAULT_WORKERS: usize = 1;
 pub const DEFAULT_MAX_QUEUE: usize = 256;
+/// Open HTTP connections (WebSockets included) one client IP may hold.
+pub const DEFAULT_MAX_CONNECTIONS_PER_CLIENT: usize = 1536;
+/// Open WebSockets one client IP may hold (of the node's 4096).
+pub const DEFAULT_MAX_SOCKETS_PER_CLIENT: usize = 1024;
 pub const DEFAULT_RESULT_TTL: u64 = 86_400;
 pub const DEFAULT_MAX_FILE_SIZE_MB: u64 = 10;
 pub const DEFAULT_MAX_FILES: usize = 10;
@@ -55,6 +59,9 @@ pub const HOST_YAML_TEMPLATE: &str = r#"# .co/host.yaml: settings for `oonode ho
 # Agent runs at once, and requests that may wait for one before "busy" (503).
 # workers: 1
 # max_queue: 256
+# Open HTTP connections (WebSockets included) and WebSockets one client IP may hold.
+# max_connections_per_client: 1536
+# max_sockets_per_client: 1024
 
 # Seconds a finished session is kept.
 # result_ttl: 86400
@@ -118,6 +125,10 @@ pub struct Settings {
     pub bind: Option<IpAddr>,
     pub workers: Option<usize>,
     pub max_queue: Option<usize>,
+    /// Open HTTP connections (WebSockets included) one client IP may hold.
+    pub max_connections_per_client: Option<usize>,
+    /// Open WebSockets one client IP may hold.
+    pub max_sockets_per_client: Option<usize>,
     pub result_ttl: Option<u64>,
     /// `Some(None)`: explicitly off (empty or null in the file).
     #[serde(default, deserialize_with = "relay_url")]
@@ -241,6 +252,10 @@ impl Settings {
             bind: self.bind.or(lower.bind),
             workers: self.workers.or(lower.workers),
             max_queue: self.max_queue.or(lower.max_queue),
+            max_connections_per_client: self
+                .max_connections_per_client
+                .or(lower.max_connections_per_client),
+            max_sockets_per_client: self.max_sockets_per_client.or(lower.max_sockets_per_client),
             result_ttl: self.result_ttl.or(lower.result_ttl),
             relay_url: self.relay_url.or(lower.relay_url),
             reload: self.reload.or(lower.reload),
@@ -269,6 +284,10 @@ pub struct HostConfig {
     pub bind: IpAddr,
     pub workers: usize,
     pub max_queue: usize,
+    /// Open HTTP connections (WebSockets included) one client IP may hold.
+    pub max_connections_per_client: usize,
+    /// Open WebSockets one client IP may hold.
+    pub max_sockets_per_client: usize,
     pub result_ttl: u64,
     pub relay_url: Option<RelayUrl>,
     pub reload: bool,
@@ -291,6 +310,11 @@ impl HostConfig {
         let invalid = |key: &str, message: &str| ConfigError::Invalid {
             path: origin.into(),
             message: format!("key `{key}`: {message}"),
+        };
+        let positive = |key: &str, v: Option<usize>, default: usize| match v {
+            Some(0) => Err(invalid(key, "must be at least 1")),
+            Some(n) => Ok(n),
+            None => Ok(default),
         };
         let workers = s.workers.unwrap_or(DEFAULT_WORKERS);
         if workers == 0 {
@@ -407,6 +431,16 @@ impl HostConfig {
             bind: s.bind.unwrap_or(IpAddr::from([0, 0, 0, 0])),
             workers,
             max_queue: s.max_queue.unwrap_or(DEFAULT_MAX_QUEUE),
+            max_connections_per_client: positive(
+                "max_connections_per_client",
+                s.max_connections_per_client,
+                DEFAULT_MAX_CONNECTIONS_PER_CLIENT,
+            )?,
+            max_sockets_per_client: positive(
+                "max_sockets_per_client",
+                s.max_sockets_per_client,
+                DEFAULT_MAX_SOCKETS_PER_CLIENT,
+            )?,
             result_ttl,
             relay_url,
             reload: s.reload.unwrap_or(false),

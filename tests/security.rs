@@ -447,3 +447,68 @@ async fn the_client_rejects_an_old_error_replayed_as_the_answer() {
     }
     node.stop().await;
 }
+
+/// Finding 8: one client could hold all of a node's 4,096 `/ws` slots, and (with no cap on
+/// HTTP connections) every file descriptor it may open.
+#[tokio::test]
+async fn one_client_ip_cannot_hold_every_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("host.yaml"),
+        "max_sockets_per_client: 3\nmax_connections_per_client: 5\n",
+    )
+    .unwrap();
+    let node = TestNode::start(Host::new(Echo), dir.path()).await;
+    let addr: std::net::SocketAddr = node.url.trim_start_matches("http://").parse().unwrap();
+    let from = |ip: [u8; 4]| async move {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket
+            .bind((std::net::Ipv4Addr::from(ip), 0).into())
+            .unwrap();
+        tokio::time::timeout(STEP, socket.connect(addr))
+            .await
+            .unwrap()
+            .unwrap()
+    };
+    let ws_from = |ip: [u8; 4]| {
+        let url = node.ws_url();
+        async move { tokio_tungstenite::client_async(url, from(ip).await).await }
+    };
+
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(ws_from([127, 0, 0, 1]).await.expect("within the cap").0);
+    }
+    match ws_from([127, 0, 0, 1]).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(res)) => {
+            assert_eq!(res.status().as_u16(), 429);
+            let body: Value = serde_json::from_slice(res.body().as_deref().unwrap()).unwrap();
+            assert_eq!(body["code"], "too_many_connections");
+        }
+        other => panic!(
+            "a 4th socket from one IP must be refused: {:?}",
+            other.map(|_| ())
+        ),
+    }
+    let (_other_ip, _) = ws_from([127, 0, 0, 2])
+        .await
+        .expect("another IP is not affected");
+
+    // HTTP connections: 3 sockets held, 2 more idle connections fill the cap of 5; the
+    // next one from that IP is closed at once, while another IP is served.
+    let idle = [from([127, 0, 0, 1]).await, from([127, 0, 0, 1]).await];
+    let mut extra = from([127, 0, 0, 1]).await;
+    let mut buf = [0u8; 1];
+    let read = tokio::time::timeout(STEP, tokio::io::AsyncReadExt::read(&mut extra, &mut buf))
+        .await
+        .expect("the extra connection is closed, not left hanging");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    let other = reqwest::Client::builder()
+        .local_address(std::net::IpAddr::from([127, 0, 0, 3]))
+        .build()
+        .unwrap();
+    let (status, _) = send(other.get(format!("{}/health", node.url))).await;
+    assert_eq!(status, 200);
+    drop((held, idle));
+    node.stop().await;
+}

@@ -29,10 +29,6 @@ pub use start::Node;
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 /// Open WebSocket connections a node accepts at once.
 const MAX_WS_CONNECTIONS: usize = 4096;
-/// Of those, how many one client IP may hold.
-const MAX_WS_CONNECTIONS_PER_IP: usize = 1024;
-/// Open HTTP connections (WebSockets included) one client IP may hold.
-const MAX_HTTP_CONNECTIONS_PER_IP: usize = 1536;
 
 #[derive(Debug, thiserror::Error)]
 pub enum HostError {

@@ -26,9 +26,7 @@ use crate::transport::ws::WsState;
 use crate::trust::TrustAgent;
 
 use super::handle::NodeHandle;
-use super::{
-    HostError, MAX_HTTP_CONNECTIONS_PER_IP, MAX_WS_CONNECTIONS, MAX_WS_CONNECTIONS_PER_IP,
-};
+use super::{HostError, MAX_WS_CONNECTIONS};
 
 /// A node that is configured but not yet listening.
 pub struct Node {
@@ -134,7 +132,7 @@ impl Node {
                 max_frame_bytes: max_body_bytes,
                 connections: Arc::new(tokio::sync::Semaphore::new(MAX_WS_CONNECTIONS)),
                 per_ip: IpCounts::default(),
-                max_per_ip: MAX_WS_CONNECTIONS_PER_IP,
+                max_per_ip: self.config.max_sockets_per_client,
             },
             relay,
             p2p,
@@ -212,9 +210,10 @@ impl Node {
             info!(address = %self.address(), http_addr = %addr, "listening on http://{addr}");
             let router = self.router_with(None, relay.clone(), p2p.clone());
             let stop = shutdown.clone();
+            let max_per_client = self.config.max_connections_per_client;
             tasks.spawn(async move {
                 let service = router.into_make_service_with_connect_info::<PeerAddr>();
-                let listener = CappedListener::new(listener, MAX_HTTP_CONNECTIONS_PER_IP);
+                let listener = CappedListener::new(listener, max_per_client);
                 axum::serve(listener, service)
                     .with_graceful_shutdown(stop.cancelled_owned())
                     .await
