@@ -73,12 +73,15 @@ impl Scope {
         }
     }
 
-    /// The store key of session `session_id` in this scope.
+    /// The store key of session `session_id` in this scope: a tag, 96 bits of the
+    /// scope (an address is a public key, a secret's digest is a hash: neither can be
+    /// steered onto another's), then the id. Short keys keep sled's pages full.
     pub fn key(&self, session_id: &str) -> String {
-        match self {
-            Scope::Address(a) => format!("a:{a}/{session_id}"),
-            Scope::Secret(d) => format!("s:{}/{session_id}", hex::encode(d)),
-        }
+        let (tag, bytes) = match self {
+            Scope::Address(a) => ('a', a.as_bytes()),
+            Scope::Secret(d) => ('s', d),
+        };
+        format!("{tag}{}/{session_id}", hex::encode(&bytes[..12]))
     }
 
     /// What a session record keeps of its scope, to list a scope's sessions: the owner's
