@@ -11,7 +11,9 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{free_port, get_json, relay_config, start_relay, NodeProc, RelayProc, TestNode, STEP};
+use common::{
+    free_port, get_json, relay_config, start_relay, wait_until, NodeProc, RelayProc, TestNode, STEP,
+};
 use futures::{Sink, SinkExt, StreamExt};
 use oonode::agent::{Echo, Ticker};
 use oonode::envelope::unix_now;
@@ -126,18 +128,6 @@ async fn health(relay: &str) -> Value {
     let (status, body) = get_json(&relay_url(relay).health()).await;
     assert_eq!(status, 200, "{body}");
     body
-}
-
-async fn wait_until<F, Fut>(what: &str, limit: Duration, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let start = Instant::now();
-    while !check().await {
-        assert!(start.elapsed() < limit, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
 }
 
 // ---------------------------------------------------------------------------------------

@@ -11,13 +11,14 @@ mod common;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use common::{client, ws_recv as recv, ws_recv_within as recv_within, ws_send as send, STEP};
+use common::{
+    client, wait_until, ws_recv as recv, ws_recv_within as recv_within, ws_send as send, TestNode,
+    STEP,
+};
 use oonode::agent::Echo;
 use oonode::envelope::{canonical_json, unix_now};
 use oonode::proto::{signed_announce, MAX_ENDPOINTS, MAX_ENDPOINT_BYTES, MAX_SUMMARY_CHARS};
-use oonode::{
-    Address, Envelope, Host, Identity, Kind, NodeHandle, Relay, RelayConfig, RelayHandle,
-};
+use oonode::{Address, Envelope, Host, Identity, Kind, Relay, RelayConfig, RelayHandle};
 use serde_json::{json, Map, Value};
 
 type Socket = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
@@ -103,18 +104,6 @@ async fn health(relay: &RelayHandle) -> Value {
     get_json(relay.relay_url().health()).await.1
 }
 
-async fn wait_until<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let start = Instant::now();
-    while !check().await {
-        assert!(start.elapsed() < STEP, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-}
-
 /// An ANNOUNCE by `id` signed for `relay_url`, sent on a new agent socket: the socket
 /// and the relay's answer.
 async fn announce(
@@ -167,31 +156,6 @@ async fn round_trip(caller: &mut Socket, agent: &mut Socket, to: Address, sessio
     assert_eq!(back, reply);
 }
 
-/// An in-process node announcing on `relay` as any node does.
-async fn start_node(relay: &RelayHandle) -> (NodeHandle, tempfile::TempDir) {
-    let dir = tempfile::tempdir().unwrap();
-    let handle = tokio::time::timeout(STEP, async {
-        Host::new(Echo)
-            .http(false)
-            .p2p(false)
-            .co_dir(dir.path())
-            .relay_url(Some(relay.url()))
-            .build()
-            .expect("node builds")
-            .spawn()
-            .await
-            .expect("node starts")
-    })
-    .await
-    .expect("node start timed out");
-    assert!(
-        handle.wait_for_relay(STEP).await,
-        "the node announces on the relay: {:?}",
-        handle.relay_status()
-    );
-    (handle, dir)
-}
-
 async fn call_ok(relay: &RelayHandle, to: Address, prompt: &str) {
     let opts = oonode::ConnectOptions::default()
         .relay(relay.url())
@@ -216,7 +180,11 @@ async fn call_ok(relay: &RelayHandle, to: Address, prompt: &str) {
 #[tokio::test]
 async fn an_announce_signed_for_another_relay_or_for_none_is_refused_wrong_recipient() {
     let relay = start_relay(loopback_config()).await;
-    let (node, _dir) = start_node(&relay).await;
+    let node = TestNode::builder(Host::new(Echo))
+        .http(false)
+        .relay(&relay.url())
+        .start()
+        .await;
 
     // The victim announced here 10 s ago, as any agent does.
     let victim = Identity::generate();
@@ -278,8 +246,8 @@ async fn an_announce_signed_for_another_relay_or_for_none_is_refused_wrong_recip
     .await;
     assert_eq!(recv(&mut real).await.unwrap()["type"], "ANNOUNCE_OK");
     // And our node, which signs for the announce URL it dials, is served.
-    call_ok(&relay, node.address(), "the node still serves").await;
-    node.shutdown().await.unwrap();
+    call_ok(&relay, node.address, "the node still serves").await;
+    node.stop().await;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -324,7 +292,7 @@ async fn one_socket_holds_one_address_and_leaves_no_ghosts() {
     );
 
     drop(socket);
-    wait_until("the relay to see the socket gone", || async {
+    wait_until("the relay to see the socket gone", STEP, || async {
         health(&relay).await["agents_online"] == 0
     })
     .await;
@@ -642,7 +610,7 @@ mod tuned {
             let agent = raw_agent(&relay, id).await;
             drop(agent);
             let a = id.address();
-            wait_until("the agent to go offline", || async {
+            wait_until("the agent to go offline", STEP, || async {
                 get_json(relay.relay_url().directory(a)).await.1["online"] == false
             })
             .await;

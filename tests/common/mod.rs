@@ -96,6 +96,19 @@ pub fn verified_reply(body: &Value, node: Address) -> Envelope {
     env
 }
 
+/// Polls `check` every 25 ms until it holds; fails the test after `limit`.
+pub async fn wait_until<F, Fut>(what: &str, limit: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = std::time::Instant::now();
+    while !check().await {
+        assert!(start.elapsed() < limit, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
 /// A session secret an unsigned test caller chooses itself, so that it can read its
 /// sessions before (or without) an answer.
 pub const SECRET: &str = "test-secret-0123456789abcdef0123456789";
