@@ -79,7 +79,7 @@ pub trait Agent: Send + 'static {
 
     /// A few prompts that show what the agent can do: `/info` lists them and the `/docs`
     /// page offers them as one-click suggestions. `examples` in host.yaml or
-    /// [`Host::examples`](crate::Host::examples) take their place.
+    /// [`Host::examples`](crate::Host::examples) take their place (unless empty).
     fn examples(&self) -> Vec<String> {
         Vec::new()
     }

@@ -66,6 +66,7 @@ pub(crate) fn router(state: Arc<HttpState>) -> Router {
         .route("/health", get(health))
         .route("/info", get(info))
         .route("/ws", get(super::ws::upgrade))
+        // A browser pointed at the node lands on the page for trying the agent.
         .route("/", get(|| async { Redirect::to("/docs") }))
         .route("/docs", get(docs))
         .route("/admin/trust", post(admin_trust))
