@@ -1,5 +1,5 @@
 //! The agent API: what a hosted agent implements, how each request gets a fresh instance,
-//! and the built-in example agents (`echo`, `translator`).
+//! and the built-in example agents (`echo`, `translator`, `ticker`).
 
 use std::sync::Arc;
 
@@ -70,6 +70,20 @@ pub trait Agent: Send + 'static {
         Vec::new()
     }
 
+    /// One line on what the agent does, for `/info`, the `/docs` page, the relay's
+    /// directory and the swarm's presence records (`oonode peers`). A `summary` in
+    /// host.yaml or [`Host::summary`](crate::Host::summary) takes its place.
+    fn summary(&self) -> Option<String> {
+        None
+    }
+
+    /// A few prompts that show what the agent can do: `/info` lists them and the `/docs`
+    /// page offers them as one-click suggestions. `examples` in host.yaml or
+    /// [`Host::examples`](crate::Host::examples) take their place (unless empty).
+    fn examples(&self) -> Vec<String> {
+        Vec::new()
+    }
+
     /// Answers one turn; chunks sent to `stream` reach streaming callers as they come.
     async fn run(&mut self, turn: Turn, stream: &StreamSink) -> Result<String, AgentError>;
 }
@@ -125,6 +139,18 @@ impl Agent for Echo {
         vec!["echo".into()]
     }
 
+    fn summary(&self) -> Option<String> {
+        Some("I stream your message back word by word and list any files you attach.".into())
+    }
+
+    fn examples(&self) -> Vec<String> {
+        strings(&[
+            "Hello from the other side",
+            "Streaming arrives one word at a time",
+            "Attach a file and I will tell you its size",
+        ])
+    }
+
     async fn run(&mut self, turn: Turn, stream: &StreamSink) -> Result<String, AgentError> {
         for word in turn.prompt.split_inclusive(' ') {
             stream.send(word).await;
@@ -142,7 +168,8 @@ impl Agent for Echo {
 }
 
 /// Streams the prompt one word at a time with a pause between words (200 ms unless
-/// set), then returns it: a slow, visibly streaming agent for demos and tests.
+/// set), then returns it: a slow, visibly streaming agent for demos and tests. Each
+/// chunk carries the whitespace after its word, so the chunks join into the prompt.
 #[derive(Debug, Clone)]
 pub struct Ticker {
     pub pause: std::time::Duration,
@@ -162,8 +189,19 @@ impl Agent for Ticker {
         "ticker".into()
     }
 
+    fn summary(&self) -> Option<String> {
+        Some("I repeat your message slowly, one word at a time: a visibly streaming agent for demos.".into())
+    }
+
+    fn examples(&self) -> Vec<String> {
+        strings(&[
+            "one two three four five",
+            "Watch each word arrive on its own",
+        ])
+    }
+
     async fn run(&mut self, turn: Turn, stream: &StreamSink) -> Result<String, AgentError> {
-        for word in turn.prompt.split_whitespace() {
+        for word in words(&turn.prompt) {
             tokio::time::sleep(self.pause).await;
             stream.send(word).await;
         }
@@ -330,6 +368,32 @@ impl Translator {
     }
 }
 
+/// `text` cut after each run of whitespace: every piece is a word with the whitespace
+/// that follows it (the first also with any before it), so the pieces join into `text`.
+fn words(text: &str) -> impl Iterator<Item = &str> {
+    let mut rest = text;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let not_space = |c: char| !c.is_whitespace();
+        let word = rest.find(not_space).unwrap_or(rest.len());
+        let space = rest[word..]
+            .find(char::is_whitespace)
+            .map_or(rest.len(), |i| word + i);
+        let end = rest[space..]
+            .find(not_space)
+            .map_or(rest.len(), |i| space + i);
+        let (piece, tail) = rest.split_at(end);
+        rest = tail;
+        Some(piece)
+    })
+}
+
+fn strings(items: &[&str]) -> Vec<String> {
+    items.iter().map(|s| s.to_string()).collect()
+}
+
 fn unquote(s: &str) -> &str {
     s.trim()
         .trim_matches(|c| c == '\'' || c == '"' || c == '‘' || c == '’')
@@ -355,6 +419,22 @@ impl Agent for Translator {
 
     fn tools(&self) -> Vec<String> {
         vec!["translate".into(), "detect_language".into()]
+    }
+
+    fn summary(&self) -> Option<String> {
+        Some(
+            "I translate short phrases (hello, goodbye, thank you, …) between seven languages, \
+             tell which language a word is in, and remember your name within a session."
+                .into(),
+        )
+    }
+
+    fn examples(&self) -> Vec<String> {
+        strings(&[
+            "Translate 'hello' to Spanish",
+            "What language is '你好' in?",
+            "My name is Ada",
+        ])
     }
 
     async fn run(&mut self, turn: Turn, stream: &StreamSink) -> Result<String, AgentError> {
@@ -395,6 +475,66 @@ mod tests {
             "Your name is John"
         );
         assert!(Translator::answer("What is my name?", &[]).contains("haven't"));
+    }
+
+    #[test]
+    fn words_keep_their_whitespace() {
+        fn cut(t: &str) -> Vec<&str> {
+            words(t).collect()
+        }
+        assert_eq!(cut("one two  three"), ["one ", "two  ", "three"]);
+        assert_eq!(cut(" lead\nand trail "), [" lead\n", "and ", "trail "]);
+        assert_eq!(cut("   "), ["   "]);
+        assert!(cut("").is_empty());
+        for t in ["a b c", "  x\ty  ", "héllo wörld 你好 世界", "one"] {
+            assert_eq!(words(t).collect::<String>(), t);
+        }
+    }
+
+    #[tokio::test]
+    async fn ticker_chunks_read_as_the_prompt() {
+        let (tx, mut rx) = mpsc::channel(16);
+        let sink = StreamSink::new(tx);
+        let prompt = "Watch each  word arrive";
+        let turn = Turn {
+            prompt: prompt.into(),
+            session_id: "s".into(),
+            history: vec![],
+            files: vec![],
+            caller: None,
+        };
+        let mut ticker = Ticker {
+            pause: std::time::Duration::ZERO,
+        };
+        let result = ticker.run(turn, &sink).await.unwrap();
+        drop(sink);
+        let mut chunks = Vec::new();
+        while let Some(c) = rx.recv().await {
+            chunks.push(c);
+        }
+        assert_eq!(chunks.len(), 4, "{chunks:?}");
+        assert_eq!(chunks.concat(), prompt);
+        assert_eq!(result, prompt);
+    }
+
+    #[test]
+    fn builtins_publish_a_summary_and_examples() {
+        for name in BUILTIN_AGENTS {
+            let agent = builtin(name).unwrap().make();
+            assert!(agent.summary().is_some_and(|s| !s.is_empty()), "{name}");
+            let examples = agent.examples();
+            assert!((2..=3).contains(&examples.len()), "{name}: {examples:?}");
+        }
+        // The translator's own examples get real answers, not its help text.
+        let mut history = Vec::new();
+        for example in Translator.examples() {
+            let answer = Translator::answer(&example, &history);
+            assert!(
+                !answer.starts_with("I translate short phrases"),
+                "{example}"
+            );
+            history.push(user(&example));
+        }
     }
 
     #[tokio::test]

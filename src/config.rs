@@ -33,7 +33,8 @@ pub const HOST_YAML_TEMPLATE: &str = r#"# .co/host.yaml: settings for `oonode ho
 # Name shown in the banner, /health and /info (default: the agent's own name).
 # name: translator
 
-# What /info and the relay/swarm announce say about the agent.
+# What /info, the /docs page and the relay/swarm announce say about the agent
+# (default: the agent's own summary and examples, if it has any).
 # summary: I translate text between a few languages
 # examples:
 #   - "Translate 'hello' to Spanish"

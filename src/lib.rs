@@ -6,12 +6,69 @@
 //! one [`Dispatcher`] that verifies, applies trust, admits, runs the agent on a fresh
 //! instance, persists the session and replies.
 //!
-//! ```no_run
-//! # async fn demo() -> Result<(), oonode::HostError> {
-//! use oonode::{agent::Translator, Host, TrustLevel};
-//! Host::new(Translator).trust(TrustLevel::Careful).port(8000).serve().await
-//! # }
+//! # Using it as a library
+//!
+//! oonode is not on crates.io: depend on it by path (or by `git = "…"` with the URL of
+//! the repository you cloned), with tokio for the runtime:
+//!
+//! ```toml
+//! [dependencies]
+//! oonode = { path = "../oonode" }
+//! tokio = { version = "1", features = ["macros", "rt-multi-thread"] }
 //! ```
+//!
+//! Host an agent of your own (HTTP and `/docs` on port 8000, the libp2p swarm, a relay if
+//! `.co/host.yaml` names one), or, given an address and a swarm peer, call an agent by
+//! address:
+//!
+//! ```no_run
+//! use oonode::{Agent, AgentError, ConnectOptions, Host, Multiaddr, StreamSink, TrustLevel, Turn};
+//!
+//! /// Each request gets a fresh clone, so nothing leaks between callers.
+//! #[derive(Clone)]
+//! struct Shout;
+//!
+//! #[oonode::async_trait]
+//! impl Agent for Shout {
+//!     fn name(&self) -> String {
+//!         "shout".into()
+//!     }
+//!
+//!     // What /info, /docs, the relay and the swarm say about it.
+//!     fn summary(&self) -> Option<String> {
+//!         Some("I repeat what you say, louder.".into())
+//!     }
+//!
+//!     fn examples(&self) -> Vec<String> {
+//!         vec!["hello there".into(), "is anyone listening?".into()]
+//!     }
+//!
+//!     async fn run(&mut self, turn: Turn, stream: &StreamSink) -> Result<String, AgentError> {
+//!         stream.send("thinking… ").await; // a signed, numbered STREAM chunk
+//!         Ok(turn.prompt.to_uppercase())
+//!     }
+//! }
+//!
+//! #[tokio::main]
+//! async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//!     let mut args = std::env::args().skip(1);
+//!     if let (Some(address), Some(peer)) = (args.next(), args.next()) {
+//!         // `shout 0x… /ip4/…/udp/4001/quic-v1/p2p/12D3KooW…`: join the swarm through
+//!         // that peer and call the agent with that address (`.relay(url)` works too).
+//!         let peer: Multiaddr = peer.parse()?;
+//!         let options = ConnectOptions::default().bootstrap(peer);
+//!         let mut remote = oonode::connect(&address, options).await?;
+//!         let answer = remote.input("Translate hello to Spanish").await?;
+//!         println!("{} answered: {}", remote.address(), answer.result);
+//!         return Ok(());
+//!     }
+//!     Host::new(Shout).trust(TrustLevel::Careful).port(8000).serve().await?;
+//!     Ok(())
+//! }
+//! ```
+//!
+//! `examples/` has more: a custom agent with a tool, the translator of the ConnectOnion
+//! `host()` page, and an agent that calls another agent while it answers.
 //!
 //! # Layout
 //!
@@ -23,7 +80,7 @@
 //! | `envelope.rs` | envelope shapes, canonical JSON (forms A and B), sign/verify, freshness, replay keys (no I/O) |
 //! | `proto/` | the wire (no I/O): typed frames per link (`frame.rs`), [`proto::ErrorCode`] (`error.rs`), ANNOUNCE (`announce.rs`), [`proto::RelayUrl`] and the relay's routes (`relay_url.rs`), signed HTTP reads (`signed_request.rs`) |
 //! | `net.rs` | socket helpers shared by the node and the relay server: TCP_NODELAY, a listener capped per client IP, WebSocket read errors, SIGINT/SIGTERM |
-//! | `agent.rs` | the [`Agent`] trait, [`AgentFactory`] (a fresh agent per request), built-ins `echo`, `translator`, `ticker` |
+//! | `agent.rs` | the [`Agent`] trait (with its own summary and examples), [`AgentFactory`] (a fresh agent per request), built-ins `echo`, `translator`, `ticker` |
 //! | `store/` | sled (`mod.rs`: sessions, seen ids, kept replies, trust state; one store thread, group commit) and attached files (`uploads.rs`) |
 //! | `trust/` | trust levels, address lists (`lists.rs`), policies (`policy.rs`), the decision, onboarding and admin actions (`engine.rs`), wrong invite codes (`invites.rs`) |
 //! | `dispatch/` | the [`Dispatcher`]: verify → trust → admit → run → stream → persist → reply (`mod.rs`); signatures, CONNECT, signed reads, admin (`access.rs`); whose sessions (`scope.rs`); refusals and their answers (`refusal.rs`); one run (`run.rs`); a turn's session state (`turn.rs`); RESUME (`follow.rs`) |
@@ -62,9 +119,16 @@ pub use dispatch::{
 pub use ed25519_dalek::Signature;
 pub use envelope::{Envelope, Kind};
 pub use identity::{find_co_dir, Address, AddressError, Identity};
+/// The swarm's addresses, as [`ConnectOptions::bootstrap`] takes them.
+pub use libp2p::Multiaddr;
 pub use node::{host, router, Host, HostError, Node, NodeHandle, Ready};
 pub use relay_server::{Relay, RelayConfig, RelayHandle, RelayReady};
 pub use store::{SessionRecord, SessionStatus, Upload, UploadError};
 pub use transport::p2p::{P2p, P2pConfig, PeerPresence, SwarmStatus};
 pub use transport::relay_link::{LinkState, RelayStatus};
 pub use trust::{Policy, TrustAgent, TrustLevel, TrustQuestion};
+
+/// The README's Rust example, compiled by `cargo test --doc` like the one above.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

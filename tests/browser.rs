@@ -218,14 +218,17 @@ impl Browser {
             base,
             session,
         };
+        browser.resize(1280, 860).await;
         browser
-            .call(
-                Method::POST,
-                "/window/rect",
-                Some(json!({"width": 1280, "height": 860})),
-            )
-            .await;
-        browser
+    }
+
+    async fn resize(&self, width: u32, height: u32) {
+        self.call(
+            Method::POST,
+            "/window/rect",
+            Some(json!({"width": width, "height": height})),
+        )
+        .await;
     }
 
     async fn try_call(
@@ -317,12 +320,6 @@ impl Browser {
             Some(json!({ "text": text })),
         )
         .await;
-    }
-
-    async fn clear(&self, css: &str) {
-        let id = self.find(css).await;
-        self.call(Method::POST, &format!("/element/{id}/clear"), None)
-            .await;
     }
 
     async fn value_of(&self, css: &str) -> String {
@@ -419,16 +416,8 @@ async fn docs_page_in_headless_chromium() {
     };
     let began = Instant::now();
     let dir = tempfile::tempdir().unwrap();
-    let translator = TestNode::start(
-        Host::new(Translator)
-            .summary("I translate short phrases between a few languages")
-            .examples([
-                "Translate 'hello' to Spanish",
-                "What language is '你好' in?",
-            ]),
-        &dir.path().join("translator"),
-    )
-    .await;
+    // No summary or examples given: the page shows the translator's own.
+    let translator = TestNode::start(Host::new(Translator), &dir.path().join("translator")).await;
     let echo = TestNode::start(Host::new(Echo), &dir.path().join("echo")).await;
     let slow = TestNode::start(Host::new(Slow), &dir.path().join("slow")).await;
 
@@ -452,23 +441,43 @@ async fn docs_page_in_headless_chromium() {
         translator.address.to_string()
     );
     assert!(browser.text_of("#agent-trust").await.contains("careful"));
-    assert!(browser
-        .text_of("#agent-summary")
-        .await
-        .contains("I translate"));
-
-    // An example fills the prompt box.
-    browser.click("#examples button").await;
     assert_eq!(
-        browser.value_of("#prompt").await,
-        "Translate 'hello' to Spanish"
+        browser.text_of("#agent-summary").await,
+        Translator.summary().unwrap()
     );
-    browser.clear("#prompt").await;
 
-    // First turn, with the Send button.
-    browser
-        .type_into("#prompt", "Translate hello to Spanish")
+    // The agent's own examples are offered; the first is the prompt's placeholder and
+    // the prompt of the code snippets.
+    let examples = Translator.examples();
+    let shown = browser
+        .script(
+            "return Array.from(document.querySelectorAll('#examples button'), b => b.textContent);",
+            json!([]),
+        )
         .await;
+    assert_eq!(shown, json!(examples));
+    let placeholder = browser
+        .script(
+            "return document.getElementById('prompt').placeholder;",
+            json!([]),
+        )
+        .await;
+    assert!(
+        placeholder.as_str().unwrap().contains(&examples[0]),
+        "{placeholder}"
+    );
+    let prompt_json = serde_json::to_string(&examples[0]).unwrap();
+    assert!(browser.text_of("#api-ws").await.contains(&prompt_json));
+    let curl = browser.text_of("#api-http").await;
+    assert!(
+        curl.contains("/input") && curl.contains("to Spanish"),
+        "{curl}"
+    );
+    assert!(browser.text_of("#empty").await.contains("example"));
+
+    // First turn: an example fills the prompt box, the Send button sends it.
+    browser.click("#examples button").await;
+    assert_eq!(browser.value_of("#prompt").await, examples[0]);
     browser.click("#send").await;
     let first = browser.reply(1).await;
     assert!(first.contains("Hola"), "{first}");
@@ -563,6 +572,26 @@ async fn docs_page_in_headless_chromium() {
         detail.as_str().unwrap().contains("What is my name?"),
         "{detail}"
     );
+    // The details' button stays inside the sessions panel, also in a short window
+    // (where the page scrolls rather than squeezing the panels).
+    browser.resize(1024, 560).await;
+    let fits = browser
+        .script(
+            "const b = document.querySelector('#session-detail .actions button');
+             b.scrollIntoView({block: 'center'});
+             const p = document.querySelector('aside.sessions').getBoundingClientRect();
+             const r = b.getBoundingClientRect();
+             return {
+               fits: r.left >= p.left && r.right <= p.right && r.top >= p.top && r.bottom <= p.bottom,
+               button: [r.left, r.top, r.right, r.bottom], panel: [p.left, p.top, p.right, p.bottom],
+             };",
+            json!([]),
+        )
+        .await;
+    assert_eq!(fits["fits"], true, "{fits}");
+    let sessions_shot = shot.with_file_name("docs-sessions.png");
+    browser.screenshot(&sessions_shot).await;
+    browser.resize(1280, 860).await;
 
     // A new conversation is a new socket and a new session.
     browser.click("#new-conversation").await;
@@ -674,9 +703,10 @@ async fn docs_page_in_headless_chromium() {
     echo.stop().await;
     slow.stop().await;
     println!(
-        "browser test: {:.1?} in all, {:.1?} to start chromedriver and chromium; screenshot at {}",
+        "browser test: {:.1?} in all, {:.1?} to start chromedriver and chromium; screenshots at {} and {}",
         began.elapsed(),
         started,
-        shot.display()
+        shot.display(),
+        sessions_shot.display()
     );
 }

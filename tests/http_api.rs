@@ -308,3 +308,33 @@ async fn shutdown_lets_accepted_runs_finish_and_stores_them() {
     assert_eq!(rec["status"], "done");
     node.stop().await;
 }
+
+#[tokio::test]
+async fn the_agent_describes_itself_and_the_root_leads_to_docs() {
+    let dir = tempfile::tempdir().unwrap();
+    // Neither host.yaml nor the builder says anything: the agent's own words show.
+    let node = TestNode::start(Host::new(Echo), dir.path()).await;
+    let (status, info) = node.get("/info").await;
+    assert_eq!(status, 200);
+    assert_eq!(info["summary"], json!(Echo.summary()), "{info}");
+    assert_eq!(info["examples"], json!(Echo.examples()), "{info}");
+    assert!(info["examples"].as_array().is_some_and(|e| !e.is_empty()));
+
+    // A browser pointed at the node lands on the page for trying it.
+    let no_redirects = reqwest::Client::builder()
+        .timeout(STEP)
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let res = no_redirects
+        .get(format!("{}/", node.url))
+        .send()
+        .await
+        .unwrap();
+    assert!(res.status().is_redirection(), "{}", res.status());
+    assert_eq!(res.headers()["location"], "/docs");
+    let page = client().get(format!("{}/", node.url)).send().await.unwrap();
+    assert_eq!(page.status().as_u16(), 200);
+    assert!(page.text().await.unwrap().contains("<title>"));
+    node.stop().await;
+}

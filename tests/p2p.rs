@@ -695,12 +695,15 @@ async fn a_thirty_second_stream_completes_over_the_swarm() {
         .expect("the 30 s answer completes");
         let took = start.elapsed();
         eprintln!("30-chunk answer at 1 chunk/s took {took:?}");
-        assert_eq!(answer.chunks, words);
+        // Each chunk is a word and the space after it.
+        let chunk_words: Vec<&str> = answer.chunks.iter().map(|c| c.trim_end()).collect();
+        assert_eq!(chunk_words, words);
+        assert_eq!(answer.chunks.concat(), prompt);
         assert_eq!(answer.result, prompt);
         let seen: Vec<&String> = arrivals.iter().map(|(c, _)| c).collect();
         assert_eq!(
             seen,
-            words.iter().collect::<Vec<_>>(),
+            answer.chunks.iter().collect::<Vec<_>>(),
             "in order, as they came"
         );
         // Streamed as they came, not buffered until the end.

@@ -173,9 +173,9 @@ async fn a_node_with_http_off_is_called_by_address_through_the_relay_and_streams
     .expect("a verified answer");
     let total = start.elapsed();
     assert_eq!(answer.result, prompt);
-    assert_eq!(answer.chunks, ["alpha", "beta", "gamma", "delta"]);
+    assert_eq!(answer.chunks, ["alpha ", "beta ", "gamma ", "delta"]);
     let streamed: Vec<&str> = seen.iter().map(|(c, _)| c.as_str()).collect();
-    assert_eq!(streamed, ["alpha", "beta", "gamma", "delta"]);
+    assert_eq!(streamed, ["alpha ", "beta ", "gamma ", "delta"]);
     // Chunks arrive as they are made, not batched with the result.
     assert!(
         seen[0].1 + Duration::from_millis(100) < total,

@@ -86,7 +86,8 @@ async fn streams_chunks_in_order_then_output_and_continues_on_the_same_socket() 
     let (chunks, out) = collect(&mut ws, node.address).await;
     assert_eq!(
         chunks,
-        vec![(1, "one".into()), (2, "two".into()), (3, "three".into())]
+        vec![(1, "one ".into()), (2, "two ".into()), (3, "three".into())],
+        "each chunk keeps the space after its word"
     );
     assert_eq!(out["type"], "OUTPUT");
     assert_eq!(out["result"], "one two three");
@@ -167,7 +168,7 @@ async fn a_reconnecting_client_gets_exactly_the_missing_chunks() {
     let (chunks, out) = collect(&mut ws, node.address).await;
     let seqs: Vec<u64> = chunks.iter().map(|(s, _)| *s).collect();
     assert_eq!(seqs, (4..=10).collect::<Vec<_>>(), "no gap, no duplicate");
-    assert_eq!(chunks[0].1, "w4");
+    assert_eq!(chunks[0].1, "w4 ");
     assert_eq!(out["result"], words.join(" "));
 
     // After it finished: the same from the store.
@@ -539,7 +540,7 @@ async fn resume_during_a_later_turn_returns_only_that_turns_chunks() {
     let words: Vec<&str> = chunks.iter().map(|(_, c)| c.as_str()).collect();
     assert_eq!(
         words,
-        vec!["gamma", "delta"],
+        vec!["gamma ", "delta"],
         "only the running turn's chunks"
     );
     assert_eq!(out["result"], "alpha beta gamma delta");

@@ -181,11 +181,13 @@ impl Host {
         self
     }
 
+    /// One line on what the agent does (default: [`Agent::summary`](crate::Agent::summary)).
     pub fn summary(mut self, text: impl Into<String>) -> Self {
         self.code.summary = Some(text.into());
         self
     }
 
+    /// Example prompts for `/info` and `/docs` (default: [`Agent::examples`](crate::Agent::examples)).
     pub fn examples<I: IntoIterator<Item = S>, S: Into<String>>(mut self, items: I) -> Self {
         self.code.examples = Some(items.into_iter().map(Into::into).collect());
         self

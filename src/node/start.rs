@@ -60,11 +60,17 @@ impl Node {
             );
         }
         let sample = factory.make();
+        // host.yaml and the builder win; the agent's own words fill what they leave out.
+        let examples = if config.examples.is_empty() {
+            sample.examples()
+        } else {
+            config.examples.clone()
+        };
         let info = NodeInfo {
             name: config.name.clone().unwrap_or_else(|| sample.name()),
             tools: sample.tools(),
-            summary: config.summary.clone(),
-            examples: config.examples.clone(),
+            summary: config.summary.clone().or_else(|| sample.summary()),
+            examples,
             max_file_size_mb: config.max_file_size_mb,
             max_files_per_request: config.max_files_per_request,
         };
@@ -177,7 +183,7 @@ impl Node {
         let shutdown = self.background.clone();
         let relay = self.config.relay_url.clone().map(|url| {
             let info = relay_link::AnnounceInfo {
-                summary: self.config.summary.clone().unwrap_or_default(),
+                summary: self.info.summary.clone().unwrap_or_default(),
                 endpoints: http_endpoints(http_addr),
             };
             relay_link::spawn(url, self.dispatcher.clone(), info, shutdown.child_token())
@@ -195,8 +201,8 @@ impl Node {
                 tokio::spawn(publish_presence(
                     p2p.clone(),
                     self.identity.clone(),
-                    self.config.summary.clone(),
-                    self.config.examples.clone(),
+                    self.info.summary.clone(),
+                    self.info.examples.clone(),
                     http_endpoints(http_addr),
                     shutdown.child_token(),
                 ));

@@ -8,7 +8,7 @@ use axum::body::Body;
 use axum::extract::{FromRef, Path, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::middleware::{self, Next};
-use axum::response::{IntoResponse, Response};
+use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{json, Value};
@@ -66,6 +66,8 @@ pub(crate) fn router(state: Arc<HttpState>) -> Router {
         .route("/health", get(health))
         .route("/info", get(info))
         .route("/ws", get(super::ws::upgrade))
+        // A browser pointed at the node lands on the page for trying the agent.
+        .route("/", get(|| async { Redirect::to("/docs") }))
         .route("/docs", get(docs))
         .route("/admin/trust", post(admin_trust))
         .fallback(|| async { error(ErrorCode::NotFound, "not found") })
