@@ -1,7 +1,7 @@
 //! The command line as a new user meets it, on the real binary: every bad flag or
 //! host.yaml value, and a taken port, is refused before anything starts with one line
 //! naming what to fix (exit 2); a dead bootstrap peer is unreachable (exit 3); call hints
-//! follow `--via`.
+//! follow `--via`; `keys --json` and `completions` print what scripts and shells read.
 
 use std::path::Path;
 use std::process::{Command, Output};
@@ -156,4 +156,26 @@ fn call_hints_follow_via() {
     }
     let out = oonode(&["call", &agent, "hi", "--relay", "localhost:1"]);
     assert_one_line(&out, 2, &["--relay", "ws://"]);
+}
+
+#[test]
+fn keys_json_and_completions() {
+    let dir = tempfile::tempdir().unwrap();
+    let co = dir.path().to_str().unwrap();
+    let out = oonode(&["keys", "--json", "--co-dir", co]);
+    assert!(out.status.success(), "{out:?}");
+    let keys: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    let address: oonode::Address = keys["address"].as_str().unwrap().parse().unwrap();
+    assert_eq!(keys["peer_id"], address.peer_id().to_string());
+    let key_file = Path::new(keys["key_file"].as_str().unwrap());
+    assert_eq!(key_file, dir.path().join("keys/agent.key"));
+    assert!(key_file.exists());
+
+    let out = oonode(&["completions", "bash"]);
+    assert!(out.status.success(), "{out:?}");
+    let script = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        script.contains("complete ") && script.contains("--bootstrap"),
+        "a bash completion script"
+    );
 }

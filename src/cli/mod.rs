@@ -46,11 +46,21 @@ pub(crate) enum Command {
         #[command(subcommand)]
         command: testnet::TestnetCommand,
     },
-    /// Print this node's address and PeerId, creating the key if needed.
+    /// Print this node's address and PeerId (--json: with the key file), creating the key
+    /// if needed.
     Keys {
         /// Directory holding keys/agent.key (default: project .co/, else ~/.co).
         #[arg(long)]
         co_dir: Option<PathBuf>,
+        /// Print one JSON object: {"address","peer_id","key_file"}.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a shell completion script, e.g. `oonode completions bash >
+    /// ~/.local/share/bash-completion/completions/oonode`.
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
     },
 }
 
@@ -164,7 +174,11 @@ pub(crate) async fn run(command: Command) -> ExitCode {
         Command::Init { dir, force } => keys::init(dir, force),
         Command::Trust(args) => trust::trust(args).await,
         Command::Testnet { command } => testnet::run(command).await,
-        Command::Keys { co_dir } => keys::keys(co_dir),
+        Command::Keys { co_dir, json } => keys::keys(co_dir, json),
+        Command::Completions { shell } => {
+            completions(shell);
+            Ok(())
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -178,6 +192,16 @@ pub(crate) async fn run(command: Command) -> ExitCode {
             code.map_or(ExitCode::FAILURE, ExitCode::from)
         }
     }
+}
+
+/// `oonode completions SHELL`: the script for every subcommand and flag, generated from
+/// these same definitions so that it cannot drift from them.
+fn completions(shell: clap_complete::Shell) {
+    use clap::Subcommand;
+    let mut cmd = Command::augment_subcommands(
+        clap::Command::new("oonode").version(env!("CARGO_PKG_VERSION")),
+    );
+    clap_complete::generate(shell, &mut cmd, "oonode", &mut std::io::stdout());
 }
 
 /// `--co-dir`, else the project's `.co/` found from the working directory, else `~/.co`.
