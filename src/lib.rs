@@ -63,7 +63,7 @@ pub use ed25519_dalek::Signature;
 pub use envelope::{Envelope, Kind};
 pub use identity::{find_co_dir, Address, AddressError, Identity};
 pub use node::{host, router, Host, HostError, Node, NodeHandle, Ready};
-pub use relay_server::{Relay, RelayConfig, RelayHandle, RelayReady};
+pub use relay_server::{Relay, RelayConfig, RelayError, RelayHandle, RelayReady};
 pub use store::{SessionRecord, SessionStatus, Upload, UploadError};
 pub use transport::p2p::{P2p, P2pConfig, P2pError, PeerPresence, SwarmStatus};
 pub use transport::relay_link::{LinkState, RelayStatus};

@@ -120,6 +120,14 @@ fn a_taken_http_port_is_one_line_with_the_fix() {
 }
 
 #[test]
+fn a_taken_relay_port_is_one_line_with_the_fix() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let out = oonode(&["relay", "--listen", &addr]);
+    assert_one_line(&out, 2, &[&addr, "in use", "--listen"]);
+}
+
+#[test]
 fn a_taken_explicit_swarm_port_is_one_line_with_the_fix() {
     let dir = tempfile::tempdir().unwrap();
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
