@@ -148,6 +148,82 @@ fn peers_with_a_dead_bootstrap_peer_is_unreachable() {
     assert!(out.stdout.is_empty(), "no agent is listed");
 }
 
+/// With a live bootstrap peer and a dead one, `peers` lists the live node (it is an
+/// agent), warns about the dead one in one line and lists it not.
+#[test]
+fn peers_lists_a_live_bootstrap_and_warns_about_a_dead_one() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let mut node = Command::new(BIN)
+        .args([
+            "host",
+            "--agent",
+            "echo",
+            "--no-http",
+            "--no-relay",
+            "--ready-json",
+        ])
+        .args(["--listen", "/ip4/127.0.0.1/tcp/0", "--co-dir"])
+        .arg(dir.path())
+        .env("RUST_LOG", "error")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Killed on every way out of this test, panics included.
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let stdout = node.stdout.take().unwrap();
+    let node = Kill(node);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if let Some(ready) = oonode::Ready::parse(&line) {
+                let _ = tx.send(ready);
+            }
+        }
+    });
+    let ready = rx.recv_timeout(LIMIT).expect("the node's ready line");
+    let live = ready.swarm[0].clone();
+
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = dead.local_addr().unwrap().port();
+    drop(dead);
+    let dead = format!("/ip4/127.0.0.1/tcp/{port}/p2p/{NOBODY}");
+    let out = oonode(&[
+        "peers",
+        "--bootstrap",
+        &live,
+        "--bootstrap",
+        &dead,
+        "--wait",
+        "1",
+        "--json",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let peers: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let listed: Vec<&str> = peers
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["address"].as_str().unwrap())
+        .collect();
+    assert_eq!(listed, [ready.address.as_str()], "{stderr}");
+    let warnings: Vec<&str> = stderr.lines().filter(|l| l.contains(&dead)).collect();
+    assert_eq!(warnings.len(), 1, "{stderr}");
+    assert!(warnings[0].starts_with("warning: cannot reach"), "{stderr}");
+    drop(node);
+}
+
 #[test]
 fn call_hints_follow_via() {
     let dir = tempfile::tempdir().unwrap();
