@@ -183,7 +183,7 @@ pub(crate) async fn run(command: Command) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", one_line(&e));
             let code = e.chain().find_map(|c| {
                 c.downcast_ref::<Exit>()
                     .map(|x| x.code)
@@ -192,6 +192,23 @@ pub(crate) async fn run(command: Command) -> ExitCode {
             code.map_or(ExitCode::FAILURE, ExitCode::from)
         }
     }
+}
+
+/// `e` and its causes as one line, each cause once: library errors often repeat their
+/// source in their own message, which `{:#}` would print twice.
+fn one_line(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 /// `oonode completions SHELL`: the script for every subcommand and flag, generated from
