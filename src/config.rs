@@ -83,9 +83,11 @@ pub const HOST_YAML_TEMPLATE: &str = r#"# .co/host.yaml: settings for `oonode ho
 
 # libp2p swarm: join it, where to listen, peers to join through, LAN discovery.
 # p2p: true
+# Default port 4001 for QUIC and TCP (a free port instead, with a warning, when taken;
+# ports given here are used or start-up fails). Port 0: a free port. p2p: false opens none.
 # listen:
-#   - /ip4/0.0.0.0/udp/0/quic-v1
-#   - /ip4/0.0.0.0/tcp/0
+#   - /ip4/0.0.0.0/udp/4001/quic-v1
+#   - /ip4/0.0.0.0/tcp/4001
 # bootstrap: []          # multiaddrs ending in /p2p/<PeerId>
 # mdns: false
 # max_connections_per_ip: 16   # inbound swarm connections one IP may hold
@@ -233,7 +235,13 @@ impl Settings {
             let message = if key == "." {
                 e.into_inner().to_string()
             } else {
-                format!("key `{key}`: {}", e.into_inner())
+                // The YAML error may start with the key itself: say it once.
+                let inner = e.into_inner().to_string();
+                let inner = inner
+                    .strip_prefix(&format!("{key}: "))
+                    .unwrap_or(&inner)
+                    .to_owned();
+                format!("key `{key}`: {inner}")
             };
             ConfigError::Invalid {
                 path: origin.into(),
@@ -347,6 +355,7 @@ impl HostConfig {
                 };
                 if let Some(listen) = s.listen {
                     p2p.listen = parse("listen", listen)?;
+                    p2p.listen_fallback = false;
                 }
                 if let Some(bootstrap) = s.bootstrap {
                     p2p.bootstrap = parse("bootstrap", bootstrap)?;
@@ -614,6 +623,20 @@ co_dir: null
             .unwrap();
         assert_eq!(p2p.listen.len(), 1);
         assert!(p2p.mdns);
+        assert!(
+            !p2p.listen_fallback,
+            "a port given is used or start-up fails"
+        );
+        let default = HostConfig::resolve(Settings::default(), dir.path(), "f")
+            .unwrap()
+            .p2p
+            .unwrap();
+        assert!(default.listen_fallback);
+        let listen: Vec<String> = default.listen.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            listen,
+            ["/ip4/0.0.0.0/udp/4001/quic-v1", "/ip4/0.0.0.0/tcp/4001"]
+        );
         let s = Settings::from_yaml("bootstrap: [\"/ip4/127.0.0.1/tcp/1\"]\n", "f").unwrap();
         let err = HostConfig::resolve(s, dir.path(), "f")
             .unwrap_err()

@@ -122,9 +122,9 @@ pub use identity::{find_co_dir, Address, AddressError, Identity};
 /// The swarm's addresses, as [`ConnectOptions::bootstrap`] takes them.
 pub use libp2p::Multiaddr;
 pub use node::{host, router, Host, HostError, Node, NodeHandle, Ready};
-pub use relay_server::{Relay, RelayConfig, RelayHandle, RelayReady};
+pub use relay_server::{Relay, RelayConfig, RelayError, RelayHandle, RelayReady};
 pub use store::{SessionRecord, SessionStatus, Upload, UploadError};
-pub use transport::p2p::{P2p, P2pConfig, PeerPresence, SwarmStatus};
+pub use transport::p2p::{P2p, P2pConfig, P2pError, PeerPresence, SwarmStatus};
 pub use transport::relay_link::{LinkState, RelayStatus};
 pub use trust::{Policy, TrustAgent, TrustLevel, TrustQuestion};
 

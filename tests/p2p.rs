@@ -9,7 +9,8 @@
 //! 3. a killed node gives its caller a clear error in bounded time;
 //! 4. a 30 s answer streams through (the timeouts are per frame);
 //! 5. presence (summary, examples) is found in the DHT by another swarm;
-//! 6. the real binary calls over the swarm through a bootstrap peer that is not the target.
+//! 6. the real binary calls over the swarm through a bootstrap peer that is not the target;
+//! 7. a taken default swarm port falls back to a free one; a taken explicit one fails.
 //!
 //! The last two tests are regressions of bugs these tests found (dropped concurrent
 //! streams; auto mode hiding the swarm's error).
@@ -919,6 +920,40 @@ async fn auto_mode_reports_the_swarm_error_for_a_dead_node() {
         eprintln!("auto mode, stopped node: {err:?}");
         caller.stop().await;
         assert_unreachable(&err);
+    })
+    .await;
+}
+
+/// A default listen address whose port is taken falls back to a free port (a second node
+/// on one machine); one given explicitly fails, naming it. The port is held by a plain
+/// socket, as another node's listener would hold it (libp2p's own set SO_REUSEPORT, which
+/// would otherwise let two swarms share a port silently).
+#[tokio::test]
+async fn a_taken_default_swarm_port_falls_back_and_an_explicit_one_fails() {
+    within(Duration::from_secs(30), "test", async {
+        let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = held.local_addr().unwrap().port();
+        let taken: Multiaddr = format!("/ip4/127.0.0.1/tcp/{port}").parse().unwrap();
+        let spawn = |fallback: bool| {
+            let mut config = P2pConfig::default();
+            config.listen = vec![taken.clone()];
+            config.listen_fallback = fallback;
+            let stop = CancellationToken::new();
+            let keypair = libp2p::identity::Keypair::generate_ed25519();
+            async move { (P2p::spawn(keypair, config, stop.clone()).await, stop) }
+        };
+
+        let (swarm, stop) = spawn(true).await;
+        let swarm = swarm.expect("falls back to a free port");
+        let addrs = swarm.listening(Duration::from_secs(5)).await;
+        assert_eq!(addrs.len(), 1, "{addrs:?}");
+        assert!(addrs[0].starts_with("/ip4/127.0.0.1/tcp/"), "{addrs:?}");
+        assert!(!addrs[0].contains(&format!("/tcp/{port}/")), "{addrs:?}");
+        stop.cancel();
+
+        let (swarm, _stop) = spawn(false).await;
+        let err = swarm.expect_err("an explicit port is used or start-up fails");
+        assert!(err.to_string().contains(&taken.to_string()), "{err}");
     })
     .await;
 }

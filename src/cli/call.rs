@@ -17,11 +17,11 @@ pub(crate) struct CallArgs {
     via: oonode::Via,
     /// Relay to reach the agent through (ws://host:port); its directory also tells the
     /// agent's direct endpoints.
-    #[arg(long, env = "OONODE_RELAY")]
+    #[arg(long, value_name = "URL", env = "OONODE_RELAY", value_parser = super::relay_url)]
     relay: Option<String>,
     /// Swarm peer to join through (repeatable): a multiaddr ending in /p2p/<PeerId>.
-    #[arg(long = "bootstrap", value_name = "MULTIADDR")]
-    bootstrap: Vec<String>,
+    #[arg(long = "bootstrap", value_name = "MULTIADDR", value_parser = super::peer_multiaddr)]
+    bootstrap: Vec<libp2p::Multiaddr>,
     /// The agent's own HTTP endpoint, if known (repeatable): http://host:port.
     #[arg(long = "endpoint", value_name = "URL")]
     endpoints: Vec<String>,
@@ -45,6 +45,32 @@ pub(crate) struct CallArgs {
     timeout: u64,
 }
 
+/// What the chosen `--via` lacks, as the flag that gives it; `None` when there is a way
+/// to try.
+fn missing_path(args: &CallArgs) -> Option<&'static str> {
+    let relay = args.relay.is_some();
+    let swarm = !args.bootstrap.is_empty();
+    let endpoint = !args.endpoints.is_empty();
+    match args.via {
+        oonode::Via::P2p if !swarm => Some(
+            "--via p2p needs a swarm peer to join through: give --bootstrap MULTIADDR \
+             (ending in /p2p/<PeerId>)",
+        ),
+        oonode::Via::Relay if !relay => {
+            Some("--via relay needs a relay: give --relay ws://host:port (or set OONODE_RELAY)")
+        }
+        oonode::Via::Direct if !(endpoint || relay || swarm) => Some(
+            "--via direct needs the agent's endpoint: give --endpoint http://host:port \
+             (or --relay / --bootstrap to look it up)",
+        ),
+        oonode::Via::Auto if !(endpoint || relay || swarm) => Some(
+            "no way to reach the agent: give --endpoint http://host:port, \
+             --bootstrap MULTIADDR or --relay ws://host:port",
+        ),
+        _ => None,
+    }
+}
+
 /// `oonode call`: streams chunks to stdout as they come, then the result; exit 0 on
 /// success, else a one-line reason and the error's exit status.
 pub(crate) async fn call(args: CallArgs) -> ExitCode {
@@ -53,6 +79,9 @@ pub(crate) async fn call(args: CallArgs) -> ExitCode {
         eprintln!("error: {msg}");
         ExitCode::from(code)
     };
+    if let Some(missing) = missing_path(&args) {
+        return fail(missing.into(), super::EXIT_USAGE);
+    }
     let dir = match args.co_dir {
         Some(d) => d,
         None => find_co_dir(&std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."))),
@@ -72,11 +101,8 @@ pub(crate) async fn call(args: CallArgs) -> ExitCode {
     for url in args.endpoints {
         options = options.endpoint(url);
     }
-    for addr in &args.bootstrap {
-        match addr.parse() {
-            Ok(a) => options = options.bootstrap(a),
-            Err(e) => return fail(format!("--bootstrap {addr:?} is not a multiaddr: {e}"), 2),
-        }
+    for addr in args.bootstrap.iter().cloned() {
+        options = options.bootstrap(addr);
     }
     let saved = match &args.session {
         Some(file) if file.exists() => match std::fs::read(file)

@@ -4,7 +4,9 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 
 use anyhow::Context;
-use oonode::{agent, Host, TrustLevel};
+use oonode::{agent, Host, HostError, P2pError, TrustLevel};
+
+use super::Exit;
 
 #[derive(clap::Args)]
 pub(crate) struct HostArgs {
@@ -23,20 +25,21 @@ pub(crate) struct HostArgs {
     /// Directory for the key, host.yaml and the session store.
     #[arg(long)]
     co_dir: Option<PathBuf>,
-    /// Agent runs at once.
-    #[arg(long)]
+    /// Agent runs at once (at least 1).
+    #[arg(long, value_parser = super::at_least_one::<usize>)]
     workers: Option<usize>,
     /// Requests that may wait for a worker before the node answers busy (503).
     #[arg(long)]
     max_queue: Option<usize>,
-    /// Seconds finished sessions are kept.
-    #[arg(long)]
+    /// Seconds finished sessions are kept (at least 1).
+    #[arg(long, value_parser = super::at_least_one::<u64>)]
     result_ttl: Option<u64>,
     /// Name shown in /info and the banner (default: the agent's own).
     #[arg(long)]
     name: Option<String>,
-    /// Relay to announce on (ws://host:port); overrides host.yaml's relay_url.
-    #[arg(long, conflicts_with = "no_relay")]
+    /// Relay to announce on (ws://host:port or wss://host); overrides host.yaml's
+    /// relay_url.
+    #[arg(long, value_name = "URL", conflicts_with = "no_relay", value_parser = super::relay_url)]
     relay: Option<String>,
     /// Do not announce on any relay.
     #[arg(long)]
@@ -44,16 +47,20 @@ pub(crate) struct HostArgs {
     /// Open no HTTP/WebSocket port at all (reachable through the relay or the swarm).
     #[arg(long)]
     no_http: bool,
-    /// Swarm listen multiaddr (repeatable), e.g. /ip4/0.0.0.0/udp/4001/quic-v1.
-    #[arg(long = "listen", value_name = "MULTIADDR")]
-    listen: Vec<String>,
+    /// Swarm listen multiaddr (repeatable). Default: host.yaml, else
+    /// /ip4/0.0.0.0/udp/4001/quic-v1 and /ip4/0.0.0.0/tcp/4001 (a free port instead, with
+    /// a warning, when 4001 is taken). Port 0 picks a free one; a port given here is used
+    /// or start-up fails.
+    #[arg(long = "listen", value_name = "MULTIADDR", value_parser = super::multiaddr)]
+    listen: Vec<libp2p::Multiaddr>,
     /// Swarm peer to join through (repeatable): a multiaddr ending in /p2p/<PeerId>.
-    #[arg(long = "bootstrap", value_name = "MULTIADDR")]
-    bootstrap: Vec<String>,
+    #[arg(long = "bootstrap", value_name = "MULTIADDR", value_parser = super::peer_multiaddr)]
+    bootstrap: Vec<libp2p::Multiaddr>,
     /// Find peers on the LAN by multicast DNS.
     #[arg(long)]
     mdns: bool,
-    /// Do not join the libp2p swarm.
+    /// Do not join the libp2p swarm: no swarm port. With --no-http and --relay URL the
+    /// node opens no port at all (reachable through the relay only).
     #[arg(long, conflicts_with_all = ["listen", "bootstrap", "mdns"])]
     no_p2p: bool,
     /// Print one JSON line to stdout when ready ({"event":"ready","address","http",
@@ -102,14 +109,40 @@ pub(crate) async fn host(args: HostArgs) -> anyhow::Result<()> {
         host = host.p2p(false);
     }
     if !args.listen.is_empty() {
-        host = host.listen(args.listen);
+        host = host.listen(args.listen.iter().map(ToString::to_string));
     }
     if !args.bootstrap.is_empty() {
-        host = host.bootstrap(args.bootstrap);
+        host = host.bootstrap(args.bootstrap.iter().map(ToString::to_string));
     }
     if args.mdns {
         host = host.mdns(true);
     }
-    host.ready_json(args.ready_json).serve().await?;
-    Ok(())
+    host.ready_json(args.ready_json)
+        .serve()
+        .await
+        .map_err(refusal)
+}
+
+/// What stops a node from starting, as one line: a bad host.yaml value (flags were checked
+/// by clap already) or a port that cannot be had, with the flag that fixes it, exit 2;
+/// anything else as it is, exit 1.
+fn refusal(e: HostError) -> anyhow::Error {
+    match e {
+        HostError::Config(e) => Exit::usage(e.to_string()),
+        HostError::Bind { addr, source } if source.kind() == std::io::ErrorKind::AddrInUse => {
+            Exit::usage(format!(
+                "cannot listen for HTTP on {addr}: the port is in use; \
+                 choose another with --port N, or --port 0 for a free one"
+            ))
+        }
+        HostError::Bind { addr, source } => Exit::usage(format!(
+            "cannot listen for HTTP on {addr}: {source}; check --bind and --port \
+             (--port 0 picks a free one)"
+        )),
+        HostError::P2p(P2pError::Listen { addr, reason }) => Exit::usage(format!(
+            "cannot listen for the swarm on {addr}: {reason}; choose another --listen \
+             (port 0 for a free one), or --no-p2p"
+        )),
+        other => anyhow::Error::new(other),
+    }
 }

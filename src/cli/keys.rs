@@ -26,12 +26,23 @@ pub(crate) fn init(dir: Option<PathBuf>, force: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `oonode keys`: the address and PeerId of the key in the co_dir, made if missing.
-pub(crate) fn keys(co_dir: Option<PathBuf>) -> anyhow::Result<()> {
+/// `oonode keys`: the address and PeerId of the key in the co_dir, made if missing; with
+/// `json`, one object with the key file's path too (for scripts).
+pub(crate) fn keys(co_dir: Option<PathBuf>, json: bool) -> anyhow::Result<()> {
     let dir = super::co_dir_or_default(co_dir)?;
     let (identity, created) = Identity::load_or_create(&dir)?;
+    let key_file = Identity::key_path(&dir);
     if created {
-        eprintln!("created {}", Identity::key_path(&dir).display());
+        eprintln!("created {}", key_file.display());
+    }
+    if json {
+        let out = serde_json::json!({
+            "address": identity.address().to_string(),
+            "peer_id": identity.address().peer_id().to_string(),
+            "key_file": key_file,
+        });
+        println!("{out}");
+        return Ok(());
     }
     println!("address: {}", identity.address());
     println!("peer_id: {}", identity.address().peer_id());

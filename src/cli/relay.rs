@@ -83,7 +83,17 @@ pub(crate) async fn relay(args: RelayArgs) -> anyhow::Result<()> {
     config.max_ip_sessions_per_agent = args.max_ip_sessions_per_agent;
     config.trust_forwarded_for = args.trust_forwarded_for;
     config.public_urls = args.public_urls;
-    let handle = oonode::Relay::spawn(config).await?;
+    let handle = oonode::Relay::spawn(config).await.map_err(|e| match e {
+        oonode::RelayError::Bind { addr, source } => super::Exit::usage(format!(
+            "cannot listen on {addr}: {}; choose another with --listen HOST:PORT \
+             (port 0 for a free one)",
+            if source.kind() == std::io::ErrorKind::AddrInUse {
+                "the port is in use".to_string()
+            } else {
+                source.to_string()
+            }
+        )),
+    })?;
     if args.ready_json {
         println!("{}", handle.ready().to_line());
     } else {

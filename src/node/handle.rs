@@ -192,6 +192,13 @@ impl NodeHandle {
             }
             None => lines.push("P2P Swarm (libp2p): off".to_string()),
         }
+        if self.http_addr.is_none() && self.p2p.is_none() {
+            lines.push(String::new());
+            lines.push(match self.relay {
+                Some(_) => "No open port: reachable through the relay only".to_string(),
+                None => "No open port and no relay: not reachable".to_string(),
+            });
+        }
         let width = lines.iter().map(|l| l.chars().count()).max().unwrap_or(0) + 2;
         let mut out = format!("╭{}╮\n", "─".repeat(width + 2));
         for (i, line) in lines.iter().enumerate() {

@@ -27,6 +27,8 @@ pub use start::Node;
 /// How long shutdown waits for accepted runs before leaving them to be marked
 /// `interrupted` on the next start.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+/// How a configuration error in a value given to [`Host`] names where it came from.
+const CODE_ORIGIN: &str = "Host builder";
 /// Open WebSocket connections a node accepts at once.
 const MAX_WS_CONNECTIONS: usize = 4096;
 
@@ -235,6 +237,9 @@ impl Host {
         };
         let yaml = base.join("host.yaml");
         let file = Settings::from_file(&yaml)?.unwrap_or_default();
+        // A bad value given in code is the caller's, not host.yaml's: the code parameters
+        // are checked alone first, so that the error names them rather than the file.
+        HostConfig::resolve(self.code.clone(), &base, CODE_ORIGIN)?;
         let config = HostConfig::resolve(self.code.or(file), &base, &yaml.display().to_string())?;
         let mut node = Node::open(self.factory, config, self.trust_agent)?;
         node.http = self.http;
@@ -269,4 +274,35 @@ pub async fn host<A: Agent + Clone + Sync>(agent: A) -> Result<(), HostError> {
 /// Must be called inside a tokio runtime.
 pub fn router<A: Agent + Clone + Sync>(agent: A) -> Result<Router, HostError> {
     Ok(Host::new(agent).build()?.router())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bad_code_parameter_is_blamed_on_the_code_not_on_host_yaml() {
+        let dir = tempfile::tempdir().unwrap();
+        let factory = || AgentFactory::from_clone(crate::agent::Echo);
+        let err = Host::with_factory(factory())
+            .co_dir(dir.path())
+            .listen(["nope"])
+            .build()
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(
+            err.starts_with("Host builder: key `listen`") && !err.contains("host.yaml"),
+            "{err}"
+        );
+        std::fs::write(dir.path().join("host.yaml"), "relay_url: localhost:1\n").unwrap();
+        let err = Host::with_factory(factory())
+            .co_dir(dir.path())
+            .build()
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(err.contains("host.yaml: key `relay_url`"), "{err}");
+        assert!(!dir.path().join("keys").exists(), "nothing made");
+    }
 }

@@ -174,21 +174,9 @@ impl Node {
             Some(l) => Some(l.local_addr().map_err(HostError::Serve)?),
             None => None,
         };
-        if self.key_created {
-            info!(address = %self.address(), "created a new identity key");
-        }
-        if self.config.reload {
-            warn!("`reload: true` has no effect on a compiled agent; restart the node to pick up changes");
-        }
         let shutdown = self.background.clone();
-        let relay = self.config.relay_url.clone().map(|url| {
-            let info = relay_link::AnnounceInfo {
-                summary: self.info.summary.clone().unwrap_or_default(),
-                endpoints: http_endpoints(http_addr),
-            };
-            relay_link::spawn(url, self.dispatcher.clone(), info, shutdown.child_token())
-        });
-
+        // Every listener is bound before anything goes out (the relay link, presence):
+        // a port that cannot be had stops start-up with nothing begun.
         let p2p = match &self.config.p2p {
             Some(config) => {
                 let p2p = P2p::spawn(
@@ -210,6 +198,20 @@ impl Node {
             }
             None => None,
         };
+
+        if self.key_created {
+            info!(address = %self.address(), "created a new identity key");
+        }
+        if self.config.reload {
+            warn!("`reload: true` has no effect on a compiled agent; restart the node to pick up changes");
+        }
+        let relay = self.config.relay_url.clone().map(|url| {
+            let info = relay_link::AnnounceInfo {
+                summary: self.info.summary.clone().unwrap_or_default(),
+                endpoints: http_endpoints(http_addr),
+            };
+            relay_link::spawn(url, self.dispatcher.clone(), info, shutdown.child_token())
+        });
 
         let mut tasks = JoinSet::new();
         if let (Some(listener), Some(addr)) = (listener, http_addr) {

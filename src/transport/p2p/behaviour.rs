@@ -99,10 +99,28 @@ pub(super) fn build_swarm(
         kad::Mode::Client
     }));
     for addr in &config.listen {
-        swarm
-            .listen_on(addr.clone())
-            .map_err(|e| P2pError::Listen {
+        let taken = port_taken(addr);
+        let error = match taken {
+            Some(e) => e.to_string(),
+            None => match swarm.listen_on(addr.clone()) {
+                Ok(_) => continue,
+                Err(e) => e.to_string(),
+            },
+        };
+        let any_port = with_any_port(addr);
+        if !config.listen_fallback || any_port == *addr {
+            return Err(P2pError::Listen {
                 addr: addr.clone(),
+                reason: error,
+            });
+        }
+        // A second node on the same machine is common: it takes a free port rather than
+        // failing, and says so (the banner shows the port it got).
+        warn!("swarm port of {addr} is not available ({error}); listening on a free port instead");
+        swarm
+            .listen_on(any_port.clone())
+            .map_err(|e| P2pError::Listen {
+                addr: any_port,
                 reason: e.to_string(),
             })?;
     }
@@ -113,4 +131,39 @@ pub(super) fn build_swarm(
         }
     }
     Ok(swarm)
+}
+
+/// `addr` with its TCP or UDP port 0: the same interface and transport, any free port.
+fn with_any_port(addr: &libp2p::Multiaddr) -> libp2p::Multiaddr {
+    addr.iter()
+        .map(|p| match p {
+            Protocol::Tcp(_) => Protocol::Tcp(0),
+            Protocol::Udp(_) => Protocol::Udp(0),
+            other => other,
+        })
+        .collect()
+}
+
+/// Whether `addr`'s port is already bound on this machine, found by binding it plainly for
+/// a moment. libp2p's TCP listeners set SO_REUSEPORT, so without this a second node would
+/// share the port with the first (and get half its connections) instead of being told.
+fn port_taken(addr: &libp2p::Multiaddr) -> Option<std::io::Error> {
+    let mut ip = None;
+    let mut port = None;
+    for p in addr.iter() {
+        match p {
+            Protocol::Ip4(a) => ip = Some(std::net::IpAddr::V4(a)),
+            Protocol::Ip6(a) => ip = Some(std::net::IpAddr::V6(a)),
+            Protocol::Tcp(n) if n != 0 => port = Some((n, true)),
+            Protocol::Udp(n) if n != 0 => port = Some((n, false)),
+            _ => {}
+        }
+    }
+    let (ip, (port, tcp)) = (ip?, port?);
+    let probe = if tcp {
+        std::net::TcpListener::bind((ip, port)).map(drop)
+    } else {
+        std::net::UdpSocket::bind((ip, port)).map(drop)
+    };
+    probe.err()
 }

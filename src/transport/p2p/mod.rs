@@ -21,9 +21,10 @@ mod record;
 mod serve;
 pub mod wire;
 
+use std::net::Ipv4Addr;
 use std::time::Duration;
 
-use libp2p::{Multiaddr, StreamProtocol};
+use libp2p::{multiaddr::Protocol, Multiaddr, StreamProtocol};
 use serde::Serialize;
 
 pub use handle::P2p;
@@ -35,6 +36,10 @@ pub const PROTOCOL: StreamProtocol = StreamProtocol::new("/oonode/envelope/1");
 /// ([`P2pConfig::max_streams_per_peer`]), so a conforming caller never trips the limit,
 /// not even while a finished call's stream is still being closed.
 pub const MAX_CALLS_PER_PEER: usize = 32;
+/// The swarm's port, for QUIC-v1 (UDP) and TCP alike, unless `listen` says otherwise:
+/// the libp2p convention, so that a firewall rule or a port forward can be written once.
+/// Taken (a second node on the machine), the node listens on a free port instead.
+pub const DEFAULT_SWARM_PORT: u16 = 4001;
 /// How long finding and dialing a peer may take.
 pub const DIAL_TIMEOUT: Duration = Duration::from_secs(15);
 
@@ -43,9 +48,13 @@ pub const DIAL_TIMEOUT: Duration = Duration::from_secs(15);
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct P2pConfig {
-    /// Multiaddrs to listen on (default: QUIC and TCP on every interface, ports chosen
-    /// by the system).
+    /// Multiaddrs to listen on (default: QUIC-v1 and TCP on every interface, both on
+    /// [`DEFAULT_SWARM_PORT`]).
     pub listen: Vec<Multiaddr>,
+    /// When a listen address cannot be had (its port is taken), listen on the same
+    /// interface with a free port instead, with a warning. On for the default addresses;
+    /// addresses given explicitly (host.yaml `listen`, `--listen`) fail instead.
+    pub listen_fallback: bool,
     /// Peers to join through: multiaddrs ending in `/p2p/<PeerId>`.
     pub bootstrap: Vec<Multiaddr>,
     /// Find peers on the LAN by multicast DNS (off by default: it sends multicast).
@@ -73,11 +82,15 @@ impl Default for P2pConfig {
     fn default() -> Self {
         P2pConfig {
             listen: vec![
-                "/ip4/0.0.0.0/udp/0/quic-v1"
-                    .parse()
-                    .expect("valid multiaddr"),
-                "/ip4/0.0.0.0/tcp/0".parse().expect("valid multiaddr"),
+                Multiaddr::empty()
+                    .with(Protocol::Ip4(Ipv4Addr::UNSPECIFIED))
+                    .with(Protocol::Udp(DEFAULT_SWARM_PORT))
+                    .with(Protocol::QuicV1),
+                Multiaddr::empty()
+                    .with(Protocol::Ip4(Ipv4Addr::UNSPECIFIED))
+                    .with(Protocol::Tcp(DEFAULT_SWARM_PORT)),
             ],
+            listen_fallback: true,
             bootstrap: Vec::new(),
             mdns: false,
             dht_server: true,
@@ -97,6 +110,7 @@ impl P2pConfig {
     pub fn caller(bootstrap: Vec<Multiaddr>) -> Self {
         P2pConfig {
             listen: Vec::new(),
+            listen_fallback: false,
             bootstrap,
             dht_server: false,
             ..P2pConfig::default()
