@@ -18,16 +18,14 @@ use futures::{Sink, SinkExt, StreamExt};
 use oonode::agent::{Echo, Ticker};
 use oonode::envelope::unix_now;
 use oonode::proto::{signed_announce, RelayUrl, ANNOUNCE_PATH, INPUT_PATH};
-use oonode::{
-    Address, Answer, CallError, ConnectOptions, Envelope, Host, Identity, Kind, RelayConfig,
-};
-use serde_json::{json, Map, Value};
+use oonode::{Address, Answer, CallError, ConnectOptions, Envelope, Host, Identity, RelayConfig};
+use serde_json::{json, Value};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
 use tokio_tungstenite::tungstenite::Message;
 
-use common::{ws_connect, ws_recv as recv, ws_send as send, Socket};
+use common::{input_frame, ws_connect, ws_recv as recv, ws_send as send, Socket};
 
 // ---------------------------------------------------------------------------------------
 // Helpers: relays, nodes, callers
@@ -107,17 +105,6 @@ async fn until_final(socket: &mut Socket) -> Value {
 /// Asserts the socket closes (after any number of frames) within `STEP`.
 async fn assert_closes(socket: &mut Socket) {
     while recv(socket).await.is_some() {}
-}
-
-/// A signed INPUT as `connect()` sends it: nested envelope plus top-level `type`, `to`.
-fn input_frame(caller: &Identity, to: Address, prompt: &str, session_id: &str) -> Value {
-    let mut payload = Map::new();
-    payload.insert("prompt".into(), json!(prompt));
-    payload.insert("session".into(), json!({ "session_id": session_id }));
-    let mut frame = Envelope::sign(caller, Kind::Input, Some(to), payload).to_nested_json();
-    frame["type"] = json!("INPUT");
-    frame["to"] = json!(to.to_string());
-    frame
 }
 
 async fn directory(relay: &str, address: &str) -> (u16, Value) {

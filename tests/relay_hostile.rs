@@ -12,14 +12,14 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use common::{
-    client, wait_until, ws_recv as recv, ws_recv_within as recv_within, ws_send as send, TestNode,
-    STEP,
+    client, input_frame, wait_until, ws_recv as recv, ws_recv_within as recv_within,
+    ws_send as send, TestNode, STEP,
 };
 use oonode::agent::Echo;
 use oonode::envelope::{canonical_json, unix_now};
 use oonode::proto::{signed_announce, MAX_ENDPOINTS, MAX_ENDPOINT_BYTES, MAX_SUMMARY_CHARS};
-use oonode::{Address, Envelope, Host, Identity, Kind, Relay, RelayConfig, RelayHandle};
-use serde_json::{json, Map, Value};
+use oonode::{Address, Host, Identity, Relay, RelayConfig, RelayHandle};
+use serde_json::{json, Value};
 
 type Socket = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
 
@@ -127,17 +127,6 @@ async fn raw_agent(relay: &RelayHandle, id: &Identity) -> Socket {
     let (agent, answer) = announce(relay, id, &relay.relay_url().announce(), unix_now()).await;
     assert_eq!(kind(&answer), (Some("ANNOUNCE_OK"), None), "{answer}");
     agent
-}
-
-/// A signed INPUT as `connect()` sends it, in session `session_id`.
-fn input_frame(caller: &Identity, to: Address, prompt: &str, session_id: &str) -> Value {
-    let mut payload = Map::new();
-    payload.insert("prompt".into(), json!(prompt));
-    payload.insert("session".into(), json!({ "session_id": session_id }));
-    let mut frame = Envelope::sign(caller, Kind::Input, Some(to), payload).to_nested_json();
-    frame["type"] = json!("INPUT");
-    frame["to"] = json!(to.to_string());
-    frame
 }
 
 /// A caller's INPUT reaches `agent` (which answers it) and the answer comes back.

@@ -73,6 +73,18 @@ pub fn signed_input(caller: &Identity, to: Address, prompt: &str) -> Value {
     .to_nested_json()
 }
 
+/// A signed INPUT frame in session `session_id`, as `connect()` sends it on a socket:
+/// the nested envelope plus `type` and `to` at the top level, where a relay routes by them.
+pub fn input_frame(caller: &Identity, to: Address, prompt: &str, session_id: &str) -> Value {
+    let env = Envelope::sign(
+        caller,
+        Kind::Input,
+        Some(to),
+        obj(json!({ "prompt": prompt, "session": { "session_id": session_id } })),
+    );
+    serde_json::from_str(&oonode::proto::input_frame(&env, &to)).expect("a JSON frame")
+}
+
 /// The Python client's shape: payload {prompt, timestamp, to}, signed, no id or type.
 pub fn python_style_input(caller: &Identity, to: Address, prompt: &str, timestamp: u64) -> Value {
     let payload = json!({"prompt": prompt, "timestamp": timestamp, "to": to.to_string()});
