@@ -402,9 +402,15 @@ fn unquote(s: &str) -> &str {
 
 /// "My name is John" → "John" (case kept as the caller wrote it).
 fn name_in(text: &str) -> Option<String> {
-    let lower = text.to_lowercase();
-    let at = lower.find("my name is ")?;
-    let name = text[at + "my name is ".len()..]
+    // Matched on the text itself, ASCII case folded: lower-casing the whole text may change
+    // its length (`İ` becomes two characters), and an index into the lower-cased copy would
+    // then cut the original in the wrong place, or inside a character.
+    const PHRASE: &[u8] = b"my name is ";
+    let at = text
+        .as_bytes()
+        .windows(PHRASE.len())
+        .position(|w| w.eq_ignore_ascii_case(PHRASE))?;
+    let name = text[at + PHRASE.len()..]
         .trim()
         .trim_end_matches(['.', '!', '?'])
         .trim();
@@ -452,6 +458,31 @@ mod tests {
         Message {
             role: "user".into(),
             content: text.into(),
+        }
+    }
+
+    #[test]
+    fn a_name_after_text_that_lower_cases_longer_is_read_whole() {
+        // `İ` lower-cases to two characters: an index into the lower-cased copy used to
+        // cut the original in the wrong place ("b") or inside a character (a panic).
+        assert_eq!(name_in("İİ my name is Bob").as_deref(), Some("Bob"));
+        assert_eq!(
+            name_in("İİİİİİİİİİİİ my name is Bob").as_deref(),
+            Some("Bob")
+        );
+        assert_eq!(name_in("MY NAME IS Zoë!").as_deref(), Some("Zoë"));
+    }
+
+    proptest::proptest! {
+        /// The built-ins answer any text without panicking, and ticker's chunks join
+        /// back into its prompt.
+        #[test]
+        fn built_ins_take_any_unicode(text in "\\PC{0,80}", name in "\\PC{0,20}") {
+            let _ = Translator::answer(&text, &[]);
+            let prompt = format!("{text} my name is {name}");
+            let _ = Translator::answer(&prompt, &[user(&prompt)]);
+            let _ = Translator::remembered_name(&[user(&prompt)]);
+            proptest::prop_assert_eq!(words(&text).collect::<String>(), text);
         }
     }
 
