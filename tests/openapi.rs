@@ -87,6 +87,11 @@ async fn openapi_json_documents_every_route() {
         assert!(input["responses"][status].is_object(), "/input {status}");
     }
 
+    // An answer links to reading its session back, in the spec's own field names.
+    let link = &input["responses"]["200"]["links"]["GetSession"];
+    assert_eq!(link["operationId"], "get_session", "{link}");
+    assert_eq!(paths["/sessions/{id}"]["get"]["operationId"], "get_session");
+
     // Session reads name their headers: the signed-read ones and the session secret.
     for route in ["/sessions", "/sessions/{id}"] {
         let names: Vec<&str> = paths[route]["get"]["parameters"]

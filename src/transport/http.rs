@@ -161,7 +161,23 @@ async fn cors(State(st): State<Arc<HttpState>>, req: Request, next: Next) -> Res
     summary = "Run the agent on one INPUT and wait for its answer",
     request_body(content = InputRequest, content_type = "application/json"),
     responses(
-        (status = 200, description = "The flat OUTPUT envelope of the run", body = OutputEnvelope),
+        (status = 200, description = "The flat OUTPUT envelope of the run", body = OutputEnvelope,
+            links(
+                ("GetSession" = (
+                    operation_id = "get_session",
+                    parameters(
+                        ("path.id" = "$response.body#/session_id"),
+                        ("header.x-co-session-secret" = "$response.body#/session_secret")
+                    ),
+                    description = "An unsigned caller reads back the session it started"
+                )),
+                ("ListSessions" = (
+                    operation_id = "list_sessions",
+                    parameters(("header.x-co-session-secret" = "$response.body#/session_secret")),
+                    description = "An unsigned caller lists the sessions of its secret"
+                ))
+            )
+        ),
         (status = 400, description = "`invalid_json`, `bad_request`, `too_many_files`, `file_too_large`", body = ErrorBody),
         (status = 401, description = "`invalid_signature`, `signature_required`, `stale`, `wrong_recipient`, `replayed`", body = ErrorBody),
         (status = 402, description = "`insufficient_credits`", body = ErrorBody),

@@ -308,8 +308,37 @@ struct ApiDoc;
 pub(crate) fn document() -> &'static str {
     static DOC: OnceLock<String> = OnceLock::new();
     DOC.get_or_init(|| {
-        ApiDoc::openapi()
-            .to_json()
-            .expect("the OpenAPI document serializes")
+        let mut doc = serde_json::to_value(ApiDoc::openapi()).unwrap_or_default();
+        camel_case_links(&mut doc);
+        doc.to_string()
     })
+}
+
+/// utoipa 5.5 writes a response link's fields in snake case (`operation_id`), which
+/// OpenAPI tools do not read (schemathesis refuses such a link); the spec's names are
+/// camel case.
+fn camel_case_links(doc: &mut Value) {
+    let Some(paths) = doc.get_mut("paths").and_then(Value::as_object_mut) else {
+        return;
+    };
+    let links = paths
+        .values_mut()
+        .filter_map(Value::as_object_mut)
+        .flat_map(|item| item.values_mut())
+        .filter_map(|op| op.get_mut("responses").and_then(Value::as_object_mut))
+        .flat_map(|responses| responses.values_mut())
+        .filter_map(|response| response.get_mut("links").and_then(Value::as_object_mut))
+        .flat_map(|links| links.values_mut())
+        .filter_map(Value::as_object_mut);
+    for link in links {
+        for (snake, camel) in [
+            ("operation_id", "operationId"),
+            ("operation_ref", "operationRef"),
+            ("request_body", "requestBody"),
+        ] {
+            if let Some(v) = link.remove(snake) {
+                link.insert(camel.into(), v);
+            }
+        }
+    }
 }
