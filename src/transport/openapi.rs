@@ -45,8 +45,10 @@ pub(crate) struct SignedInput {
     #[schema(value_type = Object)]
     payload: Value,
     /// The signer's address (`0x` + 64 hex).
+    #[schema(pattern = "^0x[0-9a-fA-F]{64}$")]
     from: String,
     /// The ed25519 signature of `canonical(payload)`: 128 hex, optional `0x`.
+    #[schema(pattern = "^(0x)?[0-9a-fA-F]{128}$")]
     signature: String,
     /// The session, when the payload names none (not signed).
     #[schema(value_type = Option<Object>, nullable = false)]
@@ -54,8 +56,8 @@ pub(crate) struct SignedInput {
     #[schema(nullable = false)]
     files: Option<Vec<FileUpload>>,
     /// Base64 data URLs (`data:image/png;base64,…`).
-    #[schema(nullable = false)]
-    images: Option<Vec<String>>,
+    #[schema(nullable = false, inline)]
+    images: Option<Vec<DataUrl>>,
 }
 
 /// An unsigned INPUT: the object itself, less `session`, `files`, `images` and `from`, is
@@ -63,36 +65,40 @@ pub(crate) struct SignedInput {
 #[derive(serde::Deserialize, ToSchema)]
 pub(crate) struct UnsignedInput {
     /// What to ask the agent (not blank).
-    #[schema(min_length = 1)]
+    #[schema(min_length = 1, pattern = "\\S")]
     prompt: String,
     /// The conversation state as a previous answer returned it:
     /// `{"session_id", "session_secret", "messages": [{"role","content"}], …}`.
     #[schema(value_type = Option<Object>, nullable = false)]
     session: Option<Value>,
     /// The session id when `session` names none (1–128 of letters, digits, `-`, `_`).
-    #[schema(nullable = false)]
+    #[schema(nullable = false, pattern = "^[A-Za-z0-9_-]{1,128}$")]
     session_id: Option<String>,
     /// The secret of the caller's session scope (32–128 of letters, digits, `-`, `_`),
     /// as a first answer returned it.
-    #[schema(nullable = false)]
+    #[schema(nullable = false, pattern = "^[A-Za-z0-9_-]{32,128}$")]
     session_secret: Option<String>,
     /// A claimed address (`0x` + 64 hex): used only to refuse a blocked one.
-    #[schema(nullable = false)]
+    #[schema(nullable = false, pattern = "^0x[0-9a-fA-F]{64}$")]
     from: Option<String>,
     #[schema(nullable = false)]
     files: Option<Vec<FileUpload>>,
     /// Base64 data URLs (`data:image/png;base64,…`).
-    #[schema(nullable = false)]
-    images: Option<Vec<String>>,
+    #[schema(nullable = false, inline)]
+    images: Option<Vec<DataUrl>>,
 }
 
 /// An attached file (docs/protocol.md, "Attachments").
 #[derive(serde::Deserialize, ToSchema)]
 pub(crate) struct FileUpload {
     name: String,
-    /// A base64 data URL (`data:text/plain;base64,…`).
-    data: String,
+    data: DataUrl,
 }
+
+/// A base64 data URL (`data:text/plain;base64,aGVsbG8=`).
+#[derive(serde::Deserialize, ToSchema)]
+#[schema(pattern = "^data:[^,;]*;base64,[A-Za-z0-9+/]*={0,2}$")]
+pub(crate) struct DataUrl(String);
 
 /// A node's flat OUTPUT envelope (200 from `POST /input`); every field but `signature`
 /// is signed, `from` included. See docs/protocol.md, "Replies".
@@ -133,20 +139,20 @@ pub(crate) struct OutputEnvelope {
 pub(crate) struct ReadHeaders {
     /// The reader's address (`0x` + 64 hex).
     #[serde(rename = "x-co-from")]
-    #[param(nullable = false)]
+    #[param(nullable = false, pattern = "^0x[0-9a-fA-F]{64}$")]
     from: Option<String>,
     /// The signature (128 hex) over the form-A bytes of `{"method","path","query",
     /// "body_sha256","timestamp","request_id","to"}`.
     #[serde(rename = "x-co-signature")]
-    #[param(nullable = false)]
+    #[param(nullable = false, pattern = "^(0x)?[0-9a-fA-F]{128}$")]
     signature: Option<String>,
     /// Integer seconds as decimal text, within 300 s of the node's clock.
     #[serde(rename = "x-co-timestamp")]
-    #[param(nullable = false)]
+    #[param(nullable = false, pattern = "^[0-9]+$")]
     timestamp: Option<String>,
     /// The node's address.
     #[serde(rename = "x-co-to")]
-    #[param(nullable = false)]
+    #[param(nullable = false, pattern = "^0x[0-9a-fA-F]{64}$")]
     to: Option<String>,
     /// A one-time id (any text); a second use is refused (401 `replayed`).
     #[serde(rename = "x-co-request-id")]
@@ -154,7 +160,7 @@ pub(crate) struct ReadHeaders {
     request_id: Option<String>,
     /// An unsigned reader's session secret (32–128 of letters, digits, `-`, `_`).
     #[serde(rename = "x-co-session-secret")]
-    #[param(nullable = false)]
+    #[param(nullable = false, pattern = "^[A-Za-z0-9_-]{32,128}$")]
     session_secret: Option<String>,
 }
 
@@ -249,8 +255,10 @@ pub(crate) struct AdminRequest {
     /// `credit`).
     payload: Value,
     /// The admin's address: the node's own or one of `admins.txt`.
+    #[schema(pattern = "^0x[0-9a-fA-F]{64}$")]
     from: String,
-    /// 128 hex.
+    /// 128 hex, optional `0x`.
+    #[schema(pattern = "^(0x)?[0-9a-fA-F]{128}$")]
     signature: String,
 }
 
@@ -290,6 +298,7 @@ pub(crate) struct AdminResult {
         SignedInput,
         UnsignedInput,
         FileUpload,
+        DataUrl,
         OutputEnvelope,
         SessionList,
         SessionSummary,
