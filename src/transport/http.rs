@@ -97,8 +97,8 @@ fn refusal(r: &Refusal) -> Response {
 
 /// Browsers: the node's own pages, and the origins of `cors_origins`, may call the API;
 /// a page from anywhere else is refused before it can run the agent or read a session
-/// (a `/ws` upgrade included, which browsers never check themselves). `/health` and
-/// `/info` and `/openapi.json` are public. Requests without `Origin` (not from a browser) pass.
+/// (a `/ws` upgrade included, which browsers never check themselves). `/health`, `/info`
+/// and `/openapi.json` are public. Requests without `Origin` (not from a browser) pass.
 async fn cors(State(st): State<Arc<HttpState>>, req: Request, next: Next) -> Response {
     let origin = req.headers().get(header::ORIGIN).cloned();
     let public = matches!(req.uri().path(), "/health" | "/info" | "/openapi.json");
