@@ -16,6 +16,10 @@ use tokio_util::sync::DropGuard;
 use tracing::{debug, info_span, Instrument};
 
 use super::error_response as error;
+use super::openapi::{
+    AdminRequest, AdminResult, ErrorBody, Health, Info, InputRequest, OutputEnvelope, ReadHeaders,
+    Session, SessionList,
+};
 use super::ws::WsState;
 use super::PeerIp;
 use crate::dispatch::{Dispatcher, Reader, Refusal, SignedRead};
@@ -67,8 +71,9 @@ pub(crate) fn router(state: Arc<HttpState>) -> Router {
         .route("/info", get(info))
         .route("/ws", get(super::ws::upgrade))
         // A browser pointed at the node lands on the page for trying the agent.
-        .route("/", get(|| async { Redirect::to("/docs") }))
+        .route("/", get(root))
         .route("/docs", get(docs))
+        .route("/openapi.json", get(openapi_json))
         .route("/admin/trust", post(admin_trust))
         .fallback(|| async { error(ErrorCode::NotFound, "not found") })
         .method_not_allowed_fallback(|| async {
@@ -92,11 +97,11 @@ fn refusal(r: &Refusal) -> Response {
 
 /// Browsers: the node's own pages, and the origins of `cors_origins`, may call the API;
 /// a page from anywhere else is refused before it can run the agent or read a session
-/// (a `/ws` upgrade included, which browsers never check themselves). `/health` and
-/// `/info` are public. Requests without `Origin` (not from a browser) pass.
+/// (a `/ws` upgrade included, which browsers never check themselves). `/health`, `/info`
+/// and `/openapi.json` are public. Requests without `Origin` (not from a browser) pass.
 async fn cors(State(st): State<Arc<HttpState>>, req: Request, next: Next) -> Response {
     let origin = req.headers().get(header::ORIGIN).cloned();
-    let public = matches!(req.uri().path(), "/health" | "/info");
+    let public = matches!(req.uri().path(), "/health" | "/info" | "/openapi.json");
     if let Some(o) = &origin {
         let same_origin = {
             let host = req
@@ -149,6 +154,42 @@ async fn cors(State(st): State<Arc<HttpState>>, req: Request, next: Next) -> Res
     res
 }
 
+#[utoipa::path(
+    post,
+    path = "/input",
+    tag = "agent",
+    summary = "Run the agent on one INPUT and wait for its answer",
+    request_body(content = InputRequest, content_type = "application/json"),
+    responses(
+        (status = 200, description = "The flat OUTPUT envelope of the run", body = OutputEnvelope,
+            links(
+                ("GetSession" = (
+                    operation_id = "get_session",
+                    parameters(
+                        ("path.id" = "$response.body#/session_id"),
+                        ("header.x-co-session-secret" = "$response.body#/session_secret")
+                    ),
+                    description = "An unsigned caller reads back the session it started"
+                )),
+                ("ListSessions" = (
+                    operation_id = "list_sessions",
+                    parameters(("header.x-co-session-secret" = "$response.body#/session_secret")),
+                    description = "An unsigned caller lists the sessions of its secret"
+                ))
+            )
+        ),
+        (status = 400, description = "`invalid_json`, `bad_request`, `too_many_files`, `file_too_large`", body = ErrorBody),
+        (status = 401, description = "`invalid_signature`, `signature_required`, `stale`, `wrong_recipient`, `replayed`", body = ErrorBody),
+        (status = 402, description = "`insufficient_credits`", body = ErrorBody),
+        (status = 403, description = "`blocked`, `forbidden` (a web page of another origin), `onboarding_required`, `not_allowed`", body = ErrorBody),
+        (status = 404, description = "`not_found`: a relayed session id the caller did not sign", body = ErrorBody),
+        (status = 409, description = "`session_busy`: the session still runs its previous turn", body = ErrorBody),
+        (status = 413, description = "`too_large`", body = ErrorBody),
+        (status = 429, description = "`rate_limited`: too many wrong invite codes", body = ErrorBody),
+        (status = 500, description = "The flat ERROR envelope of a failed run (`agent_error`, `agent_panicked`, `agent_cancelled`, `internal`), or `internal`", body = ErrorBody),
+        (status = 503, description = "`busy` (with `Retry-After: 1`), `shutting_down`, `list_unreadable`", body = ErrorBody),
+    )
+)]
 async fn post_input(
     State(st): State<Arc<HttpState>>,
     PeerIp(peer): PeerIp,
@@ -281,6 +322,22 @@ impl axum::extract::FromRequestParts<Arc<HttpState>> for SessionReader {
     }
 }
 
+#[utoipa::path(
+    get,
+    path = "/sessions/{id}",
+    tag = "sessions",
+    summary = "One session of the reader's scope",
+    params(("id" = String, Path, description = "The session id"), ReadHeaders),
+    responses(
+        (status = 200, description = "The session", body = Session),
+        (status = 400, description = "`bad_request`: some of the signed-read headers only, or malformed ones", body = ErrorBody),
+        (status = 401, description = "`invalid_signature`, `signature_required`, `stale`, `wrong_recipient`, `replayed`", body = ErrorBody),
+        (status = 403, description = "`blocked`, `forbidden`", body = ErrorBody),
+        (status = 404, description = "`not_found`: no such session in the reader's scope", body = ErrorBody),
+        (status = 500, description = "`internal`: the store failed", body = ErrorBody),
+        (status = 503, description = "`list_unreadable`, `shutting_down`", body = ErrorBody),
+    )
+)]
 async fn get_session(
     State(st): State<Arc<HttpState>>,
     Path(id): Path<String>,
@@ -293,6 +350,21 @@ async fn get_session(
     }
 }
 
+#[utoipa::path(
+    get,
+    path = "/sessions",
+    tag = "sessions",
+    summary = "The sessions of the reader's scope",
+    params(ReadHeaders),
+    responses(
+        (status = 200, description = "The reader's sessions (none for an unsigned reader without a secret)", body = SessionList),
+        (status = 400, description = "`bad_request`: some of the signed-read headers only, or malformed ones", body = ErrorBody),
+        (status = 401, description = "`invalid_signature`, `signature_required`, `stale`, `wrong_recipient`, `replayed`", body = ErrorBody),
+        (status = 403, description = "`blocked`, `forbidden`", body = ErrorBody),
+        (status = 500, description = "`internal`: the store failed", body = ErrorBody),
+        (status = 503, description = "`list_unreadable`, `shutting_down`", body = ErrorBody),
+    )
+)]
 async fn list_sessions(
     State(st): State<Arc<HttpState>>,
     SessionReader(reader): SessionReader,
@@ -310,6 +382,22 @@ async fn list_sessions(
 }
 
 /// A trust admin action: a signed ADMIN envelope in the nested shape.
+#[utoipa::path(
+    post,
+    path = "/admin/trust",
+    tag = "admin",
+    summary = "Change a caller's trust (signed by the node or an admin)",
+    request_body(content = AdminRequest, content_type = "application/json"),
+    responses(
+        (status = 200, description = "What changed", body = AdminResult),
+        (status = 400, description = "`invalid_json`, `bad_request`", body = ErrorBody),
+        (status = 401, description = "`invalid_signature`, `signature_required`, `stale`, `wrong_recipient`, `replayed`", body = ErrorBody),
+        (status = 403, description = "`not_admin`, `blocked`, `forbidden`", body = ErrorBody),
+        (status = 413, description = "`too_large`", body = ErrorBody),
+        (status = 500, description = "`internal`: the store failed", body = ErrorBody),
+        (status = 503, description = "`shutting_down`, `list_unreadable`", body = ErrorBody),
+    )
+)]
 async fn admin_trust(State(st): State<Arc<HttpState>>, body: axum::body::Bytes) -> Response {
     let obj = match decode_object(&body, crate::envelope::MAX_ENVELOPE_BYTES) {
         Ok(o) => o,
@@ -325,11 +413,34 @@ async fn admin_trust(State(st): State<Arc<HttpState>>, body: axum::body::Bytes) 
     }
 }
 
+/// A browser pointed at the node lands on the page for trying the agent.
+#[utoipa::path(
+    get,
+    path = "/",
+    tag = "pages",
+    responses((status = 303, description = "To `/docs`", headers(("location" = String, description = "`/docs`"))))
+)]
+async fn root() -> Redirect {
+    Redirect::to("/docs")
+}
+
 /// The page for trying the agent in a browser; embedded, no CDN.
+#[utoipa::path(
+    get,
+    path = "/docs",
+    tag = "pages",
+    responses((status = 200, description = "The page for trying the agent", body = String, content_type = "text/html"))
+)]
 async fn docs() -> Response {
     axum::response::Html(include_str!("docs.html")).into_response()
 }
 
+#[utoipa::path(
+    get,
+    path = "/health",
+    tag = "node",
+    responses((status = 200, description = "The node is up", body = Health))
+)]
 async fn health(State(st): State<Arc<HttpState>>) -> Response {
     Json(json!({
         "status": "healthy",
@@ -342,6 +453,27 @@ async fn health(State(st): State<Arc<HttpState>>) -> Response {
     .into_response()
 }
 
+/// This document.
+#[utoipa::path(
+    get,
+    path = "/openapi.json",
+    tag = "node",
+    responses((status = 200, description = "The OpenAPI 3.1 document of this API", body = Object, content_type = "application/json"))
+)]
+async fn openapi_json() -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        super::openapi::document(),
+    )
+        .into_response()
+}
+
+#[utoipa::path(
+    get,
+    path = "/info",
+    tag = "node",
+    responses((status = 200, description = "The agent and the node", body = Info))
+)]
 async fn info(State(st): State<Arc<HttpState>>) -> Response {
     let i = &st.info;
     let address = st.dispatcher.address();

@@ -3,6 +3,7 @@
 //! framing. The dispatcher knows none of them.
 
 pub(crate) mod http;
+mod openapi;
 pub(crate) mod p2p;
 pub(crate) mod relay_link;
 pub(crate) mod ws;

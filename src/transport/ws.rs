@@ -52,6 +52,22 @@ pub(crate) struct WsState {
     pub max_per_ip: usize,
 }
 
+/// The WebSocket API (frames in docs/protocol.md, "WebSocket `/ws`").
+#[utoipa::path(
+    get,
+    path = "/ws",
+    tag = "agent",
+    summary = "WebSocket upgrade: INPUT, RESUME and the replies as frames",
+    responses(
+        (status = 101, description = "Switching to the WebSocket protocol"),
+        (status = 400, description = "Not a WebSocket upgrade request (plain text)", body = String, content_type = "text/plain"),
+        (status = 403, description = "`forbidden`: a web page of another origin", body = super::openapi::ErrorBody),
+        (status = 405, description = "Not a GET (plain text)", body = String, content_type = "text/plain"),
+        (status = 426, description = "The connection cannot be upgraded (plain text)", body = String, content_type = "text/plain"),
+        (status = 429, description = "`too_many_connections` from this address", body = super::openapi::ErrorBody),
+        (status = 503, description = "`busy`: too many WebSocket connections", body = super::openapi::ErrorBody),
+    )
+)]
 pub(crate) async fn upgrade(
     State(st): State<WsState>,
     super::PeerIp(peer): super::PeerIp,
