@@ -99,6 +99,7 @@ mod config;
 mod dispatch;
 pub mod envelope;
 mod identity;
+mod metrics;
 mod net;
 mod node;
 pub mod proto;
@@ -114,7 +115,7 @@ pub use client::{connect, Answer, CallError, ConnectOptions, Remote, Via};
 pub use config::{ConfigError, HostConfig, Settings, HOST_YAML_TEMPLATE};
 pub use dispatch::{
     Accepted, Dispatcher, Origin, Reader, Refusal, Rejected, Scope, SessionSecret, SignedRead,
-    Submission,
+    Submission, Transport,
 };
 pub use ed25519_dalek::Signature;
 pub use envelope::{Envelope, Kind};

@@ -65,6 +65,7 @@ pub(super) async fn serve_agent(st: Arc<RelayState>, socket: WebSocket, _ip_slot
     let address = match refusal {
         Ok(a) => a,
         Err(e) => {
+            st.metrics.refused(e.code);
             let _ = tx.try_send(e.encode());
             return;
         }
@@ -256,6 +257,7 @@ async fn agent_loop(
             // The caller does not read its replies: cut it off.
             route.closed.cancel();
         } else {
+            st.metrics.frame_relayed();
             route.caller_activity.touch();
         }
     }

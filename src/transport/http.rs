@@ -64,6 +64,7 @@ pub(crate) fn router(state: Arc<HttpState>) -> Router {
         .route("/sessions", get(list_sessions))
         .route("/sessions/{id}", get(get_session))
         .route("/health", get(health))
+        .route("/metrics", get(metrics))
         .route("/info", get(info))
         .route("/ws", get(super::ws::upgrade))
         // A browser pointed at the node lands on the page for trying the agent.
@@ -92,11 +93,11 @@ fn refusal(r: &Refusal) -> Response {
 
 /// Browsers: the node's own pages, and the origins of `cors_origins`, may call the API;
 /// a page from anywhere else is refused before it can run the agent or read a session
-/// (a `/ws` upgrade included, which browsers never check themselves). `/health` and
-/// `/info` are public. Requests without `Origin` (not from a browser) pass.
+/// (a `/ws` upgrade included, which browsers never check themselves). `/health`,
+/// `/info` and `/metrics` are public. Requests without `Origin` (not from a browser) pass.
 async fn cors(State(st): State<Arc<HttpState>>, req: Request, next: Next) -> Response {
     let origin = req.headers().get(header::ORIGIN).cloned();
-    let public = matches!(req.uri().path(), "/health" | "/info");
+    let public = matches!(req.uri().path(), "/health" | "/info" | "/metrics");
     if let Some(o) = &origin {
         let same_origin = {
             let host = req
@@ -340,6 +341,15 @@ async fn health(State(st): State<Arc<HttpState>>) -> Response {
         "relay": st.relay.as_ref().map(|r| r.status()),
     }))
     .into_response()
+}
+
+/// Prometheus text format: request counters and histograms from the dispatcher, and the
+/// gauges read now (in flight, relay link state, swarm peers).
+async fn metrics(State(st): State<Arc<HttpState>>) -> Response {
+    let relay_state = st.relay.as_ref().map(|r| r.status().state.as_str());
+    let swarm_peers = st.p2p.as_ref().map(|p| p.status().connected_peers);
+    let body = st.dispatcher.metrics_text(relay_state, swarm_peers);
+    ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], body).into_response()
 }
 
 async fn info(State(st): State<Arc<HttpState>>) -> Response {

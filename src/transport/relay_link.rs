@@ -20,7 +20,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::dispatch::{Dispatcher, Origin, Reader, Refusal, Rejected};
+use crate::dispatch::{Dispatcher, Origin, Reader, Refusal, Rejected, Transport};
 use crate::envelope::{unix_now, Envelope};
 use crate::identity::Address;
 use crate::proto::{signed_announce, ClientFrame, NodeFrame, Object, RelayToAgent, RelayUrl};
@@ -423,6 +423,7 @@ impl RelayedSessions {
         let outcome = match super::submission_from_frame(obj, Some(session_id.clone())) {
             Ok(mut submission) => {
                 submission.origin = self.origin.clone();
+                submission.transport = Transport::Relay;
                 submission.secret = self.readers.get(&session_id).and_then(|r| r.secret.clone());
                 self.dispatcher.submit(submission).await
             }

@@ -14,7 +14,7 @@ use tracing::{debug, info_span, warn, Instrument};
 
 use super::wire::{self, WireError};
 use super::{P2p, P2pConfig, PROTOCOL};
-use crate::dispatch::{Dispatcher, Refusal, Submission};
+use crate::dispatch::{Dispatcher, Refusal, Submission, Transport};
 use crate::proto::session_of;
 
 /// How long a stream may take to send its INPUT.
@@ -195,7 +195,8 @@ async fn serve_stream(
         }
     };
     let session_id = session_of(&input.payload);
-    let submission = Submission::new(input);
+    let mut submission = Submission::new(input);
+    submission.transport = Transport::P2p;
     let mut accepted = match dispatcher.submit(submission).await {
         Ok(a) => a,
         Err(rejected) => {

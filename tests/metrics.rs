@@ -1,0 +1,188 @@
+//! `/metrics` on a node and on a relay: the counters move with real requests.
+
+mod common;
+
+use std::collections::BTreeMap;
+
+use common::*;
+use oonode::agent::Echo;
+use oonode::proto::RelayUrl;
+use oonode::{Host, Identity};
+use serde_json::json;
+
+/// One sample of the Prometheus text format: name, labels, value.
+#[derive(Debug)]
+struct Sample {
+    name: String,
+    labels: BTreeMap<String, String>,
+    value: f64,
+}
+
+/// Parses the text format's sample lines (our label values hold no `,`, `"` or `}`).
+fn parse(text: &str) -> Vec<Sample> {
+    text.lines()
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(|line| {
+            let (series, value) = line.rsplit_once(' ').expect("`series value`");
+            let (name, labels) = match series.split_once('{') {
+                Some((name, rest)) => (name, rest.strip_suffix('}').expect("closing brace")),
+                None => (series, ""),
+            };
+            let labels = labels
+                .split(',')
+                .filter(|kv| !kv.is_empty())
+                .map(|kv| {
+                    let (k, v) = kv.split_once('=').expect("label=value");
+                    (k.to_owned(), v.trim_matches('"').to_owned())
+                })
+                .collect();
+            Sample {
+                name: name.to_owned(),
+                labels,
+                value: value.parse().expect("a number"),
+            }
+        })
+        .collect()
+}
+
+/// The value of the series `name` with exactly `labels`; 0 when absent (a counter that
+/// never moved has no series yet).
+fn value(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> f64 {
+    let want: BTreeMap<String, String> = labels
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    samples
+        .iter()
+        .find(|s| s.name == name && s.labels == want)
+        .map_or(0.0, |s| s.value)
+}
+
+async fn scrape(url: &str) -> Vec<Sample> {
+    let res = tokio::time::timeout(STEP, client().get(url).send())
+        .await
+        .expect("bounded")
+        .expect("GET /metrics");
+    assert_eq!(res.status(), 200);
+    let content_type = res.headers()["content-type"].to_str().unwrap().to_owned();
+    assert!(content_type.starts_with("text/plain"), "{content_type}");
+    parse(&res.text().await.expect("a body"))
+}
+
+const REQUESTS: &str = "oonode_requests_total";
+
+#[tokio::test]
+async fn node_metrics_count_an_answered_and_a_refused_http_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = TestNode::start(Host::new(Echo), dir.path()).await;
+    let metrics = format!("{}/metrics", node.url);
+    let http_ok = [("transport", "http"), ("route", "input"), ("code", "ok")];
+    let http_refused = [
+        ("transport", "http"),
+        ("route", "input"),
+        ("code", "wrong_recipient"),
+    ];
+
+    let before = scrape(&metrics).await;
+    assert_eq!(value(&before, REQUESTS, &http_ok), 0.0);
+    assert_eq!(value(&before, "oonode_in_flight", &[]), 0.0);
+
+    let (status, body) = node.post(&json!({"prompt": "count me"})).await;
+    assert_eq!(status, 200, "{body}");
+    // Signed for another node: refused by the dispatcher.
+    let caller = Identity::generate();
+    let elsewhere = Identity::generate().address();
+    let (status, body) = node
+        .post(&signed_input(&caller, elsewhere, "not for you"))
+        .await;
+    assert_eq!(status, 401, "{body}");
+    assert_eq!(body["code"], "wrong_recipient");
+
+    let after = scrape(&metrics).await;
+    assert_eq!(value(&after, REQUESTS, &http_ok), 1.0);
+    assert_eq!(value(&after, REQUESTS, &http_refused), 1.0);
+    let latency = "oonode_request_duration_seconds_count";
+    assert_eq!(value(&after, latency, &[("transport", "http")]), 2.0);
+    assert_eq!(value(&after, "oonode_agent_run_seconds_count", &[]), 1.0);
+    assert!(
+        value(&after, "oonode_agent_run_seconds_bucket", &[("le", "+Inf")]) >= 1.0,
+        "the run histogram has its +Inf bucket"
+    );
+    assert_eq!(value(&after, "oonode_in_flight", &[]), 0.0);
+
+    // Public like /health: any web page may read it.
+    let res = client()
+        .get(&metrics)
+        .header("origin", "https://dashboard.example")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.headers()["access-control-allow-origin"], "*");
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn relay_metrics_count_agents_callers_frames_and_refusals() {
+    let relay = start_relay(relay_config()).await;
+    let url = relay.url();
+    let relay_url: RelayUrl = url.parse().unwrap();
+    let metrics = format!("{}/metrics", relay_url.http_base());
+    let node = TestNode::builder(Host::new(Echo)).relay(&url).start().await;
+
+    let before = scrape(&metrics).await;
+    assert_eq!(value(&before, "oonode_relay_agents_online", &[]), 1.0);
+    assert_eq!(
+        value(&before, "oonode_relay_frames_relayed_total", &[]),
+        0.0
+    );
+
+    let caller = Identity::generate();
+    let mut ws = ws_connect(&relay_url.input()).await;
+    let mut frame = signed_input(&caller, node.address, "through the relay");
+    frame["type"] = json!("INPUT");
+    frame["to"] = json!(node.address.to_string());
+    ws_send(&mut ws, &frame).await;
+    let answer = loop {
+        let f = ws_recv(&mut ws).await.expect("the socket stays open");
+        if matches!(f["type"].as_str(), Some("OUTPUT" | "ERROR")) {
+            break f;
+        }
+    };
+    assert_eq!(answer["result"], "through the relay", "{answer}");
+    // To an agent the relay never saw: refused.
+    let nobody = Identity::generate().address();
+    let mut stray = signed_input(&caller, nobody, "anyone?");
+    stray["type"] = json!("INPUT");
+    stray["to"] = json!(nobody.to_string());
+    ws_send(&mut ws, &stray).await;
+    let refusal = ws_recv(&mut ws).await.expect("an answer");
+    assert_eq!(refusal["code"], "unknown_agent", "{refusal}");
+
+    let after = scrape(&metrics).await;
+    assert_eq!(value(&after, "oonode_relay_agents_online", &[]), 1.0);
+    assert_eq!(value(&after, "oonode_relay_callers", &[]), 1.0);
+    assert_eq!(value(&after, "oonode_relay_sessions", &[]), 1.0);
+    // The INPUT one way, at least the OUTPUT the other.
+    assert!(value(&after, "oonode_relay_frames_relayed_total", &[]) >= 2.0);
+    assert_eq!(
+        value(
+            &after,
+            "oonode_relay_refusals_total",
+            &[("code", "unknown_agent")]
+        ),
+        1.0
+    );
+
+    // The node counted the relayed request under its transport.
+    let node_metrics = scrape(&format!("{}/metrics", node.url)).await;
+    let relayed = [("transport", "relay"), ("route", "input"), ("code", "ok")];
+    assert_eq!(value(&node_metrics, REQUESTS, &relayed), 1.0);
+    assert!(node_metrics.iter().any(|s| s.name == "oonode_relay_link"
+        && s.labels["state"] == "connected"
+        && s.value == 1.0));
+
+    drop(ws);
+    node.stop().await;
+    relay.shutdown().await;
+}
