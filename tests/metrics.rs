@@ -186,3 +186,97 @@ async fn relay_metrics_count_agents_callers_frames_and_refusals() {
     node.stop().await;
     relay.shutdown().await;
 }
+
+/// Kills the child when dropped, also when the test panics.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test]
+async fn the_binary_logs_one_json_line_per_request_with_its_request_id() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Killed(
+        Command::new(BIN)
+            .args([
+                "host",
+                "--agent",
+                "echo",
+                "--ready-json",
+                "--log-format",
+                "json",
+            ])
+            .args([
+                "--port",
+                "0",
+                "--bind",
+                "127.0.0.1",
+                "--no-relay",
+                "--no-p2p",
+            ])
+            .arg("--co-dir")
+            .arg(dir.path())
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("the binary starts"),
+    );
+    let (tx, lines) = std::sync::mpsc::channel::<(bool, String)>();
+    for (is_err, pipe) in [
+        (
+            false,
+            Box::new(child.0.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
+        ),
+        (true, Box::new(child.0.stderr.take().unwrap())),
+    ] {
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                let _ = tx.send((is_err, line));
+            }
+        });
+    }
+    let next = |want_stderr: bool| -> serde_json::Value {
+        loop {
+            let (is_err, line) = lines.recv_timeout(STEP).expect("a line within a step");
+            if is_err != want_stderr {
+                continue;
+            }
+            // The banner on stderr is not JSON; log lines are.
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+                if want_stderr && v["fields"]["message"] != "request" {
+                    continue;
+                }
+                return v;
+            }
+        }
+    };
+    let ready = next(false);
+    let url = ready["http"].as_str().expect("http in the ready line");
+    let (status, body) = post_json(&format!("{url}/input"), &json!({"prompt": "log me"})).await;
+    assert_eq!(status, 200, "{body}");
+
+    let line = next(true);
+    assert_eq!(line["level"], "INFO", "{line}");
+    let fields = &line["fields"];
+    assert_eq!(fields["transport"], "http", "{line}");
+    assert_eq!(fields["caller"], "anonymous", "{line}");
+    assert_eq!(fields["session"], body["session_id"], "{line}");
+    assert_eq!(fields["code"], "ok", "{line}");
+    assert!(fields["duration_ms"].is_u64(), "{line}");
+    let request = line["spans"]
+        .as_array()
+        .and_then(|spans| spans.iter().find(|s| s["name"] == "request"))
+        .unwrap_or_else(|| panic!("a request span in {line}"));
+    let id = request["id"].as_str().expect("a request id");
+    assert_eq!(id.len(), 8, "{line}");
+}
