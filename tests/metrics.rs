@@ -98,11 +98,21 @@ async fn node_metrics_count_an_answered_and_a_refused_http_request() {
     assert_eq!(status, 401, "{body}");
     assert_eq!(body["code"], "wrong_recipient");
 
+    // Not JSON: refused by the transport before the dispatcher, counted all the same.
+    let (status, _) = post_raw(&format!("{}/input", node.url), b"{not json".to_vec()).await;
+    assert_eq!(status, 400);
+
     let after = scrape(&metrics).await;
     assert_eq!(value(&after, REQUESTS, &http_ok), 1.0);
     assert_eq!(value(&after, REQUESTS, &http_refused), 1.0);
+    let invalid = [
+        ("transport", "http"),
+        ("route", "input"),
+        ("code", "invalid_json"),
+    ];
+    assert_eq!(value(&after, REQUESTS, &invalid), 1.0);
     let latency = "oonode_request_duration_seconds_count";
-    assert_eq!(value(&after, latency, &[("transport", "http")]), 2.0);
+    assert_eq!(value(&after, latency, &[("transport", "http")]), 3.0);
     assert_eq!(value(&after, "oonode_agent_run_seconds_count", &[]), 1.0);
     assert!(
         value(&after, "oonode_agent_run_seconds_bucket", &[("le", "+Inf")]) >= 1.0,

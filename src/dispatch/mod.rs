@@ -26,6 +26,7 @@ use crate::envelope::{unix_now, Envelope, Kind};
 use crate::identity::{Address, Identity};
 pub use crate::metrics::Transport;
 use crate::metrics::{NodeMetrics, Outcome};
+use crate::proto::ErrorCode;
 use crate::store::{SessionRecord, SessionStatus, Store, Upload, Uploads, FINAL_SEQ};
 use crate::trust::{Invite, Trust, TrustAgent, TrustEngine};
 
@@ -216,20 +217,36 @@ impl Dispatcher {
             Ok(accepted) => return Ok(accepted),
             Err(r) => r,
         };
-        let took = began.elapsed();
-        let code = Outcome::Error(refusal.code());
-        self.inner.metrics.request(transport, "input", code, took);
-        span.in_scope(|| {
-            info!(
-                %transport,
-                caller = %from.map_or_else(|| "anonymous".to_owned(), |a| a.short()),
-                session = "-",
-                %code,
-                duration_ms = took.as_millis() as u64,
-                "request"
-            )
-        });
+        span.in_scope(|| self.refused(transport, from, refusal.code(), began));
         Err(Rejected::of(refusal, from, id.as_deref()))
+    }
+
+    /// Counts and logs a request its transport refused before it could be submitted
+    /// (too large, not JSON, not an envelope), like the dispatcher's own refusals.
+    pub(crate) fn refused_early(&self, transport: Transport, code: ErrorCode, began: Instant) {
+        let _span = info_span!("request", id = %request_id(), %transport).entered();
+        self.refused(transport, None, code, began);
+    }
+
+    /// The metrics and the INFO line of a refused request.
+    fn refused(
+        &self,
+        transport: Transport,
+        from: Option<Address>,
+        code: ErrorCode,
+        began: Instant,
+    ) {
+        let took = began.elapsed();
+        let code = Outcome::Error(code);
+        self.inner.metrics.request(transport, "input", code, took);
+        info!(
+            %transport,
+            caller = %from.map_or_else(|| "anonymous".to_owned(), |a| a.short()),
+            session = "-",
+            %code,
+            duration_ms = took.as_millis() as u64,
+            "request"
+        );
     }
 
     /// The node's metrics in the Prometheus text format, with the gauges the dispatcher

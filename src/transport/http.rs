@@ -18,7 +18,7 @@ use tracing::{debug, info_span, Instrument};
 use super::error_response as error;
 use super::ws::WsState;
 use super::PeerIp;
-use crate::dispatch::{Dispatcher, Reader, Refusal, SignedRead};
+use crate::dispatch::{Dispatcher, Reader, Refusal, SignedRead, Transport};
 use crate::envelope::{decode_object, Envelope, EnvelopeError, Kind};
 use crate::proto::{self, ErrorCode};
 use crate::store::SessionRecord;
@@ -156,11 +156,20 @@ async fn post_input(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
+    let began = Instant::now();
+    // Refusals before the dispatcher sees the request are counted like its own.
+    let early = |code: ErrorCode, res: Response| {
+        st.dispatcher.refused_early(Transport::Http, code, began);
+        res
+    };
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<usize>().ok());
-    let too_large = |len: usize| refusal(&Refusal::too_large(len, st.max_body_bytes));
+    let too_large = |len: usize| {
+        let r = Refusal::too_large(len, st.max_body_bytes);
+        early(r.code(), refusal(&r))
+    };
     if let Some(len) = declared.filter(|&l| l > st.max_body_bytes) {
         return too_large(len);
     }
@@ -171,13 +180,19 @@ async fn post_input(
     let obj = match decode_object(&bytes, st.max_body_bytes) {
         Ok(o) => o,
         Err(EnvelopeError::InvalidJson(detail)) => {
-            return error(ErrorCode::InvalidJson, &format!("Invalid JSON: {detail}"))
+            return early(
+                ErrorCode::InvalidJson,
+                error(ErrorCode::InvalidJson, &format!("Invalid JSON: {detail}")),
+            )
         }
-        Err(e) => return refusal(&Refusal::Envelope(e)),
+        Err(e) => {
+            let r = Refusal::Envelope(e);
+            return early(r.code(), refusal(&r));
+        }
     };
     let mut submission = match super::submission_from_json(obj) {
         Ok(s) => s,
-        Err(r) => return refusal(&r),
+        Err(r) => return early(r.code(), refusal(&r)),
     };
     submission.peer = peer;
     let mut accepted = match st.dispatcher.submit(submission).await {

@@ -427,7 +427,14 @@ impl RelayedSessions {
                 submission.secret = self.readers.get(&session_id).and_then(|r| r.secret.clone());
                 self.dispatcher.submit(submission).await
             }
-            Err(r) => Err(r.into()),
+            Err(r) => {
+                self.dispatcher.refused_early(
+                    Transport::Relay,
+                    r.code(),
+                    std::time::Instant::now(),
+                );
+                Err(r.into())
+            }
         };
         match outcome {
             Ok(accepted) => {

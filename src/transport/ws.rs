@@ -262,7 +262,11 @@ impl Connection {
                 submission.secret = self.reader.secret.clone();
                 self.dispatcher().submit(submission).await
             }
-            Err(r) => Err(r.into()),
+            Err(r) => {
+                self.dispatcher()
+                    .refused_early(Transport::Ws, r.code(), std::time::Instant::now());
+                Err(r.into())
+            }
         };
         let outcome = outcome.map_err(|r| r.or_session(named.as_deref()));
         match outcome {

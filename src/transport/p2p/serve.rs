@@ -183,6 +183,7 @@ async fn serve_stream(
                 WireError::TooLarge(len) => Refusal::too_large(len, wire::MAX_FRAME_BYTES),
                 other => Refusal::BadRequest(other.to_string()),
             };
+            dispatcher.refused_early(Transport::P2p, refusal.code(), std::time::Instant::now());
             let err = dispatcher.error_envelope(&refusal.into());
             // Write the reason and close, so it arrives before the ban cuts the connection.
             let _ = tokio::time::timeout(Duration::from_secs(1), async {
