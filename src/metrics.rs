@@ -208,20 +208,19 @@ impl NodeMetrics {
         self.run_seconds.observe(took.as_secs_f64());
     }
 
-    /// The text format, with the gauges set to the state given.
+    /// The text format, with the gauges set to the state given (`relay_states`: each
+    /// link state and whether it is the current one).
     pub(crate) fn encode(
         &self,
         in_flight: usize,
-        relay_state: Option<&'static str>,
+        relay_states: Option<&[(&'static str, bool)]>,
         swarm_peers: Option<usize>,
     ) -> String {
         self.in_flight.set(in_flight as i64);
-        if let Some(current) = relay_state {
-            for state in ["connecting", "connected", "disconnected"] {
-                self.relay_link
-                    .get_or_create(&StateLabels { state })
-                    .set(i64::from(state == current));
-            }
+        for &(state, current) in relay_states.unwrap_or_default() {
+            self.relay_link
+                .get_or_create(&StateLabels { state })
+                .set(i64::from(current));
         }
         if let Some(n) = swarm_peers {
             self.swarm_peers.set(n as i64);

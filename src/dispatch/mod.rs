@@ -253,12 +253,12 @@ impl Dispatcher {
     /// does not own (relay link state, swarm peers) as the caller reads them.
     pub(crate) fn metrics_text(
         &self,
-        relay_state: Option<&'static str>,
+        relay_states: Option<&[(&'static str, bool)]>,
         swarm_peers: Option<usize>,
     ) -> String {
         self.inner
             .metrics
-            .encode(self.in_flight(), relay_state, swarm_peers)
+            .encode(self.in_flight(), relay_states, swarm_peers)
     }
 
     async fn admit(&self, sub: Submission, began: Instant) -> Result<Accepted, Refusal> {

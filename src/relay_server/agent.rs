@@ -229,6 +229,7 @@ async fn agent_loop(
                     Ok(_) => announce_ok(st),
                     Err(e) => {
                         debug!(code = %e.code, message = %e.error, "re-announce refused");
+                        st.metrics.refused(e.code);
                         e.encode()
                     }
                 };

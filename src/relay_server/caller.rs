@@ -77,10 +77,14 @@ pub(super) async fn serve_caller(
                 }
                 Ok(Frame::Closed) => break,
                 Ok(Frame::Broken(e)) => {
+                    st.metrics.refused(e.code);
                     let _ = tx.try_send(e.encode());
                     break;
                 }
-                Ok(Frame::Invalid(e)) => caller.send(error_frame(ErrorCode::InvalidJson, &e, None)),
+                Ok(Frame::Invalid(e)) => caller.refuse(
+                    ErrorCode::InvalidJson,
+                    error_frame(ErrorCode::InvalidJson, &e, None),
+                ),
                 Ok(Frame::Object(obj)) => {
                     activity.touch();
                     caller.on_frame(obj)

@@ -16,6 +16,7 @@ use tokio_util::sync::DropGuard;
 use tracing::{debug, info_span, Instrument};
 
 use super::error_response as error;
+use super::relay_link::LinkState;
 use super::ws::WsState;
 use super::PeerIp;
 use crate::dispatch::{Dispatcher, Reader, Refusal, SignedRead, Transport};
@@ -361,9 +362,14 @@ async fn health(State(st): State<Arc<HttpState>>) -> Response {
 /// Prometheus text format: request counters and histograms from the dispatcher, and the
 /// gauges read now (in flight, relay link state, swarm peers).
 async fn metrics(State(st): State<Arc<HttpState>>) -> Response {
-    let relay_state = st.relay.as_ref().map(|r| r.status().state.as_str());
+    let relay_states = st.relay.as_ref().map(|r| {
+        let current = r.status().state;
+        LinkState::ALL.map(|s| (s.as_str(), s == current))
+    });
     let swarm_peers = st.p2p.as_ref().map(|p| p.status().connected_peers);
-    let body = st.dispatcher.metrics_text(relay_state, swarm_peers);
+    let body = st
+        .dispatcher
+        .metrics_text(relay_states.as_ref().map(|s| &s[..]), swarm_peers);
     ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], body).into_response()
 }
 

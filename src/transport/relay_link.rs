@@ -58,6 +58,13 @@ pub enum LinkState {
 }
 
 impl LinkState {
+    /// Every state, for the `oonode_relay_link{state}` gauge.
+    pub(crate) const ALL: [LinkState; 3] = [
+        LinkState::Connecting,
+        LinkState::Connected,
+        LinkState::Disconnected,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             LinkState::Connecting => "connecting",
