@@ -72,7 +72,7 @@ async fn scrape(url: &str) -> Vec<Sample> {
 const REQUESTS: &str = "oonode_requests_total";
 
 #[tokio::test]
-async fn node_metrics_count_an_answered_and_a_refused_http_request() {
+async fn node_metrics_count_answered_and_refused_requests_per_transport() {
     let dir = tempfile::tempdir().unwrap();
     let node = TestNode::start(Host::new(Echo), dir.path()).await;
     let metrics = format!("{}/metrics", node.url);
@@ -119,6 +119,20 @@ async fn node_metrics_count_an_answered_and_a_refused_http_request() {
         "the run histogram has its +Inf bucket"
     );
     assert_eq!(value(&after, "oonode_in_flight", &[]), 0.0);
+
+    // The same dispatcher counts `/ws` under its own transport.
+    let mut ws = ws_connect(&node.ws_url()).await;
+    ws_send(&mut ws, &json!({"type": "INPUT", "prompt": "by socket"})).await;
+    loop {
+        let f = ws_recv(&mut ws).await.expect("the socket stays open");
+        if matches!(f["type"].as_str(), Some("OUTPUT" | "ERROR")) {
+            assert_eq!(f["type"], "OUTPUT", "{f}");
+            break;
+        }
+    }
+    let ws_ok = [("transport", "ws"), ("route", "input"), ("code", "ok")];
+    assert_eq!(value(&scrape(&metrics).await, REQUESTS, &ws_ok), 1.0);
+    drop(ws);
 
     // Public like /health: any web page may read it.
     let res = client()
