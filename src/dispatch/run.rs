@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use serde_json::{json, Value};
 use tokio::sync::{broadcast, mpsc};
-use tracing::{info, warn};
+use tracing::{info, warn, Instrument};
 
 use super::scope::SessionSecret;
 use super::turn::{session_value, TurnStart};
@@ -75,11 +75,15 @@ impl Run {
             caller: self.caller,
         };
         let factory = inner.factory.clone();
-        // Its own task, so that a panic in the agent is caught as a JoinError.
-        let agent_task = tokio::spawn(async move {
-            let mut agent = factory.make();
-            agent.run(turn, &sink).await
-        });
+        // Its own task, so that a panic in the agent is caught as a JoinError; in this
+        // run's span, so the agent's own logs carry the request's id.
+        let agent_task = tokio::spawn(
+            async move {
+                let mut agent = factory.make();
+                agent.run(turn, &sink).await
+            }
+            .instrument(tracing::Span::current()),
+        );
 
         let mut seq: u64 = 0;
         while let Some(chunk) = chunk_rx.recv().await {
