@@ -79,6 +79,7 @@
 //! | `identity.rs` | keys, [`Address`], PeerId conversion, key file, co_dir lookup |
 //! | `envelope.rs` | envelope shapes, canonical JSON (forms A and B), sign/verify, freshness, replay keys (no I/O) |
 //! | `proto/` | the wire (no I/O): typed frames per link (`frame.rs`), [`proto::ErrorCode`] (`error.rs`), ANNOUNCE (`announce.rs`), [`proto::RelayUrl`] and the relay's routes (`relay_url.rs`), signed HTTP reads (`signed_request.rs`) |
+//! | `metrics.rs` | what a node and a relay count for `/metrics` (prometheus-client, one registry per instance), the request's `Transport` and outcome labels |
 //! | `net.rs` | socket helpers shared by the node and the relay server: TCP_NODELAY, a listener capped per client IP, WebSocket read errors, SIGINT/SIGTERM |
 //! | `agent.rs` | the [`Agent`] trait (with its own summary and examples), [`AgentFactory`] (a fresh agent per request), built-ins `echo`, `translator`, `ticker` |
 //! | `store/` | sled (`mod.rs`: sessions, seen ids, kept replies, trust state; one store thread, group commit) and attached files (`uploads.rs`) |
@@ -99,6 +100,7 @@ mod config;
 mod dispatch;
 pub mod envelope;
 mod identity;
+mod metrics;
 mod net;
 mod node;
 pub mod proto;
@@ -114,7 +116,7 @@ pub use client::{connect, Answer, CallError, ConnectOptions, Remote, Via};
 pub use config::{ConfigError, HostConfig, Settings, HOST_YAML_TEMPLATE};
 pub use dispatch::{
     Accepted, Dispatcher, Origin, Reader, Refusal, Rejected, Scope, SessionSecret, SignedRead,
-    Submission,
+    Submission, Transport,
 };
 pub use ed25519_dalek::Signature;
 pub use envelope::{Envelope, Kind};

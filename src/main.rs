@@ -1,7 +1,6 @@
 //! The `oonode` command line: parses arguments, starts tracing, runs the subcommand
 //! (`cli/`) on a tokio runtime and exits with its status.
 
-use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -24,15 +23,7 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => return cli::parse_error(e),
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-                "info,libp2p_swarm=warn,libp2p_quic=warn,libp2p_tcp=warn".into()
-            }),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    cli::init_tracing(cli.command.log_format());
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {

@@ -67,6 +67,10 @@ pub(crate) struct HostArgs {
     /// "swarm","relay",…}) and the banner to stderr: for scripts and tests.
     #[arg(long)]
     ready_json: bool,
+    /// Log lines on stderr as `text` (for people) or `json` (one object a line, with
+    /// the request span's id, for log shippers).
+    #[arg(long, value_enum, default_value_t = super::LogFormat::Text)]
+    pub(super) log_format: super::LogFormat,
 }
 
 pub(crate) async fn host(args: HostArgs) -> anyhow::Result<()> {

@@ -64,6 +64,46 @@ pub(crate) enum Command {
     },
 }
 
+impl Command {
+    /// How this command logs: `host` and `relay` take `--log-format`, the rest log text.
+    pub(crate) fn log_format(&self) -> LogFormat {
+        match self {
+            Command::Host(args) => args.log_format,
+            Command::Relay(args) => args.log_format,
+            _ => LogFormat::Text,
+        }
+    }
+}
+
+/// The shape of log lines on stderr.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum LogFormat {
+    Text,
+    Json,
+}
+
+/// What is logged without `RUST_LOG`: our own INFO lines (one per request among them)
+/// and only warnings from dependencies (sled, libp2p, hyper are chatty below that).
+/// `RUST_LOG=oonode=debug` debugs oonode alone.
+const DEFAULT_LOG_FILTER: &str = "oonode=info,warn";
+
+/// Starts tracing on stderr, filtered by `RUST_LOG` (else [`DEFAULT_LOG_FILTER`]).
+pub(crate) fn init_tracing(format: LogFormat) {
+    use std::io::IsTerminal;
+    use tracing_subscriber::EnvFilter;
+
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_LOG_FILTER));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+        // Each line carries the current span and its parents (the request's id).
+        LogFormat::Json => builder.json().with_ansi(false).init(),
+    }
+}
+
 /// Exit status for a refusal to start: a bad flag or host.yaml value, a port in use.
 pub(crate) const EXIT_USAGE: u8 = 2;
 /// Exit status when the peer asked for cannot be reached (as `call` uses for an agent).

@@ -64,6 +64,10 @@ pub(crate) struct RelayArgs {
     /// "input","http"}) instead of the human-readable lines.
     #[arg(long)]
     ready_json: bool,
+    /// Log lines on stderr as `text` (for people) or `json` (one object a line, with
+    /// the request span's id, for log shippers).
+    #[arg(long, value_enum, default_value_t = super::LogFormat::Text)]
+    pub(super) log_format: super::LogFormat,
 }
 
 pub(crate) async fn relay(args: RelayArgs) -> anyhow::Result<()> {

@@ -14,16 +14,19 @@ mod turn;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use tokio::sync::{broadcast, mpsc, Semaphore};
 use tokio_util::task::TaskTracker;
-use tracing::{info_span, Instrument};
+use tracing::{info, info_span, Instrument};
 
 use crate::agent::AgentFactory;
 use crate::envelope::{unix_now, Envelope, Kind};
 use crate::identity::{Address, Identity};
+pub use crate::metrics::Transport;
+use crate::metrics::{NodeMetrics, Outcome};
+use crate::proto::ErrorCode;
 use crate::store::{SessionRecord, SessionStatus, Store, Upload, Uploads, FINAL_SEQ};
 use crate::trust::{Invite, Trust, TrustAgent, TrustEngine};
 
@@ -75,6 +78,8 @@ pub struct Submission {
     /// request is admitted.
     pub uploads: Vec<Upload>,
     pub origin: Origin,
+    /// Which transport it came by, for metrics and the request log.
+    pub transport: Transport,
     /// The caller's IP, where the transport knows it (for per-IP limits).
     pub peer: Option<std::net::IpAddr>,
     /// The session secret the transport holds for an unsigned caller (a socket's, from
@@ -83,13 +88,15 @@ pub struct Submission {
 }
 
 impl Submission {
-    /// An INPUT with no session state beside it and no files, straight from its caller.
+    /// An INPUT with no session state beside it and no files, straight from its caller
+    /// (counted as HTTP unless the transport says otherwise).
     pub fn new(envelope: Envelope) -> Self {
         Submission {
             envelope,
             session: None,
             uploads: Vec::new(),
             origin: Origin::Direct,
+            transport: Transport::default(),
             peer: None,
             secret: None,
         }
@@ -141,6 +148,8 @@ struct Inner {
     closed: AtomicBool,
     /// Running sessions' replies, for clients that follow a run from another socket.
     live: Mutex<HashMap<String, broadcast::Sender<Envelope>>>,
+    /// This node's counters: every transport's requests pass here, so each is counted once.
+    metrics: NodeMetrics,
 }
 
 impl Dispatcher {
@@ -169,6 +178,7 @@ impl Dispatcher {
                 runs: TaskTracker::new(),
                 closed: AtomicBool::new(false),
                 live: Mutex::new(HashMap::new()),
+                metrics: NodeMetrics::default(),
             }),
         }
     }
@@ -193,15 +203,65 @@ impl Dispatcher {
 
     /// Takes an INPUT: verify → trust → admit, then runs it in the background. A
     /// refusal comes with what is needed to answer it (see [`Dispatcher::error_envelope`]).
+    ///
+    /// Each request gets a span with a short random id, so its refusal, its run and the
+    /// agent's own logs carry it, and ends in one INFO line (here for a refusal, at the
+    /// end of the run otherwise).
     pub async fn submit(&self, sub: Submission) -> Result<Accepted, Rejected> {
+        let began = Instant::now();
         let from = sub.envelope.from;
         let id = sub.envelope.id().map(str::to_owned);
-        self.admit(sub)
-            .await
-            .map_err(|r| Rejected::of(r, from, id.as_deref()))
+        let transport = sub.transport;
+        let span = info_span!("request", id = %request_id(), %transport);
+        let refusal = match self.admit(sub, began).instrument(span.clone()).await {
+            Ok(accepted) => return Ok(accepted),
+            Err(r) => r,
+        };
+        span.in_scope(|| self.refused(transport, from, refusal.code(), began));
+        Err(Rejected::of(refusal, from, id.as_deref()))
     }
 
-    async fn admit(&self, sub: Submission) -> Result<Accepted, Refusal> {
+    /// Counts and logs a request its transport refused before it could be submitted
+    /// (too large, not JSON, not an envelope), like the dispatcher's own refusals.
+    pub(crate) fn refused_early(&self, transport: Transport, code: ErrorCode, began: Instant) {
+        let _span = info_span!("request", id = %request_id(), %transport).entered();
+        self.refused(transport, None, code, began);
+    }
+
+    /// The metrics and the INFO line of a refused request.
+    fn refused(
+        &self,
+        transport: Transport,
+        from: Option<Address>,
+        code: ErrorCode,
+        began: Instant,
+    ) {
+        let took = began.elapsed();
+        let code = Outcome::Error(code);
+        self.inner.metrics.request(transport, "input", code, took);
+        info!(
+            %transport,
+            caller = %from.map_or_else(|| "anonymous".to_owned(), |a| a.short()),
+            session = "-",
+            %code,
+            duration_ms = took.as_millis() as u64,
+            "request"
+        );
+    }
+
+    /// The node's metrics in the Prometheus text format, with the gauges the dispatcher
+    /// does not own (relay link state, swarm peers) as the caller reads them.
+    pub(crate) fn metrics_text(
+        &self,
+        relay_states: Option<&[(&'static str, bool)]>,
+        swarm_peers: Option<usize>,
+    ) -> String {
+        self.inner
+            .metrics
+            .encode(self.in_flight(), relay_states, swarm_peers)
+    }
+
+    async fn admit(&self, sub: Submission, began: Instant) -> Result<Accepted, Refusal> {
         let inner = &self.inner;
         if inner.closed.load(Ordering::Acquire) {
             return Err(Refusal::ShuttingDown);
@@ -286,6 +346,8 @@ impl Dispatcher {
             files,
             reply_tx: Some(reply_tx),
             live_tx,
+            transport: sub.transport,
+            began,
         };
         let span = info_span!("run", session = %session_id, caller = ?caller.verified().map(|a| a.short()));
         inner.runs.spawn(
@@ -398,6 +460,11 @@ pub(crate) fn reply_seq(env: &Envelope) -> u64 {
         Some(Kind::Stream) => env.payload.get("seq").and_then(Value::as_u64).unwrap_or(0),
         _ => FINAL_SEQ,
     }
+}
+
+/// A short random id naming one request in the logs (not secret, not unique forever).
+fn request_id() -> String {
+    format!("{:08x}", rand::random::<u32>())
 }
 
 fn decode_kept(bytes: &[u8]) -> Option<Envelope> {

@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use serde_json::{json, Value};
 use tokio::sync::{broadcast, mpsc};
-use tracing::warn;
+use tracing::{info, warn, Instrument};
 
 use super::scope::SessionSecret;
 use super::turn::{session_value, TurnStart};
@@ -13,6 +13,7 @@ use super::{Dispatcher, CHUNK_QUEUE, REPLY_SEND_TIMEOUT};
 use crate::agent::{Attachment, Message, StreamSink, Turn};
 use crate::envelope::{unix_now, Envelope, Kind};
 use crate::identity::Address;
+use crate::metrics::{Outcome, Transport};
 use crate::proto::ErrorCode;
 use crate::store::{SessionRecord, SessionStatus, FINAL_SEQ};
 
@@ -31,6 +32,9 @@ pub(super) struct Run {
     /// The submitting transport; dropped once it stops taking replies.
     pub(super) reply_tx: Option<mpsc::Sender<Envelope>>,
     pub(super) live_tx: broadcast::Sender<Envelope>,
+    pub(super) transport: Transport,
+    /// When the request reached the dispatcher.
+    pub(super) began: Instant,
 }
 
 impl Run {
@@ -71,11 +75,15 @@ impl Run {
             caller: self.caller,
         };
         let factory = inner.factory.clone();
-        // Its own task, so that a panic in the agent is caught as a JoinError.
-        let agent_task = tokio::spawn(async move {
-            let mut agent = factory.make();
-            agent.run(turn, &sink).await
-        });
+        // Its own task, so that a panic in the agent is caught as a JoinError; in this
+        // run's span, so the agent's own logs carry the request's id.
+        let agent_task = tokio::spawn(
+            async move {
+                let mut agent = factory.make();
+                agent.run(turn, &sink).await
+            }
+            .instrument(tracing::Span::current()),
+        );
 
         let mut seq: u64 = 0;
         while let Some(chunk) = chunk_rx.recv().await {
@@ -98,6 +106,11 @@ impl Run {
             )),
         };
         let duration_ms = began.elapsed().as_millis() as u64;
+        inner.metrics.agent_run(began.elapsed());
+        let code = match &outcome {
+            Ok(_) => Outcome::Ok,
+            Err((code, _)) => Outcome::Error(*code),
+        };
         let now = unix_now();
         let mut record = SessionRecord {
             status: SessionStatus::Done,
@@ -177,6 +190,22 @@ impl Run {
                 )
             }
         };
+        let code = match reply.kind() {
+            Some(Kind::Error) if code == Outcome::Ok => Outcome::Error(ErrorCode::Internal),
+            _ => code,
+        };
+        // Counted before the answer goes out, so a caller that reads `/metrics` right
+        // after its answer sees its request.
+        let took = self.began.elapsed();
+        inner.metrics.request(self.transport, "input", code, took);
+        info!(
+            transport = %self.transport,
+            caller = %self.caller.map_or_else(|| "anonymous".to_owned(), |a| a.short()),
+            session = %start.session_id,
+            %code,
+            duration_ms = took.as_millis() as u64,
+            "request"
+        );
         let _ = self.live_tx.send(reply.clone());
         if let Some(tx) = self.reply_tx.take() {
             let _ = tx.send_timeout(reply, REPLY_SEND_TIMEOUT).await;

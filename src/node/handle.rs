@@ -167,6 +167,7 @@ impl NodeHandle {
                     format!("  GET  {url}/sessions"),
                     format!("  GET  {url}/health"),
                     format!("  GET  {url}/info"),
+                    format!("  GET  {url}/metrics"),
                     format!("  WS   {ws}"),
                     String::new(),
                     "Interactive UI:".to_string(),

@@ -65,6 +65,7 @@ pub(super) async fn serve_agent(st: Arc<RelayState>, socket: WebSocket, _ip_slot
     let address = match refusal {
         Ok(a) => a,
         Err(e) => {
+            st.metrics.refused(e.code);
             let _ = tx.try_send(e.encode());
             return;
         }
@@ -228,6 +229,7 @@ async fn agent_loop(
                     Ok(_) => announce_ok(st),
                     Err(e) => {
                         debug!(code = %e.code, message = %e.error, "re-announce refused");
+                        st.metrics.refused(e.code);
                         e.encode()
                     }
                 };
@@ -256,6 +258,7 @@ async fn agent_loop(
             // The caller does not read its replies: cut it off.
             route.closed.cancel();
         } else {
+            st.metrics.frame_relayed();
             route.caller_activity.touch();
         }
     }

@@ -77,10 +77,14 @@ pub(super) async fn serve_caller(
                 }
                 Ok(Frame::Closed) => break,
                 Ok(Frame::Broken(e)) => {
+                    st.metrics.refused(e.code);
                     let _ = tx.try_send(e.encode());
                     break;
                 }
-                Ok(Frame::Invalid(e)) => caller.send(error_frame(ErrorCode::InvalidJson, &e, None)),
+                Ok(Frame::Invalid(e)) => caller.refuse(
+                    ErrorCode::InvalidJson,
+                    error_frame(ErrorCode::InvalidJson, &e, None),
+                ),
                 Ok(Frame::Object(obj)) => {
                     activity.touch();
                     caller.on_frame(obj)
@@ -122,17 +126,22 @@ impl Caller<'_> {
         }
     }
 
+    /// Answers a frame the relay will not route, and counts the refusal.
+    fn refuse(&self, code: ErrorCode, frame: String) {
+        self.st.metrics.refused(code);
+        self.send(frame);
+    }
+
     fn on_frame(&mut self, obj: Object) {
         if !self.rate.allow() {
             let msg = format!(
                 "over {} frames per second; frame dropped",
                 self.st.config.frames_per_sec
             );
-            return self.send(error_frame(
+            return self.refuse(
                 ErrorCode::RateLimited,
-                &msg,
-                session_of(&obj).as_deref(),
-            ));
+                error_frame(ErrorCode::RateLimited, &msg, session_of(&obj).as_deref()),
+            );
         }
         let decoded = CallerToRelay::decode(obj);
         if matches!(decoded, Ok(CallerToRelay::Route { .. })) {
@@ -147,27 +156,32 @@ impl Caller<'_> {
                 session_id,
                 frame,
             }) => (to, session_id, frame),
-            Err(e) => return self.send(error_frame(e.code(), &e.to_string(), None)),
+            Err(e) => return self.refuse(e.code(), error_frame(e.code(), &e.to_string(), None)),
         };
         let session_id = named
             .or_else(|| self.current.get(&to).cloned())
             .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
         let agent_tx = match self.route(&session_id, to) {
             Ok(tx) => tx,
-            Err(e) => return self.send(e.in_session(Some(&session_id)).encode()),
+            Err(e) => return self.refuse(e.code, e.in_session(Some(&session_id)).encode()),
         };
         self.current.insert(to, session_id.clone());
         obj.insert("session_id".into(), Value::String(session_id.clone()));
         let delivered = agent_tx.try_send(Value::Object(obj).to_string()).is_ok();
-        if !delivered {
-            self.send(error_frame(
+        if delivered {
+            self.st.metrics.frame_relayed();
+        } else {
+            self.refuse(
                 ErrorCode::AgentBusy,
-                &format!(
-                    "agent {} is not taking frames right now; try again",
-                    to.short()
+                error_frame(
+                    ErrorCode::AgentBusy,
+                    &format!(
+                        "agent {} is not taking frames right now; try again",
+                        to.short()
+                    ),
+                    Some(&session_id),
                 ),
-                Some(&session_id),
-            ));
+            );
         }
     }
 

@@ -31,6 +31,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use crate::identity::Address;
+use crate::metrics::RelayMetrics;
 use crate::proto::{ErrorCode, RelayUrl, ANNOUNCE_PATH, DIRECTORY_ROUTE, HEALTH_PATH, INPUT_PATH};
 
 /// The relay's limits. Every one has a default; see the README's relay section.
@@ -184,12 +185,14 @@ impl Relay {
             next_conn: AtomicU64::new(1),
             started: Instant::now(),
             shutdown: shutdown.clone(),
+            metrics: RelayMetrics::default(),
         });
         let router = Router::new()
             .route(ANNOUNCE_PATH, get(announce_socket))
             .route(INPUT_PATH, get(input_socket))
             .route(DIRECTORY_ROUTE, get(directory))
             .route(HEALTH_PATH, get(health))
+            .route("/metrics", get(metrics))
             .fallback(|| async { (StatusCode::NOT_FOUND, Json(json!({"error": "not found"}))) })
             .with_state(state.clone());
         let stop = shutdown.clone();
@@ -315,6 +318,8 @@ pub(crate) struct RelayState {
     next_conn: AtomicU64,
     started: Instant,
     shutdown: CancellationToken,
+    /// This relay's own counters (never a global registry: tests run many relays).
+    metrics: RelayMetrics,
 }
 
 /// An agent the relay knows, online or recently seen.
@@ -424,7 +429,8 @@ fn client_ip(peer: SocketAddr, headers: &HeaderMap, trust_forwarded_for: bool) -
 }
 
 /// An HTTP refusal before the upgrade, in the relay's error shape.
-fn refuse(code: ErrorCode, message: String) -> Response {
+fn refuse(st: &RelayState, code: ErrorCode, message: String) -> Response {
+    st.metrics.refused(code);
     let status = StatusCode::from_u16(code.http_status()).unwrap_or(StatusCode::BAD_REQUEST);
     (
         status,
@@ -457,6 +463,7 @@ async fn announce_socket(
     let max_per_ip = st.config.max_agents_per_ip;
     let Some(ip_slot) = st.per_ip.try_take(IpKey::Agents(ip), max_per_ip) else {
         return refuse(
+            &st,
             ErrorCode::TooManyConnections,
             format!("at most {max_per_ip} agent connections from one IP address"),
         );
@@ -474,12 +481,17 @@ async fn input_socket(
     ws: WebSocketUpgrade,
 ) -> Response {
     let Ok(permit) = st.callers.clone().try_acquire_owned() else {
-        return refuse(ErrorCode::RelayFull, "relay is at its caller limit".into());
+        return refuse(
+            &st,
+            ErrorCode::RelayFull,
+            "relay is at its caller limit".into(),
+        );
     };
     let ip = client_ip(peer, &headers, st.config.trust_forwarded_for);
     let max_per_ip = st.config.max_callers_per_ip;
     let Some(ip_slot) = st.per_ip.try_take(IpKey::Callers(ip), max_per_ip) else {
         return refuse(
+            &st,
             ErrorCode::TooManyConnections,
             format!("at most {max_per_ip} caller connections from one IP address"),
         );
@@ -514,6 +526,22 @@ async fn directory(State(st): State<Arc<RelayState>>, Path(address): Path<String
         "last_seen": iso_time(entry.last_seen),
     }))
     .into_response()
+}
+
+/// Prometheus text format: agents online, callers, sessions (read now), frames relayed
+/// and refusals by code.
+async fn metrics(State(st): State<Arc<RelayState>>) -> Response {
+    let online = st.agents().values().filter(|a| a.link.is_some()).count();
+    let sessions = st.sessions().len();
+    let callers = st.config.max_callers - st.callers.available_permits();
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            crate::metrics::CONTENT_TYPE,
+        )],
+        st.metrics.encode(online, callers, sessions),
+    )
+        .into_response()
 }
 
 async fn health(State(st): State<Arc<RelayState>>) -> Response {

@@ -20,9 +20,10 @@ use super::openapi::{
     AdminRequest, AdminResult, ErrorBody, Health, Info, InputRequest, OutputEnvelope, ReadHeaders,
     Session, SessionList,
 };
+use super::relay_link::LinkState;
 use super::ws::WsState;
 use super::PeerIp;
-use crate::dispatch::{Dispatcher, Reader, Refusal, SignedRead};
+use crate::dispatch::{Dispatcher, Reader, Refusal, SignedRead, Transport};
 use crate::envelope::{decode_object, Envelope, EnvelopeError, Kind};
 use crate::proto::{self, ErrorCode};
 use crate::store::SessionRecord;
@@ -68,6 +69,7 @@ pub(crate) fn router(state: Arc<HttpState>) -> Router {
         .route("/sessions", get(list_sessions))
         .route("/sessions/{id}", get(get_session))
         .route("/health", get(health))
+        .route("/metrics", get(metrics))
         .route("/info", get(info))
         .route("/ws", get(super::ws::upgrade))
         // A browser pointed at the node lands on the page for trying the agent.
@@ -97,11 +99,14 @@ fn refusal(r: &Refusal) -> Response {
 
 /// Browsers: the node's own pages, and the origins of `cors_origins`, may call the API;
 /// a page from anywhere else is refused before it can run the agent or read a session
-/// (a `/ws` upgrade included, which browsers never check themselves). `/health`, `/info`
-/// and `/openapi.json` are public. Requests without `Origin` (not from a browser) pass.
+/// (a `/ws` upgrade included, which browsers never check themselves). `/health`, `/info`,
+/// `/metrics` and `/openapi.json` are public. Requests without `Origin` (not from a browser) pass.
 async fn cors(State(st): State<Arc<HttpState>>, req: Request, next: Next) -> Response {
     let origin = req.headers().get(header::ORIGIN).cloned();
-    let public = matches!(req.uri().path(), "/health" | "/info" | "/openapi.json");
+    let public = matches!(
+        req.uri().path(),
+        "/health" | "/info" | "/metrics" | "/openapi.json"
+    );
     if let Some(o) = &origin {
         let same_origin = {
             let host = req
@@ -196,11 +201,20 @@ async fn post_input(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
+    let began = Instant::now();
+    // Refusals before the dispatcher sees the request are counted like its own.
+    let early = |code: ErrorCode, res: Response| {
+        st.dispatcher.refused_early(Transport::Http, code, began);
+        res
+    };
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<usize>().ok());
-    let too_large = |len: usize| refusal(&Refusal::too_large(len, st.max_body_bytes));
+    let too_large = |len: usize| {
+        let r = Refusal::too_large(len, st.max_body_bytes);
+        early(r.code(), refusal(&r))
+    };
     if let Some(len) = declared.filter(|&l| l > st.max_body_bytes) {
         return too_large(len);
     }
@@ -211,13 +225,19 @@ async fn post_input(
     let obj = match decode_object(&bytes, st.max_body_bytes) {
         Ok(o) => o,
         Err(EnvelopeError::InvalidJson(detail)) => {
-            return error(ErrorCode::InvalidJson, &format!("Invalid JSON: {detail}"))
+            return early(
+                ErrorCode::InvalidJson,
+                error(ErrorCode::InvalidJson, &format!("Invalid JSON: {detail}")),
+            )
         }
-        Err(e) => return refusal(&Refusal::Envelope(e)),
+        Err(e) => {
+            let r = Refusal::Envelope(e);
+            return early(r.code(), refusal(&r));
+        }
     };
     let mut submission = match super::submission_from_json(obj) {
         Ok(s) => s,
-        Err(r) => return refusal(&r),
+        Err(r) => return early(r.code(), refusal(&r)),
     };
     submission.peer = peer;
     let mut accepted = match st.dispatcher.submit(submission).await {
@@ -451,6 +471,26 @@ async fn health(State(st): State<Arc<HttpState>>) -> Response {
         "relay": st.relay.as_ref().map(|r| r.status()),
     }))
     .into_response()
+}
+
+/// Prometheus text format: request counters and histograms from the dispatcher, and the
+/// gauges read now (in flight, relay link state, swarm peers).
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "node",
+    responses((status = 200, description = "Prometheus text format", body = String, content_type = "text/plain"))
+)]
+async fn metrics(State(st): State<Arc<HttpState>>) -> Response {
+    let relay_states = st.relay.as_ref().map(|r| {
+        let current = r.status().state;
+        LinkState::ALL.map(|s| (s.as_str(), s == current))
+    });
+    let swarm_peers = st.p2p.as_ref().map(|p| p.status().connected_peers);
+    let body = st
+        .dispatcher
+        .metrics_text(relay_states.as_ref().map(|s| &s[..]), swarm_peers);
+    ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], body).into_response()
 }
 
 /// This document.

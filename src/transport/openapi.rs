@@ -287,6 +287,7 @@ pub(crate) struct AdminResult {
         super::http::health,
         super::http::info,
         super::http::openapi_json,
+        super::http::metrics,
         super::http::docs,
         super::http::root,
         super::http::admin_trust,

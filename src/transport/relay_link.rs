@@ -20,7 +20,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::dispatch::{Dispatcher, Origin, Reader, Refusal, Rejected};
+use crate::dispatch::{Dispatcher, Origin, Reader, Refusal, Rejected, Transport};
 use crate::envelope::{unix_now, Envelope};
 use crate::identity::Address;
 use crate::proto::{signed_announce, ClientFrame, NodeFrame, Object, RelayToAgent, RelayUrl};
@@ -58,6 +58,13 @@ pub enum LinkState {
 }
 
 impl LinkState {
+    /// Every state, for the `oonode_relay_link{state}` gauge.
+    pub(crate) const ALL: [LinkState; 3] = [
+        LinkState::Connecting,
+        LinkState::Connected,
+        LinkState::Disconnected,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             LinkState::Connecting => "connecting",
@@ -423,10 +430,18 @@ impl RelayedSessions {
         let outcome = match super::submission_from_frame(obj, Some(session_id.clone())) {
             Ok(mut submission) => {
                 submission.origin = self.origin.clone();
+                submission.transport = Transport::Relay;
                 submission.secret = self.readers.get(&session_id).and_then(|r| r.secret.clone());
                 self.dispatcher.submit(submission).await
             }
-            Err(r) => Err(r.into()),
+            Err(r) => {
+                self.dispatcher.refused_early(
+                    Transport::Relay,
+                    r.code(),
+                    std::time::Instant::now(),
+                );
+                Err(r.into())
+            }
         };
         match outcome {
             Ok(accepted) => {

@@ -18,7 +18,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info_span, Instrument};
 
-use crate::dispatch::{Dispatcher, Origin, Reader, Refusal, Rejected};
+use crate::dispatch::{Dispatcher, Origin, Reader, Refusal, Rejected, Transport};
 use crate::envelope::{decode_object, Envelope};
 use crate::net::{IpCounts, SocketFailure};
 use crate::proto::{session_of, ClientFrame, ErrorCode, NodeFrame, Object};
@@ -274,10 +274,15 @@ impl Connection {
         let outcome = match super::submission_from_frame(obj, self.session_id.clone()) {
             Ok(mut submission) => {
                 submission.peer = self.peer;
+                submission.transport = Transport::Ws;
                 submission.secret = self.reader.secret.clone();
                 self.dispatcher().submit(submission).await
             }
-            Err(r) => Err(r.into()),
+            Err(r) => {
+                self.dispatcher()
+                    .refused_early(Transport::Ws, r.code(), std::time::Instant::now());
+                Err(r.into())
+            }
         };
         let outcome = outcome.map_err(|r| r.or_session(named.as_deref()));
         match outcome {

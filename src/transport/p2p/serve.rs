@@ -14,7 +14,7 @@ use tracing::{debug, info_span, warn, Instrument};
 
 use super::wire::{self, WireError};
 use super::{P2p, P2pConfig, PROTOCOL};
-use crate::dispatch::{Dispatcher, Refusal, Submission};
+use crate::dispatch::{Dispatcher, Refusal, Submission, Transport};
 use crate::proto::session_of;
 
 /// How long a stream may take to send its INPUT.
@@ -183,6 +183,7 @@ async fn serve_stream(
                 WireError::TooLarge(len) => Refusal::too_large(len, wire::MAX_FRAME_BYTES),
                 other => Refusal::BadRequest(other.to_string()),
             };
+            dispatcher.refused_early(Transport::P2p, refusal.code(), std::time::Instant::now());
             let err = dispatcher.error_envelope(&refusal.into());
             // Write the reason and close, so it arrives before the ban cuts the connection.
             let _ = tokio::time::timeout(Duration::from_secs(1), async {
@@ -195,7 +196,8 @@ async fn serve_stream(
         }
     };
     let session_id = session_of(&input.payload);
-    let submission = Submission::new(input);
+    let mut submission = Submission::new(input);
+    submission.transport = Transport::P2p;
     let mut accepted = match dispatcher.submit(submission).await {
         Ok(a) => a,
         Err(rejected) => {

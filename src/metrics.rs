@@ -1,0 +1,302 @@
+//! What a node and a relay count, for `/metrics` in the Prometheus text format.
+//!
+//! Each node and each relay owns its own [`Registry`]: tests run many of them in one
+//! process, and a global registry would add their counts together. Counters move where
+//! the work happens (the dispatcher for requests, the relay's connection tasks for
+//! frames); gauges that mirror state kept elsewhere (in-flight runs, the relay link,
+//! swarm peers) are set when `/metrics` is read, so they never drift from `/health`.
+
+use std::time::Duration;
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+use crate::proto::ErrorCode;
+
+/// The content type of the Prometheus text format, version 0.0.4.
+pub(crate) const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// How a request reached the dispatcher.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Transport {
+    /// `POST /input`.
+    #[default]
+    Http,
+    /// An INPUT frame on `/ws`.
+    Ws,
+    /// An INPUT frame through the relay link.
+    Relay,
+    /// A request stream on the libp2p swarm.
+    P2p,
+}
+
+impl Transport {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transport::Http => "http",
+            Transport::Ws => "ws",
+            Transport::Relay => "relay",
+            Transport::P2p => "p2p",
+        }
+    }
+}
+
+impl std::fmt::Display for Transport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How a request ended: `ok`, or the [`ErrorCode`] it was refused or failed with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum Outcome {
+    Ok,
+    Error(ErrorCode),
+}
+
+impl Outcome {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Ok => "ok",
+            Outcome::Error(code) => code.as_str(),
+        }
+    }
+}
+
+impl std::fmt::Display for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+// Label values are the wire strings, so dashboards match what callers and logs show.
+impl EncodeLabelValue for Transport {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        self.as_str().encode(encoder)
+    }
+}
+
+impl EncodeLabelValue for Outcome {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        self.as_str().encode(encoder)
+    }
+}
+
+impl EncodeLabelValue for ErrorCode {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        self.as_str().encode(encoder)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct RequestLabels {
+    transport: Transport,
+    route: &'static str,
+    code: Outcome,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct TransportLabels {
+    transport: Transport,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct StateLabels {
+    state: &'static str,
+}
+
+/// Request latency buckets: 1 ms to ~33 s.
+fn latency_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.001, 2.0, 16))
+}
+
+/// Agent run buckets: 10 ms to ~5.5 min.
+fn run_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.01, 2.0, 16))
+}
+
+/// A node's metrics (see the README for names and labels).
+pub(crate) struct NodeMetrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    latency: Family<TransportLabels, Histogram>,
+    run_seconds: Histogram,
+    in_flight: Gauge,
+    relay_link: Family<StateLabels, Gauge>,
+    swarm_peers: Gauge,
+}
+
+impl Default for NodeMetrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("oonode");
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "requests",
+            "Requests handed to the dispatcher, by transport, route and outcome code",
+            requests.clone(),
+        );
+        let latency =
+            Family::<TransportLabels, Histogram>::new_with_constructor(latency_histogram as _);
+        registry.register(
+            "request_duration_seconds",
+            "From a request reaching the dispatcher to its answer or refusal",
+            latency.clone(),
+        );
+        let run_seconds = run_histogram();
+        registry.register(
+            "agent_run_seconds",
+            "How long the agent ran, per accepted request",
+            run_seconds.clone(),
+        );
+        let in_flight = Gauge::default();
+        registry.register(
+            "in_flight",
+            "Agent runs in flight or queued for a worker",
+            in_flight.clone(),
+        );
+        let relay_link = Family::<StateLabels, Gauge>::default();
+        registry.register(
+            "relay_link",
+            "1 for the relay link's current state (connecting, connected, disconnected)",
+            relay_link.clone(),
+        );
+        let swarm_peers = Gauge::default();
+        registry.register(
+            "swarm_connected_peers",
+            "Peers the libp2p swarm is connected to",
+            swarm_peers.clone(),
+        );
+        NodeMetrics {
+            registry,
+            requests,
+            latency,
+            run_seconds,
+            in_flight,
+            relay_link,
+            swarm_peers,
+        }
+    }
+}
+
+impl NodeMetrics {
+    /// One request answered or refused (`route` is the dispatcher's: `input`).
+    pub(crate) fn request(
+        &self,
+        transport: Transport,
+        route: &'static str,
+        code: Outcome,
+        took: Duration,
+    ) {
+        self.requests
+            .get_or_create(&RequestLabels {
+                transport,
+                route,
+                code,
+            })
+            .inc();
+        self.latency
+            .get_or_create(&TransportLabels { transport })
+            .observe(took.as_secs_f64());
+    }
+
+    pub(crate) fn agent_run(&self, took: Duration) {
+        self.run_seconds.observe(took.as_secs_f64());
+    }
+
+    /// The text format, with the gauges set to the state given (`relay_states`: each
+    /// link state and whether it is the current one).
+    pub(crate) fn encode(
+        &self,
+        in_flight: usize,
+        relay_states: Option<&[(&'static str, bool)]>,
+        swarm_peers: Option<usize>,
+    ) -> String {
+        self.in_flight.set(in_flight as i64);
+        for &(state, current) in relay_states.unwrap_or_default() {
+            self.relay_link
+                .get_or_create(&StateLabels { state })
+                .set(i64::from(current));
+        }
+        if let Some(n) = swarm_peers {
+            self.swarm_peers.set(n as i64);
+        }
+        encode(&self.registry)
+    }
+}
+
+fn encode(registry: &Registry) -> String {
+    let mut out = String::new();
+    // Writing into a String cannot fail.
+    let _ = prometheus_client::encoding::text::encode(&mut out, registry);
+    out
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct CodeLabels {
+    code: ErrorCode,
+}
+
+/// A relay server's metrics.
+pub(crate) struct RelayMetrics {
+    registry: Registry,
+    agents: Gauge,
+    callers: Gauge,
+    sessions: Gauge,
+    frames: Counter,
+    refusals: Family<CodeLabels, Counter>,
+}
+
+impl Default for RelayMetrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("oonode_relay");
+        let agents = Gauge::default();
+        registry.register("agents_online", "Agents connected", agents.clone());
+        let callers = Gauge::default();
+        registry.register("callers", "Caller connections open", callers.clone());
+        let sessions = Gauge::default();
+        registry.register("sessions", "Sessions being routed", sessions.clone());
+        let frames = Counter::default();
+        registry.register(
+            "frames_relayed",
+            "Frames passed from a caller to an agent or back",
+            frames.clone(),
+        );
+        let refusals = Family::<CodeLabels, Counter>::default();
+        registry.register(
+            "refusals",
+            "Connections and frames refused, by error code",
+            refusals.clone(),
+        );
+        RelayMetrics {
+            registry,
+            agents,
+            callers,
+            sessions,
+            frames,
+            refusals,
+        }
+    }
+}
+
+impl RelayMetrics {
+    pub(crate) fn frame_relayed(&self) {
+        self.frames.inc();
+    }
+
+    pub(crate) fn refused(&self, code: ErrorCode) {
+        self.refusals.get_or_create(&CodeLabels { code }).inc();
+    }
+
+    /// The text format, with the gauges set to the state given.
+    pub(crate) fn encode(&self, agents: usize, callers: usize, sessions: usize) -> String {
+        self.agents.set(agents as i64);
+        self.callers.set(callers as i64);
+        self.sessions.set(sessions as i64);
+        encode(&self.registry)
+    }
+}
