@@ -11,7 +11,6 @@ use anyhow::{anyhow, bail, Context};
 use oonode::agent::BUILTIN_AGENTS;
 use oonode::proto::RelayUrl;
 use oonode::{Ready, RelayReady};
-use serde::de::DeserializeOwned;
 
 use super::logs::tail_of;
 use super::procs::{start_ticks, stop_procs};
@@ -222,7 +221,7 @@ impl Starter {
             log: relay.log.clone(),
         });
         save(state)?;
-        let ready: RelayReady = self.wait_ready_line(&relay).await?;
+        let ready = self.wait_ready_line(&relay, RelayReady::parse).await?;
         let entry = state.relay.as_mut().expect("set above");
         entry.url = ready.url;
         entry.http = ready.http;
@@ -285,7 +284,7 @@ impl Starter {
             // still knows the PID to stop.
             state.nodes.push(entry.clone());
             save(state)?;
-            let ready: Ready = self.wait_ready_line(&node).await?;
+            let ready = self.wait_ready_line(&node, Ready::parse).await?;
             let missing = |what: &str| {
                 anyhow!(
                     "{} reported no {what} (see {})",
@@ -372,13 +371,22 @@ impl Starter {
     }
 
     /// Waits for the process's ready line (a whole line of JSON with `"event":"ready"`).
-    async fn wait_ready_line<T: DeserializeOwned>(&mut self, proc: &Started) -> anyhow::Result<T> {
+    /// The process's ready line, read with the library's own parser of it.
+    async fn wait_ready_line<T>(
+        &mut self,
+        proc: &Started,
+        parse: fn(&str) -> Option<T>,
+    ) -> anyhow::Result<T> {
         let deadline = Instant::now() + self.timeout;
         loop {
             let text = fs::read_to_string(&proc.ready).unwrap_or_default();
             if let Some(line) = text.lines().next().filter(|_| text.contains('\n')) {
-                return parse_ready(line).with_context(|| {
-                    format!("{}'s ready line ({})", proc.name, proc.ready.display())
+                return parse(line).ok_or_else(|| {
+                    anyhow!(
+                        "{}'s first line is not its ready line ({}): {line}",
+                        proc.name,
+                        proc.ready.display()
+                    )
                 });
             }
             self.still_starting(proc, deadline, "it printed no ready line")?;
@@ -418,15 +426,6 @@ impl Starter {
     }
 }
 
-/// Parses a `--ready-json` line: `{"event":"ready",…}`.
-fn parse_ready<T: DeserializeOwned>(line: &str) -> anyhow::Result<T> {
-    let value: serde_json::Value = serde_json::from_str(line).context("not JSON")?;
-    if value["event"] != "ready" {
-        bail!("not a ready event: {line}");
-    }
-    serde_json::from_value(value).context("a ready line without the fields we need")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -434,7 +433,7 @@ mod tests {
     #[test]
     fn parses_a_nodes_ready_line() {
         let line = r#"{"event":"ready","name":"echo","address":"0x3b6a27bcceb6a42d62a3a8d02a6f0d73653215771de243a63ac048a18b59da29","peer_id":"12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN","http":"http://127.0.0.1:41234","swarm":["/ip4/127.0.0.1/tcp/40001/p2p/12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN","/ip4/127.0.0.1/udp/40002/quic-v1/p2p/12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN"],"relay":{"url":"ws://127.0.0.1:9","state":"connected","since":1},"version":"0.1.0"}"#;
-        let ready: Ready = parse_ready(line).expect("a ready line");
+        let ready = Ready::parse(line).expect("a ready line");
         assert_eq!(
             ready.address,
             "0x3b6a27bcceb6a42d62a3a8d02a6f0d73653215771de243a63ac048a18b59da29"
@@ -447,10 +446,10 @@ mod tests {
     #[test]
     fn parses_a_relays_ready_line_and_refuses_other_lines() {
         let line = r#"{"event":"ready","url":"ws://127.0.0.1:9","announce":"ws://127.0.0.1:9/ws/announce","input":"ws://127.0.0.1:9/ws/input","http":"http://127.0.0.1:9"}"#;
-        let ready: RelayReady = parse_ready(line).expect("a ready line");
+        let ready = RelayReady::parse(line).expect("a ready line");
         assert_eq!(ready.url, "ws://127.0.0.1:9");
         assert_eq!(ready.http, "http://127.0.0.1:9");
-        assert!(parse_ready::<RelayReady>(r#"{"event":"stopping"}"#).is_err());
-        assert!(parse_ready::<RelayReady>("relay listening on ws://127.0.0.1:9").is_err());
+        assert!(RelayReady::parse(r#"{"event":"stopping"}"#).is_none());
+        assert!(RelayReady::parse("relay listening on ws://127.0.0.1:9").is_none());
     }
 }
