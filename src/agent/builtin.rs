@@ -1,116 +1,8 @@
-//! The agent API: what a hosted agent implements, how each request gets a fresh instance,
-//! and the built-in example agents (`echo`, `translator`, `ticker`).
-
-use std::sync::Arc;
+//! The built-in example agents: `echo`, `translator` and `ticker`.
 
 use async_trait::async_trait;
-use serde::{Deserialize, Serialize};
-use tokio::sync::mpsc;
 
-use crate::identity::Address;
-
-/// What an agent run returns on failure; any error type converts into it with `?`.
-pub type AgentError = Box<dyn std::error::Error + Send + Sync>;
-
-/// One message of a session's history.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Message {
-    pub role: String,
-    pub content: String,
-}
-
-/// A file attached to a request, already saved under the node's co_dir.
-#[derive(Debug, Clone)]
-pub struct Attachment {
-    pub name: String,
-    pub size: u64,
-    pub path: std::path::PathBuf,
-}
-
-/// Everything an agent gets for one turn.
-#[derive(Debug, Clone)]
-#[non_exhaustive]
-pub struct Turn {
-    pub prompt: String,
-    pub session_id: String,
-    /// Earlier turns of this session, oldest first (not including `prompt`).
-    pub history: Vec<Message>,
-    pub files: Vec<Attachment>,
-    /// The verified caller, if the request was signed.
-    pub caller: Option<Address>,
-}
-
-/// Where an agent writes STREAM chunks; each becomes a signed, numbered STREAM envelope.
-/// Bounded: a slow reader slows the agent down instead of growing a buffer.
-#[derive(Clone)]
-pub struct StreamSink {
-    tx: mpsc::Sender<String>,
-}
-
-impl StreamSink {
-    pub(crate) fn new(tx: mpsc::Sender<String>) -> Self {
-        StreamSink { tx }
-    }
-
-    /// Sends one chunk. Never fails: once nobody listens, chunks are dropped.
-    pub async fn send(&self, chunk: impl Into<String>) {
-        let _ = self.tx.send(chunk.into()).await;
-    }
-}
-
-/// A hosted agent. Each request runs on a fresh instance (see [`AgentFactory`]), so
-/// `&mut self` state never leaks between requests.
-#[async_trait]
-pub trait Agent: Send + 'static {
-    /// Shown in the banner, `/health` and `/info`.
-    fn name(&self) -> String;
-
-    /// Tool names listed by `/info`.
-    fn tools(&self) -> Vec<String> {
-        Vec::new()
-    }
-
-    /// One line on what the agent does, for `/info`, the `/docs` page, the relay's
-    /// directory and the swarm's presence records (`oonode peers`). A `summary` in
-    /// host.yaml or [`Host::summary`](crate::Host::summary) takes its place.
-    fn summary(&self) -> Option<String> {
-        None
-    }
-
-    /// A few prompts that show what the agent can do: `/info` lists them and the `/docs`
-    /// page offers them as one-click suggestions. `examples` in host.yaml or
-    /// [`Host::examples`](crate::Host::examples) take their place (unless empty).
-    fn examples(&self) -> Vec<String> {
-        Vec::new()
-    }
-
-    /// Answers one turn; chunks sent to `stream` reach streaming callers as they come.
-    async fn run(&mut self, turn: Turn, stream: &StreamSink) -> Result<String, AgentError>;
-}
-
-/// Makes a fresh agent for every request: the seed's "deep copy per request".
-#[derive(Clone)]
-pub struct AgentFactory(Arc<dyn Fn() -> Box<dyn Agent> + Send + Sync>);
-
-impl AgentFactory {
-    /// A factory from a closure that builds a new agent each call.
-    pub fn new<A, F>(make: F) -> Self
-    where
-        A: Agent,
-        F: Fn() -> A + Send + Sync + 'static,
-    {
-        AgentFactory(Arc::new(move || Box::new(make()) as Box<dyn Agent>))
-    }
-
-    /// A factory that clones a template agent for every request.
-    pub fn from_clone<A: Agent + Clone + Sync>(template: A) -> Self {
-        AgentFactory::new(move || template.clone())
-    }
-
-    pub fn make(&self) -> Box<dyn Agent> {
-        (self.0)()
-    }
-}
+use super::{Agent, AgentError, AgentFactory, Message, StreamSink, Turn};
 
 /// Names of the built-in agents, for the CLI.
 pub const BUILTIN_AGENTS: &[&str] = &["echo", "translator", "ticker"];
@@ -453,6 +345,7 @@ impl Agent for Translator {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::sync::mpsc;
 
     fn user(text: &str) -> Message {
         Message {
