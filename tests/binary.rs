@@ -212,7 +212,7 @@ fn sessions_survive_kill_9_running_ones_read_interrupted_and_expire_after_ttl() 
         let _ = std::panic::catch_unwind(|| {
             post(
                 &long_url,
-                json!({"prompt": words, "session": {"session_id": "long-run", "session_secret": SECRET}}),
+                json!({"prompt": words, "session": {"session_id": "long-run", "messages": [], "session_secret": SECRET}}),
             )
         });
     });

@@ -168,14 +168,14 @@ async fn a_signed_caller_sees_only_its_own_sessions() {
     }
     assert_eq!(req.send().await.unwrap().status().as_u16(), 401);
 
-    // Nor can bob continue alice's session: naming its id, he gets a session of his own.
+    // Nor can bob continue alice's session: naming its id, he gets what naming a session
+    // that does not exist gets.
     let mut hijack = signed_input(&bob, node.address, "hi");
     hijack["session"] = json!({"session_id": a_id});
     let (status, body) = node.post(&hijack).await;
-    assert_eq!(status, 200, "{body}");
     assert_eq!(
-        body["session"]["messages"].as_array().unwrap().len(),
-        2,
+        (status, body["code"].as_str()),
+        (404, Some("not_found")),
         "{body}"
     );
     let (_, mine) = signed_get(&node.url, node.address, &alice, &path).await;
@@ -295,7 +295,7 @@ async fn shutdown_lets_accepted_runs_finish_and_stores_them() {
     let url = format!("{}/input", node.url);
     let run = tokio::spawn(post_json_owned(
         url,
-        json!({"prompt": "600", "session": {"session_id": "graceful", "session_secret": SECRET}}),
+        json!({"prompt": "600", "session": {"session_id": "graceful", "messages": [], "session_secret": SECRET}}),
     ));
     tokio::time::sleep(Duration::from_millis(200)).await;
     node.stop().await;
@@ -336,5 +336,64 @@ async fn the_agent_describes_itself_and_the_root_leads_to_docs() {
     let page = client().get(format!("{}/", node.url)).send().await.unwrap();
     assert_eq!(page.status().as_u16(), 200);
     assert!(page.text().await.unwrap().contains("<title>"));
+    node.stop().await;
+}
+
+/// An HTTP request that names a session the node does not have gets a clear 404, not a
+/// silent new conversation; one that carries the session's messages starts from them; a
+/// socket's CONNECT says `new` for such an id.
+#[tokio::test]
+async fn an_unknown_session_id_gets_a_clear_answer() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = TestNode::start(Host::new(Translator), dir.path()).await;
+
+    let (status, body) = node
+        .post(&json!({"prompt": "hi", "session": {"session_id": "typo-d"}}))
+        .await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (404, Some("not_found")),
+        "{body}"
+    );
+    let message = body["error"].as_str().unwrap();
+    assert!(
+        message.contains("typo-d") && message.contains("without a session id"),
+        "{message}"
+    );
+    let (status, body) = node
+        .post(&json!({"prompt": "hi", "session_id": "typo-d"}))
+        .await;
+    assert_eq!(status, 404, "top-level session_id too: {body}");
+    assert_eq!(
+        node.get("/sessions/typo-d").await.0,
+        404,
+        "nothing was stored"
+    );
+
+    // A client that holds the history itself (as Python clients do) goes on from it.
+    let history = json!([{"role": "user", "content": "My name is Ann"},
+                         {"role": "assistant", "content": "Nice to meet you, Ann!"}]);
+    let (status, body) = node
+        .post(&json!({"prompt": "What is my name?",
+                      "session": {"session_id": "mine", "messages": history}}))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["result"], "Your name is Ann");
+    assert_eq!(body["session_id"], "mine");
+
+    // Without any id, a new conversation starts and its id comes back.
+    let (status, body) = node.post(&json!({"prompt": "hello"})).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body["session_id"].as_str().is_some_and(|s| !s.is_empty()));
+
+    // On a socket, CONNECT answers `new` for an id the node does not have.
+    let mut ws = ws_connect(&node.ws_url()).await;
+    ws_send(&mut ws, &json!({"type": "CONNECT", "session_id": "typo-d"})).await;
+    let connected = ws_recv(&mut ws).await.unwrap();
+    assert_eq!(
+        (connected["type"].as_str(), connected["status"].as_str()),
+        (Some("CONNECTED"), Some("new")),
+        "{connected}"
+    );
     node.stop().await;
 }

@@ -66,7 +66,7 @@ async fn a_relay_cannot_attach_a_callers_connect_to_a_session_it_never_carried()
         &victim,
         Kind::Input,
         Some(node.address),
-        obj(json!({"prompt": "my private plan", "session": {"session_id": "direct-only"}})),
+        obj(json!({"prompt": "my private plan", "session": {"session_id": "direct-only", "messages": []}})),
     )
     .to_nested_json();
     let (status, body) = node.post(&input).await;
@@ -156,14 +156,17 @@ async fn anonymous_callers_cannot_see_or_continue_each_others_sessions() {
         .await;
     assert_eq!(status, 404, "another secret reads nothing either");
 
-    // Naming Ann's session without her secret starts a conversation of one's own.
+    // Naming Ann's session without her secret reads as a session that does not exist.
     let (status, other) = node
         .post(&json!({"prompt": "What is my name?", "session": {"session_id": id}}))
         .await;
-    assert_eq!(status, 200, "{other}");
-    assert!(
-        !other["result"].as_str().unwrap().contains("Ann"),
-        "{other}"
+    assert_eq!(status, 404, "{other}");
+    let (_, none) = node
+        .post(&json!({"prompt": "What is my name?", "session": {"session_id": "nobodys"}}))
+        .await;
+    assert_eq!(
+        other["error"].as_str().unwrap().replace(id, "X"),
+        none["error"].as_str().unwrap().replace("nobodys", "X")
     );
     // With her secret, her conversation goes on.
     let (_, again) = node
@@ -360,7 +363,7 @@ async fn someone_elses_session_and_no_session_read_the_same() {
             who,
             Kind::Input,
             Some(node.address),
-            obj(json!({"prompt": "hello", "session": {"session_id": id}})),
+            obj(json!({"prompt": "hello", "session": {"session_id": id, "messages": []}})),
         )
         .to_nested_json()
     };
@@ -377,6 +380,20 @@ async fn someone_elses_session_and_no_session_read_the_same() {
         free.1["session"]["messages"].as_array().unwrap().len(),
         "the same fresh conversation either way"
     );
+    // Without the history, both are sessions to continue that bob does not have.
+    let bare = |id: &str| {
+        Envelope::sign(
+            &bob,
+            Kind::Input,
+            Some(node.address),
+            obj(json!({"prompt": "hello", "session": {"session_id": id}})),
+        )
+        .to_nested_json()
+    };
+    let taken = node.post(&bare("alices-private")).await;
+    let free = node.post(&bare("nobody-else")).await;
+    assert_eq!((taken.0, free.0), (404, 404));
+    assert_eq!(taken.1["code"], free.1["code"]);
     let (s1, b1) = signed_get(&node.url, node.address, &bob, "/sessions/never-used").await;
     let (s2, b2) = signed_get(&node.url, node.address, &bob, "/sessions/alices-private").await;
     assert_eq!((s1, &b1["code"]), (s2, &b2["code"]));

@@ -85,6 +85,11 @@ pub struct Submission {
     /// The session secret the transport holds for an unsigned caller (a socket's, from
     /// its earlier turns), used when the request presents none.
     pub secret: Option<SessionSecret>,
+    /// Whether a session id the node does not have starts a new conversation under that
+    /// id. Sockets name conversations (CONNECT answers `new` for such an id), so they
+    /// may; an HTTP request that names a session expects it to exist, so it may not
+    /// (404), unless it carries the session's own `messages`.
+    pub may_open: bool,
 }
 
 impl Submission {
@@ -99,6 +104,7 @@ impl Submission {
             transport: Transport::default(),
             peer: None,
             secret: None,
+            may_open: true,
         }
     }
 }
@@ -308,7 +314,7 @@ impl Dispatcher {
         };
         let scope = Scope::of(&caller, secret.as_ref()).expect("verified, or with a secret");
         let key = scope.key(&start.session_id);
-        let (start, origin) = self.continue_session(start, &key, &sub.origin, now).await?;
+        let (start, origin) = self.continue_session(start, &key, &sub, now).await?;
         // Only signed envelopes have a replay key, and `authenticate` verified those.
         self.use_once(env, now).await?;
         let files = inner.config.uploads.save(&key, sub.uploads).await?;
@@ -429,10 +435,14 @@ impl Dispatcher {
         &self,
         mut start: TurnStart,
         key: &str,
-        origin: &Origin,
+        sub: &Submission,
         now: u64,
     ) -> Result<(TurnStart, Option<String>), Refusal> {
+        let origin = &sub.origin;
         let Some(existing) = self.inner.store.get_session(key.to_owned(), now).await? else {
+            if start.named && !start.client_held && !sub.may_open {
+                return Err(Refusal::NothingToContinue(start.session_id));
+            }
             return Ok((start, origin.relay().map(str::to_owned)));
         };
         // A session id a relay could have chosen continues only what that relay has seen.

@@ -29,6 +29,8 @@ pub enum Refusal {
     SessionBusy(String),
     #[error("no session {0}")]
     UnknownSession(String),
+    #[error("no session {0} to continue (never started here, someone else's, or expired after result_ttl); send the prompt without a session id to start a new one, or with the session's `messages` to go on from your own copy")]
+    NothingToContinue(String),
     #[error("session {0} was not opened through this relay; sign its id to continue it here")]
     NotOpenedHere(String),
     #[error(transparent)]
@@ -60,7 +62,9 @@ impl Refusal {
             Refusal::Admin(_) => ErrorCode::BadRequest,
             Refusal::Replayed => ErrorCode::Replayed,
             Refusal::SessionBusy(_) => ErrorCode::SessionBusy,
-            Refusal::UnknownSession(_) | Refusal::NotOpenedHere(_) => ErrorCode::NotFound,
+            Refusal::UnknownSession(_)
+            | Refusal::NothingToContinue(_)
+            | Refusal::NotOpenedHere(_) => ErrorCode::NotFound,
             Refusal::Upload(e) => match e {
                 UploadError::Malformed(_) => ErrorCode::BadRequest,
                 UploadError::TooMany { .. } => ErrorCode::TooManyFiles,

@@ -20,6 +20,10 @@ pub(super) struct TurnStart {
     pub bound: bool,
     /// The session secret an unsigned caller presented.
     pub secret: Option<SessionSecret>,
+    /// Whether the caller named the session id (rather than the node choosing one).
+    pub named: bool,
+    /// Whether the caller sent the session's history (`session.messages`) itself.
+    pub client_held: bool,
 }
 
 /// Reads the prompt and session state out of a submission.
@@ -54,8 +58,13 @@ pub(super) fn parse_turn(sub: &Submission, now: u64) -> Result<TurnStart, Refusa
             ))
         }
     };
+    let client_held = session.get("messages").is_some_and(Value::is_array);
+    let mut named = true;
     let session_id = match session.get("session_id").or(payload.get("session_id")) {
-        None | Some(Value::Null) => uuid::Uuid::new_v4().to_string(),
+        None | Some(Value::Null) => {
+            named = false;
+            uuid::Uuid::new_v4().to_string()
+        }
         Some(Value::String(s)) if valid_session_id(s) => s.clone(),
         Some(_) => {
             return Err(Refusal::BadRequest(format!(
@@ -72,6 +81,8 @@ pub(super) fn parse_turn(sub: &Submission, now: u64) -> Result<TurnStart, Refusa
         created: now,
         bound: signed && named_in_payload,
         secret,
+        named,
+        client_held,
     })
 }
 

@@ -187,7 +187,7 @@ async fn cors(State(st): State<Arc<HttpState>>, req: Request, next: Next) -> Res
         (status = 401, description = "`invalid_signature`, `signature_required`, `stale`, `wrong_recipient`, `replayed`", body = ErrorBody),
         (status = 402, description = "`insufficient_credits`", body = ErrorBody),
         (status = 403, description = "`blocked`, `forbidden` (a web page of another origin), `onboarding_required`, `not_allowed`", body = ErrorBody),
-        (status = 404, description = "`not_found`: a relayed session id the caller did not sign", body = ErrorBody),
+        (status = 404, description = "`not_found`: the request names a session the node does not have (never started, another caller's, or expired) and does not carry its `messages`", body = ErrorBody),
         (status = 409, description = "`session_busy`: the session still runs its previous turn", body = ErrorBody),
         (status = 413, description = "`too_large`", body = ErrorBody),
         (status = 429, description = "`rate_limited`: too many wrong invite codes", body = ErrorBody),
@@ -240,6 +240,7 @@ async fn post_input(
         Err(r) => return early(r.code(), refusal(&r)),
     };
     submission.peer = peer;
+    submission.may_open = false;
     let mut accepted = match st.dispatcher.submit(submission).await {
         Ok(a) => a,
         Err(rejected) => {
