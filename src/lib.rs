@@ -79,7 +79,7 @@
 //! | `identity.rs` | keys, [`Address`], PeerId conversion, key file, co_dir lookup |
 //! | `envelope.rs` | envelope shapes, canonical JSON (forms A and B), sign/verify, freshness, replay keys (no I/O) |
 //! | `proto/` | the wire (no I/O): typed frames per link (`frame.rs`), [`proto::ErrorCode`] (`error.rs`), ANNOUNCE (`announce.rs`), [`proto::RelayUrl`] and the relay's routes (`relay_url.rs`), signed HTTP reads (`signed_request.rs`) |
-//! | `metrics.rs` | what a node and a relay count for `/metrics` (prometheus-client, one registry per instance), the request's `Transport` and outcome labels |
+//! | `metrics.rs` | what a node and a relay count for `/metrics` (prometheus-client, one registry per instance; libp2p's own metrics and the store's flushes join the node's), the request's `Transport`, route and outcome labels |
 //! | `net.rs` | socket helpers shared by the node and the relay server: TCP_NODELAY, a listener capped per client IP, WebSocket read errors, SIGINT/SIGTERM |
 //! | `agent/` | the [`Agent`] trait (with its own summary and examples), [`AgentFactory`] (a fresh agent per request) in `mod.rs`; built-ins `echo`, `translator`, `ticker` in `builtin.rs` |
 //! | `store/` | sled (`mod.rs`: sessions, seen ids, kept replies, trust state; one store thread, group commit) and attached files (`uploads.rs`) |

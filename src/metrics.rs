@@ -52,6 +52,42 @@ impl std::fmt::Display for Transport {
     }
 }
 
+/// What a request asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum Route {
+    /// An INPUT: a turn of the agent.
+    Input,
+    /// A socket's CONNECT.
+    Connect,
+    /// A socket's RESUME.
+    Resume,
+    /// `GET /sessions/{id}`.
+    Session,
+    /// `GET /sessions`.
+    Sessions,
+    /// `POST /admin/trust`.
+    Admin,
+}
+
+impl Route {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Route::Input => "input",
+            Route::Connect => "connect",
+            Route::Resume => "resume",
+            Route::Session => "session",
+            Route::Sessions => "sessions",
+            Route::Admin => "admin",
+        }
+    }
+}
+
+impl EncodeLabelValue for Route {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        self.as_str().encode(encoder)
+    }
+}
+
 /// How a request ended: `ok`, or the [`ErrorCode`] it was refused or failed with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) enum Outcome {
@@ -96,7 +132,7 @@ impl EncodeLabelValue for ErrorCode {
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct RequestLabels {
     transport: Transport,
-    route: &'static str,
+    route: Route,
     code: Outcome,
 }
 
@@ -120,19 +156,40 @@ fn run_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.01, 2.0, 16))
 }
 
+/// What the store thread counts: its flushes (one per batch of durable writes) and
+/// how long they take. Cloned into the store; the node's registry reads the same cells.
+#[derive(Clone)]
+pub(crate) struct StoreMetrics {
+    pub(crate) flushes: Counter,
+    pub(crate) flush_seconds: Histogram,
+    pub(crate) writes_per_flush: Histogram,
+}
+
+impl Default for StoreMetrics {
+    fn default() -> Self {
+        StoreMetrics {
+            flushes: Counter::default(),
+            flush_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
+            writes_per_flush: Histogram::new(exponential_buckets(1.0, 2.0, 10)),
+        }
+    }
+}
+
 /// A node's metrics (see the README for names and labels).
 pub(crate) struct NodeMetrics {
-    registry: Registry,
+    /// Behind a lock so that the swarm's own metrics can be added when it starts.
+    registry: std::sync::Mutex<Registry>,
     requests: Family<RequestLabels, Counter>,
     latency: Family<TransportLabels, Histogram>,
     run_seconds: Histogram,
     in_flight: Gauge,
+    store_queue: Gauge,
     relay_link: Family<StateLabels, Gauge>,
     swarm_peers: Gauge,
 }
 
-impl Default for NodeMetrics {
-    fn default() -> Self {
+impl NodeMetrics {
+    pub(crate) fn new(store: &StoreMetrics) -> Self {
         let mut registry = Registry::with_prefix("oonode");
         let requests = Family::<RequestLabels, Counter>::default();
         registry.register(
@@ -159,6 +216,27 @@ impl Default for NodeMetrics {
             "Agent runs in flight or queued for a worker",
             in_flight.clone(),
         );
+        registry.register(
+            "store_flushes",
+            "Flushes of the store to disk (each makes a batch of durable writes durable)",
+            store.flushes.clone(),
+        );
+        registry.register(
+            "store_flush_seconds",
+            "How long one flush of the store took",
+            store.flush_seconds.clone(),
+        );
+        registry.register(
+            "store_writes_per_flush",
+            "Durable writes made durable by one flush (group commit)",
+            store.writes_per_flush.clone(),
+        );
+        let store_queue = Gauge::default();
+        registry.register(
+            "store_queue",
+            "Jobs waiting for the store thread",
+            store_queue.clone(),
+        );
         let relay_link = Family::<StateLabels, Gauge>::default();
         registry.register(
             "relay_link",
@@ -172,11 +250,12 @@ impl Default for NodeMetrics {
             swarm_peers.clone(),
         );
         NodeMetrics {
-            registry,
+            registry: std::sync::Mutex::new(registry),
             requests,
             latency,
             run_seconds,
             in_flight,
+            store_queue,
             relay_link,
             swarm_peers,
         }
@@ -184,11 +263,11 @@ impl Default for NodeMetrics {
 }
 
 impl NodeMetrics {
-    /// One request answered or refused (`route` is the dispatcher's: `input`).
+    /// One request answered or refused.
     pub(crate) fn request(
         &self,
         transport: Transport,
-        route: &'static str,
+        route: Route,
         code: Outcome,
         took: Duration,
     ) {
@@ -210,13 +289,23 @@ impl NodeMetrics {
 
     /// The text format, with the gauges set to the state given (`relay_states`: each
     /// link state and whether it is the current one).
+    /// libp2p's own metrics (connections, dials, Kademlia, identify, ping), registered
+    /// under `oonode_libp2p_`; the swarm's event loop records into what this returns.
+    pub(crate) fn libp2p(&self) -> libp2p::metrics::Metrics {
+        let mut registry = self.registry.lock().unwrap_or_else(|e| e.into_inner());
+        // It adds the `libp2p` prefix itself.
+        libp2p::metrics::Metrics::new(&mut registry)
+    }
+
     pub(crate) fn encode(
         &self,
         in_flight: usize,
+        store_queue: usize,
         relay_states: Option<&[(&'static str, bool)]>,
         swarm_peers: Option<usize>,
     ) -> String {
         self.in_flight.set(in_flight as i64);
+        self.store_queue.set(store_queue as i64);
         for &(state, current) in relay_states.unwrap_or_default() {
             self.relay_link
                 .get_or_create(&StateLabels { state })
@@ -225,7 +314,7 @@ impl NodeMetrics {
         if let Some(n) = swarm_peers {
             self.swarm_peers.set(n as i64);
         }
-        encode(&self.registry)
+        encode(&self.registry.lock().unwrap_or_else(|e| e.into_inner()))
     }
 }
 

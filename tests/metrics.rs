@@ -102,8 +102,20 @@ async fn node_metrics_count_answered_and_refused_requests_per_transport() {
     let (status, _) = post_raw(&format!("{}/input", node.url), b"{not json".to_vec()).await;
     assert_eq!(status, 400);
 
+    // Reads are counted under their own route.
+    assert_eq!(node.get("/sessions").await.0, 200);
+    assert_eq!(node.get("/sessions/no-such-one").await.0, 404);
+
     let after = scrape(&metrics).await;
     assert_eq!(value(&after, REQUESTS, &http_ok), 1.0);
+    let list = [("transport", "http"), ("route", "sessions"), ("code", "ok")];
+    assert_eq!(value(&after, REQUESTS, &list), 1.0);
+    let missing = [
+        ("transport", "http"),
+        ("route", "session"),
+        ("code", "not_found"),
+    ];
+    assert_eq!(value(&after, REQUESTS, &missing), 1.0);
     assert_eq!(value(&after, REQUESTS, &http_refused), 1.0);
     let invalid = [
         ("transport", "http"),
@@ -112,8 +124,13 @@ async fn node_metrics_count_answered_and_refused_requests_per_transport() {
     ];
     assert_eq!(value(&after, REQUESTS, &invalid), 1.0);
     let latency = "oonode_request_duration_seconds_count";
-    assert_eq!(value(&after, latency, &[("transport", "http")]), 3.0);
+    assert_eq!(value(&after, latency, &[("transport", "http")]), 5.0);
     assert_eq!(value(&after, "oonode_agent_run_seconds_count", &[]), 1.0);
+    // The run's session was written durably: at least one flush, none pending after.
+    let flushes = "oonode_store_flushes_total";
+    assert!(value(&after, flushes, &[]) > value(&before, flushes, &[]));
+    assert!(value(&after, "oonode_store_writes_per_flush_count", &[]) >= 1.0);
+    assert_eq!(value(&after, "oonode_store_queue", &[]), 0.0);
     assert!(
         value(&after, "oonode_agent_run_seconds_bucket", &[("le", "+Inf")]) >= 1.0,
         "the run histogram has its +Inf bucket"
@@ -303,4 +320,56 @@ async fn the_binary_logs_one_json_line_per_request_with_its_request_id() {
         .unwrap_or_else(|| panic!("a request span in {line}"));
     let id = request["id"].as_str().expect("a request id");
     assert_eq!(id.len(), 8, "{line}");
+}
+
+/// A node's `/metrics` also shows libp2p's own: a second node joining through it is
+/// counted as a connection and an identify exchange.
+#[tokio::test]
+async fn node_metrics_include_the_swarms_own() {
+    let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = TestNode::builder(Host::new(Echo))
+        .co_dir(a_dir.path())
+        .swarm(&["/ip4/127.0.0.1/tcp/0"])
+        .start()
+        .await;
+    let metrics = format!("{}/metrics", a.url);
+    let established = "oonode_libp2p_swarm_connections_established_total";
+    let total = |samples: &[Sample], name: &str| -> f64 {
+        samples
+            .iter()
+            .filter(|s| s.name == name)
+            .map(|s| s.value)
+            .sum()
+    };
+    assert_eq!(total(&scrape(&metrics).await, established), 0.0);
+
+    let b = TestNode::builder(Host::new(Echo))
+        .co_dir(b_dir.path())
+        .http(false)
+        .swarm(&["/ip4/127.0.0.1/tcp/0"])
+        .bootstrap(&[a.swarm_addr_over("tcp")])
+        .start()
+        .await;
+    let deadline = tokio::time::Instant::now() + STEP;
+    loop {
+        let samples = scrape(&metrics).await;
+        let identified = total(&samples, "oonode_libp2p_identify_received_total")
+            + total(&samples, "oonode_libp2p_identify_pushed_total")
+            + total(&samples, "oonode_libp2p_identify_sent_total");
+        if total(&samples, established) >= 1.0 && identified >= 1.0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no libp2p connection or identify counted: {:?}",
+            samples
+                .iter()
+                .filter(|s| s.name.starts_with("oonode_libp2p") && s.value > 0.0)
+                .map(|s| &s.name)
+                .collect::<Vec<_>>()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    b.stop().await;
+    a.stop().await;
 }

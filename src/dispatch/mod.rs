@@ -24,6 +24,7 @@ use tracing::{info, info_span, Instrument};
 use crate::agent::AgentFactory;
 use crate::envelope::{unix_now, Envelope, Kind};
 use crate::identity::{Address, Identity};
+pub(crate) use crate::metrics::Route;
 pub use crate::metrics::Transport;
 use crate::metrics::{NodeMetrics, Outcome};
 use crate::proto::ErrorCode;
@@ -172,6 +173,7 @@ impl Dispatcher {
             config.trust_agent.clone(),
             identity.address(),
         ));
+        let metrics = NodeMetrics::new(store.metrics());
         Dispatcher {
             inner: Arc::new(Inner {
                 trust,
@@ -184,7 +186,7 @@ impl Dispatcher {
                 runs: TaskTracker::new(),
                 closed: AtomicBool::new(false),
                 live: Mutex::new(HashMap::new()),
-                metrics: NodeMetrics::default(),
+                metrics,
             }),
         }
     }
@@ -234,6 +236,21 @@ impl Dispatcher {
         self.refused(transport, None, code, began);
     }
 
+    /// Counts a request other than an INPUT (a CONNECT, a RESUME, a read, an admin
+    /// action) as its transport answered it, and logs it at debug.
+    pub(crate) fn count(
+        &self,
+        transport: Transport,
+        route: Route,
+        refused: Option<ErrorCode>,
+        began: Instant,
+    ) {
+        let code = refused.map_or(Outcome::Ok, Outcome::Error);
+        let took = began.elapsed();
+        self.inner.metrics.request(transport, route, code, took);
+        tracing::debug!(%transport, route = route.as_str(), %code, duration_ms = took.as_millis() as u64, "request");
+    }
+
     /// The metrics and the INFO line of a refused request.
     fn refused(
         &self,
@@ -244,7 +261,9 @@ impl Dispatcher {
     ) {
         let took = began.elapsed();
         let code = Outcome::Error(code);
-        self.inner.metrics.request(transport, "input", code, took);
+        self.inner
+            .metrics
+            .request(transport, Route::Input, code, took);
         info!(
             %transport,
             caller = %from.map_or_else(|| "anonymous".to_owned(), |a| a.short()),
@@ -262,9 +281,17 @@ impl Dispatcher {
         relay_states: Option<&[(&'static str, bool)]>,
         swarm_peers: Option<usize>,
     ) -> String {
-        self.inner
-            .metrics
-            .encode(self.in_flight(), relay_states, swarm_peers)
+        self.inner.metrics.encode(
+            self.in_flight(),
+            self.inner.store.queued(),
+            relay_states,
+            swarm_peers,
+        )
+    }
+
+    /// libp2p's own metrics, for the swarm this node starts.
+    pub(crate) fn libp2p_metrics(&self) -> libp2p::metrics::Metrics {
+        self.inner.metrics.libp2p()
     }
 
     async fn admit(&self, sub: Submission, began: Instant) -> Result<Accepted, Refusal> {

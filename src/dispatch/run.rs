@@ -197,7 +197,9 @@ impl Run {
         // Counted before the answer goes out, so a caller that reads `/metrics` right
         // after its answer sees its request.
         let took = self.began.elapsed();
-        inner.metrics.request(self.transport, "input", code, took);
+        inner
+            .metrics
+            .request(self.transport, crate::metrics::Route::Input, code, took);
         info!(
             transport = %self.transport,
             caller = %self.caller.map_or_else(|| "anonymous".to_owned(), |a| a.short()),

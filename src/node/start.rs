@@ -179,9 +179,10 @@ impl Node {
         // a port that cannot be had stops start-up with nothing begun.
         let p2p = match &self.config.p2p {
             Some(config) => {
-                let p2p = P2p::spawn(
+                let p2p = P2p::spawn_recording(
                     self.identity.libp2p_keypair(),
                     config.clone(),
+                    Some(self.dispatcher.libp2p_metrics()),
                     shutdown.child_token(),
                 )
                 .await?;

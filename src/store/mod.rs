@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::identity::Address;
+use crate::metrics::StoreMetrics;
 
 pub use uploads::{Upload, UploadError, Uploads};
 
@@ -165,6 +166,7 @@ const MAX_BATCH: usize = 512;
 #[derive(Clone)]
 pub struct Store {
     jobs: tokio::sync::mpsc::Sender<Job>,
+    metrics: StoreMetrics,
 }
 
 impl Store {
@@ -200,11 +202,23 @@ impl Store {
         }
         trees.db.flush()?;
         let (jobs, rx) = tokio::sync::mpsc::channel(JOB_QUEUE);
+        let metrics = StoreMetrics::default();
+        let counted = metrics.clone();
         std::thread::Builder::new()
             .name("oonode-store".into())
-            .spawn(move || run_store(trees, rx))
+            .spawn(move || run_store(trees, rx, counted))
             .map_err(|e| StoreError::Thread(e.to_string()))?;
-        Ok((Store { jobs }, marked))
+        Ok((Store { jobs, metrics }, marked))
+    }
+
+    /// What the store thread counts, for `/metrics`.
+    pub(crate) fn metrics(&self) -> &StoreMetrics {
+        &self.metrics
+    }
+
+    /// Jobs waiting for the store thread.
+    pub(crate) fn queued(&self) -> usize {
+        JOB_QUEUE - self.jobs.capacity()
     }
 
     /// Runs `f` on the store thread; with `durable`, answers only once it is flushed.
@@ -501,7 +515,7 @@ impl Store {
 
 /// The store thread: runs jobs in order; all durable jobs of a batch share one flush.
 /// Ends (after a last flush) when every handle is dropped.
-fn run_store(trees: Trees, mut jobs: tokio::sync::mpsc::Receiver<Job>) {
+fn run_store(trees: Trees, mut jobs: tokio::sync::mpsc::Receiver<Job>, metrics: StoreMetrics) {
     let mut closing = None;
     while let Some(first) = jobs.blocking_recv() {
         let mut waiting = Vec::new();
@@ -524,7 +538,11 @@ fn run_store(trees: Trees, mut jobs: tokio::sync::mpsc::Receiver<Job>) {
             }
         }
         if !waiting.is_empty() {
+            let began = std::time::Instant::now();
             let flushed = trees.db.flush().map(|_| ()).map_err(|e| e.to_string());
+            metrics.flushes.inc();
+            metrics.flush_seconds.observe(began.elapsed().as_secs_f64());
+            metrics.writes_per_flush.observe(waiting.len() as f64);
             for answer in waiting {
                 answer(flushed.clone());
             }

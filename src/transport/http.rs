@@ -23,7 +23,7 @@ use super::openapi::{
 use super::relay_link::LinkState;
 use super::ws::WsState;
 use super::PeerIp;
-use crate::dispatch::{Dispatcher, Reader, Refusal, SignedRead, Transport};
+use crate::dispatch::{Dispatcher, Reader, Refusal, Route, SignedRead, Transport};
 use crate::envelope::{decode_object, Envelope, EnvelopeError, Kind};
 use crate::proto::{self, ErrorCode};
 use crate::store::SessionRecord;
@@ -364,11 +364,18 @@ async fn get_session(
     Path(id): Path<String>,
     SessionReader(reader): SessionReader,
 ) -> Response {
-    match st.dispatcher.session(&id, &reader).await {
-        Ok(Some(rec)) => Json(session_json(&rec)).into_response(),
-        Ok(None) => error(ErrorCode::NotFound, "not found"),
-        Err(r) => refusal(&r),
-    }
+    let began = std::time::Instant::now();
+    let (refused, response) = match st.dispatcher.session(&id, &reader).await {
+        Ok(Some(rec)) => (None, Json(session_json(&rec)).into_response()),
+        Ok(None) => (
+            Some(ErrorCode::NotFound),
+            error(ErrorCode::NotFound, "not found"),
+        ),
+        Err(r) => (Some(r.code()), refusal(&r)),
+    };
+    st.dispatcher
+        .count(Transport::Http, Route::Session, refused, began);
+    response
 }
 
 #[utoipa::path(
@@ -390,16 +397,20 @@ async fn list_sessions(
     State(st): State<Arc<HttpState>>,
     SessionReader(reader): SessionReader,
 ) -> Response {
-    match st.dispatcher.sessions(&reader).await {
+    let began = std::time::Instant::now();
+    let (refused, response) = match st.dispatcher.sessions(&reader).await {
         Ok(list) => {
             let sessions: Vec<Value> = list
                 .iter()
                 .map(|r| json!({"session_id": r.session_id, "status": r.status, "created": r.created}))
                 .collect();
-            Json(json!({ "sessions": sessions })).into_response()
+            (None, Json(json!({ "sessions": sessions })).into_response())
         }
-        Err(r) => refusal(&r),
-    }
+        Err(r) => (Some(r.code()), refusal(&r)),
+    };
+    st.dispatcher
+        .count(Transport::Http, Route::Sessions, refused, began);
+    response
 }
 
 /// A trust admin action: a signed ADMIN envelope in the nested shape.
@@ -428,10 +439,14 @@ async fn admin_trust(State(st): State<Arc<HttpState>>, body: axum::body::Bytes) 
         Ok(e) => e,
         Err(e) => return refusal(&Refusal::Envelope(e)),
     };
-    match st.dispatcher.admin(&env).await {
-        Ok(result) => Json(result).into_response(),
-        Err(r) => refusal(&r),
-    }
+    let began = std::time::Instant::now();
+    let (refused, response) = match st.dispatcher.admin(&env).await {
+        Ok(result) => (None, Json(result).into_response()),
+        Err(r) => (Some(r.code()), refusal(&r)),
+    };
+    st.dispatcher
+        .count(Transport::Http, Route::Admin, refused, began);
+    response
 }
 
 /// A browser pointed at the node lands on the page for trying the agent.

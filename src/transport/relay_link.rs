@@ -20,7 +20,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::dispatch::{Dispatcher, Origin, Reader, Refusal, Rejected, Transport};
+use crate::dispatch::{Dispatcher, Origin, Reader, Refusal, Rejected, Route, Transport};
 use crate::envelope::{unix_now, Envelope};
 use crate::identity::Address;
 use crate::proto::{signed_announce, ClientFrame, NodeFrame, Object, RelayToAgent, RelayUrl};
@@ -468,11 +468,15 @@ impl RelayedSessions {
             let msg = "too many relayed sessions at once; try again later".to_string();
             return self.send_rejected(Refusal::BadRequest(msg).into(), &session_id);
         }
-        match self
+        let began = std::time::Instant::now();
+        let result = self
             .dispatcher
             .connect(obj, &session_id, &self.origin)
-            .await
-        {
+            .await;
+        let refused = result.as_ref().err().map(|r| r.refusal.code());
+        self.dispatcher
+            .count(Transport::Relay, Route::Connect, refused, began);
+        match result {
             Ok((reader, status)) => {
                 self.readers.insert(session_id.clone(), reader);
                 let connected = NodeFrame::Connected {

@@ -18,7 +18,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info_span, Instrument};
 
-use crate::dispatch::{Dispatcher, Origin, Reader, Refusal, Rejected, Transport};
+use crate::dispatch::{Dispatcher, Origin, Reader, Refusal, Rejected, Route, Transport};
 use crate::envelope::{decode_object, Envelope};
 use crate::net::{IpCounts, SocketFailure};
 use crate::proto::{session_of, ClientFrame, ErrorCode, NodeFrame, Object};
@@ -302,13 +302,17 @@ impl Connection {
     /// "session_id"?, "session"?}` → `{"type":"CONNECTED","session_id","status"}`.
     /// A signed CONNECT is single-use and makes the socket read as its signer.
     async fn on_connect(&mut self, obj: Object) {
+        let began = std::time::Instant::now();
         let session_id =
             ClientFrame::connect_session(&obj).unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
-        match self
+        let result = self
             .dispatcher()
             .connect(&obj, &session_id, &Origin::Direct)
-            .await
-        {
+            .await;
+        let refused = result.as_ref().err().map(|r| r.refusal.code());
+        self.dispatcher()
+            .count(Transport::Ws, Route::Connect, refused, began);
+        match result {
             Ok((reader, status)) => {
                 self.reader = reader;
                 self.session_id = Some(session_id.clone());
@@ -325,7 +329,12 @@ impl Connection {
             Ok(r) => r,
             Err(r) => return self.send_rejected(r.into()),
         };
-        match self.dispatcher().follow(&session_id, after, &reader).await {
+        let began = std::time::Instant::now();
+        let result = self.dispatcher().follow(&session_id, after, &reader).await;
+        let refused = result.as_ref().err().map(Refusal::code);
+        self.dispatcher()
+            .count(Transport::Ws, Route::Resume, refused, began);
+        match result {
             Ok(replies) => {
                 self.session_id = Some(session_id);
                 self.forward(replies);

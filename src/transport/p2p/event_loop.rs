@@ -63,6 +63,8 @@ pub(super) struct EventLoop {
     bans: Vec<(Instant, PeerId)>,
     status: Arc<Mutex<SwarmStatus>>,
     bootstrapped: bool,
+    /// libp2p's own metrics, when a node's `/metrics` shows them.
+    pub(super) metrics: Option<libp2p::metrics::Metrics>,
 }
 
 impl EventLoop {
@@ -83,6 +85,7 @@ impl EventLoop {
             bans: Vec::new(),
             status,
             bootstrapped: false,
+            metrics: None,
         })
     }
 
@@ -211,6 +214,9 @@ impl EventLoop {
     }
 
     fn on_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        if let Some(metrics) = &self.metrics {
+            record(metrics, &event);
+        }
         match event {
             SwarmEvent::NewListenAddr { address, .. } => {
                 let full = address.with(Protocol::P2p(*self.swarm.local_peer_id()));
@@ -364,5 +370,16 @@ impl EventLoop {
                 }
             }
         }
+    }
+}
+
+fn record(metrics: &libp2p::metrics::Metrics, event: &SwarmEvent<BehaviourEvent>) {
+    use libp2p::metrics::Recorder;
+    metrics.record(event);
+    match event {
+        SwarmEvent::Behaviour(BehaviourEvent::Kad(e)) => metrics.record(e),
+        SwarmEvent::Behaviour(BehaviourEvent::Identify(e)) => metrics.record(e),
+        SwarmEvent::Behaviour(BehaviourEvent::Ping(e)) => metrics.record(e),
+        _ => {}
     }
 }

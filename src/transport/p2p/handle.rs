@@ -48,6 +48,17 @@ impl P2p {
         config: P2pConfig,
         stop: CancellationToken,
     ) -> Result<P2p, P2pError> {
+        Self::spawn_recording(keypair, config, None, stop).await
+    }
+
+    /// [`spawn`](Self::spawn), recording libp2p's own metrics into `metrics` (a node's
+    /// `/metrics`).
+    pub(crate) async fn spawn_recording(
+        keypair: Keypair,
+        config: P2pConfig,
+        metrics: Option<libp2p::metrics::Metrics>,
+        stop: CancellationToken,
+    ) -> Result<P2p, P2pError> {
         let peer_id = keypair.public().to_peer_id();
         let status = Arc::new(Mutex::new(SwarmStatus {
             peer_id: peer_id.to_string(),
@@ -55,7 +66,9 @@ impl P2p {
         }));
         let (commands, rx) = mpsc::channel(256);
         let peer_ips = PeerIps::default();
-        let event_loop = EventLoop::new(keypair, &config, rx, status.clone(), peer_ips.clone())?;
+        let mut event_loop =
+            EventLoop::new(keypair, &config, rx, status.clone(), peer_ips.clone())?;
+        event_loop.metrics = metrics;
         let control = event_loop.stream_control();
         tokio::spawn(
             event_loop
