@@ -25,6 +25,8 @@ pub const DEFAULT_MAX_SOCKETS_PER_CLIENT: usize = 1024;
 pub const DEFAULT_RESULT_TTL: u64 = 86_400;
 pub const DEFAULT_MAX_FILE_SIZE_MB: u64 = 10;
 pub const DEFAULT_MAX_FILES: usize = 10;
+/// Bytes one run may stream, and the most its answer may hold.
+pub const DEFAULT_MAX_OUTPUT_BYTES: usize = 1024 * 1024;
 
 /// The commented host.yaml `oonode init` writes: every key with its default.
 pub const HOST_YAML_TEMPLATE: &str = r#"# .co/host.yaml: settings for `oonode host` (code parameters override these).
@@ -66,6 +68,10 @@ pub const HOST_YAML_TEMPLATE: &str = r#"# .co/host.yaml: settings for `oonode ho
 
 # Seconds a finished session is kept.
 # result_ttl: 86400
+
+# Bytes one run may stream and the most its answer may hold; past it the run is
+# stopped with an `output_too_large` error.
+# max_output_bytes: 1048576
 
 # Relay to announce on so the agent is reachable without an open port
 # (ws://host:port; empty or null: off).
@@ -133,6 +139,7 @@ pub struct Settings {
     /// Open WebSockets one client IP may hold.
     pub max_sockets_per_client: Option<usize>,
     pub result_ttl: Option<u64>,
+    pub max_output_bytes: Option<usize>,
     /// `Some(None)`: explicitly off (empty or null in the file).
     #[serde(default, deserialize_with = "relay_url")]
     pub relay_url: Option<Option<String>>,
@@ -266,6 +273,7 @@ impl Settings {
                 .or(lower.max_connections_per_client),
             max_sockets_per_client: self.max_sockets_per_client.or(lower.max_sockets_per_client),
             result_ttl: self.result_ttl.or(lower.result_ttl),
+            max_output_bytes: self.max_output_bytes.or(lower.max_output_bytes),
             relay_url: self.relay_url.or(lower.relay_url),
             reload: self.reload.or(lower.reload),
             co_dir: self.co_dir.or(lower.co_dir),
@@ -298,6 +306,8 @@ pub struct HostConfig {
     /// Open WebSockets one client IP may hold.
     pub max_sockets_per_client: usize,
     pub result_ttl: u64,
+    /// Bytes one run may stream, and the most its answer may hold.
+    pub max_output_bytes: usize,
     pub relay_url: Option<RelayUrl>,
     pub reload: bool,
     pub co_dir: PathBuf,
@@ -452,6 +462,11 @@ impl HostConfig {
                 DEFAULT_MAX_SOCKETS_PER_CLIENT,
             )?,
             result_ttl,
+            max_output_bytes: positive(
+                "max_output_bytes",
+                s.max_output_bytes,
+                DEFAULT_MAX_OUTPUT_BYTES,
+            )?,
             relay_url,
             reload: s.reload.unwrap_or(false),
             co_dir: data_dir,

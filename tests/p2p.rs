@@ -83,11 +83,12 @@ async fn call_once(
     Ok((answer, seen))
 }
 
-/// Asserts an Echo answer: the prompt word by word as chunks, then the whole prompt.
+/// Asserts an Echo answer: the prompt streamed in order (the node joins chunks that come
+/// faster than its window), then the whole prompt.
 fn assert_echo(answer: &Answer, seen: &[String], prompt: &str) {
-    let words: Vec<String> = prompt.split_inclusive(' ').map(str::to_owned).collect();
-    assert_eq!(answer.chunks, words, "chunks in order");
-    assert_eq!(seen, words, "chunks streamed to the callback");
+    assert!(!answer.chunks.is_empty(), "streamed");
+    assert_eq!(answer.chunks.concat(), prompt, "chunks in order");
+    assert_eq!(seen, answer.chunks, "chunks streamed to the callback");
     assert_eq!(answer.result, prompt);
     assert!(!answer.session_id.is_empty());
 }
@@ -485,9 +486,11 @@ async fn too_many_concurrent_streams_get_the_peer_cut_off() {
                 other => panic!("a call at the limit got {other:?} after {kinds:?}"),
             }
         }
-        assert_eq!(
-            kinds,
-            [Kind::Stream, Kind::Stream, Kind::Stream, Kind::Output]
+        let (last, streams) = kinds.split_last().unwrap();
+        assert_eq!(*last, Kind::Output, "{kinds:?}");
+        assert!(
+            !streams.is_empty() && streams.iter().all(|k| *k == Kind::Stream),
+            "{kinds:?}"
         );
         drop(first);
         tokio::time::sleep(Duration::from_millis(300)).await;

@@ -411,7 +411,8 @@ async fn an_answer_longer_than_the_frame_burst_reaches_the_caller_whole() {
     config.frames_per_sec = 5; // burst 10
     let relay = start_relay(config).await;
     let url = relay.url();
-    let node = start_node(Host::new(Echo), &url).await;
+    // Word by word (Echo's words would be joined into fewer STREAMs by the node).
+    let node = start_node(Host::new(word_by_word()), &url).await;
     let prompt = vec!["word"; 30].join(" "); // 30 STREAM frames + 1 OUTPUT
     let opts = options(&url).reply_timeout(Duration::from_secs(3));
     match call_with(opts, node.address, &prompt).await {
@@ -571,6 +572,14 @@ fn tamper_rule() -> Rule {
     })
 }
 
+/// Streams one word per STREAM: its pause is longer than the node's window for joining
+/// chunks.
+fn word_by_word() -> oonode::agent::Ticker {
+    oonode::agent::Ticker {
+        pause: Duration::from_millis(30),
+    }
+}
+
 #[tokio::test]
 async fn frames_altered_or_dropped_in_transit_are_rejected() {
     // The proxy is the relay's public face, as a reverse proxy would be: the relay is told
@@ -584,8 +593,8 @@ async fn frames_altered_or_dropped_in_transit_are_rejected() {
             .public_url(via.parse().unwrap()),
     )
     .await;
-    // Both the node and its callers go through the proxy.
-    let node = start_node(Host::new(Echo), &via).await;
+    // Both the node and its callers go through the proxy; one STREAM per word.
+    let node = start_node(Host::new(word_by_word()), &via).await;
 
     // Untouched frames pass: the proxy itself is transparent.
     let answer = call(&via, node.address, "plain words pass")

@@ -133,6 +133,8 @@ pub struct DispatcherConfig {
     pub result_ttl: u64,
     /// Attached files: limits, and where accepted ones are saved.
     pub uploads: Uploads,
+    /// Bytes one run may stream, and the most its answer may hold.
+    pub max_output_bytes: usize,
 }
 
 /// Cheap to clone; all clones share one admission queue and one store.

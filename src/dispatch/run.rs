@@ -1,7 +1,7 @@
 //! One accepted run: the agent on a fresh instance, its chunks as signed STREAM replies,
 //! then the session stored and the final OUTPUT or ERROR.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use tokio::sync::{broadcast, mpsc};
@@ -16,6 +16,14 @@ use crate::identity::Address;
 use crate::metrics::{Outcome, Transport};
 use crate::proto::ErrorCode;
 use crate::store::{SessionRecord, SessionStatus, FINAL_SEQ};
+
+/// At most one STREAM per window: chunks an agent writes faster are joined, so a flood
+/// of tiny chunks costs a bounded number of signatures and stored replies per second.
+/// A chunk that comes after a quiet window goes out at once.
+const COALESCE_WINDOW: Duration = Duration::from_millis(10);
+/// The most text one STREAM carries (larger chunks are split at character boundaries),
+/// far under every transport's frame limit.
+pub(crate) const MAX_CHUNK_BYTES: usize = 64 * 1024;
 
 /// One accepted run, owned by its task.
 pub(super) struct Run {
@@ -85,16 +93,48 @@ impl Run {
             .instrument(tracing::Span::current()),
         );
 
-        let mut seq: u64 = 0;
-        while let Some(chunk) = chunk_rx.recv().await {
-            seq += 1;
-            let env = self.reply(
-                Kind::Stream,
-                json!({"session_id": start.session_id, "seq": seq, "chunk": chunk}),
-            );
-            self.publish(seq, env).await;
+        let max_output = inner.config.max_output_bytes;
+        let mut stream = Coalescer::default();
+        let mut streamed = 0usize;
+        let mut overflowed = false;
+        loop {
+            let due = stream.due();
+            tokio::select! {
+                chunk = chunk_rx.recv() => match chunk {
+                    Some(chunk) => {
+                        streamed += chunk.len();
+                        if streamed > max_output {
+                            // Stop the agent now: what it would write next is lost anyway.
+                            agent_task.abort();
+                            overflowed = true;
+                            break;
+                        }
+                        stream.push(&chunk);
+                    }
+                    None => break,
+                },
+                _ = tokio::time::sleep_until(due.unwrap_or_else(tokio::time::Instant::now).into()), if due.is_some() => {}
+            }
+            for text in stream.ready(false) {
+                self.stream(&start.session_id, &mut stream.seq, text).await;
+            }
         }
+        for text in stream.ready(true) {
+            self.stream(&start.session_id, &mut stream.seq, text).await;
+        }
+        let seq = stream.seq;
         let outcome = match agent_task.await {
+            _ if overflowed => Err((
+                ErrorCode::OutputTooLarge,
+                format!("the agent streamed more than {max_output} bytes (max_output_bytes); it was stopped"),
+            )),
+            Ok(Ok(result)) if result.len() > max_output => Err((
+                ErrorCode::OutputTooLarge,
+                format!(
+                    "the agent's answer of {} bytes is over max_output_bytes ({max_output})",
+                    result.len()
+                ),
+            )),
             Ok(Ok(result)) => Ok(result),
             Ok(Err(e)) => Err((ErrorCode::AgentError, format!("the agent failed: {e}"))),
             Err(e) if e.is_panic() => {
@@ -214,6 +254,16 @@ impl Run {
         }
     }
 
+    /// Signs, keeps and sends one STREAM.
+    async fn stream(&mut self, session_id: &str, seq: &mut u64, chunk: String) {
+        *seq += 1;
+        let env = self.reply(
+            Kind::Stream,
+            json!({"session_id": session_id, "seq": *seq, "chunk": chunk}),
+        );
+        self.publish(*seq, env).await;
+    }
+
     fn reply(&self, kind: Kind, body: Value) -> Envelope {
         let Value::Object(mut payload) = body else {
             unreachable!("replies are JSON objects")
@@ -222,5 +272,84 @@ impl Run {
             payload.insert("in_reply_to".into(), id.clone().into());
         }
         Envelope::sign_flat(&self.dispatcher.inner.identity, kind, self.caller, payload)
+    }
+}
+
+/// Joins an agent's chunks into STREAMs: at most one per [`COALESCE_WINDOW`], each at
+/// most [`MAX_CHUNK_BYTES`].
+#[derive(Default)]
+struct Coalescer {
+    pending: String,
+    /// When the last STREAM went out.
+    last: Option<tokio::time::Instant>,
+    /// STREAMs sent so far.
+    seq: u64,
+}
+
+impl Coalescer {
+    fn push(&mut self, chunk: &str) {
+        self.pending.push_str(chunk);
+    }
+
+    /// When what is pending is due to go out, if anything is.
+    fn due(&self) -> Option<tokio::time::Instant> {
+        if self.pending.is_empty() {
+            return None;
+        }
+        Some(
+            self.last
+                .map_or_else(tokio::time::Instant::now, |t| t + COALESCE_WINDOW),
+        )
+    }
+
+    /// The STREAM texts to send now: full-size pieces always, the rest once its window
+    /// has passed (or at the end, with `all`).
+    fn ready(&mut self, all: bool) -> Vec<String> {
+        let mut out = Vec::new();
+        while self.pending.len() > MAX_CHUNK_BYTES {
+            let mut cut = MAX_CHUNK_BYTES;
+            while !self.pending.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            let rest = self.pending.split_off(cut);
+            out.push(std::mem::replace(&mut self.pending, rest));
+        }
+        let now = tokio::time::Instant::now();
+        let window_over = self.last.is_none_or(|t| t + COALESCE_WINDOW <= now);
+        if !self.pending.is_empty() && (all || window_over) {
+            out.push(std::mem::take(&mut self.pending));
+        }
+        if !out.is_empty() {
+            self.last = Some(now);
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn chunks_faster_than_the_window_are_joined_and_big_ones_split() {
+        let mut c = Coalescer::default();
+        c.push("a ");
+        assert_eq!(c.ready(false), vec!["a "], "the first chunk goes at once");
+        c.push("b ");
+        c.push("c ");
+        assert!(c.ready(false).is_empty(), "within the window: held");
+        tokio::time::advance(COALESCE_WINDOW).await;
+        assert_eq!(c.ready(false), vec!["b c "]);
+
+        tokio::time::advance(COALESCE_WINDOW).await;
+        let big = "é".repeat(MAX_CHUNK_BYTES); // two bytes each
+        c.push(&big);
+        let pieces = c.ready(true);
+        assert!(pieces.iter().all(|p| p.len() <= MAX_CHUNK_BYTES));
+        assert_eq!(
+            pieces.concat(),
+            big,
+            "split at character boundaries, nothing lost"
+        );
     }
 }

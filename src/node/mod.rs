@@ -154,6 +154,12 @@ impl Host {
         self
     }
 
+    /// Bytes one run may stream, and the most its answer may hold (`max_output_bytes`).
+    pub fn max_output_bytes(mut self, n: usize) -> Self {
+        self.code.max_output_bytes = Some(n);
+        self
+    }
+
     /// Requests that may wait for a worker; past this the node answers "busy".
     pub fn max_queue(mut self, n: usize) -> Self {
         self.code.max_queue = Some(n);

@@ -85,6 +85,7 @@ impl Node {
                 max_queue: config.max_queue,
                 result_ttl: config.result_ttl,
                 uploads: uploads(&config),
+                max_output_bytes: config.max_output_bytes,
             },
         );
         let background = CancellationToken::new();

@@ -97,6 +97,8 @@ error_codes! {
     AgentError = "agent_error" => 500,
     AgentPanicked = "agent_panicked" => 500,
     AgentCancelled = "agent_cancelled" => 500,
+    /// The agent streamed or answered more than the node's `max_output_bytes`.
+    OutputTooLarge = "output_too_large" => 500,
 
     // The relay.
     /// At its limit of agents or callers.
@@ -141,6 +143,7 @@ impl ErrorCode {
             ErrorCode::AgentError
                 | ErrorCode::AgentPanicked
                 | ErrorCode::AgentCancelled
+                | ErrorCode::OutputTooLarge
                 | ErrorCode::Internal
         )
     }
