@@ -113,7 +113,7 @@ impl Run {
                     }
                     None => break,
                 },
-                _ = tokio::time::sleep_until(due.unwrap_or_else(tokio::time::Instant::now).into()), if due.is_some() => {}
+                _ = tokio::time::sleep_until(due.unwrap_or_else(tokio::time::Instant::now)), if due.is_some() => {}
             }
             for text in stream.ready(false) {
                 self.stream(&start.session_id, &mut stream.seq, text).await;
