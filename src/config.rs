@@ -27,6 +27,10 @@ pub const DEFAULT_MAX_FILE_SIZE_MB: u64 = 10;
 pub const DEFAULT_MAX_FILES: usize = 10;
 /// Bytes one run may stream, and the most its answer may hold.
 pub const DEFAULT_MAX_OUTPUT_BYTES: usize = 1024 * 1024;
+/// Bytes of one prompt (a request's whole envelope is at most 1 MiB).
+pub const DEFAULT_MAX_PROMPT_BYTES: usize = 512 * 1024;
+/// Room for a data URL's `data:<mime>;base64,` before the file's characters.
+const DATA_URL_HEADER_SLACK: usize = 256;
 
 /// The commented host.yaml `oonode init` writes: every key with its default.
 pub const HOST_YAML_TEMPLATE: &str = r#"# .co/host.yaml: settings for `oonode host` (code parameters override these).
@@ -72,6 +76,8 @@ pub const HOST_YAML_TEMPLATE: &str = r#"# .co/host.yaml: settings for `oonode ho
 # Bytes one run may stream and the most its answer may hold; past it the run is
 # stopped with an `output_too_large` error.
 # max_output_bytes: 1048576
+# Bytes of one prompt; a longer one is refused (413 too_large) as it arrives.
+# max_prompt_bytes: 524288
 
 # Relay to announce on so the agent is reachable without an open port
 # (ws://host:port; empty or null: off).
@@ -140,6 +146,7 @@ pub struct Settings {
     pub max_sockets_per_client: Option<usize>,
     pub result_ttl: Option<u64>,
     pub max_output_bytes: Option<usize>,
+    pub max_prompt_bytes: Option<usize>,
     /// `Some(None)`: explicitly off (empty or null in the file).
     #[serde(default, deserialize_with = "relay_url")]
     pub relay_url: Option<Option<String>>,
@@ -274,6 +281,7 @@ impl Settings {
             max_sockets_per_client: self.max_sockets_per_client.or(lower.max_sockets_per_client),
             result_ttl: self.result_ttl.or(lower.result_ttl),
             max_output_bytes: self.max_output_bytes.or(lower.max_output_bytes),
+            max_prompt_bytes: self.max_prompt_bytes.or(lower.max_prompt_bytes),
             relay_url: self.relay_url.or(lower.relay_url),
             reload: self.reload.or(lower.reload),
             co_dir: self.co_dir.or(lower.co_dir),
@@ -308,6 +316,8 @@ pub struct HostConfig {
     pub result_ttl: u64,
     /// Bytes one run may stream, and the most its answer may hold.
     pub max_output_bytes: usize,
+    /// Bytes of one prompt.
+    pub max_prompt_bytes: usize,
     pub relay_url: Option<RelayUrl>,
     pub reload: bool,
     pub co_dir: PathBuf,
@@ -467,6 +477,11 @@ impl HostConfig {
                 s.max_output_bytes,
                 DEFAULT_MAX_OUTPUT_BYTES,
             )?,
+            max_prompt_bytes: positive(
+                "max_prompt_bytes",
+                s.max_prompt_bytes,
+                DEFAULT_MAX_PROMPT_BYTES,
+            )?,
             relay_url,
             reload: s.reload.unwrap_or(false),
             co_dir: data_dir,
@@ -488,6 +503,18 @@ impl HostConfig {
             max_files_per_request: s.max_files_per_request.unwrap_or(DEFAULT_MAX_FILES),
             p2p,
         })
+    }
+
+    /// What a request body is held to while it arrives.
+    pub fn body_limits(&self) -> crate::proto::BodyLimits {
+        let file = self.max_file_size_mb as usize * 1024 * 1024;
+        crate::proto::BodyLimits {
+            envelope_bytes: crate::envelope::MAX_ENVELOPE_BYTES,
+            prompt_bytes: self.max_prompt_bytes,
+            // base64 is 4/3 of the bytes; the data URL's header is short.
+            file_chars: file.div_ceil(3) * 4 + DATA_URL_HEADER_SLACK,
+            files: self.max_files_per_request,
+        }
     }
 
     /// Largest POST /input body: the prompt envelope plus the allowed files, as base64

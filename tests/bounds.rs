@@ -6,6 +6,8 @@ mod common;
 
 use std::time::Duration;
 
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
 use async_trait::async_trait;
 use common::*;
 use oonode::agent::Echo;
@@ -111,5 +113,91 @@ async fn a_run_past_max_output_bytes_is_stopped_with_a_clear_error() {
     let (status, body) = node.post(&json!({"prompt": "talk"})).await;
     assert_eq!(status, 500, "{body}");
     assert_eq!(body["code"], "output_too_large");
+    node.stop().await;
+}
+
+/// Sends the head of a POST /input that declares `declared` bytes, then only `sent` of
+/// them, and returns what the node answers without waiting for the rest (or None).
+async fn answer_to_a_partial_body(node: &TestNode, declared: usize, head: &[u8]) -> Option<String> {
+    let addr = node.url.trim_start_matches("http://").to_owned();
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!(
+        "POST /input HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {declared}\r\n\r\n"
+    );
+    tcp.write_all(request.as_bytes()).await.unwrap();
+    // The node may stop reading (and answer) before all of this is written.
+    let _ = tcp.write_all(head).await;
+    let mut buf = vec![0u8; 4096];
+    match tokio::time::timeout(Duration::from_secs(10), tcp.read(&mut buf)).await {
+        Ok(Ok(n)) if n > 0 => Some(String::from_utf8_lossy(&buf[..n]).into_owned()),
+        _ => None,
+    }
+}
+
+/// The issue's measurement: a 64 MB prompt was read whole, parsed and run. Now it is
+/// refused as soon as its prompt passes the limit, without the rest being sent.
+#[tokio::test]
+async fn a_64_mb_prompt_is_refused_before_the_body_is_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = TestNode::start(Host::new(Echo), dir.path()).await;
+    let limit = 512 * 1024; // the default max_prompt_bytes
+    let mut head = br#"{"prompt": ""#.to_vec();
+    head.extend(std::iter::repeat_n(b'p', limit + 10));
+    let answer = answer_to_a_partial_body(&node, 64 * 1024 * 1024, &head)
+        .await
+        .expect("an answer before the 64 MB were sent");
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(answer.contains("max_prompt_bytes"), "{answer}");
+
+    // The same prompt over /ws is refused by the dispatcher's own check.
+    let mut ws = ws_connect(&node.ws_url()).await;
+    let prompt = "p".repeat(limit + 1);
+    ws_send(&mut ws, &json!({"type": "INPUT", "prompt": prompt})).await;
+    let reply = ws_recv(&mut ws).await.unwrap();
+    assert_eq!(reply["code"], "too_large", "{reply}");
+
+    // One at the limit is fine.
+    let (status, body) = node.post(&json!({"prompt": "p".repeat(limit)})).await;
+    assert_eq!(
+        status,
+        200,
+        "{}",
+        &body.to_string()[..200.min(body.to_string().len())]
+    );
+    node.stop().await;
+}
+
+/// A body whose non-file part is over the envelope limit, or a file over its limit, is
+/// refused while it arrives; files beyond the count likewise.
+#[tokio::test]
+async fn oversize_envelopes_files_and_file_counts_are_refused_as_they_arrive() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = TestNode::start(Host::new(Echo).max_file_size(1), dir.path()).await;
+    let mut head =
+        br#"{"prompt": "hi", "session": {"messages": [{"role": "user", "content": ""#.to_vec();
+    head.extend(std::iter::repeat_n(b'm', 1024 * 1024 + 10));
+    let answer = answer_to_a_partial_body(&node, 5 * 1024 * 1024, &head)
+        .await
+        .expect("an answer before the whole body");
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+
+    let mut head =
+        br#"{"prompt": "hi", "files": [{"name": "a", "data": "data:text/plain;base64,"#.to_vec();
+    head.extend(std::iter::repeat_n(b'A', 1024 * 1024 * 4 / 3 + 1024));
+    let answer = answer_to_a_partial_body(&node, 12 * 1024 * 1024, &head)
+        .await
+        .expect("an answer before the whole body");
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.contains("file_too_large"), "{answer}");
+
+    let images: Vec<String> = (0..11)
+        .map(|_| "data:image/png;base64,aGk=".into())
+        .collect();
+    let (status, body) = node.post(&json!({"prompt": "hi", "images": images})).await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (400, Some("too_many_files")),
+        "{body}"
+    );
     node.stop().await;
 }

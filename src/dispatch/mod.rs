@@ -135,6 +135,8 @@ pub struct DispatcherConfig {
     pub uploads: Uploads,
     /// Bytes one run may stream, and the most its answer may hold.
     pub max_output_bytes: usize,
+    /// Bytes of one prompt, on every transport.
+    pub max_prompt_bytes: usize,
 }
 
 /// Cheap to clone; all clones share one admission queue and one store.
@@ -319,6 +321,11 @@ impl Dispatcher {
             });
         inner.trust.decide(&caller, invite).await?;
         let mut start = parse_turn(&sub, now)?;
+        if start.prompt.len() > inner.config.max_prompt_bytes {
+            return Err(Refusal::PromptTooLong {
+                max: inner.config.max_prompt_bytes,
+            });
+        }
         inner.config.uploads.check(&sub.uploads)?;
 
         let slot = inner

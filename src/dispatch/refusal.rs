@@ -23,6 +23,8 @@ pub enum Refusal {
     Trust(#[from] Refused),
     #[error(transparent)]
     Admin(#[from] AdminError),
+    #[error("the prompt is over {max} bytes (max_prompt_bytes)")]
+    PromptTooLong { max: usize },
     #[error("this message was already received (replay refused)")]
     Replayed,
     #[error("session {0} is still running its previous turn")]
@@ -61,6 +63,7 @@ impl Refusal {
             Refusal::Admin(AdminError::Store(_)) => ErrorCode::Internal,
             Refusal::Admin(_) => ErrorCode::BadRequest,
             Refusal::Replayed => ErrorCode::Replayed,
+            Refusal::PromptTooLong { .. } => ErrorCode::TooLarge,
             Refusal::SessionBusy(_) => ErrorCode::SessionBusy,
             Refusal::UnknownSession(_)
             | Refusal::NothingToContinue(_)

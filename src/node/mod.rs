@@ -160,6 +160,12 @@ impl Host {
         self
     }
 
+    /// Bytes of one prompt (`max_prompt_bytes`): longer ones are refused, 413.
+    pub fn max_prompt_bytes(mut self, n: usize) -> Self {
+        self.code.max_prompt_bytes = Some(n);
+        self
+    }
+
     /// Requests that may wait for a worker; past this the node answers "busy".
     pub fn max_queue(mut self, n: usize) -> Self {
         self.code.max_queue = Some(n);

@@ -86,6 +86,7 @@ impl Node {
                 result_ttl: config.result_ttl,
                 uploads: uploads(&config),
                 max_output_bytes: config.max_output_bytes,
+                max_prompt_bytes: config.max_prompt_bytes,
             },
         );
         let background = CancellationToken::new();
@@ -132,6 +133,12 @@ impl Node {
             dispatcher: self.dispatcher.clone(),
             info: self.info.clone(),
             max_body_bytes,
+            body_limits: self.config.body_limits(),
+            body_budget: Arc::new(tokio::sync::Semaphore::new(
+                max_body_bytes
+                    .div_ceil(1024)
+                    .min(tokio::sync::Semaphore::MAX_PERMITS),
+            )),
             cors_origins: self.config.cors_origins.clone(),
             started: Instant::now(),
             ws: WsState {

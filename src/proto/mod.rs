@@ -5,6 +5,7 @@
 //! error code as a string.
 
 mod announce;
+mod body_limits;
 mod error;
 mod frame;
 mod relay_url;
@@ -14,6 +15,7 @@ pub use announce::{
     signed_announce, verify_announce, Announce, MAX_ENDPOINTS, MAX_ENDPOINT_BYTES,
     MAX_SUMMARY_CHARS,
 };
+pub use body_limits::{BodyLimits, BodyScanner, BodyViolation};
 pub use error::ErrorCode;
 pub use frame::{
     input_frame, session_of, AgentToRelay, CallerToRelay, ClientFrame, ConnectStatus, FrameError,

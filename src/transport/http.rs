@@ -2,7 +2,7 @@
 //! reads of sessions may be signed with the `x-co-*` headers.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::extract::{FromRef, Path, Request, State};
@@ -12,6 +12,7 @@ use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{json, Value};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::DropGuard;
 use tracing::{debug, info_span, Instrument};
 
@@ -25,7 +26,7 @@ use super::ws::WsState;
 use super::PeerIp;
 use crate::dispatch::{Dispatcher, Reader, Refusal, Route, SignedRead, Transport};
 use crate::envelope::{decode_object, Envelope, EnvelopeError, Kind};
-use crate::proto::{self, ErrorCode};
+use crate::proto::{self, BodyLimits, BodyScanner, BodyViolation, ErrorCode};
 use crate::store::SessionRecord;
 
 /// What `/info` and `/health` tell about the node.
@@ -43,6 +44,11 @@ pub(crate) struct HttpState {
     pub dispatcher: Dispatcher,
     pub info: NodeInfo,
     pub max_body_bytes: usize,
+    /// Limits checked while a body arrives (prompt, each file, the rest).
+    pub body_limits: BodyLimits,
+    /// Bytes of request bodies being read at once, in KiB: a burst of large requests
+    /// waits or is refused instead of growing memory past it.
+    pub body_budget: Arc<Semaphore>,
     /// Web origins allowed to call the API from a browser (besides the node's own).
     pub cors_origins: Vec<String>,
     pub started: Instant,
@@ -218,10 +224,30 @@ async fn post_input(
     if let Some(len) = declared.filter(|&l| l > st.max_body_bytes) {
         return too_large(len);
     }
-    let bytes = match axum::body::to_bytes(body, st.max_body_bytes).await {
-        Ok(b) => b,
-        Err(_) => return too_large(declared.unwrap_or(st.max_body_bytes + 1)),
+    let bytes = match read_body(&st, body, declared).await {
+        Ok(read) => read,
+        Err(BodyRefusal::Limit(v)) => {
+            let code = match v {
+                BodyViolation::TooManyFiles { .. } => ErrorCode::TooManyFiles,
+                BodyViolation::File { .. } => ErrorCode::FileTooLarge,
+                _ => ErrorCode::TooLarge,
+            };
+            return early(code, error(code, &v.to_string()));
+        }
+        Err(BodyRefusal::TooLarge) => return too_large(declared.unwrap_or(st.max_body_bytes + 1)),
+        Err(BodyRefusal::Busy) => {
+            let msg = "too many large requests at once; try again shortly";
+            let mut res = error(ErrorCode::Busy, msg);
+            res.headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+            return early(ErrorCode::Busy, res);
+        }
+        Err(BodyRefusal::Read) => {
+            let msg = "the request body could not be read";
+            return early(ErrorCode::BadRequest, error(ErrorCode::BadRequest, msg));
+        }
     };
+    let (bytes, _budget) = bytes;
     let obj = match decode_object(&bytes, st.max_body_bytes) {
         Ok(o) => o,
         Err(EnvelopeError::InvalidJson(detail)) => {
@@ -239,9 +265,14 @@ async fn post_input(
         Ok(s) => s,
         Err(r) => return early(r.code(), refusal(&r)),
     };
+    // Parsed: the raw body is no longer needed (its budget is held until the files
+    // are saved).
+    drop(bytes);
     submission.peer = peer;
     submission.may_open = false;
-    let mut accepted = match st.dispatcher.submit(submission).await {
+    let submitted = st.dispatcher.submit(submission).await;
+    drop(_budget);
+    let mut accepted = match submitted {
         Ok(a) => a,
         Err(rejected) => {
             debug!(code = %rejected.refusal.code(), "input refused");
@@ -554,4 +585,61 @@ async fn info(State(st): State<Arc<HttpState>>) -> Response {
         },
     }))
     .into_response()
+}
+
+/// How long a request waits for room in the body budget before it is refused (503).
+const BODY_BUDGET_WAIT: Duration = Duration::from_secs(5);
+
+enum BodyRefusal {
+    Limit(BodyViolation),
+    TooLarge,
+    Busy,
+    Read,
+}
+
+/// Reads a body within the node's limits, checking them as the bytes arrive, and holding
+/// room in the body budget for it: all of a declared length before reading (a burst of
+/// large requests waits its turn), chunk by chunk otherwise (refused once full).
+async fn read_body(
+    st: &HttpState,
+    body: Body,
+    declared: Option<usize>,
+) -> Result<(Vec<u8>, OwnedSemaphorePermit), BodyRefusal> {
+    use futures::StreamExt;
+    let kib = |n: usize| u32::try_from(n.div_ceil(1024)).unwrap_or(u32::MAX);
+    let mut held = match declared {
+        Some(len) => tokio::time::timeout(
+            BODY_BUDGET_WAIT,
+            st.body_budget.clone().acquire_many_owned(kib(len)),
+        )
+        .await
+        .map_err(|_| BodyRefusal::Busy)?
+        .map_err(|_| BodyRefusal::Busy)?,
+        None => st
+            .body_budget
+            .clone()
+            .try_acquire_many_owned(0)
+            .map_err(|_| BodyRefusal::Busy)?,
+    };
+    let mut scanner = BodyScanner::new(st.body_limits);
+    let mut bytes = Vec::with_capacity(declared.unwrap_or(0).min(st.max_body_bytes));
+    let mut stream = body.into_data_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|_| BodyRefusal::Read)?;
+        if bytes.len() + chunk.len() > st.max_body_bytes {
+            return Err(BodyRefusal::TooLarge);
+        }
+        scanner.feed(&chunk).map_err(BodyRefusal::Limit)?;
+        let want = kib(bytes.len() + chunk.len());
+        if want > held.num_permits() as u32 {
+            let more = st
+                .body_budget
+                .clone()
+                .try_acquire_many_owned(want - held.num_permits() as u32)
+                .map_err(|_| BodyRefusal::Busy)?;
+            held.merge(more);
+        }
+        bytes.extend_from_slice(&chunk);
+    }
+    Ok((bytes, held))
 }
