@@ -75,7 +75,13 @@ async fn answer(
             "plain text",
             r#"{"result":"Hello, streamed."}"#,
         ]),
-        "sse-chunks" => event_stream(&[r#"{"chunk":"one "}"#, r#""two""#, "[DONE]"]),
+        "sse-chunks" => event_stream(&[
+            r#"{"chunk":"one "}"#,
+            r#"{"chunk":""}"#,
+            r#""two""#,
+            "[DONE]",
+            r#"{"chunk":"after the end"}"#,
+        ]),
         "sse-error" => event_stream(&[r#"{"chunk":"almost"}"#, r#"{"error":"ran out of ideas"}"#]),
         "fail" => (
             axum::http::StatusCode::INTERNAL_SERVER_ERROR,

@@ -8,7 +8,8 @@
 //! - `text/event-stream`: events whose data is `{"chunk": "…"}` (a STREAM chunk each),
 //!   then `{"result": "…"}` (the answer; without it the chunks joined are the answer)
 //!   or `{"error": "…"}`. A data line that is not a JSON object is a chunk as it stands
-//!   (a JSON string is decoded first), and `[DONE]` ends the stream.
+//!   (a JSON string is decoded first), empty chunks are skipped, and `[DONE]` ends the
+//!   stream.
 //!
 //! Connection errors are retried with backoff (the request never reached the endpoint,
 //! so retrying cannot run a turn twice); anything after the request was sent is not.
@@ -230,6 +231,8 @@ async fn streamed(mut events: EventStream, stream: &StreamSink) -> Result<String
     let mut chunks = Answer::default();
     while let Some(data) = events.next().await? {
         match event(data)? {
+            // Each chunk is a signed, stored STREAM reply: an empty one is not worth one.
+            Event::Chunk(chunk) if chunk.is_empty() => {}
             Event::Chunk(chunk) => {
                 chunks.push(&chunk, UPSTREAM)?;
                 stream.send(chunk).await;
