@@ -1,14 +1,19 @@
 //! Configuration: code parameters > `.co/host.yaml` > defaults.
 //!
-//! The file takes exactly the seed's keys, plus `bind`, `max_queue` and the swarm's
-//! `p2p`, `listen`, `bootstrap`, `mdns` (documented in the README); an unknown or
-//! ill-typed key stops start-up with the file and key named.
+//! The file takes exactly the seed's keys, plus `bind`, `max_queue`, the swarm's
+//! `p2p`, `listen`, `bootstrap`, `mdns`, and the HTTP agents' `forward:` and `llm:` blocks
+//! (documented in the README); an unknown or ill-typed key stops start-up with the file
+//! and key named.
 
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
+use reqwest::Url;
 use serde::Deserialize;
 
+use crate::agent::{ApiKey, ForwardConfig, LlmConfig, DEFAULT_API_KEY_ENV, MAX_FORWARD_RETRIES};
 use crate::proto::RelayUrl;
 use crate::transport::p2p::{parse_multiaddr, P2pConfig};
 use crate::trust::{
@@ -103,6 +108,31 @@ pub const HOST_YAML_TEMPLATE: &str = r#"# .co/host.yaml: settings for `oonode ho
 # bootstrap: []          # multiaddrs ending in /p2p/<PeerId>
 # mdns: false
 # max_connections_per_ip: 16   # inbound swarm connections one IP may hold
+
+# The agent, when `oonode host` names none (no --agent or --forward): a `forward:` or an
+# `llm:` block hosts that agent (one of them, not both); without either, `translator`.
+# Flags override single keys (--forward URL, --llm-base-url URL, --llm-model NAME).
+#
+# An agent behind an HTTP endpoint: each turn is POSTed to `url` as JSON
+# {"prompt", "session_id", "messages", "caller"}; it answers {"result": "…"} or
+# {"error": "…"}, or streams text/event-stream events (see the README).
+# forward:
+#   url: http://127.0.0.1:9000/agent
+#   timeout_secs: 120       # one turn, retries and streaming included
+#   retries: 2              # after connection errors only (at most 10)
+#   headers: {}             # sent with every request, e.g. {Authorization: "Bearer …"}
+#
+# A model behind an OpenAI-compatible chat-completions API (OpenAI, Ollama's /v1,
+# llama.cpp, vLLM). The API key is read from the environment variable named by
+# api_key_env; unset or empty, no Authorization header is sent (local servers).
+# llm:
+#   base_url: http://localhost:11434/v1
+#   model: llama3.2
+#   api_key_env: OPENAI_API_KEY
+#   system_prompt: ""       # the first message of every request, when not empty
+#   temperature: null       # null: the server's default (0 to 2)
+#   max_tokens: null        # null: the server's default
+#   timeout_secs: 120       # one turn, retries and streaming included
 "#;
 
 #[derive(Debug, thiserror::Error)]
@@ -169,6 +199,160 @@ pub struct Settings {
     pub mdns: Option<bool>,
     /// Inbound swarm connections one IP may hold (default 16).
     pub max_connections_per_ip: Option<usize>,
+    /// An agent behind an HTTP endpoint (`oonode host --forward URL`).
+    pub forward: Option<ForwardSettings>,
+    /// A model behind an OpenAI-compatible API (`oonode host --agent llm`).
+    pub llm: Option<LlmSettings>,
+}
+
+/// host.yaml's `forward:` block, each key optional until resolved.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct ForwardSettings {
+    pub url: Option<String>,
+    pub timeout_secs: Option<u64>,
+    pub retries: Option<u32>,
+    pub headers: Option<BTreeMap<String, String>>,
+}
+
+impl ForwardSettings {
+    /// Keys set here win over `lower`'s.
+    pub fn or(self, lower: ForwardSettings) -> ForwardSettings {
+        ForwardSettings {
+            url: self.url.or(lower.url),
+            timeout_secs: self.timeout_secs.or(lower.timeout_secs),
+            retries: self.retries.or(lower.retries),
+            headers: self.headers.or(lower.headers),
+        }
+    }
+
+    /// The agent's configuration; `origin` names where the settings came from in errors.
+    pub fn resolve(self, origin: &str) -> Result<ForwardConfig, ConfigError> {
+        let invalid = |key: &str, message: String| ConfigError::Invalid {
+            path: origin.into(),
+            message: format!("key `forward.{key}`: {message}"),
+        };
+        let url = self
+            .url
+            .ok_or_else(|| invalid("url", "required (the endpoint to POST each turn to)".into()))?;
+        let mut config = ForwardConfig::new(http_url(&url).map_err(|e| invalid("url", e))?);
+        if let Some(secs) = self.timeout_secs {
+            config.timeout = seconds(secs).map_err(|e| invalid("timeout_secs", e))?;
+        }
+        if let Some(n) = self.retries {
+            if n > MAX_FORWARD_RETRIES {
+                return Err(invalid("retries", format!("at most {MAX_FORWARD_RETRIES}")));
+            }
+            config.retries = n;
+        }
+        for (name, value) in self.headers.unwrap_or_default() {
+            config = config
+                .header(&name, &value)
+                .map_err(|e| invalid("headers", e.to_string()))?;
+        }
+        Ok(config)
+    }
+}
+
+/// host.yaml's `llm:` block, each key optional until resolved.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct LlmSettings {
+    pub base_url: Option<String>,
+    pub model: Option<String>,
+    /// The environment variable holding the API key (default `OPENAI_API_KEY`); the key
+    /// itself never goes in host.yaml.
+    pub api_key_env: Option<String>,
+    pub system_prompt: Option<String>,
+    pub temperature: Option<f32>,
+    pub max_tokens: Option<u32>,
+    pub timeout_secs: Option<u64>,
+}
+
+impl LlmSettings {
+    /// Keys set here win over `lower`'s.
+    pub fn or(self, lower: LlmSettings) -> LlmSettings {
+        LlmSettings {
+            base_url: self.base_url.or(lower.base_url),
+            model: self.model.or(lower.model),
+            api_key_env: self.api_key_env.or(lower.api_key_env),
+            system_prompt: self.system_prompt.or(lower.system_prompt),
+            temperature: self.temperature.or(lower.temperature),
+            max_tokens: self.max_tokens.or(lower.max_tokens),
+            timeout_secs: self.timeout_secs.or(lower.timeout_secs),
+        }
+    }
+
+    /// The agent's configuration, with the key read from the environment now;
+    /// `origin` names where the settings came from in errors.
+    pub fn resolve(self, origin: &str) -> Result<LlmConfig, ConfigError> {
+        let invalid = |key: &str, message: String| ConfigError::Invalid {
+            path: origin.into(),
+            message: format!("key `llm.{key}`: {message}"),
+        };
+        let base_url = self.base_url.ok_or_else(|| {
+            invalid(
+                "base_url",
+                "required (the API base, e.g. http://localhost:11434/v1)".into(),
+            )
+        })?;
+        let model = self
+            .model
+            .filter(|m| !m.trim().is_empty())
+            .ok_or_else(|| invalid("model", "required (the model's name)".into()))?;
+        let mut config = LlmConfig::new(
+            http_url(&base_url).map_err(|e| invalid("base_url", e))?,
+            model,
+        );
+        let key_env = self
+            .api_key_env
+            .unwrap_or_else(|| DEFAULT_API_KEY_ENV.to_owned());
+        if key_env.is_empty() || key_env.contains(['=', '\0']) {
+            return Err(invalid(
+                "api_key_env",
+                format!("{key_env:?} is not an environment variable's name"),
+            ));
+        }
+        config.api_key = ApiKey::from_env(&key_env);
+        config.system_prompt = self.system_prompt.filter(|p| !p.trim().is_empty());
+        if let Some(t) = self.temperature {
+            if !(0.0..=2.0).contains(&t) {
+                return Err(invalid("temperature", "must be between 0 and 2".into()));
+            }
+            config.temperature = Some(t);
+        }
+        if let Some(n) = self.max_tokens {
+            if n == 0 {
+                return Err(invalid("max_tokens", "must be at least 1".into()));
+            }
+            config.max_tokens = Some(n);
+        }
+        if let Some(secs) = self.timeout_secs {
+            config.timeout = seconds(secs).map_err(|e| invalid("timeout_secs", e))?;
+        }
+        Ok(config)
+    }
+}
+
+/// An `http://` or `https://` URL.
+fn http_url(text: &str) -> Result<Url, String> {
+    let url: Url = text
+        .trim()
+        .parse()
+        .map_err(|e| format!("{text:?} is not a URL: {e}"))?;
+    match url.scheme() {
+        "http" | "https" if url.host_str().is_some() => Ok(url),
+        _ => Err(format!("{text:?} is not an http:// or https:// URL")),
+    }
+}
+
+fn seconds(secs: u64) -> Result<Duration, String> {
+    match secs {
+        0 => Err("must be at least 1 second".into()),
+        n => Ok(Duration::from_secs(n)),
+    }
 }
 
 /// The `trust` key: a level, a policy (the seed's advanced mapping), or policy text
@@ -295,6 +479,14 @@ impl Settings {
             bootstrap: self.bootstrap.or(lower.bootstrap),
             mdns: self.mdns.or(lower.mdns),
             max_connections_per_ip: self.max_connections_per_ip.or(lower.max_connections_per_ip),
+            forward: match (self.forward, lower.forward) {
+                (Some(high), Some(low)) => Some(high.or(low)),
+                (high, low) => high.or(low),
+            },
+            llm: match (self.llm, lower.llm) {
+                (Some(high), Some(low)) => Some(high.or(low)),
+                (high, low) => high.or(low),
+            },
         }
     }
 }
@@ -621,6 +813,76 @@ co_dir: null
         assert_eq!(s.workers, Some(DEFAULT_WORKERS));
         assert_eq!(s.result_ttl, Some(DEFAULT_RESULT_TTL));
         assert_eq!(s.max_queue, Some(DEFAULT_MAX_QUEUE));
+    }
+
+    #[test]
+    fn the_templates_agent_blocks_parse_and_resolve_when_uncommented() {
+        let block = |name: &str| -> String {
+            HOST_YAML_TEMPLATE
+                .lines()
+                .skip_while(|l| *l != format!("# {name}:"))
+                .take_while(|l| l.starts_with(&format!("# {name}:")) || l.starts_with("#   "))
+                .map(|l| format!("{}\n", &l[2..]))
+                .collect()
+        };
+        let forward = Settings::from_yaml(&block("forward"), "t").unwrap();
+        let config = forward.forward.unwrap().resolve("t").unwrap();
+        assert_eq!(config.url.as_str(), "http://127.0.0.1:9000/agent");
+        assert_eq!(config.retries, crate::agent::DEFAULT_FORWARD_RETRIES);
+        assert_eq!(config.timeout, crate::agent::DEFAULT_FORWARD_TIMEOUT);
+        let llm = Settings::from_yaml(&block("llm"), "t").unwrap();
+        let config = llm.llm.unwrap().resolve("t").unwrap();
+        assert_eq!(config.model, "llama3.2");
+        assert_eq!(config.timeout, crate::agent::DEFAULT_LLM_TIMEOUT);
+        assert_eq!(config.system_prompt, None);
+        assert_eq!(config.temperature, None);
+    }
+
+    #[test]
+    fn agent_blocks_name_their_bad_keys_and_flags_beat_the_file() {
+        let err = |yaml: &str| {
+            let s = Settings::from_yaml(yaml, "h.yaml").unwrap();
+            match (s.forward, s.llm) {
+                (Some(f), _) => f.resolve("h.yaml").unwrap_err().to_string(),
+                (_, Some(l)) => l.resolve("h.yaml").unwrap_err().to_string(),
+                _ => panic!("no block in {yaml}"),
+            }
+        };
+        assert!(err("forward: {timeout_secs: 3}").contains("key `forward.url`: required"));
+        assert!(err("forward: {url: 'ftp://x/'}").contains("key `forward.url`"));
+        assert!(err("forward: {url: 'http://x/', retries: 99}").contains("forward.retries"));
+        assert!(err("forward: {url: 'http://x/', headers: {'a b': c}}").contains("headers"));
+        assert!(err("llm: {base_url: 'http://x/v1'}").contains("key `llm.model`"));
+        assert!(err("llm: {model: m}").contains("key `llm.base_url`"));
+        assert!(
+            err("llm: {base_url: 'http://x/v1', model: m, temperature: 3}")
+                .contains("llm.temperature")
+        );
+        assert!(
+            err("llm: {base_url: 'http://x/v1', model: m, timeout_secs: 0}")
+                .contains("llm.timeout_secs")
+        );
+        assert!(Settings::from_yaml("llm: {modell: m}", "h.yaml")
+            .unwrap_err()
+            .to_string()
+            .contains("modell"));
+
+        let file = Settings::from_yaml(
+            "llm: {base_url: 'http://file/v1', model: file-model, max_tokens: 9}",
+            "f",
+        )
+        .unwrap();
+        let flags = Settings {
+            llm: Some(LlmSettings {
+                model: Some("flag-model".into()),
+                ..LlmSettings::default()
+            }),
+            ..Settings::default()
+        };
+        let config = flags.or(file).llm.unwrap().resolve("f").unwrap();
+        assert_eq!(config.model, "flag-model");
+        assert_eq!(config.base_url.as_str(), "http://file/v1");
+        assert_eq!(config.max_tokens, Some(9));
     }
 
     #[test]

@@ -81,7 +81,7 @@
 //! | `proto/` | the wire (no I/O): typed frames per link (`frame.rs`), [`proto::ErrorCode`] (`error.rs`), ANNOUNCE (`announce.rs`), [`proto::RelayUrl`] and the relay's routes (`relay_url.rs`), signed HTTP reads (`signed_request.rs`) |
 //! | `metrics.rs` | what a node and a relay count for `/metrics` (prometheus-client, one registry per instance; libp2p's own metrics and the store's flushes join the node's), the request's `Transport`, route and outcome labels |
 //! | `net.rs` | socket helpers shared by the node and the relay server: TCP_NODELAY, a listener capped per client IP, WebSocket read errors, SIGINT/SIGTERM |
-//! | `agent/` | the [`Agent`] trait (with its own summary and examples), [`AgentFactory`] (a fresh agent per request) in `mod.rs`; built-ins `echo`, `translator`, `ticker` in `builtin.rs` |
+//! | `agent/` | the [`Agent`] trait (with its own summary and examples), [`AgentFactory`] (a fresh agent per request) in `mod.rs`; built-ins `echo`, `translator`, `ticker` in `builtin.rs`; an agent behind an HTTP endpoint (`forward.rs`, `--forward`) and a model behind an OpenAI-compatible API (`llm.rs`, `--agent llm`), sharing SSE decoding, backoff and errors (`upstream.rs`) |
 //! | `store/` | sled (`mod.rs`: sessions, seen ids, kept replies, trust state; one store thread, group commit) and attached files (`uploads.rs`) |
 //! | `trust/` | trust levels, address lists (`lists.rs`), policies (`policy.rs`), the decision, onboarding and admin actions (`engine.rs`), wrong invite codes (`invites.rs`) |
 //! | `dispatch/` | the [`Dispatcher`]: verify → trust → admit → run → stream → persist → reply (`mod.rs`); signatures, CONNECT, signed reads, admin (`access.rs`); whose sessions (`scope.rs`); refusals and their answers (`refusal.rs`); one run (`run.rs`); a turn's session state (`turn.rs`); RESUME (`follow.rs`) |
@@ -113,7 +113,9 @@ pub use agent::{Agent, AgentError, AgentFactory, StreamSink, Turn};
 /// For implementing [`Agent`] without depending on `async-trait` directly.
 pub use async_trait::async_trait;
 pub use client::{connect, Answer, CallError, ConnectOptions, Remote, Via};
-pub use config::{ConfigError, HostConfig, Settings, HOST_YAML_TEMPLATE};
+pub use config::{
+    ConfigError, ForwardSettings, HostConfig, LlmSettings, Settings, HOST_YAML_TEMPLATE,
+};
 pub use dispatch::{
     Accepted, Dispatcher, Origin, Reader, Refusal, Rejected, Scope, SessionSecret, SignedRead,
     Submission, Transport,

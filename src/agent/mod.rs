@@ -1,5 +1,7 @@
 //! The agent API: what a hosted agent implements, how each request gets a fresh instance,
-//! and the built-in example agents (`echo`, `translator`, `ticker`).
+//! the built-in example agents (`echo`, `translator`, `ticker`), and agents that live
+//! elsewhere: behind an HTTP endpoint (`forward.rs`) or an OpenAI-compatible API
+//! (`llm.rs`), with what those two share in `upstream.rs`.
 
 use std::sync::Arc;
 
@@ -113,5 +115,17 @@ impl AgentFactory {
 }
 
 mod builtin;
+mod forward;
+mod llm;
+mod upstream;
 
 pub use builtin::{builtin, Echo, Ticker, Translator, BUILTIN_AGENTS};
+pub use forward::{
+    Forward, ForwardConfig, ForwardConfigError, DEFAULT_FORWARD_RETRIES, DEFAULT_FORWARD_TIMEOUT,
+    MAX_FORWARD_RETRIES,
+};
+pub use llm::{
+    ApiKey, Llm, LlmConfig, DEFAULT_API_KEY_ENV, DEFAULT_LLM_TIMEOUT, MAX_LLM_RETRIES,
+    MAX_RETRY_AFTER,
+};
+pub use upstream::{Upstream, UpstreamError, MAX_ANSWER_BYTES};

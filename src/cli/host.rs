@@ -4,15 +4,35 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 
 use anyhow::Context;
-use oonode::{agent, Host, HostError, P2pError, TrustLevel};
+use oonode::{
+    agent, find_co_dir, AgentFactory, ForwardSettings, Host, HostError, LlmSettings, P2pError,
+    Settings, TrustLevel,
+};
 
 use super::Exit;
 
 #[derive(clap::Args)]
 pub(crate) struct HostArgs {
-    /// Built-in agent to host.
-    #[arg(long, default_value = "translator", value_parser = clap::builder::PossibleValuesParser::new(agent::BUILTIN_AGENTS))]
-    agent: String,
+    /// Agent to host: a built-in (echo, translator, ticker), or `llm`, a model behind an
+    /// OpenAI-compatible API (see --llm-base-url). Default: host.yaml's `forward:` or
+    /// `llm:` block if it has one, else translator.
+    #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(
+        agent::BUILTIN_AGENTS.iter().copied().chain([LLM])))]
+    agent: Option<String>,
+    /// Host an agent that already runs behind an HTTP endpoint: each turn is POSTed to
+    /// URL as JSON {prompt, session_id, messages, caller}, and the answer is a JSON
+    /// {"result": …} or a text/event-stream of chunks. Timeout, retries and headers:
+    /// host.yaml's `forward:` block.
+    #[arg(long, value_name = "URL", conflicts_with = "agent", value_parser = super::http_url)]
+    forward: Option<String>,
+    /// With --agent llm (implied): the API base URL, to which /chat/completions is
+    /// appended, e.g. http://localhost:11434/v1 (Ollama) or https://api.openai.com/v1.
+    /// The key comes from $OPENAI_API_KEY (or host.yaml's llm.api_key_env), if set.
+    #[arg(long, value_name = "URL", conflicts_with = "forward", value_parser = super::http_url)]
+    llm_base_url: Option<String>,
+    /// With --agent llm (implied): the model's name, e.g. llama3.2 or gpt-4o-mini.
+    #[arg(long, value_name = "NAME", conflicts_with = "forward")]
+    llm_model: Option<String>,
     /// HTTP port (0 picks a free one). Default: host.yaml, else 8000.
     #[arg(long)]
     port: Option<u16>,
@@ -73,8 +93,11 @@ pub(crate) struct HostArgs {
     pub(super) log_format: super::LogFormat,
 }
 
+/// `--agent llm`.
+const LLM: &str = "llm";
+
 pub(crate) async fn host(args: HostArgs) -> anyhow::Result<()> {
-    let factory = agent::builtin(&args.agent).context("unknown agent")?;
+    let factory = agent_factory(&args)?;
     let mut host = Host::with_factory(factory);
     if let Some(p) = args.port {
         host = host.port(p);
@@ -126,6 +149,84 @@ pub(crate) async fn host(args: HostArgs) -> anyhow::Result<()> {
         .await
         .map_err(refusal)
 }
+
+/// The agent the flags name, else the one host.yaml's `forward:` or `llm:` block
+/// describes, else the translator. Flags override the block's single keys.
+fn agent_factory(args: &HostArgs) -> anyhow::Result<AgentFactory> {
+    let co_dir = match &args.co_dir {
+        Some(dir) => dir.clone(),
+        None => find_co_dir(&std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."))),
+    };
+    let yaml = co_dir.join("host.yaml");
+    let origin = yaml.display().to_string();
+    let file = Settings::from_file(&yaml)
+        .map_err(|e| Exit::usage(e.to_string()))?
+        .unwrap_or_default();
+    let llm_flags = args.llm_base_url.is_some() || args.llm_model.is_some();
+    let kind = match (args.agent.as_deref(), &args.forward) {
+        (Some(LLM), _) => LLM,
+        (Some(_), _) if llm_flags => {
+            return Err(Exit::usage(
+                "--llm-base-url and --llm-model go with --agent llm",
+            ))
+        }
+        (Some(name), _) => name,
+        (None, Some(_)) => "forward",
+        (None, None) if llm_flags => LLM,
+        (None, None) => match (&file.forward, &file.llm) {
+            (Some(_), Some(_)) => {
+                return Err(Exit::usage(format!(
+                    "{origin} has both a `forward:` and an `llm:` block: keep one, or choose \
+                     with --forward URL or --agent NAME"
+                )))
+            }
+            (Some(_), None) => "forward",
+            (None, Some(_)) => LLM,
+            (None, None) => DEFAULT_AGENT,
+        },
+    };
+    match kind {
+        "forward" => {
+            let mut flags = ForwardSettings::default();
+            flags.url = args.forward.clone();
+            let settings = flags.or(file.forward.unwrap_or_default());
+            if settings.url.is_none() {
+                return Err(Exit::usage(format!(
+                    "no endpoint to forward to: give --forward URL or `url:` in {origin}'s \
+                     `forward:` block"
+                )));
+            }
+            let config = settings
+                .resolve(&origin)
+                .map_err(|e| Exit::usage(e.to_string()))?;
+            Ok(AgentFactory::from_clone(agent::Forward::new(config)))
+        }
+        LLM => {
+            let mut flags = LlmSettings::default();
+            flags.base_url = args.llm_base_url.clone();
+            flags.model = args.llm_model.clone();
+            let settings = flags.or(file.llm.unwrap_or_default());
+            let missing = match (&settings.base_url, &settings.model) {
+                (None, _) => Some("an API base URL: --llm-base-url URL or `base_url:`"),
+                (_, None) => Some("a model: --llm-model NAME or `model:`"),
+                _ => None,
+            };
+            if let Some(what) = missing {
+                return Err(Exit::usage(format!(
+                    "--agent llm needs {what} in {origin}'s `llm:` block"
+                )));
+            }
+            let config = settings
+                .resolve(&origin)
+                .map_err(|e| Exit::usage(e.to_string()))?;
+            Ok(AgentFactory::from_clone(agent::Llm::new(config)))
+        }
+        name => agent::builtin(name).context("unknown agent"),
+    }
+}
+
+/// The agent `oonode host` runs when nothing names one.
+const DEFAULT_AGENT: &str = "translator";
 
 /// What stops a node from starting, as one line: a bad host.yaml value (flags were checked
 /// by clap already) or a port that cannot be had, with the flag that fixes it, exit 2;

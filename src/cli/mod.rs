@@ -167,6 +167,17 @@ pub(crate) fn relay_url(s: &str) -> Result<String, String> {
         .map_err(|e| format!("{e}; expected ws://host:port or wss://host"))
 }
 
+/// `--forward`, `--llm-base-url`: an http:// or https:// URL.
+pub(crate) fn http_url(s: &str) -> Result<String, String> {
+    match s.parse::<reqwest::Url>() {
+        Ok(url) if matches!(url.scheme(), "http" | "https") && url.host_str().is_some() => {
+            Ok(s.to_owned())
+        }
+        Ok(_) => Err("expected an http:// or https:// URL".into()),
+        Err(e) => Err(format!("{e}; expected an http:// or https:// URL")),
+    }
+}
+
 /// A count or a number of seconds that must be at least 1 (`--workers`, `--result-ttl`).
 pub(crate) fn at_least_one<T: std::str::FromStr + PartialOrd + From<u8>>(
     s: &str,

@@ -4,6 +4,7 @@
 //! Every test file compiles this module on its own and uses part of it.
 #![allow(dead_code)]
 
+pub mod mock_llm;
 pub mod node;
 pub mod proc;
 pub mod relay;

@@ -253,6 +253,8 @@ pub struct NodeProcBuilder {
     relay: Option<String>,
     listen: Vec<String>,
     args: Vec<String>,
+    env: Vec<(String, String)>,
+    stderr: Stderr,
     log: &'static str,
     ready_within: Duration,
 }
@@ -265,6 +267,8 @@ impl NodeProc {
             relay: None,
             listen: Vec::new(),
             args: Vec::new(),
+            env: Vec::new(),
+            stderr: Stderr::Inherit,
             log: "warn",
             ready_within: READY_LIMIT,
         }
@@ -301,6 +305,19 @@ impl NodeProcBuilder {
         self
     }
 
+    /// One more environment variable for the child.
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.env.push((key.to_owned(), value.to_owned()));
+        self
+    }
+
+    /// Where the child's stderr goes (default: ours); [`Stderr::Echo`] also keeps it for
+    /// [`Child::kill_and_read_stderr`].
+    pub fn stderr(mut self, stderr: Stderr) -> Self {
+        self.stderr = stderr;
+        self
+    }
+
     /// The child's `RUST_LOG`.
     pub fn log(mut self, filter: &'static str) -> Self {
         self.log = filter;
@@ -334,7 +351,8 @@ impl NodeProcBuilder {
             cmd.args(["--listen", addr]);
         }
         cmd.args(&self.args);
-        Child::spawn("node", &mut cmd, Stderr::Inherit)
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
+        Child::spawn("node", &mut cmd, self.stderr)
     }
 
     /// Starts the node and waits (blocking) for its ready line.

@@ -6,7 +6,7 @@
 use std::io::{BufRead, BufReader};
 use std::process::{Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use libp2p::Multiaddr;
@@ -29,6 +29,10 @@ pub enum Stderr {
     Echo,
 }
 
+/// How much of a child's stderr [`Child::kill_and_read_stderr`] keeps; the rest is
+/// still echoed.
+const MAX_KEPT_STDERR_BYTES: usize = 4 * 1024 * 1024;
+
 /// A child process; killed (SIGKILL, by its own handle) and reaped when dropped, also
 /// when the test or bench panics. Its stdout is read line by line on a thread of its
 /// own for its whole life, so it never blocks on a full pipe.
@@ -37,6 +41,10 @@ pub struct Child {
     child: std::process::Child,
     lines: mpsc::Receiver<String>,
     log_lines: Arc<AtomicUsize>,
+    /// With [`Stderr::Echo`]: what the child wrote there (up to a limit), and the thread
+    /// that reads it.
+    stderr_kept: Arc<Mutex<String>>,
+    stderr_reader: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Child {
@@ -53,17 +61,25 @@ impl Child {
             .unwrap_or_else(|e| panic!("cannot start the {name}: {e}"));
         let pid = child.id();
         let log_lines = Arc::new(AtomicUsize::new(0));
-        if let Some(err) = child.stderr.take() {
+        let stderr_kept = Arc::new(Mutex::new(String::new()));
+        let stderr_reader = child.stderr.take().map(|err| {
             let (label, count) = (format!("[{name} pid {pid} stderr]"), log_lines.clone());
+            let kept = stderr_kept.clone();
             std::thread::spawn(move || {
                 for line in BufReader::new(err).lines().map_while(Result::ok) {
                     if is_log_line(&line) {
                         count.fetch_add(1, Ordering::Relaxed);
                     }
+                    let mut kept = kept.lock().unwrap();
+                    if kept.len() + line.len() < MAX_KEPT_STDERR_BYTES {
+                        kept.push_str(&line);
+                        kept.push('\n');
+                    }
+                    drop(kept);
                     eprintln!("{label} {line}");
                 }
-            });
-        }
+            })
+        });
         let out = child.stdout.take().expect("stdout is piped");
         let (tx, lines) = mpsc::channel();
         std::thread::spawn(move || {
@@ -77,7 +93,26 @@ impl Child {
             child,
             lines,
             log_lines,
+            stderr_kept,
+            stderr_reader,
         }
+    }
+
+    /// kill -9, then everything the child wrote to stderr (with [`Stderr::Echo`]; empty
+    /// otherwise), read to its end.
+    pub fn kill_and_read_stderr(&mut self) -> String {
+        self.kill9();
+        if let Some(reader) = self.stderr_reader.take() {
+            // The child is gone, so its stderr has reached its end.
+            reader.join().expect("the stderr reader does not panic");
+        }
+        self.stderr_kept.lock().unwrap().clone()
+    }
+
+    /// The stdout lines the child printed since the last look (the ready line excluded,
+    /// once read), without waiting.
+    pub fn stdout_lines(&self) -> Vec<String> {
+        self.lines.try_iter().collect()
     }
 
     pub fn pid(&self) -> u32 {
