@@ -34,6 +34,10 @@ pub const DEFAULT_MAX_FILES: usize = 10;
 pub const DEFAULT_MAX_OUTPUT_BYTES: usize = 1024 * 1024;
 /// Bytes of one prompt (a request's whole envelope is at most 1 MiB).
 pub const DEFAULT_MAX_PROMPT_BYTES: usize = 512 * 1024;
+/// Messages of a session's history kept (the oldest go first).
+pub const DEFAULT_MAX_HISTORY_MESSAGES: usize = 200;
+/// Bytes of a session's history kept (the oldest messages go first).
+pub const DEFAULT_MAX_HISTORY_BYTES: usize = 1024 * 1024;
 /// Room for a data URL's `data:<mime>;base64,` before the file's characters.
 const DATA_URL_HEADER_SLACK: usize = 256;
 
@@ -83,6 +87,10 @@ pub const HOST_YAML_TEMPLATE: &str = r#"# .co/host.yaml: settings for `oonode ho
 # max_output_bytes: 1048576
 # Bytes of one prompt; a longer one is refused (413 too_large) as it arrives.
 # max_prompt_bytes: 524288
+# A session's history kept and shown to the agent: its newest messages, at most this
+# many and this many bytes (older ones are dropped, oldest first).
+# max_history_messages: 200
+# max_history_bytes: 1048576
 
 # Relay to announce on so the agent is reachable without an open port
 # (ws://host:port; empty or null: off).
@@ -177,6 +185,8 @@ pub struct Settings {
     pub result_ttl: Option<u64>,
     pub max_output_bytes: Option<usize>,
     pub max_prompt_bytes: Option<usize>,
+    pub max_history_messages: Option<usize>,
+    pub max_history_bytes: Option<usize>,
     /// `Some(None)`: explicitly off (empty or null in the file).
     #[serde(default, deserialize_with = "relay_url")]
     pub relay_url: Option<Option<String>>,
@@ -466,6 +476,8 @@ impl Settings {
             result_ttl: self.result_ttl.or(lower.result_ttl),
             max_output_bytes: self.max_output_bytes.or(lower.max_output_bytes),
             max_prompt_bytes: self.max_prompt_bytes.or(lower.max_prompt_bytes),
+            max_history_messages: self.max_history_messages.or(lower.max_history_messages),
+            max_history_bytes: self.max_history_bytes.or(lower.max_history_bytes),
             relay_url: self.relay_url.or(lower.relay_url),
             reload: self.reload.or(lower.reload),
             co_dir: self.co_dir.or(lower.co_dir),
@@ -510,6 +522,10 @@ pub struct HostConfig {
     pub max_output_bytes: usize,
     /// Bytes of one prompt.
     pub max_prompt_bytes: usize,
+    /// A session's history kept: its newest messages, at most this many and this many
+    /// bytes.
+    pub max_history_messages: usize,
+    pub max_history_bytes: usize,
     pub relay_url: Option<RelayUrl>,
     pub reload: bool,
     pub co_dir: PathBuf,
@@ -673,6 +689,16 @@ impl HostConfig {
                 "max_prompt_bytes",
                 s.max_prompt_bytes,
                 DEFAULT_MAX_PROMPT_BYTES,
+            )?,
+            max_history_messages: positive(
+                "max_history_messages",
+                s.max_history_messages,
+                DEFAULT_MAX_HISTORY_MESSAGES,
+            )?,
+            max_history_bytes: positive(
+                "max_history_bytes",
+                s.max_history_bytes,
+                DEFAULT_MAX_HISTORY_BYTES,
             )?,
             relay_url,
             reload: s.reload.unwrap_or(false),

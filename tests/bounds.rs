@@ -11,7 +11,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use async_trait::async_trait;
 use common::*;
 use oonode::agent::Echo;
-use oonode::{Agent, AgentError, Host, StreamSink, Turn};
+use oonode::{Agent, AgentError, CallError, ConnectOptions, Host, Identity, StreamSink, Turn, Via};
 use serde_json::{json, Value};
 
 /// Reads frames until the final one; returns the STREAM chunks and the final frame.
@@ -199,5 +199,112 @@ async fn oversize_envelopes_files_and_file_counts_are_refused_as_they_arrive() {
         (400, Some("too_many_files")),
         "{body}"
     );
+    node.stop().await;
+}
+
+/// The measurement: session history grew without bound and every OUTPUT repeated
+/// it, so the 4th 120 KB turn over the swarm was a frame its caller could not read. Now
+/// the history is trimmed to `max_history_bytes`, and ten 400 KB turns read on every path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_large_turns_are_readable_on_every_path() {
+    let relay = start_relay(relay_config()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let node = TestNode::builder(Host::new(Echo))
+        .co_dir(dir.path())
+        .swarm(&["/ip4/127.0.0.1/tcp/0"])
+        .relay(&relay.url())
+        .start()
+        .await;
+    let address = node.address.to_string();
+    let swarm: libp2p::Multiaddr = node.handle.p2p().unwrap().status().listen_addrs[0]
+        .parse()
+        .unwrap();
+    let paths = [
+        ConnectOptions::default()
+            .endpoint(node.url.clone())
+            .via(Via::Direct),
+        ConnectOptions::default().bootstrap(swarm).via(Via::P2p),
+        ConnectOptions::default().relay(relay.url()).via(Via::Relay),
+    ];
+    for options in paths {
+        let me = Identity::generate();
+        let options = options
+            .identity(me.clone())
+            .reply_timeout(Duration::from_secs(30));
+        let mut remote = oonode::connect(&address, options).await.expect("connects");
+        let path = remote.path().to_string();
+        for turn in 0..10 {
+            let prompt = format!("{turn}{}", "t".repeat(400 * 1024));
+            let answer = tokio::time::timeout(Duration::from_secs(60), remote.input(&prompt))
+                .await
+                .unwrap_or_else(|_| panic!("{path}: turn {turn} in time"))
+                .unwrap_or_else(|e| panic!("{path}: turn {turn}: {e}"));
+            assert_eq!(answer.result.len(), prompt.len(), "{path}: turn {turn}");
+        }
+        // The history the node keeps is within its limit: the last two turns.
+        let record = node
+            .handle
+            .dispatcher()
+            .sessions(&oonode::Reader::new(
+                oonode::trust::Caller::Verified(me.address()),
+                None,
+            ))
+            .await
+            .unwrap();
+        assert_eq!(record.len(), 1, "{path}");
+        let messages = record[0].session["messages"].as_array().unwrap();
+        let bytes: usize = messages
+            .iter()
+            .map(|m| m["content"].as_str().unwrap().len())
+            .sum();
+        assert!(
+            bytes <= 1024 * 1024,
+            "{path}: {bytes} bytes of history kept"
+        );
+        assert_eq!(messages.len(), 2, "{path}");
+    }
+    node.stop().await;
+}
+
+/// An answer over the swarm's reply frame limit reaches the caller as a clear signed
+/// error, not as a frame it cannot read; HTTP still returns it whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_over_a_transports_frame_limit_is_a_clear_error_there() {
+    #[derive(Clone)]
+    struct Huge;
+    #[async_trait]
+    impl Agent for Huge {
+        fn name(&self) -> String {
+            "huge".into()
+        }
+        async fn run(&mut self, _turn: Turn, _stream: &StreamSink) -> Result<String, AgentError> {
+            Ok("h".repeat(9 * 1024 * 1024))
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let node = TestNode::builder(Host::new(Huge).max_output_bytes(16 * 1024 * 1024))
+        .co_dir(dir.path())
+        .swarm(&["/ip4/127.0.0.1/tcp/0"])
+        .start()
+        .await;
+    let swarm: libp2p::Multiaddr = node.handle.p2p().unwrap().status().listen_addrs[0]
+        .parse()
+        .unwrap();
+    let options = ConnectOptions::default()
+        .bootstrap(swarm)
+        .via(Via::P2p)
+        .identity(Identity::generate());
+    let mut remote = oonode::connect(&node.address.to_string(), options)
+        .await
+        .expect("connects");
+    match tokio::time::timeout(Duration::from_secs(60), remote.input("big")).await {
+        Ok(Err(CallError::Refused { code, message })) => {
+            assert_eq!(code, "too_large", "{message}");
+        }
+        other => panic!("expected a too_large refusal, got {other:?}"),
+    }
+    let (status, body) = node.post(&json!({"prompt": "big"})).await;
+    assert_eq!(status, 200);
+    assert_eq!(body["result"].as_str().unwrap().len(), 9 * 1024 * 1024);
     node.stop().await;
 }

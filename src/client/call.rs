@@ -228,7 +228,12 @@ impl Remote {
         let wait = self.reply_timeout;
         match (&mut self.path, stream) {
             (_, Some(call)) => {
-                match tokio::time::timeout(wait, wire::read_frame(&mut call.stream)).await {
+                match tokio::time::timeout(
+                    wait,
+                    wire::read_frame_within(&mut call.stream, wire::MAX_REPLY_FRAME_BYTES),
+                )
+                .await
+                {
                     Err(_) => Err(CallError::Timeout(wait)),
                     Ok(Ok(Some(env))) => Ok(Incoming::Signed(env)),
                     Ok(Ok(None)) => Err(CallError::Disconnected(

@@ -21,7 +21,7 @@ use tokio::sync::{broadcast, mpsc, Semaphore};
 use tokio_util::task::TaskTracker;
 use tracing::{info, info_span, Instrument};
 
-use crate::agent::AgentFactory;
+use crate::agent::{AgentFactory, Message};
 use crate::envelope::{unix_now, Envelope, Kind};
 use crate::identity::{Address, Identity};
 pub(crate) use crate::metrics::Route;
@@ -137,6 +137,29 @@ pub struct DispatcherConfig {
     pub max_output_bytes: usize,
     /// Bytes of one prompt, on every transport.
     pub max_prompt_bytes: usize,
+    /// How much of a session's history is kept.
+    pub history: HistoryLimits,
+}
+
+/// A session's history kept and shown to the agent: its newest messages, at most
+/// `messages` of them and `bytes` of content.
+#[derive(Debug, Clone, Copy)]
+pub struct HistoryLimits {
+    pub messages: usize,
+    pub bytes: usize,
+}
+
+impl HistoryLimits {
+    /// Drops the oldest messages until the rest is within the limits.
+    pub(crate) fn trim(&self, history: &mut Vec<Message>) {
+        let mut bytes: usize = history.iter().map(|m| m.content.len()).sum();
+        let mut drop = 0;
+        while drop < history.len() && (history.len() - drop > self.messages || bytes > self.bytes) {
+            bytes -= history[drop].content.len();
+            drop += 1;
+        }
+        history.drain(..drop);
+    }
 }
 
 /// Cheap to clone; all clones share one admission queue and one store.
@@ -350,7 +373,8 @@ impl Dispatcher {
         };
         let scope = Scope::of(&caller, secret.as_ref()).expect("verified, or with a secret");
         let key = scope.key(&start.session_id);
-        let (start, origin) = self.continue_session(start, &key, &sub, now).await?;
+        let (mut start, origin) = self.continue_session(start, &key, &sub, now).await?;
+        inner.config.history.trim(&mut start.history);
         // Only signed envelopes have a replay key, and `authenticate` verified those.
         self.use_once(env, now).await?;
         let files = inner.config.uploads.save(&key, sub.uploads).await?;
@@ -448,6 +472,21 @@ impl Dispatcher {
     /// envelopes.
     pub fn error_envelope(&self, rejected: &Rejected) -> Envelope {
         rejected.envelope(&self.inner.identity)
+    }
+
+    /// What a transport sends instead of a reply whose frame (`len` bytes) is over the
+    /// `max` its reader takes: a signed `too_large` ERROR for the same request and
+    /// session. The session is stored as usual and can be read over HTTP.
+    pub(crate) fn oversize_reply(&self, reply: &Envelope, len: usize, max: usize) -> Envelope {
+        let to: Option<Address> = reply.to().ok().flatten();
+        let rejected = Rejected::from(Refusal::too_large(len, max))
+            .or_to(to)
+            .or_session(reply.str_field("session_id"));
+        let rejected = Rejected {
+            in_reply_to: reply.str_field("in_reply_to").map(str::to_owned),
+            ..rejected
+        };
+        self.error_envelope(&rejected)
     }
 
     /// Stops taking new work; runs already accepted go on.

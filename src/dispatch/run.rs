@@ -169,6 +169,7 @@ impl Run {
                     role: "assistant".into(),
                     content: result.clone(),
                 });
+                inner.config.history.trim(&mut history);
                 record.session = session_value(&start.session_id, &history, &start.extra);
                 record.result = Some(result.clone());
                 let mut body = json!({

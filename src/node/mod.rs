@@ -166,6 +166,14 @@ impl Host {
         self
     }
 
+    /// A session's history kept (`max_history_messages`, `max_history_bytes`): its
+    /// newest messages, at most this many and this many bytes.
+    pub fn max_history(mut self, messages: usize, bytes: usize) -> Self {
+        self.code.max_history_messages = Some(messages);
+        self.code.max_history_bytes = Some(bytes);
+        self
+    }
+
     /// Requests that may wait for a worker; past this the node answers "busy".
     pub fn max_queue(mut self, n: usize) -> Self {
         self.code.max_queue = Some(n);

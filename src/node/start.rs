@@ -87,6 +87,10 @@ impl Node {
                 uploads: uploads(&config),
                 max_output_bytes: config.max_output_bytes,
                 max_prompt_bytes: config.max_prompt_bytes,
+                history: crate::dispatch::HistoryLimits {
+                    messages: config.max_history_messages,
+                    bytes: config.max_history_bytes,
+                },
             },
         );
         let background = CancellationToken::new();

@@ -22,7 +22,6 @@ use tracing::{debug, info, warn};
 
 use crate::dispatch::{Dispatcher, Origin, Reader, Refusal, Rejected, Route, Transport};
 use crate::envelope::{unix_now, Envelope};
-use crate::identity::Address;
 use crate::proto::{signed_announce, ClientFrame, NodeFrame, Object, RelayToAgent, RelayUrl};
 use crate::trust::Caller;
 
@@ -502,16 +501,8 @@ impl RelayedSessions {
                 if frame.len() > max_frame {
                     // Over the relay's limit: fail this answer, not the link. The session
                     // is stored as usual and can be read over HTTP.
-                    let to: Option<Address> = env.to().ok().flatten();
-                    let rejected = Rejected::from(Refusal::too_large(frame.len(), max_frame))
-                        .or_to(to)
-                        .or_session(env.str_field("session_id"));
-                    let rejected = Rejected {
-                        in_reply_to: env.str_field("in_reply_to").map(str::to_owned),
-                        ..rejected
-                    };
                     frame = dispatcher
-                        .error_envelope(&rejected)
+                        .oversize_reply(&env, frame.len(), max_frame)
                         .to_flat_json()
                         .to_string();
                 }

@@ -180,7 +180,7 @@ async fn serve_stream(
             // Oversize or undecodable: this peer does not speak the protocol; cut it off.
             warn!(error = %e, "misbehaving peer cut off");
             let refusal = match e {
-                WireError::TooLarge(len) => Refusal::too_large(len, wire::MAX_FRAME_BYTES),
+                WireError::TooLarge { len, max } => Refusal::too_large(len, max),
                 other => Refusal::BadRequest(other.to_string()),
             };
             dispatcher.refused_early(Transport::P2p, refusal.code(), std::time::Instant::now());
@@ -208,7 +208,14 @@ async fn serve_stream(
         }
     };
     while let Some(reply) = accepted.replies.recv().await {
-        match tokio::time::timeout(WRITE_TIMEOUT, wire::write_frame(&mut stream, &reply)).await {
+        let mut frame = wire::encode(&reply);
+        if frame.len() > wire::MAX_REPLY_FRAME_BYTES {
+            // Over what callers read: a clear error for this answer, not an unreadable
+            // frame.
+            let max = wire::MAX_REPLY_FRAME_BYTES;
+            frame = wire::encode(&dispatcher.oversize_reply(&reply, frame.len(), max));
+        }
+        match tokio::time::timeout(WRITE_TIMEOUT, wire::write_encoded(&mut stream, &frame)).await {
             Ok(Ok(())) => {}
             // The caller is gone or too slow; the run goes on and is stored.
             _ => return,

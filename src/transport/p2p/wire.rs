@@ -10,13 +10,18 @@ use serde_json::Value;
 use crate::envelope::{canonical_json, Envelope, MAX_ENVELOPE_BYTES};
 use crate::identity::Address;
 
-/// Largest frame on the wire: an envelope plus the CBOR around it.
+/// Largest request frame on the wire (what a node reads): an envelope plus the CBOR
+/// around it.
 pub const MAX_FRAME_BYTES: usize = MAX_ENVELOPE_BYTES + 256;
+/// Largest reply frame (what a caller reads): an OUTPUT carries the answer and the
+/// session's history, each bounded by the node's limits. A node sends a `too_large`
+/// ERROR instead of a reply over this.
+pub const MAX_REPLY_FRAME_BYTES: usize = 8 * 1024 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WireError {
-    #[error("frame of {0} bytes is over the {MAX_FRAME_BYTES}-byte limit")]
-    TooLarge(usize),
+    #[error("frame of {len} bytes is over the {max}-byte limit")]
+    TooLarge { len: usize, max: usize },
     #[error("undecodable frame: {0}")]
     Garbage(String),
     #[error("stream: {0}")]
@@ -90,6 +95,14 @@ pub fn decode(body: &[u8]) -> Result<Envelope, WireError> {
 
 /// Reads one frame; the length is checked before anything is read or allocated.
 pub async fn read_frame<R: AsyncRead + Unpin>(io: &mut R) -> Result<Option<Envelope>, WireError> {
+    read_frame_within(io, MAX_FRAME_BYTES).await
+}
+
+/// Reads one frame of at most `max` bytes (checked before anything is allocated).
+pub async fn read_frame_within<R: AsyncRead + Unpin>(
+    io: &mut R,
+    max: usize,
+) -> Result<Option<Envelope>, WireError> {
     let mut len = [0u8; 4];
     match io.read_exact(&mut len).await {
         Ok(()) => {}
@@ -97,8 +110,8 @@ pub async fn read_frame<R: AsyncRead + Unpin>(io: &mut R) -> Result<Option<Envel
         Err(e) => return Err(e.into()),
     }
     let len = u32::from_be_bytes(len) as usize;
-    if len > MAX_FRAME_BYTES {
-        return Err(WireError::TooLarge(len));
+    if len > max {
+        return Err(WireError::TooLarge { len, max });
     }
     let mut body = vec![0u8; len];
     io.read_exact(&mut body).await?;
@@ -109,7 +122,15 @@ pub async fn write_frame<W: AsyncWrite + Unpin>(
     io: &mut W,
     env: &Envelope,
 ) -> Result<(), WireError> {
-    io.write_all(&encode(env)).await?;
+    write_encoded(io, &encode(env)).await
+}
+
+/// Writes a frame made by [`encode`].
+pub async fn write_encoded<W: AsyncWrite + Unpin>(
+    io: &mut W,
+    frame: &[u8],
+) -> Result<(), WireError> {
+    io.write_all(frame).await?;
     io.flush().await?;
     Ok(())
 }
@@ -149,6 +170,6 @@ mod tests {
         let huge = ((MAX_FRAME_BYTES + 1) as u32).to_be_bytes();
         let mut reader = futures::io::Cursor::new(huge.to_vec());
         let err = futures::executor::block_on(read_frame(&mut reader)).unwrap_err();
-        assert!(matches!(err, WireError::TooLarge(_)));
+        assert!(matches!(err, WireError::TooLarge { .. }));
     }
 }
