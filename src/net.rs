@@ -148,6 +148,13 @@ pub(crate) struct CappedStream {
     _slot: IpSlot,
 }
 
+impl CappedStream {
+    /// Waits until the client has sent a byte (or closed), without taking it.
+    pub(crate) async fn first_byte(&self) -> std::io::Result<()> {
+        self.inner.peek(&mut [0u8; 1]).await.map(|_| ())
+    }
+}
+
 impl AsyncRead for CappedStream {
     fn poll_read(
         self: Pin<&mut Self>,
@@ -191,11 +198,3 @@ impl AsyncWrite for CappedStream {
 /// The client's address as the node's listener saw it (its connection info).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct PeerAddr(pub SocketAddr);
-
-impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, CappedListener>>
-    for PeerAddr
-{
-    fn connect_info(stream: axum::serve::IncomingStream<'_, CappedListener>) -> Self {
-        PeerAddr(*stream.remote_addr())
-    }
-}

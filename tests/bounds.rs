@@ -308,3 +308,60 @@ async fn an_answer_over_a_transports_frame_limit_is_a_clear_error_there() {
     assert_eq!(body["result"].as_str().unwrap().len(), 9 * 1024 * 1024);
     node.stop().await;
 }
+
+/// The issue's measurement: a partial-header connection and a slow-body connection were
+/// still open after 150 s, and 300 idle connections made `/health` time out. Now 300 slow
+/// connections are closed within the head/body timeouts and `/health` answers meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_and_silent_connections_are_closed_and_the_node_keeps_answering() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = TestNode::start(Host::new(Echo), dir.path()).await;
+    let addr = node.url.trim_start_matches("http://").to_owned();
+    let mut sockets = Vec::new();
+    for i in 0..300 {
+        let mut tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let start: &[u8] = match i % 4 {
+            // Half a request head, then nothing.
+            0 => b"POST /input HTTP/1.1\r\nhost: x\r\n",
+            // A whole head and a few bytes of a long body, then nothing.
+            1 => b"POST /input HTTP/1.1\r\nhost: x\r\ncontent-length: 1000\r\n\r\n{\"pro",
+            // One whole request on a keep-alive connection, then silence.
+            2 => b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n",
+            // Connected, silent.
+            _ => b"",
+        };
+        tcp.write_all(start).await.unwrap();
+        sockets.push(tcp);
+    }
+    let began = std::time::Instant::now();
+    for _ in 0..3 {
+        let (status, _) = tokio::time::timeout(Duration::from_secs(2), node.get("/health"))
+            .await
+            .expect("/health answers while 300 slow connections are open");
+        assert_eq!(status, 200);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    // Every one of them is closed by the node (EOF, after a 408 for stalled bodies)
+    // within the 15 s timeouts and some slack.
+    let mut stalled_bodies = 0;
+    for (i, mut tcp) in sockets.into_iter().enumerate() {
+        let left = Duration::from_secs(25).saturating_sub(began.elapsed());
+        let mut seen = Vec::new();
+        let closed = tokio::time::timeout(left, tcp.read_to_end(&mut seen)).await;
+        assert!(
+            closed.is_ok(),
+            "connection {i} still open after {:?}",
+            began.elapsed()
+        );
+        if String::from_utf8_lossy(&seen).starts_with("HTTP/1.1 408") {
+            stalled_bodies += 1;
+        }
+    }
+    assert_eq!(stalled_bodies, 75, "each stalled body got a 408");
+    assert!(
+        began.elapsed() >= Duration::from_secs(10),
+        "not closed early"
+    );
+    assert_eq!(node.get("/health").await.0, 200);
+    node.stop().await;
+}

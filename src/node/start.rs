@@ -17,7 +17,7 @@ use crate::config::HostConfig;
 use crate::dispatch::{Dispatcher, DispatcherConfig};
 use crate::envelope::unix_now;
 use crate::identity::{Address, Identity};
-use crate::net::{CappedListener, IpCounts, PeerAddr};
+use crate::net::{CappedListener, IpCounts};
 use crate::store::{Store, Uploads};
 use crate::transport::http::{self, HttpState, NodeInfo};
 use crate::transport::p2p::{P2p, PRESENCE_REPUBLISH};
@@ -233,12 +233,9 @@ impl Node {
             let stop = shutdown.clone();
             let max_per_client = self.config.max_connections_per_client;
             tasks.spawn(async move {
-                let service = router.into_make_service_with_connect_info::<PeerAddr>();
                 let listener = CappedListener::new(listener, max_per_client);
-                axum::serve(listener, service)
-                    .with_graceful_shutdown(stop.cancelled_owned())
-                    .await
-                    .map_err(HostError::Serve)
+                crate::transport::serve::serve(listener, router, stop).await;
+                Ok(())
             });
         } else {
             info!(address = %self.address(), "HTTP is off: no listening port");

@@ -194,6 +194,7 @@ async fn cors(State(st): State<Arc<HttpState>>, req: Request, next: Next) -> Res
         (status = 402, description = "`insufficient_credits`", body = ErrorBody),
         (status = 403, description = "`blocked`, `forbidden` (a web page of another origin), `onboarding_required`, `not_allowed`", body = ErrorBody),
         (status = 404, description = "`not_found`: the request names a session the node does not have (never started, another caller's, or expired) and does not carry its `messages`", body = ErrorBody),
+        (status = 408, description = "`timeout`: the body stalled for 15 s", body = ErrorBody),
         (status = 409, description = "`session_busy`: the session still runs its previous turn", body = ErrorBody),
         (status = 413, description = "`too_large`", body = ErrorBody),
         (status = 429, description = "`rate_limited`: too many wrong invite codes", body = ErrorBody),
@@ -245,6 +246,11 @@ async fn post_input(
         Err(BodyRefusal::Read) => {
             let msg = "the request body could not be read";
             return early(ErrorCode::BadRequest, error(ErrorCode::BadRequest, msg));
+        }
+        Err(BodyRefusal::Slow) => {
+            debug!(?peer, "a request body stalled; refused");
+            let msg = "the request body stalled for 15 s; send it without pauses";
+            return early(ErrorCode::Timeout, error(ErrorCode::Timeout, msg));
         }
     };
     let (bytes, _budget) = bytes;
@@ -589,12 +595,16 @@ async fn info(State(st): State<Arc<HttpState>>) -> Response {
 
 /// How long a request waits for room in the body budget before it is refused (503).
 const BODY_BUDGET_WAIT: Duration = Duration::from_secs(5);
+/// The longest a body may pause between two pieces before the request is refused (408):
+/// a client that trickles its body holds budget and a connection.
+const BODY_READ_TIMEOUT: Duration = Duration::from_secs(15);
 
 enum BodyRefusal {
     Limit(BodyViolation),
     TooLarge,
     Busy,
     Read,
+    Slow,
 }
 
 /// Reads a body within the node's limits, checking them as the bytes arrive, and holding
@@ -624,7 +634,11 @@ async fn read_body(
     let mut scanner = BodyScanner::new(st.body_limits);
     let mut bytes = Vec::with_capacity(declared.unwrap_or(0).min(st.max_body_bytes));
     let mut stream = body.into_data_stream();
-    while let Some(chunk) = stream.next().await {
+    loop {
+        let next = tokio::time::timeout(BODY_READ_TIMEOUT, stream.next()).await;
+        let Some(chunk) = next.map_err(|_| BodyRefusal::Slow)? else {
+            break;
+        };
         let chunk = chunk.map_err(|_| BodyRefusal::Read)?;
         if bytes.len() + chunk.len() > st.max_body_bytes {
             return Err(BodyRefusal::TooLarge);

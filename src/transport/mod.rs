@@ -6,6 +6,7 @@ pub(crate) mod http;
 mod openapi;
 pub(crate) mod p2p;
 pub(crate) mod relay_link;
+pub(crate) mod serve;
 pub(crate) mod ws;
 
 use axum::http::StatusCode;
