@@ -38,6 +38,8 @@ pub const DEFAULT_MAX_PROMPT_BYTES: usize = 512 * 1024;
 pub const DEFAULT_MAX_HISTORY_MESSAGES: usize = 200;
 /// Bytes of a session's history kept (the oldest messages go first).
 pub const DEFAULT_MAX_HISTORY_BYTES: usize = 1024 * 1024;
+/// MB of request bodies read at once (a larger body is read alone).
+pub const DEFAULT_MAX_BODY_BUDGET_MB: usize = 48;
 /// Room for a data URL's `data:<mime>;base64,` before the file's characters.
 const DATA_URL_HEADER_SLACK: usize = 256;
 
@@ -91,6 +93,9 @@ pub const HOST_YAML_TEMPLATE: &str = r#"# .co/host.yaml: settings for `oonode ho
 # many and this many bytes (older ones are dropped, oldest first).
 # max_history_messages: 200
 # max_history_bytes: 1048576
+# MB of request bodies read at once: more waits (up to 5 s, then 503 busy); a larger
+# body is read alone. Bounds the memory a burst of large uploads takes.
+# max_body_budget_mb: 48
 
 # Relay to announce on so the agent is reachable without an open port
 # (ws://host:port; empty or null: off).
@@ -187,6 +192,7 @@ pub struct Settings {
     pub max_prompt_bytes: Option<usize>,
     pub max_history_messages: Option<usize>,
     pub max_history_bytes: Option<usize>,
+    pub max_body_budget_mb: Option<usize>,
     /// `Some(None)`: explicitly off (empty or null in the file).
     #[serde(default, deserialize_with = "relay_url")]
     pub relay_url: Option<Option<String>>,
@@ -478,6 +484,7 @@ impl Settings {
             max_prompt_bytes: self.max_prompt_bytes.or(lower.max_prompt_bytes),
             max_history_messages: self.max_history_messages.or(lower.max_history_messages),
             max_history_bytes: self.max_history_bytes.or(lower.max_history_bytes),
+            max_body_budget_mb: self.max_body_budget_mb.or(lower.max_body_budget_mb),
             relay_url: self.relay_url.or(lower.relay_url),
             reload: self.reload.or(lower.reload),
             co_dir: self.co_dir.or(lower.co_dir),
@@ -526,6 +533,8 @@ pub struct HostConfig {
     /// bytes.
     pub max_history_messages: usize,
     pub max_history_bytes: usize,
+    /// MB of request bodies read at once.
+    pub max_body_budget_mb: usize,
     pub relay_url: Option<RelayUrl>,
     pub reload: bool,
     pub co_dir: PathBuf,
@@ -699,6 +708,11 @@ impl HostConfig {
                 "max_history_bytes",
                 s.max_history_bytes,
                 DEFAULT_MAX_HISTORY_BYTES,
+            )?,
+            max_body_budget_mb: positive(
+                "max_body_budget_mb",
+                s.max_body_budget_mb,
+                DEFAULT_MAX_BODY_BUDGET_MB,
             )?,
             relay_url,
             reload: s.reload.unwrap_or(false),

@@ -133,16 +133,16 @@ impl Node {
         p2p: Option<P2p>,
     ) -> Router {
         let max_body_bytes = self.config.max_body_bytes();
+        let budget_kib = u32::try_from(self.config.max_body_budget_mb.saturating_mul(1024))
+            .unwrap_or(u32::MAX)
+            .max(1);
         http::router(Arc::new(HttpState {
             dispatcher: self.dispatcher.clone(),
             info: self.info.clone(),
             max_body_bytes,
             body_limits: self.config.body_limits(),
-            body_budget: Arc::new(tokio::sync::Semaphore::new(
-                max_body_bytes
-                    .div_ceil(1024)
-                    .min(tokio::sync::Semaphore::MAX_PERMITS),
-            )),
+            body_budget: Arc::new(tokio::sync::Semaphore::new(budget_kib as usize)),
+            body_budget_kib: budget_kib,
             cors_origins: self.config.cors_origins.clone(),
             started: Instant::now(),
             ws: WsState {

@@ -49,6 +49,8 @@ pub(crate) struct HttpState {
     /// Bytes of request bodies being read at once, in KiB: a burst of large requests
     /// waits or is refused instead of growing memory past it.
     pub body_budget: Arc<Semaphore>,
+    /// The budget's size, in KiB.
+    pub body_budget_kib: u32,
     /// Web origins allowed to call the API from a browser (besides the node's own).
     pub cors_origins: Vec<String>,
     pub started: Instant,
@@ -254,7 +256,11 @@ async fn post_input(
         }
     };
     let (bytes, _budget) = bytes;
-    let obj = match decode_object(&bytes, st.max_body_bytes) {
+    let parsed = decode_object(&bytes, st.max_body_bytes);
+    // Parsed: the raw body is no longer needed (its budget is held until the files are
+    // decoded and saved).
+    drop(bytes);
+    let obj = match parsed {
         Ok(o) => o,
         Err(EnvelopeError::InvalidJson(detail)) => {
             return early(
@@ -271,9 +277,6 @@ async fn post_input(
         Ok(s) => s,
         Err(r) => return early(r.code(), refusal(&r)),
     };
-    // Parsed: the raw body is no longer needed (its budget is held until the files
-    // are saved).
-    drop(bytes);
     submission.peer = peer;
     submission.may_open = false;
     let submitted = st.dispatcher.submit(submission).await;
@@ -616,7 +619,13 @@ async fn read_body(
     declared: Option<usize>,
 ) -> Result<(Vec<u8>, OwnedSemaphorePermit), BodyRefusal> {
     use futures::StreamExt;
-    let kib = |n: usize| u32::try_from(n.div_ceil(1024)).unwrap_or(u32::MAX);
+    // A body larger than the whole budget takes all of it: it is read alone.
+    let total = st.body_budget_kib;
+    let kib = |n: usize| {
+        u32::try_from(n.div_ceil(1024))
+            .unwrap_or(u32::MAX)
+            .min(total)
+    };
     let mut held = match declared {
         Some(len) => tokio::time::timeout(
             BODY_BUDGET_WAIT,
