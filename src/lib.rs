@@ -113,7 +113,7 @@ pub use agent::{Agent, AgentError, AgentFactory, StreamSink, Turn};
 /// For implementing [`Agent`] without depending on `async-trait` directly.
 pub use async_trait::async_trait;
 pub use client::{connect, Answer, CallError, ConnectOptions, Remote, Via};
-pub use config::{ConfigError, HostConfig, Settings, HOST_YAML_TEMPLATE};
+pub use config::{AgentSettings, ConfigError, HostConfig, Settings, HOST_YAML_TEMPLATE};
 pub use dispatch::{
     Accepted, Dispatcher, Origin, Reader, Refusal, Rejected, Scope, SessionSecret, SignedRead,
     Submission, Transport,

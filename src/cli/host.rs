@@ -4,15 +4,35 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 
 use anyhow::Context;
-use oonode::{agent, Host, HostError, P2pError, TrustLevel};
+use oonode::agent::{self, AgentFactory, ExecAgent, ExecError};
+use oonode::{AgentSettings, Host, HostError, P2pError, Settings, TrustLevel};
 
 use super::Exit;
 
+/// The built-in agent hosted when neither `--agent` nor `--exec` nor host.yaml's
+/// `agent.exec` names one.
+const DEFAULT_AGENT: &str = "translator";
+
 #[derive(clap::Args)]
 pub(crate) struct HostArgs {
-    /// Built-in agent to host.
-    #[arg(long, default_value = "translator", value_parser = clap::builder::PossibleValuesParser::new(agent::BUILTIN_AGENTS))]
-    agent: String,
+    /// Built-in agent to host [default: translator, unless host.yaml's agent.exec names
+    /// a program].
+    #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(agent::BUILTIN_AGENTS))]
+    agent: Option<String>,
+    /// Host a program of your own: run COMMAND as long-lived child processes (as many as
+    /// --workers, or host.yaml's agent.workers) that read one JSON request per line on
+    /// stdin and answer in JSON lines on stdout (docs/agent-protocol.md). Split into
+    /// words like a shell would, but run without one (see --exec-shell).
+    #[arg(long, value_name = "COMMAND", conflicts_with = "agent", value_parser = exec_command)]
+    exec: Option<String>,
+    /// Run the --exec command (or host.yaml's agent.exec) with `sh -c`: pipes, &&, $VARS.
+    #[arg(long)]
+    exec_shell: bool,
+    /// Seconds one turn of the --exec agent may take, calls to other agents included;
+    /// past it the turn fails (agent_error) and the process is restarted. Default:
+    /// host.yaml's agent.timeout_secs, else 300.
+    #[arg(long, value_name = "SECS", value_parser = super::at_least_one::<u64>)]
+    exec_timeout: Option<u64>,
     /// HTTP port (0 picks a free one). Default: host.yaml, else 8000.
     #[arg(long)]
     port: Option<u16>,
@@ -74,7 +94,7 @@ pub(crate) struct HostArgs {
 }
 
 pub(crate) async fn host(args: HostArgs) -> anyhow::Result<()> {
-    let factory = agent::builtin(&args.agent).context("unknown agent")?;
+    let (factory, exec) = agent_factory(&args).await?;
     let mut host = Host::with_factory(factory);
     if let Some(p) = args.port {
         host = host.port(p);
@@ -121,10 +141,66 @@ pub(crate) async fn host(args: HostArgs) -> anyhow::Result<()> {
     if args.mdns {
         host = host.mdns(true);
     }
-    host.ready_json(args.ready_json)
-        .serve()
-        .await
-        .map_err(refusal)
+    let served = host.ready_json(args.ready_json).serve().await;
+    // After the node has drained its runs: the children get their stdin closed and a
+    // moment to exit.
+    if let Some(exec) = exec {
+        exec.shutdown().await;
+    }
+    served.map_err(refusal)
+}
+
+/// The agent the flags and host.yaml name: a built-in, or a program (`--exec`,
+/// `agent.exec`) started here, before the node, so that a command that cannot run stops
+/// start-up and the node announces the program's own name.
+async fn agent_factory(args: &HostArgs) -> anyhow::Result<(AgentFactory, Option<ExecAgent>)> {
+    let builtin = |name: &str| agent::builtin(name).context("unknown agent");
+    if let Some(name) = &args.agent {
+        return Ok((builtin(name)?, None));
+    }
+    // The same host.yaml the node reads (its `co_dir` key moves the data, not the file).
+    let co_dir = super::co_dir_or_default(args.co_dir.clone())?;
+    let yaml = co_dir.join("host.yaml");
+    let file = Settings::from_file(&yaml)
+        .map_err(|e| Exit::usage(e.to_string()))?
+        .unwrap_or_default();
+    let mut flags = AgentSettings::default();
+    flags.exec = args.exec.clone();
+    flags.shell = args.exec_shell.then_some(true);
+    flags.timeout_secs = args.exec_timeout;
+    let settings = flags.or(file.agent.clone().unwrap_or_default());
+    let workers = args.workers.or(file.workers);
+    let origin = match &args.exec {
+        Some(_) => "--exec".to_owned(),
+        None => yaml.display().to_string(),
+    };
+    let Some(config) = settings
+        .exec_config(workers, &origin)
+        .map_err(|e| Exit::usage(e.to_string()))?
+    else {
+        return Ok((builtin(DEFAULT_AGENT)?, None));
+    };
+    let exec = ExecAgent::start(config).await.map_err(|e| match e {
+        e @ (ExecError::Empty
+        | ExecError::Unsplittable(_)
+        | ExecError::NoWorkers
+        | ExecError::NoTimeout
+        | ExecError::Spawn { .. }) => Exit::usage(e.to_string()),
+        e => anyhow::Error::new(e),
+    })?;
+    Ok((AgentFactory::from_clone(exec.clone()), Some(exec)))
+}
+
+/// `--exec`: a command that splits into words (with `--exec-shell`, `sh` would refuse
+/// an unclosed quote all the same).
+fn exec_command(s: &str) -> Result<String, String> {
+    match shlex::split(s) {
+        Some(words) if !words.is_empty() => Ok(s.to_owned()),
+        Some(_) => Err("the command is empty".into()),
+        None => Err(format!(
+            "cannot split {s:?} into words (an unclosed quote?)"
+        )),
+    }
 }
 
 /// What stops a node from starting, as one line: a bad host.yaml value (flags were checked
