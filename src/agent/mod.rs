@@ -117,7 +117,9 @@ pub struct StreamSink {
 }
 
 impl StreamSink {
-    pub(crate) fn new(tx: mpsc::Sender<String>) -> Self {
+    /// A sink whose chunks go to `tx`: for running an agent outside a node (a node
+    /// makes its own for each run).
+    pub fn new(tx: mpsc::Sender<String>) -> Self {
         StreamSink { tx }
     }
 
