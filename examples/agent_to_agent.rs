@@ -1,4 +1,6 @@
 //! Agent-to-agent: a node whose agent calls another agent by address while answering.
+//! (An agent that is a program of its own does the same with a `call` line: see
+//! docs/agent-protocol.md and examples/agents/delegate_agent.py.)
 //!
 //! Run a relay and the translator, then this node (it asks the translator for help):
 //!   cargo run -- relay --listen 127.0.0.1:8765
@@ -24,6 +26,9 @@ impl Agent for Delegate {
     async fn run(&mut self, turn: Turn, stream: &StreamSink) -> Result<String, AgentError> {
         stream.send(format!("asking {}…", &self.peer[..10])).await;
         let mut peer = oonode::connect(&self.peer, self.options.clone()).await?;
+        // One more agent on the way: a peer that asks us back ends at the hop limit
+        // instead of looping.
+        peer.set_hops(turn.hops + 1);
         let answer = peer.input(&turn.prompt).await?;
         Ok(format!("my peer says: {}", answer.result))
     }

@@ -1,9 +1,10 @@
 //! Configuration: code parameters > `.co/host.yaml` > defaults.
 //!
 //! The file takes exactly the seed's keys, plus `bind`, `max_queue`, the swarm's
-//! `p2p`, `listen`, `bootstrap`, `mdns`, and the HTTP agents' `forward:` and `llm:` blocks
-//! (documented in the README); an unknown or ill-typed key stops start-up with the file
-//! and key named.
+//! `p2p`, `listen`, `bootstrap`, `mdns`, a program to host as the agent (`agent:`, see
+//! [`AgentSettings`]) and the HTTP agents' `forward:` and `llm:` blocks (all documented
+//! in the README); an unknown or ill-typed key stops start-up with the file and key
+//! named.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -13,7 +14,9 @@ use std::time::Duration;
 use reqwest::Url;
 use serde::Deserialize;
 
-use crate::agent::{ApiKey, ForwardConfig, LlmConfig, DEFAULT_API_KEY_ENV, MAX_FORWARD_RETRIES};
+use crate::agent::{
+    ApiKey, ExecConfig, ForwardConfig, LlmConfig, DEFAULT_API_KEY_ENV, MAX_FORWARD_RETRIES,
+};
 use crate::proto::RelayUrl;
 use crate::transport::p2p::{parse_multiaddr, P2pConfig};
 use crate::trust::{
@@ -103,6 +106,20 @@ pub const HOST_YAML_TEMPLATE: &str = r#"# .co/host.yaml: settings for `oonode ho
 
 # Accepted for compatibility; a compiled agent does not reload.
 # reload: false
+
+# A program of your own as the agent (`oonode host --exec CMD` does the same): run as
+# long-lived child processes that speak JSON Lines on stdin/stdout
+# (docs/agent-protocol.md). The command is split into words like a shell would, but no
+# shell runs it unless `shell: true`. `workers` (default: the `workers` above) is how
+# many processes; `timeout_secs` bounds one turn, calls to other agents included.
+# agent:
+#   exec: python3 agent.py
+#   workers: 1
+#   env: {}
+#   cwd: .
+#   shell: false
+#   timeout_secs: 300
+
 
 # Where the key and the store live (default: this directory).
 # co_dir: null
@@ -219,6 +236,84 @@ pub struct Settings {
     pub forward: Option<ForwardSettings>,
     /// A model behind an OpenAI-compatible API (`oonode host --agent llm`).
     pub llm: Option<LlmSettings>,
+    /// A program to host as the agent.
+    pub agent: Option<AgentSettings>,
+}
+
+/// The `agent` key: a program of one's own as the agent (`oonode host --exec`), run as a
+/// pool of child processes speaking JSON Lines (docs/agent-protocol.md).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct AgentSettings {
+    /// The command, split into words like a shell would (run without one).
+    pub exec: Option<String>,
+    /// Child processes (default: the node's `workers`, the agent runs it allows at once).
+    pub workers: Option<usize>,
+    /// Variables for the children, on top of the node's environment.
+    pub env: Option<BTreeMap<String, String>>,
+    /// The children's working directory (default: the node's; a relative one is taken
+    /// from there too).
+    pub cwd: Option<PathBuf>,
+    /// Run `exec` with `sh -c`.
+    pub shell: Option<bool>,
+    /// Seconds one turn may take, calls to other agents included (default 300).
+    pub timeout_secs: Option<u64>,
+}
+
+impl AgentSettings {
+    /// Fills every unset field of `self` from `lower`.
+    pub fn or(self, lower: AgentSettings) -> AgentSettings {
+        AgentSettings {
+            exec: self.exec.or(lower.exec),
+            workers: self.workers.or(lower.workers),
+            env: self.env.or(lower.env),
+            cwd: self.cwd.or(lower.cwd),
+            shell: self.shell.or(lower.shell),
+            timeout_secs: self.timeout_secs.or(lower.timeout_secs),
+        }
+    }
+
+    /// How to run the program, if one is named; `workers` is the node's `workers` setting
+    /// (the pool follows it unless `agent.workers` is set). `origin` names where the
+    /// settings came from, for errors.
+    pub fn exec_config(
+        &self,
+        workers: Option<usize>,
+        origin: &str,
+    ) -> Result<Option<ExecConfig>, ConfigError> {
+        let invalid = |key: &str, message: &str| ConfigError::Invalid {
+            path: origin.into(),
+            message: format!("key `agent.{key}`: {message}"),
+        };
+        let Some(command) = &self.exec else {
+            return Ok(None);
+        };
+        if command.trim().is_empty() {
+            return Err(invalid("exec", "is empty"));
+        }
+        if !self.shell.unwrap_or(false) && shlex::split(command).is_none() {
+            return Err(invalid(
+                "exec",
+                "cannot be split into words (an unclosed quote?)",
+            ));
+        }
+        let mut config = ExecConfig::new(command.clone()).shell(self.shell.unwrap_or(false));
+        config.workers = match self.workers {
+            Some(0) => return Err(invalid("workers", "must be at least 1")),
+            Some(n) => n,
+            None => workers.unwrap_or(DEFAULT_WORKERS).max(1),
+        };
+        if let Some(secs) = self.timeout_secs {
+            if secs == 0 {
+                return Err(invalid("timeout_secs", "must be at least 1"));
+            }
+            config.timeout = std::time::Duration::from_secs(secs);
+        }
+        config.env = self.env.clone().unwrap_or_default().into_iter().collect();
+        config.cwd = self.cwd.clone();
+        Ok(Some(config))
+    }
 }
 
 /// host.yaml's `forward:` block, each key optional until resolved.
@@ -505,6 +600,10 @@ impl Settings {
             llm: match (self.llm, lower.llm) {
                 (Some(high), Some(low)) => Some(high.or(low)),
                 (high, low) => high.or(low),
+            },
+            agent: match (self.agent, lower.agent) {
+                (Some(a), Some(b)) => Some(a.or(b)),
+                (a, b) => a.or(b),
             },
         }
     }
@@ -998,6 +1097,61 @@ co_dir: null
         assert!(HostConfig::resolve(s, dir.path(), "f")
             .unwrap()
             .p2p
+            .is_none());
+    }
+
+    #[test]
+    fn the_agent_key_names_a_program_and_its_pool_follows_workers() {
+        let s = Settings::from_yaml(
+            "workers: 3\nagent:\n  exec: python3 'my agent.py'\n  env: {A: b}\n  timeout_secs: 9\n",
+            "f",
+        )
+        .unwrap();
+        let agent = s.agent.clone().unwrap();
+        let config = agent.exec_config(Some(3), "f").unwrap().unwrap();
+        assert_eq!(config.workers, 3);
+        assert_eq!(config.timeout, std::time::Duration::from_secs(9));
+        assert_eq!(config.env, [("A".to_owned(), "b".to_owned())]);
+        assert!(!config.shell);
+        let own = AgentSettings {
+            workers: Some(5),
+            ..AgentSettings::default()
+        };
+        assert_eq!(
+            own.or(agent)
+                .exec_config(Some(3), "f")
+                .unwrap()
+                .unwrap()
+                .workers,
+            5
+        );
+        for (yaml, says) in [
+            ("agent: {exec: \"x 'y\"}\n", "key `agent.exec`"),
+            ("agent: {exec: x, workers: 0}\n", "key `agent.workers`"),
+            (
+                "agent: {exec: x, timeout_secs: 0}\n",
+                "key `agent.timeout_secs`",
+            ),
+        ] {
+            let s = Settings::from_yaml(yaml, "f").unwrap();
+            let err = s
+                .agent
+                .unwrap()
+                .exec_config(None, "f")
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(says), "{yaml}: {err}");
+        }
+        let err = Settings::from_yaml("agent: {exec: x, shel: true}\n", "f")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("shel"), "{err}");
+        assert!(Settings::from_yaml("agent: {}\n", "f")
+            .unwrap()
+            .agent
+            .unwrap()
+            .exec_config(None, "f")
+            .unwrap()
             .is_none());
     }
 

@@ -81,7 +81,7 @@
 //! | `proto/` | the wire (no I/O): typed frames per link (`frame.rs`), [`proto::ErrorCode`] (`error.rs`), ANNOUNCE (`announce.rs`), [`proto::RelayUrl`] and the relay's routes (`relay_url.rs`), signed HTTP reads (`signed_request.rs`) |
 //! | `metrics.rs` | what a node and a relay count for `/metrics` (prometheus-client, one registry per instance; libp2p's own metrics and the store's flushes join the node's), the request's `Transport`, route and outcome labels |
 //! | `net.rs` | socket helpers shared by the node and the relay server: TCP_NODELAY, a listener capped per client IP, WebSocket read errors, SIGINT/SIGTERM |
-//! | `agent/` | the [`Agent`] trait (with its own summary and examples), [`AgentFactory`] (a fresh agent per request) in `mod.rs`; built-ins `echo`, `translator`, `ticker` in `builtin.rs`; an agent behind an HTTP endpoint (`forward.rs`, `--forward`) and a model behind an OpenAI-compatible API (`llm.rs`, `--agent llm`), sharing SSE decoding, backoff and errors (`upstream.rs`) |
+//! | `agent/` | the [`Agent`] trait (with its own summary and examples), [`AgentFactory`] (a fresh agent per request), [`Turn`] and the `Peers` link through which a turn calls other agents (implemented by `node/`) in `mod.rs`; built-ins `echo`, `translator`, `ticker` in `builtin.rs`; `exec.rs`: a program in any language as the agent, a pool of child processes speaking JSON Lines ([`agent::ExecAgent`], docs/agent-protocol.md); an agent behind an HTTP endpoint (`forward.rs`, `--forward`) and a model behind an OpenAI-compatible API (`llm.rs`, `--agent llm`), sharing SSE decoding, backoff and errors (`upstream.rs`) |
 //! | `store/` | sled (`mod.rs`: sessions, seen ids, kept replies, trust state; one store thread, group commit) and attached files (`uploads.rs`) |
 //! | `trust/` | trust levels, address lists (`lists.rs`), policies (`policy.rs`), the decision, onboarding and admin actions (`engine.rs`), wrong invite codes (`invites.rs`) |
 //! | `dispatch/` | the [`Dispatcher`]: verify → trust → admit → run → stream → persist → reply (`mod.rs`); signatures, CONNECT, signed reads, admin (`access.rs`); whose sessions (`scope.rs`); refusals and their answers (`refusal.rs`); one run (`run.rs`); a turn's session state (`turn.rs`); RESUME (`follow.rs`) |
@@ -89,10 +89,12 @@
 //! | `relay_server/` | the relay server (`mod.rs`: state, router, directory, limits): agent connections (`agent.rs`), caller connections (`caller.rs`), what both share (`conn.rs`) |
 //! | `client/` | [`connect()`]: the ways to an agent and the choice among them (`path.rs`), one verified turn (`call.rs`) |
 //! | `config.rs` | `host.yaml` + code parameters → [`HostConfig`] |
-//! | `node/` | the [`Host`] builder, [`host()`], [`router()`] (`mod.rs`); opening and starting a [`Node`] (`start.rs`); the running [`NodeHandle`], banner, [`Ready`] line and shutdown (`handle.rs`) |
+//! | `node/` | the [`Host`] builder, [`host()`], [`router()`] (`mod.rs`); opening and starting a [`Node`] (`start.rs`); the running [`NodeHandle`], banner, [`Ready`] line and shutdown (`handle.rs`); agents' calls to other agents with the node's key and paths (`peers.rs`) |
 //! | `main.rs`, `cli/` | the binary, not the library: `main.rs` launches, `cli/` holds one file per command and `testnet/` (a relay and N nodes as local processes) |
 //!
-//! The wire forms and test vectors are in `docs/protocol.md`.
+//! The wire forms and test vectors are in `docs/protocol.md`; what an exec agent (a
+//! program hosted with `oonode host --exec`) reads and writes is in
+//! `docs/agent-protocol.md`.
 
 pub mod agent;
 mod client;
@@ -114,7 +116,8 @@ pub use agent::{Agent, AgentError, AgentFactory, StreamSink, Turn};
 pub use async_trait::async_trait;
 pub use client::{connect, Answer, CallError, ConnectOptions, Remote, Via};
 pub use config::{
-    ConfigError, ForwardSettings, HostConfig, LlmSettings, Settings, HOST_YAML_TEMPLATE,
+    AgentSettings, ConfigError, ForwardSettings, HostConfig, LlmSettings, Settings,
+    HOST_YAML_TEMPLATE,
 };
 pub use dispatch::{
     Accepted, Dispatcher, Origin, Reader, Refusal, Rejected, Scope, SessionSecret, SignedRead,

@@ -73,8 +73,24 @@ pub fn start_echo_node(
     log: &str,
     limit: Duration,
 ) -> (Child, NodeReady) {
+    start_node_hosting(name, &["--agent", "echo"], dir, http, args, log, limit)
+}
+
+/// [`start_echo_node`] hosting what `agent` says instead: `["--agent", NAME]` or
+/// `["--exec", COMMAND]`.
+pub fn start_node_hosting(
+    name: &str,
+    agent: &[&str],
+    dir: &Path,
+    http: bool,
+    args: &[&str],
+    log: &str,
+    limit: Duration,
+) -> (Child, NodeReady) {
     let mut cmd = Command::new(BIN);
-    cmd.args(["host", "--ready-json", "--agent", "echo", "--co-dir"])
+    cmd.args(["host", "--ready-json"])
+        .args(agent)
+        .arg("--co-dir")
         .arg(dir);
     if http {
         cmd.args(["--port", "0", "--bind", "127.0.0.1"]);

@@ -420,13 +420,7 @@ mod tests {
         let (tx, mut rx) = mpsc::channel(16);
         let sink = StreamSink::new(tx);
         let prompt = "Watch each  word arrive";
-        let turn = Turn {
-            prompt: prompt.into(),
-            session_id: "s".into(),
-            history: vec![],
-            files: vec![],
-            caller: None,
-        };
+        let turn = Turn::new(prompt, "s");
         let mut ticker = Ticker {
             pause: std::time::Duration::ZERO,
         };
@@ -478,13 +472,7 @@ mod tests {
         let factory = AgentFactory::from_clone(Counter::default());
         let (tx, _rx) = mpsc::channel(1);
         let sink = StreamSink::new(tx);
-        let turn = Turn {
-            prompt: String::new(),
-            session_id: "s".into(),
-            history: vec![],
-            files: vec![],
-            caller: None,
-        };
+        let turn = Turn::new("", "s");
         for _ in 0..3 {
             assert_eq!(factory.make().run(turn.clone(), &sink).await.unwrap(), "1");
         }

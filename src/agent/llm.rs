@@ -392,6 +392,8 @@ mod tests {
             ],
             files: Vec::new(),
             caller: None,
+            hops: 0,
+            peers: None,
         };
         let body = Llm::new(config).request_body(&turn);
         let roles: Vec<&str> = body["messages"]

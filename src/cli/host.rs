@@ -4,9 +4,10 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 
 use anyhow::Context;
+use oonode::agent::{ExecAgent, ExecError};
 use oonode::{
-    agent, find_co_dir, AgentFactory, ForwardSettings, Host, HostError, LlmSettings, P2pError,
-    Settings, TrustLevel,
+    agent, find_co_dir, AgentFactory, AgentSettings, ForwardSettings, Host, HostError, LlmSettings,
+    P2pError, Settings, TrustLevel,
 };
 
 use super::Exit;
@@ -14,8 +15,8 @@ use super::Exit;
 #[derive(clap::Args)]
 pub(crate) struct HostArgs {
     /// Agent to host: a built-in (echo, translator, ticker), or `llm`, a model behind an
-    /// OpenAI-compatible API (see --llm-base-url). Default: host.yaml's `forward:` or
-    /// `llm:` block if it has one, else translator.
+    /// OpenAI-compatible API (see --llm-base-url). Default: what host.yaml's `agent:`,
+    /// `forward:` or `llm:` block names, if it has one, else translator.
     #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(
         agent::BUILTIN_AGENTS.iter().copied().chain([LLM])))]
     agent: Option<String>,
@@ -33,6 +34,20 @@ pub(crate) struct HostArgs {
     /// With --agent llm (implied): the model's name, e.g. llama3.2 or gpt-4o-mini.
     #[arg(long, value_name = "NAME", conflicts_with = "forward")]
     llm_model: Option<String>,
+    /// Host a program of your own: run COMMAND as long-lived child processes (as many as
+    /// --workers, or host.yaml's agent.workers) that read one JSON request per line on
+    /// stdin and answer in JSON lines on stdout (docs/agent-protocol.md). Split into
+    /// words like a shell would, but run without one (see --exec-shell).
+    #[arg(long, value_name = "COMMAND", conflicts_with_all = ["agent", "forward", "llm_base_url", "llm_model"], value_parser = exec_command)]
+    exec: Option<String>,
+    /// Run the --exec command (or host.yaml's agent.exec) with `sh -c`: pipes, &&, $VARS.
+    #[arg(long)]
+    exec_shell: bool,
+    /// Seconds one turn of the --exec agent may take, calls to other agents included;
+    /// past it the turn fails (agent_error) and the process is restarted. Default:
+    /// host.yaml's agent.timeout_secs, else 300.
+    #[arg(long, value_name = "SECS", value_parser = super::at_least_one::<u64>)]
+    exec_timeout: Option<u64>,
     /// HTTP port (0 picks a free one). Default: host.yaml, else 8000.
     #[arg(long)]
     port: Option<u16>,
@@ -97,7 +112,7 @@ pub(crate) struct HostArgs {
 const LLM: &str = "llm";
 
 pub(crate) async fn host(args: HostArgs) -> anyhow::Result<()> {
-    let factory = agent_factory(&args)?;
+    let (factory, exec) = agent_factory(&args).await?;
     let mut host = Host::with_factory(factory);
     if let Some(p) = args.port {
         host = host.port(p);
@@ -144,15 +159,20 @@ pub(crate) async fn host(args: HostArgs) -> anyhow::Result<()> {
     if args.mdns {
         host = host.mdns(true);
     }
-    host.ready_json(args.ready_json)
-        .serve()
-        .await
-        .map_err(refusal)
+    let served = host.ready_json(args.ready_json).serve().await;
+    // After the node has drained its runs: the children get their stdin closed and a
+    // moment to exit.
+    if let Some(exec) = exec {
+        exec.shutdown().await;
+    }
+    served.map_err(refusal)
 }
 
-/// The agent the flags name, else the one host.yaml's `forward:` or `llm:` block
-/// describes, else the translator. Flags override the block's single keys.
-fn agent_factory(args: &HostArgs) -> anyhow::Result<AgentFactory> {
+/// The agent the flags name, else the one host.yaml's `agent:`, `forward:` or `llm:`
+/// block describes, else the translator. Flags override the block's single keys. A
+/// program (`--exec`, `agent.exec`) is started here, before the node, so that a command
+/// that cannot run stops start-up with one clear line.
+async fn agent_factory(args: &HostArgs) -> anyhow::Result<(AgentFactory, Option<ExecAgent>)> {
     let co_dir = match &args.co_dir {
         Some(dir) => dir.clone(),
         None => find_co_dir(&std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."))),
@@ -163,6 +183,41 @@ fn agent_factory(args: &HostArgs) -> anyhow::Result<AgentFactory> {
         .map_err(|e| Exit::usage(e.to_string()))?
         .unwrap_or_default();
     let llm_flags = args.llm_base_url.is_some() || args.llm_model.is_some();
+    let named_elsewhere = args.agent.is_some() || args.forward.is_some() || llm_flags;
+    if !named_elsewhere {
+        let mut flags = AgentSettings::default();
+        flags.exec = args.exec.clone();
+        flags.shell = args.exec_shell.then_some(true);
+        flags.timeout_secs = args.exec_timeout;
+        let settings = flags.or(file.agent.clone().unwrap_or_default());
+        if args.exec.is_none()
+            && settings.exec.is_some()
+            && (file.forward.is_some() || file.llm.is_some())
+        {
+            return Err(Exit::usage(format!(
+                "{origin} names more than one agent (`agent.exec` and a `forward:` or `llm:` \
+                 block): keep one, or choose with --exec, --forward or --agent"
+            )));
+        }
+        let exec_origin = match &args.exec {
+            Some(_) => "--exec".to_owned(),
+            None => origin.clone(),
+        };
+        if let Some(config) = settings
+            .exec_config(args.workers.or(file.workers), &exec_origin)
+            .map_err(|e| Exit::usage(e.to_string()))?
+        {
+            let exec = ExecAgent::start(config).await.map_err(|e| match e {
+                e @ (ExecError::Empty
+                | ExecError::Unsplittable(_)
+                | ExecError::NoWorkers
+                | ExecError::NoTimeout
+                | ExecError::Spawn { .. }) => Exit::usage(e.to_string()),
+                e => anyhow::Error::new(e),
+            })?;
+            return Ok((AgentFactory::from_clone(exec.clone()), Some(exec)));
+        }
+    }
     let kind = match (args.agent.as_deref(), &args.forward) {
         (Some(LLM), _) => LLM,
         (Some(_), _) if llm_flags => {
@@ -199,7 +254,7 @@ fn agent_factory(args: &HostArgs) -> anyhow::Result<AgentFactory> {
             let config = settings
                 .resolve(&origin)
                 .map_err(|e| Exit::usage(e.to_string()))?;
-            Ok(AgentFactory::from_clone(agent::Forward::new(config)))
+            Ok((AgentFactory::from_clone(agent::Forward::new(config)), None))
         }
         LLM => {
             let mut flags = LlmSettings::default();
@@ -219,14 +274,26 @@ fn agent_factory(args: &HostArgs) -> anyhow::Result<AgentFactory> {
             let config = settings
                 .resolve(&origin)
                 .map_err(|e| Exit::usage(e.to_string()))?;
-            Ok(AgentFactory::from_clone(agent::Llm::new(config)))
+            Ok((AgentFactory::from_clone(agent::Llm::new(config)), None))
         }
-        name => agent::builtin(name).context("unknown agent"),
+        name => Ok((agent::builtin(name).context("unknown agent")?, None)),
     }
 }
 
 /// The agent `oonode host` runs when nothing names one.
 const DEFAULT_AGENT: &str = "translator";
+
+/// `--exec`: a command that splits into words (with `--exec-shell`, `sh` would refuse
+/// an unclosed quote all the same).
+fn exec_command(s: &str) -> Result<String, String> {
+    match shlex::split(s) {
+        Some(words) if !words.is_empty() => Ok(s.to_owned()),
+        Some(_) => Err("the command is empty".into()),
+        None => Err(format!(
+            "cannot split {s:?} into words (an unclosed quote?)"
+        )),
+    }
+}
 
 /// What stops a node from starting, as one line: a bad host.yaml value (flags were checked
 /// by clap already) or a port that cannot be had, with the flag that fixes it, exit 2;

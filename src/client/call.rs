@@ -45,6 +45,9 @@ impl Remote {
         let mut payload = Map::new();
         payload.insert("prompt".into(), json!(prompt));
         payload.insert("session".into(), json!({ "session_id": session_id }));
+        if self.hops > 0 {
+            payload.insert("hops".into(), json!(self.hops));
+        }
         let input = Envelope::sign(&self.identity, Kind::Input, Some(self.address), payload);
         let input_id = input.id().unwrap_or_default().to_owned();
         let mut sends = 0;

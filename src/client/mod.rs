@@ -199,6 +199,8 @@ pub struct Remote {
     options: ConnectOptions,
     reply_timeout: Duration,
     session_id: Option<String>,
+    /// Agents the request has passed through before this call (sent as `hops` when > 0).
+    hops: u32,
 }
 
 /// Connects to the agent at `address` (a `0x…` string), by the path `options.via` names
@@ -230,6 +232,7 @@ pub async fn connect(address: &str, options: ConnectOptions) -> Result<Remote, C
                     reply_timeout: options.reply_timeout.unwrap_or(DEFAULT_REPLY_TIMEOUT),
                     options,
                     session_id: None,
+                    hops: 0,
                 });
             }
             Err(e) => {
@@ -263,6 +266,14 @@ impl Remote {
     /// The session the next turn continues, once there is one.
     pub fn session_id(&self) -> Option<&str> {
         self.session_id.as_deref()
+    }
+
+    /// For an agent that calls on while answering a turn: the number of agents the
+    /// request has passed through, i.e. the turn's [`hops`](crate::Turn::hops) + 1.
+    /// Signed into each INPUT; the callee refuses it past
+    /// [`MAX_HOPS`](crate::proto::MAX_HOPS), which ends loops of agents calling agents.
+    pub fn set_hops(&mut self, hops: u32) {
+        self.hops = hops;
     }
 
     /// Sends a prompt and returns the verified result.

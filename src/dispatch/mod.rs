@@ -21,7 +21,7 @@ use tokio::sync::{broadcast, mpsc, Semaphore};
 use tokio_util::task::TaskTracker;
 use tracing::{info, info_span, Instrument};
 
-use crate::agent::{AgentFactory, Message};
+use crate::agent::{AgentFactory, Message, PeerLink};
 use crate::envelope::{unix_now, Envelope, Kind};
 use crate::identity::{Address, Identity};
 pub(crate) use crate::metrics::Route;
@@ -184,6 +184,9 @@ struct Inner {
     live: Mutex<HashMap<String, broadcast::Sender<Envelope>>>,
     /// This node's counters: every transport's requests pass here, so each is counted once.
     metrics: NodeMetrics,
+    /// How agents call other agents through this node, once the node knows its paths
+    /// (set when it starts; turns before that, and of an embedded router, go without).
+    peers: std::sync::OnceLock<PeerLink>,
 }
 
 impl Dispatcher {
@@ -214,6 +217,7 @@ impl Dispatcher {
                 closed: AtomicBool::new(false),
                 live: Mutex::new(HashMap::new()),
                 metrics,
+                peers: std::sync::OnceLock::new(),
             }),
         }
     }
@@ -224,6 +228,12 @@ impl Dispatcher {
 
     pub fn identity(&self) -> &Identity {
         &self.inner.identity
+    }
+
+    /// Gives the agent's turns a way to call other agents through this node (once; later
+    /// calls are ignored).
+    pub(crate) fn set_peers(&self, peers: PeerLink) {
+        let _ = self.inner.peers.set(peers);
     }
 
     pub fn trust(&self) -> &Arc<TrustEngine> {

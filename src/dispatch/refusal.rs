@@ -45,6 +45,11 @@ pub enum Refusal {
     Interrupted(String),
     #[error("internal storage error")]
     Store(#[from] StoreError),
+    #[error(
+        "this request has passed through {hops} agents, over the limit of {max}: \
+         agents calling agents in a loop?"
+    )]
+    HopLimit { hops: u64, max: u32 },
 }
 
 impl Refusal {
@@ -78,6 +83,7 @@ impl Refusal {
             Refusal::ShuttingDown => ErrorCode::ShuttingDown,
             Refusal::Interrupted(_) => ErrorCode::Interrupted,
             Refusal::Store(_) => ErrorCode::Internal,
+            Refusal::HopLimit { .. } => ErrorCode::HopLimit,
         }
     }
 

@@ -75,13 +75,12 @@ impl Run {
 
         let (chunk_tx, mut chunk_rx) = mpsc::channel::<String>(CHUNK_QUEUE);
         let sink = StreamSink::new(chunk_tx);
-        let turn = Turn {
-            prompt: start.prompt.clone(),
-            session_id: start.session_id.clone(),
-            history: start.history.clone(),
-            files: self.files.clone(),
-            caller: self.caller,
-        };
+        let mut turn = Turn::new(start.prompt.clone(), start.session_id.clone());
+        turn.history = start.history.clone();
+        turn.files = self.files.clone();
+        turn.caller = self.caller;
+        turn.hops = start.hops;
+        turn.peers = inner.peers.get().cloned();
         let factory = inner.factory.clone();
         // Its own task, so that a panic in the agent is caught as a JoinError; in this
         // run's span, so the agent's own logs carry the request's id.

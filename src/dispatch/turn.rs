@@ -5,6 +5,7 @@ use serde_json::{Map, Value};
 use super::scope::SessionSecret;
 use super::{Refusal, Submission};
 use crate::agent::Message;
+use crate::proto::MAX_HOPS;
 
 /// Longest session id a caller may choose.
 const MAX_SESSION_ID_LEN: usize = 128;
@@ -24,6 +25,8 @@ pub(super) struct TurnStart {
     pub named: bool,
     /// Whether the caller sent the session's history (`session.messages`) itself.
     pub client_held: bool,
+    /// Agents the request has passed through (the payload's `hops`, absent = 0).
+    pub hops: u32,
 }
 
 /// Reads the prompt and session state out of a submission.
@@ -72,6 +75,23 @@ pub(super) fn parse_turn(sub: &Submission, now: u64) -> Result<TurnStart, Refusa
         )))
         }
     };
+    let hops = match payload.get("hops") {
+        None | Some(Value::Null) => 0,
+        Some(v) => match v.as_u64() {
+            Some(n) if n > u64::from(MAX_HOPS) => {
+                return Err(Refusal::HopLimit {
+                    hops: n,
+                    max: MAX_HOPS,
+                })
+            }
+            Some(n) => n as u32,
+            None => {
+                return Err(Refusal::BadRequest(
+                    "`hops` must be a whole number of at least 0".into(),
+                ))
+            }
+        },
+    };
     let (history, extra) = split_session(&session);
     Ok(TurnStart {
         prompt,
@@ -83,6 +103,7 @@ pub(super) fn parse_turn(sub: &Submission, now: u64) -> Result<TurnStart, Refusa
         secret,
         named,
         client_held,
+        hops,
     })
 }
 

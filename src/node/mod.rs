@@ -5,6 +5,7 @@
 //! running [`NodeHandle`]: status, the banner, the ready line and shutdown.
 
 mod handle;
+mod peers;
 mod start;
 
 use std::net::{IpAddr, SocketAddr};

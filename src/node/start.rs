@@ -12,7 +12,8 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::agent::AgentFactory;
+use crate::agent::{AgentFactory, PeerLink};
+use crate::client::ConnectOptions;
 use crate::config::HostConfig;
 use crate::dispatch::{Dispatcher, DispatcherConfig};
 use crate::envelope::unix_now;
@@ -26,6 +27,7 @@ use crate::transport::ws::WsState;
 use crate::trust::TrustAgent;
 
 use super::handle::NodeHandle;
+use super::peers::NodePeers;
 use super::{HostError, MAX_WS_CONNECTIONS};
 
 /// A node that is configured but not yet listening.
@@ -122,6 +124,7 @@ impl Node {
     /// (HTTP and WebSocket only: an embedded router starts no relay link and no swarm.)
     pub fn router(self) -> Router {
         self.start_sweeper();
+        self.give_agents_peers(None);
         let guard = self.background.clone().drop_guard();
         self.router_with(Some(guard), None, None)
     }
@@ -156,6 +159,16 @@ impl Node {
             p2p,
             _background: guard,
         }))
+    }
+
+    /// Lets the agent's turns call other agents as this node: its key, its relay, its
+    /// swarm.
+    fn give_agents_peers(&self, swarm: Option<P2p>) {
+        let mut options = ConnectOptions::default().identity(self.identity.clone());
+        options.relay_url = self.config.relay_url.as_ref().map(ToString::to_string);
+        options.swarm = swarm;
+        self.dispatcher
+            .set_peers(PeerLink(Arc::new(NodePeers::new(options))));
     }
 
     /// Expired sessions and replay keys go, and edited list files are re-read, in the
@@ -212,6 +225,7 @@ impl Node {
             None => None,
         };
 
+        self.give_agents_peers(p2p.clone());
         if self.key_created {
             info!(address = %self.address(), "created a new identity key");
         }

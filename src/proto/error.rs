@@ -66,6 +66,9 @@ error_codes! {
     /// No such route, session or agent (also: someone else's session).
     NotFound = "not_found" => 404,
     MethodNotAllowed = "method_not_allowed" => 405,
+    /// An INPUT that has passed through more agents than [`MAX_HOPS`](super::MAX_HOPS)
+    /// (agents calling agents, likely in a loop). 508 is HTTP's "Loop Detected".
+    HopLimit = "hop_limit" => 508,
 
     // Signatures.
     InvalidSignature = "invalid_signature" => 401,

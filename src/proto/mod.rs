@@ -17,6 +17,12 @@ pub use announce::{
 };
 pub use body_limits::{BodyLimits, BodyScanner, BodyViolation};
 pub use error::ErrorCode;
+
+/// The most agents one request may pass through: an INPUT whose signed `hops` (how many
+/// agents called on before it; absent = 0) is above this is refused with
+/// [`ErrorCode::HopLimit`]. Agents that call agents add one per call, so a loop
+/// (A asks B, B asks A, …) ends here instead of running until every worker is taken.
+pub const MAX_HOPS: u32 = 8;
 pub use frame::{
     input_frame, session_of, AgentToRelay, CallerToRelay, ClientFrame, ConnectStatus, FrameError,
     FrameType, NodeFrame, Object, RelayError, RelayToAgent,

@@ -41,7 +41,7 @@ pub(crate) enum InputRequest {
 #[derive(serde::Deserialize, ToSchema)]
 pub(crate) struct SignedInput {
     /// The signed fields: `type` ("INPUT" or absent), `to` (the node's address), `id`,
-    /// `timestamp` (integer seconds), `prompt`, `session`, `invite_code`…
+    /// `timestamp` (integer seconds), `prompt`, `session`, `hops`, `invite_code`…
     #[schema(value_type = Object)]
     payload: Value,
     /// The signer's address (`0x` + 64 hex).
@@ -78,6 +78,10 @@ pub(crate) struct UnsignedInput {
     /// as a first answer returned it.
     #[schema(nullable = false, pattern = "^[A-Za-z0-9_-]{32,128}$")]
     session_secret: Option<String>,
+    /// Agents this request has passed through (absent: 0); over 8 is refused with 508
+    /// `hop_limit`.
+    #[schema(nullable = false, minimum = 0)]
+    hops: Option<u32>,
     /// A claimed address (`0x` + 64 hex): used only to refuse a blocked one.
     #[schema(nullable = false, pattern = "^0x[0-9a-fA-F]{64}$")]
     from: Option<String>,

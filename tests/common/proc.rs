@@ -27,6 +27,8 @@ pub enum Stderr {
     Null,
     /// Echoed line by line as `[name pid N stderr] …`, and its log lines counted.
     Echo,
+    /// As the command already sets it (a file the test reads afterwards).
+    AsSet,
 }
 
 /// How much of a child's stderr [`Child::kill_and_read_stderr`] keeps; the rest is
@@ -51,11 +53,12 @@ impl Child {
     /// Starts `cmd` with stdin closed and stdout piped; `name` labels panics and echoes.
     pub fn spawn(name: &str, cmd: &mut Command, stderr: Stderr) -> Child {
         cmd.stdin(Stdio::null()).stdout(Stdio::piped());
-        cmd.stderr(match stderr {
-            Stderr::Inherit => Stdio::inherit(),
-            Stderr::Null => Stdio::null(),
-            Stderr::Echo => Stdio::piped(),
-        });
+        match stderr {
+            Stderr::Inherit => cmd.stderr(Stdio::inherit()),
+            Stderr::Null => cmd.stderr(Stdio::null()),
+            Stderr::Echo => cmd.stderr(Stdio::piped()),
+            Stderr::AsSet => cmd,
+        };
         let mut child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start the {name}: {e}"));
