@@ -263,3 +263,92 @@ fn keys_json_and_completions() {
         "a bash completion script"
     );
 }
+
+/// `oonode init --template exec` writes a working agent: `oonode host` run in that
+/// directory hosts agent.py and answers with it. The forward and llm templates name
+/// their agent in host.yaml, which the node reads.
+#[test]
+fn init_templates_set_up_an_agent_that_oonode_host_runs() {
+    use std::io::{BufRead, Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_str().unwrap();
+    let out = oonode(&["init", root, "--template", "exec"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.contains("agent.py") && said.contains("next: "),
+        "{said}"
+    );
+    assert!(dir.path().join("agent.py").exists());
+
+    let mut node = Command::new(BIN)
+        .args([
+            "host",
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--no-p2p",
+            "--no-relay",
+        ])
+        .arg("--ready-json")
+        .current_dir(dir.path())
+        .env_remove("RUST_LOG")
+        .env_remove("OONODE_RELAY")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let stdout = node.stdout.take().unwrap();
+    let _node = Kill(node);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if let Some(ready) = oonode::Ready::parse(&line) {
+                let _ = tx.send(ready);
+            }
+        }
+    });
+    let ready = rx.recv_timeout(LIMIT).expect("the node's ready line");
+    let http = ready.http.expect("HTTP is on");
+    let addr = http.trim_start_matches("http://");
+    let mut tcp = std::net::TcpStream::connect(addr).unwrap();
+    tcp.set_read_timeout(Some(LIMIT)).unwrap();
+    let body = r#"{"prompt": "hello"}"#;
+    write!(
+        tcp,
+        "POST /input HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut answer = String::new();
+    tcp.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains(r#""result":"HELLO""#), "{answer}");
+
+    for (template, key) in [("forward", "forward:"), ("llm", "llm:")] {
+        let dir = tempfile::tempdir().unwrap();
+        let out = oonode(&["init", dir.path().to_str().unwrap(), "--template", template]);
+        assert!(out.status.success());
+        let yaml = std::fs::read_to_string(dir.path().join(".co/host.yaml")).unwrap();
+        assert!(yaml.lines().any(|l| l == key), "{template}: {yaml}");
+        assert!(
+            oonode::Settings::from_yaml(&yaml, "host.yaml").is_ok(),
+            "{template}"
+        );
+    }
+}

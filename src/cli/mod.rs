@@ -32,13 +32,18 @@ pub(crate) enum Command {
     /// Trust admin: promote, demote, block, unblock, level, credit (signed with the key
     /// in --co-dir; the node accepts its own key and the addresses in its admins.txt).
     Trust(trust::TrustArgs),
-    /// Create a .co/ directory: identity key and a commented host.yaml with every key.
+    /// Create a .co/ directory: identity key and a commented host.yaml with every key;
+    /// with --template, set up one kind of agent to host (`oonode host` then runs it).
     Init {
         /// Where to create .co/ (default: the current directory).
         dir: Option<PathBuf>,
         /// Overwrite an existing host.yaml (the key is never replaced).
         #[arg(long)]
         force: bool,
+        /// exec: a 10-line Python agent (agent.py) run by the node; forward: an agent
+        /// behind an HTTP endpoint; llm: a model behind an OpenAI-compatible API.
+        #[arg(long, value_enum)]
+        template: Option<keys::Template>,
     },
     /// A local multi-node testnet: a relay and N nodes on 127.0.0.1 (up, status, call,
     /// logs, down).
@@ -222,7 +227,11 @@ pub(crate) async fn run(command: Command) -> ExitCode {
         Command::Host(args) => host::host(args).await,
         Command::Relay(args) => relay::relay(args).await,
         Command::Peers(args) => peers::peers(args).await,
-        Command::Init { dir, force } => keys::init(dir, force),
+        Command::Init {
+            dir,
+            force,
+            template,
+        } => keys::init(dir, force, template),
         Command::Trust(args) => trust::trust(args).await,
         Command::Testnet { command } => testnet::run(command).await,
         Command::Keys { co_dir, json } => keys::keys(co_dir, json),
