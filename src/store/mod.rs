@@ -187,26 +187,7 @@ impl Store {
     /// many sessions were marked. A store written before the session index existed has
     /// it built here, once: the only time every record is read.
     pub fn open(path: &Path, result_ttl: u64, now: u64) -> Result<(Store, usize), StoreError> {
-        let db = sled::Config::new()
-            .path(path)
-            .cache_capacity(CACHE_BYTES)
-            .open()
-            .map_err(|source| StoreError::Open {
-                path: path.to_path_buf(),
-                source,
-            })?;
-        let trees = Trees {
-            sessions: db.open_tree(SESSIONS)?,
-            seen: db.open_tree(SEEN)?,
-            chunks: db.open_tree(CHUNKS)?,
-            trust: db.open_tree(TRUST)?,
-            meta: db.open_tree(SESSION_META)?,
-            list: db.open_tree(SESSION_LIST)?,
-            expiry: db.open_tree(SESSION_EXPIRY)?,
-            running: db.open_tree(SESSION_RUNNING)?,
-            seen_expiry: db.open_tree(SEEN_EXPIRY)?,
-            db,
-        };
+        let trees = Trees::open(path)?;
         index::build_if_missing(&trees)?;
         let mut marked = 0;
         for key in index::running(&trees)? {
@@ -506,6 +487,31 @@ impl Store {
             return Ok(()); // Already closed.
         }
         rx.await.unwrap_or(Ok(()))
+    }
+}
+
+impl Trees {
+    fn open(path: &Path) -> Result<Trees, StoreError> {
+        let db = sled::Config::new()
+            .path(path)
+            .cache_capacity(CACHE_BYTES)
+            .open()
+            .map_err(|source| StoreError::Open {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        Ok(Trees {
+            sessions: db.open_tree(SESSIONS)?,
+            seen: db.open_tree(SEEN)?,
+            chunks: db.open_tree(CHUNKS)?,
+            trust: db.open_tree(TRUST)?,
+            meta: db.open_tree(SESSION_META)?,
+            list: db.open_tree(SESSION_LIST)?,
+            expiry: db.open_tree(SESSION_EXPIRY)?,
+            running: db.open_tree(SESSION_RUNNING)?,
+            seen_expiry: db.open_tree(SEEN_EXPIRY)?,
+            db,
+        })
     }
 }
 
