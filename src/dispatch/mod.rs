@@ -475,7 +475,7 @@ impl Dispatcher {
         Ok(self
             .inner
             .store
-            .list_sessions(scope.key(""), limit, cursor, unix_now())
+            .list_sessions(scope.prefix(), limit, cursor, unix_now())
             .await?)
     }
 

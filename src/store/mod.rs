@@ -271,7 +271,7 @@ impl Store {
     }
 
     /// One page of the sessions of a scope (`scope` is the prefix its session keys
-    /// share, `Scope::key("")`), newest first: at most `limit` (1 to [`MAX_PAGE`]), after
+    /// share, `Scope::prefix`), newest first: at most `limit` (1 to [`MAX_PAGE`]), after
     /// `cursor`. Reads the index only, at most `limit + 1` entries of it.
     pub async fn list_sessions(
         &self,
