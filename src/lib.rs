@@ -82,7 +82,7 @@
 //! | `metrics.rs` | what a node and a relay count for `/metrics` (prometheus-client, one registry per instance; libp2p's own metrics and the store's flushes join the node's), the request's `Transport`, route and outcome labels |
 //! | `net.rs` | socket helpers shared by the node and the relay server: TCP_NODELAY, a listener capped per client IP, WebSocket read errors, SIGINT/SIGTERM |
 //! | `agent/` | the [`Agent`] trait (with its own summary and examples), [`AgentFactory`] (a fresh agent per request), [`Turn`] and the `Peers` link through which a turn calls other agents (implemented by `node/`) in `mod.rs`; built-ins `echo`, `translator`, `ticker` in `builtin.rs`; `exec.rs`: a program in any language as the agent, a pool of child processes speaking JSON Lines ([`agent::ExecAgent`], docs/agent-protocol.md); an agent behind an HTTP endpoint (`forward.rs`, `--forward`) and a model behind an OpenAI-compatible API (`llm.rs`, `--agent llm`), sharing SSE decoding, backoff and errors (`upstream.rs`) |
-//! | `store/` | sled (`mod.rs`: sessions, seen ids, kept replies, trust state; one store thread, group commit) and attached files (`uploads.rs`) |
+//! | `store/` | sled (`mod.rs`: sessions, seen ids, kept replies, trust state; one store thread, group commit), the index of session metadata that listings, start-up and the sweeper read instead of the records, and listing cursors (`index.rs`), attached files (`uploads.rs`) |
 //! | `trust/` | trust levels, address lists (`lists.rs`), policies (`policy.rs`), the decision, onboarding and admin actions (`engine.rs`), wrong invite codes (`invites.rs`) |
 //! | `dispatch/` | the [`Dispatcher`]: verify → trust → admit → run → stream → persist → reply (`mod.rs`); signatures, CONNECT, signed reads, admin (`access.rs`); whose sessions (`scope.rs`); refusals and their answers (`refusal.rs`); one run (`run.rs`); a turn's session state (`turn.rs`); RESUME (`follow.rs`) |
 //! | `transport/` | the ways in, each knowing the dispatcher and never the reverse: `http.rs` (the seed's API, `/docs`, origins), `ws.rs` (`/ws`), `relay_link.rs` (the node's outbound link to a relay), `p2p/` (the libp2p swarm: `handle.rs`, `behaviour.rs`, `event_loop.rs`, `serve.rs`, presence records in `record.rs` (checks) and `presence.rs` (publish, look up), per-IP limits in `ip_limits.rs`, the CBOR `wire.rs`) |
@@ -130,7 +130,10 @@ pub use identity::{find_co_dir, Address, AddressError, Identity};
 pub use libp2p::Multiaddr;
 pub use node::{host, router, Host, HostError, Node, NodeHandle, Ready};
 pub use relay_server::{Relay, RelayConfig, RelayError, RelayHandle, RelayReady};
-pub use store::{SessionRecord, SessionStatus, Upload, UploadError};
+pub use store::{
+    BadCursor, PageCursor, SessionMeta, SessionPage, SessionRecord, SessionStatus, Upload,
+    UploadError,
+};
 pub use transport::p2p::{P2p, P2pConfig, P2pError, PeerPresence, SwarmStatus};
 pub use transport::relay_link::{LinkState, RelayStatus};
 pub use trust::{Policy, TrustAgent, TrustLevel, TrustQuestion};

@@ -242,17 +242,16 @@ async fn ten_large_turns_are_readable_on_every_path() {
             assert_eq!(answer.result.len(), prompt.len(), "{path}: turn {turn}");
         }
         // The history the node keeps is within its limit: the last two turns.
-        let record = node
-            .handle
-            .dispatcher()
-            .sessions(&oonode::Reader::new(
-                oonode::trust::Caller::Verified(me.address()),
-                None,
-            ))
+        let reader = oonode::Reader::new(oonode::trust::Caller::Verified(me.address()), None);
+        let dispatcher = node.handle.dispatcher();
+        let page = dispatcher.sessions(&reader, 10, None).await.unwrap();
+        assert_eq!(page.sessions.len(), 1, "{path}");
+        let record = dispatcher
+            .session(&page.sessions[0].session_id, &reader)
             .await
-            .unwrap();
-        assert_eq!(record.len(), 1, "{path}");
-        let messages = record[0].session["messages"].as_array().unwrap();
+            .unwrap()
+            .expect("the session is stored");
+        let messages = record.session["messages"].as_array().unwrap();
         let bytes: usize = messages
             .iter()
             .map(|m| m["content"].as_str().unwrap().len())

@@ -6,7 +6,7 @@ mod common;
 use common::*;
 use oonode::agent::Echo;
 use oonode::Host;
-use serde_json::Value;
+use serde_json::{json, Value};
 
 /// The routes of the router, read from its source, so a route added without its
 /// `#[utoipa::path]` fails here.
@@ -112,6 +112,25 @@ async fn openapi_json_documents_every_route() {
             assert!(names.contains(&h), "{route} lacks {h}: {names:?}");
         }
     }
+
+    // A listing comes in pages: `limit` and `cursor` in the query, `next` in the answer.
+    let query: Vec<&Value> = paths["/sessions"]["get"]["parameters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["in"] == "query")
+        .collect();
+    let limit = query.iter().find(|p| p["name"] == "limit").expect("limit");
+    assert_eq!(limit["schema"]["maximum"], 200, "{limit}");
+    assert!(query.iter().any(|p| p["name"] == "cursor"), "{query:?}");
+    let list = &doc["components"]["schemas"]["SessionList"];
+    assert!(
+        list["required"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("next")),
+        "{list}"
+    );
 
     // The /docs page points at the document.
     let page = client()

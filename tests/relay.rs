@@ -615,13 +615,14 @@ async fn frames_altered_or_dropped_in_transit_are_rejected() {
     let stored = node
         .handle
         .dispatcher()
-        .sessions(&oonode::Reader::new(
-            oonode::trust::Caller::Verified(victim.address()),
+        .sessions(
+            &oonode::Reader::new(oonode::trust::Caller::Verified(victim.address()), None),
+            10,
             None,
-        ))
+        )
         .await
         .unwrap();
-    assert!(stored.is_empty(), "{stored:?}");
+    assert!(stored.sessions.is_empty(), "{stored:?}");
 
     // (b) The result changed on the way back: the caller rejects it.
     match call(&via, node.address, "ALTER-RESULT-A").await {

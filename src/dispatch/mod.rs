@@ -28,7 +28,9 @@ pub(crate) use crate::metrics::Route;
 pub use crate::metrics::Transport;
 use crate::metrics::{NodeMetrics, Outcome};
 use crate::proto::ErrorCode;
-use crate::store::{SessionRecord, SessionStatus, Store, Upload, Uploads, FINAL_SEQ};
+use crate::store::{
+    PageCursor, SessionPage, SessionRecord, SessionStatus, Store, Upload, Uploads, FINAL_SEQ,
+};
 use crate::trust::{Invite, Trust, TrustAgent, TrustEngine};
 
 pub use access::SignedRead;
@@ -464,17 +466,26 @@ impl Dispatcher {
             .await?)
     }
 
-    /// The sessions of `reader`'s scope, newest first (none for an unsigned reader
-    /// without a secret).
-    pub async fn sessions(&self, reader: &Reader) -> Result<Vec<SessionRecord>, Refusal> {
+    /// One page of the sessions of `reader`'s scope, newest first: at most `limit` (1 to
+    /// [`MAX_PAGE`](crate::store::MAX_PAGE)), after `cursor` (a position within that
+    /// scope only, whoever's listing it came from). None for an unsigned reader without
+    /// a secret.
+    pub async fn sessions(
+        &self,
+        reader: &Reader,
+        limit: usize,
+        cursor: Option<PageCursor>,
+    ) -> Result<SessionPage, Refusal> {
         let Some(scope) = reader.scope() else {
-            return Ok(Vec::new());
+            return Ok(SessionPage {
+                sessions: Vec::new(),
+                next: None,
+            });
         };
-        let (owner, secret_hash) = scope.parts();
         Ok(self
             .inner
             .store
-            .list_sessions(owner, secret_hash, unix_now())
+            .list_sessions(scope.prefix(), limit, cursor, unix_now())
             .await?)
     }
 

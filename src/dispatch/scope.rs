@@ -77,11 +77,18 @@ impl Scope {
     /// scope (an address is a public key, a secret's digest is a hash: neither can be
     /// steered onto another's), then the id. Short keys keep sled's pages full.
     pub fn key(&self, session_id: &str) -> String {
+        let mut key = self.prefix();
+        key.push_str(session_id);
+        key
+    }
+
+    /// What every store key of this scope starts with (its sessions are listed by it).
+    pub fn prefix(&self) -> String {
         let (tag, bytes) = match self {
             Scope::Address(a) => ('a', a.as_bytes()),
             Scope::Secret(d) => ('s', d),
         };
-        format!("{tag}{}/{session_id}", hex::encode(&bytes[..12]))
+        format!("{tag}{}/", hex::encode(&bytes[..12]))
     }
 
     /// What a session record keeps of its scope, to list a scope's sessions: the owner's

@@ -319,14 +319,24 @@ async fn sweep_loop(store: Store, uploads: Uploads, result_ttl: u64, stop: Cance
             _ = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
-        match store.sweep(unix_now()).await {
-            Ok((sessions, keys)) => {
-                uploads.remove(&sessions).await;
-                if !sessions.is_empty() || keys > 0 {
-                    tracing::debug!(sessions = sessions.len(), keys, "swept expired records");
+        // One bounded job at a time, so requests queue behind none of them for long.
+        loop {
+            match store.sweep(unix_now()).await {
+                Ok(swept) => {
+                    uploads.remove(&swept.sessions).await;
+                    if !swept.sessions.is_empty() || swept.keys > 0 {
+                        let (sessions, keys) = (swept.sessions.len(), swept.keys);
+                        tracing::debug!(sessions, keys, "swept expired records");
+                    }
+                    if !swept.more || stop.is_cancelled() {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    warn!(error = %e, "sweeping expired records failed");
+                    break;
                 }
             }
-            Err(e) => warn!(error = %e, "sweeping expired records failed"),
         }
     }
 }

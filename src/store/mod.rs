@@ -1,6 +1,8 @@
-//! Persistence in sled, inside co_dir: sessions, the ids of signed messages already seen,
-//! and the replies kept for resuming clients. One thread owns sled (see [`Store`]).
+//! Persistence in sled, inside co_dir: sessions (with an index of their metadata, see
+//! `index.rs`), the ids of signed messages already seen, and the replies kept for resuming
+//! clients. One thread owns sled (see [`Store`]).
 
+mod index;
 mod uploads;
 
 use std::path::{Path, PathBuf};
@@ -11,6 +13,7 @@ use serde_json::Value;
 use crate::identity::Address;
 use crate::metrics::StoreMetrics;
 
+pub use index::{BadCursor, PageCursor, SessionMeta, SessionPage, DEFAULT_PAGE, MAX_PAGE};
 pub use uploads::{Upload, UploadError, Uploads};
 
 const SESSIONS: &str = "sessions";
@@ -18,13 +21,16 @@ const SEEN: &str = "seen";
 const CHUNKS: &str = "chunks";
 /// Trust state: `contact:<addr>`, `credits:<addr>`, `blocked:<addr>`, `caller:<addr>`.
 const TRUST: &str = "trust";
+// The index trees (see `index.rs`).
+const SESSION_META: &str = "session_meta";
+const SESSION_LIST: &str = "session_list";
+const SESSION_EXPIRY: &str = "session_expiry";
+const SESSION_RUNNING: &str = "session_running";
+const SEEN_EXPIRY: &str = "seen_expiry";
 
 /// The sequence number under which a session's final reply (OUTPUT or ERROR) is kept
 /// beside its STREAM chunks.
 pub const FINAL_SEQ: u64 = u64::MAX;
-
-/// How many sessions `GET /sessions` lists at most (newest first).
-pub const MAX_LISTED_SESSIONS: usize = 1000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -104,6 +110,12 @@ struct Trees {
     /// `session_id 0x00 seq(be)` → the signed reply, for clients that resume.
     chunks: sled::Tree,
     trust: sled::Tree,
+    /// The session index (`index.rs`).
+    meta: sled::Tree,
+    list: sled::Tree,
+    expiry: sled::Tree,
+    running: sled::Tree,
+    seen_expiry: sled::Tree,
 }
 
 /// What the node knows of a caller, for the trust agent.
@@ -171,34 +183,25 @@ pub struct Store {
 
 impl Store {
     /// Opens (or creates) the store and marks sessions left running by a previous process
-    /// as interrupted. Returns the store and how many sessions were marked.
+    /// as interrupted (reading only those, from the index). Returns the store and how
+    /// many sessions were marked. A store written before the session index existed has
+    /// it built here, once: the only time every record is read.
     pub fn open(path: &Path, result_ttl: u64, now: u64) -> Result<(Store, usize), StoreError> {
-        let db = sled::Config::new()
-            .path(path)
-            .cache_capacity(CACHE_BYTES)
-            .open()
-            .map_err(|source| StoreError::Open {
-                path: path.to_path_buf(),
-                source,
-            })?;
-        let trees = Trees {
-            sessions: db.open_tree(SESSIONS)?,
-            seen: db.open_tree(SEEN)?,
-            chunks: db.open_tree(CHUNKS)?,
-            trust: db.open_tree(TRUST)?,
-            db,
-        };
+        let trees = Trees::open(path)?;
+        index::build_if_missing(&trees)?;
         let mut marked = 0;
-        for item in trees.sessions.iter() {
-            let (key, bytes) = item?;
+        for key in index::running(&trees)? {
+            let Some(bytes) = trees.sessions.get(&key)? else {
+                // Cannot happen (one transaction writes both), but must not stop a start.
+                index::remove(&trees, &key)?;
+                continue;
+            };
             let mut rec: SessionRecord = serde_json::from_slice(&bytes)?;
-            if rec.status == SessionStatus::Running {
-                rec.status = SessionStatus::Interrupted;
-                rec.expires = Some(now + result_ttl);
-                rec.error = Some("the node stopped while this session was running".into());
-                trees.sessions.insert(key, serde_json::to_vec(&rec)?)?;
-                marked += 1;
-            }
+            rec.status = SessionStatus::Interrupted;
+            rec.expires = Some(now + result_ttl);
+            rec.error = Some("the node stopped while this session was running".into());
+            write_session(&trees, &key, &rec)?;
+            marked += 1;
         }
         trees.db.flush()?;
         let (jobs, rx) = tokio::sync::mpsc::channel(JOB_QUEUE);
@@ -247,12 +250,8 @@ impl Store {
     /// Writes a session under `key` (its scope and id) durably (flushed before
     /// returning): what was accepted survives a crash.
     pub async fn put_session(&self, key: String, rec: SessionRecord) -> Result<(), StoreError> {
-        self.call(true, move |t| {
-            t.sessions
-                .insert(key.as_bytes(), serde_json::to_vec(&rec)?)?;
-            Ok(())
-        })
-        .await
+        self.call(true, move |t| write_session(t, key.as_bytes(), &rec))
+            .await
     }
 
     /// Reads a session; an expired one reads as absent even before the sweeper runs.
@@ -271,26 +270,19 @@ impl Store {
         .await
     }
 
-    /// The sessions of one scope (a verified owner, or an unsigned caller's secret
-    /// digest), newest first.
+    /// One page of the sessions of a scope (`scope` is the prefix its session keys
+    /// share, `Scope::prefix`), newest first: at most `limit` (1 to [`MAX_PAGE`]), after
+    /// `cursor`. Reads the index only, at most `limit + 1` entries of it.
     pub async fn list_sessions(
         &self,
-        owner: Option<Address>,
-        secret_hash: Option<String>,
+        scope: String,
+        limit: usize,
+        cursor: Option<PageCursor>,
         now: u64,
-    ) -> Result<Vec<SessionRecord>, StoreError> {
+    ) -> Result<SessionPage, StoreError> {
+        let limit = limit.clamp(1, MAX_PAGE);
         self.call(false, move |t| {
-            let mut out = Vec::new();
-            for item in t.sessions.iter() {
-                let (_, bytes) = item?;
-                let rec: SessionRecord = serde_json::from_slice(&bytes)?;
-                if rec.owner == owner && rec.secret_hash == secret_hash && !rec.is_expired(now) {
-                    out.push(rec);
-                }
-            }
-            out.sort_by_key(|r| std::cmp::Reverse(r.created));
-            out.truncate(MAX_LISTED_SESSIONS);
-            Ok(out)
+            index::page(&t.list, scope.as_bytes(), limit, cursor.as_ref(), now)
         })
         .await
     }
@@ -299,13 +291,7 @@ impl Store {
     /// already there: the message is a replay. Atomic, and flushed before returning.
     pub async fn record_seen(&self, key: String, expires: u64) -> Result<bool, StoreError> {
         self.call(true, move |t| {
-            Ok(t.seen
-                .compare_and_swap(
-                    key.as_bytes(),
-                    None as Option<&[u8]>,
-                    Some(&expires.to_be_bytes()[..]),
-                )?
-                .is_ok())
+            index::record_seen(t, key.as_bytes(), expires)
         })
         .await
     }
@@ -364,38 +350,29 @@ impl Store {
         .await
     }
 
-    /// Deletes expired sessions (with their kept replies) and replay keys. Returns the
-    /// keys of the sessions removed and how many replay keys went.
-    pub async fn sweep(&self, now: u64) -> Result<(Vec<String>, usize), StoreError> {
+    /// Deletes sessions expired by `now` (with their kept replies) and replay keys, at
+    /// most [`SWEEP_BATCH`](index::SWEEP_BATCH) of each, found through the expiry
+    /// index (nothing else is read). Call again while [`Swept::more`] says so.
+    pub async fn sweep(&self, now: u64) -> Result<Swept, StoreError> {
         self.call(true, move |t| {
-            let mut sessions = Vec::new();
-            for item in t.sessions.iter() {
-                let (key, bytes) = item?;
-                let rec: SessionRecord = serde_json::from_slice(&bytes)?;
-                if rec.is_expired(now) {
-                    t.sessions.remove(&key)?;
-                    let mut prefix = key.to_vec();
-                    prefix.push(0);
-                    for chunk in t.chunks.scan_prefix(&prefix).keys() {
-                        t.chunks.remove(chunk?)?;
-                    }
-                    sessions.push(String::from_utf8_lossy(&key).into_owned());
+            let due = index::due_sessions(t, now, index::SWEEP_BATCH)?;
+            let mut sessions = Vec::with_capacity(due.len());
+            for key in &due {
+                index::remove(t, key)?;
+                let mut prefix = key.to_vec();
+                prefix.push(0);
+                for chunk in t.chunks.scan_prefix(&prefix).keys() {
+                    t.chunks.remove(chunk?)?;
                 }
+                sessions.push(String::from_utf8_lossy(key).into_owned());
             }
-            let mut keys = 0;
-            for item in t.seen.iter() {
-                let (key, value) = item?;
-                let expires = value
-                    .as_ref()
-                    .try_into()
-                    .map(u64::from_be_bytes)
-                    .unwrap_or(0);
-                if expires <= now {
-                    t.seen.remove(key)?;
-                    keys += 1;
-                }
-            }
-            Ok((sessions, keys))
+            let keys = index::sweep_seen(t, now, index::SWEEP_BATCH)?;
+            let more = due.len() == index::SWEEP_BATCH || keys == index::SWEEP_BATCH;
+            Ok(Swept {
+                sessions,
+                keys,
+                more,
+            })
         })
         .await
     }
@@ -511,6 +488,53 @@ impl Store {
         }
         rx.await.unwrap_or(Ok(()))
     }
+}
+
+impl Trees {
+    fn open(path: &Path) -> Result<Trees, StoreError> {
+        let db = sled::Config::new()
+            .path(path)
+            .cache_capacity(CACHE_BYTES)
+            .open()
+            .map_err(|source| StoreError::Open {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        Ok(Trees {
+            sessions: db.open_tree(SESSIONS)?,
+            seen: db.open_tree(SEEN)?,
+            chunks: db.open_tree(CHUNKS)?,
+            trust: db.open_tree(TRUST)?,
+            meta: db.open_tree(SESSION_META)?,
+            list: db.open_tree(SESSION_LIST)?,
+            expiry: db.open_tree(SESSION_EXPIRY)?,
+            running: db.open_tree(SESSION_RUNNING)?,
+            seen_expiry: db.open_tree(SEEN_EXPIRY)?,
+            db,
+        })
+    }
+}
+
+/// What one sweeping job removed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Swept {
+    /// The keys of the sessions removed.
+    pub sessions: Vec<String>,
+    /// How many replay keys went.
+    pub keys: usize,
+    /// Whether more may be due: the job stopped at its bound.
+    pub more: bool,
+}
+
+/// Writes a session's record and index entries together (see `index.rs`).
+fn write_session(t: &Trees, key: &[u8], rec: &SessionRecord) -> Result<(), StoreError> {
+    let meta = SessionMeta {
+        session_id: rec.session_id.clone(),
+        status: rec.status,
+        created: rec.created,
+        expires: rec.expires,
+    };
+    index::put(t, key, &serde_json::to_vec(rec)?, &meta)
 }
 
 /// The store thread: runs jobs in order; all durable jobs of a batch share one flush.
@@ -699,7 +723,11 @@ mod tests {
             .unwrap();
         assert_eq!(
             store.sweep(160).await.unwrap(),
-            (vec!["old".to_string()], 1)
+            Swept {
+                sessions: vec!["old".to_string()],
+                keys: 1,
+                more: false
+            }
         );
         assert!(store
             .replies_after("old".into(), 0)
@@ -713,5 +741,293 @@ mod tests {
             .unwrap()
             .is_some());
         assert!(store.record_seen("k".into(), 500).await.unwrap());
+    }
+
+    /// Every index entry, as `(tree, key)`, to compare with what the records imply.
+    async fn index_entries(store: &Store) -> Vec<(&'static str, Vec<u8>)> {
+        store
+            .call(false, |t| {
+                let mut out = Vec::new();
+                for (name, tree) in [
+                    ("meta", &t.meta),
+                    ("list", &t.list),
+                    ("expiry", &t.expiry),
+                    ("running", &t.running),
+                ] {
+                    for key in tree.iter().keys() {
+                        out.push((name, key?.to_vec()));
+                    }
+                }
+                Ok(out)
+            })
+            .await
+            .unwrap()
+    }
+
+    fn in_order(expires: u64, key: &str) -> Vec<u8> {
+        [&expires.to_be_bytes()[..], key.as_bytes()].concat()
+    }
+
+    fn listed(scope: &str, created: u64, id: &str) -> Vec<u8> {
+        [scope.as_bytes(), &(!created).to_be_bytes(), id.as_bytes()].concat()
+    }
+
+    #[tokio::test]
+    async fn the_index_follows_every_write_and_removal() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(dir.path(), 60, 100).unwrap();
+        let key = "sA/one";
+        store
+            .put_session(key.into(), record("one", SessionStatus::Running, None))
+            .await
+            .unwrap();
+        assert_eq!(
+            index_entries(&store).await,
+            vec![
+                ("meta", key.as_bytes().to_vec()),
+                ("list", listed("sA/", 100, "one")),
+                ("running", key.as_bytes().to_vec()),
+            ]
+        );
+        // Done: no longer running, now due at 150; still listed once.
+        store
+            .put_session(key.into(), record("one", SessionStatus::Done, Some(150)))
+            .await
+            .unwrap();
+        assert_eq!(
+            index_entries(&store).await,
+            vec![
+                ("meta", key.as_bytes().to_vec()),
+                ("list", listed("sA/", 100, "one")),
+                ("expiry", in_order(150, key)),
+            ]
+        );
+        // Another turn moves its expiry (and, were it ever to change, its creation time).
+        let mut later = record("one", SessionStatus::Done, Some(190));
+        later.created = 120;
+        store.put_session(key.into(), later).await.unwrap();
+        assert_eq!(
+            index_entries(&store).await,
+            vec![
+                ("meta", key.as_bytes().to_vec()),
+                ("list", listed("sA/", 120, "one")),
+                ("expiry", in_order(190, key)),
+            ]
+        );
+        let page = store
+            .list_sessions("sA/".into(), 10, None, 100)
+            .await
+            .unwrap();
+        assert_eq!(page.sessions.len(), 1);
+        assert_eq!(page.sessions[0].created, 120);
+        // Not due yet, then due: the record and every entry go.
+        assert!(store.sweep(189).await.unwrap().sessions.is_empty());
+        assert_eq!(store.sweep(190).await.unwrap().sessions, vec![key]);
+        assert!(index_entries(&store).await.is_empty());
+        assert!(store.get_session(key.into(), 0).await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn pages_list_every_session_once_newest_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(dir.path(), 60, 100).unwrap();
+        let mut expected = Vec::new();
+        for i in 0..137u64 {
+            let id = format!("s{i:03}");
+            let mut rec = record(&id, SessionStatus::Done, Some(10_000));
+            // Several share a second: those are listed by id.
+            rec.created = 1_000 + i / 3;
+            expected.push((rec.created, id.clone()));
+            store.put_session(format!("sA/{id}"), rec).await.unwrap();
+        }
+        // Neighbours on both sides of the scope, and an expired session within it.
+        for scope in ["a0/", "sB/", "sA0/"] {
+            let rec = record("x", SessionStatus::Done, Some(10_000));
+            store.put_session(format!("{scope}x"), rec).await.unwrap();
+        }
+        let mut gone = record("gone", SessionStatus::Done, Some(50));
+        gone.created = 5_000;
+        store.put_session("sA/gone".into(), gone).await.unwrap();
+        expected.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
+        let expected: Vec<String> = expected.into_iter().map(|(_, id)| id).collect();
+
+        for limit in [1, 10, 50, 137, 200] {
+            let mut seen = Vec::new();
+            let mut cursor = None;
+            let mut pages = 0;
+            loop {
+                let page = store
+                    .list_sessions("sA/".into(), limit, cursor.take(), 100)
+                    .await
+                    .unwrap();
+                assert!(page.sessions.len() <= limit);
+                seen.extend(page.sessions.into_iter().map(|m| m.session_id));
+                pages += 1;
+                match page.next {
+                    // Through its text form, as a caller passes it back.
+                    Some(next) => cursor = Some(PageCursor::parse(&next.to_string()).unwrap()),
+                    None => break,
+                }
+                assert!(pages <= 200, "the pages never end");
+            }
+            assert_eq!(seen, expected, "limit {limit}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_cursor_moves_only_within_the_readers_own_sessions() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(dir.path(), 60, 100).unwrap();
+        for (scope, n) in [("sA/", 3u64), ("sB/", 5)] {
+            for i in 0..n {
+                let id = format!("{}{i}", &scope[1..2]);
+                let mut rec = record(&id, SessionStatus::Done, Some(10_000));
+                rec.created = 200 + i;
+                store
+                    .put_session(format!("{scope}{id}"), rec)
+                    .await
+                    .unwrap();
+            }
+        }
+        let b_page = store
+            .list_sessions("sB/".into(), 2, None, 100)
+            .await
+            .unwrap();
+        let b_cursor = b_page.next.unwrap();
+        // B's cursor, presented by A: a position among A's own sessions, never B's.
+        let a_page = store
+            .list_sessions("sA/".into(), 10, Some(b_cursor), 100)
+            .await
+            .unwrap();
+        let ids: Vec<_> = a_page
+            .sessions
+            .iter()
+            .map(|m| m.session_id.as_str())
+            .collect();
+        assert_eq!(ids, ["A2", "A1", "A0"]);
+        // Whatever bytes a cursor holds, nothing past A's prefix is read.
+        for raw in [
+            vec![0u8; 9],
+            vec![0xff; 40],
+            b"\0\0\0\0\0\0\0\0/../sB/B1".to_vec(),
+        ] {
+            let page = store
+                .list_sessions("sA/".into(), 10, Some(PageCursor(raw)), 100)
+                .await
+                .unwrap();
+            assert!(page.sessions.iter().all(|m| m.session_id.starts_with('A')));
+        }
+        // An empty scope lists nothing, whoever's cursor it is given.
+        let none = store
+            .list_sessions("sC/".into(), 10, None, 100)
+            .await
+            .unwrap();
+        assert_eq!(
+            none,
+            SessionPage {
+                sessions: vec![],
+                next: None
+            }
+        );
+    }
+
+    #[tokio::test]
+    async fn a_store_written_without_the_index_is_indexed_once_on_open() {
+        let dir = tempfile::tempdir().unwrap();
+        // What the code before the index left: records and replay keys, nothing else.
+        {
+            let db = sled::open(dir.path()).unwrap();
+            let sessions = db.open_tree(SESSIONS).unwrap();
+            for (key, status, expires, created) in [
+                ("sA/run", SessionStatus::Running, None, 300),
+                ("sA/done", SessionStatus::Done, Some(1_000), 200),
+                ("sA/old", SessionStatus::Done, Some(150), 100),
+                ("sB/other", SessionStatus::Failed, Some(1_000), 400),
+            ] {
+                let mut rec = record(&key[3..], status, expires);
+                rec.created = created;
+                sessions
+                    .insert(key, serde_json::to_vec(&rec).unwrap())
+                    .unwrap();
+            }
+            let seen = db.open_tree(SEEN).unwrap();
+            seen.insert("k-old", &150u64.to_be_bytes()).unwrap();
+            seen.insert("k-new", &900u64.to_be_bytes()).unwrap();
+            db.flush().unwrap();
+        }
+        let (store, marked) = Store::open(dir.path(), 60, 200).unwrap();
+        assert_eq!(marked, 1);
+        let page = store
+            .list_sessions("sA/".into(), 10, None, 200)
+            .await
+            .unwrap();
+        let listed: Vec<_> = page
+            .sessions
+            .iter()
+            .map(|m| (m.session_id.as_str(), m.status))
+            .collect();
+        assert_eq!(
+            listed,
+            [
+                ("run", SessionStatus::Interrupted),
+                ("done", SessionStatus::Done)
+            ]
+        );
+        assert_eq!(
+            store.sweep(200).await.unwrap(),
+            Swept {
+                sessions: vec!["sA/old".into()],
+                keys: 1,
+                more: false
+            }
+        );
+        assert!(!store.record_seen("k-new".into(), 900).await.unwrap());
+        store.close().await.unwrap();
+
+        // Built once: opening again reads the marker, not the records (a record the
+        // index does not know stays unlisted, which shows nothing was scanned).
+        {
+            let db = sled::open(dir.path()).unwrap();
+            let rec = record("sneaked", SessionStatus::Done, Some(1_000));
+            db.open_tree(SESSIONS)
+                .unwrap()
+                .insert("sA/sneaked", serde_json::to_vec(&rec).unwrap())
+                .unwrap();
+            db.flush().unwrap();
+        }
+        let (store, marked) = Store::open(dir.path(), 60, 250).unwrap();
+        assert_eq!(marked, 0);
+        let page = store
+            .list_sessions("sA/".into(), 10, None, 250)
+            .await
+            .unwrap();
+        let ids: Vec<_> = page
+            .sessions
+            .iter()
+            .map(|m| m.session_id.as_str())
+            .collect();
+        assert_eq!(ids, ["run", "done"]);
+        // The interrupted session now expires, through the index.
+        assert_eq!(store.sweep(260).await.unwrap().sessions, vec!["sA/run"]);
+    }
+
+    #[tokio::test]
+    async fn sweeping_goes_in_bounded_jobs() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(dir.path(), 60, 100).unwrap();
+        let n = index::SWEEP_BATCH + 7;
+        for i in 0..n {
+            let id = format!("e{i}");
+            let rec = record(&id, SessionStatus::Done, Some(150));
+            store.put_session(format!("sA/{id}"), rec).await.unwrap();
+        }
+        let first = store.sweep(160).await.unwrap();
+        assert_eq!(
+            (first.sessions.len(), first.more),
+            (index::SWEEP_BATCH, true)
+        );
+        let second = store.sweep(160).await.unwrap();
+        assert_eq!((second.sessions.len(), second.more), (7, false));
+        assert!(index_entries(&store).await.is_empty());
     }
 }

@@ -18,8 +18,8 @@ use tracing::{debug, info_span, Instrument};
 
 use super::error_response as error;
 use super::openapi::{
-    AdminRequest, AdminResult, ErrorBody, Health, Info, InputRequest, OutputEnvelope, ReadHeaders,
-    Session, SessionList,
+    AdminRequest, AdminResult, ErrorBody, Health, Info, InputRequest, ListParams, OutputEnvelope,
+    ReadHeaders, Session, SessionList,
 };
 use super::relay_link::LinkState;
 use super::ws::WsState;
@@ -27,7 +27,7 @@ use super::PeerIp;
 use crate::dispatch::{Dispatcher, Reader, Refusal, Route, SignedRead, Transport};
 use crate::envelope::{decode_object, Envelope, EnvelopeError, Kind};
 use crate::proto::{self, BodyLimits, BodyScanner, BodyViolation, ErrorCode};
-use crate::store::SessionRecord;
+use crate::store::{PageCursor, SessionRecord, DEFAULT_PAGE, MAX_PAGE};
 
 /// What `/info` and `/health` tell about the node.
 #[derive(Debug, Clone)]
@@ -423,11 +423,11 @@ async fn get_session(
     get,
     path = "/sessions",
     tag = "sessions",
-    summary = "The sessions of the reader's scope",
-    params(ReadHeaders),
+    summary = "The sessions of the reader's scope, a page at a time, newest first",
+    params(ListParams, ReadHeaders),
     responses(
-        (status = 200, description = "The reader's sessions (none for an unsigned reader without a secret)", body = SessionList),
-        (status = 400, description = "`bad_request`: some of the signed-read headers only, or malformed ones", body = ErrorBody),
+        (status = 200, description = "A page of the reader's sessions (none for an unsigned reader without a secret), and the cursor of the next page", body = SessionList),
+        (status = 400, description = "`bad_request`: a `limit` outside 1–200, a `cursor` this node did not return, a query string that cannot be read, or some of the signed-read headers only, or malformed ones", body = ErrorBody),
         (status = 401, description = "`invalid_signature`, `signature_required`, `stale`, `wrong_recipient`, `replayed`", body = ErrorBody),
         (status = 403, description = "`blocked`, `forbidden`", body = ErrorBody),
         (status = 500, description = "`internal`: the store failed", body = ErrorBody),
@@ -436,22 +436,63 @@ async fn get_session(
 )]
 async fn list_sessions(
     State(st): State<Arc<HttpState>>,
+    uri: axum::http::Uri,
     SessionReader(reader): SessionReader,
 ) -> Response {
     let began = std::time::Instant::now();
-    let (refused, response) = match st.dispatcher.sessions(&reader).await {
-        Ok(list) => {
-            let sessions: Vec<Value> = list
+    let listed = match page_request(uri.query().unwrap_or("")) {
+        Ok((limit, cursor)) => st.dispatcher.sessions(&reader, limit, cursor).await,
+        Err(r) => Err(r),
+    };
+    let (refused, response) = match listed {
+        Ok(page) => {
+            let sessions: Vec<Value> = page
+                .sessions
                 .iter()
-                .map(|r| json!({"session_id": r.session_id, "status": r.status, "created": r.created}))
+                .map(|m| json!({"session_id": m.session_id, "status": m.status, "created": m.created}))
                 .collect();
-            (None, Json(json!({ "sessions": sessions })).into_response())
+            let next = page.next.map(|c| c.to_string());
+            (
+                None,
+                Json(json!({ "sessions": sessions, "next": next })).into_response(),
+            )
         }
         Err(r) => (Some(r.code()), refusal(&r)),
     };
     st.dispatcher
         .count(Transport::Http, Route::Sessions, refused, began);
     response
+}
+
+/// `GET /sessions`' query: `limit` (default [`DEFAULT_PAGE`], at most [`MAX_PAGE`]) and
+/// `cursor` (a page's `next`); other parameters are ignored.
+fn page_request(query: &str) -> Result<(usize, Option<PageCursor>), Refusal> {
+    #[derive(serde::Deserialize)]
+    struct Query {
+        limit: Option<String>,
+        cursor: Option<String>,
+    }
+    let q: Query = serde_urlencoded::from_str(query)
+        .map_err(|e| Refusal::BadRequest(format!("the query string cannot be read: {e}")))?;
+    let limit = match q.limit {
+        None => DEFAULT_PAGE,
+        Some(text) => text
+            .parse()
+            .ok()
+            .filter(|n| (1..=MAX_PAGE).contains(n))
+            .ok_or_else(|| {
+                Refusal::BadRequest(format!(
+                    "`limit` must be a whole number from 1 to {MAX_PAGE}"
+                ))
+            })?,
+    };
+    let cursor = match q.cursor {
+        None => None,
+        Some(text) => {
+            Some(PageCursor::parse(&text).map_err(|e| Refusal::BadRequest(e.to_string()))?)
+        }
+    };
+    Ok((limit, cursor))
 }
 
 /// A trust admin action: a signed ADMIN envelope in the nested shape.

@@ -168,10 +168,33 @@ pub(crate) struct ReadHeaders {
     session_secret: Option<String>,
 }
 
-/// `GET /sessions`: the reader's sessions only (its address, or its session secret).
+/// Which page of `GET /sessions`.
+#[derive(serde::Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct ListParams {
+    /// How many sessions at most (default 50); a page may hold fewer and still have a
+    /// `next`.
+    #[param(nullable = false, minimum = 1, maximum = 200)]
+    limit: Option<u32>,
+    /// The `next` of the previous page (opaque); without it, the newest sessions. It is
+    /// a position within the reader's own sessions only.
+    #[param(
+        nullable = false,
+        min_length = 2,
+        max_length = 512,
+        pattern = "^[A-Za-z0-9_-]+$"
+    )]
+    cursor: Option<String>,
+}
+
+/// `GET /sessions`: a page of the reader's sessions only (its address, or its session
+/// secret), newest first.
 #[derive(ToSchema)]
 pub(crate) struct SessionList {
     sessions: Vec<SessionSummary>,
+    /// The `cursor` of the next page; null on the last page.
+    #[schema(required = true)]
+    next: Option<String>,
 }
 
 #[derive(ToSchema)]

@@ -1,0 +1,418 @@
+//! The session index: a few bytes of metadata per session, kept beside the records so that
+//! a listing, the start-up check and the sweeper read only what they need, never every
+//! record (issue 14: listing 1.3 GB of records held the one store thread for seconds).
+//!
+//! | tree | key | value |
+//! | --- | --- | --- |
+//! | `session_meta` | session key | [`SessionMeta`]: what the entries below were made from |
+//! | `session_list` | scope ‖ `!created` (u64 BE) ‖ id | [`SessionMeta`]; one scope's sessions, newest first |
+//! | `session_expiry` | `expires` (u64 BE) ‖ session key | empty; soonest due first |
+//! | `session_running` | session key | empty; the sessions a crash would leave running |
+//! | `seen_expiry` | `expires` (u64 BE) ‖ replay key | empty; soonest due first |
+//!
+//! A session key is its scope (`a…/` or `s…/`, see `dispatch::scope`) then its id. Every
+//! write or removal of a session changes its record and these entries in one sled
+//! transaction on the store thread, so they cannot disagree; a store without the
+//! [`INDEX_VERSION`] marker (written before the index existed, or whose build was cut
+//! short) has them rebuilt from the records once, when it is opened.
+
+use std::ops::Bound;
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use serde::{Deserialize, Serialize};
+use sled::transaction::{ConflictableTransactionError, TransactionError};
+use sled::Transactional;
+
+use super::{SessionStatus, StoreError, Trees};
+
+/// Sessions listed when the caller names no `limit`.
+pub const DEFAULT_PAGE: usize = 50;
+/// The most sessions one listing returns.
+pub const MAX_PAGE: usize = 200;
+/// The longest cursor accepted, checked before decoding it.
+const MAX_CURSOR_CHARS: usize = 512;
+/// A cursor's first byte: the layout of what follows.
+const CURSOR_VERSION: u8 = 1;
+/// At most this many sessions (and as many replay keys) go in one sweeping job, so
+/// other jobs wait for no more than that.
+pub const SWEEP_BATCH: usize = 500;
+
+/// The key (in sled's default tree) that says the index trees are built, and how.
+const INDEX_MARKER: &[u8] = b"session_index";
+const INDEX_VERSION: u8 = 1;
+/// Records written per sled batch while building the index.
+const BUILD_BATCH: usize = 1000;
+/// How often building the index reports its progress.
+const BUILD_PROGRESS: Duration = Duration::from_secs(2);
+
+/// What the index keeps of a session: what a listing shows, and what the sweeper and
+/// start-up need. Decodes from a whole record too (its other fields are skipped).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionMeta {
+    pub session_id: String,
+    pub status: SessionStatus,
+    /// Unix seconds.
+    pub created: u64,
+    /// Unix seconds; None while running.
+    pub expires: Option<u64>,
+}
+
+impl SessionMeta {
+    pub fn is_expired(&self, now: u64) -> bool {
+        self.expires.is_some_and(|e| e <= now)
+    }
+}
+
+/// One page of a scope's sessions, newest first, and where the next one starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionPage {
+    pub sessions: Vec<SessionMeta>,
+    /// None when this page reaches the end.
+    pub next: Option<PageCursor>,
+}
+
+/// A position within one scope's listing: the last session a page showed. It names no
+/// scope, so it only ever moves a reader within its own sessions; a cursor made for
+/// someone else just positions the reader among its own.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PageCursor(pub(super) Vec<u8>);
+
+/// Why a cursor was refused.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("`cursor` is not one this node returned as `next`")]
+pub struct BadCursor;
+
+impl PageCursor {
+    /// Reads a cursor as [`PageCursor`]'s `Display` wrote it.
+    pub fn parse(text: &str) -> Result<PageCursor, BadCursor> {
+        if text.is_empty() || text.len() > MAX_CURSOR_CHARS {
+            return Err(BadCursor);
+        }
+        let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(text)
+            .map_err(|_| BadCursor)?;
+        match bytes.split_first() {
+            // The version, the inverted creation time, and an id of at least one byte.
+            Some((&CURSOR_VERSION, position)) if position.len() > 8 => {
+                Ok(PageCursor(position.to_vec()))
+            }
+            _ => Err(BadCursor),
+        }
+    }
+}
+
+impl std::fmt::Display for PageCursor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut bytes = Vec::with_capacity(1 + self.0.len());
+        bytes.push(CURSOR_VERSION);
+        bytes.extend_from_slice(&self.0);
+        f.write_str(&base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes))
+    }
+}
+
+/// A session key's scope (up to and including its first `/`; empty for a key without
+/// one) and its id.
+fn split_key(key: &[u8]) -> (&[u8], &[u8]) {
+    match key.iter().position(|&b| b == b'/') {
+        Some(i) => key.split_at(i + 1),
+        None => (&[], key),
+    }
+}
+
+/// A session's place in its scope's listing: newest first, then by id.
+fn list_key(key: &[u8], created: u64) -> Vec<u8> {
+    let (scope, id) = split_key(key);
+    let mut out = Vec::with_capacity(key.len() + 8);
+    out.extend_from_slice(scope);
+    out.extend_from_slice(&(!created).to_be_bytes());
+    out.extend_from_slice(id);
+    out
+}
+
+/// `expires` ‖ `key`: the sweeper's order.
+fn expiry_key(expires: u64, key: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(8 + key.len());
+    out.extend_from_slice(&expires.to_be_bytes());
+    out.extend_from_slice(key);
+    out
+}
+
+/// The first key after every key that starts with `prefix` (None: there is none).
+fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < u8::MAX {
+            end.push(last + 1);
+            return Some(end);
+        }
+    }
+    None
+}
+
+fn tx_error(e: TransactionError<serde_json::Error>) -> StoreError {
+    match e {
+        TransactionError::Abort(e) => StoreError::Corrupt(e),
+        TransactionError::Storage(e) => StoreError::Sled(e),
+    }
+}
+
+/// Writes a session's record (`body`) and its index entries, replacing the entries of
+/// what was stored under `key` before, in one transaction.
+pub(super) fn put(
+    t: &Trees,
+    key: &[u8],
+    body: &[u8],
+    meta: &SessionMeta,
+) -> Result<(), StoreError> {
+    let meta_bytes = serde_json::to_vec(meta)?;
+    (&t.sessions, &t.meta, &t.list, &t.expiry, &t.running)
+        .transaction(|(sessions, metas, list, expiry, running)| {
+            if let Some(old) = metas.insert(key, meta_bytes.as_slice())? {
+                let old: SessionMeta =
+                    serde_json::from_slice(&old).map_err(ConflictableTransactionError::Abort)?;
+                list.remove(list_key(key, old.created))?;
+                if let Some(e) = old.expires {
+                    expiry.remove(expiry_key(e, key))?;
+                }
+            }
+            list.insert(list_key(key, meta.created), meta_bytes.as_slice())?;
+            if let Some(e) = meta.expires {
+                expiry.insert(expiry_key(e, key), &[])?;
+            }
+            if meta.status == SessionStatus::Running {
+                running.insert(key, &[])?;
+            } else {
+                running.remove(key)?;
+            }
+            sessions.insert(key, body)?;
+            Ok(())
+        })
+        .map_err(tx_error)
+}
+
+/// Removes a session's record and index entries in one transaction.
+pub(super) fn remove(t: &Trees, key: &[u8]) -> Result<(), StoreError> {
+    (&t.sessions, &t.meta, &t.list, &t.expiry, &t.running)
+        .transaction(|(sessions, metas, list, expiry, running)| {
+            if let Some(old) = metas.remove(key)? {
+                let old: SessionMeta =
+                    serde_json::from_slice(&old).map_err(ConflictableTransactionError::Abort)?;
+                list.remove(list_key(key, old.created))?;
+                if let Some(e) = old.expires {
+                    expiry.remove(expiry_key(e, key))?;
+                }
+            }
+            running.remove(key)?;
+            sessions.remove(key)?;
+            Ok(())
+        })
+        .map_err(tx_error)
+}
+
+/// Up to `limit` sessions of the scope `scope` (a session key's prefix, `a…/` or
+/// `s…/`), newest first, after `after`. Reads at most `limit + 1` index entries and no
+/// record. Expired sessions the sweeper has not removed yet are skipped but count
+/// toward `limit`: a page may be short while `next` is still set.
+pub(super) fn page(
+    list: &sled::Tree,
+    scope: &[u8],
+    limit: usize,
+    after: Option<&PageCursor>,
+    now: u64,
+) -> Result<SessionPage, StoreError> {
+    let start = match after {
+        Some(c) => Bound::Excluded([scope, &c.0].concat()),
+        None => Bound::Included(scope.to_vec()),
+    };
+    let end = prefix_end(scope).map_or(Bound::Unbounded, Bound::Excluded);
+    let mut sessions = Vec::new();
+    let mut last = None;
+    let mut more = false;
+    for (read, item) in list.range::<Vec<u8>, _>((start, end)).enumerate() {
+        if read == limit {
+            more = true;
+            break;
+        }
+        let (key, value) = item?;
+        let meta: SessionMeta = serde_json::from_slice(&value)?;
+        if !meta.is_expired(now) {
+            sessions.push(meta);
+        }
+        last = Some(key);
+    }
+    let next = match (more, last) {
+        (true, Some(key)) => Some(PageCursor(key[scope.len()..].to_vec())),
+        _ => None,
+    };
+    Ok(SessionPage { sessions, next })
+}
+
+/// The keys of up to `max` sessions due by `now`, soonest first.
+pub(super) fn due_sessions(t: &Trees, now: u64, max: usize) -> Result<Vec<sled::IVec>, StoreError> {
+    due(&t.expiry, now, max)
+}
+
+fn due(tree: &sled::Tree, now: u64, max: usize) -> Result<Vec<sled::IVec>, StoreError> {
+    let end = now.saturating_add(1).to_be_bytes();
+    let mut out = Vec::new();
+    for key in tree.range(..&end[..]).keys().take(max) {
+        let key = key?;
+        out.push(key.subslice(8, key.len() - 8));
+    }
+    Ok(out)
+}
+
+/// Records a replay key until `expires`, with its place in the sweeper's order. False if
+/// it was there already.
+pub(super) fn record_seen(t: &Trees, key: &[u8], expires: u64) -> Result<bool, StoreError> {
+    (&t.seen, &t.seen_expiry)
+        .transaction(|(seen, order)| {
+            if seen.get(key)?.is_some() {
+                return Ok(false);
+            }
+            seen.insert(key, &expires.to_be_bytes())?;
+            order.insert(expiry_key(expires, key), &[])?;
+            Ok(true)
+        })
+        .map_err(tx_error)
+}
+
+/// Removes up to `max` replay keys due by `now`; returns how many went.
+pub(super) fn sweep_seen(t: &Trees, now: u64, max: usize) -> Result<usize, StoreError> {
+    let end = now.saturating_add(1).to_be_bytes();
+    let mut removed = 0;
+    for entry in t.seen_expiry.range(..&end[..]).keys().take(max) {
+        let entry = entry?;
+        let key = &entry[8..];
+        (&t.seen, &t.seen_expiry)
+            .transaction(|(seen, order)| {
+                // A key recorded again later has a later expiry: keep it.
+                if seen.get(key)?.as_deref() == Some(&entry[..8]) {
+                    seen.remove(key)?;
+                }
+                order.remove(&entry)?;
+                Ok(())
+            })
+            .map_err(tx_error)?;
+        removed += 1;
+    }
+    Ok(removed)
+}
+
+/// The keys of the sessions stored as running.
+pub(super) fn running(t: &Trees) -> Result<Vec<sled::IVec>, StoreError> {
+    Ok(t.running.iter().keys().collect::<Result<_, _>>()?)
+}
+
+/// Builds the index trees from the records, once, for a store that has no (complete)
+/// index. Returns how many sessions it indexed; None if the index was there already.
+pub(super) fn build_if_missing(t: &Trees) -> Result<Option<usize>, StoreError> {
+    if t.db.get(INDEX_MARKER)?.as_deref() == Some(&[INDEX_VERSION][..]) {
+        return Ok(None);
+    }
+    for tree in [&t.meta, &t.list, &t.expiry, &t.running, &t.seen_expiry] {
+        tree.clear()?;
+    }
+    let began = Instant::now();
+    let mut reported = began;
+    let mut indexed = 0;
+    let mut batch = IndexBatch::default();
+    for item in t.sessions.iter() {
+        let (key, bytes) = item?;
+        if indexed == 0 {
+            tracing::info!("building the session index (once: this store was written without one)");
+        }
+        let meta: SessionMeta = serde_json::from_slice(&bytes)?;
+        batch.add(&key, &meta)?;
+        indexed += 1;
+        if indexed % BUILD_BATCH == 0 {
+            std::mem::take(&mut batch).apply(t)?;
+            if reported.elapsed() >= BUILD_PROGRESS {
+                reported = Instant::now();
+                tracing::info!(indexed, "building the session index");
+            }
+        }
+    }
+    batch.apply(t)?;
+    let mut order = sled::Batch::default();
+    for item in t.seen.iter() {
+        let (key, value) = item?;
+        let expires = value.as_ref().try_into().map_or(0, u64::from_be_bytes);
+        order.insert(expiry_key(expires, &key), &[]);
+    }
+    t.seen_expiry.apply_batch(order)?;
+    // The marker goes last: a build cut short starts again from scratch.
+    t.db.flush()?;
+    t.db.insert(INDEX_MARKER, &[INDEX_VERSION])?;
+    t.db.flush()?;
+    if indexed > 0 {
+        tracing::info!(
+            sessions = indexed,
+            seconds = began.elapsed().as_secs_f64(),
+            "session index built"
+        );
+    }
+    Ok(Some(indexed))
+}
+
+#[derive(Default)]
+struct IndexBatch {
+    meta: sled::Batch,
+    list: sled::Batch,
+    expiry: sled::Batch,
+    running: sled::Batch,
+}
+
+impl IndexBatch {
+    fn add(&mut self, key: &[u8], meta: &SessionMeta) -> Result<(), StoreError> {
+        let bytes = serde_json::to_vec(meta)?;
+        self.list
+            .insert(list_key(key, meta.created), bytes.as_slice());
+        self.meta.insert(key, bytes);
+        if let Some(e) = meta.expires {
+            self.expiry.insert(expiry_key(e, key), &[]);
+        }
+        if meta.status == SessionStatus::Running {
+            self.running.insert(key, &[]);
+        }
+        Ok(())
+    }
+
+    fn apply(self, t: &Trees) -> Result<(), StoreError> {
+        t.meta.apply_batch(self.meta)?;
+        t.list.apply_batch(self.list)?;
+        t.expiry.apply_batch(self.expiry)?;
+        t.running.apply_batch(self.running)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursors_round_trip_and_refuse_what_no_node_wrote() {
+        let c = PageCursor(list_key(b"sabc/id-1", 42)[5..].to_vec());
+        assert_eq!(PageCursor::parse(&c.to_string()).unwrap(), c);
+        for bad in ["", "!!", "AQ", &"A".repeat(MAX_CURSOR_CHARS + 1)] {
+            assert!(PageCursor::parse(bad).is_err(), "{bad:?}");
+        }
+        // Another version.
+        let other = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode([2; 12]);
+        assert!(PageCursor::parse(&other).is_err());
+    }
+
+    #[test]
+    fn listing_keys_put_a_scope_together_newest_first() {
+        let a_old = list_key(b"a1/x", 5);
+        let a_new = list_key(b"a1/y", 9);
+        let b = list_key(b"a2/z", 7);
+        assert!(a_new < a_old && a_old < b);
+        assert_eq!(prefix_end(b"a1/").unwrap(), b"a10".to_vec());
+        assert_eq!(prefix_end(&[0xff, 0xff]), None);
+        assert_eq!(split_key(b"s9/id/x"), (&b"s9/"[..], &b"id/x"[..]));
+        assert_eq!(split_key(b"bare"), (&b""[..], &b"bare"[..]));
+    }
+}
