@@ -201,9 +201,12 @@ async fn the_same_verdicts_through_the_dispatcher_directly() {
             _ => break env,
         }
     };
-    assert_eq!(seqs, vec![1, 2, 3], "chunks numbered in order");
+    // Numbered 1, 2, … in order (the node joins chunks that come within 10 ms).
+    let expected: Vec<u64> = (1..=seqs.len() as u64).collect();
+    assert!(!seqs.is_empty());
+    assert_eq!(seqs, expected, "chunks numbered in order");
     assert_eq!(last.kind(), Some(Kind::Output));
-    assert_eq!(last.payload["chunks"], 3);
+    assert_eq!(last.payload["chunks"], seqs.len());
     assert_eq!(last.payload["result"], "a b c");
     node.stop().await;
 }

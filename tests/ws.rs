@@ -481,7 +481,9 @@ async fn a_client_that_stops_reading_is_cut_off_and_the_run_still_completes() {
             Ok("finished".into())
         }
     }
-    let node = TestNode::start(Host::new(Firehose), dir.path()).await;
+    // 1500 × 16 KiB: more than the default max_output_bytes allows.
+    let host = Host::new(Firehose).max_output_bytes(64 * 1024 * 1024);
+    let node = TestNode::start(host, dir.path()).await;
     let mut ws = connect(&node).await;
     send(
         &mut ws,

@@ -28,9 +28,9 @@ pub enum BodyViolation {
     Envelope { max: usize },
     #[error("the prompt is over {max} bytes (max_prompt_bytes)")]
     Prompt { max: usize },
-    #[error("an attached file's data is over {max} characters (max_file_size)")]
+    #[error("an attached file is over max_file_size (its data URL is over {max} characters)")]
     File { max: usize },
-    #[error("more than {max} files attached (max_files_per_request)")]
+    #[error("too many files: more than {max} (max_files_per_request is {max})")]
     TooManyFiles { max: usize },
 }
 
