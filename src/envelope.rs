@@ -497,6 +497,16 @@ mod tests {
     }
 
     #[test]
+    fn canonical_text_reads_back_as_the_same_value() {
+        // Found by fuzz/envelope: a float read one unit in the last place off, so its
+        // canonical text read back as another float (and a signature over it failed).
+        let v: Value = serde_json::from_str(r#"{"n":-92233720361.5775809}"#).unwrap();
+        let back: Value = serde_json::from_slice(&canonical_json(&v)).unwrap();
+        assert_eq!(back, v);
+        assert_eq!(canonical_json(&back), canonical_json(&v));
+    }
+
+    #[test]
     fn canonical_form_b_has_python_default_separators() {
         let v = json!({"type": "ANNOUNCE", "endpoints": ["a", "b"], "summary": "é"});
         assert_eq!(

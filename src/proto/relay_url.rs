@@ -34,6 +34,8 @@ pub enum RelayUrlError {
     Scheme(String),
     #[error("a relay URL names a host (got {0:?})")]
     NoHost(String),
+    #[error("a relay URL's host has no spaces or control characters (got {0:?})")]
+    BadHost(String),
     #[error("a relay URL has no query or fragment (got {0:?})")]
     Query(String),
 }
@@ -123,11 +125,16 @@ impl FromStr for RelayUrl {
         if authority.is_empty() || authority.starts_with(':') || authority.contains('@') {
             return Err(RelayUrlError::NoHost(given.to_owned()));
         }
+        if authority.contains(|c: char| c.is_whitespace() || c.is_control()) {
+            return Err(RelayUrlError::BadHost(given.to_owned()));
+        }
         let path = path.trim_end_matches('/');
+        // Trimmed again: `…/oo//ws/input` is the relay under `/oo`, as its base says.
         let prefix = path
             .strip_suffix(ANNOUNCE_PATH)
             .or_else(|| path.strip_suffix(INPUT_PATH))
-            .unwrap_or(path);
+            .unwrap_or(path)
+            .trim_end_matches('/');
         Ok(RelayUrl {
             secure,
             authority: authority.to_owned(),
@@ -206,8 +213,26 @@ mod tests {
             "ws://",
             "ws://:1",
             "ws://r:1/?x=1",
+            // Found by fuzz/relay_url: accepted, its base (`ws:// `) was not a relay URL.
+            "ws:// //",
+            "ws://r 1",
+            "ws://r\u{7f}",
         ] {
             assert!(bad.parse::<RelayUrl>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_relays_own_urls_read_back_as_the_same_relay() {
+        for given in [
+            "ws://r:1/oo//ws/input",
+            "wss://r/a/b/",
+            "ws://r//ws/announce",
+        ] {
+            let url: RelayUrl = given.parse().unwrap();
+            for again in [url.base(), url.announce(), url.input()] {
+                assert_eq!(again.parse::<RelayUrl>().unwrap(), url, "{given} → {again}");
+            }
         }
     }
 }
