@@ -4,6 +4,7 @@
 
 use crate::dispatch::{Refusal, SignedRead, Submission};
 use crate::envelope::Envelope;
+use crate::identity::Address;
 use crate::proto::Object;
 
 /// What host.yaml's `trust`, `whitelist` and `blacklist` hold (to tell settings that
@@ -26,4 +27,14 @@ pub fn input(obj: Object) -> Result<Submission, Refusal> {
 /// runs the same code before the signature is checked.
 pub fn signed_read_envelope(read: &SignedRead<'_>) -> Result<Envelope, Refusal> {
     read.envelope()
+}
+
+/// A presence record from the DHT under `address`'s key, checked as of `now` as the swarm
+/// checks what it stores and reads: its signed timestamp and payload when it passes.
+pub fn check_presence(address: &Address, value: &[u8], now: u64) -> Option<(u64, Object)> {
+    use crate::transport::p2p::{check_presence, presence_key};
+    let record = libp2p::kad::Record::new(presence_key(address), value.to_vec());
+    check_presence(&record, now)
+        .ok()
+        .map(|p| (p.timestamp, p.payload))
 }
