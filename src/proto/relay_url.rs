@@ -129,13 +129,16 @@ impl FromStr for RelayUrl {
         if authority.is_empty() || authority.starts_with(':') || authority.contains('@') {
             return Err(RelayUrlError::NoHost(given.to_owned()));
         }
-        let path = path.trim_end_matches('/');
-        // Trimmed again: `…/oo//ws/input` is the relay under `/oo`, as its base says.
-        let prefix = path
+        // The routes at the end (`…/ws/announce`, even twice, even `…/oo//ws/input`) and
+        // trailing slashes are no part of the prefix: the base never ends with one, so it
+        // always reads back as the same relay.
+        let mut prefix = path.trim_end_matches('/');
+        while let Some(rest) = prefix
             .strip_suffix(ANNOUNCE_PATH)
-            .or_else(|| path.strip_suffix(INPUT_PATH))
-            .unwrap_or(path)
-            .trim_end_matches('/');
+            .or_else(|| prefix.strip_suffix(INPUT_PATH))
+        {
+            prefix = rest.trim_end_matches('/');
+        }
         Ok(RelayUrl {
             secure,
             authority: authority.to_owned(),
@@ -232,6 +235,9 @@ mod tests {
             "ws://r:1/oo//ws/input",
             "wss://r/a/b/",
             "ws://r//ws/announce",
+            // Found by fuzz/relay_url: the base ended with a route and lost it when read.
+            "ws://r:5///r:5/ws/announce/ws/announce/",
+            "ws://r/ws/input/ws/announce",
         ] {
             let url: RelayUrl = given.parse().unwrap();
             for again in [url.base(), url.announce(), url.input()] {
