@@ -474,9 +474,51 @@ fn push_u_escape(unit: u16, out: &mut Vec<u8>) {
     out.extend_from_slice(format!("\\u{unit:04x}").as_bytes());
 }
 
+/// proptest strategies for JSON values, shared by the codecs' property tests.
+#[cfg(test)]
+pub(crate) mod strategies {
+    use proptest::prelude::*;
+    use serde_json::{Map, Value};
+
+    /// Any JSON value: every kind of number, strings of any Unicode (controls, quotes,
+    /// astral characters), nested arrays and objects.
+    pub(crate) fn json() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(Value::from),
+            any::<u64>().prop_map(Value::from),
+            any::<f64>()
+                .prop_filter("JSON has no NaN or infinity", |f| f.is_finite())
+                .prop_map(Value::from),
+            any::<String>().prop_map(Value::String),
+        ];
+        leaf.prop_recursive(4, 48, 6, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+                object_of(inner).prop_map(Value::Object),
+            ]
+        })
+    }
+
+    /// A JSON object whose values are any JSON.
+    pub(crate) fn json_object() -> impl Strategy<Value = Map<String, Value>> {
+        object_of(json())
+    }
+
+    fn object_of(
+        values: impl Strategy<Value = Value>,
+    ) -> impl Strategy<Value = Map<String, Value>> {
+        prop::collection::btree_map(any::<String>(), values, 0..6)
+            .prop_map(|m| m.into_iter().collect())
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use super::strategies::{json, json_object};
     use super::*;
+    use proptest::prelude::*;
     use serde_json::json;
 
     fn obj(v: Value) -> Map<String, Value> {
@@ -494,6 +536,16 @@ mod tests {
             String::from_utf8(canonical_json_utf8(&v)).unwrap(),
             "{\"a\":{\"c\":null,\"z\":[1,\"x\"]},\"b\":1,\"s\":\"héllo \\\"q\\\"\\n😀\u{7f}\"}"
         );
+    }
+
+    #[test]
+    fn canonical_text_reads_back_as_the_same_value() {
+        // Found by fuzz/envelope: a float read one unit in the last place off, so its
+        // canonical text read back as another float (and a signature over it failed).
+        let v: Value = serde_json::from_str(r#"{"n":-92233720361.5775809}"#).unwrap();
+        let back: Value = serde_json::from_slice(&canonical_json(&v)).unwrap();
+        assert_eq!(back, v);
+        assert_eq!(canonical_json(&back), canonical_json(&v));
     }
 
     #[test]
@@ -598,5 +650,55 @@ mod tests {
             Envelope::decode_flat(bad_sig),
             Err(EnvelopeError::BadSignatureEncoding)
         ));
+    }
+
+    proptest! {
+        #[test]
+        fn every_canonical_form_reads_back_and_is_a_fixed_point(v in json()) {
+            let form_a = canonical_json(&v);
+            prop_assert!(form_a.is_ascii());
+            for text in [form_a.clone(), canonical_json_utf8(&v), canonical_json_form_b(&v)] {
+                let back: Value = serde_json::from_slice(&text).unwrap();
+                prop_assert_eq!(&back, &v);
+                prop_assert_eq!(canonical_json(&back), form_a.clone());
+            }
+            prop_assert_eq!(
+                canonical_json_utf8(&serde_json::from_slice(&canonical_json_utf8(&v)).unwrap()),
+                canonical_json_utf8(&v)
+            );
+        }
+
+        #[test]
+        fn what_is_signed_verifies_and_any_changed_byte_does_not(
+            seed in any::<[u8; 32]>(),
+            payload in json_object(),
+            flat in any::<bool>(),
+            at in any::<prop::sample::Index>(),
+            flip in 1u8..,
+        ) {
+            let id = Identity::from_seed(seed);
+            let env = if flat {
+                Envelope::sign_flat(&id, Kind::Output, None, payload)
+            } else {
+                Envelope::sign(&id, Kind::Input, Some(id.address()), payload)
+            };
+            prop_assert_eq!(env.verify().unwrap(), id.address());
+
+            // One byte of the signature.
+            let mut sig = env.signature.unwrap().to_bytes();
+            sig[at.index(64)] ^= flip;
+            let tampered = Envelope { signature: Some(Signature::from_bytes(&sig)), ..env.clone() };
+            prop_assert!(tampered.verify().is_err());
+
+            // One byte of the signed text: refused unless it still reads as the same
+            // payload (e.g. `\u00e9` written `\u00E9`), which is what is signed.
+            let mut text = canonical_json(&Value::Object(env.payload.clone()));
+            let i = at.index(text.len());
+            text[i] ^= flip;
+            if let Ok(Value::Object(changed)) = serde_json::from_slice::<Value>(&text) {
+                let tampered = Envelope { payload: changed.clone(), ..env.clone() };
+                prop_assert_eq!(tampered.verify().is_ok(), changed == env.payload);
+            }
+        }
     }
 }

@@ -357,4 +357,39 @@ mod tests {
         fs::create_dir_all(project.join("a/.git")).unwrap();
         assert_ne!(find_co_dir(&nested), project.join(".co"));
     }
+
+    proptest::proptest! {
+        #[test]
+        fn addresses_write_and_read_back(seed in proptest::prelude::any::<[u8; 32]>()) {
+            let a = Identity::from_seed(seed).address();
+            let text = a.to_string();
+            proptest::prop_assert_eq!(text.len(), ADDRESS_LEN);
+            proptest::prop_assert_eq!(text.parse::<Address>().unwrap(), a);
+            let upper = format!("0X{}", text[2..].to_uppercase());
+            proptest::prop_assert_eq!(upper.parse::<Address>().unwrap(), a);
+            proptest::prop_assert_eq!(Address::from_peer_id(&a.peer_id()).unwrap(), a);
+        }
+
+        #[test]
+        fn any_32_bytes_are_an_address_exactly_when_they_are_a_key(
+            bytes in proptest::prelude::any::<[u8; 32]>(),
+        ) {
+            let text = format!("0x{}", hex::encode(bytes));
+            match Address::from_bytes(bytes) {
+                Ok(a) => {
+                    proptest::prop_assert_eq!(a.to_string(), text.clone());
+                    proptest::prop_assert_eq!(text.parse::<Address>().unwrap(), a);
+                }
+                Err(_) => proptest::prop_assert!(text.parse::<Address>().is_err()),
+            }
+        }
+
+        #[test]
+        fn any_other_text_is_refused_without_panicking(text in "\\PC*|0x[0-9a-fA-F]{0,70}") {
+            if let Ok(a) = text.parse::<Address>() {
+                // Accepted: it was an address (in any letter case, maybe with blanks).
+                proptest::prop_assert_eq!(a.to_string(), text.trim().to_ascii_lowercase());
+            }
+        }
+    }
 }

@@ -90,6 +90,7 @@
 //! | `client/` | [`connect()`]: the ways to an agent and the choice among them (`path.rs`), one verified turn (`call.rs`) |
 //! | `config.rs` | `host.yaml` + code parameters → [`HostConfig`] |
 //! | `node/` | the [`Host`] builder, [`host()`], [`router()`] (`mod.rs`); opening and starting a [`Node`] (`start.rs`); the running [`NodeHandle`], banner, [`Ready`] line and shutdown (`handle.rs`); agents' calls to other agents with the node's key and paths (`peers.rs`) |
+//! | `fuzzing.rs` | hidden hooks for the fuzz targets in `fuzz/` (the decoders the public API does not reach) |
 //! | `main.rs`, `cli/` | the binary, not the library: `main.rs` launches, `cli/` holds one file per command and `testnet/` (a relay and N nodes as local processes) |
 //!
 //! The wire forms and test vectors are in `docs/protocol.md`; what an exec agent (a
@@ -101,6 +102,8 @@ mod client;
 mod config;
 mod dispatch;
 pub mod envelope;
+#[doc(hidden)]
+pub mod fuzzing;
 mod identity;
 mod metrics;
 mod net;

@@ -29,6 +29,33 @@ pub struct SignedRead<'a> {
     pub body: &'a [u8],
 }
 
+impl SignedRead<'_> {
+    /// The headers and the request as the envelope they sign (pure; checked by the
+    /// caller): malformed headers are refused here, before any signature is checked.
+    pub(crate) fn envelope(&self) -> Result<Envelope, Refusal> {
+        let timestamp: u64 = self
+            .timestamp
+            .parse()
+            .map_err(|_| Refusal::BadRequest("x-co-timestamp must be an integer".into()))?;
+        let mut signed = Map::new();
+        signed.insert(
+            "payload".into(),
+            request_payload(
+                self.method,
+                self.path,
+                self.query,
+                self.body,
+                timestamp,
+                self.request_id,
+                self.to,
+            ),
+        );
+        signed.insert("from".into(), self.from.into());
+        signed.insert("signature".into(), self.signature.into());
+        Ok(Envelope::from_nested(&signed)?)
+    }
+}
+
 impl Dispatcher {
     /// Checks who sent `env`: blacklist first (on the claimed sender too), then the
     /// signature, freshness and, for messages that must be addressed to us, `to`.
@@ -154,26 +181,7 @@ impl Dispatcher {
         let caller = match signed {
             None => Caller::Unsigned { claimed: None },
             Some(read) => {
-                let timestamp: u64 = read
-                    .timestamp
-                    .parse()
-                    .map_err(|_| Refusal::BadRequest("x-co-timestamp must be an integer".into()))?;
-                let mut signed = Map::new();
-                signed.insert(
-                    "payload".into(),
-                    request_payload(
-                        read.method,
-                        read.path,
-                        read.query,
-                        read.body,
-                        timestamp,
-                        read.request_id,
-                        read.to,
-                    ),
-                );
-                signed.insert("from".into(), read.from.into());
-                signed.insert("signature".into(), read.signature.into());
-                let env = Envelope::from_nested(&signed)?;
+                let env = read.envelope()?;
                 let now = unix_now();
                 let caller = self.authenticate(&env, now, true)?;
                 self.use_once(&env, now).await?;

@@ -34,6 +34,8 @@ pub enum RelayUrlError {
     Scheme(String),
     #[error("a relay URL names a host (got {0:?})")]
     NoHost(String),
+    #[error("a relay URL has no spaces or control characters (got {0:?})")]
+    BadCharacter(String),
     #[error("a relay URL has no query or fragment (got {0:?})")]
     Query(String),
 }
@@ -106,6 +108,10 @@ impl FromStr for RelayUrl {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let given = s.trim();
+        // Checked on the whole URL: a blank inside it would not survive being written.
+        if given.contains(|c: char| c.is_whitespace() || c.is_control()) {
+            return Err(RelayUrlError::BadCharacter(given.to_owned()));
+        }
         let (secure, rest) = if let Some(r) = given.strip_prefix("ws://") {
             (false, r)
         } else if let Some(r) = given.strip_prefix("wss://") {
@@ -123,11 +129,16 @@ impl FromStr for RelayUrl {
         if authority.is_empty() || authority.starts_with(':') || authority.contains('@') {
             return Err(RelayUrlError::NoHost(given.to_owned()));
         }
-        let path = path.trim_end_matches('/');
-        let prefix = path
+        // The routes at the end (`…/ws/announce`, even twice, even `…/oo//ws/input`) and
+        // trailing slashes are no part of the prefix: the base never ends with one, so it
+        // always reads back as the same relay.
+        let mut prefix = path.trim_end_matches('/');
+        while let Some(rest) = prefix
             .strip_suffix(ANNOUNCE_PATH)
-            .or_else(|| path.strip_suffix(INPUT_PATH))
-            .unwrap_or(path);
+            .or_else(|| prefix.strip_suffix(INPUT_PATH))
+        {
+            prefix = rest.trim_end_matches('/');
+        }
         Ok(RelayUrl {
             secure,
             authority: authority.to_owned(),
@@ -206,8 +217,32 @@ mod tests {
             "ws://",
             "ws://:1",
             "ws://r:1/?x=1",
+            // Found by fuzz/relay_url: accepted, its base (`ws:// `) was not a relay URL.
+            "ws:// //",
+            "ws://r 1",
+            "ws://r\u{7f}",
+            // Found by fuzz/relay_url: a tab at the end of the prefix did not read back.
+            "ws://r:1/oo\t/",
+            "ws://r:1/o o/ws/input",
         ] {
             assert!(bad.parse::<RelayUrl>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_relays_own_urls_read_back_as_the_same_relay() {
+        for given in [
+            "ws://r:1/oo//ws/input",
+            "wss://r/a/b/",
+            "ws://r//ws/announce",
+            // Found by fuzz/relay_url: the base ended with a route and lost it when read.
+            "ws://r:5///r:5/ws/announce/ws/announce/",
+            "ws://r/ws/input/ws/announce",
+        ] {
+            let url: RelayUrl = given.parse().unwrap();
+            for again in [url.base(), url.announce(), url.input()] {
+                assert_eq!(again.parse::<RelayUrl>().unwrap(), url, "{given} → {again}");
+            }
         }
     }
 }

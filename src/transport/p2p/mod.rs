@@ -28,7 +28,7 @@ use libp2p::{multiaddr::Protocol, Multiaddr, StreamProtocol};
 use serde::Serialize;
 
 pub use handle::P2p;
-pub(crate) use record::PRESENCE_REPUBLISH;
+pub(crate) use record::{check_presence, presence_key, PRESENCE_REPUBLISH};
 
 /// Our protocol: signed envelopes as length-prefixed CBOR.
 pub const PROTOCOL: StreamProtocol = StreamProtocol::new("/oonode/envelope/1");

@@ -30,7 +30,7 @@ pub(super) const MAX_EXAMPLE_CHARS: usize = 500;
 
 /// Why a DHT record is no acceptable presence record.
 #[derive(Debug, thiserror::Error)]
-pub(super) enum PresenceError {
+pub(crate) enum PresenceError {
     #[error("the key is no presence key")]
     Key,
     #[error("{0} bytes, over the {MAX_PRESENCE_BYTES}-byte limit")]
@@ -55,16 +55,16 @@ pub(super) enum PresenceError {
 
 /// A presence record that passed [`check_presence`].
 #[derive(Debug)]
-pub(super) struct Presence {
+pub(crate) struct Presence {
     /// The signed timestamp: of two records for one key, the later wins.
-    pub(super) timestamp: u64,
-    pub(super) payload: Map<String, Value>,
+    pub(crate) timestamp: u64,
+    pub(crate) payload: Map<String, Value>,
 }
 
 /// Checks a presence record as of `now` (unix seconds): stored under its signer's own
 /// key, of type PRESENCE, signed at most [`PRESENCE_MAX_AGE`] ago and at most
 /// [`MAX_AHEAD_SECS`] ahead, every field within its cap.
-pub(super) fn check_presence(record: &kad::Record, now: u64) -> Result<Presence, PresenceError> {
+pub(crate) fn check_presence(record: &kad::Record, now: u64) -> Result<Presence, PresenceError> {
     let raw = record
         .key
         .as_ref()
@@ -141,7 +141,7 @@ pub(super) fn expires_at(timestamp: u64, now: u64) -> Instant {
     Instant::now() + Duration::from_secs(left)
 }
 
-pub(super) fn presence_key(address: &Address) -> Vec<u8> {
+pub(crate) fn presence_key(address: &Address) -> Vec<u8> {
     let mut key = PRESENCE_PREFIX.to_vec();
     key.extend_from_slice(address.as_bytes());
     key
