@@ -742,7 +742,7 @@ async fn an_input_past_the_hop_limit_is_refused() {
         let (status, body) = ask(&node, json!({"prompt": "hi", "hops": MAX_HOPS + 1})).await;
         assert_eq!(
             (status, body["code"].as_str()),
-            (508, Some("hop_limit")),
+            (400, Some("hop_limit")),
             "{body}"
         );
         let (status, body) = ask(&node, json!({"prompt": "hi", "hops": -1})).await;

@@ -67,8 +67,9 @@ error_codes! {
     NotFound = "not_found" => 404,
     MethodNotAllowed = "method_not_allowed" => 405,
     /// An INPUT that has passed through more agents than [`MAX_HOPS`](super::MAX_HOPS)
-    /// (agents calling agents, likely in a loop). 508 is HTTP's "Loop Detected".
-    HopLimit = "hop_limit" => 508,
+    /// (agents calling agents, likely in a loop). A 4xx: the request itself is refused, and
+    /// retrying it cannot help.
+    HopLimit = "hop_limit" => 400,
 
     // Signatures.
     InvalidSignature = "invalid_signature" => 401,

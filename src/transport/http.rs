@@ -191,7 +191,7 @@ async fn cors(State(st): State<Arc<HttpState>>, req: Request, next: Next) -> Res
                 ))
             )
         ),
-        (status = 400, description = "`invalid_json`, `bad_request`, `too_many_files`, `file_too_large`", body = ErrorBody),
+        (status = 400, description = "`invalid_json`, `bad_request`, `too_many_files`, `file_too_large`, `hop_limit` (the INPUT's `hops` is over 8: agents calling agents in a loop)", body = ErrorBody),
         (status = 401, description = "`invalid_signature`, `signature_required`, `stale`, `wrong_recipient`, `replayed`", body = ErrorBody),
         (status = 402, description = "`insufficient_credits`", body = ErrorBody),
         (status = 403, description = "`blocked`, `forbidden` (a web page of another origin), `onboarding_required`, `not_allowed`", body = ErrorBody),
@@ -202,7 +202,6 @@ async fn cors(State(st): State<Arc<HttpState>>, req: Request, next: Next) -> Res
         (status = 429, description = "`rate_limited`: too many wrong invite codes", body = ErrorBody),
         (status = 500, description = "The flat ERROR envelope of a failed run (`agent_error`, `agent_panicked`, `agent_cancelled`, `internal`), or `internal`", body = ErrorBody),
         (status = 503, description = "`busy` (with `Retry-After: 1`), `shutting_down`, `list_unreadable`", body = ErrorBody),
-        (status = 508, description = "`hop_limit`: the INPUT's `hops` is over 8 (agents calling agents in a loop)", body = ErrorBody),
     )
 )]
 async fn post_input(

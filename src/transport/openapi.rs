@@ -78,7 +78,7 @@ pub(crate) struct UnsignedInput {
     /// as a first answer returned it.
     #[schema(nullable = false, pattern = "^[A-Za-z0-9_-]{32,128}$")]
     session_secret: Option<String>,
-    /// Agents this request has passed through (absent: 0); over 8 is refused with 508
+    /// Agents this request has passed through (absent: 0); over 8 is refused with 400 `hop_limit`
     /// `hop_limit`.
     #[schema(nullable = false, minimum = 0)]
     hops: Option<u32>,
