@@ -326,7 +326,7 @@ pub(crate) fn parse_from(v: Option<&Value>) -> Result<Option<Address>, EnvelopeE
     }
 }
 
-fn parse_signature(v: Option<&Value>) -> Result<Option<Signature>, EnvelopeError> {
+pub(crate) fn parse_signature(v: Option<&Value>) -> Result<Option<Signature>, EnvelopeError> {
     match v {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) => {

@@ -205,6 +205,7 @@ async fn fake_agent(claimed: Identity, signer: Identity, mode: &'static str) -> 
     let claimed = Arc::new(claimed);
     let signer = Arc::new(signer);
     let info_addr = claimed.address().to_string();
+    let claimed_addr = claimed.address().to_string();
     let app = axum::Router::new()
         .route(
             "/info",
@@ -218,6 +219,38 @@ async fn fake_agent(claimed: Identity, signer: Identity, mode: &'static str) -> 
                     ws.on_upgrade(move |mut socket| async move {
                         while let Some(Ok(Message::Text(text))) = socket.recv().await {
                             let frame: Value = serde_json::from_str(&text).unwrap();
+                            let control = match frame["type"].as_str() {
+                                // An impostor cannot sign the agent's half of a seal: it
+                                // signs its own, or claims the agent's name.
+                                Some("SEAL") if mode.starts_with("impostor seal") => {
+                                    let payload = json!({
+                                        "type": "SEALED_OK",
+                                        "to": frame["from"],
+                                        "from": if mode.ends_with("claiming") {
+                                            claimed_addr.clone()
+                                        } else {
+                                            signer.address().to_string()
+                                        },
+                                        "ephemeral": "11".repeat(32),
+                                        "client_ephemeral": frame["ephemeral"],
+                                    });
+                                    let sig = signer.sign(&oonode::envelope::canonical_json(&payload));
+                                    let mut ok = payload.as_object().unwrap().clone();
+                                    ok.insert("signature".into(), json!(hex::encode(sig.to_bytes())));
+                                    Some(Value::Object(ok))
+                                }
+                                // A host that does not seal says so; the caller goes on in
+                                // the clear on this socket.
+                                Some("SEAL") => Some(json!({"type": "ERROR", "message": "cannot seal"})),
+                                Some("CONNECT") => Some(json!({
+                                    "type": "CONNECTED", "session_id": frame["session_id"], "status": "new"
+                                })),
+                                _ => None,
+                            };
+                            if let Some(c) = control {
+                                let _ = socket.send(Message::Text(c.to_string().into())).await;
+                                continue;
+                            }
                             let input = Envelope::from_nested(frame.as_object().unwrap()).unwrap();
                             let caller = input.from;
                             let session = input.payload["session"]["session_id"].clone();
@@ -268,6 +301,26 @@ async fn forged_or_gapped_answers_are_rejected() {
     match ask(&agent.address().to_string(), options, "hi").await {
         Err(CallError::Tampered(why)) => assert!(why.contains("not by the agent called"), "{why}"),
         other => panic!("a reply signed by someone else must be refused: {other:?}"),
+    }
+
+    // A seal the agent did not sign: never a clear-text retry, never an answer.
+    for mode in ["impostor seal", "impostor seal claiming"] {
+        let url = fake_agent(agent.clone(), impostor.clone(), mode).await;
+        let options = ConnectOptions::default()
+            .identity(me.clone())
+            .endpoint(url)
+            .via(Via::Direct);
+        match ask(&agent.address().to_string(), options, "hi").await {
+            Err(CallError::Tampered(why)) => {
+                let expected = if mode.ends_with("claiming") {
+                    "SEALED_OK signature does not verify"
+                } else {
+                    "not from the host that was dialed"
+                };
+                assert!(why.contains(expected), "{mode}: {why}")
+            }
+            other => panic!("{mode}: a seal the agent did not sign must be refused: {other:?}"),
+        }
     }
 
     let url = fake_agent(agent.clone(), agent.clone(), "gap").await;

@@ -543,6 +543,12 @@ fn tamper_rule() -> Rule {
         }
         let is = |kind: &str| text.contains(&format!("\"type\":\"{kind}\""));
         let altered = match path {
+            // A relay that breaks every SEAL (a downgrade): the agent refuses it, the
+            // caller goes on in the clear on a fresh socket, and what follows shows the
+            // signatures alone still protect every frame.
+            INPUT_PATH if is("SEAL") => {
+                Some(text.replacen("\"signature\":\"", "\"signature\":\"0", 1))
+            }
             // (a) caller → relay: one character of the signed prompt.
             INPUT_PATH => flip(
                 text,

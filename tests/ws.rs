@@ -233,16 +233,36 @@ async fn python_client_shapes_connect_seal_ping() {
     )
     .await;
     let caller = Identity::from_seed([41; 32]);
-    let mut ws = connect(&node).await;
-
-    // SEAL is answered at once with an ERROR and the socket stays open.
-    send(&mut ws, json!({"type": "SEAL", "to": node.address.to_string(), "from": caller.address().to_string()})).await;
-    let err = recv(&mut ws).await;
+    // A SEAL that does not check out ends its socket: no clear-text retry on it.
+    let mut bad = connect(&node).await;
+    send(&mut bad, json!({"type": "SEAL", "to": node.address.to_string(), "from": caller.address().to_string()})).await;
+    let err = recv(&mut bad).await;
     assert_eq!(err["type"], "ERROR");
-    assert!(err["message"].as_str().unwrap().contains("seal"));
+    let message = err["message"].as_str().unwrap();
+    assert!(
+        message.contains("seal refused: SEAL is missing `timestamp`"),
+        "{message}"
+    );
+    assert_eq!(
+        ws_recv_within(&mut bad, STEP).await,
+        Ok(None),
+        "closed after a bad SEAL"
+    );
 
+    let mut ws = connect(&node).await;
     send(&mut ws, json!({"type": "PING"})).await;
     assert_eq!(recv(&mut ws).await["type"], "PONG");
+    // SEAL after the first frame is refused; the socket goes on in the clear.
+    send(
+        &mut ws,
+        json!({"type": "SEAL", "to": node.address.to_string()}),
+    )
+    .await;
+    let err = recv(&mut ws).await;
+    assert!(err["message"]
+        .as_str()
+        .unwrap()
+        .contains("SEAL must be the socket's first frame"));
 
     // Signed CONNECT (Python shape), then a signed INPUT.
     let ts = unix_now();

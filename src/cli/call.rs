@@ -125,7 +125,11 @@ pub(crate) async fn call(args: CallArgs) -> ExitCode {
         Err(e) => return fail(e.to_string(), e.exit_code()),
     };
     if args.verbose {
-        eprintln!("path: {}", remote.path());
+        eprintln!(
+            "path: {}{}",
+            remote.path(),
+            if remote.sealed() { " (sealed)" } else { "" }
+        );
     }
     if let Some(id) = saved {
         remote.set_session_id(id);
@@ -164,6 +168,7 @@ pub(crate) async fn call(args: CallArgs) -> ExitCode {
             "chunks": answer.chunks,
             "duration_ms": answer.duration_ms,
             "path": remote.path(),
+            "sealed": remote.sealed(),
         });
         println!("{out}");
     } else if answer.chunks.concat() == answer.result {

@@ -3,15 +3,14 @@
 
 use std::time::Duration;
 
-use futures::{SinkExt, StreamExt};
 use serde_json::{json, Map, Value};
-use tokio_tungstenite::tungstenite::Message;
 
 use super::path::{open_path, p2p_error, remember, Path};
+use super::socket::Frame;
 use super::{Answer, CallError, Remote};
 use crate::envelope::{unix_now, Envelope, Kind, MAX_CLOCK_SKEW_SECS};
 use crate::identity::Address;
-use crate::proto::{input_frame, ErrorCode, FrameType, RelayError};
+use crate::proto::{input_frame, ErrorCode, FrameType, Object, RelayError};
 use crate::transport::p2p::wire;
 
 /// What arrived for a call.
@@ -19,6 +18,9 @@ enum Incoming {
     Signed(Envelope),
     /// An unsigned ERROR from the relay: it can report failure, never a result.
     RelayError(RelayError),
+    /// An unsigned frame from inside a seal: the agent's own (a Python host's OUTPUT,
+    /// ERROR and progress events are unsigned).
+    Sealed(Object),
     Other,
 }
 
@@ -38,22 +40,26 @@ impl Remote {
         prompt: &str,
         mut on_chunk: impl FnMut(&str),
     ) -> Result<Answer, CallError> {
-        let session_id = self
+        let mut session_id = self
             .session_id
             .clone()
             .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
-        let mut payload = Map::new();
-        payload.insert("prompt".into(), json!(prompt));
-        payload.insert("session".into(), json!({ "session_id": session_id }));
-        if self.hops > 0 {
-            payload.insert("hops".into(), json!(self.hops));
-        }
-        let input = Envelope::sign(&self.identity, Kind::Input, Some(self.address), payload);
-        let input_id = input.id().unwrap_or_default().to_owned();
+        let mut input = self.sign_input(prompt, &session_id);
         let mut sends = 0;
         let mut stream = loop {
             sends += 1;
-            match self.send(&input).await {
+            // A socket opens its session with CONNECT first; the agent may put it in
+            // another session than asked (a Python host does, for one it does not own).
+            let sent = match self.open_session(&session_id).await {
+                Ok(Some(assigned)) => {
+                    session_id = assigned;
+                    input = self.sign_input(prompt, &session_id);
+                    self.send(&input).await
+                }
+                Ok(None) => self.send(&input).await,
+                Err(e) => Err(e),
+            };
+            match sent {
                 Ok(stream) => break stream,
                 // A swarm stream reset while the INPUT was written: try a new one.
                 Err(CallError::Disconnected(why))
@@ -74,6 +80,7 @@ impl Remote {
                 Err(e) => return Err(e),
             }
         };
+        let input_id = input.id().unwrap_or_default().to_owned();
 
         // Over the swarm a new stream can be dropped before the agent reads it (libp2p
         // hands inbound streams over one at a time): resend the same signed INPUT. It
@@ -104,6 +111,10 @@ impl Remote {
             let env = match next {
                 Incoming::Signed(env) => env,
                 Incoming::RelayError(e) => return Err(relay_error(e, self.address)),
+                Incoming::Sealed(obj) => match self.unsigned_reply(&obj, &session_id, &chunks) {
+                    Some(done) => return done,
+                    None => continue,
+                },
                 Incoming::Other => continue,
             };
             self.check(&env, &session_id)?;
@@ -143,6 +154,7 @@ impl Remote {
                         )));
                     }
                     self.session_id = Some(session_id.clone());
+                    self.session_state = env.payload.get("session").cloned();
                     return Ok(Answer {
                         result: env.str_field("result").unwrap_or_default().to_owned(),
                         session_id,
@@ -181,12 +193,84 @@ impl Remote {
         }
     }
 
+    /// The signed INPUT of a turn in `session_id`. `nonce` is what a Python host requires
+    /// of every signed command (ours uses the id).
+    fn sign_input(&self, prompt: &str, session_id: &str) -> Envelope {
+        let mut payload = Map::new();
+        payload.insert("prompt".into(), json!(prompt));
+        payload.insert("session".into(), json!({ "session_id": session_id }));
+        payload.insert("nonce".into(), json!(uuid::Uuid::new_v4().to_string()));
+        if self.hops > 0 {
+            payload.insert("hops".into(), json!(self.hops));
+        }
+        Envelope::sign(&self.identity, Kind::Input, Some(self.address), payload)
+    }
+
+    /// On a WebSocket path, CONNECTs the socket to `session_id` unless it is in it
+    /// already; `Some(id)` when the agent put it in another session.
+    async fn open_session(&mut self, session_id: &str) -> Result<Option<String>, CallError> {
+        let (Path::Direct(link) | Path::Relay(link)) = &mut self.path else {
+            return Ok(None);
+        };
+        if link.connected.as_deref() == Some(session_id) {
+            return Ok(None);
+        }
+        let assigned = link
+            .connect(
+                &self.identity,
+                self.address,
+                session_id,
+                self.session_state.as_ref(),
+                self.reply_timeout,
+            )
+            .await?;
+        Ok((assigned != session_id).then_some(assigned))
+    }
+
+    /// A Python host's unsigned OUTPUT or ERROR, read from inside a seal: `Some` when it
+    /// ends the turn. Its progress events (`tool_call`, `llm_call`, …) are skipped.
+    fn unsigned_reply(
+        &mut self,
+        obj: &Object,
+        session_id: &str,
+        chunks: &[String],
+    ) -> Option<Result<Answer, CallError>> {
+        let str_of = |k: &str| obj.get(k).and_then(Value::as_str);
+        match FrameType::of(obj) {
+            Some(FrameType::Output) => {
+                let session_id = str_of("session_id").unwrap_or(session_id).to_owned();
+                self.session_id = Some(session_id.clone());
+                self.session_state = obj.get("session").cloned().filter(Value::is_object);
+                Some(Ok(Answer {
+                    result: str_of("result").unwrap_or_default().to_owned(),
+                    session_id,
+                    chunks: chunks.to_vec(),
+                    duration_ms: obj.get("duration_ms").and_then(Value::as_u64).unwrap_or(0),
+                    session: obj.get("session").cloned().unwrap_or(Value::Null),
+                }))
+            }
+            Some(FrameType::Error) => {
+                let code = str_of("code").map_or(ErrorCode::Unknown, ErrorCode::parse);
+                let message = str_of("message")
+                    .or(str_of("error"))
+                    .unwrap_or("")
+                    .to_owned();
+                Some(Err(if code.is_agent_failure() {
+                    CallError::Failed { code, message }
+                } else {
+                    CallError::Refused { code, message }
+                }))
+            }
+            _ => None,
+        }
+    }
+
     /// Switches to the next path that connects.
     async fn fall_back(&mut self) -> Result<(), CallError> {
         let mut last = CallError::NoPath;
         while !self.fallbacks.is_empty() {
             let via = self.fallbacks.remove(0);
-            match open_path(via, self.address, &self.options).await {
+            match open_path(via, self.address, &self.options, &self.identity).await {
                 Ok(path) => {
                     self.path = path;
                     self.via = via;
@@ -202,11 +286,8 @@ impl Remote {
     /// Sends the INPUT; over the swarm this opens the call's own stream.
     async fn send(&mut self, input: &Envelope) -> Result<Option<CallStream>, CallError> {
         match &mut self.path {
-            Path::Direct(socket) | Path::Relay(socket) => {
-                socket
-                    .send(Message::text(input_frame(input, &self.address)))
-                    .await
-                    .map_err(|e| CallError::Disconnected(e.to_string()))?;
+            Path::Direct(link) | Path::Relay(link) => {
+                link.send(input_frame(input, &self.address)).await?;
                 Ok(None)
             }
             Path::P2p { swarm, .. } => {
@@ -246,29 +327,30 @@ impl Remote {
                     Ok(Err(e)) => Err(CallError::Tampered(format!("undecodable reply: {e}"))),
                 }
             }
-            (Path::Direct(socket) | Path::Relay(socket), None) => {
-                let msg = tokio::time::timeout(wait, socket.next())
-                    .await
-                    .map_err(|_| CallError::Timeout(wait))?;
-                let text = match msg {
-                    Some(Ok(Message::Text(t))) => t.to_string(),
-                    Some(Ok(Message::Binary(b))) => String::from_utf8_lossy(&b).into_owned(),
-                    Some(Ok(Message::Close(_))) | None => {
-                        return Err(CallError::Disconnected(
-                            "the relay closed the connection".into(),
-                        ))
+            (Path::Direct(link) | Path::Relay(link), None) => {
+                let obj = match link.next(wait).await? {
+                    None => return Ok(Incoming::Other),
+                    Some(Frame::Sealed(obj)) if !obj.contains_key("signature") => {
+                        if FrameType::of(&obj) == Some(FrameType::Ping) {
+                            link.send(json!({"type": FrameType::Pong.as_str()}).to_string())
+                                .await?;
+                            return Ok(Incoming::Other);
+                        }
+                        return Ok(Incoming::Sealed(obj));
                     }
-                    Some(Ok(_)) => return Ok(Incoming::Other),
-                    Some(Err(e)) => return Err(CallError::Disconnected(e.to_string())),
-                };
-                let Ok(Value::Object(obj)) = serde_json::from_str::<Value>(&text) else {
-                    return Ok(Incoming::Other);
+                    Some(frame) => frame.into_object(),
                 };
                 if !obj.contains_key("signature") {
-                    return Ok(if FrameType::of(&obj) == Some(FrameType::Error) {
-                        Incoming::RelayError(RelayError::from_object(&obj))
-                    } else {
-                        Incoming::Other
+                    return Ok(match FrameType::of(&obj) {
+                        Some(FrameType::Error) => {
+                            Incoming::RelayError(RelayError::from_object(&obj))
+                        }
+                        Some(FrameType::Ping) => {
+                            link.send(json!({"type": FrameType::Pong.as_str()}).to_string())
+                                .await?;
+                            Incoming::Other
+                        }
+                        _ => Incoming::Other,
                     });
                 }
                 Envelope::from_flat(&obj)
@@ -309,7 +391,7 @@ impl Remote {
     }
 }
 
-fn relay_error(e: RelayError, address: Address) -> CallError {
+pub(super) fn relay_error(e: RelayError, address: Address) -> CallError {
     match e.code {
         ErrorCode::AgentOffline | ErrorCode::AgentDisconnected => {
             CallError::Offline(address.to_string())

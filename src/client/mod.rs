@@ -9,11 +9,17 @@
 //! or a running node's swarm) and the relay (`ConnectOptions::relay`); in auto mode, the
 //! best one that works.
 //!
-//! `path.rs` opens the ways to an agent (and picks among them); `call.rs` runs one turn
-//! over the open path and verifies every frame of the answer.
+//! `path.rs` opens the ways to an agent (and picks among them); `socket.rs` is one
+//! WebSocket to it (sealed when the agent seals, and the CONNECT a Python host needs);
+//! `call.rs` runs one turn over the open path and verifies every frame of the answer.
+//!
+//! Inside a seal (the agent signed its half of the handshake) the agent's unsigned
+//! frames are trusted as its own, which is how a Python `host()` answers; outside one,
+//! only signed frames are.
 
 mod call;
 mod path;
+mod socket;
 
 use std::time::Duration;
 
@@ -199,6 +205,9 @@ pub struct Remote {
     options: ConnectOptions,
     reply_timeout: Duration,
     session_id: Option<String>,
+    /// The session state the last answer returned: a Python host takes it back with the
+    /// next CONNECT (and merges it with what it kept).
+    session_state: Option<Value>,
     /// Agents the request has passed through before this call (sent as `hops` when > 0).
     hops: u32,
 }
@@ -214,10 +223,11 @@ pub async fn connect(address: &str, options: ConnectOptions) -> Result<Remote, C
     if order.is_empty() {
         return Err(CallError::NoPath);
     }
+    let identity = options.identity.clone().unwrap_or_else(Identity::generate);
     let mut last = None;
     while !order.is_empty() {
         let via = order.remove(0);
-        match open_path(via, address, &options).await {
+        match open_path(via, address, &options, &identity).await {
             Ok(path) => {
                 tracing::debug!(agent = %address.short(), path = via.as_str(), "connected");
                 if options.via == Via::Auto {
@@ -225,13 +235,14 @@ pub async fn connect(address: &str, options: ConnectOptions) -> Result<Remote, C
                 }
                 return Ok(Remote {
                     address,
-                    identity: options.identity.clone().unwrap_or_else(Identity::generate),
+                    identity,
                     path,
                     via,
                     fallbacks: order,
                     reply_timeout: options.reply_timeout.unwrap_or(DEFAULT_REPLY_TIMEOUT),
                     options,
                     session_id: None,
+                    session_state: None,
                     hops: 0,
                 });
             }
@@ -255,6 +266,15 @@ impl Remote {
     /// How this handle reaches the agent: `direct`, `p2p` or `relay`.
     pub fn path(&self) -> &'static str {
         self.via.as_str()
+    }
+
+    /// Whether the path is sealed end to end (SEAL): a relay in between reads nothing.
+    /// The swarm's streams are always encrypted to the agent's key (Noise) and count too.
+    pub fn sealed(&self) -> bool {
+        match &self.path {
+            Path::Direct(link) | Path::Relay(link) => link.is_sealed(),
+            Path::P2p { .. } => true,
+        }
     }
 
     /// Continues an earlier session (e.g. one saved by `oonode call --session`). The

@@ -5,13 +5,12 @@ use std::time::Duration;
 
 use serde_json::Value;
 
+use super::socket::{Offer, Socket, WsLink};
 use super::{CallError, ConnectOptions, Via};
-use crate::identity::Address;
+use crate::identity::{Address, Identity};
+use crate::proto::seal::SEAL_HANDSHAKE_TIMEOUT;
 use crate::proto::{ErrorCode, RelayUrl};
 use crate::transport::p2p::{P2p, P2pConfig, P2pError};
-
-pub(super) type Socket =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 /// How long a path that worked is tried first for the same address.
 const REMEMBER_FOR: Duration = Duration::from_secs(300);
@@ -28,8 +27,8 @@ fn remembered(
 /// How a [`Remote`] reaches its agent.
 pub(super) enum Path {
     /// The agent's own `/ws`.
-    Direct(Box<Socket>),
-    Relay(Box<Socket>),
+    Direct(Box<WsLink>),
+    Relay(Box<WsLink>),
     /// A swarm given in the options, or one of the caller's own joined through the
     /// bootstrap peers (stopped with the handle).
     P2p {
@@ -94,9 +93,20 @@ pub(super) async fn open_path(
     via: Via,
     address: Address,
     options: &ConnectOptions,
+    identity: &Identity,
 ) -> Result<Path, CallError> {
     match via {
-        Via::Direct => open_direct(address, options).await,
+        Via::Direct => {
+            let socket = open_direct(address, options).await?;
+            // A host that does not seal keeps the socket for a clear CONNECT (plaintext
+            // direct endpoints are used only where that is allowed, see above).
+            let link =
+                match WsLink::offer_seal(socket, identity, address, seal_wait(options)).await? {
+                    Offer::Sealed(link) => link,
+                    Offer::Refused(socket) => WsLink::clear(socket),
+                };
+            Ok(Path::Direct(Box::new(link)))
+        }
         Via::P2p => {
             let path = join_swarm(options).await?;
             if let Path::P2p { swarm, .. } = &path {
@@ -108,7 +118,21 @@ pub(super) async fn open_path(
             }
             Ok(path)
         }
-        Via::Relay => Ok(Path::Relay(Box::new(open_relay(options).await?))),
+        Via::Relay => {
+            let socket = open_relay(options).await?;
+            let link =
+                match WsLink::offer_seal(socket, identity, address, seal_wait(options)).await? {
+                    Offer::Sealed(link) => link,
+                    // The agent took the SEAL as its session's first frame and refused it: a
+                    // fresh socket starts clean (as the Python client does). The relay link
+                    // stays TLS to the relay where the URL is wss://.
+                    Offer::Refused(mut socket) => {
+                        let _ = futures::SinkExt::close(&mut socket).await;
+                        WsLink::clear(open_relay(options).await?)
+                    }
+                };
+            Ok(Path::Relay(Box::new(link)))
+        }
         Via::Auto => Err(CallError::NoPath),
     }
 }
@@ -122,9 +146,17 @@ pub(super) fn p2p_error(e: P2pError, address: Address) -> CallError {
     }
 }
 
+/// How long to wait for SEALED_OK: the Python client's 10 s, or less when the caller
+/// waits less for any reply.
+fn seal_wait(options: &ConnectOptions) -> Duration {
+    options
+        .reply_timeout
+        .map_or(SEAL_HANDSHAKE_TIMEOUT, |t| t.min(SEAL_HANDSHAKE_TIMEOUT))
+}
+
 /// A direct endpoint that proves to be the agent: its `/info` names the address called.
 /// Plaintext only on loopback, or on private networks when allowed.
-async fn open_direct(address: Address, options: &ConnectOptions) -> Result<Path, CallError> {
+async fn open_direct(address: Address, options: &ConnectOptions) -> Result<Box<Socket>, CallError> {
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(3))
         .build()
@@ -184,7 +216,7 @@ async fn open_direct(address: Address, options: &ConnectOptions) -> Result<Path,
         )
         .await
         {
-            Ok(Ok((socket, _))) => return Ok(Path::Direct(Box::new(socket))),
+            Ok(Ok((socket, _))) => return Ok(Box::new(socket)),
             Ok(Err(e)) => reasons.push(format!("{url}: {e}")),
             Err(_) => reasons.push(format!("{url}: timed out")),
         }
@@ -221,7 +253,7 @@ fn plaintext_allowed(base: &reqwest::Url, allow_private: bool) -> bool {
     }
 }
 
-async fn open_relay(options: &ConnectOptions) -> Result<Socket, CallError> {
+async fn open_relay(options: &ConnectOptions) -> Result<Box<Socket>, CallError> {
     let relay: RelayUrl = options
         .relay_url
         .as_deref()
@@ -268,7 +300,7 @@ async fn open_relay(options: &ConnectOptions) -> Result<Socket, CallError> {
         }
         e => unreachable(e.to_string()),
     })?;
-    Ok(socket)
+    Ok(Box::new(socket))
 }
 
 /// Joins the swarm as a caller: a throwaway swarm key (so a running node with the same

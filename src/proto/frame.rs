@@ -350,6 +350,13 @@ pub enum CallerToRelay {
         session_id: Option<String>,
         frame: Object,
     },
+    /// A frame that names no agent: the next frame of a session this socket already
+    /// has, as sealed frames are (`SEALED` carries only `n` and `c`). The Python
+    /// ecosystem's relay reads `to` from a socket's first frame and forwards the rest.
+    Onward {
+        session_id: Option<String>,
+        frame: Object,
+    },
 }
 
 impl CallerToRelay {
@@ -366,10 +373,17 @@ impl CallerToRelay {
             }
             _ => {}
         }
-        let to = obj
+        let Some(to) = obj
             .get("to")
             .or_else(|| obj.get("payload").and_then(|p| p.get("to")))
-            .and_then(Value::as_str)
+        else {
+            return Ok(CallerToRelay::Onward {
+                session_id: session_of(&obj),
+                frame: obj,
+            });
+        };
+        let to = to
+            .as_str()
             .ok_or(FrameError::NoRecipient)?
             .parse::<Address>()
             .map_err(|e: AddressError| FrameError::BadRecipient(e.to_string()))?;
@@ -507,8 +521,15 @@ mod tests {
         assert!(
             matches!(f, CallerToRelay::Route { to, session_id: Some(s), .. } if to == a && s == "s1")
         );
+        assert!(matches!(
+            CallerToRelay::decode(obj(json!({"type": "SEALED", "n": 1, "c": ""}))),
+            Ok(CallerToRelay::Onward {
+                session_id: None,
+                ..
+            })
+        ));
         assert_eq!(
-            CallerToRelay::decode(obj(json!({"type": "INPUT"}))),
+            CallerToRelay::decode(obj(json!({"type": "INPUT", "to": 7}))),
             Err(FrameError::NoRecipient)
         );
         let e = RelayError::new(ErrorCode::AgentBusy, "full").in_session(Some("s"));

@@ -9,6 +9,7 @@ mod body_limits;
 mod error;
 mod frame;
 mod relay_url;
+pub mod seal;
 mod signed_request;
 
 pub use announce::{

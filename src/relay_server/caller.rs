@@ -156,6 +156,10 @@ impl Caller<'_> {
                 session_id,
                 frame,
             }) => (to, session_id, frame),
+            Ok(CallerToRelay::Onward { session_id, frame }) => match self.onward(session_id) {
+                Ok((to, id)) => (to, Some(id), frame),
+                Err(e) => return self.refuse(e.code, e.encode()),
+            },
             Err(e) => return self.refuse(e.code(), error_frame(e.code(), &e.to_string(), None)),
         };
         let session_id = named
@@ -183,6 +187,31 @@ impl Caller<'_> {
                 ),
             );
         }
+    }
+
+    /// Where a frame that names no agent goes: the session it names, else this socket's
+    /// only session (as the Python ecosystem's relay forwards a socket's later frames).
+    fn onward(&self, named: Option<String>) -> Result<(Address, String), RelayError> {
+        let mut current = self.current.iter();
+        let only = match (current.next(), current.next()) {
+            (Some((to, id)), None) => Some((*to, id.clone())),
+            _ => None,
+        };
+        let found = match named {
+            Some(id) => self
+                .st
+                .sessions()
+                .get(&id)
+                .filter(|r| r.caller_conn == self.conn)
+                .map(|r| (r.agent, id.clone())),
+            None => only,
+        };
+        found.ok_or_else(|| {
+            RelayError::new(
+                ErrorCode::BadRequest,
+                "name the agent in `to`: this frame continues no session of this connection",
+            )
+        })
     }
 
     /// Finds or creates the route of `session_id` to `to`; gives the agent's queue.

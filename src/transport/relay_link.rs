@@ -22,7 +22,11 @@ use tracing::{debug, info, warn};
 
 use crate::dispatch::{Dispatcher, Origin, Reader, Refusal, Rejected, Route, Transport};
 use crate::envelope::{unix_now, Envelope};
-use crate::proto::{signed_announce, ClientFrame, NodeFrame, Object, RelayToAgent, RelayUrl};
+use crate::identity::Address;
+use crate::proto::seal::{self, SealReceiver, SealSender};
+use crate::proto::{
+    signed_announce, ClientFrame, FrameType, NodeFrame, Object, RelayToAgent, RelayUrl,
+};
 use crate::trust::Caller;
 
 /// How often the node re-announces (the relay forgets an agent after 120 s of silence).
@@ -252,11 +256,29 @@ impl Runner {
         info!(url = %self.url, address = %self.dispatcher.address(), "announced on the relay");
         self.link.set(LinkState::Connected, None);
 
-        let (out_tx, mut out_rx) = mpsc::channel::<String>(OUTBOUND_QUEUE);
+        let (out_tx, mut out_rx) = mpsc::channel::<Outbound>(OUTBOUND_QUEUE);
         let dead = CancellationToken::new();
         let writer_dead = dead.clone();
         let writer = tokio::spawn(async move {
-            while let Some(text) = out_rx.recv().await {
+            // Sealed sessions' senders: their frames are sealed here, in queue order.
+            let mut sealers: HashMap<String, SealSender> = HashMap::new();
+            while let Some(next) = out_rx.recv().await {
+                let text = match next {
+                    Outbound::StartSealing { session_id, sender } => {
+                        sealers.insert(session_id, sender);
+                        continue;
+                    }
+                    Outbound::StopSealing(session_id) => {
+                        sealers.remove(&session_id);
+                        continue;
+                    }
+                    Outbound::Frame { session_id, text } => {
+                        match session_id.and_then(|id| Some((sealers.get_mut(&id)?, id))) {
+                            Some((sealer, id)) => sealer.seal(&text, Some(&id)),
+                            None => text,
+                        }
+                    }
+                };
                 if tokio::time::timeout(SEND_TIMEOUT, sink.send(Message::text(text)))
                     .await
                     .map_or(true, |r| r.is_err())
@@ -275,6 +297,8 @@ impl Runner {
             dead: dead.clone(),
             origin: Origin::Relay(self.url.base()),
             readers: HashMap::new(),
+            sealed: HashMap::new(),
+            routes: HashMap::new(),
             forwarders: JoinSet::new(),
             answered: true,
         };
@@ -287,7 +311,7 @@ impl Runner {
                 _ = stop.cancelled() => break,
                 _ = dead.cancelled() => break,
                 _ = reannounce.tick() => {
-                    if out_tx.try_send(self.announce()).is_err() {
+                    if out_tx.try_send(Outbound::clear(self.announce())).is_err() {
                         break;
                     }
                     session.answered = false;
@@ -322,26 +346,80 @@ impl Runner {
     }
 }
 
+/// What goes to the relay's writer task. Frames of a sealed session are sealed there, so
+/// they leave numbered in the order they were queued.
+enum Outbound {
+    Frame {
+        session_id: Option<String>,
+        text: String,
+    },
+    StartSealing {
+        session_id: String,
+        sender: SealSender,
+    },
+    StopSealing(String),
+}
+
+impl Outbound {
+    fn clear(text: String) -> Outbound {
+        Outbound::Frame {
+            session_id: None,
+            text,
+        }
+    }
+}
+
+/// One sealed relayed session.
+struct SealedSession {
+    /// Opens the caller's frames.
+    recv: SealReceiver,
+    /// Who sealed it: signed frames inside must be theirs.
+    sealed_by: Address,
+    /// The conversation its CONNECT named, once it did.
+    conversation: Option<String>,
+}
+
 /// The sessions relayed over one relay connection.
 struct RelayedSessions {
     dispatcher: Dispatcher,
     /// The relay's frame limit: a bigger reply would cost the whole link.
     max_frame: usize,
-    out: mpsc::Sender<String>,
+    out: mpsc::Sender<Outbound>,
     dead: CancellationToken,
     /// This relay, as the origin of what comes through it.
     origin: Origin,
     /// Who reads each relayed session: the caller a CONNECT authenticated, or an
     /// unsigned caller's secret.
     readers: HashMap<String, Reader>,
+    /// Sealed sessions by the relay's session id (the route).
+    sealed: HashMap<String, SealedSession>,
+    /// A sealed session's conversation → its route. The relay routes a sealed socket by
+    /// an id it chose before it could see the CONNECT inside, which names the
+    /// conversation; everything else here is keyed by the conversation.
+    routes: HashMap<String, String>,
     forwarders: JoinSet<()>,
     /// Whether the relay answered the last re-announce.
     answered: bool,
 }
 
 impl RelayedSessions {
-    fn send(&self, frame: String) {
-        if self.out.try_send(frame).is_err() {
+    /// Queues a frame of `session_id` (sealed by the writer if the session is).
+    fn send(&self, session_id: &str, text: String) {
+        self.queue(Outbound::Frame {
+            session_id: Some(self.route(session_id).to_owned()),
+            text,
+        });
+    }
+
+    /// The relay's id of a conversation: the same, unless the session is sealed.
+    fn route<'a>(&'a self, session_id: &'a str) -> &'a str {
+        self.routes
+            .get(session_id)
+            .map_or(session_id, String::as_str)
+    }
+
+    fn queue(&self, next: Outbound) {
+        if self.out.try_send(next).is_err() {
             self.dead.cancel();
         }
     }
@@ -353,14 +431,61 @@ impl RelayedSessions {
             ..rejected
         };
         let env = self.dispatcher.error_envelope(&rejected);
-        self.send(env.to_flat_json().to_string());
+        self.send(session_id, env.to_flat_json().to_string());
     }
 
     async fn on_frame(&mut self, bytes: &[u8]) {
-        let Ok(Value::Object(obj)) = serde_json::from_slice::<Value>(bytes) else {
+        let Ok(Value::Object(mut obj)) = serde_json::from_slice::<Value>(bytes) else {
             debug!("unreadable frame from the relay");
             return;
         };
+        let session = obj
+            .get("session_id")
+            .and_then(Value::as_str)
+            .map(str::to_owned);
+        if let Some(id) = session {
+            if let Some(sealed) = self.sealed.get_mut(&id) {
+                // The relay's own `close` comes in the clear; everything else must open.
+                if FrameType::of(&obj) == Some(FrameType::Close) {
+                    return self.end_session(&id);
+                }
+                let opened = sealed
+                    .recv
+                    .open(&obj)
+                    .map_err(|e| e.to_string())
+                    .and_then(|c| {
+                        crate::envelope::decode_object(&c, MAX_FRAME_BYTES)
+                            .map_err(|e| e.to_string())
+                    });
+                let mut inner = match opened {
+                    Ok(inner) => inner,
+                    Err(why) => {
+                        let msg = format!("sealed frame rejected: {why}");
+                        self.send_rejected(Refusal::BadRequest(msg).into(), &id);
+                        return self.end_session(&id);
+                    }
+                };
+                let signer = super::ws::check_sealed_signer(&inner, &sealed.sealed_by);
+                let named = match FrameType::of(&inner) {
+                    Some(FrameType::Connect) => ClientFrame::connect_session(&inner),
+                    _ => None,
+                };
+                let conversation = named
+                    .or_else(|| sealed.conversation.clone())
+                    .unwrap_or_else(|| id.clone());
+                if let Some(old) = sealed.conversation.replace(conversation.clone()) {
+                    self.routes.remove(&old);
+                }
+                self.routes.insert(conversation.clone(), id.clone());
+                if let Err(r) = signer {
+                    return self.send_rejected(r.into(), &conversation);
+                }
+                inner.insert("session_id".into(), Value::String(conversation));
+                obj = inner;
+            } else if FrameType::of(&obj) == Some(FrameType::Seal) {
+                return self.on_seal(&obj, id);
+            }
+        }
         let (session_id, frame) = match RelayToAgent::decode(obj) {
             RelayToAgent::AnnounceOk { .. } => {
                 self.answered = true;
@@ -394,27 +519,71 @@ impl RelayedSessions {
                     Err(r) => return self.send_rejected(r.into(), &session_id),
                 };
                 match self.dispatcher.follow(&session_id, after, &reader).await {
-                    Ok(replies) => self.forward(replies),
+                    Ok(replies) => self.forward(replies, &session_id),
                     Err(r) => self.send_rejected(
                         Rejected::from(r).or_to(reader.caller.verified()),
                         &session_id,
                     ),
                 }
             }
-            Ok(ClientFrame::Ping) => self.send(NodeFrame::Pong.encode(Some(&session_id))),
-            // The caller left; what it started goes on and stays stored.
-            Ok(ClientFrame::Close) => {
-                self.readers.remove(&session_id);
+            Ok(ClientFrame::Ping) => {
+                self.send(&session_id, NodeFrame::Pong.encode(Some(&session_id)))
             }
+            // The caller left; what it started goes on and stays stored.
+            Ok(ClientFrame::Close) => self.end_session(&session_id),
             Ok(ClientFrame::Pong) => {}
             Ok(ClientFrame::Seal(_)) => self.send_rejected(
-                Refusal::BadRequest(
-                    "this node does not seal sockets; send CONNECT or INPUT in the clear".into(),
-                )
-                .into(),
+                Refusal::BadRequest("SEAL must be the session's first frame".into()).into(),
                 &session_id,
             ),
             Err(e) => self.send_rejected(Refusal::from(e).into(), &session_id),
+        }
+    }
+
+    /// The caller of `session_id` left, or its seal broke: forget its state.
+    fn end_session(&mut self, session_id: &str) {
+        self.readers.remove(session_id);
+        if let Some(sealed) = self.sealed.remove(session_id) {
+            if let Some(conversation) = sealed.conversation {
+                self.routes.remove(&conversation);
+                self.readers.remove(&conversation);
+            }
+            self.queue(Outbound::StopSealing(session_id.to_owned()));
+        }
+    }
+
+    /// A session's first frame was SEAL: answer SEALED_OK in the clear, then seal the
+    /// session's frames both ways. A SEAL that does not verify is answered with an ERROR
+    /// and the session gets nothing else.
+    fn on_seal(&mut self, obj: &Object, session_id: String) {
+        if self.readers.contains_key(&session_id) {
+            let msg = "SEAL must be the session's first frame".to_string();
+            return self.send_rejected(Refusal::BadRequest(msg).into(), &session_id);
+        }
+        if self.sealed.len() >= MAX_CONNECTED_SESSIONS {
+            let msg = "too many relayed sessions at once; try again later".to_string();
+            return self.send_rejected(Refusal::BadRequest(msg).into(), &session_id);
+        }
+        match seal::accept(obj, self.dispatcher.identity(), unix_now()) {
+            Ok(accepted) => {
+                let mut reply: Object = serde_json::from_str(&accepted.reply).unwrap_or_default();
+                reply.insert("session_id".into(), Value::String(session_id.clone()));
+                self.send(&session_id, Value::Object(reply).to_string());
+                self.queue(Outbound::StartSealing {
+                    session_id: session_id.clone(),
+                    sender: accepted.channel.send,
+                });
+                let sealed = SealedSession {
+                    recv: accepted.channel.recv,
+                    sealed_by: accepted.sealed_by,
+                    conversation: None,
+                };
+                self.sealed.insert(session_id, sealed);
+            }
+            Err(e) => {
+                let msg = format!("seal refused: {e}");
+                self.send_rejected(Refusal::BadRequest(msg).into(), &session_id);
+            }
         }
     }
 
@@ -456,7 +625,7 @@ impl RelayedSessions {
                     // replies would not find their way back.
                     warn!(relay = %session_id, signed = %accepted.session_id, "relayed INPUT names a different session");
                 }
-                self.forward(accepted.replies);
+                self.forward(accepted.replies, &session_id);
             }
             Err(rejected) => self.send_rejected(rejected, &session_id),
         }
@@ -482,7 +651,7 @@ impl RelayedSessions {
                     session_id: session_id.clone(),
                     status,
                 };
-                self.send(connected.encode(Some(&session_id)));
+                self.send(&session_id, connected.encode(Some(&session_id)));
             }
             Err(rejected) => self.send_rejected(rejected, &session_id),
         }
@@ -490,23 +659,34 @@ impl RelayedSessions {
 
     /// Copies a run's replies to the relay. A relay link that cannot take them within the
     /// send timeout is dead; the run itself goes on.
-    fn forward(&mut self, mut replies: mpsc::Receiver<Envelope>) {
+    fn forward(&mut self, mut replies: mpsc::Receiver<Envelope>, session_id: &str) {
         let out = self.out.clone();
         let dead = self.dead.clone();
         let dispatcher = self.dispatcher.clone();
         let max_frame = self.max_frame;
+        let route = self.route(session_id).to_owned();
+        let sealed = self.sealed.contains_key(&route);
         self.forwarders.spawn(async move {
             while let Some(env) = replies.recv().await {
                 let mut frame = env.to_flat_json().to_string();
-                if frame.len() > max_frame {
+                let on_wire = if sealed {
+                    SealSender::sealed_len(frame.len())
+                } else {
+                    frame.len()
+                };
+                if on_wire > max_frame {
                     // Over the relay's limit: fail this answer, not the link. The session
                     // is stored as usual and can be read over HTTP.
                     frame = dispatcher
-                        .oversize_reply(&env, frame.len(), max_frame)
+                        .oversize_reply(&env, on_wire, max_frame)
                         .to_flat_json()
                         .to_string();
                 }
-                if out.send_timeout(frame, SEND_TIMEOUT).await.is_err() {
+                let next = Outbound::Frame {
+                    session_id: Some(route.clone()),
+                    text: frame,
+                };
+                if out.send_timeout(next, SEND_TIMEOUT).await.is_err() {
                     dead.cancel();
                     return;
                 }

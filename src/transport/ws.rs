@@ -19,9 +19,12 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info_span, Instrument};
 
 use crate::dispatch::{Dispatcher, Origin, Reader, Refusal, Rejected, Route, Transport};
+use crate::envelope::unix_now;
 use crate::envelope::{decode_object, Envelope};
+use crate::identity::Address;
 use crate::net::{IpCounts, SocketFailure};
-use crate::proto::{session_of, ClientFrame, ErrorCode, NodeFrame, Object};
+use crate::proto::seal::{self, SealReceiver, SealSender};
+use crate::proto::{session_of, ClientFrame, ErrorCode, FrameType, NodeFrame, Object};
 use crate::trust::Caller;
 
 /// Frames queued for one socket before the client counts as too slow.
@@ -107,9 +110,16 @@ pub(crate) async fn upgrade(
         })
 }
 
+/// What the reader and the forwarders queue for the writer. The writer seals every frame
+/// after `StartSealing`, in queue order, so sealed frames go out numbered in order.
+enum Outbound {
+    Frame(String),
+    StartSealing(SealSender),
+}
+
 struct Connection {
     st: WsState,
-    out: Option<mpsc::Sender<Message>>,
+    out: Option<mpsc::Sender<Outbound>>,
     /// Cancelled when the socket is done: closed, idle, or too slow.
     closed: CancellationToken,
     /// Who the socket authenticated as with a signed CONNECT, if anyone, and the session
@@ -120,6 +130,11 @@ struct Connection {
     forwarders: JoinSet<()>,
     /// The client's IP, for per-IP limits.
     peer: Option<std::net::IpAddr>,
+    /// Whether a frame was read yet: only the first may be SEAL.
+    heard: bool,
+    /// A sealed socket: opens every frame, and who sealed it (signed frames inside must
+    /// be theirs).
+    sealed: Option<(SealReceiver, Address)>,
     _permit: OwnedSemaphorePermit,
 }
 
@@ -133,6 +148,8 @@ impl Connection {
             session_id: None,
             forwarders: JoinSet::new(),
             peer,
+            heard: false,
+            sealed: None,
             _permit: permit,
         }
     }
@@ -143,11 +160,21 @@ impl Connection {
 
     async fn run(mut self, socket: WebSocket) {
         let (mut sink, mut stream) = socket.split();
-        let (out_tx, mut out_rx) = mpsc::channel::<Message>(OUTBOUND_QUEUE);
+        let (out_tx, mut out_rx) = mpsc::channel::<Outbound>(OUTBOUND_QUEUE);
         self.out = Some(out_tx);
         let closed = self.closed.clone();
         let writer = tokio::spawn(async move {
-            while let Some(msg) = out_rx.recv().await {
+            let mut sealer: Option<SealSender> = None;
+            while let Some(next) = out_rx.recv().await {
+                let text = match (next, &mut sealer) {
+                    (Outbound::StartSealing(s), _) => {
+                        sealer = Some(s);
+                        continue;
+                    }
+                    (Outbound::Frame(text), Some(s)) => s.seal(&text, None),
+                    (Outbound::Frame(text), None) => text,
+                };
+                let msg = Message::Text(text.into());
                 match tokio::time::timeout(WRITE_TIMEOUT, sink.send(msg)).await {
                     Ok(Ok(())) => {}
                     _ => {
@@ -218,8 +245,12 @@ impl Connection {
 
     /// Queues a frame; a client whose queue is full is too slow and is closed.
     fn send_text(&self, frame: String) {
+        self.queue(Outbound::Frame(frame));
+    }
+
+    fn queue(&self, next: Outbound) {
         if let Some(out) = &self.out {
-            if out.try_send(Message::Text(frame.into())).is_err() {
+            if out.try_send(next).is_err() {
                 self.closed.cancel();
             }
         }
@@ -236,10 +267,35 @@ impl Connection {
     }
 
     async fn on_frame(&mut self, bytes: &[u8]) {
-        let obj = match decode_object(bytes, self.st.max_frame_bytes) {
+        let first = !std::mem::replace(&mut self.heard, true);
+        let mut obj = match decode_object(bytes, self.st.max_frame_bytes) {
             Ok(o) => o,
             Err(e) => return self.send_rejected(e.into()),
         };
+        if let Some((channel, sealed_by)) = &mut self.sealed {
+            // Inside a seal every frame must open; one that does not is a break-in or a
+            // bug, and the socket ends rather than guess.
+            let opened = channel
+                .open(&obj)
+                .map_err(|e| e.to_string())
+                .and_then(|clear| {
+                    decode_object(&clear, self.st.max_frame_bytes).map_err(|e| e.to_string())
+                });
+            obj = match opened {
+                Ok(o) => o,
+                Err(why) => {
+                    self.send_rejected(
+                        Refusal::BadRequest(format!("sealed frame rejected: {why}")).into(),
+                    );
+                    return self.closed.cancel();
+                }
+            };
+            if let Err(r) = check_sealed_signer(&obj, sealed_by) {
+                return self.send_rejected(r.into());
+            }
+        } else if FrameType::of(&obj) == Some(FrameType::Seal) && first {
+            return self.on_seal(obj);
+        }
         match ClientFrame::decode(obj) {
             Ok(ClientFrame::Input(obj)) => self.on_input(obj).await,
             Ok(ClientFrame::Connect(obj)) => self.on_connect(obj).await,
@@ -250,15 +306,28 @@ impl Connection {
             }) => self.on_resume(session_id, after, session_secret).await,
             Ok(ClientFrame::Ping) => self.send_text(NodeFrame::Pong.encode(None)),
             Ok(ClientFrame::Pong | ClientFrame::Close) => {}
-            // Python clients try to seal first; answering at once lets them fall back to
-            // a plain CONNECT on the same socket instead of waiting 10 s.
+            // Only a socket's first frame may seal it.
             Ok(ClientFrame::Seal(_)) => self.send_rejected(
-                Refusal::BadRequest(
-                    "this node does not seal sockets; send CONNECT or INPUT in the clear".into(),
-                )
-                .into(),
+                Refusal::BadRequest("SEAL must be the socket's first frame".into()).into(),
             ),
             Err(e) => self.send_rejected(Refusal::from(e).into()),
+        }
+    }
+
+    /// The first frame was SEAL: answer SEALED_OK in the clear, then seal every frame
+    /// both ways. A SEAL that does not verify ends the socket: no clear-text retry on it.
+    fn on_seal(&mut self, obj: Object) {
+        match seal::accept(&obj, self.dispatcher().identity(), unix_now()) {
+            Ok(accepted) => {
+                debug!(caller = %accepted.sealed_by.short(), "socket sealed");
+                self.send_text(accepted.reply);
+                self.queue(Outbound::StartSealing(accepted.channel.send));
+                self.sealed = Some((accepted.channel.recv, accepted.sealed_by));
+            }
+            Err(e) => {
+                self.send_rejected(Refusal::BadRequest(format!("seal refused: {e}")).into());
+                self.closed.cancel();
+            }
         }
     }
 
@@ -349,12 +418,26 @@ impl Connection {
         let closed = self.closed.clone();
         self.forwarders.spawn(async move {
             while let Some(env) = replies.recv().await {
-                let frame = Message::Text(env.to_flat_json().to_string().into());
+                let frame = Outbound::Frame(env.to_flat_json().to_string());
                 if out.send_timeout(frame, SLOW_CLIENT_TIMEOUT).await.is_err() {
                     closed.cancel();
                     return;
                 }
             }
         });
+    }
+}
+
+/// Inside a seal, a signed frame must be signed by whoever sealed the socket: the seal
+/// makes it theirs, and a frame of someone else's (captured elsewhere) has no business
+/// there. Shared by `/ws` and relayed sessions.
+pub(super) fn check_sealed_signer(frame: &Object, sealed_by: &Address) -> Result<(), Refusal> {
+    match frame.get("from").and_then(serde_json::Value::as_str) {
+        Some(from) if from.parse::<Address>().ok().as_ref() != Some(sealed_by) => {
+            Err(Refusal::BadRequest(
+                "a signed frame inside a seal must be signed by whoever sealed it".into(),
+            ))
+        }
+        _ => Ok(()),
     }
 }
