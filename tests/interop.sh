@@ -11,6 +11,7 @@
 # CONNECTONION_VENV=DIR uses an existing venv that has the pinned connectonion instead;
 # OONODE_BIN=PATH tests another oonode binary.
 set -euo pipefail
+export PYTHONDONTWRITEBYTECODE=1  # no __pycache__ in the tree
 cd "$(dirname "$0")/.."
 
 # The version this suite was written against; bump it deliberately (with

@@ -25,6 +25,19 @@ def setUpModule():
     harness.wait_listed(fx["relay"], fx["py"], 15)
 
 
+class PythonHostOnOonodeRelay(unittest.TestCase):
+    def test_announce_accepted_and_listed(self):
+        status, info = harness.get_json(f"{harness.ws_to_http(fx['relay'])}/api/agents/{fx['py']}")
+        c = Checks(self)
+        c.equal(status, 200, "directory status")
+        c.equal(info.get("online"), True, "online")
+        # host() announces AGENT_PUBLIC_DOMAIN's endpoints (run.py sets it).
+        c.equal(info.get("endpoints"), ["https://interop.invalid", "wss://interop.invalid/ws"],
+                "the endpoints the package announced")
+        c.true("repeats what it hears" in (info.get("summary") or ""), f"summary: {info}")
+        c.done()
+
+
 class OonodeCallsPythonHost(unittest.TestCase):
     def test_call_via_relay(self):
         out = call_answer(self, fx["py"], "hello from oonode", "--via", "relay", "--relay", fx["relay"])
@@ -56,7 +69,15 @@ class OonodeCallsPythonHost(unittest.TestCase):
 
 
 class PythonClientThroughOonodeRelay(unittest.TestCase):
-    """Both ends are the package, sealed by it: only oonode's relay is under test."""
+    """Both ends are the package: only oonode's relay is under test."""
+
+    def test_python_host_refuses_anonymous_through_oonode_relay(self):
+        # connectonion 1.9.2's host refuses an unsigned CONNECT at every trust level,
+        # `open` included ("ALL requests must be signed", network/host/auth.py). Its
+        # refusal coming back is what shows the relay carried plain frames both ways.
+        agent, turns, probe = py_conversation(fx["py"], fx["relay"], ["plain one"], False)
+        self.assertEqual(turns[0][0], "ERROR: ConnectionError: Auth error: unauthorized: "
+                                      "signed request required")
 
     def test_python_client_to_python_host_sealed(self):
         keys = harness.new_py_keys("t3-py-caller")
