@@ -60,6 +60,9 @@ def isolate(scratch: Path):
     os.chdir(scratch / "work")
 
 
+RESULTS = []  # the Recorder of the run, for a summary when the deadline cuts it short
+
+
 class Recorder(unittest.TextTestResult):
     """Keeps (status, name, seconds, reason) for the summary."""
 
@@ -67,6 +70,7 @@ class Recorder(unittest.TextTestResult):
         super().__init__(*args, **kwargs)
         self.rows = []
         self._started = {}
+        RESULTS.append(self)
 
     def startTest(self, test):
         self._started[test.id()] = time.monotonic()
@@ -115,6 +119,13 @@ def select(suite, patterns):
     return out
 
 
+def print_rows(rows):
+    print("\n== interop summary")
+    for status, name, took, reason in rows:
+        first = reason.strip().splitlines()[0] if reason.strip() else ""
+        print(f"{status:5} {name}  ({took:.1f} s){'  -- ' + first if first else ''}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("-k", action="append", default=[], help="run tests whose id has this")
@@ -135,7 +146,10 @@ def main():
         print(f"\ninterop: the suite passed its {args.deadline:.0f} s deadline; stopping",
               file=sys.stderr, flush=True)
         harness.stop_all()
+        if RESULTS:
+            print_rows(RESULTS[0].rows)
         print(f"interop: logs kept in {scratch}/logs", file=sys.stderr)
+        sys.stdout.flush()
         os._exit(2)
 
     signal.signal(signal.SIGALRM, out_of_time)
@@ -151,10 +165,7 @@ def main():
         harness.stop_all()
         signal.alarm(0)
 
-    print("\n== interop summary")
-    for status, name, took, reason in result.rows:
-        first = reason.strip().splitlines()[0] if reason.strip() else ""
-        print(f"{status:5} {name}  ({took:.1f} s){'  -- ' + first if first else ''}")
+    print_rows(result.rows)
     # Errors outside a test (setUpModule, setUpClass) have no row of their own.
     for test, text in result.errors:
         if not hasattr(test, "_testMethodName"):
