@@ -57,8 +57,10 @@ class Tap:
 
         async def close():
             self._server.close()
-            for task in [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]:
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
                 task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
         fut = asyncio.run_coroutine_threadsafe(close(), self._loop)
         try:
@@ -96,7 +98,7 @@ class Tap:
                     pass
 
         await asyncio.gather(pipe(c_reader, r_writer, rec["up"]),
-                             pipe(r_reader, c_writer, rec["down"]))
+                             pipe(r_reader, c_writer, rec["down"]), return_exceptions=True)
 
     # --- what was seen ---
 
