@@ -20,9 +20,9 @@ import zlib
 
 
 class Tap:
-    def __init__(self, target_host, target_port):
+    def __init__(self, target_host, target_port, port=0):
         self.target = (target_host, target_port)
-        self.port = None
+        self.port = port  # 0: a free one, read back after start()
         self._conns = []  # per connection: {"up": bytearray, "down": bytearray}
         self._loop = None
         self._server = None
@@ -43,7 +43,7 @@ class Tap:
         asyncio.set_event_loop(self._loop)
 
         async def open_server():
-            self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+            self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
             self.port = self._server.sockets[0].getsockname()[1]
             self._ready.set()
 
