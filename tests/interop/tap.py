@@ -97,8 +97,13 @@ class Tap:
                 except Exception:
                     pass
 
-        await asyncio.gather(pipe(c_reader, r_writer, rec["up"]),
-                             pipe(r_reader, c_writer, rec["down"]), return_exceptions=True)
+        try:
+            await asyncio.gather(pipe(c_reader, r_writer, rec["up"]),
+                                 pipe(r_reader, c_writer, rec["down"]), return_exceptions=True)
+        except asyncio.CancelledError:
+            # stop(): end quietly (a handler task that ends cancelled is logged by
+            # asyncio's stream server as an error).
+            pass
 
     # --- what was seen ---
 
