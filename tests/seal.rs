@@ -402,3 +402,34 @@ async fn unsigned_answers_count_inside_a_seal_and_never_outside_one() {
         other => panic!("an unsigned answer outside a seal must not be taken: {other:?}"),
     }
 }
+
+#[tokio::test]
+async fn inside_a_seal_the_python_clients_nonceless_connect_may_repeat() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = TestNode::start(Host::new(Echo), dir.path()).await;
+    let me = Identity::generate();
+    // The Python client's CONNECT: no nonce, so two in one second are the same bytes.
+    let payload =
+        json!({"to": node.address.to_string(), "timestamp": unix_now(), "signed_commands": 1});
+    let sig = me.sign(&canonical_json(&payload));
+    let connect = json!({"type": "CONNECT", "payload": payload, "from": me.address().to_string(),
+        "signature": hex::encode(sig.to_bytes())})
+    .to_string();
+
+    let (mut ws, mut ch) = sealed_socket(&node.ws_url(), &me, node.address).await;
+    for _ in 0..2 {
+        ws.send(Message::text(ch.send.seal(&connect, None)))
+            .await
+            .unwrap();
+        let answer = open(&mut ch, &ws_recv(&mut ws).await.unwrap());
+        assert_eq!(answer["type"], "CONNECTED", "{answer}");
+    }
+    // In the clear the ledger still refuses it the second time: anyone could have
+    // captured it.
+    let mut clear = ws_connect(&node.ws_url()).await;
+    let frame: Value = serde_json::from_str(&connect).unwrap();
+    ws_send(&mut clear, &frame).await;
+    assert_eq!(ws_recv(&mut clear).await.unwrap()["type"], "CONNECTED");
+    ws_send(&mut clear, &frame).await;
+    assert_eq!(ws_recv(&mut clear).await.unwrap()["code"], "replayed");
+}

@@ -110,6 +110,14 @@ impl Remote {
             };
             let env = match next {
                 Incoming::Signed(env) => env,
+                // Unsigned and in the clear: the relay's word, or on a direct socket a host's
+                // that does not seal. Either can refuse, never answer.
+                Incoming::RelayError(e) if matches!(self.path, Path::Direct(_)) => {
+                    return Err(CallError::Refused {
+                        code: e.code,
+                        message: e.error,
+                    })
+                }
                 Incoming::RelayError(e) => return Err(relay_error(e, self.address)),
                 Incoming::Sealed(obj) => match self.unsigned_reply(&obj, &session_id, &chunks) {
                     Some(done) => return done,

@@ -94,7 +94,14 @@ impl Dispatcher {
     /// checked like an INPUT (sender, signature, freshness, `to`, trust), is single-use,
     /// and must sign a CONNECT: a payload of another `type` (an INPUT, say) is refused.
     /// When it also signs `session_id`, that must be the session asked for. An unsigned
-    /// one passes where trust allows, with the `session_secret` it presents.
+    /// one passes where trust allows, with the `session_secret` it presents (at the top
+    /// level, or in `session` where the Python client keeps it).
+    ///
+    /// Inside a seal (`sealed_by`, the address that signed the SEAL) a CONNECT signed by
+    /// the sealer is not checked against the replay ledger: nobody else can put a frame
+    /// into that channel, and its counter already refuses replays. The Python client's
+    /// CONNECT carries no nonce, so two in one second sign the same bytes; its host skips
+    /// the ledger inside a seal for the same reason.
     ///
     /// The Python client signs no session id, so through a relay (which could have put
     /// any id there) such a CONNECT may only open a new session or one opened through
@@ -104,6 +111,7 @@ impl Dispatcher {
         frame: &Object,
         session_id: &str,
         origin: &Origin,
+        sealed_by: Option<&Address>,
     ) -> Result<(Reader, ConnectStatus), Rejected> {
         let (caller, bound) = if frame.contains_key("payload") {
             let env = Envelope::from_nested(frame).map_err(Rejected::from)?;
@@ -126,7 +134,9 @@ impl Dispatcher {
                 }
                 let caller = self.authenticate(&env, now, true)?;
                 self.inner.trust.decide(&caller, None).await?;
-                self.use_once(&env, now).await?;
+                if sealed_by.is_none() || sealed_by != caller.verified().as_ref() {
+                    self.use_once(&env, now).await?;
+                }
                 Ok((caller, signed_session.is_some()))
             };
             checked.await.map_err(|r| Rejected::of(r, env.from, None))?
@@ -139,7 +149,10 @@ impl Dispatcher {
                 .map_err(Rejected::from)?;
             (caller, false)
         };
-        let secret = match frame.get("session_secret").and_then(Value::as_str) {
+        let secret = frame
+            .get("session_secret")
+            .or_else(|| frame.get("session").and_then(|s| s.get("session_secret")));
+        let secret = match secret.and_then(Value::as_str) {
             Some(s) => Some(SessionSecret::parse(s).map_err(Rejected::from)?),
             None => None,
         };

@@ -636,10 +636,14 @@ impl RelayedSessions {
             let msg = "too many relayed sessions at once; try again later".to_string();
             return self.send_rejected(Refusal::BadRequest(msg).into(), &session_id);
         }
+        let sealed_by = self
+            .sealed
+            .get(self.route(&session_id))
+            .map(|s| s.sealed_by);
         let began = std::time::Instant::now();
         let result = self
             .dispatcher
-            .connect(obj, &session_id, &self.origin)
+            .connect(obj, &session_id, &self.origin, sealed_by.as_ref())
             .await;
         let refused = result.as_ref().err().map(|r| r.refusal.code());
         self.dispatcher

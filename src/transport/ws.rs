@@ -376,7 +376,12 @@ impl Connection {
             ClientFrame::connect_session(&obj).unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
         let result = self
             .dispatcher()
-            .connect(&obj, &session_id, &Origin::Direct)
+            .connect(
+                &obj,
+                &session_id,
+                &Origin::Direct,
+                self.sealed.as_ref().map(|(_, by)| by),
+            )
             .await;
         let refused = result.as_ref().err().map(|r| r.refusal.code());
         self.dispatcher()
