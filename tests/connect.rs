@@ -74,6 +74,20 @@ async fn each_path_forced_and_auto_prefers_direct() {
         ask(&addr, p2p, "via p2p").await.unwrap(),
         ("p2p".into(), "via p2p".into())
     );
+    // POST /input: the node's answer is signed and checked like any other; a second turn
+    // on the same handle continues the session.
+    let http = base().endpoint(n.http_url().unwrap()).via(Via::Http);
+    let mut remote = oonode::connect(&addr, http).await.unwrap();
+    let one = remote.input("via http").await.unwrap();
+    let two = remote.input("again").await.unwrap();
+    assert_eq!(
+        (
+            remote.path(),
+            one.result.as_str(),
+            two.session_id == one.session_id
+        ),
+        ("http", "via http", true)
+    );
     let relayed = base().relay(r.url()).via(Via::Relay);
     assert_eq!(
         ask(&addr, relayed, "via relay").await.unwrap(),

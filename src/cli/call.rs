@@ -63,6 +63,10 @@ fn missing_path(args: &CallArgs) -> Option<&'static str> {
             "--via direct needs the agent's endpoint: give --endpoint http://host:port \
              (or --relay / --bootstrap to look it up)",
         ),
+        oonode::Via::Http if !(endpoint || relay || swarm) => Some(
+            "--via http needs the agent's endpoint: give --endpoint http://host:port \
+             (or --relay / --bootstrap to look it up)",
+        ),
         oonode::Via::Auto if !(endpoint || relay || swarm) => Some(
             "no way to reach the agent: give --endpoint http://host:port, \
              --bootstrap MULTIADDR or --relay ws://host:port",

@@ -18,9 +18,10 @@ enum Incoming {
     Signed(Envelope),
     /// An unsigned ERROR from the relay: it can report failure, never a result.
     RelayError(RelayError),
-    /// An unsigned frame from inside a seal: the agent's own (a Python host's OUTPUT,
-    /// ERROR and progress events are unsigned).
-    Sealed(Object),
+    /// An unsigned frame on a link only the agent can write on (inside a seal it signed,
+    /// or HTTP over TLS or loopback): the agent's own. A Python host's OUTPUT, ERROR and
+    /// progress events are unsigned.
+    Unsigned(Object),
     Other,
 }
 
@@ -119,7 +120,7 @@ impl Remote {
                     })
                 }
                 Incoming::RelayError(e) => return Err(relay_error(e, self.address)),
-                Incoming::Sealed(obj) => match self.unsigned_reply(&obj, &session_id, &chunks) {
+                Incoming::Unsigned(obj) => match self.unsigned_reply(&obj, &session_id, &chunks) {
                     Some(done) => return done,
                     None => continue,
                 },
@@ -155,7 +156,9 @@ impl Remote {
                         .get("chunks")
                         .and_then(Value::as_u64)
                         .unwrap_or(0);
-                    if sent != chunks.len() as u64 {
+                    // HTTP carries no stream: only the result, which is whole.
+                    let streamed = !matches!(self.path, Path::Http(_));
+                    if streamed && sent != chunks.len() as u64 {
                         return Err(CallError::Tampered(format!(
                             "the agent sent {sent} chunks but {} arrived",
                             chunks.len()
@@ -206,7 +209,13 @@ impl Remote {
     fn sign_input(&self, prompt: &str, session_id: &str) -> Envelope {
         let mut payload = Map::new();
         payload.insert("prompt".into(), json!(prompt));
-        payload.insert("session".into(), json!({ "session_id": session_id }));
+        // A first turn names its new session with an empty history: over HTTP a session
+        // id alone must be one the agent already has.
+        let session = match &self.session_id {
+            Some(_) => json!({ "session_id": session_id }),
+            None => json!({ "session_id": session_id, "messages": [] }),
+        };
+        payload.insert("session".into(), session);
         payload.insert("nonce".into(), json!(uuid::Uuid::new_v4().to_string()));
         if self.hops > 0 {
             payload.insert("hops".into(), json!(self.hops));
@@ -298,6 +307,52 @@ impl Remote {
                 link.send(input_frame(input, &self.address)).await?;
                 Ok(None)
             }
+            Path::Http(http) => {
+                // The session rides at the top level, where a Python host reads it (with
+                // the state it returned last, which it merges).
+                let mut body = input.to_nested_json();
+                let named = input.payload.get("session").cloned();
+                let state = self.session_state.clone().filter(|s| {
+                    s.get("session_id") == named.as_ref().and_then(|n| n.get("session_id"))
+                });
+                if let Some(session) = state.or(named) {
+                    body["session"] = session;
+                }
+                let res = http
+                    .client
+                    .post(http.url.clone())
+                    .json(&body)
+                    .send()
+                    .await
+                    .map_err(|e| {
+                        if e.is_timeout() {
+                            CallError::Timeout(self.reply_timeout)
+                        } else {
+                            CallError::Disconnected(e.to_string())
+                        }
+                    })?;
+                let ok = res.status().is_success();
+                let status = res.status().as_u16();
+                let mut answer = match res.json::<Value>().await {
+                    Ok(Value::Object(obj)) => obj,
+                    _ => {
+                        return Err(CallError::Disconnected(format!(
+                            "HTTP {status} without a JSON answer"
+                        )))
+                    }
+                };
+                // A Python host's answer names no type.
+                if !answer.contains_key("type") {
+                    let kind = if ok {
+                        FrameType::Output
+                    } else {
+                        FrameType::Error
+                    };
+                    answer.insert("type".into(), json!(kind.as_str()));
+                }
+                http.answer = Some(answer);
+                Ok(None)
+            }
             Path::P2p { swarm, .. } => {
                 let address = self.address;
                 let (mut stream, permit) = swarm
@@ -344,7 +399,7 @@ impl Remote {
                                 .await?;
                             return Ok(Incoming::Other);
                         }
-                        return Ok(Incoming::Sealed(obj));
+                        return Ok(Incoming::Unsigned(obj));
                     }
                     Some(frame) => frame.into_object(),
                 };
@@ -364,6 +419,23 @@ impl Remote {
                 Envelope::from_flat(&obj)
                     .map(Incoming::Signed)
                     .map_err(|e| CallError::Tampered(e.to_string()))
+            }
+            (Path::Http(http), None) => {
+                let Some(obj) = http.answer.take() else {
+                    return Err(CallError::Disconnected("no answer".into()));
+                };
+                if obj.contains_key("signature") {
+                    return Envelope::from_flat(&obj)
+                        .map(Incoming::Signed)
+                        .map_err(|e| CallError::Tampered(e.to_string()));
+                }
+                if !http.private {
+                    return Err(CallError::Tampered(
+                        "an unsigned answer over plain HTTP beyond loopback could come from anyone"
+                            .into(),
+                    ));
+                }
+                Ok(Incoming::Unsigned(obj))
             }
             (Path::P2p { .. }, None) => Err(CallError::Disconnected("no stream".into())),
         }

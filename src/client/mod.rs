@@ -103,6 +103,10 @@ pub enum Via {
     P2p,
     /// A relay the agent announced on.
     Relay,
+    /// The agent's own `POST /input` (signed), one request per turn: no stream. Its
+    /// answer must be signed, unless the link is TLS or loopback (a Python host's is
+    /// not signed).
+    Http,
 }
 
 impl Via {
@@ -112,6 +116,7 @@ impl Via {
             Via::Direct => "direct",
             Via::P2p => "p2p",
             Via::Relay => "relay",
+            Via::Http => "http",
         }
     }
 }
@@ -274,6 +279,7 @@ impl Remote {
         match &self.path {
             Path::Direct(link) | Path::Relay(link) => link.is_sealed(),
             Path::P2p { .. } => true,
+            Path::Http(http) => http.url.scheme() == "https",
         }
     }
 

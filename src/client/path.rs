@@ -28,6 +28,8 @@ fn remembered(
 pub(super) enum Path {
     /// The agent's own `/ws`.
     Direct(Box<WsLink>),
+    /// The agent's own `POST /input`: one request per turn, no stream.
+    Http(Box<HttpPath>),
     Relay(Box<WsLink>),
     /// A swarm given in the options, or one of the caller's own joined through the
     /// bootstrap peers (stopped with the handle).
@@ -96,6 +98,28 @@ pub(super) async fn open_path(
     identity: &Identity,
 ) -> Result<Path, CallError> {
     match via {
+        Via::Http => {
+            let (base, http) = find_endpoint(address, options).await?;
+            let mut url = base.clone();
+            url.set_path("/input");
+            // An unsigned answer (a Python host's) is only as good as the link it came by.
+            let private = base.scheme() == "https" || plaintext_allowed(&base, false);
+            let client = reqwest::Client::builder()
+                .timeout(
+                    options
+                        .reply_timeout
+                        .unwrap_or(super::DEFAULT_REPLY_TIMEOUT),
+                )
+                .build()
+                .map_err(|e| CallError::Swarm(e.to_string()))?;
+            drop(http);
+            Ok(Path::Http(Box::new(HttpPath {
+                url,
+                client,
+                private,
+                answer: None,
+            })))
+        }
         Via::Direct => {
             let socket = open_direct(address, options).await?;
             // A host that does not seal keeps the socket for a clear CONNECT (plaintext
@@ -154,9 +178,53 @@ fn seal_wait(options: &ConnectOptions) -> Duration {
         .map_or(SEAL_HANDSHAKE_TIMEOUT, |t| t.min(SEAL_HANDSHAKE_TIMEOUT))
 }
 
-/// A direct endpoint that proves to be the agent: its `/info` names the address called.
-/// Plaintext only on loopback, or on private networks when allowed.
+/// A turn over `POST /input`: the answer of the last request, read as the next frame.
+pub(super) struct HttpPath {
+    pub url: reqwest::Url,
+    pub client: reqwest::Client,
+    /// TLS, or loopback: nobody else on the path, so an unsigned answer is the agent's.
+    pub private: bool,
+    pub answer: Option<serde_json::Map<String, Value>>,
+}
+
+/// A direct endpoint that proves to be the agent (see [`find_endpoint`]), and its `/ws`.
 async fn open_direct(address: Address, options: &ConnectOptions) -> Result<Box<Socket>, CallError> {
+    let (base, _) = find_endpoint(address, options).await?;
+    let mut url = base.clone();
+    let scheme = if base.scheme() == "https" {
+        "wss"
+    } else {
+        "ws"
+    };
+    if url.set_scheme(scheme).is_err() {
+        return Err(CallError::NoEndpoint);
+    }
+    url.set_path("/ws");
+    let url = url.to_string();
+    match tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio_tungstenite::connect_async_with_config(url.as_str(), None, true),
+    )
+    .await
+    {
+        Ok(Ok((socket, _))) => Ok(Box::new(socket)),
+        Ok(Err(e)) => Err(CallError::Unreachable {
+            url,
+            reason: e.to_string(),
+        }),
+        Err(_) => Err(CallError::Unreachable {
+            url,
+            reason: "timed out".into(),
+        }),
+    }
+}
+
+/// A direct HTTP endpoint that proves to be the agent: its `/info` names the address
+/// called. Plaintext only on loopback, or on private networks when allowed.
+async fn find_endpoint(
+    address: Address,
+    options: &ConnectOptions,
+) -> Result<(reqwest::Url, reqwest::Client), CallError> {
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(3))
         .build()
@@ -181,11 +249,11 @@ async fn open_direct(address: Address, options: &ConnectOptions) -> Result<Box<S
         // Only the HTTP endpoints: their /info proves the address before /ws is used.
         let Some(base) = reqwest::Url::parse(endpoint)
             .ok()
-            .filter(|u| u.scheme() == "http")
+            .filter(|u| matches!(u.scheme(), "http" | "https"))
         else {
             continue;
         };
-        if !plaintext_allowed(&base, options.allow_private) {
+        if base.scheme() == "http" && !plaintext_allowed(&base, options.allow_private) {
             reasons.push(format!(
                 "{base}: plaintext outside loopback (allow_private is off)"
             ));
@@ -204,22 +272,7 @@ async fn open_direct(address: Address, options: &ConnectOptions) -> Result<Box<S
             reasons.push(format!("{base}: /info names another address"));
             continue;
         }
-        let mut url = base.clone();
-        if url.set_scheme("ws").is_err() {
-            continue;
-        }
-        url.set_path("/ws");
-        let url = url.to_string();
-        match tokio::time::timeout(
-            Duration::from_secs(5),
-            tokio_tungstenite::connect_async_with_config(url.as_str(), None, true),
-        )
-        .await
-        {
-            Ok(Ok((socket, _))) => return Ok(Box::new(socket)),
-            Ok(Err(e)) => reasons.push(format!("{url}: {e}")),
-            Err(_) => reasons.push(format!("{url}: timed out")),
-        }
+        return Ok((base, http));
     }
     if reasons.is_empty() {
         return Err(CallError::NoEndpoint);

@@ -50,6 +50,16 @@ class OonodeCallsPythonHost(unittest.TestCase):
         self.assertEqual(out["result"], heard("hello directly", 1))
         self.assertEqual(out["path"], "direct")
 
+    def test_call_by_signed_post_input(self):
+        # The package's host answers POST /input unsigned; on loopback that is the agent's.
+        out = call_answer(self, fx["py"], "hello over http", "--via", "http",
+                          "--endpoint", f"http://127.0.0.1:{fx['port']}")
+        self.assertEqual(out["result"], heard("hello over http", 1))
+        self.assertEqual(out["path"], "http")
+
+    def test_call_by_signed_post_input_multi_turn_with_session_file(self):
+        self._two_turns("--via", "http", "--endpoint", f"http://127.0.0.1:{fx['port']}")
+
     def _two_turns(self, *via):
         co = harness.fresh_dir("t3-session-caller")
         session = harness.fresh_dir("t3-session") / "session.json"
