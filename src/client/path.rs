@@ -10,8 +10,7 @@ use crate::identity::Address;
 use crate::proto::{ErrorCode, RelayUrl};
 use crate::transport::p2p::{P2p, P2pConfig, P2pError};
 
-pub(super) type Socket =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+pub(super) type Socket = crate::tls::WsStream;
 
 /// How long a path that worked is tried first for the same address.
 const REMEMBER_FOR: Duration = Duration::from_secs(300);
@@ -123,18 +122,31 @@ pub(super) fn p2p_error(e: P2pError, address: Address) -> CallError {
 }
 
 /// A direct endpoint that proves to be the agent: its `/info` names the address called.
-/// Plaintext only on loopback, or on private networks when allowed.
+/// Plaintext only on loopback, or on private networks when allowed; `https://` anywhere.
 async fn open_direct(address: Address, options: &ConnectOptions) -> Result<Path, CallError> {
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(3))
-        .build()
-        .map_err(|e| CallError::Swarm(e.to_string()))?;
+    let ca = options.relay_ca.as_deref();
+    let mut http = reqwest::Client::builder().timeout(Duration::from_secs(3));
+    for root in crate::tls::reqwest_roots(ca)? {
+        http = http.add_root_certificate(root);
+    }
+    let http = http.build().map_err(|e| CallError::Swarm(e.to_string()))?;
+    let tls = crate::tls::client_config(ca)?;
     let mut candidates = options.endpoints.clone();
+    let mut reasons = Vec::new();
     if let Some(relay) = &options.relay_url {
         let directory = relay.parse::<RelayUrl>()?.directory(address);
-        if let Ok(res) = http.get(&directory).send().await {
-            if let Ok(entry) = res.json::<Value>().await {
-                candidates.extend(strings(&entry["endpoints"]));
+        match http.get(&directory).send().await {
+            Ok(res) => {
+                if let Ok(entry) = res.json::<Value>().await {
+                    candidates.extend(strings(&entry["endpoints"]));
+                }
+            }
+            // A directory we cannot trust is worth saying; one that is down is not (the
+            // relay path says it better).
+            Err(e) => {
+                if let Some(reason) = crate::tls::failure(&e) {
+                    reasons.push(format!("{directory}: {reason}"));
+                }
             }
         }
     }
@@ -144,16 +156,16 @@ async fn open_direct(address: Address, options: &ConnectOptions) -> Result<Path,
             candidates.extend(strings(presence.get("endpoints").unwrap_or(&Value::Null)));
         }
     }
-    let mut reasons = Vec::new();
     for endpoint in &candidates {
         // Only the HTTP endpoints: their /info proves the address before /ws is used.
         let Some(base) = reqwest::Url::parse(endpoint)
             .ok()
-            .filter(|u| u.scheme() == "http")
+            .filter(|u| u.scheme() == "http" || u.scheme() == "https")
         else {
             continue;
         };
-        if !plaintext_allowed(&base, options.allow_private) {
+        let secure = base.scheme() == "https";
+        if !secure && !plaintext_allowed(&base, options.allow_private) {
             reasons.push(format!(
                 "{base}: plaintext outside loopback (allow_private is off)"
             ));
@@ -164,7 +176,8 @@ async fn open_direct(address: Address, options: &ConnectOptions) -> Result<Path,
         let info = match http.get(info_url).send().await {
             Ok(res) => res.json::<Value>().await.unwrap_or(Value::Null),
             Err(e) => {
-                reasons.push(format!("{base}: {e}"));
+                let reason = crate::tls::failure(&e).unwrap_or_else(|| e.to_string());
+                reasons.push(format!("{base}: {reason}"));
                 continue;
             }
         };
@@ -173,19 +186,22 @@ async fn open_direct(address: Address, options: &ConnectOptions) -> Result<Path,
             continue;
         }
         let mut url = base.clone();
-        if url.set_scheme("ws").is_err() {
+        if url.set_scheme(if secure { "wss" } else { "ws" }).is_err() {
             continue;
         }
         url.set_path("/ws");
         let url = url.to_string();
         match tokio::time::timeout(
             Duration::from_secs(5),
-            tokio_tungstenite::connect_async_with_config(url.as_str(), None, true),
+            crate::tls::dial(url.as_str(), None, tls.clone()),
         )
         .await
         {
-            Ok(Ok((socket, _))) => return Ok(Path::Direct(Box::new(socket))),
-            Ok(Err(e)) => reasons.push(format!("{url}: {e}")),
+            Ok(Ok(socket)) => return Ok(Path::Direct(Box::new(socket))),
+            Ok(Err(e)) => {
+                let reason = crate::tls::failure(&e).unwrap_or_else(|| e.to_string());
+                reasons.push(format!("{url}: {reason}"));
+            }
             Err(_) => reasons.push(format!("{url}: timed out")),
         }
     }
@@ -232,14 +248,10 @@ async fn open_relay(options: &ConnectOptions) -> Result<Socket, CallError> {
         url: url.clone(),
         reason,
     };
-    if relay.is_secure() {
-        return Err(unreachable(
-            "wss:// needs TLS, which this build does not include; use ws://".into(),
-        ));
-    }
-    let (socket, _) = tokio::time::timeout(
+    let tls = crate::tls::client_config(options.relay_ca.as_deref())?;
+    let socket = tokio::time::timeout(
         Duration::from_secs(10),
-        tokio_tungstenite::connect_async_with_config(url.as_str(), None, true),
+        crate::tls::dial(url.as_str(), None, tls),
     )
     .await
     .map_err(|_| unreachable("timed out".into()))?
@@ -266,7 +278,7 @@ async fn open_relay(options: &ConnectOptions) -> Result<Socket, CallError> {
                 .map_or_else(|| format!("HTTP {}", res.status()), str::to_owned);
             CallError::Relay { code, message }
         }
-        e => unreachable(e.to_string()),
+        e => unreachable(crate::tls::failure(&e).unwrap_or_else(|| e.to_string())),
     })?;
     Ok(socket)
 }
