@@ -14,7 +14,7 @@ pub(crate) struct RelayArgs {
     /// A URL agents reach this relay by, e.g. wss://relay.example (repeat for aliases).
     /// An ANNOUNCE must be signed for one of them. Default: the listen address
     /// (ws://127.0.0.1:PORT and ws://localhost:PORT for a loopback or 0.0.0.0 bind, and
-    /// ws://[::1]:PORT for 0.0.0.0); a public relay must set it.
+    /// ws://[::1]:PORT for 0.0.0.0; wss:// with --tls-cert); a public relay must set it.
     #[arg(long = "public-url", value_name = "URL")]
     public_urls: Vec<RelayUrl>,
     /// Largest frame accepted, in bytes.

@@ -46,7 +46,8 @@ pub struct RelayConfig {
     /// only when its signed `relay` names one of them, so that an announce a node sent to
     /// another relay cannot be replayed here. Empty: the bound address (loopback or
     /// unspecified binds: `ws://127.0.0.1:PORT`, `ws://localhost:PORT`, and
-    /// `ws://[::1]:PORT` for an unspecified one); a public relay must set them.
+    /// `ws://[::1]:PORT` for an unspecified one; `wss://` with TLS); a public relay must
+    /// set them.
     pub public_urls: Vec<RelayUrl>,
     /// Largest frame accepted from anyone.
     pub max_frame_bytes: usize,
