@@ -180,7 +180,14 @@ pub(crate) async fn dial(
 
 /// A failed TLS handshake somewhere in `err`'s chain, as one sentence for a person
 /// (`TLS: the certificate is not trusted (…)`); `None` when TLS is not what failed.
+/// Also the likely reason a `ws://` dial got an answer that is not HTTP: a TLS port.
 pub(crate) fn failure(err: &(dyn std::error::Error + 'static)) -> Option<String> {
+    use tungstenite::error::ProtocolError;
+    if let Some(tungstenite::Error::Protocol(ProtocolError::HttparseError(_))) =
+        err.downcast_ref::<tungstenite::Error>()
+    {
+        return Some("the answer is not HTTP (a TLS port? then use wss://)".to_owned());
+    }
     let mut next = Some(err);
     while let Some(e) = next {
         if let Some(tls) = e.downcast_ref::<rustls::Error>() {
@@ -231,6 +238,15 @@ fn sentence(e: &rustls::Error) -> String {
             CertificateError::BadSignature => "the certificate's signature is bad".into(),
             CertificateError::InvalidPurpose | CertificateError::InvalidPurposeContext { .. } => {
                 "the certificate is not one for a server".into()
+            }
+            // webpki's reason, which rustls passes on opaquely: a CA certificate (e.g.
+            // openssl's `req -x509` default) presented as the server's own.
+            CertificateError::Other(other)
+                if format!("{other:?}").contains("CaUsedAsEndEntity") =>
+            {
+                "the certificate is a CA's, not a server's (make it with basicConstraints \
+                 CA:FALSE, or sign a server certificate with it)"
+                    .into()
             }
             other => format!("the certificate is not acceptable ({other:?})"),
         },

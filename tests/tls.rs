@@ -207,6 +207,12 @@ async fn an_untrusted_certificate_or_one_for_another_name_is_one_clear_line() {
         &["TLS: the certificate is not trusted (unknown issuer)"],
     );
 
+    // Plain ws:// to the TLS port: a hint, not a parser's complaint.
+    let plain = url.replacen("wss://", "ws://", 1);
+    let options = ConnectOptions::default().relay(&plain).via(Via::Relay);
+    let e = call(&someone, options).await.unwrap_err();
+    assert_one_line(&e, &["a TLS port? then use wss://"]);
+
     // A node's link to the relay says the same in its status.
     let home = tempfile::tempdir().unwrap();
     let node = Host::new(Shout)
