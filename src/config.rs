@@ -1,10 +1,10 @@
 //! Configuration: code parameters > `.co/host.yaml` > defaults.
 //!
 //! The file takes exactly the seed's keys, plus `bind`, `max_queue`, the swarm's
-//! `p2p`, `listen`, `bootstrap`, `mdns`, TLS (`tls_cert`, `tls_key`, `relay_ca`), a program to host as the agent (`agent:`, see
-//! [`AgentSettings`]) and the HTTP agents' `forward:` and `llm:` blocks (all documented
-//! in the README); an unknown or ill-typed key stops start-up with the file and key
-//! named.
+//! `p2p`, `listen`, `bootstrap`, `mdns`, TLS (`tls_cert`, `tls_key`, `relay_ca`), a
+//! program to host as the agent (`agent:`, see [`AgentSettings`]) and the HTTP agents'
+//! `forward:` and `llm:` blocks (all documented in the README); an unknown or ill-typed
+//! key stops start-up with the file and key named.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -717,10 +717,19 @@ impl HostConfig {
             .map_err(|e| invalid("relay_ca", &e.to_string()))?;
         let (tls_cert, tls_key) = (s.tls_cert.map(in_co_dir), s.tls_key.map(in_co_dir));
         let http_tls = match (&tls_cert, &tls_key) {
-            (Some(cert), Some(key)) => Some(
-                crate::tls::server_config(cert, key)
-                    .map_err(|e| invalid("tls_cert", &e.to_string()))?,
-            ),
+            (Some(cert), Some(key)) => {
+                Some(crate::tls::server_config(cert, key).map_err(|e| {
+                    // Name the key whose file is at fault.
+                    let key_at_fault = match &e {
+                        crate::tls::TlsError::Read { path, .. }
+                        | crate::tls::TlsError::BadPem { path, .. } => path == key,
+                        crate::tls::TlsError::NoKey { .. } => true,
+                        _ => false,
+                    };
+                    let name = if key_at_fault { "tls_key" } else { "tls_cert" };
+                    invalid(name, &e.to_string())
+                })?)
+            }
             (None, None) => None,
             (Some(_), None) => return Err(invalid("tls_cert", "needs `tls_key` too")),
             (None, Some(_)) => return Err(invalid("tls_key", "needs `tls_cert` too")),
@@ -1091,6 +1100,43 @@ co_dir: null
             .unwrap_err()
             .to_string();
         assert!(err.contains("key `port`"), "{err}");
+    }
+
+    #[test]
+    fn tls_files_resolve_from_co_dir_come_in_pairs_and_name_their_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let rcgen::CertifiedKey { cert, key_pair } =
+            rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+        std::fs::write(dir.path().join("cert.pem"), cert.pem()).unwrap();
+        std::fs::write(dir.path().join("key.pem"), key_pair.serialize_pem()).unwrap();
+        let resolve = |yaml: &str| {
+            Settings::from_yaml(yaml, "host.yaml")
+                .and_then(|s| HostConfig::resolve(s, dir.path(), "host.yaml"))
+        };
+        let cfg = resolve("tls_cert: cert.pem\ntls_key: key.pem\nrelay_ca: cert.pem\n").unwrap();
+        assert_eq!(cfg.tls_cert, Some(dir.path().join("cert.pem")));
+        assert!(cfg.http_tls.is_some());
+        let e = resolve("tls_cert: cert.pem\n").unwrap_err().to_string();
+        assert!(e.contains("key `tls_cert`: needs `tls_key` too"), "{e}");
+        let e = resolve("tls_cert: cert.pem\ntls_key: cert.pem\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("key `tls_key`") && e.contains("no PEM private key"),
+            "{e}"
+        );
+        let e = resolve("relay_ca: nope.pem\n").unwrap_err().to_string();
+        assert!(
+            e.contains("key `relay_ca`: cannot read") && e.contains("nope.pem"),
+            "{e}"
+        );
+        // Code and file never mix halves of a pair: the code's half wins alone.
+        let code = Settings {
+            tls_key: Some("key.pem".into()),
+            ..Settings::default()
+        };
+        let file = Settings::from_yaml("tls_cert: cert.pem\ntls_key: key.pem\n", "f").unwrap();
+        assert_eq!(code.or(file).tls_cert, None);
     }
 
     #[test]

@@ -273,9 +273,7 @@ impl Node {
             tasks,
         })
     }
-}
 
-impl Node {
     /// The HTTP endpoints to tell others about: the bound address when it is a specific
     /// one (an unspecified bind has no single address to give), `https`/`wss` with TLS.
     fn http_endpoints(&self, http_addr: Option<SocketAddr>) -> Vec<String> {
