@@ -164,7 +164,49 @@ async fn a_node_on_a_wss_relay_is_called_through_it_and_found_by_its_https_direc
     relay.shutdown().await;
 }
 
-/// One line, with every part the user needs.
+#[tokio::test]
+async fn the_relays_per_ip_limits_hold_over_tls() {
+    let pki = pki();
+    let mut config = relay_config().tls(&pki.cert, &pki.key);
+    config.max_callers_per_ip = 1;
+    let relay = start_relay(config).await;
+    let someone = oonode::Identity::generate().address().to_string();
+    let options = || {
+        ConnectOptions::default()
+            .relay(relay.url())
+            .relay_ca(&pki.ca)
+            .via(Via::Relay)
+    };
+    // The relay sees each caller's own address behind TLS: a second socket from this IP
+    // is over the limit, and gets in once the first is gone.
+    let first = tokio::time::timeout(STEP, oonode::connect(&someone, options()))
+        .await
+        .unwrap()
+        .expect("a first caller socket over wss");
+    let refused = tokio::time::timeout(STEP, oonode::connect(&someone, options()))
+        .await
+        .unwrap()
+        .err()
+        .expect("a second one is refused");
+    assert!(
+        matches!(
+            refused,
+            CallError::Relay {
+                code: oonode::proto::ErrorCode::TooManyConnections,
+                ..
+            }
+        ),
+        "{refused:?}"
+    );
+    drop(first);
+    common::wait_until("the slot is free", STEP, || async {
+        oonode::connect(&someone, options()).await.is_ok()
+    })
+    .await;
+    relay.shutdown().await;
+}
+
+/// One line, with every part the user needs./// One line, with every part the user needs.
 fn assert_one_line(e: &CallError, parts: &[&str]) {
     let text = e.to_string();
     eprintln!("error: {text}");
