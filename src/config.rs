@@ -1,14 +1,15 @@
 //! Configuration: code parameters > `.co/host.yaml` > defaults.
 //!
 //! The file takes exactly the seed's keys, plus `bind`, `max_queue`, the swarm's
-//! `p2p`, `listen`, `bootstrap`, `mdns`, a program to host as the agent (`agent:`, see
-//! [`AgentSettings`]) and the HTTP agents' `forward:` and `llm:` blocks (all documented
-//! in the README); an unknown or ill-typed key stops start-up with the file and key
-//! named.
+//! `p2p`, `listen`, `bootstrap`, `mdns`, TLS (`tls_cert`, `tls_key`, `relay_ca`), a
+//! program to host as the agent (`agent:`, see [`AgentSettings`]) and the HTTP agents'
+//! `forward:` and `llm:` blocks (all documented in the README); an unknown or ill-typed
+//! key stops start-up with the file and key named.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use reqwest::Url;
@@ -76,6 +77,10 @@ pub const HOST_YAML_TEMPLATE: &str = r#"# .co/host.yaml: settings for `oonode ho
 # HTTP/WebSocket listener.
 # port: 8000
 # bind: 0.0.0.0
+# Serve it over TLS (https://, wss://): a PEM certificate chain and its private key
+# (paths relative to this directory). Both or neither.
+# tls_cert: null
+# tls_key: null
 
 # Agent runs at once, and requests that may wait for one before "busy" (503).
 # workers: 1
@@ -101,8 +106,12 @@ pub const HOST_YAML_TEMPLATE: &str = r#"# .co/host.yaml: settings for `oonode ho
 # max_body_budget_mb: 48
 
 # Relay to announce on so the agent is reachable without an open port
-# (ws://host:port; empty or null: off).
+# (ws://host:port or wss://host; empty or null: off).
 # relay_url: ""
+# A CA to trust (PEM, relative to this directory) besides the public ones, for a wss://
+# relay whose certificate is private or self-signed; also used when this node's agent
+# calls other agents.
+# relay_ca: null
 
 # Accepted for compatibility; a compiled agent does not reload.
 # reload: false
@@ -213,6 +222,12 @@ pub struct Settings {
     /// `Some(None)`: explicitly off (empty or null in the file).
     #[serde(default, deserialize_with = "relay_url")]
     pub relay_url: Option<Option<String>>,
+    /// A CA (PEM) to trust for `wss://` relays besides the public roots.
+    pub relay_ca: Option<PathBuf>,
+    /// Serve HTTP over TLS with this PEM certificate chain (with `tls_key`).
+    pub tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of `tls_cert`.
+    pub tls_key: Option<PathBuf>,
     pub reload: Option<bool>,
     pub co_dir: Option<PathBuf>,
     pub summary: Option<String>,
@@ -561,6 +576,12 @@ impl Settings {
 
     /// Fills every unset field of `self` from `lower`.
     pub fn or(self, lower: Settings) -> Settings {
+        // A pair, never half from the code and half from the file.
+        let (tls_cert, tls_key) = if self.tls_cert.is_some() || self.tls_key.is_some() {
+            (self.tls_cert, self.tls_key)
+        } else {
+            (lower.tls_cert, lower.tls_key)
+        };
         Settings {
             name: self.name.or(lower.name),
             trust: self.trust.or(lower.trust),
@@ -581,6 +602,9 @@ impl Settings {
             max_history_bytes: self.max_history_bytes.or(lower.max_history_bytes),
             max_body_budget_mb: self.max_body_budget_mb.or(lower.max_body_budget_mb),
             relay_url: self.relay_url.or(lower.relay_url),
+            relay_ca: self.relay_ca.or(lower.relay_ca),
+            tls_cert,
+            tls_key,
             reload: self.reload.or(lower.reload),
             co_dir: self.co_dir.or(lower.co_dir),
             summary: self.summary.or(lower.summary),
@@ -635,6 +659,16 @@ pub struct HostConfig {
     /// MB of request bodies read at once.
     pub max_body_budget_mb: usize,
     pub relay_url: Option<RelayUrl>,
+    /// A CA file trusted besides the public roots for `wss://` relays (and the agent's
+    /// own calls to other agents).
+    pub relay_ca: Option<PathBuf>,
+    /// The HTTP listener's certificate chain and key, when it serves TLS.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// What the relay link trusts (public roots, plus `relay_ca`).
+    pub(crate) relay_tls: Arc<rustls::ClientConfig>,
+    /// The HTTP listener's TLS, loaded from `tls_cert` and `tls_key`.
+    pub(crate) http_tls: Option<Arc<rustls::ServerConfig>>,
     pub reload: bool,
     pub co_dir: PathBuf,
     pub summary: Option<String>,
@@ -675,6 +709,30 @@ impl HostConfig {
                     .map_err(|e| invalid("relay_url", &e.to_string()))?,
             ),
             None => None,
+        };
+        // Files are read now, so that a missing or bad one stops start-up naming its key.
+        let in_co_dir = |p: PathBuf| if p.is_relative() { co_dir.join(p) } else { p };
+        let relay_ca = s.relay_ca.map(in_co_dir);
+        let relay_tls = crate::tls::client_config(relay_ca.as_deref())
+            .map_err(|e| invalid("relay_ca", &e.to_string()))?;
+        let (tls_cert, tls_key) = (s.tls_cert.map(in_co_dir), s.tls_key.map(in_co_dir));
+        let http_tls = match (&tls_cert, &tls_key) {
+            (Some(cert), Some(key)) => {
+                Some(crate::tls::server_config(cert, key).map_err(|e| {
+                    // Name the key whose file is at fault.
+                    let key_at_fault = match &e {
+                        crate::tls::TlsError::Read { path, .. }
+                        | crate::tls::TlsError::BadPem { path, .. } => path == key,
+                        crate::tls::TlsError::NoKey { .. } => true,
+                        _ => false,
+                    };
+                    let name = if key_at_fault { "tls_key" } else { "tls_cert" };
+                    invalid(name, &e.to_string())
+                })?)
+            }
+            (None, None) => None,
+            (Some(_), None) => return Err(invalid("tls_cert", "needs `tls_key` too")),
+            (None, Some(_)) => return Err(invalid("tls_key", "needs `tls_cert` too")),
         };
         let result_ttl = s.result_ttl.unwrap_or(DEFAULT_RESULT_TTL);
         if result_ttl == 0 {
@@ -814,6 +872,11 @@ impl HostConfig {
                 DEFAULT_MAX_BODY_BUDGET_MB,
             )?,
             relay_url,
+            relay_ca,
+            tls_cert,
+            tls_key,
+            relay_tls,
+            http_tls,
             reload: s.reload.unwrap_or(false),
             co_dir: data_dir,
             summary: s.summary,
@@ -1037,6 +1100,43 @@ co_dir: null
             .unwrap_err()
             .to_string();
         assert!(err.contains("key `port`"), "{err}");
+    }
+
+    #[test]
+    fn tls_files_resolve_from_co_dir_come_in_pairs_and_name_their_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let rcgen::CertifiedKey { cert, key_pair } =
+            rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+        std::fs::write(dir.path().join("cert.pem"), cert.pem()).unwrap();
+        std::fs::write(dir.path().join("key.pem"), key_pair.serialize_pem()).unwrap();
+        let resolve = |yaml: &str| {
+            Settings::from_yaml(yaml, "host.yaml")
+                .and_then(|s| HostConfig::resolve(s, dir.path(), "host.yaml"))
+        };
+        let cfg = resolve("tls_cert: cert.pem\ntls_key: key.pem\nrelay_ca: cert.pem\n").unwrap();
+        assert_eq!(cfg.tls_cert, Some(dir.path().join("cert.pem")));
+        assert!(cfg.http_tls.is_some());
+        let e = resolve("tls_cert: cert.pem\n").unwrap_err().to_string();
+        assert!(e.contains("key `tls_cert`: needs `tls_key` too"), "{e}");
+        let e = resolve("tls_cert: cert.pem\ntls_key: cert.pem\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("key `tls_key`") && e.contains("no PEM private key"),
+            "{e}"
+        );
+        let e = resolve("relay_ca: nope.pem\n").unwrap_err().to_string();
+        assert!(
+            e.contains("key `relay_ca`: cannot read") && e.contains("nope.pem"),
+            "{e}"
+        );
+        // Code and file never mix halves of a pair: the code's half wins alone.
+        let code = Settings {
+            tls_key: Some("key.pem".into()),
+            ..Settings::default()
+        };
+        let file = Settings::from_yaml("tls_cert: cert.pem\ntls_key: key.pem\n", "f").unwrap();
+        assert_eq!(code.or(file).tls_cert, None);
     }
 
     #[test]

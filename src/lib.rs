@@ -81,6 +81,7 @@
 //! | `proto/` | the wire (no I/O): typed frames per link (`frame.rs`), [`proto::ErrorCode`] (`error.rs`), ANNOUNCE (`announce.rs`), [`proto::RelayUrl`] and the relay's routes (`relay_url.rs`), signed HTTP reads (`signed_request.rs`) |
 //! | `metrics.rs` | what a node and a relay count for `/metrics` (prometheus-client, one registry per instance; libp2p's own metrics and the store's flushes join the node's), the request's `Transport`, route and outcome labels |
 //! | `net.rs` | socket helpers shared by the node and the relay server: TCP_NODELAY, a listener capped per client IP, WebSocket read errors, SIGINT/SIGTERM |
+//! | `tls.rs` | rustls for both sides: what a client trusts (public roots plus an optional CA file), what a server presents (PEM chain and key), dialing `wss://`, a failed handshake as one sentence, a listener that handshakes with a timeout |
 //! | `agent/` | the [`Agent`] trait (with its own summary and examples), [`AgentFactory`] (a fresh agent per request), [`Turn`] and the `Peers` link through which a turn calls other agents (implemented by `node/`) in `mod.rs`; built-ins `echo`, `translator`, `ticker` in `builtin.rs`; `exec.rs`: a program in any language as the agent, a pool of child processes speaking JSON Lines ([`agent::ExecAgent`], docs/agent-protocol.md); an agent behind an HTTP endpoint (`forward.rs`, `--forward`) and a model behind an OpenAI-compatible API (`llm.rs`, `--agent llm`), sharing SSE decoding, backoff and errors (`upstream.rs`) |
 //! | `store/` | sled (`mod.rs`: sessions, seen ids, kept replies, trust state; one store thread, group commit), the index of session metadata that listings, start-up and the sweeper read instead of the records, and listing cursors (`index.rs`), attached files (`uploads.rs`) |
 //! | `trust/` | trust levels, address lists (`lists.rs`), policies (`policy.rs`), the decision, onboarding and admin actions (`engine.rs`), wrong invite codes (`invites.rs`) |
@@ -111,6 +112,7 @@ mod node;
 pub mod proto;
 mod relay_server;
 mod store;
+mod tls;
 mod transport;
 pub mod trust;
 
@@ -137,6 +139,7 @@ pub use store::{
     BadCursor, PageCursor, SessionMeta, SessionPage, SessionRecord, SessionStatus, Upload,
     UploadError,
 };
+pub use tls::TlsError;
 pub use transport::p2p::{P2p, P2pConfig, P2pError, PeerPresence, SwarmStatus};
 pub use transport::relay_link::{LinkState, RelayStatus};
 pub use trust::{Policy, TrustAgent, TrustLevel, TrustQuestion};

@@ -195,6 +195,42 @@ impl AsyncWrite for CappedStream {
     }
 }
 
-/// The client's address as the node's listener saw it (its connection info).
+/// The client's address as the listener saw it (its connection info), whichever
+/// listener it was: plain TCP, capped, or TLS.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct PeerAddr(pub SocketAddr);
+
+/// `PeerAddr` as the connection info of the listeners that `axum::serve` runs.
+macro_rules! peer_addr_of {
+    ($listener:ty) => {
+        impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, $listener>>
+            for PeerAddr
+        {
+            fn connect_info(stream: axum::serve::IncomingStream<'_, $listener>) -> Self {
+                PeerAddr(*stream.remote_addr())
+            }
+        }
+    };
+}
+
+peer_addr_of!(NoDelayListener);
+peer_addr_of!(crate::tls::TlsListener);
+
+/// A plain TCP listener that sets TCP_NODELAY on what it accepts (as `tap_io` would, but
+/// with a name, so that it can have [`PeerAddr`] as its connection info).
+pub(crate) struct NoDelayListener(pub TcpListener);
+
+impl axum::serve::Listener for NoDelayListener {
+    type Io = TcpStream;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        let (mut stream, addr) = axum::serve::Listener::accept(&mut self.0).await;
+        no_delay(&mut stream);
+        (stream, addr)
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.0.local_addr()
+    }
+}

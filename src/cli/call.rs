@@ -19,10 +19,16 @@ pub(crate) struct CallArgs {
     /// agent's direct endpoints.
     #[arg(long, value_name = "URL", env = "OONODE_RELAY", value_parser = super::relay_url)]
     relay: Option<String>,
+    /// Trust this CA (a PEM file) besides the public roots, for a wss:// relay, its
+    /// https:// directory and the agent's https:// endpoints: a private or self-signed
+    /// certificate's.
+    #[arg(long, value_name = "FILE", env = "OONODE_RELAY_CA", value_parser = super::pem_file)]
+    relay_ca: Option<PathBuf>,
     /// Swarm peer to join through (repeatable): a multiaddr ending in /p2p/<PeerId>.
     #[arg(long = "bootstrap", value_name = "MULTIADDR", value_parser = super::peer_multiaddr)]
     bootstrap: Vec<libp2p::Multiaddr>,
-    /// The agent's own HTTP endpoint, if known (repeatable): http://host:port.
+    /// The agent's own HTTP endpoint, if known (repeatable): http://host:port or
+    /// https://host:port.
     #[arg(long = "endpoint", value_name = "URL")]
     endpoints: Vec<String>,
     /// Use plaintext endpoints on private networks too (not only on loopback).
@@ -101,6 +107,9 @@ pub(crate) async fn call(args: CallArgs) -> ExitCode {
         .via(args.via);
     if let Some(relay) = args.relay {
         options = options.relay(relay);
+    }
+    if let Some(ca) = args.relay_ca {
+        options = options.relay_ca(ca);
     }
     for url in args.endpoints {
         options = options.endpoint(url);

@@ -79,6 +79,17 @@ pub(crate) struct HostArgs {
     /// Do not announce on any relay.
     #[arg(long)]
     no_relay: bool,
+    /// Trust this CA (a PEM file) for a wss:// relay, besides the public roots: for a
+    /// relay whose certificate is private or self-signed. Overrides host.yaml's relay_ca.
+    #[arg(long, value_name = "FILE", value_parser = super::pem_file)]
+    relay_ca: Option<PathBuf>,
+    /// Serve HTTP and /ws over TLS (https://, wss://) with this PEM certificate chain;
+    /// needs --tls-key. Overrides host.yaml's tls_cert and tls_key.
+    #[arg(long, value_name = "FILE", requires = "tls_key", conflicts_with = "no_http", value_parser = super::pem_file)]
+    tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert.
+    #[arg(long, value_name = "FILE", requires = "tls_cert", value_parser = super::pem_file)]
+    tls_key: Option<PathBuf>,
     /// Open no HTTP/WebSocket port at all (reachable through the relay or the swarm).
     #[arg(long)]
     no_http: bool,
@@ -143,6 +154,12 @@ pub(crate) async fn host(args: HostArgs) -> anyhow::Result<()> {
     }
     if let Some(url) = args.relay {
         host = host.relay_url(Some(url));
+    }
+    if let Some(ca) = args.relay_ca {
+        host = host.relay_ca(ca);
+    }
+    if let (Some(cert), Some(key)) = (args.tls_cert, args.tls_key) {
+        host = host.tls(cert, key);
     }
     if args.no_http {
         host = host.http(false);

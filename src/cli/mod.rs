@@ -183,6 +183,15 @@ pub(crate) fn http_url(s: &str) -> Result<String, String> {
     }
 }
 
+/// `--relay-ca`, `--tls-cert`, `--tls-key`: a file that can be read, made absolute (the
+/// node would otherwise take a relative path from its co_dir, as host.yaml's are).
+pub(crate) fn pem_file(s: &str) -> Result<std::path::PathBuf, String> {
+    let path = std::path::absolute(s).map_err(|e| format!("{s}: {e}"))?;
+    std::fs::File::open(&path)
+        .map(|_| path.clone())
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))
+}
+
 /// A count or a number of seconds that must be at least 1 (`--workers`, `--result-ttl`).
 pub(crate) fn at_least_one<T: std::str::FromStr + PartialOrd + From<u8>>(
     s: &str,

@@ -14,7 +14,7 @@ pub(crate) struct RelayArgs {
     /// A URL agents reach this relay by, e.g. wss://relay.example (repeat for aliases).
     /// An ANNOUNCE must be signed for one of them. Default: the listen address
     /// (ws://127.0.0.1:PORT and ws://localhost:PORT for a loopback or 0.0.0.0 bind, and
-    /// ws://[::1]:PORT for 0.0.0.0); a public relay must set it.
+    /// ws://[::1]:PORT for 0.0.0.0; wss:// with --tls-cert); a public relay must set it.
     #[arg(long = "public-url", value_name = "URL")]
     public_urls: Vec<RelayUrl>,
     /// Largest frame accepted, in bytes.
@@ -56,10 +56,17 @@ pub(crate) struct RelayArgs {
     /// Sessions callers from one IP address hold with one agent.
     #[arg(long, default_value_t = RelayConfig::default().max_ip_sessions_per_agent)]
     max_ip_sessions_per_agent: usize,
-    /// Count clients by the last X-Forwarded-For entry (only behind a reverse proxy that
-    /// sets it; otherwise clients could claim any address).
+    /// Count clients by the last X-Forwarded-For entry, for the per-IP limits: only behind
+    /// a reverse proxy that sets it (otherwise clients could claim any address).
     #[arg(long)]
     trust_forwarded_for: bool,
+    /// Serve TLS (wss:// and https://) with this PEM certificate chain (its own
+    /// certificate first); needs --tls-key. Agents and callers then use wss://HOST:PORT.
+    #[arg(long, value_name = "FILE", requires = "tls_key", value_parser = super::pem_file)]
+    tls_cert: Option<std::path::PathBuf>,
+    /// The PEM private key of --tls-cert (PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, value_name = "FILE", requires = "tls_cert", value_parser = super::pem_file)]
+    tls_key: Option<std::path::PathBuf>,
     /// Print one JSON line to stdout when listening ({"event":"ready","url","announce",
     /// "input","http"}) instead of the human-readable lines.
     #[arg(long)]
@@ -87,6 +94,9 @@ pub(crate) async fn relay(args: RelayArgs) -> anyhow::Result<()> {
     config.max_ip_sessions_per_agent = args.max_ip_sessions_per_agent;
     config.trust_forwarded_for = args.trust_forwarded_for;
     config.public_urls = args.public_urls;
+    if let (Some(cert), Some(key)) = (args.tls_cert, args.tls_key) {
+        config = config.tls(cert, key);
+    }
     let handle = oonode::Relay::spawn(config).await.map_err(|e| match e {
         oonode::RelayError::Bind { addr, source } => super::Exit::usage(format!(
             "cannot listen on {addr}: {}; choose another with --listen HOST:PORT \
@@ -97,6 +107,7 @@ pub(crate) async fn relay(args: RelayArgs) -> anyhow::Result<()> {
                 source.to_string()
             }
         )),
+        e => super::Exit::usage(e.to_string()),
     })?;
     if args.ready_json {
         println!("{}", handle.ready().to_line());

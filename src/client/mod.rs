@@ -43,6 +43,9 @@ pub enum CallError {
     NoPath,
     #[error("invalid relay URL: {0}")]
     BadRelayUrl(#[from] RelayUrlError),
+    /// The CA file of [`ConnectOptions::relay_ca`] cannot be used.
+    #[error("relay CA: {0}")]
+    Ca(#[from] crate::tls::TlsError),
     #[error("no direct endpoint of the agent is known")]
     NoEndpoint,
     #[error("cannot join the swarm: {0}")]
@@ -76,6 +79,7 @@ impl CallError {
             CallError::BadAddress(_)
             | CallError::NoPath
             | CallError::BadRelayUrl(_)
+            | CallError::Ca(_)
             | CallError::Swarm(_) => 2,
             CallError::Offline(_)
             | CallError::Unknown(_)
@@ -126,6 +130,10 @@ impl Via {
 #[non_exhaustive]
 pub struct ConnectOptions {
     pub relay_url: Option<String>,
+    /// A CA to trust, besides the public ones, for `wss://` relays, their `https://`
+    /// directory and agents' `https://` endpoints: a PEM file of one or more
+    /// certificates (a private CA, or a self-signed server's own certificate).
+    pub relay_ca: Option<std::path::PathBuf>,
     /// Swarm peers to join through (multiaddrs ending in `/p2p/<PeerId>`).
     pub bootstrap: Vec<libp2p::Multiaddr>,
     /// A swarm already running (a node's own, from `NodeHandle::p2p`): calls go through
@@ -147,6 +155,12 @@ pub struct ConnectOptions {
 impl ConnectOptions {
     pub fn relay(mut self, url: impl Into<String>) -> Self {
         self.relay_url = Some(url.into());
+        self
+    }
+
+    /// Trusts the CA certificates in this PEM file too (see [`ConnectOptions::relay_ca`]).
+    pub fn relay_ca(mut self, pem_file: impl Into<std::path::PathBuf>) -> Self {
+        self.relay_ca = Some(pem_file.into());
         self
     }
 
@@ -221,6 +235,10 @@ pub struct Remote {
 /// or, in auto mode, the best one that works.
 pub async fn connect(address: &str, options: ConnectOptions) -> Result<Remote, CallError> {
     let address: Address = address.parse()?;
+    // A CA file that cannot be used is the caller's mistake, said once, before any path.
+    if let Some(ca) = &options.relay_ca {
+        crate::tls::client_config(Some(ca))?;
+    }
     let mut order = match options.via {
         Via::Auto => auto_order(address, &options),
         via => vec![via],

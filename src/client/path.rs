@@ -104,15 +104,18 @@ pub(super) async fn open_path(
             url.set_path("/input");
             // An unsigned answer (a Python host's) is only as good as the link it came by.
             let private = base.scheme() == "https" || plaintext_allowed(&base, false);
-            let client = reqwest::Client::builder()
-                .timeout(
-                    options
-                        .reply_timeout
-                        .unwrap_or(super::DEFAULT_REPLY_TIMEOUT),
-                )
+            drop(http);
+            let mut client = reqwest::Client::builder().timeout(
+                options
+                    .reply_timeout
+                    .unwrap_or(super::DEFAULT_REPLY_TIMEOUT),
+            );
+            for root in crate::tls::reqwest_roots(options.relay_ca.as_deref())? {
+                client = client.add_root_certificate(root);
+            }
+            let client = client
                 .build()
                 .map_err(|e| CallError::Swarm(e.to_string()))?;
-            drop(http);
             Ok(Path::Http(Box::new(HttpPath {
                 url,
                 client,
@@ -190,6 +193,7 @@ pub(super) struct HttpPath {
 /// A direct endpoint that proves to be the agent (see [`find_endpoint`]), and its `/ws`.
 async fn open_direct(address: Address, options: &ConnectOptions) -> Result<Box<Socket>, CallError> {
     let (base, _) = find_endpoint(address, options).await?;
+    let tls = crate::tls::client_config(options.relay_ca.as_deref())?;
     let mut url = base.clone();
     let scheme = if base.scheme() == "https" {
         "wss"
@@ -201,40 +205,53 @@ async fn open_direct(address: Address, options: &ConnectOptions) -> Result<Box<S
     }
     url.set_path("/ws");
     let url = url.to_string();
+    let unreachable = |reason: String| CallError::Unreachable {
+        url: url.clone(),
+        reason,
+    };
     match tokio::time::timeout(
         Duration::from_secs(5),
-        tokio_tungstenite::connect_async_with_config(url.as_str(), None, true),
+        crate::tls::dial(url.as_str(), None, tls),
     )
     .await
     {
-        Ok(Ok((socket, _))) => Ok(Box::new(socket)),
-        Ok(Err(e)) => Err(CallError::Unreachable {
-            url,
-            reason: e.to_string(),
-        }),
-        Err(_) => Err(CallError::Unreachable {
-            url,
-            reason: "timed out".into(),
-        }),
+        Ok(Ok(socket)) => Ok(Box::new(socket)),
+        Ok(Err(e)) => Err(unreachable(
+            crate::tls::failure(&e).unwrap_or_else(|| e.to_string()),
+        )),
+        Err(_) => Err(unreachable("timed out".into())),
     }
 }
 
 /// A direct HTTP endpoint that proves to be the agent: its `/info` names the address
-/// called. Plaintext only on loopback, or on private networks when allowed.
+/// called. Plaintext only on loopback, or on private networks when allowed; `https://`
+/// anywhere.
 async fn find_endpoint(
     address: Address,
     options: &ConnectOptions,
 ) -> Result<(reqwest::Url, reqwest::Client), CallError> {
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(3))
-        .build()
-        .map_err(|e| CallError::Swarm(e.to_string()))?;
+    let ca = options.relay_ca.as_deref();
+    let mut http = reqwest::Client::builder().timeout(Duration::from_secs(3));
+    for root in crate::tls::reqwest_roots(ca)? {
+        http = http.add_root_certificate(root);
+    }
+    let http = http.build().map_err(|e| CallError::Swarm(e.to_string()))?;
     let mut candidates = options.endpoints.clone();
+    let mut reasons = Vec::new();
     if let Some(relay) = &options.relay_url {
         let directory = relay.parse::<RelayUrl>()?.directory(address);
-        if let Ok(res) = http.get(&directory).send().await {
-            if let Ok(entry) = res.json::<Value>().await {
-                candidates.extend(strings(&entry["endpoints"]));
+        match http.get(&directory).send().await {
+            Ok(res) => {
+                if let Ok(entry) = res.json::<Value>().await {
+                    candidates.extend(strings(&entry["endpoints"]));
+                }
+            }
+            // A directory we cannot trust is worth saying; one that is down is not (the
+            // relay path says it better).
+            Err(e) => {
+                if let Some(reason) = crate::tls::failure(&e) {
+                    reasons.push(format!("{directory}: {reason}"));
+                }
             }
         }
     }
@@ -244,7 +261,6 @@ async fn find_endpoint(
             candidates.extend(strings(presence.get("endpoints").unwrap_or(&Value::Null)));
         }
     }
-    let mut reasons = Vec::new();
     for endpoint in &candidates {
         // Only the HTTP endpoints: their /info proves the address before /ws is used.
         let Some(base) = reqwest::Url::parse(endpoint)
@@ -264,7 +280,8 @@ async fn find_endpoint(
         let info = match http.get(info_url).send().await {
             Ok(res) => res.json::<Value>().await.unwrap_or(Value::Null),
             Err(e) => {
-                reasons.push(format!("{base}: {e}"));
+                let reason = crate::tls::failure(&e).unwrap_or_else(|| e.to_string());
+                reasons.push(format!("{base}: {reason}"));
                 continue;
             }
         };
@@ -317,14 +334,10 @@ async fn open_relay(options: &ConnectOptions) -> Result<Box<Socket>, CallError> 
         url: url.clone(),
         reason,
     };
-    if relay.is_secure() {
-        return Err(unreachable(
-            "wss:// needs TLS, which this build does not include; use ws://".into(),
-        ));
-    }
-    let (socket, _) = tokio::time::timeout(
+    let tls = crate::tls::client_config(options.relay_ca.as_deref())?;
+    let socket = tokio::time::timeout(
         Duration::from_secs(10),
-        tokio_tungstenite::connect_async_with_config(url.as_str(), None, true),
+        crate::tls::dial(url.as_str(), None, tls),
     )
     .await
     .map_err(|_| unreachable("timed out".into()))?
@@ -351,7 +364,7 @@ async fn open_relay(options: &ConnectOptions) -> Result<Box<Socket>, CallError> 
                 .map_or_else(|| format!("HTTP {}", res.status()), str::to_owned);
             CallError::Relay { code, message }
         }
-        e => unreachable(e.to_string()),
+        e => unreachable(crate::tls::failure(&e).unwrap_or_else(|| e.to_string())),
     })?;
     Ok(Box::new(socket))
 }

@@ -67,14 +67,20 @@ impl NodeHandle {
         self.http_addr
     }
 
-    /// A URL for reaching the HTTP listener from this machine.
+    /// A URL for reaching the HTTP listener from this machine (`https://` with TLS).
     pub fn http_url(&self) -> Option<String> {
-        Some(format!("http://{}", self.host_port()?))
+        let scheme = if self.tls() { "https" } else { "http" };
+        Some(format!("{scheme}://{}", self.host_port()?))
     }
 
-    /// The node's WebSocket, `/ws`, from this machine.
+    /// The node's WebSocket, `/ws`, from this machine (`wss://` with TLS).
     pub fn ws_url(&self) -> Option<String> {
-        Some(format!("ws://{}/ws", self.host_port()?))
+        let scheme = if self.tls() { "wss" } else { "ws" };
+        Some(format!("{scheme}://{}/ws", self.host_port()?))
+    }
+
+    fn tls(&self) -> bool {
+        self.node.config.http_tls.is_some()
     }
 
     /// `host:port` of the HTTP listener as reached from this machine.

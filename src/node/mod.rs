@@ -193,6 +193,23 @@ impl Host {
         self
     }
 
+    /// Trusts the CA certificates in this PEM file, besides the public roots, for a
+    /// `wss://` relay (and the agent's calls to other agents). A relative path is taken
+    /// from the co_dir, as host.yaml's `relay_ca`.
+    pub fn relay_ca(mut self, pem_file: impl Into<PathBuf>) -> Self {
+        self.code.relay_ca = Some(pem_file.into());
+        self
+    }
+
+    /// Serves HTTP and `/ws` over TLS with the PEM certificate chain `cert` and its
+    /// private key `key` (relative paths from the co_dir, as host.yaml's). The endpoints
+    /// the node announces become `https://` and `wss://`.
+    pub fn tls(mut self, cert: impl Into<PathBuf>, key: impl Into<PathBuf>) -> Self {
+        self.code.tls_cert = Some(cert.into());
+        self.code.tls_key = Some(key.into());
+        self
+    }
+
     pub fn reload(mut self, on: bool) -> Self {
         self.code.reload = Some(on);
         self

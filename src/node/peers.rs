@@ -81,6 +81,7 @@ fn failure(e: CallError) -> PeerFailure {
         CallError::BadAddress(_) | CallError::BadRelayUrl(_) => ErrorCode::BadRequest,
         CallError::Unknown(_) => ErrorCode::UnknownAgent,
         CallError::NoPath
+        | CallError::Ca(_)
         | CallError::NoEndpoint
         | CallError::Swarm(_)
         | CallError::Unreachable { .. }

@@ -166,6 +166,7 @@ impl Node {
     fn give_agents_peers(&self, swarm: Option<P2p>) {
         let mut options = ConnectOptions::default().identity(self.identity.clone());
         options.relay_url = self.config.relay_url.as_ref().map(ToString::to_string);
+        options.relay_ca = self.config.relay_ca.clone();
         options.swarm = swarm;
         self.dispatcher
             .set_peers(PeerLink(Arc::new(NodePeers::new(options))));
@@ -217,7 +218,7 @@ impl Node {
                     self.identity.clone(),
                     self.info.summary.clone(),
                     self.info.examples.clone(),
-                    http_endpoints(http_addr),
+                    self.http_endpoints(http_addr),
                     shutdown.child_token(),
                 ));
                 Some(p2p)
@@ -235,20 +236,29 @@ impl Node {
         let relay = self.config.relay_url.clone().map(|url| {
             let info = relay_link::AnnounceInfo {
                 summary: self.info.summary.clone().unwrap_or_default(),
-                endpoints: http_endpoints(http_addr),
+                endpoints: self.http_endpoints(http_addr),
             };
-            relay_link::spawn(url, self.dispatcher.clone(), info, shutdown.child_token())
+            let tls = self.config.relay_tls.clone();
+            relay_link::spawn(
+                url,
+                tls,
+                self.dispatcher.clone(),
+                info,
+                shutdown.child_token(),
+            )
         });
 
         let mut tasks = JoinSet::new();
         if let (Some(listener), Some(addr)) = (listener, http_addr) {
-            info!(address = %self.address(), http_addr = %addr, "listening on http://{addr}");
+            let tls = self.config.http_tls.clone();
+            let scheme = if tls.is_some() { "https" } else { "http" };
+            info!(address = %self.address(), http_addr = %addr, "listening on {scheme}://{addr}");
             let router = self.router_with(None, relay.clone(), p2p.clone());
             let stop = shutdown.clone();
             let max_per_client = self.config.max_connections_per_client;
             tasks.spawn(async move {
                 let listener = CappedListener::new(listener, max_per_client);
-                crate::transport::serve::serve(listener, router, stop).await;
+                crate::transport::serve::serve(listener, router, tls, stop).await;
                 Ok(())
             });
         } else {
@@ -263,14 +273,20 @@ impl Node {
             tasks,
         })
     }
-}
 
-/// The HTTP endpoints to tell others about: the bound address when it is a specific one
-/// (an unspecified bind has no single address to give).
-fn http_endpoints(http_addr: Option<SocketAddr>) -> Vec<String> {
-    match http_addr {
-        Some(a) if !a.ip().is_unspecified() => vec![format!("http://{a}"), format!("ws://{a}/ws")],
-        _ => Vec::new(),
+    /// The HTTP endpoints to tell others about: the bound address when it is a specific
+    /// one (an unspecified bind has no single address to give), `https`/`wss` with TLS.
+    fn http_endpoints(&self, http_addr: Option<SocketAddr>) -> Vec<String> {
+        let (http, ws) = match self.config.http_tls {
+            Some(_) => ("https", "wss"),
+            None => ("http", "ws"),
+        };
+        match http_addr {
+            Some(a) if !a.ip().is_unspecified() => {
+                vec![format!("{http}://{a}"), format!("{ws}://{a}/ws")]
+            }
+            _ => Vec::new(),
+        }
     }
 }
 

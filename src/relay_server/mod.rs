@@ -6,7 +6,8 @@
 //! then by `session_id`. It is untrusted by design: it reads frames but cannot forge
 //! them, since every INPUT is signed by its caller and every reply by its agent.
 //!
-//! `GET /api/agents/{address}` is the directory; `GET /health` counts.
+//! `GET /api/agents/{address}` is the directory; `GET /health` counts. With a certificate
+//! and key ([`RelayConfig::tls`]) it serves all of it over TLS (`wss://`, `https://`).
 
 mod agent;
 mod caller;
@@ -14,6 +15,7 @@ mod conn;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
@@ -22,7 +24,6 @@ use axum::extract::{ConnectInfo, Path, State, WebSocketUpgrade};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::serve::ListenerExt;
 use axum::{Json, Router};
 use serde_json::json;
 use tokio::net::TcpListener;
@@ -32,7 +33,9 @@ use tracing::info;
 
 use crate::identity::Address;
 use crate::metrics::RelayMetrics;
+use crate::net::{NoDelayListener, PeerAddr};
 use crate::proto::{ErrorCode, RelayUrl, ANNOUNCE_PATH, DIRECTORY_ROUTE, HEALTH_PATH, INPUT_PATH};
+use crate::tls::{TlsError, TlsListener};
 
 /// The relay's limits. Every one has a default; see the README's relay section.
 #[derive(Debug, Clone)]
@@ -43,7 +46,8 @@ pub struct RelayConfig {
     /// only when its signed `relay` names one of them, so that an announce a node sent to
     /// another relay cannot be replayed here. Empty: the bound address (loopback or
     /// unspecified binds: `ws://127.0.0.1:PORT`, `ws://localhost:PORT`, and
-    /// `ws://[::1]:PORT` for an unspecified one); a public relay must set them.
+    /// `ws://[::1]:PORT` for an unspecified one; `wss://` with TLS); a public relay must
+    /// set them.
     pub public_urls: Vec<RelayUrl>,
     /// Largest frame accepted from anyone.
     pub max_frame_bytes: usize,
@@ -82,6 +86,11 @@ pub struct RelayConfig {
     /// Take the client's IP address from the last `X-Forwarded-For` entry, for a relay
     /// behind a reverse proxy that sets it. Off: anyone could claim any address.
     pub trust_forwarded_for: bool,
+    /// Serve TLS (`wss://`, `https://`) with this PEM certificate chain (its own
+    /// certificate first) and `tls_key`; both or neither.
+    pub tls_cert: Option<PathBuf>,
+    /// The PEM private key of `tls_cert`.
+    pub tls_key: Option<PathBuf>,
 }
 
 impl Default for RelayConfig {
@@ -106,6 +115,8 @@ impl Default for RelayConfig {
             first_frame_timeout: Duration::from_secs(10),
             trust_forwarded_for: false,
             public_urls: Vec::new(),
+            tls_cert: None,
+            tls_key: None,
         }
     }
 }
@@ -121,10 +132,17 @@ impl RelayConfig {
         self.public_urls.push(url);
         self
     }
+
+    /// Serves TLS with the PEM certificate chain `cert` and its private key `key`.
+    pub fn tls(mut self, cert: impl Into<PathBuf>, key: impl Into<PathBuf>) -> Self {
+        self.tls_cert = Some(cert.into());
+        self.tls_key = Some(key.into());
+        self
+    }
 }
 
 /// What a relay bound to `local` calls itself when no public URL is configured.
-fn default_public_urls(local: SocketAddr) -> Vec<RelayUrl> {
+fn default_public_urls(local: SocketAddr, secure: bool) -> Vec<RelayUrl> {
     let port = local.port();
     let ip = local.ip();
     let mut hosts = Vec::new();
@@ -139,17 +157,31 @@ fn default_public_urls(local: SocketAddr) -> Vec<RelayUrl> {
     }
     hosts
         .into_iter()
-        .filter_map(|h| format!("ws://{h}").parse().ok())
+        .filter_map(|h| format!("{}://{h}", ws_scheme(secure)).parse().ok())
         .collect()
 }
 
+fn ws_scheme(secure: bool) -> &'static str {
+    if secure {
+        "wss"
+    } else {
+        "ws"
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum RelayError {
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    /// The certificate or key cannot be used.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("TLS needs both a certificate and its key")]
+    TlsHalf,
 }
 
 /// The relay server, for `oonode relay` and for tests.
@@ -158,6 +190,14 @@ pub struct Relay;
 impl Relay {
     /// Binds `config.listen` and serves in the background.
     pub async fn spawn(config: RelayConfig) -> Result<RelayHandle, RelayError> {
+        // The files first: a bad one stops start-up before the port is taken.
+        let tls = match (&config.tls_cert, &config.tls_key) {
+            (Some(cert), Some(key)) => Some(crate::tls::server_config(cert, key)?),
+            (None, None) => None,
+            _ => return Err(RelayError::TlsHalf),
+        };
+        let secure = tls.is_some();
+        let listen = config.listen;
         let listener =
             TcpListener::bind(config.listen)
                 .await
@@ -171,7 +211,7 @@ impl Relay {
         })?;
         let shutdown = CancellationToken::new();
         let public_urls = if config.public_urls.is_empty() {
-            default_public_urls(local_addr)
+            default_public_urls(local_addr, secure)
         } else {
             config.public_urls.clone()
         };
@@ -196,21 +236,35 @@ impl Relay {
             .fallback(|| async { (StatusCode::NOT_FOUND, Json(json!({"error": "not found"}))) })
             .with_state(state.clone());
         let stop = shutdown.clone();
-        let task = tokio::spawn(async move {
-            let _ = axum::serve(
-                listener.tap_io(crate::net::no_delay),
-                router.into_make_service_with_connect_info::<SocketAddr>(),
-            )
-            .with_graceful_shutdown(stop.cancelled_owned())
-            .await;
-        });
+        let service = router.into_make_service_with_connect_info::<PeerAddr>();
+        let task = match tls {
+            Some(tls) => {
+                let listener =
+                    TlsListener::new(listener, tls).map_err(|source| RelayError::Bind {
+                        addr: listen,
+                        source,
+                    })?;
+                tokio::spawn(async move {
+                    let _ = axum::serve(listener, service)
+                        .with_graceful_shutdown(stop.cancelled_owned())
+                        .await;
+                })
+            }
+            None => tokio::spawn(async move {
+                let _ = axum::serve(NoDelayListener(listener), service)
+                    .with_graceful_shutdown(stop.cancelled_owned())
+                    .await;
+            }),
+        };
         tokio::spawn(forget_loop(state.clone()));
         tokio::spawn(caller::session_idle_loop(state.clone()));
-        info!(%local_addr, "relay listening on ws://{local_addr}{ANNOUNCE_PATH} and {INPUT_PATH}");
+        let scheme = ws_scheme(secure);
+        info!(%local_addr, "relay listening on {scheme}://{local_addr}{ANNOUNCE_PATH} and {INPUT_PATH}");
         let names: Vec<String> = public_urls.iter().map(RelayUrl::base).collect();
         info!(public_urls = ?names, "agents must sign their ANNOUNCE for one of these");
         Ok(RelayHandle {
             local_addr,
+            secure,
             public_urls,
             shutdown,
             task,
@@ -225,11 +279,11 @@ impl Relay {
 pub struct RelayReady {
     /// Always `"ready"`.
     pub event: String,
-    /// The base both agents and callers take (`ws://host:port`).
+    /// The base both agents and callers take (`ws://host:port`, `wss://` with TLS).
     pub url: String,
     pub announce: String,
     pub input: String,
-    /// The directory and health base (`http://host:port`).
+    /// The directory and health base (`http://host:port`, `https://` with TLS).
     pub http: String,
 }
 
@@ -250,6 +304,8 @@ impl RelayReady {
 /// A running relay.
 pub struct RelayHandle {
     local_addr: SocketAddr,
+    /// Whether it serves TLS.
+    secure: bool,
     public_urls: Vec<RelayUrl>,
     shutdown: CancellationToken,
     task: tokio::task::JoinHandle<()>,
@@ -266,14 +322,14 @@ impl RelayHandle {
         &self.public_urls
     }
 
-    /// `ws://host:port`, the base both agents and callers take.
+    /// `ws://host:port` (`wss://` with TLS), the base both agents and callers take.
     pub fn url(&self) -> String {
         self.relay_url().base()
     }
 
     /// The relay's URL, with every route on it.
     pub fn relay_url(&self) -> RelayUrl {
-        format!("ws://{}", self.local_addr)
+        format!("{}://{}", ws_scheme(self.secure), self.local_addr)
             .parse()
             .expect("a socket address makes a relay URL")
     }
@@ -455,7 +511,7 @@ impl RelayState {
 
 async fn announce_socket(
     State(st): State<Arc<RelayState>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    ConnectInfo(PeerAddr(peer)): ConnectInfo<PeerAddr>,
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {
@@ -476,7 +532,7 @@ async fn announce_socket(
 
 async fn input_socket(
     State(st): State<Arc<RelayState>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    ConnectInfo(PeerAddr(peer)): ConnectInfo<PeerAddr>,
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {

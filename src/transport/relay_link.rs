@@ -80,14 +80,15 @@ impl LinkState {
 /// Why one connection to the relay ended before it was accepted.
 #[derive(Debug, thiserror::Error)]
 enum LinkError {
-    #[error("wss:// relays need TLS, which this build does not include; use ws://")]
-    NeedsTls,
     #[error("connection timed out")]
     ConnectTimeout,
     #[error("no answer to ANNOUNCE")]
     NoAnswer,
     #[error("{0}")]
     Socket(#[from] tokio_tungstenite::tungstenite::Error),
+    /// A failed TLS handshake, as one sentence.
+    #[error("{0}")]
+    Tls(String),
     #[error("relay closed the connection")]
     Closed,
     #[error("unexpected answer to ANNOUNCE: {0}")]
@@ -138,9 +139,11 @@ pub(crate) struct AnnounceInfo {
     pub endpoints: Vec<String>,
 }
 
-/// Starts the relay link in the background; it runs until `stop`.
+/// Starts the relay link in the background; it runs until `stop`. A `wss://` relay
+/// must present a certificate that `tls` trusts.
 pub(crate) fn spawn(
     url: RelayUrl,
+    tls: Arc<rustls::ClientConfig>,
     dispatcher: Dispatcher,
     info: AnnounceInfo,
     stop: CancellationToken,
@@ -155,6 +158,7 @@ pub(crate) fn spawn(
     };
     let runner = Runner {
         url,
+        tls,
         dispatcher,
         info,
         link: link.clone(),
@@ -165,6 +169,7 @@ pub(crate) fn spawn(
 
 struct Runner {
     url: RelayUrl,
+    tls: Arc<rustls::ClientConfig>,
     dispatcher: Dispatcher,
     info: AnnounceInfo,
     link: RelayLink,
@@ -218,18 +223,18 @@ impl Runner {
     /// One connection: announce, then serve until it closes. `Ok` after a connection
     /// that was accepted, `Err` if it never got that far.
     async fn connect_and_serve(&self, stop: &CancellationToken) -> Result<(), LinkError> {
-        if self.url.is_secure() {
-            return Err(LinkError::NeedsTls);
-        }
         let config = WebSocketConfig::default()
             .max_message_size(Some(MAX_FRAME_BYTES))
             .max_frame_size(Some(MAX_FRAME_BYTES));
         let url = self.url.announce();
-        let connect =
-            tokio_tungstenite::connect_async_with_config(url.as_str(), Some(config), true);
-        let (socket, _) = tokio::time::timeout(CONNECT_TIMEOUT, connect)
+        let connect = crate::tls::dial(url.as_str(), Some(config), self.tls.clone());
+        let socket = tokio::time::timeout(CONNECT_TIMEOUT, connect)
             .await
-            .map_err(|_| LinkError::ConnectTimeout)??;
+            .map_err(|_| LinkError::ConnectTimeout)?
+            .map_err(|e| match crate::tls::failure(&e) {
+                Some(reason) => LinkError::Tls(reason),
+                None => LinkError::Socket(e),
+            })?;
         let (mut sink, mut stream) = socket.split();
         sink.send(Message::text(self.announce())).await?;
         let answer = tokio::time::timeout(CONNECT_TIMEOUT, stream.next())
