@@ -54,6 +54,10 @@ pub enum TlsError {
         key: PathBuf,
         reason: String,
     },
+    /// The crypto provider refused the default protocol versions (not expected with
+    /// ring, which has them all).
+    #[error("TLS setup: {0}")]
+    Setup(String),
 }
 
 /// One crypto provider, named, so that nothing depends on a process-wide default.
@@ -114,10 +118,7 @@ pub(crate) fn client_config(extra_ca: Option<&Path>) -> Result<Arc<ClientConfig>
     }
     let config = ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
-        .map_err(|e| TlsError::BadCa {
-            path: extra_ca.unwrap_or(Path::new("-")).to_owned(),
-            reason: e.to_string(),
-        })?
+        .map_err(|e| TlsError::Setup(e.to_string()))?
         .with_root_certificates(roots)
         .with_no_client_auth();
     Ok(Arc::new(config))
@@ -153,7 +154,7 @@ pub(crate) fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>
     };
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
-        .map_err(pair)?
+        .map_err(|e| TlsError::Setup(e.to_string()))?
         .with_no_client_auth()
         .with_single_cert(chain, secret)
         .map_err(pair)?;
