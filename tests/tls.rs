@@ -453,9 +453,12 @@ async fn the_binary_relays_over_wss_and_calls_with_relay_ca() {
     assert!(url.starts_with("wss://127.0.0.1:"), "{ready}");
     assert!(ready["http"].as_str().unwrap().starts_with("https://"));
 
-    let node = TestNode::builder(Host::new(Shout).relay_ca(&pki.ca))
+    // The real binary on both ends: `oonode host --relay wss://… --relay-ca FILE`.
+    let node_dir = tempfile::tempdir().unwrap();
+    let node = common::NodeProc::builder(node_dir.path())
         .relay(&url)
-        .start()
+        .args(&["--agent", "echo", "--relay-ca", &path(&pki.ca)])
+        .start_async()
         .await;
     let address = node.address.to_string();
     let co = tempfile::tempdir().unwrap();
@@ -478,7 +481,7 @@ async fn the_binary_relays_over_wss_and_calls_with_relay_ca() {
     };
     let (code, out, err) = oonode(call_args(&pki.ca)).await;
     assert_eq!(code, 0, "{err}");
-    assert_eq!(out.trim(), "HELLO OVER TLS");
+    assert_eq!(out.trim(), "hello over tls");
 
     let (code, _, err) = oonode(call_args(&pki.other_ca)).await;
     eprint!("oonode call with another CA: {err}");
@@ -509,5 +512,5 @@ async fn the_binary_relays_over_wss_and_calls_with_relay_ca() {
     .await;
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("--tls-key"), "{err}");
-    node.stop().await;
+    drop(node); // kill-on-drop: the child is ended by its own handle
 }
