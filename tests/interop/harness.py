@@ -174,17 +174,18 @@ def new_py_keys(name: str):
 
 # --- oonode ---------------------------------------------------------------------------
 
-def start_relay(name="relay"):
+def start_relay(name="relay", *extra):
     """`oonode relay` on a free port; returns (proc, ready) with ready's url and http."""
-    p = Proc(name, [OONODE, "relay", "--listen", "127.0.0.1:0", "--ready-json"])
+    p = Proc(name, [OONODE, "relay", "--listen", "127.0.0.1:0", "--ready-json", *extra])
     ready = p.wait_json(lambda o: o.get("event") == "ready", READY_LIMIT)
     return p, ready
 
 
-def start_node(name, agent, relay=None, http=True, trust=None):
+def start_node(name, agent, relay=None, http=True, trust=None, extra=()):
     """`oonode host` with a built-in agent; returns (proc, ready)."""
     co = fresh_dir(name)
-    argv = [OONODE, "host", "--agent", agent, "--co-dir", co, "--no-p2p", "--ready-json"]
+    argv = [OONODE, "host", "--agent", agent, "--co-dir", co, "--no-p2p", "--ready-json",
+            *extra]
     if http:
         argv += ["--bind", "127.0.0.1", "--port", "0"]
     else:
