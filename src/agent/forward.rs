@@ -260,18 +260,8 @@ impl Agent for Forward {
     }
 
     async fn run(&mut self, turn: Turn, stream: &StreamSink) -> Result<String, AgentError> {
-        let timeout = self.config.timeout;
-        match tokio::time::timeout(timeout, self.turn(turn, stream)).await {
-            Ok(answer) => Ok(answer?),
-            Err(_) => {
-                warn!(url = %self.config.url, ?timeout, "the agent endpoint did not answer in time");
-                Err(UpstreamError::Timeout {
-                    upstream: UPSTREAM,
-                    secs: timeout.as_secs(),
-                }
-                .into())
-            }
-        }
+        let (timeout, what) = (self.config.timeout, self.config.url.to_string());
+        upstream::within(timeout, UPSTREAM, &what, self.turn(turn, stream)).await
     }
 }
 

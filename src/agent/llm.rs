@@ -316,18 +316,8 @@ impl Agent for Llm {
     }
 
     async fn run(&mut self, turn: Turn, stream: &StreamSink) -> Result<String, AgentError> {
-        let timeout = self.config.timeout;
-        match tokio::time::timeout(timeout, self.turn(turn, stream)).await {
-            Ok(answer) => Ok(answer?),
-            Err(_) => {
-                warn!(model = %self.config.model, ?timeout, "the model did not answer in time");
-                Err(UpstreamError::Timeout {
-                    upstream: UPSTREAM,
-                    secs: timeout.as_secs(),
-                }
-                .into())
-            }
-        }
+        let (timeout, what) = (self.config.timeout, self.config.model.clone());
+        upstream::within(timeout, UPSTREAM, &what, self.turn(turn, stream)).await
     }
 }
 

@@ -79,6 +79,30 @@ pub enum UpstreamError {
 
 /// The client the HTTP agents use: a bounded connect, no overall timeout (each turn has
 /// its own) and no redirects (a POST must not silently become a GET elsewhere).
+/// Runs one turn against `upstream` within `timeout`; past it the turn fails with
+/// [`UpstreamError::Timeout`] (and a warning naming `what`, the URL or the model).
+pub(crate) async fn within<F>(
+    timeout: Duration,
+    upstream: Upstream,
+    what: &str,
+    turn: F,
+) -> Result<String, crate::agent::AgentError>
+where
+    F: std::future::Future<Output = Result<String, UpstreamError>>,
+{
+    match tokio::time::timeout(timeout, turn).await {
+        Ok(answer) => Ok(answer?),
+        Err(_) => {
+            tracing::warn!(%upstream, what, ?timeout, "no answer in time");
+            Err(UpstreamError::Timeout {
+                upstream,
+                secs: timeout.as_secs(),
+            }
+            .into())
+        }
+    }
+}
+
 pub(crate) fn client() -> reqwest::Client {
     reqwest::Client::builder()
         .connect_timeout(CONNECT_TIMEOUT)
