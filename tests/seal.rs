@@ -433,3 +433,138 @@ async fn inside_a_seal_the_python_clients_nonceless_connect_may_repeat() {
     ws_send(&mut clear, &frame).await;
     assert_eq!(ws_recv(&mut clear).await.unwrap()["code"], "replayed");
 }
+
+/// A sealed relayed session through our relay, as `caller`: the socket and the channel.
+async fn sealed_relayed(relay: &str, caller: &Identity, node: Address) -> (Socket, SealedChannel) {
+    let mut ws = ws_connect(&format!("{relay}/ws/input")).await;
+    let offer = SealOffer::new(caller, node, unix_now());
+    ws.send(Message::text(offer.frame())).await.unwrap();
+    let reply = ws_recv(&mut ws).await.expect("SEALED_OK");
+    (ws, offer.finish(reply.as_object().unwrap()).unwrap())
+}
+
+/// Every frame `ws` gets within `wait`, opened.
+async fn drain(ws: &mut Socket, ch: &mut SealedChannel, wait: Duration) -> Vec<Value> {
+    let mut seen = Vec::new();
+    while let Ok(Some(frame)) = ws_recv_within(ws, wait).await {
+        seen.push(match frame["type"].as_str() {
+            Some("SEALED") => open(ch, &frame),
+            _ => frame,
+        });
+    }
+    seen
+}
+
+#[tokio::test]
+async fn a_sealed_caller_cannot_name_its_way_into_another_callers_conversation() {
+    let relay = start_relay(relay_config()).await;
+    let node = TestNode::builder(Host::new(Echo).trust(oonode::TrustLevel::Open))
+        .http(false)
+        .relay(&relay.url())
+        .start()
+        .await;
+    // The victim: a sealed conversation of its own, with a secret in it.
+    let victim = Identity::generate();
+    let (mut v, mut vch) = sealed_relayed(&relay.url(), &victim, node.address).await;
+    let mut connect = connect_frame(&victim, node.address);
+    connect["session_id"] = json!("victim-conversation");
+    v.send(Message::text(vch.send.seal(&connect.to_string(), None)))
+        .await
+        .unwrap();
+    assert_eq!(
+        open(&mut vch, &ws_recv(&mut v).await.unwrap())["type"],
+        "CONNECTED"
+    );
+    let input = common::input_frame(&victim, node.address, "SECRET-42", "victim-conversation");
+    v.send(Message::text(vch.send.seal(&input.to_string(), None)))
+        .await
+        .unwrap();
+    let out = drain(&mut v, &mut vch, Duration::from_millis(500)).await;
+    assert!(out.iter().any(|f| f["result"] == "SECRET-42"), "{out:?}");
+
+    // The attacker names the victim's conversation: with a CONNECT signed by someone else
+    // (refused), then with its own (refused: open on another connection), then reads.
+    let attacker = Identity::generate();
+    let (mut a, mut ach) = sealed_relayed(&relay.url(), &attacker, node.address).await;
+    let mut forged = connect_frame(&Identity::generate(), node.address);
+    forged["session_id"] = json!("victim-conversation");
+    let mut own = connect_frame(&attacker, node.address);
+    own["session_id"] = json!("victim-conversation");
+    for frame in [forged, own, json!({"type": "RESUME", "after": 0})] {
+        a.send(Message::text(ach.send.seal(&frame.to_string(), None)))
+            .await
+            .unwrap();
+    }
+    let seen = drain(&mut a, &mut ach, Duration::from_millis(800)).await;
+    let text = serde_json::to_string(&seen).unwrap();
+    assert!(
+        !text.contains("SECRET-42"),
+        "the attacker read the victim: {text}"
+    );
+    assert!(
+        text.contains("open on another connection"),
+        "the second CONNECT is refused: {text}"
+    );
+    // The victim's conversation goes on.
+    let input = common::input_frame(&victim, node.address, "still mine", "victim-conversation");
+    v.send(Message::text(vch.send.seal(&input.to_string(), None)))
+        .await
+        .unwrap();
+    let out = drain(&mut v, &mut vch, Duration::from_millis(500)).await;
+    assert!(out.iter().any(|f| f["result"] == "still mine"), "{out:?}");
+}
+
+#[tokio::test]
+async fn after_a_relay_ends_a_sealed_session_nothing_of_it_goes_out_in_the_clear() {
+    // A relay of our own making: it takes the node's ANNOUNCE, opens a sealed session,
+    // starts a long answer, then says the caller left (`close`) and watches.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("ws://{}", listener.local_addr().unwrap());
+    let relay = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let mut link = tokio_tungstenite::accept_async(tcp).await.unwrap();
+        let announce = ws_recv(&mut link).await.unwrap();
+        assert_eq!(announce["type"], "ANNOUNCE");
+        ws_send(&mut link, &json!({"type": "ANNOUNCE_OK"})).await;
+        link
+    });
+    let node = TestNode::builder(Host::new(oonode::agent::Ticker {
+        pause: Duration::from_millis(40),
+    }))
+    .http(false)
+    .relay(&url)
+    .start()
+    .await;
+    let mut link = tokio::time::timeout(STEP, relay).await.unwrap().unwrap();
+
+    let me = Identity::generate();
+    let offer = SealOffer::new(&me, node.address, unix_now());
+    let mut seal: Value = serde_json::from_str(&offer.frame()).unwrap();
+    seal["session_id"] = json!("r1");
+    ws_send(&mut link, &seal).await;
+    let reply = ws_recv(&mut link).await.unwrap();
+    let mut ch = offer.finish(reply.as_object().unwrap()).unwrap();
+    for frame in [
+        connect_frame(&me, node.address),
+        common::input_frame(&me, node.address, "w1 w2 w3 w4 w5 w6 w7 w8 SECRET7", "c1"),
+    ] {
+        let mut sealed: Value =
+            serde_json::from_str(&ch.send.seal(&frame.to_string(), None)).unwrap();
+        sealed["session_id"] = json!("r1");
+        ws_send(&mut link, &sealed).await;
+    }
+    // The first chunks come sealed; then the caller is gone.
+    let first = ws_recv(&mut link).await.unwrap();
+    assert_eq!(first["type"], "SEALED");
+    ws_send(&mut link, &json!({"type": "close", "session_id": "r1"})).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(800);
+    while let Ok(Ok(Some(frame))) =
+        tokio::time::timeout_at(deadline, ws_recv_within(&mut link, STEP)).await
+    {
+        assert!(
+            frame["type"] == "SEALED" || frame["type"] == "ANNOUNCE",
+            "a frame of a sealed session went out in the clear: {frame}"
+        );
+        assert!(!frame.to_string().contains("SECRET7"), "{frame}");
+    }
+}

@@ -5,8 +5,6 @@
 
 mod common;
 
-use std::time::Duration;
-
 use common::*;
 use oonode::agent::{Echo, Translator};
 use oonode::envelope::{canonical_json, unix_now};
@@ -442,9 +440,18 @@ async fn the_client_rejects_an_old_error_replayed_as_the_answer() {
                 async move {
                     ws.on_upgrade(move |mut socket| async move {
                         use axum::extract::ws::Message as M;
-                        let _ = socket.recv().await;
-                        let _ = socket.send(M::Text(old_error.to_string().into())).await;
-                        tokio::time::sleep(Duration::from_secs(2)).await;
+                        // A host that does not seal: SEAL refused, CONNECT taken, and the
+                        // INPUT answered with the old ERROR.
+                        while let Some(Ok(M::Text(text))) = socket.recv().await {
+                            let frame: Value = serde_json::from_str(&text).unwrap_or_default();
+                            let reply = match frame["type"].as_str() {
+                                Some("SEAL") => json!({"type": "ERROR", "message": "cannot seal"}),
+                                Some("CONNECT") => json!({"type": "CONNECTED",
+                                    "session_id": frame["session_id"], "status": "connected"}),
+                                _ => old_error.clone(),
+                            };
+                            let _ = socket.send(M::Text(reply.to_string().into())).await;
+                        }
                     })
                 }
             }),

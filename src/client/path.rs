@@ -99,12 +99,15 @@ pub(super) async fn open_path(
 ) -> Result<Path, CallError> {
     match via {
         Via::Http => {
-            let (base, http) = find_endpoint(address, options).await?;
-            let mut url = base.clone();
+            let endpoint = find_endpoint(address, options).await?;
+            let mut url = endpoint.base.clone();
             url.set_path("/input");
-            // An unsigned answer (a Python host's) is only as good as the link it came by.
-            let private = base.scheme() == "https" || plaintext_allowed(&base, false);
-            drop(http);
+            // An unsigned answer (a Python host's) is the agent's only where nobody else
+            // can have written it: loopback, or TLS to an endpoint the caller named. TLS to
+            // an endpoint a directory named proves that server's name, not the agent.
+            let base = &endpoint.base;
+            let private =
+                plaintext_allowed(base, false) || (endpoint.given && base.scheme() == "https");
             let mut client = reqwest::Client::builder().timeout(
                 options
                     .reply_timeout
@@ -124,13 +127,25 @@ pub(super) async fn open_path(
             })))
         }
         Via::Direct => {
-            let socket = open_direct(address, options).await?;
-            // A host that does not seal keeps the socket for a clear CONNECT (plaintext
-            // direct endpoints are used only where that is allowed, see above).
+            let (socket, endpoint) = open_direct(address, options).await?;
+            // A host that does not seal gets the call in the clear only on an endpoint the
+            // caller named, or on loopback: one a directory named could be anyone's server
+            // (its /info proves nothing), and only a SEALED_OK proves the agent.
+            let vouched = endpoint.given || plaintext_allowed(&endpoint.base, false);
             let link =
                 match WsLink::offer_seal(socket, identity, address, seal_wait(options)).await? {
                     Offer::Sealed(link) => link,
-                    Offer::Refused(socket) => WsLink::clear(socket),
+                    Offer::Refused(socket) if vouched => WsLink::clear(socket),
+                    Offer::Refused(mut socket) => {
+                        let _ = futures::SinkExt::close(&mut socket).await;
+                        return Err(CallError::Unreachable {
+                            url: endpoint.base.to_string(),
+                            reason: "this endpoint (from a directory) does not seal, so \
+                                     nothing proves it is the agent; name it with --endpoint \
+                                     to use it in the clear"
+                                .into(),
+                        });
+                    }
                 };
             Ok(Path::Direct(Box::new(link)))
         }
@@ -190,9 +205,13 @@ pub(super) struct HttpPath {
     pub answer: Option<serde_json::Map<String, Value>>,
 }
 
-/// A direct endpoint that proves to be the agent (see [`find_endpoint`]), and its `/ws`.
-async fn open_direct(address: Address, options: &ConnectOptions) -> Result<Box<Socket>, CallError> {
-    let (base, _) = find_endpoint(address, options).await?;
+/// A direct endpoint whose `/info` names the agent (see [`find_endpoint`]), and its `/ws`.
+async fn open_direct(
+    address: Address,
+    options: &ConnectOptions,
+) -> Result<(Box<Socket>, Endpoint), CallError> {
+    let endpoint = find_endpoint(address, options).await?;
+    let base = endpoint.base.clone();
     let tls = crate::tls::client_config(options.relay_ca.as_deref())?;
     let mut url = base.clone();
     let scheme = if base.scheme() == "https" {
@@ -215,7 +234,7 @@ async fn open_direct(address: Address, options: &ConnectOptions) -> Result<Box<S
     )
     .await
     {
-        Ok(Ok(socket)) => Ok(Box::new(socket)),
+        Ok(Ok(socket)) => Ok((Box::new(socket), endpoint)),
         Ok(Err(e)) => Err(unreachable(
             crate::tls::failure(&e).unwrap_or_else(|| e.to_string()),
         )),
@@ -223,13 +242,17 @@ async fn open_direct(address: Address, options: &ConnectOptions) -> Result<Box<S
     }
 }
 
-/// A direct HTTP endpoint that proves to be the agent: its `/info` names the address
-/// called. Plaintext only on loopback, or on private networks when allowed; `https://`
-/// anywhere.
-async fn find_endpoint(
-    address: Address,
-    options: &ConnectOptions,
-) -> Result<(reqwest::Url, reqwest::Client), CallError> {
+/// An agent's HTTP endpoint, and whether the caller named it (`--endpoint`) rather than a
+/// directory or the swarm.
+struct Endpoint {
+    base: reqwest::Url,
+    given: bool,
+}
+
+/// A direct HTTP endpoint whose `/info` names the address called (which anyone can
+/// claim: a SEALED_OK is what proves the agent). Plaintext only on loopback, or on
+/// private networks when allowed; `https://` anywhere.
+async fn find_endpoint(address: Address, options: &ConnectOptions) -> Result<Endpoint, CallError> {
     let ca = options.relay_ca.as_deref();
     let mut http = reqwest::Client::builder().timeout(Duration::from_secs(3));
     for root in crate::tls::reqwest_roots(ca)? {
@@ -289,7 +312,10 @@ async fn find_endpoint(
             reasons.push(format!("{base}: /info names another address"));
             continue;
         }
-        return Ok((base, http));
+        return Ok(Endpoint {
+            given: options.endpoints.contains(endpoint),
+            base,
+        });
     }
     if reasons.is_empty() {
         return Err(CallError::NoEndpoint);

@@ -224,9 +224,12 @@ impl WsLink {
             let obj = frame.into_object();
             match FrameType::of(&obj) {
                 Some(FrameType::Connected) => {
+                    // Only the agent may move the call to another session: a CONNECTED
+                    // from outside a seal could be the relay's.
                     let id = obj
                         .get("session_id")
                         .and_then(Value::as_str)
+                        .filter(|_| self.seal.is_some())
                         .unwrap_or(session_id)
                         .to_owned();
                     self.connected = Some(id.clone());

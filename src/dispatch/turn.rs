@@ -8,7 +8,7 @@ use crate::agent::Message;
 use crate::proto::MAX_HOPS;
 
 /// Longest session id a caller may choose.
-const MAX_SESSION_ID_LEN: usize = 128;
+use crate::proto::{valid_session_id, MAX_SESSION_ID_LEN};
 
 /// What a turn starts from.
 pub(super) struct TurnStart {
@@ -105,13 +105,6 @@ pub(super) fn parse_turn(sub: &Submission, now: u64) -> Result<TurnStart, Refusa
         client_held,
         hops,
     })
-}
-
-fn valid_session_id(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= MAX_SESSION_ID_LEN
-        && s.chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
 }
 
 /// Splits a session object into its history and the other keys, kept as they came (a

@@ -132,6 +132,18 @@ fn str_of(obj: &Object, key: &str) -> Option<String> {
     obj.get(key).and_then(Value::as_str).map(str::to_owned)
 }
 
+/// The longest session id anyone may name: ids are echoed in every reply (twice in a
+/// sealed one), so an unbounded one would make replies too large for a relay.
+pub const MAX_SESSION_ID_LEN: usize = 128;
+
+/// A session id as a caller may name one: 1-128 letters, digits, `-` or `_`.
+pub fn valid_session_id(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= MAX_SESSION_ID_LEN
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
 /// The session a caller's frame names, wherever the Python client or ours put it:
 /// `session_id`, `session.session_id`, or the same inside `payload`.
 pub fn session_of(obj: &Object) -> Option<String> {

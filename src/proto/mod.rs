@@ -25,8 +25,9 @@ pub use error::ErrorCode;
 /// (A asks B, B asks A, …) ends here instead of running until every worker is taken.
 pub const MAX_HOPS: u32 = 8;
 pub use frame::{
-    input_frame, session_of, AgentToRelay, CallerToRelay, ClientFrame, ConnectStatus, FrameError,
-    FrameType, NodeFrame, Object, RelayError, RelayToAgent,
+    input_frame, session_of, valid_session_id, AgentToRelay, CallerToRelay, ClientFrame,
+    ConnectStatus, FrameError, FrameType, NodeFrame, Object, RelayError, RelayToAgent,
+    MAX_SESSION_ID_LEN,
 };
 pub use relay_url::{
     RelayUrl, RelayUrlError, ANNOUNCE_PATH, DIRECTORY_PREFIX, DIRECTORY_ROUTE, HEALTH_PATH,

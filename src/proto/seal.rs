@@ -295,9 +295,10 @@ impl SealSender {
         frame.to_string()
     }
 
-    /// How long the sealed frame around `clear_len` bytes of JSON is, at most.
-    pub fn sealed_len(clear_len: usize) -> usize {
-        (clear_len + 16).div_ceil(3) * 4 + 128
+    /// How long the sealed frame around `clear_len` bytes of JSON is, at most, with a
+    /// `session_id` of `session_len` bytes on the outside.
+    pub fn sealed_len(clear_len: usize, session_len: usize) -> usize {
+        (clear_len + 16).div_ceil(3) * 4 + 64 + session_len
     }
 }
 
@@ -319,7 +320,9 @@ impl SealReceiver {
             .get("n")
             .and_then(Value::as_u64)
             .ok_or(SealError::Invalid("n"))?;
-        if n <= self.received {
+        // Exactly the next one: a lower n is a replay, a higher one means frames were
+        // dropped on the way (both senders count up by one).
+        if n != self.received + 1 {
             return Err(SealError::OutOfOrder {
                 got: n,
                 last: self.received,
@@ -494,8 +497,14 @@ mod tests {
         let f1: Object = serde_json::from_str(&c.send.seal("{\"a\":1}", Some("s"))).unwrap();
         let f2: Object = serde_json::from_str(&c.send.seal("{\"a\":2}", None)).unwrap();
         assert_eq!(f1["session_id"], json!("s"));
+        // n = 2 first: frame 1 was dropped on the way.
+        assert_eq!(
+            h.recv.open(&f2).err().unwrap(),
+            SealError::OutOfOrder { got: 2, last: 0 }
+        );
+        assert_eq!(h.recv.open(&f1).unwrap(), b"{\"a\":1}");
         assert_eq!(h.recv.open(&f2).unwrap(), b"{\"a\":2}");
-        // n = 1 after n = 2: a replay or a reorder.
+        // n = 1 after n = 2: a replay.
         assert_eq!(
             h.recv.open(&f1).err().unwrap(),
             SealError::OutOfOrder { got: 1, last: 2 }
@@ -517,6 +526,6 @@ mod tests {
             h.recv.open(&wrong_way).err().unwrap(),
             SealError::DoesNotOpen
         );
-        assert!(SealSender::sealed_len(1000) > f1["c"].as_str().unwrap().len());
+        assert!(SealSender::sealed_len(7, 1) >= Value::Object(f1).to_string().len());
     }
 }

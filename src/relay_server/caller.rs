@@ -14,7 +14,10 @@ use tracing::{debug, info_span, Instrument};
 
 use super::{IpKey, IpSlot, RelayState, Route};
 use crate::identity::Address;
-use crate::proto::{session_of, CallerToRelay, ErrorCode, Object, RelayError, RelayToAgent};
+use crate::proto::{
+    session_of, valid_session_id, CallerToRelay, ErrorCode, Object, RelayError, RelayToAgent,
+    MAX_SESSION_ID_LEN,
+};
 
 use super::conn::{error_frame, next_object, split, Activity, Frame, RateLimit};
 
@@ -162,6 +165,17 @@ impl Caller<'_> {
             },
             Err(e) => return self.refuse(e.code(), error_frame(e.code(), &e.to_string(), None)),
         };
+        // Agents echo the id in every reply: an unbounded one could make their replies
+        // too large for this relay and cost them the link.
+        if named.as_deref().is_some_and(|id| !valid_session_id(id)) {
+            let msg = format!(
+                "`session_id` must be 1-{MAX_SESSION_ID_LEN} characters of letters, digits, '-' or '_'"
+            );
+            return self.refuse(
+                ErrorCode::BadRequest,
+                error_frame(ErrorCode::BadRequest, &msg, None),
+            );
+        }
         let session_id = named
             .or_else(|| self.current.get(&to).cloned())
             .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());

@@ -277,12 +277,15 @@ impl Runner {
                         sealers.remove(&session_id);
                         continue;
                     }
-                    Outbound::Frame { session_id, text } => {
-                        match session_id.and_then(|id| Some((sealers.get_mut(&id)?, id))) {
-                            Some((sealer, id)) => sealer.seal(&text, Some(&id)),
-                            None => text,
-                        }
-                    }
+                    Outbound::Frame {
+                        session_id,
+                        must_seal,
+                        text,
+                    } => match session_id.and_then(|id| Some((sealers.get_mut(&id)?, id))) {
+                        Some((sealer, id)) => sealer.seal(&text, Some(&id)),
+                        None if must_seal => continue,
+                        None => text,
+                    },
                 };
                 if tokio::time::timeout(SEND_TIMEOUT, sink.send(Message::text(text)))
                     .await
@@ -303,7 +306,6 @@ impl Runner {
             origin: Origin::Relay(self.url.base()),
             readers: HashMap::new(),
             sealed: HashMap::new(),
-            routes: HashMap::new(),
             forwarders: JoinSet::new(),
             answered: true,
         };
@@ -356,6 +358,9 @@ impl Runner {
 enum Outbound {
     Frame {
         session_id: Option<String>,
+        /// The frame belongs to a sealed session: if its seal is gone (the caller left
+        /// or the seal broke) the frame is dropped, never sent in the clear.
+        must_seal: bool,
         text: String,
     },
     StartSealing {
@@ -369,6 +374,7 @@ impl Outbound {
     fn clear(text: String) -> Outbound {
         Outbound::Frame {
             session_id: None,
+            must_seal: false,
             text,
         }
     }
@@ -380,8 +386,21 @@ struct SealedSession {
     recv: SealReceiver,
     /// Who sealed it: signed frames inside must be theirs.
     sealed_by: Address,
-    /// The conversation its CONNECT named, once it did.
+    /// The conversation a CONNECT on it named, once the dispatcher let the caller in.
     conversation: Option<String>,
+}
+
+/// Where a relayed frame belongs: the relay's session id it came on (replies go back
+/// there; per-caller state is kept under it) and the conversation it is part of (the
+/// same, except on a sealed route whose CONNECT named one).
+#[derive(Clone)]
+struct Hop {
+    route: String,
+    conversation: String,
+    /// Who sealed the route, for frames that came out of its seal.
+    sealed_by: Option<Address>,
+    /// The conversation a sealed CONNECT names (read before the route id replaces it).
+    asked: Option<String>,
 }
 
 /// The sessions relayed over one relay connection.
@@ -398,29 +417,19 @@ struct RelayedSessions {
     readers: HashMap<String, Reader>,
     /// Sealed sessions by the relay's session id (the route).
     sealed: HashMap<String, SealedSession>,
-    /// A sealed session's conversation → its route. The relay routes a sealed socket by
-    /// an id it chose before it could see the CONNECT inside, which names the
-    /// conversation; everything else here is keyed by the conversation.
-    routes: HashMap<String, String>,
     forwarders: JoinSet<()>,
     /// Whether the relay answered the last re-announce.
     answered: bool,
 }
 
 impl RelayedSessions {
-    /// Queues a frame of `session_id` (sealed by the writer if the session is).
-    fn send(&self, session_id: &str, text: String) {
+    /// Queues a frame for the relayed session `route` (sealed by the writer if it is).
+    fn send(&self, route: &str, text: String) {
         self.queue(Outbound::Frame {
-            session_id: Some(self.route(session_id).to_owned()),
+            session_id: Some(route.to_owned()),
+            must_seal: self.sealed.contains_key(route),
             text,
         });
-    }
-
-    /// The relay's id of a conversation: the same, unless the session is sealed.
-    fn route<'a>(&'a self, session_id: &'a str) -> &'a str {
-        self.routes
-            .get(session_id)
-            .map_or(session_id, String::as_str)
     }
 
     fn queue(&self, next: Outbound) {
@@ -429,14 +438,14 @@ impl RelayedSessions {
         }
     }
 
-    /// Answers a refusal with a signed ERROR in the relayed session `session_id`.
-    fn send_rejected(&self, rejected: Rejected, session_id: &str) {
+    /// Answers a refusal with a signed ERROR in `hop`'s conversation, sent on its route.
+    fn send_rejected(&self, rejected: Rejected, hop: &Hop) {
         let rejected = Rejected {
-            session_id: Some(session_id.to_owned()),
+            session_id: Some(hop.conversation.clone()),
             ..rejected
         };
         let env = self.dispatcher.error_envelope(&rejected);
-        self.send(session_id, env.to_flat_json().to_string());
+        self.send(&hop.route, env.to_flat_json().to_string());
     }
 
     async fn on_frame(&mut self, bytes: &[u8]) {
@@ -444,16 +453,28 @@ impl RelayedSessions {
             debug!("unreadable frame from the relay");
             return;
         };
-        let session = obj
+        let route = obj
             .get("session_id")
             .and_then(Value::as_str)
             .map(str::to_owned);
-        if let Some(id) = session {
-            if let Some(sealed) = self.sealed.get_mut(&id) {
+        // A route id is echoed in every reply (twice when sealed): bound it like any
+        // session id, or one caller could make every reply too large for the relay.
+        if route
+            .as_deref()
+            .is_some_and(|r| !crate::proto::valid_session_id(r))
+        {
+            debug!("relayed frame with an invalid session_id ignored");
+            return;
+        }
+        let mut hop = None;
+        if let Some(route) = route {
+            if let Some(sealed) = self.sealed.get_mut(&route) {
                 // The relay's own `close` comes in the clear; everything else must open.
                 if FrameType::of(&obj) == Some(FrameType::Close) {
-                    return self.end_session(&id);
+                    return self.end_session(&route);
                 }
+                let conversation = sealed.conversation.clone().unwrap_or_else(|| route.clone());
+                let sealed_by = sealed.sealed_by;
                 let opened = sealed
                     .recv
                     .open(&obj)
@@ -462,36 +483,35 @@ impl RelayedSessions {
                         crate::envelope::decode_object(&c, MAX_FRAME_BYTES)
                             .map_err(|e| e.to_string())
                     });
+                let mut hop_here = Hop {
+                    route: route.clone(),
+                    conversation,
+                    sealed_by: Some(sealed_by),
+                    asked: None,
+                };
                 let mut inner = match opened {
                     Ok(inner) => inner,
                     Err(why) => {
                         let msg = format!("sealed frame rejected: {why}");
-                        self.send_rejected(Refusal::BadRequest(msg).into(), &id);
-                        return self.end_session(&id);
+                        self.send_rejected(Refusal::BadRequest(msg).into(), &hop_here);
+                        return self.end_session(&route);
                     }
                 };
-                let signer = super::ws::check_sealed_signer(&inner, &sealed.sealed_by);
-                let named = match FrameType::of(&inner) {
-                    Some(FrameType::Connect) => ClientFrame::connect_session(&inner),
-                    _ => None,
-                };
-                let conversation = named
-                    .or_else(|| sealed.conversation.clone())
-                    .unwrap_or_else(|| id.clone());
-                if let Some(old) = sealed.conversation.replace(conversation.clone()) {
-                    self.routes.remove(&old);
+                if let Err(r) = super::ws::check_sealed_signer(&inner, &sealed_by) {
+                    return self.send_rejected(r.into(), &hop_here);
                 }
-                self.routes.insert(conversation.clone(), id.clone());
-                if let Err(r) = signer {
-                    return self.send_rejected(r.into(), &conversation);
+                if FrameType::of(&inner) == Some(FrameType::Connect) {
+                    hop_here.asked = ClientFrame::connect_session(&inner);
                 }
-                inner.insert("session_id".into(), Value::String(conversation));
+                // Decoded below as a frame of this route; the conversation goes in `hop`.
+                inner.insert("session_id".into(), Value::String(route.clone()));
                 obj = inner;
+                hop = Some(hop_here);
             } else if FrameType::of(&obj) == Some(FrameType::Seal) {
-                return self.on_seal(&obj, id);
+                return self.on_seal(&obj, route);
             }
         }
-        let (session_id, frame) = match RelayToAgent::decode(obj) {
+        let (route, frame) = match RelayToAgent::decode(obj) {
             RelayToAgent::AnnounceOk { .. } => {
                 self.answered = true;
                 return;
@@ -506,76 +526,89 @@ impl RelayedSessions {
             }
             RelayToAgent::Session { session_id, frame } => (session_id, frame),
         };
+        // A clear session: the relay's route is the conversation.
+        let hop = hop.unwrap_or_else(|| Hop {
+            conversation: route.clone(),
+            route,
+            sealed_by: None,
+            asked: None,
+        });
         match frame {
-            Ok(ClientFrame::Input(obj)) => self.on_input(obj, session_id).await,
-            Ok(ClientFrame::Connect(obj)) => self.on_connect(&obj, session_id).await,
+            Ok(ClientFrame::Input(obj)) => self.on_input(obj, &hop).await,
+            Ok(ClientFrame::Connect(obj)) => self.on_connect(&obj, &hop).await,
             Ok(ClientFrame::Resume {
                 after,
                 session_secret,
                 ..
             }) => {
                 let resumed = super::resume_reader(
-                    Some(session_id.clone()),
+                    Some(hop.conversation.clone()),
                     session_secret,
-                    &self.reader(&session_id),
+                    &self.reader(&hop.route),
                 );
                 let (_, reader) = match resumed {
                     Ok(r) => r,
-                    Err(r) => return self.send_rejected(r.into(), &session_id),
+                    Err(r) => return self.send_rejected(r.into(), &hop),
                 };
-                match self.dispatcher.follow(&session_id, after, &reader).await {
-                    Ok(replies) => self.forward(replies, &session_id),
-                    Err(r) => self.send_rejected(
-                        Rejected::from(r).or_to(reader.caller.verified()),
-                        &session_id,
-                    ),
+                match self
+                    .dispatcher
+                    .follow(&hop.conversation, after, &reader)
+                    .await
+                {
+                    Ok(replies) => self.forward(replies, &hop.route),
+                    Err(r) => {
+                        self.send_rejected(Rejected::from(r).or_to(reader.caller.verified()), &hop)
+                    }
                 }
             }
             Ok(ClientFrame::Ping) => {
-                self.send(&session_id, NodeFrame::Pong.encode(Some(&session_id)))
+                self.send(&hop.route, NodeFrame::Pong.encode(Some(&hop.conversation)))
             }
             // The caller left; what it started goes on and stays stored.
-            Ok(ClientFrame::Close) => self.end_session(&session_id),
+            Ok(ClientFrame::Close) => self.end_session(&hop.route),
             Ok(ClientFrame::Pong) => {}
             Ok(ClientFrame::Seal(_)) => self.send_rejected(
                 Refusal::BadRequest("SEAL must be the session's first frame".into()).into(),
-                &session_id,
+                &hop,
             ),
-            Err(e) => self.send_rejected(Refusal::from(e).into(), &session_id),
+            Err(e) => self.send_rejected(Refusal::from(e).into(), &hop),
         }
     }
 
-    /// The caller of `session_id` left, or its seal broke: forget its state.
-    fn end_session(&mut self, session_id: &str) {
-        self.readers.remove(session_id);
-        if let Some(sealed) = self.sealed.remove(session_id) {
-            if let Some(conversation) = sealed.conversation {
-                self.routes.remove(&conversation);
-                self.readers.remove(&conversation);
-            }
-            self.queue(Outbound::StopSealing(session_id.to_owned()));
+    /// The caller of `route` left, or its seal broke: forget its state. Its runs go on;
+    /// their replies are dropped, never sent in the clear (see `Outbound::Frame`).
+    fn end_session(&mut self, route: &str) {
+        self.readers.remove(route);
+        if self.sealed.remove(route).is_some() {
+            self.queue(Outbound::StopSealing(route.to_owned()));
         }
     }
 
     /// A session's first frame was SEAL: answer SEALED_OK in the clear, then seal the
     /// session's frames both ways. A SEAL that does not verify is answered with an ERROR
     /// and the session gets nothing else.
-    fn on_seal(&mut self, obj: &Object, session_id: String) {
-        if self.readers.contains_key(&session_id) {
+    fn on_seal(&mut self, obj: &Object, route: String) {
+        let hop = Hop {
+            conversation: route.clone(),
+            route: route.clone(),
+            sealed_by: None,
+            asked: None,
+        };
+        if self.readers.contains_key(&route) {
             let msg = "SEAL must be the session's first frame".to_string();
-            return self.send_rejected(Refusal::BadRequest(msg).into(), &session_id);
+            return self.send_rejected(Refusal::BadRequest(msg).into(), &hop);
         }
         if self.sealed.len() >= MAX_CONNECTED_SESSIONS {
             let msg = "too many relayed sessions at once; try again later".to_string();
-            return self.send_rejected(Refusal::BadRequest(msg).into(), &session_id);
+            return self.send_rejected(Refusal::BadRequest(msg).into(), &hop);
         }
         match seal::accept(obj, self.dispatcher.identity(), unix_now()) {
             Ok(accepted) => {
                 let mut reply: Object = serde_json::from_str(&accepted.reply).unwrap_or_default();
-                reply.insert("session_id".into(), Value::String(session_id.clone()));
-                self.send(&session_id, Value::Object(reply).to_string());
+                reply.insert("session_id".into(), Value::String(route.clone()));
+                self.send(&route, Value::Object(reply).to_string());
                 self.queue(Outbound::StartSealing {
-                    session_id: session_id.clone(),
+                    session_id: route.clone(),
                     sender: accepted.channel.send,
                 });
                 let sealed = SealedSession {
@@ -583,28 +616,28 @@ impl RelayedSessions {
                     sealed_by: accepted.sealed_by,
                     conversation: None,
                 };
-                self.sealed.insert(session_id, sealed);
+                self.sealed.insert(route, sealed);
             }
             Err(e) => {
                 let msg = format!("seal refused: {e}");
-                self.send_rejected(Refusal::BadRequest(msg).into(), &session_id);
+                self.send_rejected(Refusal::BadRequest(msg).into(), &hop);
             }
         }
     }
 
-    fn reader(&self, session_id: &str) -> Reader {
+    fn reader(&self, route: &str) -> Reader {
         self.readers
-            .get(session_id)
+            .get(route)
             .cloned()
             .unwrap_or_else(|| Reader::new(Caller::Unsigned { claimed: None }, None))
     }
 
-    async fn on_input(&mut self, obj: Object, session_id: String) {
-        let outcome = match super::submission_from_frame(obj, Some(session_id.clone())) {
+    async fn on_input(&mut self, obj: Object, hop: &Hop) {
+        let outcome = match super::submission_from_frame(obj, Some(hop.conversation.clone())) {
             Ok(mut submission) => {
                 submission.origin = self.origin.clone();
                 submission.transport = Transport::Relay;
-                submission.secret = self.readers.get(&session_id).and_then(|r| r.secret.clone());
+                submission.secret = self.readers.get(&hop.route).and_then(|r| r.secret.clone());
                 self.dispatcher.submit(submission).await
             }
             Err(r) => {
@@ -622,64 +655,86 @@ impl RelayedSessions {
                 if let Some(secret) = accepted.secret.clone() {
                     if self.readers.len() < MAX_CONNECTED_SESSIONS {
                         let reader = Reader::new(Caller::Unsigned { claimed: None }, Some(secret));
-                        self.readers.insert(session_id.clone(), reader);
+                        self.readers.insert(hop.route.clone(), reader);
                     }
                 }
-                if accepted.session_id != session_id {
-                    // The signed payload named another session than the relay routes by;
-                    // replies would not find their way back.
-                    warn!(relay = %session_id, signed = %accepted.session_id, "relayed INPUT names a different session");
+                if accepted.session_id != hop.conversation && hop.sealed_by.is_none() {
+                    // The signed payload named another session than the relay routes by:
+                    // replies still go back on the route, tagged with the signed session.
+                    debug!(relay = %hop.route, signed = %accepted.session_id, "relayed INPUT names a different session");
                 }
-                self.forward(accepted.replies, &session_id);
+                self.forward(accepted.replies, &hop.route);
             }
-            Err(rejected) => self.send_rejected(rejected, &session_id),
+            Err(rejected) => self.send_rejected(rejected, hop),
         }
     }
 
-    async fn on_connect(&mut self, obj: &Object, session_id: String) {
-        if self.readers.len() >= MAX_CONNECTED_SESSIONS && !self.readers.contains_key(&session_id) {
+    /// A CONNECT on a route. On a sealed route it may name the conversation (the relay
+    /// chose the route before it could see inside); the route keeps it only once the
+    /// dispatcher has let this caller into it, and while no other sealed route holds it.
+    /// Everything else stays keyed by the route, so naming a conversation gives a caller
+    /// nothing it could not get by the dispatcher's rules.
+    async fn on_connect(&mut self, obj: &Object, hop: &Hop) {
+        if self.readers.len() >= MAX_CONNECTED_SESSIONS && !self.readers.contains_key(&hop.route) {
             let msg = "too many relayed sessions at once; try again later".to_string();
-            return self.send_rejected(Refusal::BadRequest(msg).into(), &session_id);
+            return self.send_rejected(Refusal::BadRequest(msg).into(), hop);
         }
-        let sealed_by = self
-            .sealed
-            .get(self.route(&session_id))
-            .map(|s| s.sealed_by);
+        let conversation = match hop.sealed_by {
+            Some(_) => hop
+                .asked
+                .clone()
+                .unwrap_or_else(|| hop.conversation.clone()),
+            None => hop.conversation.clone(),
+        };
+        let held_elsewhere = self.sealed.iter().any(|(route, s)| {
+            *route != hop.route && s.conversation.as_deref() == Some(conversation.as_str())
+        });
+        let asked = Hop {
+            conversation: conversation.clone(),
+            ..hop.clone()
+        };
+        if held_elsewhere || !crate::proto::valid_session_id(&conversation) {
+            let msg = format!("session {conversation} is open on another connection");
+            return self.send_rejected(Refusal::BadRequest(msg).into(), &asked);
+        }
         let began = std::time::Instant::now();
         let result = self
             .dispatcher
-            .connect(obj, &session_id, &self.origin, sealed_by.as_ref())
+            .connect(obj, &conversation, &self.origin, hop.sealed_by.as_ref())
             .await;
         let refused = result.as_ref().err().map(|r| r.refusal.code());
         self.dispatcher
             .count(Transport::Relay, Route::Connect, refused, began);
         match result {
             Ok((reader, status)) => {
-                self.readers.insert(session_id.clone(), reader);
+                self.readers.insert(hop.route.clone(), reader);
+                if let Some(sealed) = self.sealed.get_mut(&hop.route) {
+                    sealed.conversation = Some(conversation.clone());
+                }
                 let connected = NodeFrame::Connected {
-                    session_id: session_id.clone(),
+                    session_id: conversation.clone(),
                     status,
                 };
-                self.send(&session_id, connected.encode(Some(&session_id)));
+                self.send(&hop.route, connected.encode(Some(&conversation)));
             }
-            Err(rejected) => self.send_rejected(rejected, &session_id),
+            Err(rejected) => self.send_rejected(rejected, &asked),
         }
     }
 
     /// Copies a run's replies to the relay. A relay link that cannot take them within the
     /// send timeout is dead; the run itself goes on.
-    fn forward(&mut self, mut replies: mpsc::Receiver<Envelope>, session_id: &str) {
+    fn forward(&mut self, mut replies: mpsc::Receiver<Envelope>, route: &str) {
         let out = self.out.clone();
         let dead = self.dead.clone();
         let dispatcher = self.dispatcher.clone();
         let max_frame = self.max_frame;
-        let route = self.route(session_id).to_owned();
+        let route = route.to_owned();
         let sealed = self.sealed.contains_key(&route);
         self.forwarders.spawn(async move {
             while let Some(env) = replies.recv().await {
                 let mut frame = env.to_flat_json().to_string();
                 let on_wire = if sealed {
-                    SealSender::sealed_len(frame.len())
+                    SealSender::sealed_len(frame.len(), route.len())
                 } else {
                     frame.len()
                 };
@@ -693,6 +748,7 @@ impl RelayedSessions {
                 }
                 let next = Outbound::Frame {
                     session_id: Some(route.clone()),
+                    must_seal: sealed,
                     text: frame,
                 };
                 if out.send_timeout(next, SEND_TIMEOUT).await.is_err() {
