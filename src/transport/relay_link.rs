@@ -503,8 +503,12 @@ impl RelayedSessions {
                 if FrameType::of(&inner) == Some(FrameType::Connect) {
                     hop_here.asked = ClientFrame::connect_session(&inner);
                 }
-                // Decoded below as a frame of this route; the conversation goes in `hop`.
-                inner.insert("session_id".into(), Value::String(route.clone()));
+                // A frame that names no session is in the route's conversation (the
+                // route itself until a CONNECT was let into one).
+                inner.insert(
+                    "session_id".into(),
+                    Value::String(hop_here.conversation.clone()),
+                );
                 obj = inner;
                 hop = Some(hop_here);
             } else if FrameType::of(&obj) == Some(FrameType::Seal) {
