@@ -68,7 +68,12 @@ def end(p, grace=5.0):
         _children.remove(p)
 
 
+_MAIN_PID = os.getpid()
+
+
 def end_all(*_):
+    if os.getpid() != _MAIN_PID:
+        return
     for p in list(_children):
         try:
             end(p, grace=2.0)
@@ -191,6 +196,13 @@ def canonical(value):
     return json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
 
 
+def _worker_init():
+    # A signing worker is forked from the driver: it must not run the driver's SIGTERM
+    # handler (which ends the hosts), nor own its children.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _children.clear()
+
+
 def _sign_chunk(job):
     key_dir, to, tag, start, stop, sessions, now = job
     from connectonion import address
@@ -214,8 +226,14 @@ def signed_bodies(scratch, to, count, path, sessions=None):
     step = max(1, (count + 7) // 8)
     jobs = [(str(Path(scratch) / "caller"), to, tag, s, min(count, s + step), sessions, now)
             for s in range(0, count, step)]
-    with multiprocessing.Pool(min(len(jobs), os.cpu_count() or 1)) as pool:
+    # spawn, not fork: the driver may have threads (asyncio's resolver) holding locks.
+    ctx = multiprocessing.get_context("spawn")
+    pool = ctx.Pool(min(len(jobs), os.cpu_count() or 1), initializer=_worker_init)
+    try:
         chunks = pool.map(_sign_chunk, jobs)
+    finally:
+        pool.close()
+        pool.join()
     with open(path, "w") as f:
         for chunk in chunks:
             f.write("\n".join(chunk) + "\n")
@@ -602,6 +620,11 @@ def print_table(res, header, secs, ws_turns):
     o = sorted(res["others_pct"])
     print(f"- CPU used by other processes (not the host, not wrk) during the wrk runs, % of one core: "
           f"median {statistics.median(o):.0f}, max {max(o):.0f}")
+    for kind in ("python", "oonode"):
+        for key, r in res[kind].items():
+            if isinstance(r, dict) and r.get("exhausted"):
+                print(f"- WARNING: {kind} {key}: a wrk thread ran out of signed bodies; "
+                      f"that run's figures are not usable (raise BODY_RATE)")
     print(f"- each wrk run {secs} s; every figure from a fresh host; ratio = how many times "
           f"better oonode is (below 1: worse)\n")
     print("| figure | Python host | oonode | ratio |")
