@@ -19,6 +19,7 @@ use crate::agent::{
     ApiKey, ExecConfig, ForwardConfig, LlmConfig, DEFAULT_API_KEY_ENV, MAX_FORWARD_RETRIES,
 };
 use crate::proto::RelayUrl;
+use crate::store::Durability;
 use crate::transport::p2p::{parse_multiaddr, P2pConfig};
 use crate::trust::{
     AddressList, InviteCode, ListError, ListFile, ListFiles, Policy, Trust, TrustLevel,
@@ -91,6 +92,11 @@ pub const HOST_YAML_TEMPLATE: &str = r#"# .co/host.yaml: settings for `oonode ho
 
 # Seconds a finished session is kept.
 # result_ttl: 86400
+# When the store answers: `batched` once a change is written to its log (a killed
+# process loses nothing answered; the log is synced within 5 ms, so a machine crash
+# can lose those; after one, messages signed before the restart are refused), or
+# `sync` after the log's sync, shared by every concurrent turn.
+# durability: batched
 
 # Bytes one run may stream and the most its answer may hold; past it the run is
 # stopped with an `output_too_large` error.
@@ -214,6 +220,8 @@ pub struct Settings {
     /// Open WebSockets one client IP may hold.
     pub max_sockets_per_client: Option<usize>,
     pub result_ttl: Option<u64>,
+    /// `sync` or `batched` (see [`Durability`]).
+    pub durability: Option<String>,
     pub max_output_bytes: Option<usize>,
     pub max_prompt_bytes: Option<usize>,
     pub max_history_messages: Option<usize>,
@@ -596,6 +604,7 @@ impl Settings {
                 .or(lower.max_connections_per_client),
             max_sockets_per_client: self.max_sockets_per_client.or(lower.max_sockets_per_client),
             result_ttl: self.result_ttl.or(lower.result_ttl),
+            durability: self.durability.or(lower.durability),
             max_output_bytes: self.max_output_bytes.or(lower.max_output_bytes),
             max_prompt_bytes: self.max_prompt_bytes.or(lower.max_prompt_bytes),
             max_history_messages: self.max_history_messages.or(lower.max_history_messages),
@@ -648,6 +657,8 @@ pub struct HostConfig {
     /// Open WebSockets one client IP may hold.
     pub max_sockets_per_client: usize,
     pub result_ttl: u64,
+    /// When the store answers a write.
+    pub durability: Durability,
     /// Bytes one run may stream, and the most its answer may hold.
     pub max_output_bytes: usize,
     /// Bytes of one prompt.
@@ -738,6 +749,11 @@ impl HostConfig {
         if result_ttl == 0 {
             return Err(invalid("result_ttl", "must be at least 1 second"));
         }
+        let durability = match s.durability.as_deref() {
+            None => Durability::default(),
+            Some(text) => Durability::parse(text)
+                .ok_or_else(|| invalid("durability", "must be `batched` or `sync`"))?,
+        };
         let p2p =
             if s.p2p.unwrap_or(true) {
                 let mut p2p = P2pConfig::default();
@@ -846,6 +862,7 @@ impl HostConfig {
                 DEFAULT_MAX_SOCKETS_PER_CLIENT,
             )?,
             result_ttl,
+            durability,
             max_output_bytes: positive(
                 "max_output_bytes",
                 s.max_output_bytes,
@@ -1015,6 +1032,7 @@ co_dir: null
         assert_eq!(s.workers, Some(DEFAULT_WORKERS));
         assert_eq!(s.result_ttl, Some(DEFAULT_RESULT_TTL));
         assert_eq!(s.max_queue, Some(DEFAULT_MAX_QUEUE));
+        assert_eq!(s.durability.as_deref(), Some("batched"));
     }
 
     #[test]

@@ -79,11 +79,11 @@
 //! | `identity.rs` | keys, [`Address`], PeerId conversion, key file, co_dir lookup |
 //! | `envelope.rs` | envelope shapes, canonical JSON (forms A and B), sign/verify, freshness, replay keys (no I/O) |
 //! | `proto/` | the wire (no I/O): typed frames per link (`frame.rs`), [`proto::ErrorCode`] (`error.rs`), ANNOUNCE (`announce.rs`), [`proto::RelayUrl`] and the relay's routes (`relay_url.rs`), signed HTTP reads (`signed_request.rs`) |
-//! | `metrics.rs` | what a node and a relay count for `/metrics` (prometheus-client, one registry per instance; libp2p's own metrics and the store's flushes join the node's), the request's `Transport`, route and outcome labels |
+//! | `metrics.rs` | what a node and a relay count for `/metrics` (prometheus-client, one registry per instance; libp2p's own metrics and the store's log syncs join the node's), the request's `Transport`, route and outcome labels |
 //! | `net.rs` | socket helpers shared by the node and the relay server: TCP_NODELAY, a listener capped per client IP, WebSocket read errors, SIGINT/SIGTERM |
 //! | `tls.rs` | rustls for both sides: what a client trusts (public roots plus an optional CA file), what a server presents (PEM chain and key), dialing `wss://`, a failed handshake as one sentence, a listener that handshakes with a timeout |
 //! | `agent/` | the [`Agent`] trait (with its own summary and examples), [`AgentFactory`] (a fresh agent per request), [`Turn`] and the `Peers` link through which a turn calls other agents (implemented by `node/`) in `mod.rs`; built-ins `echo`, `translator`, `ticker` in `builtin.rs`; `exec.rs`: a program in any language as the agent, a pool of child processes speaking JSON Lines ([`agent::ExecAgent`], docs/agent-protocol.md); an agent behind an HTTP endpoint (`forward.rs`, `--forward`) and a model behind an OpenAI-compatible API (`llm.rs`, `--agent llm`), sharing SSE decoding, backoff and errors (`upstream.rs`) |
-//! | `store/` | sled (`mod.rs`: sessions, seen ids, kept replies, trust state; one store thread, group commit), the index of session metadata that listings, start-up and the sweeper read instead of the records, and listing cursors (`index.rs`), attached files (`uploads.rs`) |
+//! | `store/` | sled (`mod.rs`: sessions, seen ids, kept replies, trust state; one store thread; the `Durability` modes), the write-ahead log every change goes to first and that a start replays (`wal.rs`), the index of session metadata that listings, start-up and the sweeper read instead of the records, and listing cursors (`index.rs`), attached files (`uploads.rs`) |
 //! | `trust/` | trust levels, address lists (`lists.rs`), policies (`policy.rs`), the decision, onboarding and admin actions (`engine.rs`), wrong invite codes (`invites.rs`) |
 //! | `dispatch/` | the [`Dispatcher`]: verify → trust → admit → run → stream → persist → reply (`mod.rs`); signatures, CONNECT, signed reads, admin (`access.rs`); whose sessions (`scope.rs`); refusals and their answers (`refusal.rs`); one run (`run.rs`); a turn's session state (`turn.rs`); RESUME (`follow.rs`) |
 //! | `transport/` | the ways in, each knowing the dispatcher and never the reverse: `http.rs` (the seed's API, `/docs`, origins), `ws.rs` (`/ws`), `relay_link.rs` (the node's outbound link to a relay), `p2p/` (the libp2p swarm: `handle.rs`, `behaviour.rs`, `event_loop.rs`, `serve.rs`, presence records in `record.rs` (checks) and `presence.rs` (publish, look up), per-IP limits in `ip_limits.rs`, the CBOR `wire.rs`) |
@@ -136,8 +136,8 @@ pub use libp2p::Multiaddr;
 pub use node::{host, router, Host, HostError, Node, NodeHandle, Ready};
 pub use relay_server::{Relay, RelayConfig, RelayError, RelayHandle, RelayReady};
 pub use store::{
-    BadCursor, PageCursor, SessionMeta, SessionPage, SessionRecord, SessionStatus, Upload,
-    UploadError,
+    BadCursor, Durability, PageCursor, SessionMeta, SessionPage, SessionRecord, SessionStatus,
+    Upload, UploadError,
 };
 pub use tls::TlsError;
 pub use transport::p2p::{P2p, P2pConfig, P2pError, PeerPresence, SwarmStatus};

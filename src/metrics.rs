@@ -156,8 +156,8 @@ fn run_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.01, 2.0, 16))
 }
 
-/// What the store thread counts: its flushes (one per batch of durable writes) and
-/// how long they take. Cloned into the store; the node's registry reads the same cells.
+/// What the store counts: syncs of its write-ahead log (one per batch that waits for
+/// one, or one per window in `batched` durability) and how long they take. Cloned into the store; the node's registry reads the same cells.
 #[derive(Clone)]
 pub(crate) struct StoreMetrics {
     pub(crate) flushes: Counter,
@@ -218,17 +218,17 @@ impl NodeMetrics {
         );
         registry.register(
             "store_flushes",
-            "Flushes of the store to disk (each makes a batch of durable writes durable)",
+            "Syncs of the store's write-ahead log (each makes every write before it durable)",
             store.flushes.clone(),
         );
         registry.register(
             "store_flush_seconds",
-            "How long one flush of the store took",
+            "How long one sync of the store's log took",
             store.flush_seconds.clone(),
         );
         registry.register(
             "store_writes_per_flush",
-            "Durable writes made durable by one flush (group commit)",
+            "Writes waiting for durability made durable by one sync (group commit, `sync` durability)",
             store.writes_per_flush.clone(),
         );
         let store_queue = Gauge::default();

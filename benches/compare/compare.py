@@ -129,6 +129,10 @@ def post(port, path, body, timeout=30.0):
         c.close()
 
 
+# COMPARE_DURABILITY: oonode's `--durability` (default: the node's own default).
+DURABILITY = os.environ.get("COMPARE_DURABILITY", "")
+
+
 class Host:
     """One fresh host: its process, port, address, start-to-healthy and idle RSS."""
 
@@ -144,6 +148,8 @@ class Host:
             argv = [oonode, "host", "--agent", "echo", "--no-p2p", "--no-relay",
                     "--bind", "127.0.0.1", "--port", self.port, "--co-dir", co,
                     "--ready-json", "--trust", "open"]
+            if DURABILITY:
+                argv += ["--durability", DURABILITY]
             env = dict(os.environ, RUST_LOG="warn")
         else:
             argv = [PYTHON, PY_HOST, "--port", self.port, "--co-dir", co, "--trust", "open"]
@@ -434,7 +440,7 @@ def machine_lines(oonode, fsync):
         f"- nproc: {os.cpu_count()}, CPU: {model}, kernel {platform.release()}",
         f"- disk (scratch dir): write 4 KiB + fdatasync p50 {fsync[0]:.2f} ms, p99 {fsync[1]:.2f} ms",
         f"- load average at start: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f}",
-        f"- {ver}; connectonion {md.version('connectonion')} on Python {platform.python_version()}; {wrk_v}",
+        f"- {ver} (durability: {DURABILITY or 'default'}); connectonion {md.version('connectonion')} on Python {platform.python_version()}; {wrk_v}",
     ]
 
 

@@ -66,6 +66,10 @@ pub(crate) struct HostArgs {
     /// Requests that may wait for a worker before the node answers busy (503).
     #[arg(long)]
     max_queue: Option<usize>,
+    /// When the store answers a write: `batched` (default; once written to its log,
+    /// synced within 5 ms) or `sync` (after the sync, shared by concurrent turns).
+    #[arg(long, value_parser = ["batched", "sync"])]
+    durability: Option<String>,
     /// Seconds finished sessions are kept (at least 1).
     #[arg(long, value_parser = super::at_least_one::<u64>)]
     result_ttl: Option<u64>,
@@ -142,6 +146,13 @@ pub(crate) async fn host(args: HostArgs) -> anyhow::Result<()> {
     }
     if let Some(n) = args.max_queue {
         host = host.max_queue(n);
+    }
+    if let Some(d) = args
+        .durability
+        .as_deref()
+        .and_then(oonode::Durability::parse)
+    {
+        host = host.durability(d);
     }
     if let Some(s) = args.result_ttl {
         host = host.result_ttl(s);

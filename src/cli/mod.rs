@@ -20,7 +20,7 @@ pub(crate) enum Command {
     /// Host an agent: reachable over HTTP/WebSocket (port 8000), the libp2p swarm (port
     /// 4001, QUIC and TCP) and a relay; identity and sessions in the co_dir. Every flag
     /// and host.yaml value is checked first: a bad one stops it with exit status 2.
-    Host(host::HostArgs),
+    Host(Box<host::HostArgs>),
     /// Run a relay: agents announce on /ws/announce, callers reach them on /ws/input.
     Relay(relay::RelayArgs),
     /// Call an agent by address (direct, over the swarm, or through a relay; the best that
@@ -233,7 +233,7 @@ pub(crate) fn peer_of(addr: &libp2p::Multiaddr) -> Option<libp2p::PeerId> {
 pub(crate) async fn run(command: Command) -> ExitCode {
     let result = match command {
         Command::Call(args) => return call::call(args).await,
-        Command::Host(args) => host::host(args).await,
+        Command::Host(args) => host::host(*args).await,
         Command::Relay(args) => relay::relay(args).await,
         Command::Peers(args) => peers::peers(args).await,
         Command::Init {

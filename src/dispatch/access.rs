@@ -80,10 +80,20 @@ impl Dispatcher {
 
     /// Records a signed envelope as used; a second use is a replay. Kept past the
     /// freshness window on both sides: by then the timestamp check refuses it anyway.
+    /// After an unclean stop the record may miss the last keys before it, so a message
+    /// signed before the restart (`replay_floor`) is refused whatever the record says.
     pub(super) async fn use_once(&self, env: &Envelope, now: u64) -> Result<(), Refusal> {
         if let Some(key) = env.replay_key() {
+            let ts = env.timestamp().unwrap_or(0);
+            let floor = self.inner.config.replay_floor;
+            if floor > 0 && ts <= floor {
+                return Err(Refusal::SignedBeforeRestart);
+            }
+            // Signed ahead of our clock: a restart's floor would not cover it, so its key
+            // must be on disk before the message is acted on (`Store::record_seen`).
+            let synced = ts > now;
             let expires = now + 2 * MAX_CLOCK_SKEW_SECS;
-            if !self.inner.store.record_seen(key, expires).await? {
+            if !self.inner.store.record_seen(key, expires, synced).await? {
                 return Err(Refusal::Replayed);
             }
         }

@@ -133,6 +133,9 @@ pub struct DispatcherConfig {
     pub workers: usize,
     pub max_queue: usize,
     pub result_ttl: u64,
+    /// Signed messages timestamped before this (unix seconds) are refused as possible
+    /// replays: set after an unclean stop (see `store::Opened::unclean`); 0 for none.
+    pub replay_floor: u64,
     /// Attached files: limits, and where accepted ones are saved.
     pub uploads: Uploads,
     /// Bytes one run may stream, and the most its answer may hold.
@@ -406,9 +409,9 @@ impl Dispatcher {
             origin,
             error: None,
         };
-        // Replies kept from the session's previous turn would be mistaken for this one's.
-        inner.store.clear_replies(key.clone()).await?;
-        inner.store.put_session(key.clone(), record.clone()).await?;
+        // Forgets the replies kept from the session's previous turn (they would be
+        // mistaken for this one's) and marks it running; the turn's end makes it durable.
+        inner.store.begin_turn(key.clone(), record.clone()).await?;
         let (live_tx, _) = broadcast::channel(LIVE_BUFFER);
         self.live().insert(key.clone(), live_tx.clone());
 

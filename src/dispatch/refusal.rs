@@ -27,6 +27,8 @@ pub enum Refusal {
     PromptTooLong { max: usize },
     #[error("this message was already received (replay refused)")]
     Replayed,
+    #[error("this message was signed before the node restarted after an unclean stop, when it may have lost the record of messages already received; sign it again")]
+    SignedBeforeRestart,
     #[error("session {0} is still running its previous turn")]
     SessionBusy(String),
     #[error("no session {0}")]
@@ -67,7 +69,7 @@ impl Refusal {
             Refusal::Trust(r) => r.code(),
             Refusal::Admin(AdminError::Store(_)) => ErrorCode::Internal,
             Refusal::Admin(_) => ErrorCode::BadRequest,
-            Refusal::Replayed => ErrorCode::Replayed,
+            Refusal::Replayed | Refusal::SignedBeforeRestart => ErrorCode::Replayed,
             Refusal::PromptTooLong { .. } => ErrorCode::TooLarge,
             Refusal::SessionBusy(_) => ErrorCode::SessionBusy,
             Refusal::UnknownSession(_)

@@ -15,7 +15,7 @@ use crate::envelope::{unix_now, Envelope, Kind};
 use crate::identity::Address;
 use crate::metrics::{Outcome, Transport};
 use crate::proto::ErrorCode;
-use crate::store::{SessionRecord, SessionStatus, FINAL_SEQ};
+use crate::store::{SessionRecord, SessionStatus};
 
 /// At most one STREAM per window: chunks an agent writes faster are joined, so a flood
 /// of tiny chunks costs a bounded number of signatures and stored replies per second.
@@ -207,18 +207,15 @@ impl Run {
                 self.reply(Kind::Error, body)
             }
         };
-        // The final reply is kept before the session is marked finished, so a follower
-        // that sees the session finished always finds it.
-        if let Ok(bytes) = serde_json::to_vec(&reply.to_flat_json()) {
-            if let Err(e) = inner
-                .store
-                .put_reply(self.key.clone(), FINAL_SEQ, bytes)
-                .await
-            {
-                warn!(error = %e, "keeping the final reply failed");
-            }
-        }
-        let reply = match inner.store.put_session(self.key.clone(), record).await {
+        // One job keeps the final reply and marks the session finished (in that order,
+        // so a follower that sees it finished finds the reply), answered as the store's
+        // durability says: the one store round trip on the answer's path.
+        let kept = serde_json::to_vec(&reply.to_flat_json()).ok();
+        let reply = match inner
+            .store
+            .finish_turn(self.key.clone(), kept, record)
+            .await
+        {
             Ok(()) => reply,
             Err(e) => {
                 warn!(error = %e, "could not store the session result");

@@ -181,6 +181,12 @@ impl Host {
         self
     }
 
+    /// When the store answers a write (host.yaml `durability`).
+    pub fn durability(mut self, d: crate::store::Durability) -> Self {
+        self.code.durability = Some(d.as_str().to_owned());
+        self
+    }
+
     /// Seconds a finished session is kept.
     pub fn result_ttl(mut self, secs: u64) -> Self {
         self.code.result_ttl = Some(secs);

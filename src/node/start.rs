@@ -53,8 +53,28 @@ impl Node {
             source,
         })?;
         let (identity, key_created) = Identity::load_or_create(&config.co_dir)?;
-        let (store, interrupted) =
-            Store::open(&store_path(&config.co_dir), config.result_ttl, unix_now())?;
+        let opened_at = unix_now();
+        let (store, opened) = Store::open_with(
+            &store_path(&config.co_dir),
+            config.result_ttl,
+            opened_at,
+            config.durability,
+        )?;
+        let interrupted = opened.interrupted;
+        if opened.replayed > 0 {
+            info!(
+                replayed = opened.replayed,
+                "changes written before the last stop read back from the store's log"
+            );
+        }
+        // The log may have lost its last unsynced writes (a machine crash in `batched`
+        // mode), replay keys among them: messages signed before now are refused.
+        let replay_floor = if opened.unclean {
+            warn!("the previous process did not stop cleanly: messages signed before this start are refused");
+            opened_at
+        } else {
+            0
+        };
         if interrupted > 0 {
             warn!(
                 interrupted,
@@ -86,6 +106,7 @@ impl Node {
                 workers: config.workers,
                 max_queue: config.max_queue,
                 result_ttl: config.result_ttl,
+                replay_floor,
                 uploads: uploads(&config),
                 max_output_bytes: config.max_output_bytes,
                 max_prompt_bytes: config.max_prompt_bytes,

@@ -11,8 +11,9 @@
 //! | `seen_expiry` | `expires` (u64 BE) ‖ replay key | empty; soonest due first |
 //!
 //! A session key is its scope (`a…/` or `s…/`, see `dispatch::scope`) then its id. Every
-//! write or removal of a session changes its record and these entries in one sled
-//! transaction on the store thread, so they cannot disagree; a store without the
+//! write or removal of a session changes its record and these entries in one job on the
+//! store thread, logged as one change in the write-ahead log (see [`put`] for how a
+//! replay repairs a half-done write), so they cannot disagree; a store without the
 //! [`INDEX_VERSION`] marker (written before the index existed, or whose build was cut
 //! short) has them rebuilt from the records once, when it is opened.
 
@@ -21,8 +22,6 @@ use std::time::{Duration, Instant};
 
 use base64::Engine;
 use serde::{Deserialize, Serialize};
-use sled::transaction::{ConflictableTransactionError, TransactionError};
-use sled::Transactional;
 
 use super::{SessionStatus, StoreError, Trees};
 
@@ -150,64 +149,68 @@ fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
     None
 }
 
-fn tx_error(e: TransactionError<serde_json::Error>) -> StoreError {
-    match e {
-        TransactionError::Abort(e) => StoreError::Corrupt(e),
-        TransactionError::Storage(e) => StoreError::Sled(e),
-    }
-}
-
 /// Writes a session's record (`body`) and its index entries, replacing the entries of
-/// what was stored under `key` before, in one transaction.
+/// what was stored under `key` before; returns that earlier meta.
+///
+/// Not atomic across the trees, and no sled transaction (each would write sled's log
+/// out): the store's write-ahead log makes a change atomic instead. A crash can leave a
+/// write half done in sled's files; replaying the log does every logged write again,
+/// and `stale` (the meta a logged write replaced) removes entries a half-done write
+/// left behind under a meta sled no longer holds.
 pub(super) fn put(
     t: &Trees,
     key: &[u8],
     body: &[u8],
     meta: &SessionMeta,
-) -> Result<(), StoreError> {
+    stale: Option<&SessionMeta>,
+) -> Result<Option<SessionMeta>, StoreError> {
     let meta_bytes = serde_json::to_vec(meta)?;
-    (&t.sessions, &t.meta, &t.list, &t.expiry, &t.running)
-        .transaction(|(sessions, metas, list, expiry, running)| {
-            if let Some(old) = metas.insert(key, meta_bytes.as_slice())? {
-                let old: SessionMeta =
-                    serde_json::from_slice(&old).map_err(ConflictableTransactionError::Abort)?;
-                list.remove(list_key(key, old.created))?;
-                if let Some(e) = old.expires {
-                    expiry.remove(expiry_key(e, key))?;
-                }
-            }
-            list.insert(list_key(key, meta.created), meta_bytes.as_slice())?;
-            if let Some(e) = meta.expires {
-                expiry.insert(expiry_key(e, key), &[])?;
-            }
-            if meta.status == SessionStatus::Running {
-                running.insert(key, &[])?;
-            } else {
-                running.remove(key)?;
-            }
-            sessions.insert(key, body)?;
-            Ok(())
-        })
-        .map_err(tx_error)
+    let old = match t.meta.insert(key, meta_bytes.as_slice())? {
+        Some(bytes) => Some(serde_json::from_slice::<SessionMeta>(&bytes)?),
+        None => None,
+    };
+    for gone in old.iter().chain(stale) {
+        if gone.created != meta.created {
+            t.list.remove(list_key(key, gone.created))?;
+        }
+        if let Some(e) = gone.expires.filter(|e| Some(*e) != meta.expires) {
+            t.expiry.remove(expiry_key(e, key))?;
+        }
+    }
+    t.list
+        .insert(list_key(key, meta.created), meta_bytes.as_slice())?;
+    if let Some(e) = meta.expires {
+        t.expiry.insert(expiry_key(e, key), &[])?;
+    }
+    if meta.status == SessionStatus::Running {
+        t.running.insert(key, &[])?;
+    } else {
+        t.running.remove(key)?;
+    }
+    t.sessions.insert(key, body)?;
+    Ok(old)
 }
 
-/// Removes a session's record and index entries in one transaction.
-pub(super) fn remove(t: &Trees, key: &[u8]) -> Result<(), StoreError> {
-    (&t.sessions, &t.meta, &t.list, &t.expiry, &t.running)
-        .transaction(|(sessions, metas, list, expiry, running)| {
-            if let Some(old) = metas.remove(key)? {
-                let old: SessionMeta =
-                    serde_json::from_slice(&old).map_err(ConflictableTransactionError::Abort)?;
-                list.remove(list_key(key, old.created))?;
-                if let Some(e) = old.expires {
-                    expiry.remove(expiry_key(e, key))?;
-                }
-            }
-            running.remove(key)?;
-            sessions.remove(key)?;
-            Ok(())
-        })
-        .map_err(tx_error)
+/// Removes a session's record and index entries (and those of `stale`, as in [`put`]);
+/// returns the meta it had.
+pub(super) fn remove(
+    t: &Trees,
+    key: &[u8],
+    stale: Option<&SessionMeta>,
+) -> Result<Option<SessionMeta>, StoreError> {
+    let old = match t.meta.remove(key)? {
+        Some(bytes) => Some(serde_json::from_slice::<SessionMeta>(&bytes)?),
+        None => None,
+    };
+    for gone in old.iter().chain(stale) {
+        t.list.remove(list_key(key, gone.created))?;
+        if let Some(e) = gone.expires {
+            t.expiry.remove(expiry_key(e, key))?;
+        }
+    }
+    t.running.remove(key)?;
+    t.sessions.remove(key)?;
+    Ok(old)
 }
 
 /// Up to `limit` sessions of the scope `scope` (a session key's prefix, `a…/` or
@@ -264,37 +267,38 @@ fn due(tree: &sled::Tree, now: u64, max: usize) -> Result<Vec<sled::IVec>, Store
 }
 
 /// Records a replay key until `expires`, with its place in the sweeper's order. False if
-/// it was there already.
+/// it was there already. (One thread writes the store, so the check and the write
+/// cannot interleave with another.)
 pub(super) fn record_seen(t: &Trees, key: &[u8], expires: u64) -> Result<bool, StoreError> {
-    (&t.seen, &t.seen_expiry)
-        .transaction(|(seen, order)| {
-            if seen.get(key)?.is_some() {
-                return Ok(false);
-            }
-            seen.insert(key, &expires.to_be_bytes())?;
-            order.insert(expiry_key(expires, key), &[])?;
-            Ok(true)
-        })
-        .map_err(tx_error)
+    if t.seen.get(key)?.is_some() {
+        return Ok(false);
+    }
+    put_seen(t, key, expires)?;
+    Ok(true)
 }
 
-/// Removes up to `max` replay keys due by `now`; returns how many went.
+/// Writes a replay key and its place in the sweeper's order, whatever is there (a replay
+/// of the log over a half-done write).
+pub(super) fn put_seen(t: &Trees, key: &[u8], expires: u64) -> Result<(), StoreError> {
+    t.seen_expiry.insert(expiry_key(expires, key), &[])?;
+    t.seen.insert(key, &expires.to_be_bytes())?;
+    Ok(())
+}
+
+/// Removes up to `max` replay keys due by `now`; returns how many went. The key goes
+/// before its entry in the order, so a crash between the two leaves an entry the next
+/// sweep removes, never a key no sweep finds.
 pub(super) fn sweep_seen(t: &Trees, now: u64, max: usize) -> Result<usize, StoreError> {
     let end = now.saturating_add(1).to_be_bytes();
     let mut removed = 0;
     for entry in t.seen_expiry.range(..&end[..]).keys().take(max) {
         let entry = entry?;
         let key = &entry[8..];
-        (&t.seen, &t.seen_expiry)
-            .transaction(|(seen, order)| {
-                // A key recorded again later has a later expiry: keep it.
-                if seen.get(key)?.as_deref() == Some(&entry[..8]) {
-                    seen.remove(key)?;
-                }
-                order.remove(&entry)?;
-                Ok(())
-            })
-            .map_err(tx_error)?;
+        // A key recorded again later has a later expiry: keep it.
+        if t.seen.get(key)?.as_deref() == Some(&entry[..8]) {
+            t.seen.remove(key)?;
+        }
+        t.seen_expiry.remove(&entry)?;
         removed += 1;
     }
     Ok(removed)

@@ -4,6 +4,7 @@
 
 mod index;
 mod uploads;
+mod wal;
 
 use std::path::{Path, PathBuf};
 
@@ -152,48 +153,155 @@ fn trust_key(kind: TrustKey, address: &Address) -> Vec<u8> {
     format!("{prefix}:{address}").into_bytes()
 }
 
-/// How a job finishes: answer now, or once the batch it is in has been flushed.
-enum Completion {
-    Now(Box<dyn FnOnce() + Send>),
-    AfterFlush(Box<dyn FnOnce(Result<(), String>) + Send>),
-    /// Flush, close sled (releasing its lock on the directory), then answer.
-    Close(Box<dyn FnOnce(Result<(), String>) + Send>),
+/// How much of a write must be on disk before its caller is answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// Answer after the log is synced (`fdatasync`), one sync shared by every write of
+    /// the batch (group commit). Survives a machine crash.
+    Sync,
+    /// Answer once the log is written (a killed process loses nothing answered); the log
+    /// is synced within `window`. A machine crash can lose that window's writes.
+    Batched { window: std::time::Duration },
 }
 
-type Job = Box<dyn FnOnce(&Trees) -> Completion + Send>;
+impl Default for Durability {
+    fn default() -> Self {
+        Durability::Batched {
+            window: DEFAULT_SYNC_WINDOW,
+        }
+    }
+}
+
+impl Durability {
+    /// Reads `sync` or `batched` (host.yaml, `--durability`).
+    pub fn parse(text: &str) -> Option<Durability> {
+        match text {
+            "sync" => Some(Durability::Sync),
+            "batched" => Some(Durability::default()),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Durability::Sync => "sync",
+            Durability::Batched { .. } => "batched",
+        }
+    }
+}
+
+/// How long a batched write may wait for its sync.
+pub const DEFAULT_SYNC_WINDOW: std::time::Duration = std::time::Duration::from_millis(5);
+
+/// What opening the store found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Opened {
+    /// Sessions left running by the previous process, now marked interrupted.
+    pub interrupted: usize,
+    /// Changes read back from the write-ahead log (written, not yet in sled's files).
+    pub replayed: usize,
+    /// The previous process did not close the store (killed, or the machine stopped).
+    pub unclean: bool,
+}
+
+/// When a job's answer may go: once its batch is written to the log, or synced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Wait {
+    Written,
+    Durable,
+}
+
+/// What the store thread gives a job: the trees, and the log records of its changes.
+struct Ctx<'a> {
+    trees: &'a Trees,
+    log: Vec<u8>,
+}
+
+impl Ctx<'_> {
+    fn log(&mut self, op: wal::Op) {
+        op.encode_into(&mut self.log);
+    }
+}
+
+type Answer = Box<dyn FnOnce(Result<(), String>) + Send>;
+
+/// How a job finishes: answered after its batch is written (or synced), with nothing to
+/// answer, or by closing the store.
+enum Completion {
+    Answer(Wait, Answer),
+    Silent,
+    /// Checkpoint, close sled (releasing its lock on the directory), then answer.
+    Close(Answer),
+}
+
+type Job = Box<dyn FnOnce(&mut Ctx) -> Completion + Send>;
 
 /// sled's page cache; its default (1 GiB) would let a busy node's memory grow far past
 /// what the sessions need.
 const CACHE_BYTES: u64 = 64 * 1024 * 1024;
 /// Jobs waiting for the store thread.
 const JOB_QUEUE: usize = 4096;
-/// Durable writes that share one flush at most.
+/// Jobs that share one write (and one sync) of the log at most.
 const MAX_BATCH: usize = 512;
+/// sled is flushed and the log emptied once the log holds this much...
+const CHECKPOINT_BYTES: u64 = 16 * 1024 * 1024;
+/// ... or this long after the last checkpoint, whichever comes first.
+const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+const WAL_FILE: &str = "oonode.wal";
+/// Present while a process has the store open: found at open, the last one did not
+/// close it.
+const OPEN_MARKER: &str = "oonode.open";
 
 /// Handle to the store; cheap to clone.
 ///
 /// One thread owns sled and runs jobs in order, so blocking calls never touch the async
-/// workers and a read always sees the writes queued before it. Durable writes are
-/// answered after a flush that every write of the same batch shares (group commit).
+/// workers and a read always sees the writes queued before it. Every change is also
+/// appended to a write-ahead log (`wal.rs`) with one write per batch of jobs, before any
+/// job of the batch is answered; [`Durability`] says whether answers also wait for the
+/// log's sync (shared by the batch: group commit).
 #[derive(Clone)]
 pub struct Store {
     jobs: tokio::sync::mpsc::Sender<Job>,
     metrics: StoreMetrics,
+    durability: Durability,
 }
 
 impl Store {
-    /// Opens (or creates) the store and marks sessions left running by a previous process
-    /// as interrupted (reading only those, from the index). Returns the store and how
-    /// many sessions were marked. A store written before the session index existed has
-    /// it built here, once: the only time every record is read.
+    /// [`Store::open_with`] with the default durability; returns how many sessions were
+    /// marked interrupted.
     pub fn open(path: &Path, result_ttl: u64, now: u64) -> Result<(Store, usize), StoreError> {
+        let (store, opened) = Store::open_with(path, result_ttl, now, Durability::default())?;
+        Ok((store, opened.interrupted))
+    }
+
+    /// Opens (or creates) the store: applies what the write-ahead log holds, then marks
+    /// sessions left running by a previous process as interrupted (reading only those,
+    /// from the index). A store written before the session index existed has it built
+    /// here, once: the only time every record is read.
+    pub fn open_with(
+        path: &Path,
+        result_ttl: u64,
+        now: u64,
+        durability: Durability,
+    ) -> Result<(Store, Opened), StoreError> {
         let trees = Trees::open(path)?;
+        let marker = path.join(OPEN_MARKER);
+        let unclean = marker.exists();
+        let (mut wal, ops, _) = wal::Wal::open(&path.join(WAL_FILE)).map_err(io_error)?;
+        let replayed = ops.len();
+        for op in ops {
+            apply(&trees, op)?;
+        }
+        if replayed > 0 {
+            trees.db.flush()?;
+        }
+        wal.reset().map_err(io_error)?;
         index::build_if_missing(&trees)?;
         let mut marked = 0;
         for key in index::running(&trees)? {
             let Some(bytes) = trees.sessions.get(&key)? else {
-                // Cannot happen (one transaction writes both), but must not stop a start.
-                index::remove(&trees, &key)?;
+                // Only a damaged store has one without the other; it must not stop a start.
+                index::remove(&trees, &key, None)?;
                 continue;
             };
             let mut rec: SessionRecord = serde_json::from_slice(&bytes)?;
@@ -204,14 +312,47 @@ impl Store {
             marked += 1;
         }
         trees.db.flush()?;
+        std::fs::File::create(&marker)
+            .and_then(|f| f.sync_all())
+            .map_err(io_error)?;
         let (jobs, rx) = tokio::sync::mpsc::channel(JOB_QUEUE);
         let metrics = StoreMetrics::default();
         let counted = metrics.clone();
+        let syncer = match durability {
+            Durability::Batched { window } => Some(Syncer::start(&wal, window, &metrics)?),
+            Durability::Sync => None,
+        };
         std::thread::Builder::new()
             .name("oonode-store".into())
-            .spawn(move || run_store(trees, rx, counted))
+            .spawn(move || {
+                StoreThread {
+                    trees,
+                    wal,
+                    marker,
+                    syncer,
+                    metrics: counted,
+                    checkpointed: std::time::Instant::now(),
+                }
+                .run(rx)
+            })
             .map_err(|e| StoreError::Thread(e.to_string()))?;
-        Ok((Store { jobs, metrics }, marked))
+        Ok((
+            Store {
+                jobs,
+                metrics,
+                durability,
+            },
+            Opened {
+                interrupted: marked,
+                replayed,
+                unclean,
+            },
+        ))
+    }
+
+    /// The durability the store was opened with.
+    pub fn durability(&self) -> Durability {
+        self.durability
     }
 
     /// What the store thread counts, for `/metrics`.
@@ -224,34 +365,89 @@ impl Store {
         JOB_QUEUE - self.jobs.capacity()
     }
 
-    /// Runs `f` on the store thread; with `durable`, answers only once it is flushed.
-    async fn call<T, F>(&self, durable: bool, f: F) -> Result<T, StoreError>
+    /// Runs `f` on the store thread and answers once its batch is written, or synced
+    /// with `Wait::Durable`.
+    async fn call<T, F>(&self, wait: Wait, f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
-        F: FnOnce(&Trees) -> Result<T, StoreError> + Send + 'static,
+        F: FnOnce(&mut Ctx) -> Result<T, StoreError> + Send + 'static,
     {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let job: Job = Box::new(move |trees| {
-            let result = f(trees);
-            if durable && result.is_ok() {
-                Completion::AfterFlush(Box::new(move |flushed| {
-                    let _ = tx.send(flushed.map_err(StoreError::Flush).and(result));
-                }))
-            } else {
-                Completion::Now(Box::new(move || {
-                    let _ = tx.send(result);
-                }))
-            }
+        let job: Job = Box::new(move |ctx| {
+            let result = f(ctx);
+            Completion::Answer(
+                wait,
+                Box::new(move |stored| {
+                    let _ = tx.send(stored.map_err(StoreError::Flush).and(result));
+                }),
+            )
         });
         self.jobs.send(job).await.map_err(|_| StoreError::Closed)?;
         rx.await.map_err(|_| StoreError::Closed)?
     }
 
-    /// Writes a session under `key` (its scope and id) durably (flushed before
-    /// returning): what was accepted survives a crash.
+    /// Queues `f` without waiting for it: jobs run in order, so a later read sees it.
+    async fn queue<F>(&self, f: F) -> Result<(), StoreError>
+    where
+        F: FnOnce(&mut Ctx) -> Result<(), StoreError> + Send + 'static,
+    {
+        let job: Job = Box::new(move |ctx| {
+            if let Err(e) = f(ctx) {
+                tracing::warn!(error = %e, "a queued store write failed");
+            }
+            Completion::Silent
+        });
+        self.jobs.send(job).await.map_err(|_| StoreError::Closed)
+    }
+
+    /// What an answer the caller acts on waits for: the sync in `sync` mode, the write
+    /// otherwise.
+    fn committed(&self) -> Wait {
+        match self.durability {
+            Durability::Sync => Wait::Durable,
+            Durability::Batched { .. } => Wait::Written,
+        }
+    }
+
+    /// Writes a session under `key` (its scope and id); answered as [`Durability`] says.
     pub async fn put_session(&self, key: String, rec: SessionRecord) -> Result<(), StoreError> {
-        self.call(true, move |t| write_session(t, key.as_bytes(), &rec))
-            .await
+        self.call(self.committed(), move |ctx| {
+            log_session(ctx, key.as_bytes(), &rec)
+        })
+        .await
+    }
+
+    /// A turn starts: the session's replies kept from its previous turn are forgotten (a
+    /// new turn numbers its chunks from 1 again, and a resuming client must only ever
+    /// see the latest turn's) and its record is written as running. Queued without
+    /// waiting: a later read sees it, and the turn's end makes it durable.
+    pub async fn begin_turn(&self, key: String, rec: SessionRecord) -> Result<(), StoreError> {
+        self.queue(move |ctx| {
+            clear_replies(ctx.trees, key.as_bytes())?;
+            ctx.log(wal::Op::ClearReplies {
+                session: key.clone().into_bytes(),
+            });
+            log_session(ctx, key.as_bytes(), &rec)
+        })
+        .await
+    }
+
+    /// A turn ends: its final reply (kept under [`FINAL_SEQ`], before the record says
+    /// finished, so a follower that sees it finished finds it) and its record, in one
+    /// job, answered as [`Durability`] says. The one store round trip on a turn's answer.
+    pub async fn finish_turn(
+        &self,
+        key: String,
+        final_reply: Option<Vec<u8>>,
+        rec: SessionRecord,
+    ) -> Result<(), StoreError> {
+        self.call(self.committed(), move |ctx| {
+            if let Some(bytes) = final_reply {
+                log_reply(ctx, key.as_bytes(), FINAL_SEQ, bytes)?;
+            }
+            log_session(ctx, key.as_bytes(), &rec)
+        })
+        .await
     }
 
     /// Reads a session; an expired one reads as absent even before the sweeper runs.
@@ -260,12 +456,14 @@ impl Store {
         key: String,
         now: u64,
     ) -> Result<Option<SessionRecord>, StoreError> {
-        self.call(false, move |t| match t.sessions.get(key.as_bytes())? {
-            Some(bytes) => {
-                let rec: SessionRecord = serde_json::from_slice(&bytes)?;
-                Ok((!rec.is_expired(now)).then_some(rec))
+        self.call(Wait::Written, move |ctx| {
+            match ctx.trees.sessions.get(key.as_bytes())? {
+                Some(bytes) => {
+                    let rec: SessionRecord = serde_json::from_slice(&bytes)?;
+                    Ok((!rec.is_expired(now)).then_some(rec))
+                }
+                None => Ok(None),
             }
-            None => Ok(None),
         })
         .await
     }
@@ -281,51 +479,57 @@ impl Store {
         now: u64,
     ) -> Result<SessionPage, StoreError> {
         let limit = limit.clamp(1, MAX_PAGE);
-        self.call(false, move |t| {
-            index::page(&t.list, scope.as_bytes(), limit, cursor.as_ref(), now)
+        self.call(Wait::Written, move |ctx| {
+            index::page(
+                &ctx.trees.list,
+                scope.as_bytes(),
+                limit,
+                cursor.as_ref(),
+                now,
+            )
         })
         .await
     }
 
     /// Remembers a signed message's replay key until `expires`. Returns false if it was
-    /// already there: the message is a replay. Atomic, and flushed before returning.
-    pub async fn record_seen(&self, key: String, expires: u64) -> Result<bool, StoreError> {
-        self.call(true, move |t| {
-            index::record_seen(t, key.as_bytes(), expires)
+    /// already there: the message is a replay. Atomic; answered once written to the log,
+    /// so a killed process still knows it, or with `synced` once the log is synced.
+    ///
+    /// A machine crash in `batched` mode can lose the keys of the last unsynced window;
+    /// the node then refuses messages signed before its restart (`Opened::unclean`). That
+    /// covers every lost key only if each was signed before the crash: a message signed
+    /// ahead of the node's clock must have its key recorded `synced`.
+    pub async fn record_seen(
+        &self,
+        key: String,
+        expires: u64,
+        synced: bool,
+    ) -> Result<bool, StoreError> {
+        let wait = if synced { Wait::Durable } else { Wait::Written };
+        self.call(wait, move |ctx| {
+            let fresh = index::record_seen(ctx.trees, key.as_bytes(), expires)?;
+            if fresh {
+                ctx.log(wal::Op::Seen {
+                    key: key.into_bytes(),
+                    expires,
+                });
+            }
+            Ok(fresh)
         })
         .await
     }
 
     /// Keeps one signed reply of a session (a STREAM chunk, or the final reply under
     /// [`FINAL_SEQ`]). Queued without waiting for it: jobs run in order, so any later
-    /// read sees it, and the durable session write that follows flushes it.
+    /// read sees it, and the turn's end makes it durable.
     pub async fn put_reply(
         &self,
         session_id: String,
         seq: u64,
         bytes: Vec<u8>,
     ) -> Result<(), StoreError> {
-        let job: Job = Box::new(move |t| {
-            if let Err(e) = t.chunks.insert(chunk_key(&session_id, seq), bytes) {
-                tracing::warn!(error = %e, "keeping a reply failed");
-            }
-            Completion::Now(Box::new(|| {}))
-        });
-        self.jobs.send(job).await.map_err(|_| StoreError::Closed)
-    }
-
-    /// Forgets a session's kept replies: a new turn numbers its chunks from 1 again, and
-    /// a resuming client must only ever see the latest turn's. Queued like `put_reply`.
-    pub async fn clear_replies(&self, session_id: String) -> Result<(), StoreError> {
-        let job: Job = Box::new(move |t| {
-            let mut prefix = session_id.into_bytes();
-            prefix.push(0);
-            for key in t.chunks.scan_prefix(&prefix).keys().flatten() {
-                let _ = t.chunks.remove(key);
-            }
-            Completion::Now(Box::new(|| {}))
-        });
-        self.jobs.send(job).await.map_err(|_| StoreError::Closed)
+        self.queue(move |ctx| log_reply(ctx, session_id.as_bytes(), seq, bytes))
+            .await
     }
 
     /// The kept replies of a session with a sequence number above `after`, in order (the
@@ -335,11 +539,11 @@ impl Store {
         session_id: String,
         after: u64,
     ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
-        self.call(false, move |t| {
+        self.call(Wait::Written, move |ctx| {
             let start = chunk_key(&session_id, after.saturating_add(1));
             let end = chunk_key(&session_id, FINAL_SEQ);
             let mut out = Vec::new();
-            for item in t.chunks.range(start..=end) {
+            for item in ctx.trees.chunks.range(start..=end) {
                 let (key, bytes) = item?;
                 let seq =
                     u64::from_be_bytes(key[key.len() - 8..].try_into().expect("8-byte suffix"));
@@ -354,18 +558,20 @@ impl Store {
     /// most [`SWEEP_BATCH`](index::SWEEP_BATCH) of each, found through the expiry
     /// index (nothing else is read). Call again while [`Swept::more`] says so.
     pub async fn sweep(&self, now: u64) -> Result<Swept, StoreError> {
-        self.call(true, move |t| {
+        self.call(Wait::Written, move |ctx| {
+            let t = ctx.trees;
             let due = index::due_sessions(t, now, index::SWEEP_BATCH)?;
             let mut sessions = Vec::with_capacity(due.len());
             for key in &due {
-                index::remove(t, key)?;
-                let mut prefix = key.to_vec();
-                prefix.push(0);
-                for chunk in t.chunks.scan_prefix(&prefix).keys() {
-                    t.chunks.remove(chunk?)?;
-                }
+                let prev = remove_session(t, key, None)?;
+                ctx.log(wal::Op::RemoveSession {
+                    key: key.to_vec(),
+                    prev: prev.map(|m| serde_json::to_vec(&m)).transpose()?,
+                });
                 sessions.push(String::from_utf8_lossy(key).into_owned());
             }
+            // Not logged: a replay key the log brings back after a crash is only swept
+            // again.
             let keys = index::sweep_seen(t, now, index::SWEEP_BATCH)?;
             let more = due.len() == index::SWEEP_BATCH || keys == index::SWEEP_BATCH;
             Ok(Swept {
@@ -379,14 +585,17 @@ impl Store {
 
     /// Whether a trust mark is set for an address.
     pub async fn has_mark(&self, mark: Mark, address: Address) -> Result<bool, StoreError> {
-        self.call(false, move |t| {
-            Ok(t.trust
+        self.call(Wait::Written, move |ctx| {
+            Ok(ctx
+                .trees
+                .trust
                 .contains_key(trust_key(TrustKey::Mark(mark), &address))?)
         })
         .await
     }
 
-    /// Sets or clears a trust mark, durably. Returns whether it changed anything.
+    /// Sets or clears a trust mark, as [`Durability`] says. Returns whether it changed
+    /// anything.
     pub async fn set_mark(
         &self,
         mark: Mark,
@@ -394,51 +603,56 @@ impl Store {
         on: bool,
         now: u64,
     ) -> Result<bool, StoreError> {
-        self.call(true, move |t| {
+        self.call(self.committed(), move |ctx| {
             let key = trust_key(TrustKey::Mark(mark), &address);
-            Ok(if on {
-                t.trust.insert(key, &now.to_be_bytes())?.is_none()
+            let changed = if on {
+                ctx.trees.trust.insert(&key, &now.to_be_bytes())?.is_none()
             } else {
-                t.trust.remove(key)?.is_some()
-            })
+                ctx.trees.trust.remove(&key)?.is_some()
+            };
+            let value = on.then(|| now.to_be_bytes().to_vec());
+            ctx.log(wal::Op::Trust { key, value });
+            Ok(changed)
         })
         .await
     }
 
     pub async fn credits(&self, address: Address) -> Result<u64, StoreError> {
-        self.call(false, move |t| {
+        self.call(Wait::Written, move |ctx| {
             Ok(read_u64(
-                t.trust.get(trust_key(TrustKey::Credits, &address))?,
+                ctx.trees
+                    .trust
+                    .get(trust_key(TrustKey::Credits, &address))?,
             ))
         })
         .await
     }
 
-    /// Adds credits, durably; returns the new balance.
+    /// Adds credits, as [`Durability`] says; returns the new balance.
     pub async fn add_credits(&self, address: Address, amount: u64) -> Result<u64, StoreError> {
-        self.call(true, move |t| {
+        self.call(self.committed(), move |ctx| {
             let key = trust_key(TrustKey::Credits, &address);
-            let balance = read_u64(t.trust.get(&key)?).saturating_add(amount);
-            t.trust.insert(key, &balance.to_be_bytes())?;
+            let balance = read_u64(ctx.trees.trust.get(&key)?).saturating_add(amount);
+            log_trust(ctx, key, balance.to_be_bytes().to_vec())?;
             Ok(balance)
         })
         .await
     }
 
-    /// Takes `amount` credits if the balance covers it, durably. `Ok(remaining)` or
-    /// `Err(balance)` when it does not. Atomic: jobs run one at a time.
+    /// Takes `amount` credits if the balance covers it, as [`Durability`] says.
+    /// `Ok(remaining)` or `Err(balance)` when it does not. Atomic: jobs run one at a time.
     pub async fn charge(
         &self,
         address: Address,
         amount: u64,
     ) -> Result<Result<u64, u64>, StoreError> {
-        self.call(true, move |t| {
+        self.call(self.committed(), move |ctx| {
             let key = trust_key(TrustKey::Credits, &address);
-            let balance = read_u64(t.trust.get(&key)?);
+            let balance = read_u64(ctx.trees.trust.get(&key)?);
             if balance < amount {
                 return Ok(Err(balance));
             }
-            t.trust.insert(key, &(balance - amount).to_be_bytes())?;
+            log_trust(ctx, key, (balance - amount).to_be_bytes().to_vec())?;
             Ok(Ok(balance - amount))
         })
         .await
@@ -450,9 +664,9 @@ impl Store {
         address: Address,
         now: u64,
     ) -> Result<CallerHistory, StoreError> {
-        self.call(false, move |t| {
+        self.call(Wait::Written, move |ctx| {
             let key = trust_key(TrustKey::Caller, &address);
-            let before: CallerHistory = match t.trust.get(&key)? {
+            let before: CallerHistory = match ctx.trees.trust.get(&key)? {
                 Some(bytes) => serde_json::from_slice(&bytes)?,
                 None => CallerHistory {
                     first_seen: now,
@@ -463,19 +677,19 @@ impl Store {
                 calls: before.calls + 1,
                 ..before
             };
-            t.trust.insert(key, serde_json::to_vec(&after)?)?;
+            log_trust(ctx, key, serde_json::to_vec(&after)?)?;
             Ok(before)
         })
         .await
     }
 
-    /// Flushes everything written so far.
+    /// Makes everything written so far durable (a sync of the log), whatever the mode.
     pub async fn flush(&self) -> Result<(), StoreError> {
-        self.call(true, |_| Ok(())).await
+        self.call(Wait::Durable, |_| Ok(())).await
     }
 
-    /// Flushes and closes the store; later calls on any handle fail with `Closed`. Once
-    /// this returns, the directory can be opened again.
+    /// Checkpoints and closes the store; later calls on any handle fail with `Closed`.
+    /// Once this returns, the directory can be opened again, as cleanly closed.
     pub async fn close(&self) -> Result<(), StoreError> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let job: Job = Box::new(move |_| {
@@ -495,6 +709,9 @@ impl Trees {
         let db = sled::Config::new()
             .path(path)
             .cache_capacity(CACHE_BYTES)
+            // The store thread decides when sled writes to disk (checkpoints); the
+            // write-ahead log keeps what came since.
+            .flush_every_ms(None)
             .open()
             .map_err(|source| StoreError::Open {
                 path: path.to_path_buf(),
@@ -526,63 +743,296 @@ pub struct Swept {
     pub more: bool,
 }
 
-/// Writes a session's record and index entries together (see `index.rs`).
+/// Writes a session's record and index entries (see `index.rs`), outside the log: for
+/// start-up, before the store thread runs.
 fn write_session(t: &Trees, key: &[u8], rec: &SessionRecord) -> Result<(), StoreError> {
+    write_session_bytes(t, key, &serde_json::to_vec(rec)?, rec, None)?;
+    Ok(())
+}
+
+/// [`write_session`] with the record already serialized (`record` is `rec`'s JSON) and
+/// the meta a logged write replaced (`stale`); returns the meta it replaced.
+fn write_session_bytes(
+    t: &Trees,
+    key: &[u8],
+    record: &[u8],
+    rec: &SessionRecord,
+    stale: Option<&SessionMeta>,
+) -> Result<Option<SessionMeta>, StoreError> {
     let meta = SessionMeta {
         session_id: rec.session_id.clone(),
         status: rec.status,
         created: rec.created,
         expires: rec.expires,
     };
-    index::put(t, key, &serde_json::to_vec(rec)?, &meta)
+    index::put(t, key, record, &meta, stale)
 }
 
-/// The store thread: runs jobs in order; all durable jobs of a batch share one flush.
-/// Ends (after a last flush) when every handle is dropped.
-fn run_store(trees: Trees, mut jobs: tokio::sync::mpsc::Receiver<Job>, metrics: StoreMetrics) {
-    let mut closing = None;
-    while let Some(first) = jobs.blocking_recv() {
-        let mut waiting = Vec::new();
-        // Answers that come after a durable write in the batch wait for its flush, so
-        // that nobody sees (and acts on) state a crash could still take back.
-        let mut after_flush: Vec<Box<dyn FnOnce() + Send>> = Vec::new();
-        let mut next = Some(first);
-        while let Some(job) = next.take() {
-            match job(&trees) {
-                Completion::Now(answer) if waiting.is_empty() => answer(),
-                Completion::Now(answer) => after_flush.push(answer),
-                Completion::AfterFlush(answer) => waiting.push(answer),
-                Completion::Close(answer) => {
-                    closing = Some(answer);
-                    break;
+/// Writes a session's record and index entries and logs it.
+fn log_session(ctx: &mut Ctx, key: &[u8], rec: &SessionRecord) -> Result<(), StoreError> {
+    let record = serde_json::to_vec(rec)?;
+    let prev = write_session_bytes(ctx.trees, key, &record, rec, None)?;
+    ctx.log(wal::Op::Session {
+        key: key.to_vec(),
+        record,
+        prev: prev.map(|m| serde_json::to_vec(&m)).transpose()?,
+    });
+    Ok(())
+}
+
+fn log_reply(ctx: &mut Ctx, session: &[u8], seq: u64, bytes: Vec<u8>) -> Result<(), StoreError> {
+    ctx.trees
+        .chunks
+        .insert(chunk_key_bytes(session, seq), &bytes[..])?;
+    ctx.log(wal::Op::Reply {
+        session: session.to_vec(),
+        seq,
+        bytes,
+    });
+    Ok(())
+}
+
+fn log_trust(ctx: &mut Ctx, key: Vec<u8>, value: Vec<u8>) -> Result<(), StoreError> {
+    ctx.trees.trust.insert(&key, &value[..])?;
+    ctx.log(wal::Op::Trust {
+        key,
+        value: Some(value),
+    });
+    Ok(())
+}
+
+fn clear_replies(t: &Trees, session: &[u8]) -> Result<(), StoreError> {
+    let mut prefix = session.to_vec();
+    prefix.push(0);
+    for key in t.chunks.scan_prefix(&prefix).keys() {
+        t.chunks.remove(key?)?;
+    }
+    Ok(())
+}
+
+/// Removes a session, its index entries (and those of `stale`, see `index::put`) and its
+/// kept replies; returns the meta it had.
+fn remove_session(
+    t: &Trees,
+    key: &[u8],
+    stale: Option<&SessionMeta>,
+) -> Result<Option<SessionMeta>, StoreError> {
+    let old = index::remove(t, key, stale)?;
+    clear_replies(t, key)?;
+    Ok(old)
+}
+
+fn parse_meta(bytes: Option<Vec<u8>>) -> Result<Option<SessionMeta>, StoreError> {
+    Ok(bytes.map(|b| serde_json::from_slice(&b)).transpose()?)
+}
+
+/// Applies one logged change to sled again (on open). Every change is a blind write,
+/// so applying one sled already holds changes nothing.
+fn apply(t: &Trees, op: wal::Op) -> Result<(), StoreError> {
+    match op {
+        wal::Op::Session { key, record, prev } => {
+            let rec: SessionRecord = serde_json::from_slice(&record)?;
+            write_session_bytes(t, &key, &record, &rec, parse_meta(prev)?.as_ref())?;
+        }
+        wal::Op::RemoveSession { key, prev } => {
+            remove_session(t, &key, parse_meta(prev)?.as_ref())?;
+        }
+        wal::Op::Seen { key, expires } => index::put_seen(t, &key, expires)?,
+        wal::Op::Reply {
+            session,
+            seq,
+            bytes,
+        } => {
+            t.chunks.insert(chunk_key_bytes(&session, seq), bytes)?;
+        }
+        wal::Op::ClearReplies { session } => clear_replies(t, &session)?,
+        wal::Op::Trust { key, value } => match value {
+            Some(v) => {
+                t.trust.insert(key, v)?;
+            }
+            None => {
+                t.trust.remove(key)?;
+            }
+        },
+    }
+    Ok(())
+}
+
+fn io_error(e: std::io::Error) -> StoreError {
+    StoreError::Flush(e.to_string())
+}
+
+/// Syncs the log within a window of its first unsynced write (batched durability), on
+/// a thread of its own so that no answer waits for it.
+struct Syncer {
+    state: std::sync::Arc<(std::sync::Mutex<SyncState>, std::sync::Condvar)>,
+}
+
+#[derive(Default)]
+struct SyncState {
+    dirty: bool,
+    stop: bool,
+}
+
+impl Syncer {
+    fn start(
+        wal: &wal::Wal,
+        window: std::time::Duration,
+        metrics: &StoreMetrics,
+    ) -> Result<Syncer, StoreError> {
+        let file = wal.sync_handle().map_err(io_error)?;
+        let state = std::sync::Arc::new((
+            std::sync::Mutex::new(SyncState::default()),
+            std::sync::Condvar::new(),
+        ));
+        let shared = state.clone();
+        let metrics = metrics.clone();
+        std::thread::Builder::new()
+            .name("oonode-wal-sync".into())
+            .spawn(move || {
+                let (lock, wake) = &*shared;
+                loop {
+                    let mut st = lock.lock().unwrap_or_else(|e| e.into_inner());
+                    while !st.dirty && !st.stop {
+                        st = wake.wait(st).unwrap_or_else(|e| e.into_inner());
+                    }
+                    if st.stop {
+                        return;
+                    }
+                    drop(st);
+                    std::thread::sleep(window);
+                    lock.lock().unwrap_or_else(|e| e.into_inner()).dirty = false;
+                    let began = std::time::Instant::now();
+                    if let Err(e) = file.sync_data() {
+                        tracing::error!(error = %e, "syncing the store's log failed");
+                    }
+                    metrics.flushes.inc();
+                    metrics.flush_seconds.observe(began.elapsed().as_secs_f64());
                 }
-            }
-            if waiting.len() < MAX_BATCH {
-                next = jobs.try_recv().ok();
-            }
-        }
-        if !waiting.is_empty() {
-            let began = std::time::Instant::now();
-            let flushed = trees.db.flush().map(|_| ()).map_err(|e| e.to_string());
-            metrics.flushes.inc();
-            metrics.flush_seconds.observe(began.elapsed().as_secs_f64());
-            metrics.writes_per_flush.observe(waiting.len() as f64);
-            for answer in waiting {
-                answer(flushed.clone());
-            }
-        }
-        for answer in after_flush {
-            answer();
-        }
-        if closing.is_some() {
-            break;
+            })
+            .map_err(|e| StoreError::Thread(e.to_string()))?;
+        Ok(Syncer { state })
+    }
+
+    fn mark_dirty(&self) {
+        let (lock, wake) = &*self.state;
+        let mut st = lock.lock().unwrap_or_else(|e| e.into_inner());
+        if !st.dirty {
+            st.dirty = true;
+            wake.notify_one();
         }
     }
-    jobs.close();
-    let flushed = trees.db.flush().map(|_| ()).map_err(|e| e.to_string());
-    drop(trees);
-    if let Some(answer) = closing {
-        answer(flushed);
+}
+
+impl Drop for Syncer {
+    fn drop(&mut self) {
+        let (lock, wake) = &*self.state;
+        lock.lock().unwrap_or_else(|e| e.into_inner()).stop = true;
+        wake.notify_one();
+    }
+}
+
+/// The store thread's state.
+struct StoreThread {
+    trees: Trees,
+    wal: wal::Wal,
+    marker: PathBuf,
+    syncer: Option<Syncer>,
+    metrics: StoreMetrics,
+    checkpointed: std::time::Instant,
+}
+
+impl StoreThread {
+    /// Runs jobs in order, in batches: a batch's log records go out in one write before
+    /// any of its jobs is answered, and one sync serves every job that waits for it.
+    /// Ends (after a checkpoint) on `close` or when every handle is dropped.
+    fn run(mut self, mut jobs: tokio::sync::mpsc::Receiver<Job>) {
+        let mut closing = None;
+        let mut log = Vec::new();
+        while let Some(first) = jobs.blocking_recv() {
+            let mut answers: Vec<Answer> = Vec::new();
+            let mut wait = Wait::Written;
+            let mut next = Some(first);
+            while let Some(job) = next.take() {
+                let mut ctx = Ctx {
+                    trees: &self.trees,
+                    log: std::mem::take(&mut log),
+                };
+                let done = job(&mut ctx);
+                log = ctx.log;
+                match done {
+                    Completion::Answer(w, answer) => {
+                        wait = wait.max(w);
+                        answers.push(answer);
+                    }
+                    Completion::Silent => {}
+                    Completion::Close(answer) => {
+                        closing = Some(answer);
+                        break;
+                    }
+                }
+                if answers.len() < MAX_BATCH {
+                    next = jobs.try_recv().ok();
+                }
+            }
+            let stored = self.commit(&mut log, wait, answers.len());
+            for answer in answers {
+                answer(stored.clone());
+            }
+            if closing.is_some() {
+                break;
+            }
+            if self.wal.len() >= CHECKPOINT_BYTES
+                || (self.wal.len() > 0 && self.checkpointed.elapsed() >= CHECKPOINT_EVERY)
+            {
+                if let Err(e) = self.checkpoint() {
+                    tracing::error!(error = %e, "store checkpoint failed; the log keeps growing");
+                }
+            }
+        }
+        jobs.close();
+        let mut closed = self.commit(&mut log, Wait::Written, 0);
+        if closed.is_ok() {
+            closed = self.checkpoint();
+        }
+        if closed.is_ok() {
+            closed = std::fs::remove_file(&self.marker).map_err(|e| e.to_string());
+        }
+        drop(self);
+        if let Some(answer) = closing {
+            answer(closed);
+        }
+    }
+
+    /// Writes the batch's log records, and syncs them when a job waits for that.
+    fn commit(&mut self, log: &mut Vec<u8>, wait: Wait, jobs: usize) -> Result<(), String> {
+        let wrote = !log.is_empty();
+        self.wal.append(log).map_err(|e| e.to_string())?;
+        log.clear();
+        if wait == Wait::Durable {
+            let began = std::time::Instant::now();
+            self.wal.sync().map_err(|e| e.to_string())?;
+            self.metrics.flushes.inc();
+            self.metrics
+                .flush_seconds
+                .observe(began.elapsed().as_secs_f64());
+            self.metrics.writes_per_flush.observe(jobs as f64);
+        } else if wrote {
+            // In `sync` mode (no syncer) a write nobody waits for (a queued one) is
+            // synced with the next durable batch or checkpoint.
+            if let Some(syncer) = &self.syncer {
+                syncer.mark_dirty();
+            }
+        }
+        Ok(())
+    }
+
+    /// sled to disk, then the log emptied.
+    fn checkpoint(&mut self) -> Result<(), String> {
+        self.trees.db.flush().map_err(|e| e.to_string())?;
+        self.wal.reset().map_err(|e| e.to_string())?;
+        self.checkpointed = std::time::Instant::now();
+        Ok(())
     }
 }
 
@@ -593,8 +1043,12 @@ fn read_u64(value: Option<sled::IVec>) -> u64 {
 }
 
 fn chunk_key(session_id: &str, seq: u64) -> Vec<u8> {
+    chunk_key_bytes(session_id.as_bytes(), seq)
+}
+
+fn chunk_key_bytes(session_id: &[u8], seq: u64) -> Vec<u8> {
     let mut key = Vec::with_capacity(session_id.len() + 9);
-    key.extend_from_slice(session_id.as_bytes());
+    key.extend_from_slice(session_id);
     key.push(0);
     key.extend_from_slice(&seq.to_be_bytes());
     key
@@ -636,7 +1090,15 @@ mod tests {
             .put_reply("s2".into(), 5, b"other".to_vec())
             .await
             .unwrap();
-        store.clear_replies("s2".into()).await.unwrap();
+        store
+            .begin_turn("s2".into(), record("s2", SessionStatus::Running, None))
+            .await
+            .unwrap();
+        assert!(store
+            .replies_after("s2".into(), 0)
+            .await
+            .unwrap()
+            .is_empty());
         let seqs: Vec<u64> = store
             .replies_after("s".into(), 1)
             .await
@@ -711,8 +1173,8 @@ mod tests {
             .await
             .unwrap()
             .is_none());
-        assert!(store.record_seen("k".into(), 150).await.unwrap());
-        assert!(!store.record_seen("k".into(), 150).await.unwrap());
+        assert!(store.record_seen("k".into(), 150, false).await.unwrap());
+        assert!(!store.record_seen("k".into(), 150, false).await.unwrap());
         store
             .put_reply("old".into(), 1, b"c1".to_vec())
             .await
@@ -740,13 +1202,14 @@ mod tests {
             .await
             .unwrap()
             .is_some());
-        assert!(store.record_seen("k".into(), 500).await.unwrap());
+        assert!(store.record_seen("k".into(), 500, false).await.unwrap());
     }
 
     /// Every index entry, as `(tree, key)`, to compare with what the records imply.
     async fn index_entries(store: &Store) -> Vec<(&'static str, Vec<u8>)> {
         store
-            .call(false, |t| {
+            .call(Wait::Written, |ctx| {
+                let t = ctx.trees;
                 let mut out = Vec::new();
                 for (name, tree) in [
                     ("meta", &t.meta),
@@ -981,7 +1444,7 @@ mod tests {
                 more: false
             }
         );
-        assert!(!store.record_seen("k-new".into(), 900).await.unwrap());
+        assert!(!store.record_seen("k-new".into(), 900, false).await.unwrap());
         store.close().await.unwrap();
 
         // Built once: opening again reads the marker, not the records (a record the
@@ -1029,5 +1492,161 @@ mod tests {
         let second = store.sweep(160).await.unwrap();
         assert_eq!((second.sessions.len(), second.more), (7, false));
         assert!(index_entries(&store).await.is_empty());
+    }
+
+    /// Copies a store's directory as it is on disk now: what a kill -9 at this moment
+    /// would leave (the process's memory, sled's unwritten buffers included, is lost).
+    fn snapshot(from: &Path, to: &Path) {
+        std::fs::create_dir_all(to).unwrap();
+        for entry in std::fs::read_dir(from).unwrap() {
+            let entry = entry.unwrap();
+            let target = to.join(entry.file_name());
+            if entry.file_type().unwrap().is_dir() {
+                snapshot(&entry.path(), &target);
+            } else {
+                std::fs::copy(entry.path(), target).unwrap();
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn what_was_answered_is_read_back_from_the_log_after_a_kill() {
+        for durability in [Durability::Sync, Durability::default()] {
+            let dir = tempfile::tempdir().unwrap();
+            let live = dir.path().join("live");
+            let (store, opened) = Store::open_with(&live, 60, 100, durability).unwrap();
+            assert_eq!((opened.unclean, opened.replayed), (false, 0));
+            let a = crate::identity::Identity::from_seed([2; 32]).address();
+            store
+                .begin_turn("sA/one".into(), record("one", SessionStatus::Running, None))
+                .await
+                .unwrap();
+            store
+                .put_reply("sA/one".into(), 1, b"chunk".to_vec())
+                .await
+                .unwrap();
+            store
+                .finish_turn(
+                    "sA/one".into(),
+                    Some(b"final".to_vec()),
+                    record("one", SessionStatus::Done, Some(1_000)),
+                )
+                .await
+                .unwrap();
+            assert!(store.record_seen("k".into(), 500, false).await.unwrap());
+            assert_eq!(store.add_credits(a, 7).await.unwrap(), 7);
+            assert!(store.set_mark(Mark::Contact, a, true, 1).await.unwrap());
+
+            let killed = dir.path().join("killed");
+            snapshot(&live, &killed);
+            let (copy, opened) = Store::open_with(&killed, 60, 200, durability).unwrap();
+            assert!(opened.unclean, "{durability:?}");
+            assert!(opened.replayed >= 6, "{durability:?}: {opened:?}");
+            let rec = copy.get_session("sA/one".into(), 200).await.unwrap();
+            assert_eq!(rec.map(|r| r.status), Some(SessionStatus::Done));
+            let kept: Vec<u64> = copy
+                .replies_after("sA/one".into(), 0)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|(seq, _)| seq)
+                .collect();
+            assert_eq!(kept, vec![1, FINAL_SEQ]);
+            assert!(!copy.record_seen("k".into(), 500, false).await.unwrap());
+            assert_eq!(copy.credits(a).await.unwrap(), 7);
+            assert!(copy.has_mark(Mark::Contact, a).await.unwrap());
+            // Listed once, through the index the replay rebuilt.
+            let page = copy
+                .list_sessions("sA/".into(), 10, None, 200)
+                .await
+                .unwrap();
+            assert_eq!(page.sessions.len(), 1);
+            copy.close().await.unwrap();
+
+            // Closed cleanly: nothing to replay, and no unclean stop to report.
+            let (again, opened) = Store::open_with(&killed, 60, 300, durability).unwrap();
+            assert_eq!((opened.unclean, opened.replayed), (false, 0));
+            assert!(again
+                .get_session("sA/one".into(), 300)
+                .await
+                .unwrap()
+                .is_some());
+            again.close().await.unwrap();
+            store.close().await.unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn sync_mode_shares_one_sync_among_concurrent_turns() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open_with(dir.path(), 60, 100, Durability::Sync).unwrap();
+        let turns = 200;
+        let mut tasks = Vec::new();
+        for i in 0..turns {
+            let store = store.clone();
+            tasks.push(tokio::spawn(async move {
+                let key = format!("sA/t{i}");
+                let rec = record(&format!("t{i}"), SessionStatus::Done, Some(1_000));
+                store.finish_turn(key, None, rec).await.unwrap();
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let syncs = store.metrics().flushes.get();
+        assert!(syncs >= 1, "sync mode synced nothing");
+        assert!(
+            syncs < turns,
+            "{syncs} syncs for {turns} concurrent turns: no group commit"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_replay_over_a_half_done_write_leaves_no_stale_index_entry() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = "sA/one";
+        let first = record("one", SessionStatus::Done, Some(150));
+        let mut second = record("one", SessionStatus::Done, Some(190));
+        second.created = 120;
+        let meta = |r: &SessionRecord| SessionMeta {
+            session_id: r.session_id.clone(),
+            status: r.status,
+            created: r.created,
+            expires: r.expires,
+        };
+        {
+            let (store, _) = Store::open(dir.path(), 60, 100).unwrap();
+            store.put_session(key.into(), first.clone()).await.unwrap();
+            store.close().await.unwrap();
+        }
+        // A crash in the middle of writing `second`: sled's files got its meta, not the
+        // rest; the log holds the whole write.
+        {
+            let db = sled::open(dir.path()).unwrap();
+            let metas = db.open_tree(SESSION_META).unwrap();
+            metas
+                .insert(key, serde_json::to_vec(&meta(&second)).unwrap())
+                .unwrap();
+            db.flush().unwrap();
+        }
+        let mut log = Vec::new();
+        wal::Op::Session {
+            key: key.as_bytes().to_vec(),
+            record: serde_json::to_vec(&second).unwrap(),
+            prev: Some(serde_json::to_vec(&meta(&first)).unwrap()),
+        }
+        .encode_into(&mut log);
+        std::fs::write(dir.path().join(WAL_FILE), log).unwrap();
+
+        let (store, opened) = Store::open(dir.path(), 60, 100).unwrap();
+        assert_eq!(opened, 0);
+        assert_eq!(
+            index_entries(&store).await,
+            vec![
+                ("meta", key.as_bytes().to_vec()),
+                ("list", listed("sA/", 120, "one")),
+                ("expiry", in_order(190, key)),
+            ]
+        );
     }
 }

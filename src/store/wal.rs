@@ -1,0 +1,368 @@
+//! The store's write-ahead log: `oonode.wal` beside sled's files.
+//!
+//! sled keeps recent writes in memory until it flushes, and a flush costs a sync of its
+//! own log. The store thread instead appends every change to this file with one
+//! `write(2)` per batch of jobs before answering any of them, so a killed process loses
+//! nothing it answered (the bytes are in the kernel), and syncs it when the durability
+//! mode asks (every batch, or within a window). sled is flushed only at checkpoints,
+//! after which the log is emptied. On open, whatever the log holds is applied to sled
+//! again: every change is a blind write (a value, not a delta), so applying it over a
+//! sled state that already holds some of it ends in the same state.
+//!
+//! A record is `len: u32 BE | crc32(body): u32 BE | body`. The first record that is cut
+//! short or fails its checksum ends the replay: it can only be the last write, torn by a
+//! crash, which nobody was answered for.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::path::Path;
+
+/// One change, as logged.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Op {
+    /// A session record (JSON) under its key; the index follows it. `prev`: the index
+    /// meta (JSON) it replaced, if any, for a replay over a half-done write.
+    Session {
+        key: Vec<u8>,
+        record: Vec<u8>,
+        prev: Option<Vec<u8>>,
+    },
+    /// A session and its kept replies removed (the sweeper), with its meta as `prev`.
+    RemoveSession { key: Vec<u8>, prev: Option<Vec<u8>> },
+    /// A replay key and when it may be forgotten.
+    Seen { key: Vec<u8>, expires: u64 },
+    /// One kept reply of a session.
+    Reply {
+        session: Vec<u8>,
+        seq: u64,
+        bytes: Vec<u8>,
+    },
+    /// Every kept reply of a session removed.
+    ClearReplies { session: Vec<u8> },
+    /// A trust entry set to a value, or removed.
+    Trust {
+        key: Vec<u8>,
+        value: Option<Vec<u8>>,
+    },
+}
+
+/// The largest record replay accepts: a session record is bounded by the history
+/// limits, a reply by `max_output_bytes`; anything larger is damage.
+const MAX_RECORD: u32 = 256 * 1024 * 1024;
+
+impl Op {
+    pub(super) fn encode_into(&self, out: &mut Vec<u8>) {
+        let start = out.len();
+        out.extend_from_slice(&[0; 8]);
+        match self {
+            Op::Session { key, record, prev } => {
+                out.push(1);
+                put_bytes(out, key);
+                put_bytes(out, record);
+                put_optional(out, prev.as_deref());
+            }
+            Op::RemoveSession { key, prev } => {
+                out.push(2);
+                put_bytes(out, key);
+                put_optional(out, prev.as_deref());
+            }
+            Op::Seen { key, expires } => {
+                out.push(3);
+                put_bytes(out, key);
+                out.extend_from_slice(&expires.to_be_bytes());
+            }
+            Op::Reply {
+                session,
+                seq,
+                bytes,
+            } => {
+                out.push(5);
+                put_bytes(out, session);
+                out.extend_from_slice(&seq.to_be_bytes());
+                put_bytes(out, bytes);
+            }
+            Op::ClearReplies { session } => {
+                out.push(6);
+                put_bytes(out, session);
+            }
+            Op::Trust { key, value } => {
+                out.push(7);
+                put_bytes(out, key);
+                put_optional(out, value.as_deref());
+            }
+        }
+        let body_len = (out.len() - start - 8) as u32;
+        let crc = crc32fast::hash(&out[start + 8..]);
+        out[start..start + 4].copy_from_slice(&body_len.to_be_bytes());
+        out[start + 4..start + 8].copy_from_slice(&crc.to_be_bytes());
+    }
+
+    fn decode(body: &[u8]) -> Option<Op> {
+        let mut r = Reader(body);
+        let op = match r.u8()? {
+            1 => Op::Session {
+                key: r.bytes()?,
+                record: r.bytes()?,
+                prev: r.optional()?,
+            },
+            2 => Op::RemoveSession {
+                key: r.bytes()?,
+                prev: r.optional()?,
+            },
+            3 => Op::Seen {
+                key: r.bytes()?,
+                expires: r.u64()?,
+            },
+            5 => Op::Reply {
+                session: r.bytes()?,
+                seq: r.u64()?,
+                bytes: r.bytes()?,
+            },
+            6 => Op::ClearReplies {
+                session: r.bytes()?,
+            },
+            7 => Op::Trust {
+                key: r.bytes()?,
+                value: r.optional()?,
+            },
+            _ => return None,
+        };
+        r.0.is_empty().then_some(op)
+    }
+}
+
+fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
+    out.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
+    out.extend_from_slice(bytes);
+}
+
+fn put_optional(out: &mut Vec<u8>, bytes: Option<&[u8]>) {
+    match bytes {
+        Some(b) => {
+            out.push(1);
+            put_bytes(out, b);
+        }
+        None => out.push(0),
+    }
+}
+
+struct Reader<'a>(&'a [u8]);
+
+impl Reader<'_> {
+    fn take(&mut self, n: usize) -> Option<&[u8]> {
+        if self.0.len() < n {
+            return None;
+        }
+        let (head, rest) = self.0.split_at(n);
+        self.0 = rest;
+        Some(head)
+    }
+    fn u8(&mut self) -> Option<u8> {
+        Some(self.take(1)?[0])
+    }
+    fn u32(&mut self) -> Option<u32> {
+        Some(u32::from_be_bytes(self.take(4)?.try_into().ok()?))
+    }
+    fn u64(&mut self) -> Option<u64> {
+        Some(u64::from_be_bytes(self.take(8)?.try_into().ok()?))
+    }
+    fn bytes(&mut self) -> Option<Vec<u8>> {
+        let n = self.u32()? as usize;
+        Some(self.take(n)?.to_vec())
+    }
+    /// `Some(None)` for an absent value; `None` for damage.
+    fn optional(&mut self) -> Option<Option<Vec<u8>>> {
+        match self.u8()? {
+            0 => Some(None),
+            1 => Some(Some(self.bytes()?)),
+            _ => None,
+        }
+    }
+}
+
+/// Reads the records of a log, in order, up to the first damaged one. Also returns
+/// whether the log ended cleanly (false: a torn or corrupt tail was ignored).
+pub(super) fn decode_all(mut data: &[u8]) -> (Vec<Op>, bool) {
+    let mut ops = Vec::new();
+    while !data.is_empty() {
+        if data.len() < 8 {
+            return (ops, false);
+        }
+        let len = u32::from_be_bytes(data[0..4].try_into().expect("4 bytes"));
+        let crc = u32::from_be_bytes(data[4..8].try_into().expect("4 bytes"));
+        if len == 0 || len > MAX_RECORD || data.len() - 8 < len as usize {
+            return (ops, false);
+        }
+        let body = &data[8..8 + len as usize];
+        if crc32fast::hash(body) != crc {
+            return (ops, false);
+        }
+        match Op::decode(body) {
+            Some(op) => ops.push(op),
+            None => return (ops, false),
+        }
+        data = &data[8 + len as usize..];
+    }
+    (ops, true)
+}
+
+/// The open log file.
+pub(super) struct Wal {
+    file: File,
+    /// Bytes written since the last reset.
+    len: u64,
+}
+
+impl Wal {
+    /// Opens (or creates) the log and reads what it holds.
+    pub(super) fn open(path: &Path) -> std::io::Result<(Wal, Vec<Op>, bool)> {
+        let mut file = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create(true)
+            .open(path)?;
+        let mut data = Vec::new();
+        file.read_to_end(&mut data)?;
+        let (ops, clean) = decode_all(&data);
+        let len = data.len() as u64;
+        Ok((Wal { file, len }, ops, clean))
+    }
+
+    /// Appends encoded records in one `write(2)` (or as few as the kernel allows).
+    pub(super) fn append(&mut self, encoded: &[u8]) -> std::io::Result<()> {
+        if encoded.is_empty() {
+            return Ok(());
+        }
+        self.file.write_all(encoded)?;
+        self.len += encoded.len() as u64;
+        Ok(())
+    }
+
+    /// Makes everything appended so far durable.
+    pub(super) fn sync(&self) -> std::io::Result<()> {
+        self.file.sync_data()
+    }
+
+    /// A handle for syncing from another thread.
+    pub(super) fn sync_handle(&self) -> std::io::Result<File> {
+        self.file.try_clone()
+    }
+
+    pub(super) fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Empties the log, once sled holds (durably) everything it said.
+    pub(super) fn reset(&mut self) -> std::io::Result<()> {
+        self.file.set_len(0)?;
+        self.file.sync_all()?;
+        self.len = 0;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Vec<Op> {
+        vec![
+            Op::Session {
+                key: b"sA/one".to_vec(),
+                record: br#"{"a":1}"#.to_vec(),
+                prev: None,
+            },
+            Op::Session {
+                key: b"sA/one".to_vec(),
+                record: br#"{"a":2}"#.to_vec(),
+                prev: Some(b"{}".to_vec()),
+            },
+            Op::Seen {
+                key: b"k".to_vec(),
+                expires: 77,
+            },
+            Op::Reply {
+                session: b"sA/one".to_vec(),
+                seq: u64::MAX,
+                bytes: vec![0, 1, 2],
+            },
+            Op::ClearReplies {
+                session: b"sA/one".to_vec(),
+            },
+            Op::Trust {
+                key: b"credits:0x1".to_vec(),
+                value: Some(vec![9; 8]),
+            },
+            Op::Trust {
+                key: b"contact:0x1".to_vec(),
+                value: None,
+            },
+            Op::RemoveSession {
+                key: b"sA/one".to_vec(),
+                prev: Some(b"{}".to_vec()),
+            },
+        ]
+    }
+
+    fn encode(ops: &[Op]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for op in ops {
+            op.encode_into(&mut out);
+        }
+        out
+    }
+
+    #[test]
+    fn records_read_back_as_written() {
+        let ops = sample();
+        assert_eq!(decode_all(&encode(&ops)), (ops, true));
+        assert_eq!(decode_all(&[]), (vec![], true));
+    }
+
+    #[test]
+    fn a_torn_last_record_is_dropped_and_nothing_before_it() {
+        let ops = sample();
+        let all = encode(&ops);
+        let before_last = encode(&ops[..ops.len() - 1]).len();
+        for cut in before_last + 1..all.len() {
+            let (read, clean) = decode_all(&all[..cut]);
+            assert_eq!(read, ops[..ops.len() - 1], "cut at {cut}");
+            assert!(!clean);
+        }
+    }
+
+    #[test]
+    fn a_flipped_byte_or_zeroed_tail_ends_the_replay_there() {
+        let ops = sample();
+        let mut all = encode(&ops);
+        let first = encode(&ops[..1]).len();
+        all[first + 10] ^= 0x40;
+        let (read, clean) = decode_all(&all);
+        assert_eq!((read, clean), (ops[..1].to_vec(), false));
+        // A file extended with zeros (a crash after the size grew, before the data).
+        let mut zeroed = encode(&ops);
+        zeroed.extend_from_slice(&[0; 64]);
+        assert_eq!(decode_all(&zeroed), (ops, false));
+    }
+
+    #[test]
+    fn the_file_keeps_records_across_reopen_until_reset() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("oonode.wal");
+        let ops = sample();
+        {
+            let (mut wal, read, clean) = Wal::open(&path).unwrap();
+            assert!(read.is_empty() && clean);
+            wal.append(&encode(&ops[..3])).unwrap();
+            wal.append(&encode(&ops[3..])).unwrap();
+            wal.sync().unwrap();
+        }
+        let (mut wal, read, clean) = Wal::open(&path).unwrap();
+        assert_eq!((read, clean), (ops, true));
+        wal.reset().unwrap();
+        assert_eq!(wal.len(), 0);
+        drop(wal);
+        let (_, read, _) = Wal::open(&path).unwrap();
+        assert!(read.is_empty());
+    }
+}
