@@ -129,7 +129,7 @@ impl Envelope {
     }
 
     fn sign_payload(identity: &Identity, payload: Map<String, Value>) -> Self {
-        let signature = identity.sign(&canonical_json(&Value::Object(payload.clone())));
+        let signature = identity.sign(&canonical_json_object(&payload));
         Envelope {
             payload,
             from: Some(identity.address()),
@@ -186,6 +186,22 @@ impl Envelope {
             );
         }
         Value::Object(obj)
+    }
+
+    /// [`Envelope::to_flat_json`] as text, written straight from the payload (no copy of
+    /// it: a reply can carry a whole session).
+    pub fn to_flat_string(&self) -> String {
+        let mut out = serde_json::to_string(&self.payload).expect("a JSON map serializes");
+        if let Some(sig) = &self.signature {
+            out.pop(); // the closing brace
+            if !self.payload.is_empty() {
+                out.push(',');
+            }
+            out.push_str("\"signature\":\"");
+            out.push_str(&hex::encode(sig.to_bytes()));
+            out.push_str("\"}");
+        }
+        out
     }
 
     pub fn to_flat_json(&self) -> Value {
@@ -381,6 +397,13 @@ pub fn canonical_json(value: &Value) -> Vec<u8> {
     out
 }
 
+/// [`canonical_json`] of an object, without wrapping (copying) it into a `Value`.
+pub fn canonical_json_object(map: &Map<String, Value>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(256);
+    write_canonical_object(map, true, Separators::COMPACT, &mut out);
+    out
+}
+
 /// Form A with raw UTF-8 for non-ASCII, as JavaScript's `JSON.stringify` writes it.
 pub fn canonical_json_utf8(value: &Value) -> Vec<u8> {
     let mut out = Vec::with_capacity(256);
@@ -425,21 +448,28 @@ fn write_canonical_with(value: &Value, ascii: bool, sep: Separators, out: &mut V
             }
             out.push(b']');
         }
-        Value::Object(map) => {
-            let mut keys: Vec<&String> = map.keys().collect();
-            keys.sort();
-            out.push(b'{');
-            for (i, key) in keys.into_iter().enumerate() {
-                if i > 0 {
-                    out.extend_from_slice(sep.item);
-                }
-                write_string(key, ascii, out);
-                out.extend_from_slice(sep.key);
-                write_canonical_with(&map[key], ascii, sep, out);
-            }
-            out.push(b'}');
-        }
+        Value::Object(map) => write_canonical_object(map, ascii, sep, out),
     }
+}
+
+fn write_canonical_object(
+    map: &Map<String, Value>,
+    ascii: bool,
+    sep: Separators,
+    out: &mut Vec<u8>,
+) {
+    let mut keys: Vec<&String> = map.keys().collect();
+    keys.sort();
+    out.push(b'{');
+    for (i, key) in keys.into_iter().enumerate() {
+        if i > 0 {
+            out.extend_from_slice(sep.item);
+        }
+        write_string(key, ascii, out);
+        out.extend_from_slice(sep.key);
+        write_canonical_with(&map[key], ascii, sep, out);
+    }
+    out.push(b'}');
 }
 
 fn write_string(s: &str, ascii: bool, out: &mut Vec<u8>) {
@@ -555,6 +585,25 @@ mod tests {
             String::from_utf8(canonical_json_form_b(&v)).unwrap(),
             r#"{"endpoints": ["a", "b"], "summary": "\u00e9", "type": "ANNOUNCE"}"#
         );
+    }
+
+    proptest! {
+        /// The copy-free writers say what the `Value` ones say.
+        #[test]
+        fn object_and_flat_text_writers_agree_with_the_value_ones(map in json_object()) {
+            prop_assert_eq!(
+                canonical_json_object(&map),
+                canonical_json(&Value::Object(map.clone()))
+            );
+            let id = Identity::from_seed([5; 32]);
+            for env in [
+                Envelope::sign_flat(&id, Kind::Output, None, map.clone()),
+                Envelope { payload: map.clone(), from: None, signature: None },
+            ] {
+                let text: Value = serde_json::from_str(&env.to_flat_string()).unwrap();
+                prop_assert_eq!(text, env.to_flat_json());
+            }
+        }
     }
 
     #[test]

@@ -395,7 +395,7 @@ impl Dispatcher {
         let files = inner.config.uploads.save(&key, sub.uploads).await?;
 
         let (owner, secret_hash) = scope.parts();
-        let record = SessionRecord {
+        let mut record = SessionRecord {
             session_id: start.session_id.clone(),
             status: SessionStatus::Running,
             prompt: start.prompt.clone(),
@@ -411,7 +411,11 @@ impl Dispatcher {
         };
         // Forgets the replies kept from the session's previous turn (they would be
         // mistaken for this one's) and marks it running; the turn's end makes it durable.
-        inner.store.begin_turn(key.clone(), record.clone()).await?;
+        // The run keeps the record's other fields; it writes a new session at its end.
+        let session = std::mem::take(&mut record.session);
+        let run_record = record.clone();
+        record.session = session;
+        inner.store.begin_turn(key.clone(), record).await?;
         let (live_tx, _) = broadcast::channel(LIVE_BUFFER);
         self.live().insert(key.clone(), live_tx.clone());
 
@@ -420,7 +424,7 @@ impl Dispatcher {
         let run = Run {
             dispatcher: self.clone(),
             key: key.clone(),
-            record,
+            record: run_record,
             caller: caller.verified(),
             secret: secret.clone(),
             in_reply_to: env.id().map(str::to_owned),

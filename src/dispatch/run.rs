@@ -30,7 +30,8 @@ pub(super) struct Run {
     pub(super) dispatcher: Dispatcher,
     /// The session's store key (its scope and id).
     pub(super) key: String,
-    /// The session as stored when the run was admitted.
+    /// The session as stored when the run was admitted, without its `session` (history):
+    /// the run writes a new one at its end.
     pub(super) record: SessionRecord,
     pub(super) caller: Option<Address>,
     /// An unsigned caller's secret, handed back with the answer.
@@ -49,12 +50,14 @@ impl Run {
     /// Keeps a reply for resuming clients, then hands it to followers and the submitter.
     async fn publish(&mut self, seq: u64, env: Envelope) {
         let store = &self.dispatcher.inner.store;
-        if let Ok(bytes) = serde_json::to_vec(&env.to_flat_json()) {
-            if let Err(e) = store.put_reply(self.key.clone(), seq, bytes).await {
-                warn!(error = %e, "keeping a reply for resuming clients failed");
-            }
+        let bytes = env.to_flat_string().into_bytes();
+        if let Err(e) = store.put_reply(self.key.clone(), seq, bytes).await {
+            warn!(error = %e, "keeping a reply for resuming clients failed");
         }
-        let _ = self.live_tx.send(env.clone());
+        // A copy only for followers there are.
+        if self.live_tx.receiver_count() > 0 {
+            let _ = self.live_tx.send(env.clone());
+        }
         if let Some(tx) = &self.reply_tx {
             match tx.send_timeout(env, REPLY_SEND_TIMEOUT).await {
                 Ok(()) => {}
@@ -210,7 +213,7 @@ impl Run {
         // One job keeps the final reply and marks the session finished (in that order,
         // so a follower that sees it finished finds the reply), answered as the store's
         // durability says: the one store round trip on the answer's path.
-        let kept = serde_json::to_vec(&reply.to_flat_json()).ok();
+        let kept = Some(reply.to_flat_string().into_bytes());
         let reply = match inner
             .store
             .finish_turn(self.key.clone(), kept, record)
@@ -245,7 +248,9 @@ impl Run {
             duration_ms = took.as_millis() as u64,
             "request"
         );
-        let _ = self.live_tx.send(reply.clone());
+        if self.live_tx.receiver_count() > 0 {
+            let _ = self.live_tx.send(reply.clone());
+        }
         if let Some(tx) = self.reply_tx.take() {
             let _ = tx.send_timeout(reply, REPLY_SEND_TIMEOUT).await;
         }

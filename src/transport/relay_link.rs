@@ -445,7 +445,7 @@ impl RelayedSessions {
             ..rejected
         };
         let env = self.dispatcher.error_envelope(&rejected);
-        self.send(&hop.route, env.to_flat_json().to_string());
+        self.send(&hop.route, env.to_flat_string());
     }
 
     async fn on_frame(&mut self, bytes: &[u8]) {
@@ -736,7 +736,7 @@ impl RelayedSessions {
         let sealed = self.sealed.contains_key(&route);
         self.forwarders.spawn(async move {
             while let Some(env) = replies.recv().await {
-                let mut frame = env.to_flat_json().to_string();
+                let mut frame = env.to_flat_string();
                 let on_wire = if sealed {
                     SealSender::sealed_len(frame.len(), route.len())
                 } else {

@@ -263,7 +263,7 @@ impl Connection {
             .or_session(self.session_id.as_deref())
             .or_to(self.reader.caller.verified());
         let env = self.dispatcher().error_envelope(&rejected);
-        self.send_text(env.to_flat_json().to_string());
+        self.send_text(env.to_flat_string());
     }
 
     async fn on_frame(&mut self, bytes: &[u8]) {
@@ -423,7 +423,7 @@ impl Connection {
         let closed = self.closed.clone();
         self.forwarders.spawn(async move {
             while let Some(env) = replies.recv().await {
-                let frame = Outbound::Frame(env.to_flat_json().to_string());
+                let frame = Outbound::Frame(env.to_flat_string());
                 if out.send_timeout(frame, SLOW_CLIENT_TIMEOUT).await.is_err() {
                     closed.cancel();
                     return;
