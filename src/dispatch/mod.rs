@@ -542,6 +542,10 @@ impl Dispatcher {
         now: u64,
     ) -> Result<(TurnStart, Option<String>), Refusal> {
         let origin = &sub.origin;
+        // An id the node just chose (a fresh UUID) names nothing stored: no read.
+        if !start.named {
+            return Ok((start, origin.relay().map(str::to_owned)));
+        }
         let Some(existing) = self.inner.store.get_session(key.to_owned(), now).await? else {
             if start.named && !start.client_held && !sub.may_open {
                 return Err(Refusal::NothingToContinue(start.session_id));
