@@ -73,7 +73,7 @@ impl Run {
     pub(super) async fn execute(mut self, start: TurnStart) {
         let dispatcher = self.dispatcher.clone();
         let inner = &dispatcher.inner;
-        let _worker = inner.workers.clone().acquire_owned().await;
+        let worker = inner.workers.clone().acquire_owned().await;
         let began = Instant::now();
 
         let (chunk_tx, mut chunk_rx) = mpsc::channel::<String>(CHUNK_QUEUE);
@@ -147,6 +147,9 @@ impl Run {
                 "the agent run was cancelled".to_string(),
             )),
         };
+        // The agent is done: its worker may take the next turn while this one is stored
+        // (in `sync` durability, concurrent turns then share a sync of the log).
+        drop(worker);
         let duration_ms = began.elapsed().as_millis() as u64;
         inner.metrics.agent_run(began.elapsed());
         let code = match &outcome {

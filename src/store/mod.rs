@@ -1649,4 +1649,75 @@ mod tests {
             ]
         );
     }
+
+    /// Cost flat in stored data (issue 16): opening a store of `OONODE_BENCH_SESSIONS`
+    /// (default 1,000,000) sessions, and a turn's writes on it against an empty store.
+    /// A measurement, not a check: `cargo test --release --lib -- --ignored
+    /// a_million_sessions --nocapture` prints the figures.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore]
+    async fn a_million_sessions() {
+        let n: u64 = std::env::var("OONODE_BENCH_SESSIONS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1_000_000);
+        async fn turns(store: &Store, tag: &str) -> Vec<f64> {
+            let mut took = Vec::new();
+            for i in 0..2_000 {
+                let key = format!("sB/{tag}{i}");
+                let rec = record(
+                    &format!("{tag}{i}"),
+                    SessionStatus::Done,
+                    Some(u64::MAX / 2),
+                );
+                let began = std::time::Instant::now();
+                store
+                    .begin_turn(key.clone(), record(&key, SessionStatus::Running, None))
+                    .await
+                    .unwrap();
+                store
+                    .finish_turn(key, Some(vec![7; 300]), rec)
+                    .await
+                    .unwrap();
+                took.push(began.elapsed().as_secs_f64() * 1e6);
+            }
+            took.sort_by(f64::total_cmp);
+            took
+        }
+        let empty_dir = tempfile::tempdir().unwrap();
+        let (empty, _) = Store::open(empty_dir.path(), 60, 100).unwrap();
+        let base = turns(&empty, "e").await;
+        empty.close().await.unwrap();
+
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let trees = Trees::open(dir.path()).unwrap();
+            index::build_if_missing(&trees).unwrap();
+            let began = std::time::Instant::now();
+            for i in 0..n {
+                let id = format!("{i:016x}");
+                let mut rec = record(&id, SessionStatus::Done, Some(u64::MAX / 2));
+                rec.created = 1_000 + i;
+                write_session(&trees, format!("sA/{id}").as_bytes(), &rec).unwrap();
+            }
+            trees.db.flush().unwrap();
+            eprintln!(
+                "filled {n} sessions in {:.1} s",
+                began.elapsed().as_secs_f64()
+            );
+        }
+        let began = std::time::Instant::now();
+        let (full, _) = Store::open(dir.path(), 60, 100).unwrap();
+        let open_s = began.elapsed().as_secs_f64();
+        let loaded = turns(&full, "f").await;
+        let p = |v: &[f64], q: f64| v[((v.len() - 1) as f64 * q) as usize];
+        eprintln!(
+            "open with {n} sessions: {open_s:.3} s; turn writes p50 {:.1} us (empty store {:.1} us), p99 {:.1} us (empty {:.1} us)",
+            p(&loaded, 0.5),
+            p(&base, 0.5),
+            p(&loaded, 0.99),
+            p(&base, 0.99)
+        );
+        full.close().await.unwrap();
+    }
 }

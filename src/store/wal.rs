@@ -312,6 +312,30 @@ mod tests {
         out
     }
 
+    proptest::proptest! {
+        /// Whatever a damaged file holds, reading it neither panics nor invents records:
+        /// what it returns is a prefix of what was written before the damage.
+        #[test]
+        fn any_damage_reads_as_a_prefix(
+            cut in 0usize..400,
+            flip in proptest::option::of((0usize..400, 1u8..=255)),
+            junk in proptest::collection::vec(proptest::num::u8::ANY, 0..64),
+        ) {
+            let ops = sample();
+            let mut bytes = encode(&ops);
+            bytes.truncate(cut.min(bytes.len()));
+            if let Some((at, mask)) = flip {
+                if at < bytes.len() {
+                    bytes[at] ^= mask;
+                }
+            }
+            bytes.extend_from_slice(&junk);
+            let (read, _) = decode_all(&bytes);
+            proptest::prop_assert!(read.len() <= ops.len());
+            proptest::prop_assert_eq!(&read[..], &ops[..read.len()]);
+        }
+    }
+
     #[test]
     fn records_read_back_as_written() {
         let ops = sample();
