@@ -150,7 +150,8 @@ fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
 }
 
 /// Writes a session's record (`body`) and its index entries, replacing the entries of
-/// what was stored under `key` before; returns that earlier meta.
+/// what was stored under `key` before; returns that earlier meta as stored (JSON), for
+/// the log.
 ///
 /// Not atomic across the trees, and no sled transaction (each would write sled's log
 /// out): the store's write-ahead log makes a change atomic instead. A crash can leave a
@@ -163,12 +164,13 @@ pub(super) fn put(
     body: &[u8],
     meta: &SessionMeta,
     stale: Option<&SessionMeta>,
-) -> Result<Option<SessionMeta>, StoreError> {
+) -> Result<Option<sled::IVec>, StoreError> {
     let meta_bytes = serde_json::to_vec(meta)?;
-    let old = match t.meta.insert(key, meta_bytes.as_slice())? {
-        Some(bytes) => Some(serde_json::from_slice::<SessionMeta>(&bytes)?),
-        None => None,
-    };
+    let replaced = t.meta.insert(key, meta_bytes.as_slice())?;
+    let old: Option<SessionMeta> = replaced
+        .as_deref()
+        .map(serde_json::from_slice)
+        .transpose()?;
     for gone in old.iter().chain(stale) {
         if gone.created != meta.created {
             t.list.remove(list_key(key, gone.created))?;
@@ -188,20 +190,18 @@ pub(super) fn put(
         t.running.remove(key)?;
     }
     t.sessions.insert(key, body)?;
-    Ok(old)
+    Ok(replaced)
 }
 
 /// Removes a session's record and index entries (and those of `stale`, as in [`put`]);
-/// returns the meta it had.
+/// returns the meta it had, as stored.
 pub(super) fn remove(
     t: &Trees,
     key: &[u8],
     stale: Option<&SessionMeta>,
-) -> Result<Option<SessionMeta>, StoreError> {
-    let old = match t.meta.remove(key)? {
-        Some(bytes) => Some(serde_json::from_slice::<SessionMeta>(&bytes)?),
-        None => None,
-    };
+) -> Result<Option<sled::IVec>, StoreError> {
+    let removed = t.meta.remove(key)?;
+    let old: Option<SessionMeta> = removed.as_deref().map(serde_json::from_slice).transpose()?;
     for gone in old.iter().chain(stale) {
         t.list.remove(list_key(key, gone.created))?;
         if let Some(e) = gone.expires {
@@ -210,7 +210,7 @@ pub(super) fn remove(
     }
     t.running.remove(key)?;
     t.sessions.remove(key)?;
-    Ok(old)
+    Ok(removed)
 }
 
 /// Up to `limit` sessions of the scope `scope` (a session key's prefix, `a…/` or

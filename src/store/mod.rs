@@ -566,7 +566,7 @@ impl Store {
                 let prev = remove_session(t, key, None)?;
                 ctx.log(wal::Op::RemoveSession {
                     key: key.to_vec(),
-                    prev: prev.map(|m| serde_json::to_vec(&m)).transpose()?,
+                    prev: prev.map(|m| m.to_vec()),
                 });
                 sessions.push(String::from_utf8_lossy(key).into_owned());
             }
@@ -758,7 +758,7 @@ fn write_session_bytes(
     record: &[u8],
     rec: &SessionRecord,
     stale: Option<&SessionMeta>,
-) -> Result<Option<SessionMeta>, StoreError> {
+) -> Result<Option<sled::IVec>, StoreError> {
     let meta = SessionMeta {
         session_id: rec.session_id.clone(),
         status: rec.status,
@@ -775,7 +775,7 @@ fn log_session(ctx: &mut Ctx, key: &[u8], rec: &SessionRecord) -> Result<(), Sto
     ctx.log(wal::Op::Session {
         key: key.to_vec(),
         record,
-        prev: prev.map(|m| serde_json::to_vec(&m)).transpose()?,
+        prev: prev.map(|m| m.to_vec()),
     });
     Ok(())
 }
@@ -816,7 +816,7 @@ fn remove_session(
     t: &Trees,
     key: &[u8],
     stale: Option<&SessionMeta>,
-) -> Result<Option<SessionMeta>, StoreError> {
+) -> Result<Option<sled::IVec>, StoreError> {
     let old = index::remove(t, key, stale)?;
     clear_replies(t, key)?;
     Ok(old)
@@ -952,6 +952,7 @@ impl StoreThread {
         while let Some(first) = jobs.blocking_recv() {
             let mut answers: Vec<Answer> = Vec::new();
             let mut wait = Wait::Written;
+            let mut durable = 0;
             let mut next = Some(first);
             while let Some(job) = next.take() {
                 let mut ctx = Ctx {
@@ -963,6 +964,7 @@ impl StoreThread {
                 match done {
                     Completion::Answer(w, answer) => {
                         wait = wait.max(w);
+                        durable += usize::from(w == Wait::Durable);
                         answers.push(answer);
                     }
                     Completion::Silent => {}
@@ -975,7 +977,7 @@ impl StoreThread {
                     next = jobs.try_recv().ok();
                 }
             }
-            let stored = self.commit(&mut log, wait, answers.len());
+            let stored = self.commit(&mut log, wait, durable);
             for answer in answers {
                 answer(stored.clone());
             }
@@ -1005,7 +1007,8 @@ impl StoreThread {
     }
 
     /// Writes the batch's log records, and syncs them when a job waits for that.
-    fn commit(&mut self, log: &mut Vec<u8>, wait: Wait, jobs: usize) -> Result<(), String> {
+    /// `durable`: how many of the batch's jobs wait for the sync (for the metrics).
+    fn commit(&mut self, log: &mut Vec<u8>, wait: Wait, durable: usize) -> Result<(), String> {
         let wrote = !log.is_empty();
         self.wal.append(log).map_err(|e| e.to_string())?;
         log.clear();
@@ -1016,7 +1019,7 @@ impl StoreThread {
             self.metrics
                 .flush_seconds
                 .observe(began.elapsed().as_secs_f64());
-            self.metrics.writes_per_flush.observe(jobs as f64);
+            self.metrics.writes_per_flush.observe(durable as f64);
         } else if wrote {
             // In `sync` mode (no syncer) a write nobody waits for (a queued one) is
             // synced with the next durable batch or checkpoint.
