@@ -114,6 +114,9 @@ pub const HOST_YAML_TEMPLATE: &str = r#"# .co/host.yaml: settings for `oonode ho
 # Relay to announce on so the agent is reachable without an open port
 # (ws://host:port or wss://host; empty or null: off).
 # relay_url: ""
+# Relays to move to, in turn, when the current one fails (federated relays find the
+# agent wherever it is announced).
+# relay_fallbacks: []
 # A CA to trust (PEM, relative to this directory) besides the public ones, for a wss://
 # relay whose certificate is private or self-signed; also used when this node's agent
 # calls other agents.
@@ -230,6 +233,8 @@ pub struct Settings {
     /// `Some(None)`: explicitly off (empty or null in the file).
     #[serde(default, deserialize_with = "relay_url")]
     pub relay_url: Option<Option<String>>,
+    /// Relays to move to when the current one fails, in order.
+    pub relay_fallbacks: Option<Vec<String>>,
     /// A CA (PEM) to trust for `wss://` relays besides the public roots.
     pub relay_ca: Option<PathBuf>,
     /// Serve HTTP over TLS with this PEM certificate chain (with `tls_key`).
@@ -611,6 +616,7 @@ impl Settings {
             max_history_bytes: self.max_history_bytes.or(lower.max_history_bytes),
             max_body_budget_mb: self.max_body_budget_mb.or(lower.max_body_budget_mb),
             relay_url: self.relay_url.or(lower.relay_url),
+            relay_fallbacks: self.relay_fallbacks.or(lower.relay_fallbacks),
             relay_ca: self.relay_ca.or(lower.relay_ca),
             tls_cert,
             tls_key,
@@ -670,6 +676,9 @@ pub struct HostConfig {
     /// MB of request bodies read at once.
     pub max_body_budget_mb: usize,
     pub relay_url: Option<RelayUrl>,
+    /// Relays the link moves to, in turn, when the current one fails (only with
+    /// `relay_url`).
+    pub relay_fallbacks: Vec<RelayUrl>,
     /// A CA file trusted besides the public roots for `wss://` relays (and the agent's
     /// own calls to other agents).
     pub relay_ca: Option<PathBuf>,
@@ -721,6 +730,13 @@ impl HostConfig {
             ),
             None => None,
         };
+        let relay_fallbacks = s
+            .relay_fallbacks
+            .unwrap_or_default()
+            .iter()
+            .map(|url| url.parse::<RelayUrl>())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| invalid("relay_fallbacks", &e.to_string()))?;
         // Files are read now, so that a missing or bad one stops start-up naming its key.
         let in_co_dir = |p: PathBuf| if p.is_relative() { co_dir.join(p) } else { p };
         let relay_ca = s.relay_ca.map(in_co_dir);
@@ -889,6 +905,7 @@ impl HostConfig {
                 DEFAULT_MAX_BODY_BUDGET_MB,
             )?,
             relay_url,
+            relay_fallbacks,
             relay_ca,
             tls_cert,
             tls_key,

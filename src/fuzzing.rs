@@ -29,6 +29,16 @@ pub fn signed_read_envelope(read: &SignedRead<'_>) -> Result<Envelope, Refusal> 
     read.envelope()
 }
 
+/// A home-relay record from the DHT under `address`'s key, checked as of `now` as relays
+/// check what they store and read: its signed timestamp and relay when it passes.
+pub fn check_home(address: &Address, value: &[u8], now: u64) -> Option<(u64, String)> {
+    use crate::transport::p2p::{check_home, home_key};
+    let record = libp2p::kad::Record::new(home_key(address), value.to_vec());
+    check_home(&record, now)
+        .ok()
+        .and_then(|a| Some((a.timestamp, a.relay?)))
+}
+
 /// A presence record from the DHT under `address`'s key, checked as of `now` as the swarm
 /// checks what it stores and reads: its signed timestamp and payload when it passes.
 pub fn check_presence(address: &Address, value: &[u8], now: u64) -> Option<(u64, Object)> {

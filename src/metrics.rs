@@ -338,6 +338,9 @@ pub(crate) struct RelayMetrics {
     sessions: Gauge,
     frames: Counter,
     refusals: Family<CodeLabels, Counter>,
+    home_records: Counter,
+    forwarded: Counter,
+    forward_failures: Counter,
 }
 
 impl Default for RelayMetrics {
@@ -361,6 +364,24 @@ impl Default for RelayMetrics {
             "Connections and frames refused, by error code",
             refusals.clone(),
         );
+        let home_records = Counter::default();
+        registry.register(
+            "home_records_published",
+            "Home-relay records of this relay's agents put in the DHT (federation)",
+            home_records.clone(),
+        );
+        let forwarded = Counter::default();
+        registry.register(
+            "forwarded_connections",
+            "Caller connections passed on to the relay an agent is homed on (federation)",
+            forwarded.clone(),
+        );
+        let forward_failures = Counter::default();
+        registry.register(
+            "forward_failures",
+            "Home relays named in the DHT that could not be reached (federation)",
+            forward_failures.clone(),
+        );
         RelayMetrics {
             registry,
             agents,
@@ -368,6 +389,9 @@ impl Default for RelayMetrics {
             sessions,
             frames,
             refusals,
+            home_records,
+            forwarded,
+            forward_failures,
         }
     }
 }
@@ -379,6 +403,18 @@ impl RelayMetrics {
 
     pub(crate) fn refused(&self, code: ErrorCode) {
         self.refusals.get_or_create(&CodeLabels { code }).inc();
+    }
+
+    pub(crate) fn home_record_published(&self) {
+        self.home_records.inc();
+    }
+
+    pub(crate) fn forwarded(&self) {
+        self.forwarded.inc();
+    }
+
+    pub(crate) fn forward_failed(&self) {
+        self.forward_failures.inc();
     }
 
     /// The text format, with the gauges set to the state given.

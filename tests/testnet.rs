@@ -48,6 +48,9 @@ fn listed(dir: &Path) -> Vec<(u32, u64)> {
         .map(|nodes| nodes.iter().filter_map(entry).collect())
         .unwrap_or_default();
     all.extend(entry(&state["relay"]));
+    if let Some(more) = state["more_relays"].as_array() {
+        all.extend(more.iter().filter_map(entry));
+    }
     all
 }
 
@@ -243,4 +246,162 @@ fn five_nodes_up_all_pairs_call_and_down_leaves_nothing() {
         .collect();
     assert!(left.is_empty(), "still running after down: {left:?}");
     assert!(!dir.exists(), "down removes the directory");
+}
+
+/// What one node of a testnet.json needs to call another through a relay.
+struct Peer {
+    address: String,
+    co_dir: PathBuf,
+    http: String,
+}
+
+/// Node `from` calls node `to` by address through the relay `from` is on now (its
+/// /health says which), signing with `from`'s key; the answer must echo the prompt.
+async fn relay_call(from: &Peer, to: &Peer) -> Result<(), String> {
+    let health: Value = reqwest::get(format!("{}/health", from.http))
+        .await
+        .map_err(|e| e.to_string())?
+        .json()
+        .await
+        .map_err(|e| e.to_string())?;
+    let relay = health["relay"]["url"]
+        .as_str()
+        .ok_or("no relay in /health")?
+        .to_owned();
+    let (identity, _) =
+        oonode::Identity::load_or_create(&from.co_dir).map_err(|e| e.to_string())?;
+    let options = oonode::ConnectOptions::default()
+        .identity(identity)
+        .relay(relay)
+        .via(oonode::Via::Relay)
+        .reply_timeout(Duration::from_secs(3));
+    let prompt = format!("{} to {}", &from.address[..10], &to.address[..10]);
+    let answer = tokio::time::timeout(Duration::from_secs(8), async {
+        let mut remote = oonode::connect(&to.address, options).await?;
+        remote.input(&prompt).await
+    })
+    .await
+    .map_err(|_| "timed out".to_string())?
+    .map_err(|e| format!("{e}"))?;
+    if answer.result == prompt {
+        Ok(())
+    } else {
+        Err(format!("answered {:?}", answer.result))
+    }
+}
+
+/// Every ordered pair at once; the pairs that failed, with why.
+async fn all_pairs(peers: &[Peer]) -> Vec<String> {
+    let mut calls = tokio::task::JoinSet::new();
+    for i in 0..peers.len() {
+        for j in 0..peers.len() {
+            if i != j {
+                let (from, to) = (peers[i].clone_ref(), peers[j].clone_ref());
+                calls.spawn(async move {
+                    relay_call(&from, &to)
+                        .await
+                        .err()
+                        .map(|e| format!("{i} → {j}: {e}"))
+                });
+            }
+        }
+    }
+    let mut failed = Vec::new();
+    while let Some(r) = calls.join_next().await {
+        failed.extend(r.expect("a call task"));
+    }
+    failed
+}
+
+impl Peer {
+    fn clone_ref(&self) -> Peer {
+        Peer {
+            address: self.address.clone(),
+            co_dir: self.co_dir.clone(),
+            http: self.http.clone(),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_federated_relays_nine_nodes_every_pair_answers_and_outlives_a_relay() {
+    const RELAYS: usize = 3;
+    const N: usize = 9;
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let dir = tmp.path().join("net");
+    let dir_s = dir.to_str().expect("utf-8 path").to_owned();
+    let _cleanup = Cleanup { dir: dir.clone() };
+    let (n, m) = (N.to_string(), RELAYS.to_string());
+    let args = [
+        "up", "--nodes", &n, "--relays", &m, "--dir", &dir_s, "--agents", "echo",
+    ];
+    let started = Instant::now();
+    let table = tokio::task::block_in_place(|| expect_ok(&args, Duration::from_secs(120)));
+    eprintln!(
+        "testnet up --nodes {N} --relays {RELAYS}: {:?}\n{table}",
+        started.elapsed()
+    );
+    let state: Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("testnet.json")).expect("testnet.json"),
+    )
+    .expect("testnet.json is JSON");
+    assert_eq!(listed(&dir).len(), N + RELAYS, "the nodes and the relays");
+    let peers: Vec<Peer> = state["nodes"]
+        .as_array()
+        .expect("nodes")
+        .iter()
+        .map(|n| Peer {
+            address: n["address"].as_str().unwrap().to_owned(),
+            co_dir: PathBuf::from(n["co_dir"].as_str().unwrap()),
+            http: n["http"].as_str().unwrap().to_owned(),
+        })
+        .collect();
+    // Nodes are spread over the relays: node I on relay I mod 3.
+    for (i, node) in state["nodes"].as_array().unwrap().iter().enumerate() {
+        assert_eq!(node["relay"].as_u64(), Some((i % RELAYS) as u64), "{node}");
+    }
+
+    let t = Instant::now();
+    let failed = all_pairs(&peers).await;
+    assert!(failed.is_empty(), "pairs that failed: {failed:#?}");
+    eprintln!(
+        "{} ordered pairs answered through the relays in {:?}",
+        N * (N - 1),
+        t.elapsed()
+    );
+
+    // Relay 1 dies (kill -9): its nodes move to their next relay, and within 10 s every
+    // pair answers again.
+    let relay1 = &state["more_relays"][0];
+    let pid = u32::try_from(relay1["pid"].as_u64().unwrap()).unwrap();
+    kill9(pid);
+    let killed = Instant::now();
+    let mut rounds = 0;
+    loop {
+        rounds += 1;
+        let failed = all_pairs(&peers).await;
+        if failed.is_empty() {
+            break;
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(10),
+            "10 s after relay 1 died, {} pairs still fail: {failed:#?}",
+            failed.len()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let took = killed.elapsed();
+    eprintln!("every pair answered again {took:?} after relay 1 was killed ({rounds} rounds)");
+    let status = tokio::task::block_in_place(|| {
+        testnet(
+            &["status", "--dir", &dir_s, "--no-swarm"],
+            Duration::from_secs(30),
+        )
+    });
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        text.contains(&format!("{N} of {N} nodes up; 2 of 3 relays up")),
+        "{text}"
+    );
+    tokio::task::block_in_place(|| expect_ok(&["down", "--dir", &dir_s], Duration::from_secs(30)));
 }

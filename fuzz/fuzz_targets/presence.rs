@@ -1,14 +1,17 @@
-//! Presence records, as the swarm checks a DHT record before storing or serving it: size,
-//! JSON, type, signer and key owner, timestamp window, field caps.
+//! DHT records, as the swarm checks one before storing or serving it: presence records
+//! (size, JSON, type, signer and key owner, timestamp window, field caps) and, from the
+//! same bytes, home-relay records (an agent's signed ANNOUNCE naming its relay).
 //!
-//! Properties: any record is accepted or refused, never a panic; a record that passes is
-//! signed at most an hour ago; a record we sign ourselves fails only on a field cap.
+//! Properties: any record is accepted or refused, never a panic; a presence record that
+//! passes is signed at most an hour ago, a home-relay record within 300 s either way and
+//! names a ws:// or wss:// relay; a presence record we sign ourselves fails only on a
+//! field cap.
 
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use oonode::envelope::canonical_json;
-use oonode::fuzzing::check_presence;
+use oonode::fuzzing::{check_home, check_presence};
 use oonode::Identity;
 use serde_json::Value;
 
@@ -25,6 +28,11 @@ fuzz_target!(|data: &[u8]| {
     for now in [Some(NOW), own_time].into_iter().flatten() {
         if let Some((timestamp, _)) = check_presence(&owner.address(), data, now) {
             assert!(timestamp <= now + 300 && now.saturating_sub(timestamp) <= 3600);
+        }
+        if let Some((timestamp, relay)) = check_home(&owner.address(), data, now) {
+            assert!(timestamp.abs_diff(now) <= 300);
+            let relay = relay.trim();
+            assert!(relay.starts_with("ws://") || relay.starts_with("wss://"), "{relay}");
         }
     }
 

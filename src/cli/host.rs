@@ -80,6 +80,10 @@ pub(crate) struct HostArgs {
     /// relay_url.
     #[arg(long, value_name = "URL", conflicts_with = "no_relay", value_parser = super::relay_url)]
     relay: Option<String>,
+    /// A relay to move to when the current one fails (repeatable, tried in order after
+    /// --relay); overrides host.yaml's relay_fallbacks.
+    #[arg(long = "relay-fallback", value_name = "URL", conflicts_with = "no_relay", value_parser = super::relay_url)]
+    relay_fallbacks: Vec<String>,
     /// Do not announce on any relay.
     #[arg(long)]
     no_relay: bool,
@@ -165,6 +169,9 @@ pub(crate) async fn host(args: HostArgs) -> anyhow::Result<()> {
     }
     if let Some(url) = args.relay {
         host = host.relay_url(Some(url));
+    }
+    if !args.relay_fallbacks.is_empty() {
+        host = host.relay_fallbacks(args.relay_fallbacks);
     }
     if let Some(ca) = args.relay_ca {
         host = host.relay_ca(ca);

@@ -67,8 +67,26 @@ pub(crate) struct RelayArgs {
     /// The PEM private key of --tls-cert (PKCS#8, PKCS#1 or SEC1).
     #[arg(long, value_name = "FILE", requires = "tls_cert", value_parser = super::pem_file)]
     tls_key: Option<std::path::PathBuf>,
+    /// Join the libp2p swarm on this multiaddr (repeatable; e.g. /ip4/0.0.0.0/udp/4001/quic-v1
+    /// and /ip4/0.0.0.0/tcp/4001) as a DHT server, and federate: this relay publishes its
+    /// agents' home-relay records, and passes callers on to the relay an agent is homed on.
+    #[arg(long = "swarm-listen", value_name = "MULTIADDR", value_parser = multiaddr)]
+    swarm_listen: Vec<oonode::Multiaddr>,
+    /// A swarm peer to join through, ending in /p2p/<PeerId> (repeatable): another relay's
+    /// address from its banner or --ready-json `swarm`. Needs --swarm-listen.
+    #[arg(long, value_name = "MULTIADDR", value_parser = multiaddr, requires = "swarm_listen")]
+    bootstrap: Vec<oonode::Multiaddr>,
+    /// Pass callers on to home relays on private or loopback addresses (a testnet, a LAN).
+    /// Off: a home-relay record is signed by its agent, and anyone can make an agent key.
+    #[arg(long, requires = "swarm_listen")]
+    forward_private: bool,
+    /// A CA (PEM) to trust besides the public roots when passing callers on to wss://
+    /// relays.
+    #[arg(long, value_name = "FILE", value_parser = super::pem_file, requires = "swarm_listen")]
+    relay_ca: Option<std::path::PathBuf>,
     /// Print one JSON line to stdout when listening ({"event":"ready","url","announce",
-    /// "input","http"}) instead of the human-readable lines.
+    /// "input","http"}, and "swarm" with --swarm-listen) instead of the human-readable
+    /// lines.
     #[arg(long)]
     ready_json: bool,
     /// Log lines on stderr as `text` (for people) or `json` (one object a line, with
@@ -94,6 +112,10 @@ pub(crate) async fn relay(args: RelayArgs) -> anyhow::Result<()> {
     config.max_ip_sessions_per_agent = args.max_ip_sessions_per_agent;
     config.trust_forwarded_for = args.trust_forwarded_for;
     config.public_urls = args.public_urls;
+    config.swarm_listen = args.swarm_listen;
+    config.bootstrap = args.bootstrap;
+    config.forward_private = args.forward_private;
+    config.relay_ca = args.relay_ca;
     if let (Some(cert), Some(key)) = (args.tls_cert, args.tls_key) {
         config = config.tls(cert, key);
     }
@@ -116,7 +138,15 @@ pub(crate) async fn relay(args: RelayArgs) -> anyhow::Result<()> {
         println!("relay listening on {url}");
         println!("  agents:  {}", url.announce());
         println!("  callers: {}", url.input());
+        for addr in handle.swarm_addrs() {
+            println!("  swarm:   {addr}");
+        }
     }
     handle.run_until_signal().await;
     Ok(())
+}
+
+fn multiaddr(s: &str) -> Result<oonode::Multiaddr, String> {
+    s.parse()
+        .map_err(|e| format!("{s:?} is not a multiaddr ({e}); e.g. /ip4/0.0.0.0/tcp/4001"))
 }

@@ -199,6 +199,14 @@ impl Host {
         self
     }
 
+    /// Relays to move to, in turn, when the current one fails (host.yaml
+    /// `relay_fallbacks`). With federated relays a caller finds the agent on whichever
+    /// it is announced.
+    pub fn relay_fallbacks(mut self, urls: Vec<String>) -> Self {
+        self.code.relay_fallbacks = Some(urls);
+        self
+    }
+
     /// Trusts the CA certificates in this PEM file, besides the public roots, for a
     /// `wss://` relay (and the agent's calls to other agents). A relative path is taken
     /// from the co_dir, as host.yaml's `relay_ca`.

@@ -262,6 +262,7 @@ impl Node {
             let tls = self.config.relay_tls.clone();
             relay_link::spawn(
                 url,
+                self.config.relay_fallbacks.clone(),
                 tls,
                 self.dispatcher.clone(),
                 info,

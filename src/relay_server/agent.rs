@@ -2,6 +2,7 @@
 //! makes (one address per connection, dropped with it), and the agent's replies routed
 //! back to their callers.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -12,7 +13,7 @@ use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, info_span, Instrument};
 
-use super::{evict_offline, AgentEntry, AgentLink, IpSlot, RelayState};
+use super::{evict_offline, federation, AgentEntry, AgentLink, IpSlot, RelayState};
 use crate::envelope::unix_now;
 use crate::identity::Address;
 use crate::proto::{
@@ -110,7 +111,7 @@ fn register(
     }
     check_relay(st, a.relay.as_deref())?;
     let mut agents = st.agents();
-    let online = agents.values().filter(|e| e.link.is_some()).count();
+    let online = st.online.load(Ordering::Relaxed);
     let entry = agents.get_mut(&a.address);
     let same_socket = entry
         .as_ref()
@@ -135,6 +136,12 @@ fn register(
             ),
         ));
     }
+    // The home-relay record goes out on a new socket and then once a minute, not at
+    // every re-announce.
+    let published = entry
+        .as_ref()
+        .and_then(|e| e.published)
+        .filter(|at| same_socket && at.elapsed() < federation::REPUBLISH_AFTER);
     let link = match entry.as_ref().and_then(|e| e.link.clone()) {
         Some(l) if l.conn == conn => l,
         old => {
@@ -150,7 +157,16 @@ fn register(
             }
         }
     };
-    agents.insert(
+    let publish = published.is_none() && st.federation.is_some();
+    if let (true, Some(f)) = (publish, &st.federation) {
+        f.p2p.publish_home(
+            &a.address,
+            Value::Object(msg.clone()).to_string().into_bytes(),
+            a.timestamp,
+        );
+        st.metrics.home_record_published();
+    }
+    let was_online = agents.insert(
         a.address,
         AgentEntry {
             link: Some(link),
@@ -158,8 +174,16 @@ fn register(
             endpoints: a.endpoints,
             last_seen: SystemTime::now(),
             announced_at: a.timestamp,
+            published: if publish {
+                Some(Instant::now())
+            } else {
+                published
+            },
         },
     );
+    if was_online.is_none_or(|e| e.link.is_none()) {
+        st.online.fetch_add(1, Ordering::Relaxed);
+    }
     Ok(a.address)
 }
 
@@ -273,9 +297,11 @@ fn drop_agent(st: &RelayState, address: Address, conn: u64) {
             if e.link.as_ref().is_some_and(|l| l.conn == conn) {
                 e.link = None;
                 e.last_seen = SystemTime::now();
+                st.online.fetch_sub(1, Ordering::Relaxed);
             }
         }
-        evict_offline(&mut agents, st.config.max_offline);
+        let online = st.online.load(Ordering::Relaxed);
+        evict_offline(&mut agents, st.config.max_offline, online);
     }
     let mut sessions = st.sessions();
     sessions.retain(|id, r| {

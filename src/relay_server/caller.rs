@@ -1,5 +1,7 @@
 //! One task per caller connection on `/ws/input`: frames routed to agents by `to`, then
 //! by session; per-connection, per-IP and per-agent session limits; idle sessions end.
+//! Frames for an agent homed on another relay (federation) go to that relay, on a caller
+//! connection this one opens there (an upstream), and its answers come straight back.
 
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
@@ -7,11 +9,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::extract::ws::WebSocket;
+use futures::{SinkExt, StreamExt};
 use serde_json::Value;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info_span, Instrument};
 
+use super::federation::{Homes, Upstream};
 use super::{IpKey, IpSlot, RelayState, Route};
 use crate::identity::Address;
 use crate::proto::{
@@ -22,12 +27,14 @@ use crate::proto::{
 use super::conn::{error_frame, next_object, split, Activity, Frame, RateLimit};
 
 /// One caller connection from `ip`. `_slots` (the relay's caller permit and the IP's)
-/// are held while it lives.
+/// are held while it lives. A connection another relay `forwarded` here is never passed
+/// on again.
 pub(super) async fn serve_caller(
     st: Arc<RelayState>,
     socket: WebSocket,
     ip: IpAddr,
     _slots: (OwnedSemaphorePermit, IpSlot),
+    forwarded: bool,
 ) {
     let conn = st.conn_id();
     let closed = st.shutdown.child_token();
@@ -45,6 +52,9 @@ pub(super) async fn serve_caller(
         slots: Arc::new(Semaphore::new(st.config.max_sessions_per_caller)),
         rate: RateLimit::new(st.config.frames_per_sec),
         named_an_agent: false,
+        may_forward: !forwarded && st.federation.is_some(),
+        upstreams: HashMap::new(),
+        forwarded: HashMap::new(),
     };
     let first_frame_by = Instant::now() + st.config.first_frame_timeout;
     async {
@@ -90,7 +100,7 @@ pub(super) async fn serve_caller(
                 ),
                 Ok(Frame::Object(obj)) => {
                     activity.touch();
-                    caller.on_frame(obj)
+                    caller.on_frame(obj).await
                 }
             }
         }
@@ -120,6 +130,20 @@ struct Caller<'a> {
     rate: RateLimit,
     /// Whether a frame named an agent yet (see `first_frame_timeout`).
     named_an_agent: bool,
+    /// Whether frames for agents homed elsewhere may be passed on (the relay federates,
+    /// and this connection was not itself passed on by another relay).
+    may_forward: bool,
+    /// Connections to the home relays of agents this caller reached through them.
+    upstreams: HashMap<Address, UpstreamLink>,
+    /// Sessions passed on, and to whom: a later frame that names only its session
+    /// follows them there.
+    forwarded: HashMap<String, Address>,
+}
+
+/// This relay's caller connection to an agent's home relay, for one caller connection.
+struct UpstreamLink {
+    tx: mpsc::Sender<String>,
+    closed: CancellationToken,
 }
 
 impl Caller<'_> {
@@ -135,7 +159,7 @@ impl Caller<'_> {
         self.send(frame);
     }
 
-    fn on_frame(&mut self, obj: Object) {
+    async fn on_frame(&mut self, obj: Object) {
         if !self.rate.allow() {
             let msg = format!(
                 "over {} frames per second; frame dropped",
@@ -179,8 +203,17 @@ impl Caller<'_> {
         let session_id = named
             .or_else(|| self.current.get(&to).cloned())
             .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+        if self.upstream(&to).is_some() || self.forwarded.contains_key(&session_id) {
+            return self.forward(to, session_id, obj, None).await;
+        }
         let agent_tx = match self.route(&session_id, to) {
             Ok(tx) => tx,
+            Err(e)
+                if self.may_forward
+                    && matches!(e.code, ErrorCode::UnknownAgent | ErrorCode::AgentOffline) =>
+            {
+                return self.forward(to, session_id, obj, Some(e)).await;
+            }
             Err(e) => return self.refuse(e.code, e.in_session(Some(&session_id)).encode()),
         };
         self.current.insert(to, session_id.clone());
@@ -217,7 +250,9 @@ impl Caller<'_> {
                 .sessions()
                 .get(&id)
                 .filter(|r| r.caller_conn == self.conn)
-                .map(|r| (r.agent, id.clone())),
+                .map(|r| r.agent)
+                .or_else(|| self.forwarded.get(&id).copied())
+                .map(|agent| (agent, id.clone())),
             None => only,
         };
         found.ok_or_else(|| {
@@ -335,6 +370,13 @@ impl Caller<'_> {
 
     fn close_session(&mut self, session_id: Option<String>) {
         let Some(id) = session_id else { return };
+        if let Some(agent) = self.forwarded.remove(&id) {
+            self.current.retain(|_, s| *s != id);
+            if let Some(up) = self.upstream(&agent) {
+                let _ = up.try_send(RelayToAgent::close(&id));
+            }
+            return;
+        }
         if !self.sessions.remove(&id) {
             return;
         }
@@ -343,6 +385,172 @@ impl Caller<'_> {
         if let Some(r) = route {
             let _ = r.agent_tx.try_send(RelayToAgent::close(&id));
         }
+    }
+
+    /// The open upstream to `agent`'s home relay, if any.
+    fn upstream(&self, agent: &Address) -> Option<mpsc::Sender<String>> {
+        self.upstreams
+            .get(agent)
+            .filter(|u| !u.closed.is_cancelled())
+            .map(|u| u.tx.clone())
+    }
+
+    /// Passes a frame for `to`, not online here, to the relay the DHT says it is homed
+    /// on. `local` is why this relay cannot route it itself: what the caller hears if
+    /// the agent has no other home either.
+    async fn forward(
+        &mut self,
+        to: Address,
+        session_id: String,
+        mut obj: Object,
+        local: Option<RelayError>,
+    ) {
+        let refuse = |this: &Self, e: RelayError| {
+            this.refuse(e.code, e.in_session(Some(&session_id)).encode())
+        };
+        let tx = match self.upstream(&to) {
+            Some(tx) => tx,
+            None => match self.open_upstream(to).await {
+                Ok(tx) => tx,
+                Err(why) => {
+                    let mut e = local.unwrap_or_else(|| {
+                        RelayError::new(ErrorCode::AgentOffline, "the agent's home relay left")
+                    });
+                    if let Some(why) = why {
+                        e.error = format!("{}; its home relay: {why}", e.error);
+                    }
+                    return refuse(self, e);
+                }
+            },
+        };
+        if !self.forwarded.contains_key(&session_id) {
+            let max = self.st.config.max_sessions_per_caller;
+            if self.forwarded.len() >= max {
+                // Sessions of home relays that closed are over.
+                let upstreams = &self.upstreams;
+                self.forwarded
+                    .retain(|_, a| upstreams.get(a).is_some_and(|u| !u.closed.is_cancelled()));
+            }
+            if self.forwarded.len() >= max {
+                return refuse(
+                    self,
+                    RelayError::new(
+                        ErrorCode::TooManySessions,
+                        format!("at most {max} sessions per connection"),
+                    ),
+                );
+            }
+            self.forwarded.insert(session_id.clone(), to);
+        }
+        self.current.insert(to, session_id.clone());
+        obj.insert("session_id".into(), Value::String(session_id.clone()));
+        if tx.try_send(Value::Object(obj).to_string()).is_ok() {
+            self.st.metrics.frame_relayed();
+        } else {
+            refuse(
+                self,
+                RelayError::new(
+                    ErrorCode::AgentBusy,
+                    format!(
+                        "agent {}'s home relay is not taking frames right now; try again",
+                        to.short()
+                    ),
+                ),
+            );
+        }
+    }
+
+    /// Resolves `to`'s home relay and opens an upstream to it. `Err(None)`: the DHT
+    /// names no other relay; `Err(Some(why))`: it does, and it could not be reached.
+    async fn open_upstream(&mut self, to: Address) -> Result<mpsc::Sender<String>, Option<String>> {
+        let Some(fed) = self.st.federation.as_ref().filter(|_| self.may_forward) else {
+            return Err(None);
+        };
+        self.upstreams.retain(|_, u| !u.closed.is_cancelled());
+        if self.upstreams.len() >= self.st.config.max_sessions_per_caller {
+            return Err(Some("this connection has too many home relays open".into()));
+        }
+        let home = fed
+            .home_of(&to, &self.st.public_urls)
+            .await
+            .ok_or(None)?
+            .relay;
+        let socket = match fed.dial(&home).await {
+            Ok(s) => s,
+            Err(why) => {
+                fed.homes().forget(&to);
+                self.st.metrics.forward_failed();
+                debug!(agent = %to.short(), relay = %home.base(), %why, "home relay unreachable");
+                return Err(Some(why));
+            }
+        };
+        debug!(agent = %to.short(), relay = %home.base(), "caller passed on to the agent's home relay");
+        self.st.metrics.forwarded();
+        let link = self.splice(socket, to, fed.homes().clone());
+        let tx = link.tx.clone();
+        self.upstreams.insert(to, link);
+        Ok(tx)
+    }
+
+    /// Runs an upstream: frames queued on its sender are written to it, and every frame
+    /// it sends goes to this caller as it came. It ends with the caller's connection, or
+    /// when the home relay closes it, or says that `agent` is not there (it moved or
+    /// left): then `homes` forgets it, and the caller's next frame finds it anew.
+    fn splice(&self, socket: Upstream, agent: Address, homes: Homes) -> UpstreamLink {
+        let (mut sink, mut stream) = socket.split();
+        let (tx, mut rx) = mpsc::channel::<String>(self.st.config.send_queue);
+        let closed = self.closed.child_token();
+        let stop = closed.clone();
+        tokio::spawn(async move {
+            loop {
+                let text = tokio::select! {
+                    _ = stop.cancelled() => break,
+                    t = rx.recv() => match t { Some(t) => t, None => break },
+                };
+                let sent =
+                    tokio::time::timeout(Duration::from_secs(10), sink.send(Message::text(text)));
+                if !matches!(sent.await, Ok(Ok(()))) {
+                    break;
+                }
+            }
+            stop.cancel();
+            let _ = sink.close().await;
+        });
+        let (caller, activity, stop) = (self.tx.clone(), self.activity.clone(), closed.clone());
+        let caller_closed = self.closed.clone();
+        tokio::spawn(async move {
+            loop {
+                let msg = tokio::select! {
+                    _ = stop.cancelled() => break,
+                    m = stream.next() => m,
+                };
+                let text = match msg {
+                    Some(Ok(Message::Text(t))) => t.to_string(),
+                    Some(Ok(Message::Binary(b))) => String::from_utf8_lossy(&b).into_owned(),
+                    Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => continue,
+                    Some(Ok(Message::Close(_)) | Err(_)) | None => {
+                        let _ = caller.try_send(error_frame(
+                            ErrorCode::AgentDisconnected,
+                            "the agent's home relay closed the connection",
+                            None,
+                        ));
+                        break;
+                    }
+                };
+                activity.touch();
+                let moved = text.contains("\"ERROR\"") && not_there(&text);
+                if caller.try_send(text).is_err() {
+                    caller_closed.cancel();
+                    break;
+                }
+                if moved {
+                    homes.forget(&agent);
+                    break;
+                }
+            }
+            stop.cancel();
+        });
+        UpstreamLink { tx, closed }
     }
 
     /// The caller left: its sessions end; agents hear `close` (runs there go on).
@@ -359,6 +567,21 @@ impl Caller<'_> {
             let _ = r.agent_tx.try_send(RelayToAgent::close(&id));
         }
     }
+}
+
+/// Whether a home relay's frame is its ERROR saying the agent is not there (any more).
+fn not_there(text: &str) -> bool {
+    let Ok(Value::Object(obj)) = serde_json::from_str::<Value>(text) else {
+        return false;
+    };
+    let code = obj.get("code").and_then(Value::as_str);
+    [
+        ErrorCode::UnknownAgent,
+        ErrorCode::AgentOffline,
+        ErrorCode::AgentDisconnected,
+    ]
+    .iter()
+    .any(|c| code == Some(c.as_str()))
 }
 
 /// Ends relayed sessions with no frame either way for `session_idle`: the caller hears

@@ -8,15 +8,20 @@
 //!
 //! `GET /api/agents/{address}` is the directory; `GET /health` counts. With a certificate
 //! and key ([`RelayConfig::tls`]) it serves all of it over TLS (`wss://`, `https://`).
+//!
+//! With a swarm ([`RelayConfig::swarm_listen`]) relays federate: each publishes its
+//! agents' home-relay records in the libp2p DHT and passes a caller on to the relay an
+//! agent is homed on (`federation.rs`).
 
 mod agent;
 mod caller;
 mod conn;
+mod federation;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -36,6 +41,8 @@ use crate::metrics::RelayMetrics;
 use crate::net::{NoDelayListener, PeerAddr};
 use crate::proto::{ErrorCode, RelayUrl, ANNOUNCE_PATH, DIRECTORY_ROUTE, HEALTH_PATH, INPUT_PATH};
 use crate::tls::{TlsError, TlsListener};
+use crate::transport::p2p::{P2p, P2pConfig, P2pError};
+use libp2p::Multiaddr;
 
 /// The relay's limits. Every one has a default; see the README's relay section.
 #[derive(Debug, Clone)]
@@ -91,6 +98,18 @@ pub struct RelayConfig {
     pub tls_cert: Option<PathBuf>,
     /// The PEM private key of `tls_cert`.
     pub tls_key: Option<PathBuf>,
+    /// Join the libp2p swarm on these multiaddrs (QUIC and/or TCP) as a Kademlia server,
+    /// and federate with the relays found there. Empty: no swarm.
+    pub swarm_listen: Vec<Multiaddr>,
+    /// Swarm peers to join through (`…/p2p/<PeerId>`), e.g. another relay's.
+    pub bootstrap: Vec<Multiaddr>,
+    /// Pass callers on to home relays on private or loopback addresses. Off by default:
+    /// home-relay records are signed by agents, whose keys anyone can make, and must not
+    /// point a public relay at its own network. A testnet or a LAN turns it on.
+    pub forward_private: bool,
+    /// Trust this CA (PEM) besides the public roots when passing callers on to `wss://`
+    /// relays.
+    pub relay_ca: Option<PathBuf>,
 }
 
 impl Default for RelayConfig {
@@ -117,6 +136,10 @@ impl Default for RelayConfig {
             public_urls: Vec::new(),
             tls_cert: None,
             tls_key: None,
+            swarm_listen: Vec::new(),
+            bootstrap: Vec::new(),
+            forward_private: false,
+            relay_ca: None,
         }
     }
 }
@@ -182,6 +205,9 @@ pub enum RelayError {
     Tls(#[from] TlsError),
     #[error("TLS needs both a certificate and its key")]
     TlsHalf,
+    /// The swarm could not be started (a listen address, a bootstrap address).
+    #[error("the relay's swarm: {0}")]
+    Swarm(#[from] P2pError),
 }
 
 /// The relay server, for `oonode relay` and for tests.
@@ -210,6 +236,19 @@ impl Relay {
             source,
         })?;
         let shutdown = CancellationToken::new();
+        let federation = match config.swarm_listen.is_empty() {
+            true => None,
+            false => Some(federation::Federation::new(
+                start_swarm(&config, &shutdown).await?,
+                crate::tls::client_config(config.relay_ca.as_deref())?,
+                config.forward_private,
+                config.max_frame_bytes,
+            )),
+        };
+        let swarm = match &federation {
+            Some(f) => f.p2p.listening(Duration::from_secs(5)).await,
+            None => Vec::new(),
+        };
         let public_urls = if config.public_urls.is_empty() {
             default_public_urls(local_addr, secure)
         } else {
@@ -221,6 +260,8 @@ impl Relay {
             public_urls: public_urls.clone(),
             config,
             agents: Mutex::new(HashMap::new()),
+            online: AtomicUsize::new(0),
+            federation,
             sessions: Mutex::new(HashMap::new()),
             next_conn: AtomicU64::new(1),
             started: Instant::now(),
@@ -262,14 +303,36 @@ impl Relay {
         info!(%local_addr, "relay listening on {scheme}://{local_addr}{ANNOUNCE_PATH} and {INPUT_PATH}");
         let names: Vec<String> = public_urls.iter().map(RelayUrl::base).collect();
         info!(public_urls = ?names, "agents must sign their ANNOUNCE for one of these");
+        if !swarm.is_empty() {
+            info!(
+                ?swarm,
+                "relay in the swarm; other relays and nodes bootstrap from these"
+            );
+        }
         Ok(RelayHandle {
             local_addr,
             secure,
             public_urls,
+            swarm,
             shutdown,
             task,
         })
     }
+}
+
+/// The relay's libp2p host: a Kademlia server under a key of its own (new at every
+/// start), holding up to one home-relay record per agent the relay admits.
+async fn start_swarm(config: &RelayConfig, stop: &CancellationToken) -> Result<P2p, RelayError> {
+    let keypair = libp2p::identity::Keypair::generate_ed25519();
+    let p2p_config = P2pConfig {
+        listen: config.swarm_listen.clone(),
+        listen_fallback: false,
+        bootstrap: config.bootstrap.clone(),
+        dht_server: true,
+        max_records: config.max_agents.max(1024),
+        ..P2pConfig::default()
+    };
+    Ok(P2p::spawn(keypair, p2p_config, stop.child_token()).await?)
 }
 
 /// The line `oonode relay --ready-json` prints once listening:
@@ -285,6 +348,10 @@ pub struct RelayReady {
     pub input: String,
     /// The directory and health base (`http://host:port`, `https://` with TLS).
     pub http: String,
+    /// The swarm's multiaddrs (with `/p2p/<PeerId>`), when the relay is in one: what
+    /// other relays and nodes pass to `--bootstrap`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub swarm: Vec<String>,
 }
 
 impl RelayReady {
@@ -307,6 +374,8 @@ pub struct RelayHandle {
     /// Whether it serves TLS.
     secure: bool,
     public_urls: Vec<RelayUrl>,
+    /// The swarm's listen multiaddrs, empty without one.
+    swarm: Vec<String>,
     shutdown: CancellationToken,
     task: tokio::task::JoinHandle<()>,
 }
@@ -320,6 +389,11 @@ impl RelayHandle {
     /// address).
     pub fn public_urls(&self) -> &[RelayUrl] {
         &self.public_urls
+    }
+
+    /// The swarm's multiaddrs (with `/p2p/<PeerId>`); empty without a swarm.
+    pub fn swarm_addrs(&self) -> &[String] {
+        &self.swarm
     }
 
     /// `ws://host:port` (`wss://` with TLS), the base both agents and callers take.
@@ -343,6 +417,7 @@ impl RelayHandle {
             input: url.input(),
             http: url.http_base(),
             url: url.base(),
+            swarm: self.swarm.clone(),
         }
     }
 
@@ -370,6 +445,11 @@ pub(crate) struct RelayState {
     callers: Arc<Semaphore>,
     per_ip: IpCounts,
     agents: Mutex<HashMap<Address, AgentEntry>>,
+    /// Entries of `agents` with a link: kept as a count, so that an announce does not
+    /// walk every agent to check `max_agents`.
+    online: AtomicUsize,
+    /// The swarm and what federation needs, when the relay is in a swarm.
+    federation: Option<federation::Federation>,
     sessions: Mutex<HashMap<String, Route>>,
     next_conn: AtomicU64,
     started: Instant,
@@ -387,6 +467,8 @@ struct AgentEntry {
     /// Timestamp of the newest accepted ANNOUNCE: an older or equal one on a new socket
     /// is a replay and cannot take the address over.
     announced_at: u64,
+    /// When this relay last put the agent's home-relay record in the DHT.
+    published: Option<Instant>,
 }
 
 #[derive(Clone)]
@@ -524,9 +606,7 @@ async fn announce_socket(
             format!("at most {max_per_ip} agent connections from one IP address"),
         );
     };
-    let max = st.config.max_frame_bytes;
-    ws.max_message_size(max)
-        .max_frame_size(max)
+    small_buffers(ws, st.config.max_frame_bytes)
         .on_upgrade(move |socket| agent::serve_agent(st, socket, ip_slot))
 }
 
@@ -552,10 +632,21 @@ async fn input_socket(
             format!("at most {max_per_ip} caller connections from one IP address"),
         );
     };
-    let max = st.config.max_frame_bytes;
-    ws.max_message_size(max)
-        .max_frame_size(max)
-        .on_upgrade(move |socket| caller::serve_caller(st, socket, ip, (permit, ip_slot)))
+    let forwarded = headers.contains_key(federation::FORWARDED_HEADER);
+    small_buffers(ws, st.config.max_frame_bytes).on_upgrade(move |socket| {
+        caller::serve_caller(st, socket, ip, (permit, ip_slot), forwarded)
+    })
+}
+
+/// A relay socket's WebSocket settings. tungstenite's default read buffer (128 KiB,
+/// zero-filled as it is first used) would be most of what an idle agent costs the relay:
+/// a buffer of 4 KiB takes most frames in one read and grows for a larger one. Writes go
+/// out frame by frame (the writer task flushes each), so no write buffer is kept.
+fn small_buffers(ws: WebSocketUpgrade, max_frame_bytes: usize) -> WebSocketUpgrade {
+    ws.max_message_size(max_frame_bytes)
+        .max_frame_size(max_frame_bytes)
+        .read_buffer_size(4096)
+        .write_buffer_size(0)
 }
 
 async fn directory(State(st): State<Arc<RelayState>>, Path(address): Path<String>) -> Response {
@@ -566,6 +657,21 @@ async fn directory(State(st): State<Arc<RelayState>>, Path(address): Path<String
         )
             .into_response();
     };
+    let online_here = st.agents().get(&address).is_some_and(|e| e.link.is_some());
+    // An agent homed on another relay is reachable through this one (callers are passed
+    // on): the directory says so, and where.
+    if let (false, Some(fed)) = (online_here, &st.federation) {
+        if let Some(home) = fed.home_of(&address, &st.public_urls).await {
+            return Json(json!({
+                "address": address.to_string(),
+                "online": true,
+                "summary": home.summary,
+                "endpoints": home.endpoints,
+                "home_relay": home.relay.base(),
+            }))
+            .into_response();
+        }
+    }
     let agents = st.agents();
     let Some(entry) = agents.get(&address) else {
         return (
@@ -587,7 +693,7 @@ async fn directory(State(st): State<Arc<RelayState>>, Path(address): Path<String
 /// Prometheus text format: agents online, callers, sessions (read now), frames relayed
 /// and refusals by code.
 async fn metrics(State(st): State<Arc<RelayState>>) -> Response {
-    let online = st.agents().values().filter(|a| a.link.is_some()).count();
+    let online = st.online.load(Ordering::Relaxed);
     let sessions = st.sessions().len();
     let callers = st.config.max_callers - st.callers.available_permits();
     (
@@ -601,13 +707,8 @@ async fn metrics(State(st): State<Arc<RelayState>>) -> Response {
 }
 
 async fn health(State(st): State<Arc<RelayState>>) -> Response {
-    let (online, known) = {
-        let agents = st.agents();
-        (
-            agents.values().filter(|a| a.link.is_some()).count(),
-            agents.len(),
-        )
-    };
+    let online = st.online.load(Ordering::Relaxed);
+    let known = st.agents().len();
     let sessions = st.sessions().len();
     let callers = st.config.max_callers - st.callers.available_permits();
     Json(json!({
@@ -637,8 +738,8 @@ async fn forget_loop(st: Arc<RelayState>) {
 
 /// Keeps at most `max` offline entries, dropping the longest offline first. Online
 /// agents are bounded by `max_agents`; this bounds the rest of the directory.
-fn evict_offline(agents: &mut HashMap<Address, AgentEntry>, max: usize) {
-    let offline = agents.values().filter(|e| e.link.is_none()).count();
+fn evict_offline(agents: &mut HashMap<Address, AgentEntry>, max: usize, online: usize) {
+    let offline = agents.len().saturating_sub(online);
     if offline <= max {
         return;
     }

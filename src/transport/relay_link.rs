@@ -2,7 +2,8 @@
 //! by address with no open port.
 //!
 //! Announces itself (signed, form B), re-announces every 30 s, and reconnects with
-//! capped backoff and jitter. Relayed frames carry a `session_id`; INPUT, CONNECT and
+//! capped backoff and jitter. With fallback relays it moves to the next one as soon as
+//! the current one fails, and backs off only after a whole round failed. Relayed frames carry a `session_id`; INPUT, CONNECT and
 //! RESUME go through the same dispatcher as every other transport, and every reply goes
 //! back tagged with its session.
 
@@ -121,6 +122,10 @@ impl RelayLink {
             .clone()
     }
 
+    fn set_url(&self, url: &RelayUrl) {
+        self.status.lock().unwrap_or_else(|e| e.into_inner()).url = url.to_string();
+    }
+
     fn set(&self, state: LinkState, error: Option<String>) {
         let mut s = self.status.lock().unwrap_or_else(|e| e.into_inner());
         if s.state != state {
@@ -139,10 +144,12 @@ pub(crate) struct AnnounceInfo {
     pub endpoints: Vec<String>,
 }
 
-/// Starts the relay link in the background; it runs until `stop`. A `wss://` relay
-/// must present a certificate that `tls` trusts.
+/// Starts the relay link in the background; it runs until `stop`. It announces on
+/// `url`, and on the `fallbacks` in turn when the one in use fails. A `wss://` relay must
+/// present a certificate that `tls` trusts.
 pub(crate) fn spawn(
     url: RelayUrl,
+    fallbacks: Vec<RelayUrl>,
     tls: Arc<rustls::ClientConfig>,
     dispatcher: Dispatcher,
     info: AnnounceInfo,
@@ -156,8 +163,11 @@ pub(crate) fn spawn(
             last_error: None,
         })),
     };
+    let mut relays = vec![url.clone()];
+    relays.extend(fallbacks.into_iter().filter(|f| !f.same_relay(&url)));
     let runner = Runner {
         url,
+        relays,
         tls,
         dispatcher,
         info,
@@ -168,7 +178,10 @@ pub(crate) fn spawn(
 }
 
 struct Runner {
+    /// The relay in use.
     url: RelayUrl,
+    /// Every relay the link may use, in order; `url` is one of them.
+    relays: Vec<RelayUrl>,
     tls: Arc<rustls::ClientConfig>,
     dispatcher: Dispatcher,
     info: AnnounceInfo,
@@ -176,8 +189,10 @@ struct Runner {
 }
 
 impl Runner {
-    async fn run(self, stop: CancellationToken) {
+    async fn run(mut self, stop: CancellationToken) {
         let mut attempt = 0usize;
+        // Relays that failed in a row since the last accepted announce.
+        let mut failed_in_a_row = 0usize;
         loop {
             self.link.set(LinkState::Connecting, None);
             let outcome = tokio::select! {
@@ -188,15 +203,29 @@ impl Runner {
                 Ok(()) if stop.is_cancelled() => return,
                 Ok(()) => {
                     attempt = 0;
+                    failed_in_a_row = 1;
                     warn!(url = %self.url, "relay connection closed; reconnecting");
                     self.link
                         .set(LinkState::Disconnected, Some("connection closed".into()));
                 }
                 Err(e) => {
+                    failed_in_a_row += 1;
                     warn!(url = %self.url, error = %e, "relay unavailable; retrying");
                     self.link.set(LinkState::Disconnected, Some(e.to_string()));
                 }
             }
+            // Another relay to try: at once (a dead relay's agents reappear on the next
+            // within a second or so), until every relay failed in this round.
+            if self.relays.len() > 1 && failed_in_a_row % self.relays.len() != 0 {
+                self.next_relay();
+                let jitter = Duration::from_millis(rand::random::<u64>() % 250);
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(jitter) => {}
+                }
+                continue;
+            }
+            self.next_relay();
             let base = BACKOFF_SECS[attempt.min(BACKOFF_SECS.len() - 1)];
             attempt += 1;
             let jitter = rand::random::<u64>() % 1000;
@@ -206,6 +235,21 @@ impl Runner {
                 _ = tokio::time::sleep(wait) => {}
             }
         }
+    }
+
+    /// Moves to the next relay of the list (no change with one).
+    fn next_relay(&mut self) {
+        let at = self
+            .relays
+            .iter()
+            .position(|r| r.same_relay(&self.url))
+            .unwrap_or(0);
+        let next = self.relays[(at + 1) % self.relays.len()].clone();
+        if !next.same_relay(&self.url) {
+            info!(from = %self.url, to = %next, "moving to the next relay");
+            self.link.set_url(&next);
+        }
+        self.url = next;
     }
 
     fn announce(&self) -> String {

@@ -34,8 +34,18 @@ pub(super) async fn call(
         .via(via)
         .endpoint(callee.http.clone())
         .bootstrap(bootstrap);
-    if let Some(relay) = &state.relay {
-        options = options.relay(relay.url.clone());
+    // The caller knows only the relay it is on now (its /health says which: its first,
+    // or a fallback it moved to); federated relays find the callee wherever it is.
+    let now_on = match super::loopback_client() {
+        Ok(http) => super::get_json(&http, &format!("{}/health", caller.http))
+            .await
+            .ok()
+            .and_then(|(_, h)| h["relay"]["url"].as_str().map(str::to_owned)),
+        Err(_) => None,
+    };
+    let configured = state.relays().get(caller.relay).map(|r| r.url.clone());
+    if let Some(relay) = now_on.or(configured) {
+        options = options.relay(relay);
     }
     let t = Instant::now();
     let failed = || {

@@ -15,12 +15,15 @@ pub(super) async fn logs(
     lines: Option<usize>,
     follow: bool,
 ) -> anyhow::Result<()> {
-    let path = if which == "relay" {
-        dir.join("relay.log")
+    let relay_n = which
+        .strip_prefix("relay-")
+        .is_some_and(|n| n.parse::<usize>().is_ok());
+    let path = if which == "relay" || relay_n {
+        dir.join(format!("{which}.log"))
     } else {
-        let index: usize = which
-            .parse()
-            .map_err(|_| anyhow!("which log? a node index (0, 1, …) or `relay`, not {which:?}"))?;
+        let index: usize = which.parse().map_err(|_| {
+            anyhow!("which log? a node index (0, 1, …), `relay` or `relay-N`, not {which:?}")
+        })?;
         let path = dir.join(format!("node-{index}.log"));
         if !path.exists() {
             let state = load(dir)?;

@@ -1,6 +1,6 @@
 //! `oonode testnet`: a local multi-node network in one command.
 //!
-//! `up` starts one relay and N nodes as separate processes of this same binary, all on
+//! `up` starts one relay (or M federated ones) and N nodes as separate processes of this same binary, all on
 //! 127.0.0.1: each node has its own co_dir (`DIR/node-I`), a free HTTP port, QUIC and
 //! TCP swarm listeners on free ports, announces on the relay, and joins the swarm through
 //! the node before it (a chain). Every process is detached (its own process group, stderr
@@ -49,6 +49,11 @@ pub(crate) enum TestnetCommand {
         /// How many nodes.
         #[arg(long, default_value_t = 3)]
         nodes: usize,
+        /// How many relays. More than one federate through the libp2p DHT: node I
+        /// announces on relay I mod M, with the others as fallbacks, and a caller of any
+        /// relay reaches every node.
+        #[arg(long, default_value_t = 1)]
+        relays: usize,
         /// Directory for the nodes' co_dirs, the logs and testnet.json.
         #[arg(long, env = "OONODE_TESTNET_DIR", default_value = DEFAULT_DIR)]
         dir: PathBuf,
@@ -56,7 +61,7 @@ pub(crate) enum TestnetCommand {
         #[arg(long, value_delimiter = ',', default_value = "echo,translator",
               value_parser = clap::builder::PossibleValuesParser::new(BUILTIN_AGENTS))]
         agents: Vec<String>,
-        /// The relay's port (0: a free one).
+        /// The (first) relay's port (0: a free one).
         #[arg(long, default_value_t = 0)]
         relay_port: u16,
         /// Give node I the HTTP port BASE+I instead of a free one.
@@ -98,9 +103,9 @@ pub(crate) enum TestnetCommand {
         #[arg(long, default_value_t = 30)]
         timeout: u64,
     },
-    /// Print a process's log: a node index or `relay`.
+    /// Print a process's log: a node index, `relay`, or `relay-N`.
     Logs {
-        /// Node index, or `relay`.
+        /// Node index, `relay`, or `relay-N` (with `up --relays`).
         which: String,
         #[arg(long, env = "OONODE_TESTNET_DIR", default_value = DEFAULT_DIR)]
         dir: PathBuf,
@@ -131,6 +136,7 @@ pub(crate) async fn run(cmd: TestnetCommand) -> anyhow::Result<()> {
     match cmd {
         TestnetCommand::Up {
             nodes,
+            relays,
             dir,
             agents,
             relay_port,
@@ -139,6 +145,7 @@ pub(crate) async fn run(cmd: TestnetCommand) -> anyhow::Result<()> {
         } => {
             let options = up::UpOptions {
                 nodes,
+                relays,
                 agents,
                 relay_port,
                 http_port_base,

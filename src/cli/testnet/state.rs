@@ -25,12 +25,19 @@ pub(super) struct TestnetState {
     pub started_at: u64,
     /// Milliseconds from `up` starting to every process being ready (0 while starting).
     pub ready_ms: u64,
+    /// The first relay (the only one unless `up --relays M`).
     pub relay: Option<RelayEntry>,
+    /// Relays 1 to M-1 of `up --relays M`: federated with the first through the swarm.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub more_relays: Vec<RelayEntry>,
     pub nodes: Vec<NodeEntry>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(super) struct RelayEntry {
+    /// `relay`, `relay-1`, …: its name in `logs` and in messages.
+    #[serde(default = "first_relay")]
+    pub name: String,
     pub pid: u32,
     /// The process's start time (clock ticks after boot, /proc/PID/stat field 22): a PID
     /// with another start time is someone else's.
@@ -41,7 +48,14 @@ pub(super) struct RelayEntry {
     /// until then, and in a state written before this field existed.
     #[serde(default)]
     pub http: String,
+    /// Its swarm address (`…/p2p/<PeerId>`) when relays federate; empty otherwise.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub swarm: String,
     pub log: PathBuf,
+}
+
+fn first_relay() -> String {
+    "relay".into()
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -61,14 +75,23 @@ pub(super) struct NodeEntry {
     pub log: PathBuf,
     /// Milliseconds from spawning the process to it being ready.
     pub ready_ms: u64,
+    /// The relay it announces on first (index into [`TestnetState::relays`]); the
+    /// others are its fallbacks, in turn.
+    #[serde(default)]
+    pub relay: usize,
 }
 
 impl TestnetState {
-    /// Every process `up` started: the nodes, then the relay.
+    /// Every process `up` started: the nodes, then the relays.
     pub fn procs(&self) -> Vec<Proc> {
         let mut procs: Vec<Proc> = self.nodes.iter().map(NodeEntry::proc).collect();
-        procs.extend(self.relay.as_ref().map(RelayEntry::proc));
+        procs.extend(self.relays().into_iter().map(RelayEntry::proc));
         procs
+    }
+
+    /// Every relay, the first one first.
+    pub fn relays(&self) -> Vec<&RelayEntry> {
+        self.relay.iter().chain(&self.more_relays).collect()
     }
 
     pub fn node(&self, index: usize) -> anyhow::Result<&NodeEntry> {
@@ -94,7 +117,7 @@ impl NodeEntry {
 impl RelayEntry {
     pub fn proc(&self) -> Proc {
         Proc {
-            name: "relay".into(),
+            name: self.name.clone(),
             pid: self.pid,
             start_ticks: self.start_ticks,
         }
@@ -134,8 +157,8 @@ pub(super) fn save(state: &TestnetState) -> anyhow::Result<()> {
 /// The table `up` prints.
 pub(super) fn table(state: &TestnetState) -> String {
     let mut out = String::new();
-    if let Some(r) = &state.relay {
-        out.push_str(&format!("relay  {}  (PID {})\n", r.url, r.pid));
+    for r in state.relays() {
+        out.push_str(&format!("{:<7}  {}  (PID {})\n", r.name, r.url, r.pid));
     }
     let http_w = state
         .nodes
@@ -145,13 +168,13 @@ pub(super) fn table(state: &TestnetState) -> String {
         .unwrap_or(4)
         .max(4);
     out.push_str(&format!(
-        "{:>3}  {:<10}  {:<66}  {:<http_w$}  p2p\n",
-        "#", "agent", "address", "http"
+        "{:>3}  {:<10}  {:<66}  {:<http_w$}  {:<5}  p2p\n",
+        "#", "agent", "address", "http", "relay"
     ));
     for n in &state.nodes {
         out.push_str(&format!(
-            "{:>3}  {:<10}  {:<66}  {:<http_w$}  {}\n",
-            n.index, n.agent, n.address, n.http, n.p2p
+            "{:>3}  {:<10}  {:<66}  {:<http_w$}  {:<5}  {}\n",
+            n.index, n.agent, n.address, n.http, n.relay, n.p2p
         ));
     }
     out

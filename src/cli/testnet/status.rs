@@ -1,5 +1,5 @@
-//! `testnet status`: each process (alive, `/health`, listed by the relay), the relay's
-//! view, and the swarm's view.
+//! `testnet status`: each process (alive, `/health`, the relay it is on and whether that
+//! relay lists it), each relay's view, and the swarm's view.
 
 use oonode::proto::RelayUrl;
 use std::path::Path;
@@ -15,23 +15,23 @@ use super::{get_json, loopback_client};
 pub(super) async fn status(dir: &Path, swarm: bool, json: bool) -> anyhow::Result<()> {
     let state = load(dir)?;
     let http = loopback_client()?;
-    let relay = match &state.relay {
-        Some(r) => {
-            let proc = r.proc();
-            let health = match get_json(&http, &format!("{}/health", r.http)).await {
-                Ok((200, v)) => Some(v),
-                _ => None,
-            };
-            json!({
-                "pid": r.pid,
-                "alive": proc.alive(),
-                "rss_kib": proc.rss_kib(),
-                "url": r.url,
-                "health": health,
-            })
-        }
-        None => Value::Null,
-    };
+    let mut relays = Vec::new();
+    for r in state.relays() {
+        let proc = r.proc();
+        let health = match get_json(&http, &format!("{}/health", r.http)).await {
+            Ok((200, v)) => Some(v),
+            _ => None,
+        };
+        relays.push(json!({
+            "name": r.name,
+            "pid": r.pid,
+            "alive": proc.alive(),
+            "rss_kib": proc.rss_kib(),
+            "url": r.url,
+            "health": health,
+        }));
+    }
+    let relay = relays.first().cloned().unwrap_or(Value::Null);
     let mut nodes = Vec::new();
     for n in &state.nodes {
         let proc = n.proc();
@@ -43,19 +43,23 @@ pub(super) async fn status(dir: &Path, swarm: bool, json: bool) -> anyhow::Resul
             Ok((200, v)) => Some(v),
             _ => None,
         };
-        let listed = match &state.relay {
-            Some(r) => {
-                let directory = r
-                    .url
-                    .parse::<RelayUrl>()
-                    .map(|u| u.directory(&n.address))
-                    .unwrap_or_default();
-                match get_json(&http, &directory).await {
-                    Ok((200, v)) => v["online"].as_bool(),
-                    Ok((404, _)) => Some(false),
-                    _ => None,
-                }
-            }
+        // The relay it is on now (its first, or a fallback), as its /health says.
+        let home = health
+            .as_ref()
+            .and_then(|h| h["relay"]["url"].as_str().map(str::to_owned));
+        let home_index = home.as_ref().and_then(|url| {
+            let url = url.parse::<RelayUrl>().ok()?;
+            state
+                .relays()
+                .iter()
+                .position(|r| r.url.parse::<RelayUrl>().is_ok_and(|r| r.same_relay(&url)))
+        });
+        let listed = match home.as_ref().and_then(|u| u.parse::<RelayUrl>().ok()) {
+            Some(url) => match get_json(&http, &url.directory(&n.address)).await {
+                Ok((200, v)) => v["online"].as_bool(),
+                Ok((404, _)) => Some(false),
+                _ => None,
+            },
             None => None,
         };
         nodes.push(json!({
@@ -69,6 +73,8 @@ pub(super) async fn status(dir: &Path, swarm: bool, json: bool) -> anyhow::Resul
             "healthy": health.as_ref().is_some_and(|h| h["status"] == "healthy"),
             "relay_link": health.as_ref().and_then(|h| h["relay"]["state"].as_str().map(str::to_owned)),
             "relay_lists_online": listed,
+            "home_relay": home,
+            "home_relay_index": home_index,
             "swarm_peers": info.as_ref().and_then(|i| i["p2p"]["connected_peers"].as_u64()),
         }));
     }
@@ -81,13 +87,16 @@ pub(super) async fn status(dir: &Path, swarm: bool, json: bool) -> anyhow::Resul
         .iter()
         .filter(|n| n["alive"] == true && n["healthy"] == true)
         .count();
-    let relay_up = relay["alive"] == true && !relay["health"].is_null();
+    let relay_is_up = |r: &Value| r["alive"] == true && !r["health"].is_null();
+    let relays_up = relays.iter().filter(|r| relay_is_up(r)).count();
+    let relay_up = relays_up == relays.len() && !relays.is_empty();
     if json {
         println!(
             "{}",
             serde_json::to_string_pretty(&json!({
                 "dir": state.dir,
                 "relay": relay,
+                "relays": relays,
                 "nodes": nodes,
                 "swarm": swarm_view,
                 "nodes_up": up,
@@ -95,33 +104,39 @@ pub(super) async fn status(dir: &Path, swarm: bool, json: bool) -> anyhow::Resul
             }))?
         );
     } else {
+        for relay in &relays {
+            println!(
+                "{:<7}  {}  PID {}  {}{}",
+                relay["name"].as_str().unwrap_or("relay"),
+                relay["url"].as_str().unwrap_or("-"),
+                relay["pid"],
+                if relay_is_up(relay) { "up" } else { "DOWN" },
+                match &relay["health"] {
+                    Value::Null => String::new(),
+                    h => format!(
+                        "  agents online {} (known {}), sessions {}, RSS {}",
+                        h["agents_online"],
+                        h["agents_known"],
+                        h["sessions"],
+                        kib(relay["rss_kib"].as_u64())
+                    ),
+                }
+            );
+        }
         println!(
-            "relay  {}  PID {}  {}{}",
-            relay["url"].as_str().unwrap_or("-"),
-            relay["pid"],
-            if relay_up { "up" } else { "DOWN" },
-            match &relay["health"] {
-                Value::Null => String::new(),
-                h => format!(
-                    "  agents online {} (known {}), sessions {}, RSS {}",
-                    h["agents_online"],
-                    h["agents_known"],
-                    h["sessions"],
-                    kib(relay["rss_kib"].as_u64())
-                ),
-            }
-        );
-        println!(
-            "{:>3}  {:<8}  {:<5}  {:<9}  {:<9}  {:>5}  {:>8}  {:<10}  address",
-            "#", "PID", "proc", "/health", "relay", "peers", "RSS", "agent"
+            "{:>3}  {:<8}  {:<5}  {:<9}  {:<5}  {:<9}  {:>5}  {:>8}  {:<10}  address",
+            "#", "PID", "proc", "/health", "home", "relay", "peers", "RSS", "agent"
         );
         for n in &nodes {
             println!(
-                "{:>3}  {:<8}  {:<5}  {:<9}  {:<9}  {:>5}  {:>8}  {:<10}  {}",
+                "{:>3}  {:<8}  {:<5}  {:<9}  {:<5}  {:<9}  {:>5}  {:>8}  {:<10}  {}",
                 n["index"].as_u64().unwrap_or(0),
                 n["pid"].as_u64().unwrap_or(0),
                 if n["alive"] == true { "alive" } else { "dead" },
                 if n["healthy"] == true { "healthy" } else { "-" },
+                n["home_relay_index"]
+                    .as_u64()
+                    .map_or("-".into(), |i| i.to_string()),
                 match n["relay_lists_online"].as_bool() {
                     Some(true) => "online",
                     Some(false) => "offline",
@@ -147,11 +162,17 @@ pub(super) async fn status(dir: &Path, swarm: bool, json: bool) -> anyhow::Resul
                 ),
             }
         }
-        println!(
-            "{up} of {} nodes up; relay {}",
-            nodes.len(),
-            if relay_up { "up" } else { "down" }
-        );
+        match relays.len() {
+            1 => println!(
+                "{up} of {} nodes up; relay {}",
+                nodes.len(),
+                if relay_up { "up" } else { "down" }
+            ),
+            m => println!(
+                "{up} of {} nodes up; {relays_up} of {m} relays up",
+                nodes.len()
+            ),
+        }
     }
     if up == nodes.len() && relay_up {
         Ok(())
@@ -160,7 +181,11 @@ pub(super) async fn status(dir: &Path, swarm: bool, json: bool) -> anyhow::Resul
             "{} of {} nodes down{}",
             nodes.len() - up,
             nodes.len(),
-            if relay_up { "" } else { "; the relay is down" }
+            match (relays.len(), relay_up) {
+                (_, true) => String::new(),
+                (1, false) => "; the relay is down".into(),
+                (m, false) => format!("; {} of {m} relays down", m - relays_up),
+            }
         ))
     }
 }

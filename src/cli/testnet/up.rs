@@ -1,5 +1,8 @@
-//! `testnet up`: starts the relay and the nodes, each with `--ready-json`, and waits for
-//! each one's ready line (then, for a node, for the relay to list it online).
+//! `testnet up`: starts the relays and the nodes, each with `--ready-json`, and waits for
+//! each one's ready line (then, for a node, for its relay to list it online). With more
+//! than one relay, the relays federate through a swarm of their own (the first relay's
+//! is the bootstrap), node I announces on relay I mod M with the others as fallbacks, and
+//! `up` waits until every relay finds every node.
 
 use std::fs::{self, OpenOptions};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
@@ -25,6 +28,8 @@ const TAIL_LINES: usize = 15;
 #[derive(Debug, Clone)]
 pub(super) struct UpOptions {
     pub nodes: usize,
+    /// How many relays (at least 1).
+    pub relays: usize,
     pub agents: Vec<String>,
     pub relay_port: u16,
     pub http_port_base: Option<u16>,
@@ -45,6 +50,9 @@ fn primary_swarm(ready: &Ready) -> Option<&String> {
 pub(super) async fn up(dir: &Path, options: &UpOptions) -> anyhow::Result<()> {
     if options.nodes == 0 {
         bail!("--nodes must be at least 1");
+    }
+    if options.relays == 0 {
+        bail!("--relays must be at least 1");
     }
     if options.agents.is_empty() {
         bail!("--agents needs at least one agent");
@@ -77,6 +85,7 @@ pub(super) async fn up(dir: &Path, options: &UpOptions) -> anyhow::Result<()> {
         started_at: oonode::envelope::unix_now(),
         ready_ms: 0,
         relay: None,
+        more_relays: Vec::new(),
         nodes: Vec::new(),
     };
     let mut starter = Starter {
@@ -94,8 +103,12 @@ pub(super) async fn up(dir: &Path, options: &UpOptions) -> anyhow::Result<()> {
         Ok(()) => {
             state.ready_ms = started.elapsed().as_millis() as u64;
             save(&state)?;
+            let relays = match options.relays {
+                1 => "a relay".to_string(),
+                m => format!("{m} federated relays"),
+            };
             eprintln!(
-                "testnet ready: a relay and {} node{} in {:.2} s",
+                "testnet ready: {relays} and {} node{} in {:.2} s",
                 state.nodes.len(),
                 if state.nodes.len() == 1 { "" } else { "s" },
                 started.elapsed().as_secs_f64()
@@ -113,6 +126,7 @@ pub(super) async fn up(dir: &Path, options: &UpOptions) -> anyhow::Result<()> {
                 let _ = child.wait();
             }
             state.relay = None;
+            state.more_relays.clear();
             state.nodes.clear();
             let _ = save(&state);
             if !report.left.is_empty() {
@@ -201,33 +215,10 @@ impl Starter {
         state: &mut TestnetState,
         options: &UpOptions,
     ) -> anyhow::Result<()> {
-        let relay_port = match options.relay_port {
-            0 => free_port()?,
-            p => p,
-        };
-        let relay_addr = SocketAddr::from((LOOPBACK, relay_port));
-        eprint!("relay on {relay_addr} … ");
-        let t = Instant::now();
-        let relay = self.spawn(
-            "relay",
-            "relay",
-            &["relay".into(), "--listen".into(), relay_addr.to_string()],
-        )?;
-        state.relay = Some(RelayEntry {
-            pid: relay.pid,
-            start_ticks: relay.start_ticks,
-            url: format!("ws://{relay_addr}"),
-            http: String::new(),
-            log: relay.log.clone(),
-        });
-        save(state)?;
-        let ready = self.wait_ready_line(&relay, RelayReady::parse).await?;
-        let entry = state.relay.as_mut().expect("set above");
-        entry.url = ready.url;
-        entry.http = ready.http;
-        save(state)?;
-        eprintln!("up ({} ms)", t.elapsed().as_millis());
-        let relay_url = state.relay.as_ref().expect("set above").url.clone();
+        for index in 0..options.relays {
+            self.start_relay(state, options, index).await?;
+        }
+        let relays: Vec<String> = state.relays().iter().map(|r| r.url.clone()).collect();
 
         let total = options.nodes;
         for index in 0..total {
@@ -255,12 +246,17 @@ impl Starter {
                 "--co-dir".into(),
                 co_dir.display().to_string(),
                 "--relay".into(),
-                relay_url.clone(),
+                relays[index % relays.len()].clone(),
                 "--listen".into(),
                 "/ip4/127.0.0.1/udp/0/quic-v1".into(),
                 "--listen".into(),
                 "/ip4/127.0.0.1/tcp/0".into(),
             ];
+            // Its fallbacks: the other relays, from the next one on.
+            for k in 1..relays.len() {
+                args.push("--relay-fallback".into());
+                args.push(relays[(index + k) % relays.len()].clone());
+            }
             if let Some(prev) = state.nodes.last() {
                 args.push("--bootstrap".into());
                 args.push(prev.p2p.clone());
@@ -279,6 +275,7 @@ impl Starter {
                 co_dir,
                 log: node.log.clone(),
                 ready_ms: 0,
+                relay: index % relays.len(),
             };
             // Recorded before it is ready, so that a failure (or an interrupted `up`)
             // still knows the PID to stop.
@@ -299,13 +296,111 @@ impl Starter {
             entry.address = ready.address;
             entry.peer_id = ready.peer_id;
             entry.p2p_addrs = ready.swarm;
-            let relay_url: RelayUrl = state.relay.as_ref().expect("set above").url.parse()?;
+            let relay_url: RelayUrl = relays[entry.relay].parse()?;
             self.wait_node_listed(&node, &entry, &relay_url).await?;
             entry.ready_ms = t.elapsed().as_millis() as u64;
             *state.nodes.last_mut().expect("pushed above") = entry.clone();
             save(state)?;
             eprintln!("up ({} ms) {}", entry.ready_ms, entry.address);
         }
+        if relays.len() > 1 {
+            self.wait_federated(state).await?;
+        }
+        Ok(())
+    }
+
+    /// Starts relay `index`: the first on `--relay-port`, the rest on free ports. With
+    /// more than one, each joins the relays' swarm (through the first) and passes
+    /// callers on to the others, which are on loopback.
+    async fn start_relay(
+        &mut self,
+        state: &mut TestnetState,
+        options: &UpOptions,
+        index: usize,
+    ) -> anyhow::Result<()> {
+        let port = match (index, options.relay_port) {
+            (0, p) if p != 0 => p,
+            _ => free_port()?,
+        };
+        let name = match index {
+            0 => "relay".to_string(),
+            i => format!("relay-{i}"),
+        };
+        let addr = SocketAddr::from((LOOPBACK, port));
+        eprint!("{name} on {addr} … ");
+        let t = Instant::now();
+        let mut args = vec!["relay".into(), "--listen".into(), addr.to_string()];
+        if options.relays > 1 {
+            args.extend(["--swarm-listen".into(), "/ip4/127.0.0.1/tcp/0".into()]);
+            args.push("--forward-private".into());
+            if let Some(first) = &state.relay {
+                args.extend(["--bootstrap".into(), first.swarm.clone()]);
+            }
+        }
+        let relay = self.spawn(&name, &name, &args)?;
+        let entry = RelayEntry {
+            name: name.clone(),
+            pid: relay.pid,
+            start_ticks: relay.start_ticks,
+            url: format!("ws://{addr}"),
+            http: String::new(),
+            swarm: String::new(),
+            log: relay.log.clone(),
+        };
+        // Recorded before it is ready, so that a failure still knows the PID to stop.
+        match index {
+            0 => state.relay = Some(entry),
+            _ => state.more_relays.push(entry),
+        }
+        save(state)?;
+        let ready = self.wait_ready_line(&relay, RelayReady::parse).await?;
+        if options.relays > 1 && ready.swarm.is_empty() {
+            bail!(
+                "{name} reported no swarm address (see {})",
+                relay.ready.display()
+            );
+        }
+        let entry = match index {
+            0 => state.relay.as_mut().expect("set above"),
+            _ => state.more_relays.last_mut().expect("pushed above"),
+        };
+        entry.url = ready.url;
+        entry.http = ready.http;
+        entry.swarm = ready.swarm.first().cloned().unwrap_or_default();
+        save(state)?;
+        eprintln!("up ({} ms)", t.elapsed().as_millis());
+        Ok(())
+    }
+
+    /// Waits until every relay's directory finds every node (on it, or homed on another
+    /// relay through the DHT).
+    async fn wait_federated(&mut self, state: &TestnetState) -> anyhow::Result<()> {
+        eprint!("relays finding every node through the DHT … ");
+        let t = Instant::now();
+        let deadline = t + self.timeout;
+        for relay in state.relays() {
+            let url: RelayUrl = relay.url.parse()?;
+            for node in &state.nodes {
+                loop {
+                    let listed = get_json(&self.http, &url.directory(&node.address)).await;
+                    if matches!(&listed, Ok((200, v)) if v["online"] == true) {
+                        break;
+                    }
+                    if Instant::now() >= deadline {
+                        bail!(
+                            "{} does not find node {} ({}) after {:?}; see {}",
+                            relay.name,
+                            node.index,
+                            node.address,
+                            self.timeout,
+                            relay.log.display()
+                        );
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+        eprintln!("done ({} ms)", t.elapsed().as_millis());
         Ok(())
     }
 

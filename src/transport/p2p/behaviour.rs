@@ -51,6 +51,10 @@ pub(super) fn build_swarm(
     let max_per_ip = config.max_connections_per_ip;
     let mdns_on = config.mdns;
     let dht_server = config.dht_server;
+    let store_config = kad::store::MemoryStoreConfig {
+        max_records: config.max_records,
+        ..kad::store::MemoryStoreConfig::default()
+    };
     let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
         .with_tcp(
@@ -67,8 +71,8 @@ pub(super) fn build_swarm(
             // Any peer may PUT into our store: the event loop gets each record first and
             // keeps only valid presence records.
             kad_config.set_record_filtering(kad::StoreInserts::FilterBoth);
-            let kad =
-                kad::Behaviour::with_config(local, kad::store::MemoryStore::new(local), kad_config);
+            let store = kad::store::MemoryStore::with_config(local, store_config);
+            let kad = kad::Behaviour::with_config(local, store, kad_config);
             let mdns = if mdns_on {
                 Some(mdns::tokio::Behaviour::new(mdns::Config::default(), local)?)
             } else {

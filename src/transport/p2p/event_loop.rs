@@ -16,7 +16,7 @@ use tracing::{debug, info};
 
 use super::behaviour::{build_swarm, Behaviour, BehaviourEvent};
 use super::ip_limits::PeerIps;
-use super::record::{check_presence, expires_at};
+use super::record::check_record;
 use super::{P2pConfig, P2pError, SwarmStatus};
 use crate::envelope::unix_now;
 
@@ -24,6 +24,12 @@ use crate::envelope::unix_now;
 const BAN: Duration = Duration::from_secs(60);
 /// How often the node refreshes its routing table.
 const BOOTSTRAP_EVERY: Duration = Duration::from_secs(30);
+/// A record put that reached no peer (say, right after start, before the routing table
+/// has any) is tried again this often, this many times in all.
+const PUT_RETRY_AFTER: Duration = Duration::from_secs(1);
+const PUT_ATTEMPTS: u32 = 6;
+/// Puts waiting to be tried again, at most (a relay alone in its swarm fails every put).
+const MAX_PUT_RETRIES: usize = 4096;
 
 /// What the handle asks of the event loop, which alone owns the `Swarm`.
 pub(super) enum Command {
@@ -38,6 +44,8 @@ pub(super) enum Command {
     PutRecord {
         key: Vec<u8>,
         value: Vec<u8>,
+        /// When our own copy stops being served.
+        expires: Instant,
     },
     GetRecord {
         key: Vec<u8>,
@@ -51,7 +59,18 @@ pub(super) enum Command {
 /// What an outstanding Kademlia query is for.
 enum Query {
     Find(PeerId),
-    Record(Option<oneshot::Sender<Option<Vec<u8>>>>),
+    /// A record lookup, answered when the query ends with the newest valid record found
+    /// (by signed timestamp): a peer still holding an older one (say, the home relay an
+    /// agent has left) does not win by answering first.
+    Record {
+        reply: oneshot::Sender<Option<Vec<u8>>>,
+        newest: Option<(u64, Vec<u8>)>,
+    },
+    /// Our own record being put, and how many times it has been tried.
+    Put {
+        record: kad::Record,
+        attempts: u32,
+    },
 }
 
 pub(super) struct EventLoop {
@@ -60,6 +79,8 @@ pub(super) struct EventLoop {
     /// Callers waiting for a connection to a peer.
     dials: HashMap<PeerId, Vec<oneshot::Sender<Result<(), P2pError>>>>,
     queries: HashMap<kad::QueryId, Query>,
+    /// Puts that reached no peer, to try again after the instant given.
+    put_retries: Vec<(Instant, kad::Record, u32)>,
     bans: Vec<(Instant, PeerId)>,
     status: Arc<Mutex<SwarmStatus>>,
     bootstrapped: bool,
@@ -82,6 +103,7 @@ impl EventLoop {
             commands,
             dials: HashMap::new(),
             queries: HashMap::new(),
+            put_retries: Vec::new(),
             bans: Vec::new(),
             status,
             bootstrapped: false,
@@ -96,7 +118,7 @@ impl EventLoop {
 
     pub(super) async fn run(mut self, stop: CancellationToken) {
         let mut tick = tokio::time::interval(BOOTSTRAP_EVERY);
-        let mut unban = tokio::time::interval(Duration::from_secs(5));
+        let mut unban = tokio::time::interval(PUT_RETRY_AFTER);
         loop {
             tokio::select! {
                 _ = stop.cancelled() => break,
@@ -108,7 +130,10 @@ impl EventLoop {
                 _ = tick.tick() => {
                     let _ = self.swarm.behaviour_mut().kad.bootstrap();
                 }
-                _ = unban.tick() => self.lift_bans(),
+                _ = unban.tick() => {
+                    self.lift_bans();
+                    self.retry_puts();
+                }
             }
         }
         debug!("swarm stopped");
@@ -139,18 +164,14 @@ impl EventLoop {
                 }
                 self.bans.push((until, peer));
             }
-            Command::PutRecord { key, value } => {
+            Command::PutRecord {
+                key,
+                value,
+                expires,
+            } => {
                 let mut record = kad::Record::new(key, value);
-                // Ours is fresh; it lives as long as any presence record may.
-                record.expires = Some(expires_at(unix_now(), unix_now()));
-                if let Err(e) = self
-                    .swarm
-                    .behaviour_mut()
-                    .kad
-                    .put_record(record, kad::Quorum::One)
-                {
-                    debug!(error = ?e, "storing a record failed");
-                }
+                record.expires = Some(expires);
+                self.put(record, 1);
             }
             Command::GetRecord { key, reply } => {
                 let id = self
@@ -158,7 +179,13 @@ impl EventLoop {
                     .behaviour_mut()
                     .kad
                     .get_record(kad::RecordKey::new(&key));
-                self.queries.insert(id, Query::Record(Some(reply)));
+                self.queries.insert(
+                    id,
+                    Query::Record {
+                        reply,
+                        newest: None,
+                    },
+                );
             }
             Command::Known { reply } => {
                 let mut known: HashMap<PeerId, (Vec<Multiaddr>, bool)> = HashMap::new();
@@ -175,6 +202,35 @@ impl EventLoop {
                     }
                 }
                 let _ = reply.send(known.into_iter().map(|(p, (a, c))| (p, a, c)).collect());
+            }
+        }
+    }
+
+    /// Puts our own record in the DHT (attempt number `attempts`).
+    fn put(&mut self, record: kad::Record, attempts: u32) {
+        match self
+            .swarm
+            .behaviour_mut()
+            .kad
+            .put_record(record.clone(), kad::Quorum::One)
+        {
+            Ok(id) => {
+                self.queries.insert(id, Query::Put { record, attempts });
+            }
+            Err(e) => debug!(error = ?e, "storing a record failed"),
+        }
+    }
+
+    /// Puts again the records whose time has come, unless they expired meanwhile.
+    fn retry_puts(&mut self) {
+        let now = Instant::now();
+        let (due, wait): (Vec<_>, Vec<_>) = std::mem::take(&mut self.put_retries)
+            .into_iter()
+            .partition(|(at, _, _)| *at <= now);
+        self.put_retries = wait;
+        for (_, record, attempts) in due {
+            if !record.is_expired(now) {
+                self.put(record, attempts);
             }
         }
     }
@@ -272,7 +328,7 @@ impl EventLoop {
                         ..
                     },
             })) => {
-                self.store_presence(record);
+                self.store_record(record);
             }
             SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(found))) => {
                 for (peer, addr) in found {
@@ -291,13 +347,13 @@ impl EventLoop {
         }
     }
 
-    /// Stores a presence record another peer put, if it is valid and fresh and newer than
-    /// the one we hold for that key: a replayed older record never replaces a newer one.
-    fn store_presence(&mut self, mut record: kad::Record) {
+    /// Stores a record another peer put, if it is valid and fresh and not older than the
+    /// one we hold for that key: a replayed older record never replaces a newer one.
+    fn store_record(&mut self, mut record: kad::Record) {
         use kad::store::RecordStore;
-        let now = unix_now();
-        let presence = match check_presence(&record, now) {
-            Ok(p) => p,
+        let (now, from) = (unix_now(), Instant::now());
+        let (timestamp, expires) = match check_record(&record, now, from) {
+            Ok(checked) => checked,
             Err(e) => {
                 debug!(error = %e, "refused a DHT record");
                 return;
@@ -305,21 +361,22 @@ impl EventLoop {
         };
         let store = self.swarm.behaviour_mut().kad.store_mut();
         if let Some(held) = store.get(&record.key) {
-            if let Ok(held) = check_presence(&held, now) {
-                if held.timestamp >= presence.timestamp {
+            // Timestamps are in seconds: of two records signed in the same second (an
+            // agent that moved at once), the one received last wins.
+            if let Ok((held_at, _)) = check_record(&held, now, from) {
+                if held_at > timestamp || (held_at == timestamp && held.value == record.value) {
                     debug!(
-                        held = held.timestamp,
-                        offered = presence.timestamp,
-                        "refused a presence record no newer than the one held"
+                        held = held_at,
+                        offered = timestamp,
+                        "refused a record no newer than the one held"
                     );
                     return;
                 }
             }
         }
-        let expires = expires_at(presence.timestamp, now);
         record.expires = Some(record.expires.map_or(expires, |e| e.min(expires)));
         if let Err(e) = store.put(record) {
-            debug!(error = ?e, "storing a presence record failed");
+            debug!(error = ?e, "storing a record failed");
         }
     }
 
@@ -346,21 +403,39 @@ impl EventLoop {
                     }
                 }
             }
-            (Some(Query::Record(reply)), kad::QueryResult::GetRecord(result)) => {
+            (Some(Query::Record { newest, .. }), kad::QueryResult::GetRecord(result)) => {
                 if let Ok(kad::GetRecordOk::FoundRecord(found)) = result {
                     // Checked when read too: a record may have aged since it was stored,
                     // and peers that do not check may answer.
-                    let valid = check_presence(&found.record, unix_now());
-                    if let Err(e) = &valid {
-                        debug!(error = %e, "ignored a presence record found in the DHT");
-                    }
-                    if let (Ok(_), Some(reply)) = (valid, reply.take()) {
-                        let _ = reply.send(Some(found.record.value));
+                    match check_record(&found.record, unix_now(), Instant::now()) {
+                        Ok((ts, _)) if newest.as_ref().is_none_or(|(best, _)| ts > *best) => {
+                            *newest = Some((ts, found.record.value));
+                        }
+                        Ok(_) => {}
+                        Err(e) => debug!(error = %e, "ignored a record found in the DHT"),
                     }
                 }
                 if last {
-                    if let Some(Query::Record(Some(reply))) = self.queries.remove(&id) {
-                        let _ = reply.send(None);
+                    if let Some(Query::Record { reply, newest }) = self.queries.remove(&id) {
+                        let _ = reply.send(newest.map(|(_, value)| value));
+                    }
+                }
+            }
+            (Some(Query::Put { .. }), kad::QueryResult::PutRecord(result)) => {
+                let Some(Query::Put { record, attempts }) = self.queries.remove(&id) else {
+                    return;
+                };
+                match result {
+                    Ok(_) => debug!(attempts, "record put in the DHT"),
+                    Err(e)
+                        if attempts < PUT_ATTEMPTS && self.put_retries.len() < MAX_PUT_RETRIES =>
+                    {
+                        debug!(error = %e, attempts, "a record put reached no peer; trying again");
+                        let at = Instant::now() + PUT_RETRY_AFTER;
+                        self.put_retries.push((at, record, attempts + 1));
+                    }
+                    Err(e) => {
+                        debug!(error = %e, attempts, "a record put reached no peer; giving up")
                     }
                 }
             }

@@ -28,7 +28,7 @@ use libp2p::{multiaddr::Protocol, Multiaddr, StreamProtocol};
 use serde::Serialize;
 
 pub use handle::P2p;
-pub(crate) use record::{check_presence, presence_key, PRESENCE_REPUBLISH};
+pub(crate) use record::{check_home, check_presence, home_key, presence_key, PRESENCE_REPUBLISH};
 
 /// Our protocol: signed envelopes as length-prefixed CBOR.
 pub const PROTOCOL: StreamProtocol = StreamProtocol::new("/oonode/envelope/1");
@@ -76,6 +76,9 @@ pub struct P2pConfig {
     pub max_connections_per_ip: usize,
     /// A connection with no stream for this long is closed.
     pub idle_timeout: Duration,
+    /// DHT records this peer holds for others at most (presence and home-relay records);
+    /// a relay holds one per agent in its part of the key space.
+    pub max_records: usize,
 }
 
 impl Default for P2pConfig {
@@ -100,6 +103,7 @@ impl Default for P2pConfig {
             max_connections: 1024,
             max_connections_per_ip: 16,
             idle_timeout: Duration::from_secs(60),
+            max_records: 1024,
         }
     }
 }

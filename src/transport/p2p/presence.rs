@@ -1,5 +1,6 @@
-//! Presence in the DHT: publishing this node's signed record, and looking up others'
-//! (checked by `record.rs` before use).
+//! Presence and home relays in the DHT: publishing this node's signed presence record, an
+//! agent's home-relay record (for a relay), and looking up others' (checked by
+//! `record.rs` before use).
 
 use std::time::Duration;
 
@@ -11,6 +12,7 @@ use super::event_loop::Command;
 use super::{P2p, P2pError, PeerPresence};
 use crate::envelope::{canonical_json, unix_now};
 use crate::identity::{Address, Identity};
+use crate::proto::Announce;
 
 use super::record::*;
 
@@ -56,6 +58,8 @@ impl P2p {
             .command(Command::PutRecord {
                 key: presence_key(&identity.address()),
                 value,
+                // Ours is fresh; it lives as long as any presence record may.
+                expires: expires_at(unix_now(), unix_now()),
             })
             .await;
     }
@@ -106,5 +110,38 @@ impl P2p {
             .ok()??;
         let record = kad::Record::new(presence_key(address), bytes);
         check_presence(&record, unix_now()).ok().map(|p| p.payload)
+    }
+}
+
+impl P2p {
+    /// Publishes `announce`, an agent's own signed ANNOUNCE as this relay accepted it, as
+    /// the agent's home-relay record. Returns at once; the put is queued for the swarm.
+    pub(crate) fn publish_home(&self, address: &Address, announce: Vec<u8>, signed_at: u64) {
+        let expires = std::time::Instant::now()
+            + Duration::from_secs((signed_at + HOME_MAX_AGE.as_secs()).saturating_sub(unix_now()));
+        let put = Command::PutRecord {
+            key: home_key(address),
+            value: announce,
+            expires,
+        };
+        let swarm = self.clone();
+        tokio::spawn(async move { swarm.command(put).await });
+    }
+
+    /// The newest home-relay record of `address` in the DHT, checked: the agent signed
+    /// it, for the relay it names, within the last [`HOME_MAX_AGE`].
+    pub(crate) async fn home(&self, address: &Address) -> Option<Announce> {
+        let (reply, rx) = oneshot::channel();
+        self.command(Command::GetRecord {
+            key: home_key(address),
+            reply,
+        })
+        .await
+        .ok()?;
+        let bytes = tokio::time::timeout(Duration::from_secs(12), rx)
+            .await
+            .ok()?
+            .ok()??;
+        check_home(&kad::Record::new(home_key(address), bytes), unix_now()).ok()
     }
 }

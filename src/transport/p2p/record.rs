@@ -1,17 +1,30 @@
-//! Presence records (pure): what one holds, the checks a record must pass to be stored
+//! DHT records (pure): what each kind holds, the checks a record must pass to be stored
 //! or read (its signer owns its key, its signed timestamp is fresh, its fields are within
-//! their caps), and its key in the DHT.
+//! their caps), and its key in the DHT. Two kinds:
+//!
+//! - presence (`/oonode/presence/<key>`): a node's own signed PRESENCE (summary,
+//!   examples, endpoints), valid for an hour;
+//! - home relay (`/oonode/home/<key>`): the agent's own signed ANNOUNCE, as it sent it to
+//!   a relay, which publishes it. It says which relay the agent is on, and is valid as
+//!   long as the relay would accept the announce itself (its clock skew, 300 s), so a
+//!   relay that dies stops being named within minutes and an agent that moves is found
+//!   at its new relay by the newer timestamp.
 
 use std::time::{Duration, Instant};
 
 use libp2p::kad;
 use serde_json::{Map, Value};
 
-use crate::envelope::{Envelope, MAX_CLOCK_SKEW_SECS};
+use crate::envelope::{Envelope, EnvelopeError, MAX_CLOCK_SKEW_SECS};
 use crate::identity::Address;
+use crate::proto::{verify_announce, Announce, RelayUrl};
 
 /// Key prefix of presence records in the DHT.
 pub(super) const PRESENCE_PREFIX: &[u8] = b"/oonode/presence/";
+/// Key prefix of home-relay records in the DHT.
+pub(super) const HOME_PREFIX: &[u8] = b"/oonode/home/";
+/// The oldest a home-relay record may be: what a relay allows an ANNOUNCE.
+pub(crate) const HOME_MAX_AGE: Duration = Duration::from_secs(MAX_CLOCK_SKEW_SECS);
 /// The oldest a presence record may be (by its signed timestamp) to be stored or read.
 pub(crate) const PRESENCE_MAX_AGE: Duration = Duration::from_secs(3600);
 /// How often a node republishes its presence: well within [`PRESENCE_MAX_AGE`], so a
@@ -30,14 +43,14 @@ pub(super) const MAX_EXAMPLE_CHARS: usize = 500;
 
 /// Why a DHT record is no acceptable presence record.
 #[derive(Debug, thiserror::Error)]
-pub(crate) enum PresenceError {
-    #[error("the key is no presence key")]
+pub(crate) enum RecordError {
+    #[error("the key is no presence or home-relay key")]
     Key,
     #[error("{0} bytes, over the {MAX_PRESENCE_BYTES}-byte limit")]
     TooLarge(usize),
     #[error("not a JSON object")]
     NotJson,
-    #[error("type is not PRESENCE")]
+    #[error("type is not PRESENCE (presence) or ANNOUNCE (home relay)")]
     WrongType,
     #[error("not signed by the owner of its key")]
     WrongSigner,
@@ -45,7 +58,7 @@ pub(crate) enum PresenceError {
     WrongAddress(&'static str),
     #[error("no signed timestamp")]
     NoTimestamp,
-    #[error("signed {0} s ago, older than {max} s", max = PRESENCE_MAX_AGE.as_secs())]
+    #[error("signed {0} s ago, too old")]
     TooOld(u64),
     #[error("signed {0} s in the future (limit {MAX_AHEAD_SECS} s)")]
     InFuture(u64),
@@ -61,41 +74,110 @@ pub(crate) struct Presence {
     pub(crate) payload: Map<String, Value>,
 }
 
-/// Checks a presence record as of `now` (unix seconds): stored under its signer's own
-/// key, of type PRESENCE, signed at most [`PRESENCE_MAX_AGE`] ago and at most
-/// [`MAX_AHEAD_SECS`] ahead, every field within its cap.
-pub(crate) fn check_presence(record: &kad::Record, now: u64) -> Result<Presence, PresenceError> {
+/// Checks a record of either kind as of `now`: its signed timestamp, and when it stops
+/// being served (from `expires_from`, an `Instant` taken with `now`).
+pub(crate) fn check_record(
+    record: &kad::Record,
+    now: u64,
+    expires_from: Instant,
+) -> Result<(u64, Instant), RecordError> {
+    let ttl = |timestamp: u64, max: Duration| {
+        expires_from + Duration::from_secs((timestamp + max.as_secs()).saturating_sub(now))
+    };
+    if record.key.as_ref().starts_with(HOME_PREFIX) {
+        let home = check_home(record, now)?;
+        Ok((home.timestamp, ttl(home.timestamp, HOME_MAX_AGE)))
+    } else {
+        let presence = check_presence(record, now)?;
+        Ok((
+            presence.timestamp,
+            ttl(presence.timestamp, PRESENCE_MAX_AGE),
+        ))
+    }
+}
+
+/// The address a key of `prefix` is for.
+fn key_owner(record: &kad::Record, prefix: &[u8]) -> Result<Address, RecordError> {
     let raw = record
         .key
         .as_ref()
-        .strip_prefix(PRESENCE_PREFIX)
-        .ok_or(PresenceError::Key)?;
-    let bytes = <[u8; 32]>::try_from(raw).map_err(|_| PresenceError::Key)?;
-    let address = Address::from_bytes(bytes).map_err(|_| PresenceError::Key)?;
+        .strip_prefix(prefix)
+        .ok_or(RecordError::Key)?;
+    let bytes = <[u8; 32]>::try_from(raw).map_err(|_| RecordError::Key)?;
+    Address::from_bytes(bytes).map_err(|_| RecordError::Key)
+}
+
+/// Checks a home-relay record as of `now`: under its signer's own key, an ANNOUNCE as a
+/// relay would accept it (signature, field caps, signed within the clock skew either
+/// way), naming the relay it was sent to as a `ws://` or `wss://` URL.
+pub(crate) fn check_home(record: &kad::Record, now: u64) -> Result<Announce, RecordError> {
+    let address = key_owner(record, HOME_PREFIX)?;
     if record.value.len() > MAX_PRESENCE_BYTES {
-        return Err(PresenceError::TooLarge(record.value.len()));
+        return Err(RecordError::TooLarge(record.value.len()));
     }
     let Ok(Value::Object(obj)) = serde_json::from_slice::<Value>(&record.value) else {
-        return Err(PresenceError::NotJson);
+        return Err(RecordError::NotJson);
+    };
+    if obj.get("type").and_then(Value::as_str) != Some("ANNOUNCE") {
+        return Err(RecordError::WrongType);
+    }
+    let announce = verify_announce(&obj, now).map_err(|e| match e {
+        EnvelopeError::Stale { .. } => {
+            let ts = obj.get("timestamp").and_then(Value::as_u64).unwrap_or(0);
+            if ts > now {
+                RecordError::InFuture(ts - now)
+            } else {
+                RecordError::TooOld(now - ts)
+            }
+        }
+        EnvelopeError::MissingTimestamp => RecordError::NoTimestamp,
+        EnvelopeError::Malformed(_) => RecordError::Field("announce"),
+        _ => RecordError::WrongSigner,
+    })?;
+    if announce.address != address {
+        return Err(RecordError::WrongAddress("address"));
+    }
+    match announce.relay.as_deref().map(str::parse::<RelayUrl>) {
+        Some(Ok(_)) => Ok(announce),
+        _ => Err(RecordError::Field("relay")),
+    }
+}
+
+pub(crate) fn home_key(address: &Address) -> Vec<u8> {
+    let mut key = HOME_PREFIX.to_vec();
+    key.extend_from_slice(address.as_bytes());
+    key
+}
+
+/// Checks a presence record as of `now` (unix seconds): stored under its signer's own
+/// key, of type PRESENCE, signed at most [`PRESENCE_MAX_AGE`] ago and at most
+/// [`MAX_AHEAD_SECS`] ahead, every field within its cap.
+pub(crate) fn check_presence(record: &kad::Record, now: u64) -> Result<Presence, RecordError> {
+    let address = key_owner(record, PRESENCE_PREFIX)?;
+    if record.value.len() > MAX_PRESENCE_BYTES {
+        return Err(RecordError::TooLarge(record.value.len()));
+    }
+    let Ok(Value::Object(obj)) = serde_json::from_slice::<Value>(&record.value) else {
+        return Err(RecordError::NotJson);
     };
     if obj.get("type").and_then(Value::as_str) != Some("PRESENCE") {
-        return Err(PresenceError::WrongType);
+        return Err(RecordError::WrongType);
     }
-    let env = Envelope::from_flat(&obj).map_err(|_| PresenceError::WrongSigner)?;
+    let env = Envelope::from_flat(&obj).map_err(|_| RecordError::WrongSigner)?;
     if env.verify().ok() != Some(address) {
-        return Err(PresenceError::WrongSigner);
+        return Err(RecordError::WrongSigner);
     }
     let owner = address.to_string();
     if env.payload.get("address").and_then(Value::as_str) != Some(owner.as_str()) {
-        return Err(PresenceError::WrongAddress("address"));
+        return Err(RecordError::WrongAddress("address"));
     }
-    let timestamp = env.timestamp().ok_or(PresenceError::NoTimestamp)?;
+    let timestamp = env.timestamp().ok_or(RecordError::NoTimestamp)?;
     if timestamp > now + MAX_AHEAD_SECS {
-        return Err(PresenceError::InFuture(timestamp - now));
+        return Err(RecordError::InFuture(timestamp - now));
     }
     let age = now.saturating_sub(timestamp);
     if age > PRESENCE_MAX_AGE.as_secs() {
-        return Err(PresenceError::TooOld(age));
+        return Err(RecordError::TooOld(age));
     }
     check_fields(&env.payload)?;
     Ok(Presence {
@@ -104,11 +186,11 @@ pub(crate) fn check_presence(record: &kad::Record, now: u64) -> Result<Presence,
     })
 }
 
-pub(super) fn check_fields(payload: &Map<String, Value>) -> Result<(), PresenceError> {
+pub(super) fn check_fields(payload: &Map<String, Value>) -> Result<(), RecordError> {
     match payload.get("summary") {
         None | Some(Value::Null) => {}
         Some(Value::String(s)) if s.chars().count() <= MAX_SUMMARY_CHARS => {}
-        _ => return Err(PresenceError::Field("summary")),
+        _ => return Err(RecordError::Field("summary")),
     }
     let list = |field: &'static str, max_items: usize, fits: &dyn Fn(&str) -> bool| match payload
         .get(field)
@@ -119,7 +201,7 @@ pub(super) fn check_fields(payload: &Map<String, Value>) -> Result<(), PresenceE
         {
             Ok(())
         }
-        _ => Err(PresenceError::Field(field)),
+        _ => Err(RecordError::Field(field)),
     };
     list("endpoints", MAX_ENDPOINTS, &|e| {
         e.len() <= MAX_ENDPOINT_BYTES
@@ -214,6 +296,56 @@ mod tests {
             p.insert("address".into(), json!(other));
         }))
         .contains("address"));
+    }
+
+    /// A home-relay record: `id`'s ANNOUNCE for `relay`, signed at `ts`, under `owner`'s
+    /// key.
+    fn home(id: &Identity, owner: &Address, ts: u64, relay: &str) -> kad::Record {
+        let announce = crate::proto::signed_announce(id, "an echo", &[], relay, ts);
+        kad::Record::new(home_key(owner), serde_json::to_vec(&announce).unwrap())
+    }
+
+    #[test]
+    fn home_records_are_the_agents_own_fresh_announce_for_a_relay() {
+        let id = Identity::generate();
+        let me = id.address();
+        let now = 1_800_000_000;
+        let relay = "ws://relay.example:8765/ws/announce";
+        let ok = check_home(&home(&id, &me, now - 200, relay), now).unwrap();
+        assert_eq!((ok.address, ok.timestamp), (me, now - 200));
+        assert_eq!(ok.relay.as_deref(), Some(relay));
+        let from = Instant::now();
+        let (ts, expires) = check_record(&home(&id, &me, now - 200, relay), now, from).unwrap();
+        assert_eq!(ts, now - 200);
+        assert_eq!(expires, from + Duration::from_secs(100));
+
+        let err = |r: kad::Record| check_home(&r, now).unwrap_err().to_string();
+        // Another key's announce under this address's key: a hijack attempt.
+        let thief = Identity::generate();
+        assert!(err(home(&thief, &me, now, relay)).contains("address"));
+        // Too old or too far ahead: a relay that died stops being named.
+        assert!(err(home(&id, &me, now - 301, relay)).contains("ago"));
+        assert!(err(home(&id, &me, now + 301, relay)).contains("future"));
+        // No relay, or one that is no relay URL.
+        assert!(err(home(&id, &me, now, "")).contains("relay"));
+        assert!(err(home(&id, &me, now, "http://10.0.0.1:6379")).contains("relay"));
+        // A signed PRESENCE or a tampered announce under the home key.
+        let mut tampered =
+            serde_json::from_slice::<Value>(&home(&id, &me, now, relay).value).unwrap();
+        tampered["relay"] = "ws://evil.example".into();
+        let r = kad::Record::new(home_key(&me), serde_json::to_vec(&tampered).unwrap());
+        assert!(err(r).contains("signed"));
+        let presence = record(&id, now, |_| {});
+        let r = kad::Record::new(home_key(&me), presence.value);
+        assert!(err(r).contains("ANNOUNCE"));
+        let r = kad::Record::new(home_key(&me), vec![b' '; MAX_PRESENCE_BYTES + 1]);
+        assert!(err(r).contains("bytes"));
+        // A key of neither kind.
+        let r = kad::Record::new(b"/other/x".to_vec(), Vec::new());
+        assert!(check_record(&r, now, from)
+            .unwrap_err()
+            .to_string()
+            .contains("key"));
     }
 
     #[test]
