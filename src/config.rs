@@ -153,7 +153,8 @@ pub const HOST_YAML_TEMPLATE: &str = r#"# .co/host.yaml: settings for `oonode ho
 # listen:
 #   - /ip4/0.0.0.0/udp/4001/quic-v1
 #   - /ip4/0.0.0.0/tcp/4001
-# bootstrap: []          # multiaddrs ending in /p2p/<PeerId>
+# bootstrap: []          # multiaddrs ending in /p2p/<PeerId> (/dns4/host/… resolves)
+# external_addrs: []     # where peers reach this node from outside (a port forward)
 # mdns: false
 # max_connections_per_ip: 16   # inbound swarm connections one IP may hold
 
@@ -256,6 +257,8 @@ pub struct Settings {
     pub listen: Option<Vec<String>>,
     /// Swarm bootstrap peers: multiaddrs ending in `/p2p/<PeerId>`.
     pub bootstrap: Option<Vec<String>>,
+    /// Swarm addresses this node is reachable at from outside, advertised to peers.
+    pub external_addrs: Option<Vec<String>>,
     /// Find peers on the LAN by mDNS (default false).
     pub mdns: Option<bool>,
     /// Inbound swarm connections one IP may hold (default 16).
@@ -630,6 +633,7 @@ impl Settings {
             p2p: self.p2p.or(lower.p2p),
             listen: self.listen.or(lower.listen),
             bootstrap: self.bootstrap.or(lower.bootstrap),
+            external_addrs: self.external_addrs.or(lower.external_addrs),
             mdns: self.mdns.or(lower.mdns),
             max_connections_per_ip: self.max_connections_per_ip.or(lower.max_connections_per_ip),
             forward: match (self.forward, lower.forward) {
@@ -793,6 +797,9 @@ impl HostConfig {
                             &format!("{bad} must end with /p2p/<PeerId>"),
                         ));
                     }
+                }
+                if let Some(external) = s.external_addrs {
+                    p2p.external_addrs = parse("external_addrs", external)?;
                 }
                 p2p.mdns = s.mdns.unwrap_or(false);
                 if let Some(n) = s.max_connections_per_ip {

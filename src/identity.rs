@@ -185,7 +185,14 @@ impl Identity {
     /// Loads `<co_dir>/keys/agent.key`, creating it (mode 0600) if it does not exist.
     /// Returns the identity and whether it was created now.
     pub fn load_or_create(co_dir: &Path) -> Result<(Self, bool), KeyFileError> {
-        let path = Self::key_path(co_dir);
+        Self::load_or_create_file(&Self::key_path(co_dir))
+    }
+
+    /// Loads the key file at `path` (a 32-byte seed, as `agent.key`), creating it (mode
+    /// 0600, with its directory) if it does not exist. Returns the identity and whether
+    /// it was created now.
+    pub fn load_or_create_file(path: &Path) -> Result<(Self, bool), KeyFileError> {
+        let path = path.to_path_buf();
         match fs::read(&path) {
             Ok(bytes) => Ok((Self::from_key_bytes(&path, &bytes)?, false)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {

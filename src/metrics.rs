@@ -341,6 +341,20 @@ pub(crate) struct RelayMetrics {
     home_records: Counter,
     forwarded: Counter,
     forward_failures: Counter,
+    bytes: Counter,
+    pub(crate) dht: DhtRecordCounters,
+}
+
+/// What a swarm did with DHT records others asked for or gave it (a relay's, on its
+/// `/metrics`). Cheap to clone: the event loop holds a copy.
+#[derive(Clone, Default, Debug)]
+pub(crate) struct DhtRecordCounters {
+    /// Lookups answered with a record held here.
+    pub(crate) served: Counter,
+    /// Records another peer put that passed the checks and were kept.
+    pub(crate) stored: Counter,
+    /// Records another peer put that were refused (invalid, stale, older than held).
+    pub(crate) refused: Counter,
 }
 
 impl Default for RelayMetrics {
@@ -382,6 +396,28 @@ impl Default for RelayMetrics {
             "Home relays named in the DHT that could not be reached (federation)",
             forward_failures.clone(),
         );
+        let bytes = Counter::default();
+        registry.register(
+            "bytes_relayed",
+            "Bytes of frames passed from a caller to an agent or back",
+            bytes.clone(),
+        );
+        let dht = DhtRecordCounters::default();
+        registry.register(
+            "dht_records_served",
+            "DHT lookups this relay answered with a record it holds (federation)",
+            dht.served.clone(),
+        );
+        registry.register(
+            "dht_records_stored",
+            "DHT records other peers put here that passed the checks (federation)",
+            dht.stored.clone(),
+        );
+        registry.register(
+            "dht_records_refused",
+            "DHT records other peers put here that were refused (federation)",
+            dht.refused.clone(),
+        );
         RelayMetrics {
             registry,
             agents,
@@ -392,13 +428,16 @@ impl Default for RelayMetrics {
             home_records,
             forwarded,
             forward_failures,
+            bytes,
+            dht,
         }
     }
 }
 
 impl RelayMetrics {
-    pub(crate) fn frame_relayed(&self) {
+    pub(crate) fn frame_relayed(&self, bytes: usize) {
         self.frames.inc();
+        self.bytes.inc_by(bytes as u64);
     }
 
     pub(crate) fn refused(&self, code: ErrorCode) {

@@ -206,6 +206,9 @@ async fn a_caller_that_knows_only_relay_a_reaches_an_agent_homed_on_relay_b() {
     }
     assert!(metric(&a.url(), "oonode_relay_forwarded_connections_total").await >= 1.0);
     assert!(metric(&b, "oonode_relay_home_records_published_total").await >= 1.0);
+    assert!(metric(&a.url(), "oonode_relay_bytes_relayed_total").await > 0.0);
+    assert!(metric(&a.url(), "oonode_relay_dht_records_stored_total").await >= 1.0);
+    assert!(metric(&b, "oonode_relay_dht_records_served_total").await >= 1.0);
 
     // The agent moves to C (same key): A finds it there once C has published. Records
     // carry the announce's timestamp in seconds; the move comes a second later, as a
@@ -302,6 +305,51 @@ async fn a_relay_without_a_swarm_does_not_know_agents_of_other_relays() {
     lone.shutdown().await;
 }
 
+/// `--swarm-key FILE`: the relay keeps its PeerId across restarts (others' `--bootstrap`
+/// addresses for it stay right); the file is made on first use, mode 0600.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_keeps_its_peer_id_with_a_swarm_key_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("keys").join("swarm.key");
+    let peer = || async {
+        let mut cmd = Command::new(BIN);
+        cmd.args(["relay", "--ready-json", "--listen", "127.0.0.1:0"])
+            .args(["--swarm-listen", SWARM, "--swarm-key"])
+            .arg(&key)
+            .env("RUST_LOG", "error");
+        let child = Child::spawn("relay", &mut cmd, Stderr::Inherit);
+        let ready = child.ready_async(STEP).await;
+        let first: Multiaddr = ready["swarm"][0].as_str().unwrap().parse().unwrap();
+        drop(child);
+        peer_of(&first)
+    };
+    let once = peer().await;
+    let again = peer().await;
+    assert_eq!(once, again, "the same key file gives the same PeerId");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&key).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    std::fs::write(&key, b"short").unwrap();
+    let out = Command::new(BIN)
+        .args([
+            "relay",
+            "--listen",
+            "127.0.0.1:0",
+            "--swarm-listen",
+            SWARM,
+            "--swarm-key",
+        ])
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("swarm key") && err.contains("swarm.key"),
+        "{err}"
+    );
+}
+
 /// The relay's swarm flags are checked before anything starts.
 #[test]
 fn the_cli_refuses_bad_swarm_flags() {
@@ -311,9 +359,28 @@ fn the_cli_refuses_bad_swarm_flags() {
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("not a multiaddr"), "{err}");
+    assert!(err.contains("expected a multiaddr"), "{err}");
+    // A bootstrap address must name its peer, and needs a swarm to join.
     let out = Command::new(BIN)
-        .args(["relay", "--bootstrap", "/ip4/127.0.0.1/tcp/1"])
+        .args([
+            "relay",
+            "--swarm-listen",
+            SWARM,
+            "--bootstrap",
+            "/ip4/127.0.0.1/tcp/1",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("/p2p/<PeerId>"), "{err}");
+    let peer = libp2p::PeerId::random();
+    let out = Command::new(BIN)
+        .args([
+            "relay",
+            "--bootstrap",
+            &format!("/ip4/127.0.0.1/tcp/1/p2p/{peer}"),
+        ])
         .output()
         .unwrap();
     assert!(!out.status.success());

@@ -960,3 +960,48 @@ async fn a_taken_default_swarm_port_falls_back_and_an_explicit_one_fails() {
     })
     .await;
 }
+
+// ---------------------------------------------------------------------------------------
+// DNS bootstrap addresses and external addresses.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dns_bootstrap_address_joins_and_an_external_address_is_advertised() {
+    within(Duration::from_secs(90), "test", async {
+        let a = start(Host::new(Echo), &[TCP], &[]).await;
+        // A's TCP address with its IP written as a name the system resolves.
+        let by_name: Multiaddr = a
+            .swarm_addr_over("tcp")
+            .to_string()
+            .replace("/ip4/127.0.0.1/", "/dns4/localhost/")
+            .parse()
+            .unwrap();
+        let outside = "/ip4/198.51.100.7/tcp/4001";
+        let b = start(
+            Host::new(Echo).external_addrs([outside]),
+            &[TCP],
+            &[by_name],
+        )
+        .await;
+        // B knows A only by that name: a call from B's own swarm finds it.
+        let swarm = b.handle.p2p().expect("B has a swarm").clone();
+        call_via_swarm(&swarm, &Identity::generate(), a.address, "found by name").await;
+        // A learns B's external address from B itself (identify), as its peers would.
+        let a_swarm = a.handle.p2p().expect("A has a swarm").clone();
+        let start = Instant::now();
+        loop {
+            let peers = a_swarm.peers().await.expect("A's view");
+            let b_view = peers.iter().find(|p| p.address == b.address.to_string());
+            if b_view.is_some_and(|p| p.addrs.iter().any(|x| x.starts_with(outside))) {
+                break;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "A never lists {outside} for B: {b_view:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        b.stop().await;
+        a.stop().await;
+    })
+    .await;
+}

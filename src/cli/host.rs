@@ -107,15 +107,20 @@ pub(crate) struct HostArgs {
     /// or start-up fails.
     #[arg(long = "listen", value_name = "MULTIADDR", value_parser = super::multiaddr)]
     listen: Vec<libp2p::Multiaddr>,
-    /// Swarm peer to join through (repeatable): a multiaddr ending in /p2p/<PeerId>.
+    /// Swarm peer to join through (repeatable): a multiaddr ending in /p2p/<PeerId>;
+    /// /dns4/, /dns6/ and /dns/ names are resolved by the system (again until they do).
     #[arg(long = "bootstrap", value_name = "MULTIADDR", value_parser = super::peer_multiaddr)]
     bootstrap: Vec<libp2p::Multiaddr>,
+    /// A swarm address peers reach this node at from outside (repeatable): a port
+    /// forward, or a public IP the node cannot see on its interfaces. Advertised as its own.
+    #[arg(long = "external-addr", value_name = "MULTIADDR", value_parser = super::multiaddr)]
+    external_addrs: Vec<libp2p::Multiaddr>,
     /// Find peers on the LAN by multicast DNS.
     #[arg(long)]
     mdns: bool,
     /// Do not join the libp2p swarm: no swarm port. With --no-http and --relay URL the
     /// node opens no port at all (reachable through the relay only).
-    #[arg(long, conflicts_with_all = ["listen", "bootstrap", "mdns"])]
+    #[arg(long, conflicts_with_all = ["listen", "bootstrap", "external_addrs", "mdns"])]
     no_p2p: bool,
     /// Print one JSON line to stdout when ready ({"event":"ready","address","http",
     /// "swarm","relay",…}) and the banner to stderr: for scripts and tests.
@@ -187,6 +192,9 @@ pub(crate) async fn host(args: HostArgs) -> anyhow::Result<()> {
     }
     if !args.listen.is_empty() {
         host = host.listen(args.listen.iter().map(ToString::to_string));
+    }
+    if !args.external_addrs.is_empty() {
+        host = host.external_addrs(args.external_addrs.iter().map(ToString::to_string));
     }
     if !args.bootstrap.is_empty() {
         host = host.bootstrap(args.bootstrap.iter().map(ToString::to_string));

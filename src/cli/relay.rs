@@ -70,12 +70,18 @@ pub(crate) struct RelayArgs {
     /// Join the libp2p swarm on this multiaddr (repeatable; e.g. /ip4/0.0.0.0/udp/4001/quic-v1
     /// and /ip4/0.0.0.0/tcp/4001) as a DHT server, and federate: this relay publishes its
     /// agents' home-relay records, and passes callers on to the relay an agent is homed on.
-    #[arg(long = "swarm-listen", value_name = "MULTIADDR", value_parser = multiaddr)]
+    #[arg(long = "swarm-listen", value_name = "MULTIADDR", value_parser = super::multiaddr)]
     swarm_listen: Vec<oonode::Multiaddr>,
     /// A swarm peer to join through, ending in /p2p/<PeerId> (repeatable): another relay's
-    /// address from its banner or --ready-json `swarm`. Needs --swarm-listen.
-    #[arg(long, value_name = "MULTIADDR", value_parser = multiaddr, requires = "swarm_listen")]
+    /// address from its banner or --ready-json `swarm`; /dns4/, /dns6/ and /dns/ names are
+    /// resolved by the system. Needs --swarm-listen.
+    #[arg(long, value_name = "MULTIADDR", value_parser = super::peer_multiaddr, requires = "swarm_listen")]
     bootstrap: Vec<oonode::Multiaddr>,
+    /// The swarm's key file (a 32-byte seed; created, mode 0600, if missing): the relay
+    /// keeps its PeerId, so the --bootstrap addresses others give for it, across restarts.
+    /// Without it the relay takes a new key at every start.
+    #[arg(long, value_name = "FILE", requires = "swarm_listen")]
+    swarm_key: Option<std::path::PathBuf>,
     /// Pass callers on to home relays on private or loopback addresses (a testnet, a LAN).
     /// Off: a home-relay record is signed by its agent, and anyone can make an agent key.
     #[arg(long, requires = "swarm_listen")]
@@ -116,6 +122,7 @@ pub(crate) async fn relay(args: RelayArgs) -> anyhow::Result<()> {
     config.bootstrap = args.bootstrap;
     config.forward_private = args.forward_private;
     config.relay_ca = args.relay_ca;
+    config.swarm_key = args.swarm_key;
     if let (Some(cert), Some(key)) = (args.tls_cert, args.tls_key) {
         config = config.tls(cert, key);
     }
@@ -144,9 +151,4 @@ pub(crate) async fn relay(args: RelayArgs) -> anyhow::Result<()> {
     }
     handle.run_until_signal().await;
     Ok(())
-}
-
-fn multiaddr(s: &str) -> Result<oonode::Multiaddr, String> {
-    s.parse()
-        .map_err(|e| format!("{s:?} is not a multiaddr ({e}); e.g. /ip4/0.0.0.0/tcp/4001"))
 }

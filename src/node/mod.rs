@@ -275,6 +275,13 @@ impl Host {
         self
     }
 
+    /// Swarm addresses this node is reachable at from outside (a port forward, a public
+    /// IP it cannot see), advertised to peers as its own.
+    pub fn external_addrs<I: IntoIterator<Item = S>, S: Into<String>>(mut self, addrs: I) -> Self {
+        self.code.external_addrs = Some(addrs.into_iter().map(Into::into).collect());
+        self
+    }
+
     /// Find peers on the LAN by multicast DNS.
     pub fn mdns(mut self, on: bool) -> Self {
         self.code.mdns = Some(on);

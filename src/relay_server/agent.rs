@@ -274,15 +274,13 @@ async fn agent_loop(
             continue; // The caller is gone.
         };
         route.last_active = Instant::now();
-        if route
-            .caller_tx
-            .try_send(Value::Object(frame).to_string())
-            .is_err()
-        {
+        let text = Value::Object(frame).to_string();
+        let bytes = text.len();
+        if route.caller_tx.try_send(text).is_err() {
             // The caller does not read its replies: cut it off.
             route.closed.cancel();
         } else {
-            st.metrics.frame_relayed();
+            st.metrics.frame_relayed(bytes);
             route.caller_activity.touch();
         }
     }

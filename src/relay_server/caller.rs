@@ -218,9 +218,10 @@ impl Caller<'_> {
         };
         self.current.insert(to, session_id.clone());
         obj.insert("session_id".into(), Value::String(session_id.clone()));
-        let delivered = agent_tx.try_send(Value::Object(obj).to_string()).is_ok();
-        if delivered {
-            self.st.metrics.frame_relayed();
+        let text = Value::Object(obj).to_string();
+        let bytes = text.len();
+        if agent_tx.try_send(text).is_ok() {
+            self.st.metrics.frame_relayed(bytes);
         } else {
             self.refuse(
                 ErrorCode::AgentBusy,
@@ -444,8 +445,10 @@ impl Caller<'_> {
         }
         self.current.insert(to, session_id.clone());
         obj.insert("session_id".into(), Value::String(session_id.clone()));
-        if tx.try_send(Value::Object(obj).to_string()).is_ok() {
-            self.st.metrics.frame_relayed();
+        let text = Value::Object(obj).to_string();
+        let bytes = text.len();
+        if tx.try_send(text).is_ok() {
+            self.st.metrics.frame_relayed(bytes);
         } else {
             refuse(
                 self,
@@ -517,6 +520,7 @@ impl Caller<'_> {
             let _ = sink.close().await;
         });
         let (caller, activity, stop) = (self.tx.clone(), self.activity.clone(), closed.clone());
+        let relayed = self.st.metrics.clone();
         let caller_closed = self.closed.clone();
         tokio::spawn(async move {
             loop {
@@ -539,10 +543,12 @@ impl Caller<'_> {
                 };
                 activity.touch();
                 let moved = text.contains("\"ERROR\"") && not_there(&text);
+                let bytes = text.len();
                 if caller.try_send(text).is_err() {
                     caller_closed.cancel();
                     break;
                 }
+                relayed.frame_relayed(bytes);
                 if moved {
                     homes.forget(&agent);
                     break;

@@ -110,6 +110,10 @@ pub struct RelayConfig {
     /// Trust this CA (PEM) besides the public roots when passing callers on to `wss://`
     /// relays.
     pub relay_ca: Option<PathBuf>,
+    /// The swarm's key file (a 32-byte seed, created if missing), so that the relay keeps
+    /// its PeerId, and the `--bootstrap` addresses others give for it, across restarts.
+    /// None: a new key at every start.
+    pub swarm_key: Option<PathBuf>,
 }
 
 impl Default for RelayConfig {
@@ -140,6 +144,7 @@ impl Default for RelayConfig {
             bootstrap: Vec::new(),
             forward_private: false,
             relay_ca: None,
+            swarm_key: None,
         }
     }
 }
@@ -208,6 +213,9 @@ pub enum RelayError {
     /// The swarm could not be started (a listen address, a bootstrap address).
     #[error("the relay's swarm: {0}")]
     Swarm(#[from] P2pError),
+    /// The swarm's key file cannot be read or made.
+    #[error("the relay's swarm key: {0}")]
+    SwarmKey(#[from] crate::identity::KeyFileError),
 }
 
 /// The relay server, for `oonode relay` and for tests.
@@ -236,10 +244,11 @@ impl Relay {
             source,
         })?;
         let shutdown = CancellationToken::new();
+        let relay_metrics = RelayMetrics::default();
         let federation = match config.swarm_listen.is_empty() {
             true => None,
             false => Some(federation::Federation::new(
-                start_swarm(&config, &shutdown).await?,
+                start_swarm(&config, relay_metrics.dht.clone(), &shutdown).await?,
                 crate::tls::client_config(config.relay_ca.as_deref())?,
                 config.forward_private,
                 config.max_frame_bytes,
@@ -266,7 +275,7 @@ impl Relay {
             next_conn: AtomicU64::new(1),
             started: Instant::now(),
             shutdown: shutdown.clone(),
-            metrics: RelayMetrics::default(),
+            metrics: Arc::new(relay_metrics),
         });
         let router = Router::new()
             .route(ANNOUNCE_PATH, get(announce_socket))
@@ -320,16 +329,27 @@ impl Relay {
     }
 }
 
-/// The relay's libp2p host: a Kademlia server under a key of its own (new at every
-/// start), holding up to one home-relay record per agent the relay admits.
-async fn start_swarm(config: &RelayConfig, stop: &CancellationToken) -> Result<P2p, RelayError> {
-    let keypair = libp2p::identity::Keypair::generate_ed25519();
+/// The relay's libp2p host: a Kademlia server under a key of its own (from
+/// `swarm_key`, else new at every start), holding up to one home-relay record per agent
+/// the relay admits.
+async fn start_swarm(
+    config: &RelayConfig,
+    counters: crate::metrics::DhtRecordCounters,
+    stop: &CancellationToken,
+) -> Result<P2p, RelayError> {
+    let keypair = match &config.swarm_key {
+        Some(path) => crate::identity::Identity::load_or_create_file(path)?
+            .0
+            .libp2p_keypair(),
+        None => libp2p::identity::Keypair::generate_ed25519(),
+    };
     let p2p_config = P2pConfig {
         listen: config.swarm_listen.clone(),
         listen_fallback: false,
         bootstrap: config.bootstrap.clone(),
         dht_server: true,
         max_records: config.max_agents.max(1024),
+        record_counters: Some(counters),
         ..P2pConfig::default()
     };
     Ok(P2p::spawn(keypair, p2p_config, stop.child_token()).await?)
@@ -455,7 +475,7 @@ pub(crate) struct RelayState {
     started: Instant,
     shutdown: CancellationToken,
     /// This relay's own counters (never a global registry: tests run many relays).
-    metrics: RelayMetrics,
+    metrics: Arc<RelayMetrics>,
 }
 
 /// An agent the relay knows, online or recently seen.

@@ -128,7 +128,11 @@ pub(super) fn build_swarm(
                 reason: e.to_string(),
             })?;
     }
-    for (peer, addr) in &bootstrap {
+    for addr in &config.external_addrs {
+        swarm.add_external_address(addr.clone());
+    }
+    // DNS names are resolved apart (`dns.rs`), then dialed the same way.
+    for (peer, addr) in bootstrap.iter().filter(|(_, a)| !super::dns::is_dns(a)) {
         swarm.behaviour_mut().kad.add_address(peer, addr.clone());
         if let Err(e) = swarm.dial(addr.clone()) {
             warn!(%addr, error = %e, "cannot dial bootstrap peer");

@@ -54,6 +54,12 @@ pub(super) enum Command {
     Known {
         reply: oneshot::Sender<Vec<(PeerId, Vec<Multiaddr>, bool)>>,
     },
+    /// A bootstrap peer's addresses, resolved from its DNS multiaddr: known to Kademlia,
+    /// and dialed unless connected.
+    Bootstrap {
+        peer: PeerId,
+        addrs: Vec<Multiaddr>,
+    },
 }
 
 /// What an outstanding Kademlia query is for.
@@ -86,6 +92,8 @@ pub(super) struct EventLoop {
     bootstrapped: bool,
     /// libp2p's own metrics, when a node's `/metrics` shows them.
     pub(super) metrics: Option<libp2p::metrics::Metrics>,
+    /// What became of records others asked for or put (a relay counts them).
+    records: Option<crate::metrics::DhtRecordCounters>,
 }
 
 impl EventLoop {
@@ -108,6 +116,7 @@ impl EventLoop {
             status,
             bootstrapped: false,
             metrics: None,
+            records: config.record_counters.clone(),
         })
     }
 
@@ -186,6 +195,20 @@ impl EventLoop {
                         newest: None,
                     },
                 );
+            }
+            Command::Bootstrap { peer, addrs } => {
+                for addr in &addrs {
+                    self.swarm
+                        .behaviour_mut()
+                        .kad
+                        .add_address(&peer, addr.clone());
+                }
+                if !self.swarm.is_connected(&peer) {
+                    let opts = DialOpts::peer_id(peer).addresses(addrs).build();
+                    if let Err(e) = self.swarm.dial(opts) {
+                        debug!(%peer, error = %e, "cannot dial a bootstrap peer");
+                    }
+                }
             }
             Command::Known { reply } => {
                 let mut known: HashMap<PeerId, (Vec<Multiaddr>, bool)> = HashMap::new();
@@ -328,7 +351,21 @@ impl EventLoop {
                         ..
                     },
             })) => {
-                self.store_record(record);
+                let kept = self.store_record(record);
+                if let Some(c) = &self.records {
+                    if kept { &c.stored } else { &c.refused }.inc();
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Kad(kad::Event::InboundRequest {
+                request:
+                    kad::InboundRequest::GetRecord {
+                        present_locally: true,
+                        ..
+                    },
+            })) => {
+                if let Some(c) = &self.records {
+                    c.served.inc();
+                }
             }
             SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(found))) => {
                 for (peer, addr) in found {
@@ -349,14 +386,14 @@ impl EventLoop {
 
     /// Stores a record another peer put, if it is valid and fresh and not older than the
     /// one we hold for that key: a replayed older record never replaces a newer one.
-    fn store_record(&mut self, mut record: kad::Record) {
+    fn store_record(&mut self, mut record: kad::Record) -> bool {
         use kad::store::RecordStore;
         let (now, from) = (unix_now(), Instant::now());
         let (timestamp, expires) = match check_record(&record, now, from) {
             Ok(checked) => checked,
             Err(e) => {
                 debug!(error = %e, "refused a DHT record");
-                return;
+                return false;
             }
         };
         let store = self.swarm.behaviour_mut().kad.store_mut();
@@ -370,13 +407,17 @@ impl EventLoop {
                         offered = timestamp,
                         "refused a record no newer than the one held"
                     );
-                    return;
+                    return false;
                 }
             }
         }
         record.expires = Some(record.expires.map_or(expires, |e| e.min(expires)));
-        if let Err(e) = store.put(record) {
-            debug!(error = ?e, "storing a record failed");
+        match store.put(record) {
+            Ok(()) => true,
+            Err(e) => {
+                debug!(error = ?e, "storing a record failed");
+                false
+            }
         }
     }
 

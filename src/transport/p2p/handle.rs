@@ -70,6 +70,16 @@ impl P2p {
             EventLoop::new(keypair, &config, rx, status.clone(), peer_ips.clone())?;
         event_loop.metrics = metrics;
         let control = event_loop.stream_control();
+        let dns_bootstrap = config
+            .bootstrap
+            .iter()
+            .filter(|a| super::dns::is_dns(a))
+            .filter_map(|a| match a.iter().last() {
+                Some(libp2p::multiaddr::Protocol::P2p(peer)) => Some((peer, a.clone())),
+                _ => None,
+            })
+            .collect();
+        super::dns::spawn_resolver(dns_bootstrap, commands.clone(), stop.child_token());
         tokio::spawn(
             event_loop
                 .run(stop)

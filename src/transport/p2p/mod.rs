@@ -8,11 +8,12 @@
 //!
 //! Layout: this file holds the settings, errors and reported state; `handle.rs` the [`P2p`]
 //! handle (spawn, dial, call streams); `behaviour.rs` what the swarm is made of;
-//! `event_loop.rs` the task that owns it; `ip_limits.rs` connection limits and bans per
+//! `event_loop.rs` the task that owns it; `dns.rs` DNS multiaddrs of bootstrap peers; `ip_limits.rs` connection limits and bans per
 //! remote IP; `serve.rs` inbound calls; `presence.rs` presence records in the DHT;
 //! `wire.rs` the frame codec.
 
 mod behaviour;
+mod dns;
 mod event_loop;
 mod handle;
 mod ip_limits;
@@ -55,8 +56,13 @@ pub struct P2pConfig {
     /// interface with a free port instead, with a warning. On for the default addresses;
     /// addresses given explicitly (host.yaml `listen`, `--listen`) fail instead.
     pub listen_fallback: bool,
-    /// Peers to join through: multiaddrs ending in `/p2p/<PeerId>`.
+    /// Peers to join through: multiaddrs ending in `/p2p/<PeerId>`; `/dns4/`, `/dns6/`
+    /// and `/dns/` names are resolved by the system's resolver (and again every 5
+    /// minutes, every 10 s until they resolve).
     pub bootstrap: Vec<Multiaddr>,
+    /// Addresses this node is reachable at from outside (a port forward, a public IP the
+    /// node cannot see on its interfaces): advertised to peers as its own.
+    pub external_addrs: Vec<Multiaddr>,
     /// Find peers on the LAN by multicast DNS (off by default: it sends multicast).
     pub mdns: bool,
     /// Whether this swarm answers DHT queries (nodes) or only asks (one-off callers).
@@ -79,6 +85,8 @@ pub struct P2pConfig {
     /// DHT records this peer holds for others at most (presence and home-relay records);
     /// a relay holds one per agent in its part of the key space.
     pub max_records: usize,
+    /// Where to count the records served, stored and refused (a relay's `/metrics`).
+    pub(crate) record_counters: Option<crate::metrics::DhtRecordCounters>,
 }
 
 impl Default for P2pConfig {
@@ -95,6 +103,7 @@ impl Default for P2pConfig {
             ],
             listen_fallback: true,
             bootstrap: Vec::new(),
+            external_addrs: Vec::new(),
             mdns: false,
             dht_server: true,
             max_inbound_streams: 256,
@@ -104,6 +113,7 @@ impl Default for P2pConfig {
             max_connections_per_ip: 16,
             idle_timeout: Duration::from_secs(60),
             max_records: 1024,
+            record_counters: None,
         }
     }
 }
