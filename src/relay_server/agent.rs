@@ -158,14 +158,6 @@ fn register(
         }
     };
     let publish = published.is_none() && st.federation.is_some();
-    if let (true, Some(f)) = (publish, &st.federation) {
-        f.p2p.publish_home(
-            &a.address,
-            Value::Object(msg.clone()).to_string().into_bytes(),
-            a.timestamp,
-        );
-        st.metrics.home_record_published();
-    }
     let was_online = agents.insert(
         a.address,
         AgentEntry {
@@ -183,6 +175,13 @@ fn register(
     );
     if was_online.is_none_or(|e| e.link.is_none()) {
         st.online.fetch_add(1, Ordering::Relaxed);
+    }
+    drop(agents);
+    // Outside the registry's lock: every announce takes it.
+    if let (true, Some(f)) = (publish, &st.federation) {
+        let record = serde_json::to_vec(msg).unwrap_or_default();
+        f.p2p.publish_home(&a.address, record, a.timestamp);
+        st.metrics.home_record_published();
     }
     Ok(a.address)
 }

@@ -59,7 +59,7 @@ impl P2p {
                 key: presence_key(&identity.address()),
                 value,
                 // Ours is fresh; it lives as long as any presence record may.
-                expires: expires_at(unix_now(), unix_now()),
+                expires: std::time::Instant::now() + PRESENCE_MAX_AGE,
             })
             .await;
     }
@@ -97,9 +97,16 @@ impl P2p {
     /// The presence record `address` published, if the DHT has one and its signature
     /// is that address's.
     pub async fn presence(&self, address: &Address) -> Option<Map<String, Value>> {
+        let record = self.newest_record(presence_key(address)).await?;
+        check_presence(&record, unix_now()).ok().map(|p| p.payload)
+    }
+
+    /// The newest valid record under `key` the DHT gives within 12 s (the event loop
+    /// checks what it finds; callers check again, as the record may have aged since).
+    async fn newest_record(&self, key: Vec<u8>) -> Option<kad::Record> {
         let (reply, rx) = oneshot::channel();
         self.command(Command::GetRecord {
-            key: presence_key(address),
+            key: key.clone(),
             reply,
         })
         .await
@@ -108,17 +115,18 @@ impl P2p {
             .await
             .ok()?
             .ok()??;
-        let record = kad::Record::new(presence_key(address), bytes);
-        check_presence(&record, unix_now()).ok().map(|p| p.payload)
+        Some(kad::Record::new(key, bytes))
     }
-}
 
-impl P2p {
     /// Publishes `announce`, an agent's own signed ANNOUNCE as this relay accepted it, as
     /// the agent's home-relay record. Returns at once; the put is queued for the swarm.
     pub(crate) fn publish_home(&self, address: &Address, announce: Vec<u8>, signed_at: u64) {
-        let expires = std::time::Instant::now()
-            + Duration::from_secs((signed_at + HOME_MAX_AGE.as_secs()).saturating_sub(unix_now()));
+        let expires = expires_at(
+            signed_at,
+            HOME_MAX_AGE,
+            unix_now(),
+            std::time::Instant::now(),
+        );
         let put = Command::PutRecord {
             key: home_key(address),
             value: announce,
@@ -131,17 +139,7 @@ impl P2p {
     /// The newest home-relay record of `address` in the DHT, checked: the agent signed
     /// it, for the relay it names, within the last [`HOME_MAX_AGE`].
     pub(crate) async fn home(&self, address: &Address) -> Option<Announce> {
-        let (reply, rx) = oneshot::channel();
-        self.command(Command::GetRecord {
-            key: home_key(address),
-            reply,
-        })
-        .await
-        .ok()?;
-        let bytes = tokio::time::timeout(Duration::from_secs(12), rx)
-            .await
-            .ok()?
-            .ok()??;
-        check_home(&kad::Record::new(home_key(address), bytes), unix_now()).ok()
+        let record = self.newest_record(home_key(address)).await?;
+        check_home(&record, unix_now()).ok()
     }
 }

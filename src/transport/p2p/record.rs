@@ -81,46 +81,52 @@ pub(crate) fn check_record(
     now: u64,
     expires_from: Instant,
 ) -> Result<(u64, Instant), RecordError> {
-    let ttl = |timestamp: u64, max: Duration| {
-        expires_from + Duration::from_secs((timestamp + max.as_secs()).saturating_sub(now))
-    };
-    if record.key.as_ref().starts_with(HOME_PREFIX) {
-        let home = check_home(record, now)?;
-        Ok((home.timestamp, ttl(home.timestamp, HOME_MAX_AGE)))
+    let (timestamp, max_age) = if record.key.as_ref().starts_with(HOME_PREFIX) {
+        (check_home(record, now)?.timestamp, HOME_MAX_AGE)
     } else {
-        let presence = check_presence(record, now)?;
-        Ok((
-            presence.timestamp,
-            ttl(presence.timestamp, PRESENCE_MAX_AGE),
-        ))
-    }
+        (check_presence(record, now)?.timestamp, PRESENCE_MAX_AGE)
+    };
+    Ok((timestamp, expires_at(timestamp, max_age, now, expires_from)))
 }
 
-/// The address a key of `prefix` is for.
-fn key_owner(record: &kad::Record, prefix: &[u8]) -> Result<Address, RecordError> {
+/// What both kinds check first: the key is `prefix` and an address (the record's
+/// owner), the value within the size cap, a JSON object of type `kind`.
+fn owned_object(
+    record: &kad::Record,
+    prefix: &[u8],
+    kind: &str,
+) -> Result<(Address, Map<String, Value>), RecordError> {
     let raw = record
         .key
         .as_ref()
         .strip_prefix(prefix)
         .ok_or(RecordError::Key)?;
     let bytes = <[u8; 32]>::try_from(raw).map_err(|_| RecordError::Key)?;
-    Address::from_bytes(bytes).map_err(|_| RecordError::Key)
-}
-
-/// Checks a home-relay record as of `now`: under its signer's own key, an ANNOUNCE as a
-/// relay would accept it (signature, field caps, signed within the clock skew either
-/// way), naming the relay it was sent to as a `ws://` or `wss://` URL.
-pub(crate) fn check_home(record: &kad::Record, now: u64) -> Result<Announce, RecordError> {
-    let address = key_owner(record, HOME_PREFIX)?;
+    let address = Address::from_bytes(bytes).map_err(|_| RecordError::Key)?;
     if record.value.len() > MAX_PRESENCE_BYTES {
         return Err(RecordError::TooLarge(record.value.len()));
     }
     let Ok(Value::Object(obj)) = serde_json::from_slice::<Value>(&record.value) else {
         return Err(RecordError::NotJson);
     };
-    if obj.get("type").and_then(Value::as_str) != Some("ANNOUNCE") {
+    if obj.get("type").and_then(Value::as_str) != Some(kind) {
         return Err(RecordError::WrongType);
     }
+    Ok((address, obj))
+}
+
+/// The DHT key of `address`'s record of the kind `prefix` names.
+fn record_key(prefix: &[u8], address: &Address) -> Vec<u8> {
+    let mut key = prefix.to_vec();
+    key.extend_from_slice(address.as_bytes());
+    key
+}
+
+/// Checks a home-relay record as of `now`: under its signer's own key, an ANNOUNCE as a
+/// relay would accept it (signature, field caps, signed within the clock skew either
+/// way), naming the relay it was sent to as a `ws://` or `wss://` URL.
+pub(crate) fn check_home(record: &kad::Record, now: u64) -> Result<Announce, RecordError> {
+    let (address, obj) = owned_object(record, HOME_PREFIX, "ANNOUNCE")?;
     let announce = verify_announce(&obj, now).map_err(|e| match e {
         EnvelopeError::Stale { .. } => {
             let ts = obj.get("timestamp").and_then(Value::as_u64).unwrap_or(0);
@@ -144,25 +150,14 @@ pub(crate) fn check_home(record: &kad::Record, now: u64) -> Result<Announce, Rec
 }
 
 pub(crate) fn home_key(address: &Address) -> Vec<u8> {
-    let mut key = HOME_PREFIX.to_vec();
-    key.extend_from_slice(address.as_bytes());
-    key
+    record_key(HOME_PREFIX, address)
 }
 
 /// Checks a presence record as of `now` (unix seconds): stored under its signer's own
 /// key, of type PRESENCE, signed at most [`PRESENCE_MAX_AGE`] ago and at most
 /// [`MAX_AHEAD_SECS`] ahead, every field within its cap.
 pub(crate) fn check_presence(record: &kad::Record, now: u64) -> Result<Presence, RecordError> {
-    let address = key_owner(record, PRESENCE_PREFIX)?;
-    if record.value.len() > MAX_PRESENCE_BYTES {
-        return Err(RecordError::TooLarge(record.value.len()));
-    }
-    let Ok(Value::Object(obj)) = serde_json::from_slice::<Value>(&record.value) else {
-        return Err(RecordError::NotJson);
-    };
-    if obj.get("type").and_then(Value::as_str) != Some("PRESENCE") {
-        return Err(RecordError::WrongType);
-    }
+    let (address, obj) = owned_object(record, PRESENCE_PREFIX, "PRESENCE")?;
     let env = Envelope::from_flat(&obj).map_err(|_| RecordError::WrongSigner)?;
     if env.verify().ok() != Some(address) {
         return Err(RecordError::WrongSigner);
@@ -217,16 +212,14 @@ pub(super) fn capped(s: &str, max: usize) -> String {
     s.chars().take(max).collect()
 }
 
-/// When a record signed at `timestamp` stops being served: when it grows too old.
-pub(super) fn expires_at(timestamp: u64, now: u64) -> Instant {
-    let left = (timestamp + PRESENCE_MAX_AGE.as_secs()).saturating_sub(now);
-    Instant::now() + Duration::from_secs(left)
+/// When a record signed at `timestamp` stops being served: when it is `max_age` old
+/// (`from` is the `Instant` taken with `now`).
+pub(super) fn expires_at(timestamp: u64, max_age: Duration, now: u64, from: Instant) -> Instant {
+    from + Duration::from_secs((timestamp + max_age.as_secs()).saturating_sub(now))
 }
 
 pub(crate) fn presence_key(address: &Address) -> Vec<u8> {
-    let mut key = PRESENCE_PREFIX.to_vec();
-    key.extend_from_slice(address.as_bytes());
-    key
+    record_key(PRESENCE_PREFIX, address)
 }
 
 #[cfg(test)]
@@ -351,7 +344,8 @@ mod tests {
     #[test]
     fn expiry_follows_the_signed_timestamp() {
         let now = 1_800_000_000;
-        let left = expires_at(now - 600, now).duration_since(Instant::now());
+        let left = expires_at(now - 600, PRESENCE_MAX_AGE, now, Instant::now())
+            .duration_since(Instant::now());
         assert!(left <= Duration::from_secs(3000) && left > Duration::from_secs(2990));
     }
 }
