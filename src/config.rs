@@ -155,6 +155,8 @@ pub const HOST_YAML_TEMPLATE: &str = r#"# .co/host.yaml: settings for `oonode ho
 #   - /ip4/0.0.0.0/tcp/4001
 # bootstrap: []          # multiaddrs ending in /p2p/<PeerId> (/dns4/host/… resolves)
 # external_addrs: []     # where peers reach this node from outside (a port forward)
+# nat: auto              # auto (AutoNAT decides), private (always reserve a circuit on
+#                        # relay peers), public (never)
 # mdns: false
 # max_connections_per_ip: 16   # inbound swarm connections one IP may hold
 
@@ -259,6 +261,8 @@ pub struct Settings {
     pub bootstrap: Option<Vec<String>>,
     /// Swarm addresses this node is reachable at from outside, advertised to peers.
     pub external_addrs: Option<Vec<String>>,
+    /// `auto`, `public` or `private`: whether to reserve circuits on relay peers.
+    pub nat: Option<String>,
     /// Find peers on the LAN by mDNS (default false).
     pub mdns: Option<bool>,
     /// Inbound swarm connections one IP may hold (default 16).
@@ -634,6 +638,7 @@ impl Settings {
             listen: self.listen.or(lower.listen),
             bootstrap: self.bootstrap.or(lower.bootstrap),
             external_addrs: self.external_addrs.or(lower.external_addrs),
+            nat: self.nat.or(lower.nat),
             mdns: self.mdns.or(lower.mdns),
             max_connections_per_ip: self.max_connections_per_ip.or(lower.max_connections_per_ip),
             forward: match (self.forward, lower.forward) {
@@ -800,6 +805,9 @@ impl HostConfig {
                 }
                 if let Some(external) = s.external_addrs {
                     p2p.external_addrs = parse("external_addrs", external)?;
+                }
+                if let Some(nat) = s.nat {
+                    p2p.nat = nat.parse().map_err(|e: String| invalid("nat", &e))?;
                 }
                 p2p.mdns = s.mdns.unwrap_or(false);
                 if let Some(n) = s.max_connections_per_ip {
@@ -1179,6 +1187,24 @@ co_dir: null
         };
         let file = Settings::from_yaml("tls_cert: cert.pem\ntls_key: key.pem\n", "f").unwrap();
         assert_eq!(code.or(file).tls_cert, None);
+    }
+
+    #[test]
+    fn nat_mode_comes_from_the_file_and_a_bad_one_names_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let resolve = |yaml: &str| {
+            Settings::from_yaml(yaml, "host.yaml")
+                .and_then(|s| HostConfig::resolve(s, dir.path(), "host.yaml"))
+        };
+        let nat = |yaml: &str| resolve(yaml).unwrap().p2p.unwrap().nat;
+        assert_eq!(nat(""), crate::NatMode::Auto);
+        assert_eq!(nat("nat: private\n"), crate::NatMode::Private);
+        assert_eq!(nat("nat: public\n"), crate::NatMode::Public);
+        let e = resolve("nat: open\n").unwrap_err().to_string();
+        assert!(
+            e.contains("key `nat`") && e.contains("auto, public or private"),
+            "{e}"
+        );
     }
 
     #[test]

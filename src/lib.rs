@@ -86,7 +86,7 @@
 //! | `store/` | sled (`mod.rs`: sessions, seen ids, kept replies, trust state; one store thread; the `Durability` modes), the write-ahead log every change goes to first and that a start replays (`wal.rs`), the index of session metadata that listings, start-up and the sweeper read instead of the records, and listing cursors (`index.rs`), attached files (`uploads.rs`) |
 //! | `trust/` | trust levels, address lists (`lists.rs`), policies (`policy.rs`), the decision, onboarding and admin actions (`engine.rs`), wrong invite codes (`invites.rs`) |
 //! | `dispatch/` | the [`Dispatcher`]: verify → trust → admit → run → stream → persist → reply (`mod.rs`); signatures, CONNECT, signed reads, admin (`access.rs`); whose sessions (`scope.rs`); refusals and their answers (`refusal.rs`); one run (`run.rs`); a turn's session state (`turn.rs`); RESUME (`follow.rs`) |
-//! | `transport/` | the ways in, each knowing the dispatcher and never the reverse: `http.rs` (the seed's API, `/docs`, origins), `ws.rs` (`/ws`), `relay_link.rs` (the node's outbound link to a relay, moving to its fallbacks), `p2p/` (the libp2p swarm: `handle.rs`, `behaviour.rs`, `event_loop.rs`, `serve.rs`, presence and home-relay records in `record.rs` (checks) and `presence.rs` (publish, look up), per-IP limits in `ip_limits.rs`, the CBOR `wire.rs`) |
+//! | `transport/` | the ways in, each knowing the dispatcher and never the reverse: `http.rs` (the seed's API, `/docs`, origins), `ws.rs` (`/ws`), `relay_link.rs` (the node's outbound link to a relay, moving to its fallbacks), `p2p/` (the libp2p swarm: `handle.rs`, `behaviour.rs`, `event_loop.rs`, `serve.rs`, presence and home-relay records in `record.rs` (checks) and `presence.rs` (publish, look up), per-IP limits in `ip_limits.rs`, NAT traversal (AutoNAT, circuit reservations, DCUtR) and each connection's path in `nat.rs`, bootstrap names in `dns.rs`, the CBOR `wire.rs`) |
 //! | `relay_server/` | the relay server (`mod.rs`: state, router, directory, limits): agent connections (`agent.rs`), caller connections (`caller.rs`), what both share (`conn.rs`), federation with other relays through the DHT: home-relay records, passing callers on (`federation.rs`) |
 //! | `client/` | [`connect()`]: the ways to an agent and the choice among them (`path.rs`), one verified turn (`call.rs`) |
 //! | `config.rs` | `host.yaml` + code parameters → [`HostConfig`] |
@@ -140,7 +140,9 @@ pub use store::{
     Upload, UploadError,
 };
 pub use tls::TlsError;
-pub use transport::p2p::{P2p, P2pConfig, P2pError, PeerPresence, SwarmStatus};
+pub use transport::p2p::{
+    CircuitLimits, ConnPath, NatMode, P2p, P2pConfig, P2pError, PeerPresence, SwarmStatus,
+};
 pub use transport::relay_link::{LinkState, RelayStatus};
 pub use trust::{Policy, TrustAgent, TrustLevel, TrustQuestion};
 

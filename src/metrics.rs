@@ -146,6 +146,11 @@ struct StateLabels {
     state: &'static str,
 }
 
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct PathLabels {
+    path: &'static str,
+}
+
 /// Request latency buckets: 1 ms to ~33 s.
 fn latency_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.001, 2.0, 16))
@@ -186,6 +191,7 @@ pub(crate) struct NodeMetrics {
     store_queue: Gauge,
     relay_link: Family<StateLabels, Gauge>,
     swarm_peers: Gauge,
+    swarm_connections: Family<PathLabels, Gauge>,
 }
 
 impl NodeMetrics {
@@ -249,6 +255,12 @@ impl NodeMetrics {
             "Peers the libp2p swarm is connected to",
             swarm_peers.clone(),
         );
+        let swarm_connections = Family::<PathLabels, Gauge>::default();
+        registry.register(
+            "swarm_connections",
+            "Swarm connections by path: direct, hole-punched (DCUtR), circuit (through a relay peer)",
+            swarm_connections.clone(),
+        );
         NodeMetrics {
             registry: std::sync::Mutex::new(registry),
             requests,
@@ -258,6 +270,7 @@ impl NodeMetrics {
             store_queue,
             relay_link,
             swarm_peers,
+            swarm_connections,
         }
     }
 }
@@ -302,7 +315,7 @@ impl NodeMetrics {
         in_flight: usize,
         store_queue: usize,
         relay_states: Option<&[(&'static str, bool)]>,
-        swarm_peers: Option<usize>,
+        swarm: Option<(usize, crate::transport::p2p::PathCounts)>,
     ) -> String {
         self.in_flight.set(in_flight as i64);
         self.store_queue.set(store_queue as i64);
@@ -311,8 +324,17 @@ impl NodeMetrics {
                 .get_or_create(&StateLabels { state })
                 .set(i64::from(current));
         }
-        if let Some(n) = swarm_peers {
-            self.swarm_peers.set(n as i64);
+        if let Some((peers, paths)) = swarm {
+            self.swarm_peers.set(peers as i64);
+            for (path, n) in [
+                ("direct", paths.direct),
+                ("hole-punched", paths.hole_punched),
+                ("circuit", paths.circuit),
+            ] {
+                self.swarm_connections
+                    .get_or_create(&PathLabels { path })
+                    .set(n as i64);
+            }
         }
         encode(&self.registry.lock().unwrap_or_else(|e| e.into_inner()))
     }
@@ -343,6 +365,20 @@ pub(crate) struct RelayMetrics {
     forward_failures: Counter,
     bytes: Counter,
     pub(crate) dht: DhtRecordCounters,
+    pub(crate) circuits: CircuitCounters,
+}
+
+/// A relay's circuit relay v2 service (NAT traversal on the swarm).
+#[derive(Clone, Default, Debug)]
+pub(crate) struct CircuitCounters {
+    /// Reservations held now.
+    pub(crate) reservations: Gauge,
+    /// Circuits open now.
+    pub(crate) circuits: Gauge,
+    /// Circuits opened since start.
+    pub(crate) circuits_total: Counter,
+    /// Reservations and circuits refused (over the limits, or no reservation).
+    pub(crate) refused: Counter,
 }
 
 /// What a swarm did with DHT records others asked for or gave it (a relay's, on its
@@ -418,6 +454,27 @@ impl Default for RelayMetrics {
             "DHT records other peers put here that were refused (federation)",
             dht.refused.clone(),
         );
+        let circuits = CircuitCounters::default();
+        registry.register(
+            "circuit_reservations",
+            "Circuit relay v2 reservations held (peers behind a NAT)",
+            circuits.reservations.clone(),
+        );
+        registry.register(
+            "circuits",
+            "Circuit relay v2 circuits open",
+            circuits.circuits.clone(),
+        );
+        registry.register(
+            "circuits_opened",
+            "Circuit relay v2 circuits opened since start",
+            circuits.circuits_total.clone(),
+        );
+        registry.register(
+            "circuit_requests_refused",
+            "Circuit relay v2 reservations and circuits refused",
+            circuits.refused.clone(),
+        );
         RelayMetrics {
             registry,
             agents,
@@ -430,6 +487,7 @@ impl Default for RelayMetrics {
             forward_failures,
             bytes,
             dht,
+            circuits,
         }
     }
 }

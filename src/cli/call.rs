@@ -139,8 +139,12 @@ pub(crate) async fn call(args: CallArgs) -> ExitCode {
     };
     if args.verbose {
         eprintln!(
-            "path: {}{}",
+            "path: {}{}{}",
             remote.path(),
+            remote
+                .swarm_path()
+                .map(|p| format!(", {p}"))
+                .unwrap_or_default(),
             if remote.sealed() { " (sealed)" } else { "" }
         );
     }
@@ -181,6 +185,7 @@ pub(crate) async fn call(args: CallArgs) -> ExitCode {
             "chunks": answer.chunks,
             "duration_ms": answer.duration_ms,
             "path": remote.path(),
+            "swarm_path": remote.swarm_path(),
             "sealed": remote.sealed(),
         });
         println!("{out}");

@@ -115,12 +115,17 @@ pub(crate) struct HostArgs {
     /// forward, or a public IP the node cannot see on its interfaces. Advertised as its own.
     #[arg(long = "external-addr", value_name = "MULTIADDR", value_parser = super::multiaddr)]
     external_addrs: Vec<libp2p::Multiaddr>,
+    /// Whether to reserve a circuit on relay peers (relays started with --swarm-listen)
+    /// so that peers can call this node from behind its NAT: auto (AutoNAT decides),
+    /// private (always), public (never). Overrides host.yaml's nat.
+    #[arg(long, value_name = "MODE", value_parser = ["auto", "public", "private"])]
+    nat: Option<String>,
     /// Find peers on the LAN by multicast DNS.
     #[arg(long)]
     mdns: bool,
     /// Do not join the libp2p swarm: no swarm port. With --no-http and --relay URL the
     /// node opens no port at all (reachable through the relay only).
-    #[arg(long, conflicts_with_all = ["listen", "bootstrap", "external_addrs", "mdns"])]
+    #[arg(long, conflicts_with_all = ["listen", "bootstrap", "external_addrs", "nat", "mdns"])]
     no_p2p: bool,
     /// Print one JSON line to stdout when ready ({"event":"ready","address","http",
     /// "swarm","relay",…}) and the banner to stderr: for scripts and tests.
@@ -198,6 +203,9 @@ pub(crate) async fn host(args: HostArgs) -> anyhow::Result<()> {
     }
     if !args.bootstrap.is_empty() {
         host = host.bootstrap(args.bootstrap.iter().map(ToString::to_string));
+    }
+    if let Some(mode) = args.nat.as_deref().and_then(|m| m.parse().ok()) {
+        host = host.nat(mode);
     }
     if args.mdns {
         host = host.mdns(true);

@@ -66,8 +66,14 @@ pub(crate) async fn peers(args: PeersArgs) -> anyhow::Result<()> {
         println!("no agents found");
     }
     for p in &peers {
+        // How this caller reached it, or that only a relay peer's circuit reaches it.
+        let path = match (p.path, p.circuit) {
+            (Some(path), _) => format!("  [{path}]"),
+            (None, true) => "  [behind a NAT: via circuit]".into(),
+            (None, false) => String::new(),
+        };
         println!(
-            "{}  {}",
+            "{}  {}{path}",
             p.address,
             p.summary.as_deref().unwrap_or("(no summary published)")
         );

@@ -90,6 +90,14 @@ pub(crate) struct RelayArgs {
     /// relays.
     #[arg(long, value_name = "FILE", value_parser = super::pem_file, requires = "swarm_listen")]
     relay_ca: Option<std::path::PathBuf>,
+    /// Circuit relay v2 reservations held at once (nodes behind a NAT reserve one to be
+    /// reachable through this relay's swarm). Needs --swarm-listen.
+    #[arg(long, default_value_t = 1024, requires = "swarm_listen")]
+    max_reservations: usize,
+    /// Circuit relay v2 circuits open at once; each is cut after 2 minutes or 1 MiB,
+    /// and DCUtR usually replaces it with a direct connection within a second.
+    #[arg(long, default_value_t = 256, requires = "swarm_listen")]
+    max_circuits: usize,
     /// Print one JSON line to stdout when listening ({"event":"ready","url","announce",
     /// "input","http"}, and "swarm" with --swarm-listen) instead of the human-readable
     /// lines.
@@ -123,6 +131,8 @@ pub(crate) async fn relay(args: RelayArgs) -> anyhow::Result<()> {
     config.forward_private = args.forward_private;
     config.relay_ca = args.relay_ca;
     config.swarm_key = args.swarm_key;
+    config.circuits.max_reservations = args.max_reservations;
+    config.circuits.max_circuits = args.max_circuits;
     if let (Some(cert), Some(key)) = (args.tls_cert, args.tls_key) {
         config = config.tls(cert, key);
     }

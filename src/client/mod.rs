@@ -291,6 +291,16 @@ impl Remote {
         self.via.as_str()
     }
 
+    /// Over the swarm, how the connection to the agent goes now: `direct`,
+    /// `hole-punched` (DCUtR made it) or `circuit` (through a relay peer). `None` on
+    /// the other paths, or with no connection at the moment.
+    pub fn swarm_path(&self) -> Option<crate::ConnPath> {
+        match &self.path {
+            Path::P2p { swarm, .. } => swarm.path_to(&self.address.peer_id()),
+            _ => None,
+        }
+    }
+
     /// Whether the path is sealed end to end (SEAL): a relay in between reads nothing.
     /// The swarm's streams are always encrypted to the agent's key (Noise) and count too.
     pub fn sealed(&self) -> bool {

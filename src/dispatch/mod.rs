@@ -321,13 +321,13 @@ impl Dispatcher {
     pub(crate) fn metrics_text(
         &self,
         relay_states: Option<&[(&'static str, bool)]>,
-        swarm_peers: Option<usize>,
+        swarm: Option<(usize, crate::transport::p2p::PathCounts)>,
     ) -> String {
         self.inner.metrics.encode(
             self.in_flight(),
             self.inner.store.queued(),
             relay_states,
-            swarm_peers,
+            swarm,
         )
     }
 

@@ -282,6 +282,22 @@ impl Host {
         self
     }
 
+    /// Whether the node reserves circuits on relay peers: [`NatMode::Auto`] (AutoNAT
+    /// decides, the default), `Private` (always, behind a NAT), `Public` (never).
+    ///
+    /// [`NatMode::Auto`]: crate::NatMode::Auto
+    pub fn nat(mut self, mode: crate::NatMode) -> Self {
+        self.code.nat = Some(
+            match mode {
+                crate::NatMode::Auto => "auto",
+                crate::NatMode::Public => "public",
+                crate::NatMode::Private => "private",
+            }
+            .into(),
+        );
+        self
+    }
+
     /// Find peers on the LAN by multicast DNS.
     pub fn mdns(mut self, on: bool) -> Self {
         self.code.mdns = Some(on);

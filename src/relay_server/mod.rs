@@ -114,6 +114,10 @@ pub struct RelayConfig {
     /// its PeerId, and the `--bootstrap` addresses others give for it, across restarts.
     /// None: a new key at every start.
     pub swarm_key: Option<PathBuf>,
+    /// With a swarm, the relay also serves circuit relay v2 (nodes behind a NAT reserve
+    /// a circuit and are called through it until DCUtR punches through), within these
+    /// bounds.
+    pub circuits: crate::transport::p2p::CircuitLimits,
 }
 
 impl Default for RelayConfig {
@@ -145,6 +149,7 @@ impl Default for RelayConfig {
             forward_private: false,
             relay_ca: None,
             swarm_key: None,
+            circuits: crate::transport::p2p::CircuitLimits::default(),
         }
     }
 }
@@ -248,7 +253,7 @@ impl Relay {
         let federation = match config.swarm_listen.is_empty() {
             true => None,
             false => Some(federation::Federation::new(
-                start_swarm(&config, relay_metrics.dht.clone(), &shutdown).await?,
+                start_swarm(&config, &relay_metrics, &shutdown).await?,
                 crate::tls::client_config(config.relay_ca.as_deref())?,
                 config.forward_private,
                 config.max_frame_bytes,
@@ -334,7 +339,7 @@ impl Relay {
 /// the relay admits.
 async fn start_swarm(
     config: &RelayConfig,
-    counters: crate::metrics::DhtRecordCounters,
+    metrics: &crate::metrics::RelayMetrics,
     stop: &CancellationToken,
 ) -> Result<P2p, RelayError> {
     let keypair = match &config.swarm_key {
@@ -349,7 +354,10 @@ async fn start_swarm(
         bootstrap: config.bootstrap.clone(),
         dht_server: true,
         max_records: config.max_agents.max(1024),
-        record_counters: Some(counters),
+        record_counters: Some(metrics.dht.clone()),
+        nat: crate::transport::p2p::NatMode::Public,
+        circuit_relay: Some(config.circuits.clone()),
+        circuit_counters: Some(metrics.circuits.clone()),
         ..P2pConfig::default()
     };
     Ok(P2p::spawn(keypair, p2p_config, stop.child_token()).await?)

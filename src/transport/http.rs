@@ -583,10 +583,13 @@ async fn metrics(State(st): State<Arc<HttpState>>) -> Response {
         let current = r.status().state;
         LinkState::ALL.map(|s| (s.as_str(), s == current))
     });
-    let swarm_peers = st.p2p.as_ref().map(|p| p.status().connected_peers);
+    let swarm = st.p2p.as_ref().map(|p| {
+        let status = p.status();
+        (status.connected_peers, status.paths)
+    });
     let body = st
         .dispatcher
-        .metrics_text(relay_states.as_ref().map(|s| &s[..]), swarm_peers);
+        .metrics_text(relay_states.as_ref().map(|s| &s[..]), swarm);
     ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], body).into_response()
 }
 

@@ -76,6 +76,8 @@ pub(super) async fn status(dir: &Path, swarm: bool, json: bool) -> anyhow::Resul
             "home_relay": home,
             "home_relay_index": home_index,
             "swarm_peers": info.as_ref().and_then(|i| i["p2p"]["connected_peers"].as_u64()),
+            "swarm_paths": info.as_ref().map(|i| i["p2p"]["paths"].clone()),
+            "reachability": info.as_ref().and_then(|i| i["p2p"]["reachability"].as_str().map(str::to_owned)),
         }));
     }
     let swarm_view = if swarm {
@@ -124,12 +126,12 @@ pub(super) async fn status(dir: &Path, swarm: bool, json: bool) -> anyhow::Resul
             );
         }
         println!(
-            "{:>3}  {:<8}  {:<5}  {:<9}  {:<5}  {:<9}  {:>5}  {:>8}  {:<10}  address",
+            "{:>3}  {:<8}  {:<5}  {:<9}  {:<5}  {:<9}  {:>9}  {:>8}  {:<10}  address",
             "#", "PID", "proc", "/health", "home", "relay", "peers", "RSS", "agent"
         );
         for n in &nodes {
             println!(
-                "{:>3}  {:<8}  {:<5}  {:<9}  {:<5}  {:<9}  {:>5}  {:>8}  {:<10}  {}",
+                "{:>3}  {:<8}  {:<5}  {:<9}  {:<5}  {:<9}  {:>9}  {:>8}  {:<10}  {}",
                 n["index"].as_u64().unwrap_or(0),
                 n["pid"].as_u64().unwrap_or(0),
                 if n["alive"] == true { "alive" } else { "dead" },
@@ -142,9 +144,7 @@ pub(super) async fn status(dir: &Path, swarm: bool, json: bool) -> anyhow::Resul
                     Some(false) => "offline",
                     None => "?",
                 },
-                n["swarm_peers"]
-                    .as_u64()
-                    .map_or("-".into(), |p| p.to_string()),
+                peers_column(n),
                 kib(n["rss_kib"].as_u64()),
                 n["agent"].as_str().unwrap_or("?"),
                 n["address"].as_str().unwrap_or("?"),
@@ -233,4 +233,17 @@ async fn swarm_view(state: &TestnetState) -> Value {
             "connected": p.connected,
         })).collect::<Vec<_>>(),
     })
+}
+
+/// A node's swarm peers, and its connections that are not plain direct ones
+/// (`h`: hole-punched, `c`: through a relay peer's circuit).
+fn peers_column(n: &Value) -> String {
+    let Some(peers) = n["swarm_peers"].as_u64() else {
+        return "-".into();
+    };
+    let paths = &n["swarm_paths"];
+    match (paths["hole_punched"].as_u64(), paths["circuit"].as_u64()) {
+        (Some(h), Some(c)) if h + c > 0 => format!("{peers} {h}h{c}c"),
+        _ => peers.to_string(),
+    }
 }

@@ -6,8 +6,8 @@ use std::time::Duration;
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::NetworkBehaviour;
 use libp2p::{
-    allow_block_list, connection_limits, identify, identity::Keypair, kad, mdns,
-    multiaddr::Protocol, noise, ping, tcp, yamux, StreamProtocol, Swarm,
+    allow_block_list, autonat, connection_limits, dcutr, identify, identity::Keypair, kad, mdns,
+    multiaddr::Protocol, noise, ping, relay, tcp, yamux, StreamProtocol, Swarm,
 };
 use tracing::warn;
 
@@ -26,6 +26,14 @@ pub(super) struct Behaviour {
     pub(super) ping: ping::Behaviour,
     pub(super) kad: kad::Behaviour<kad::store::MemoryStore>,
     pub(super) mdns: Toggle<mdns::tokio::Behaviour>,
+    /// Circuit relay v2 service (relays only).
+    pub(super) relay: Toggle<relay::Behaviour>,
+    /// Dials and listens through relay peers' circuits.
+    pub(super) relay_client: relay::client::Behaviour,
+    /// Upgrades a circuit to a direct connection by hole punching.
+    pub(super) dcutr: dcutr::Behaviour,
+    /// Asks peers to dial back (and dials back for them); off for one-off callers.
+    pub(super) autonat: Toggle<autonat::Behaviour>,
     pub(super) stream: libp2p_stream::Behaviour,
 }
 
@@ -51,20 +59,19 @@ pub(super) fn build_swarm(
     let max_per_ip = config.max_connections_per_ip;
     let mdns_on = config.mdns;
     let dht_server = config.dht_server;
+    let circuit_limits = config.circuit_relay.clone();
     let store_config = kad::store::MemoryStoreConfig {
         max_records: config.max_records,
         ..kad::store::MemoryStoreConfig::default()
     };
     let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
-        .with_tcp(
-            tcp::Config::default().nodelay(true),
-            noise::Config::new,
-            yamux::Config::default,
-        )
-        .map_err(|e| build(&e))?
         .with_quic()
-        .with_behaviour(|key| {
+        .with_other_transport(tcp_transport)
+        .map_err(|e| build(&e))?
+        .with_relay_client(noise::Config::new, yamux::Config::default)
+        .map_err(|e| build(&e))?
+        .with_behaviour(|key, relay_client| {
             let local = key.public().to_peer_id();
             let mut kad_config = kad::Config::new(KAD_PROTOCOL);
             kad_config.set_query_timeout(Duration::from_secs(10));
@@ -84,11 +91,22 @@ pub(super) fn build_swarm(
                 blocked: allow_block_list::Behaviour::default(),
                 identify: identify::Behaviour::new(
                     identify::Config::new(IDENTIFY_PROTOCOL.into(), key.public())
-                        .with_agent_version(format!("oonode/{}", env!("CARGO_PKG_VERSION"))),
+                        .with_agent_version(format!("oonode/{}", env!("CARGO_PKG_VERSION")))
+                        // A circuit reserved behind a NAT is a new listen address:
+                        // peers (a relay's routing table) must learn it at once.
+                        .with_push_listen_addr_updates(true),
                 ),
                 ping: ping::Behaviour::default(),
                 kad,
                 mdns: mdns.into(),
+                relay: circuit_limits
+                    .map(|l| relay::Behaviour::new(local, l.relay_config()))
+                    .into(),
+                relay_client,
+                dcutr: dcutr::Behaviour::new(local),
+                autonat: dht_server
+                    .then(|| autonat::Behaviour::new(local, super::nat::autonat_config()))
+                    .into(),
                 stream: libp2p_stream::Behaviour::new(),
             })
         })
@@ -141,8 +159,39 @@ pub(super) fn build_swarm(
     Ok(swarm)
 }
 
+/// How long a TCP dial may take, handshakes included. A NAT that drops what nobody
+/// inside asked for leaves a SYN unanswered for two minutes; an AutoNAT server dialing
+/// back must give up well within its peer's patience (its `timeout`) for the peer to
+/// learn that it is not reachable. QUIC gives up after its own 5 s handshake timeout.
+const TCP_DIAL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// TCP with Noise and yamux, as the builder's `with_tcp` makes it, with a time limit.
+fn tcp_transport(
+    key: &Keypair,
+) -> Result<
+    impl libp2p::Transport<
+            Output = (libp2p::PeerId, libp2p::core::muxing::StreamMuxerBox),
+            Error: Send + Sync + 'static,
+            Dial: Send,
+            ListenerUpgrade: Send,
+        > + Send
+        + Unpin
+        + 'static,
+    Box<dyn std::error::Error + Send + Sync>,
+> {
+    use libp2p::core::{muxing::StreamMuxerBox, transport::timeout::TransportTimeout, upgrade};
+    use libp2p::Transport;
+    let noise = noise::Config::new(key)?;
+    let tcp = tcp::tokio::Transport::new(tcp::Config::default().nodelay(true))
+        .upgrade(upgrade::Version::V1Lazy)
+        .authenticate(noise)
+        .multiplex(yamux::Config::default())
+        .map(|(peer, muxer), _| (peer, StreamMuxerBox::new(muxer)));
+    Ok(TransportTimeout::new(tcp, TCP_DIAL_TIMEOUT))
+}
+
 /// `addr` with its TCP or UDP port 0: the same interface and transport, any free port.
-fn with_any_port(addr: &libp2p::Multiaddr) -> libp2p::Multiaddr {
+pub(super) fn with_any_port(addr: &libp2p::Multiaddr) -> libp2p::Multiaddr {
     addr.iter()
         .map(|p| match p {
             Protocol::Tcp(_) => Protocol::Tcp(0),

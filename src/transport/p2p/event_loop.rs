@@ -9,13 +9,17 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use libp2p::swarm::dial_opts::DialOpts;
 use libp2p::swarm::{DialError, SwarmEvent};
-use libp2p::{identify, identity::Keypair, kad, mdns, multiaddr::Protocol, Multiaddr, PeerId};
+use libp2p::{
+    autonat, dcutr, identify, identity::Keypair, kad, mdns, multiaddr::Protocol, relay, Multiaddr,
+    PeerId,
+};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
 use super::behaviour::{build_swarm, Behaviour, BehaviourEvent};
 use super::ip_limits::PeerIps;
+use super::nat::{Punching, Traversal, HOLE_PUNCH_WAIT};
 use super::record::check_record;
 use super::{P2pConfig, P2pError, SwarmStatus};
 use crate::envelope::unix_now;
@@ -94,6 +98,15 @@ pub(super) struct EventLoop {
     pub(super) metrics: Option<libp2p::metrics::Metrics>,
     /// What became of records others asked for or put (a relay counts them).
     records: Option<crate::metrics::DhtRecordCounters>,
+    /// Reachability, circuit reservations and the path of every connection.
+    traversal: Traversal,
+    /// Callers whose connection came up over a circuit, waiting (until the instant
+    /// given) for DCUtR to make a direct one.
+    punching: Punching,
+    /// This swarm serves circuit relay v2: its listen addresses are its external ones
+    /// (a reservation names them).
+    serves_circuits: bool,
+    circuits: Option<crate::metrics::CircuitCounters>,
 }
 
 impl EventLoop {
@@ -117,6 +130,10 @@ impl EventLoop {
             bootstrapped: false,
             metrics: None,
             records: config.record_counters.clone(),
+            traversal: Traversal::new(config.nat),
+            punching: Punching::new(),
+            serves_circuits: config.circuit_relay.is_some(),
+            circuits: config.circuit_counters.clone(),
         })
     }
 
@@ -142,6 +159,8 @@ impl EventLoop {
                 _ = unban.tick() => {
                     self.lift_bans();
                     self.retry_puts();
+                    self.traversal.reserve(&mut self.swarm);
+                    self.end_punch_waits();
                 }
             }
         }
@@ -265,6 +284,9 @@ impl EventLoop {
 
     /// Answers everyone waiting to reach `peer`.
     fn finish_dial(&mut self, peer: PeerId, result: Result<(), &DialError>) {
+        if let Err(e) = result {
+            debug!(%peer, error = %e, "cannot reach a peer");
+        }
         for waiter in self.dials.remove(&peer).unwrap_or_default() {
             let _ = waiter.send(result.map_err(|e| P2pError::Unreachable {
                 peer: peer.to_string(),
@@ -286,10 +308,27 @@ impl EventLoop {
 
     fn set_connected(&self) {
         let n = self.swarm.connected_peers().count();
-        self.status
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .connected_peers = n;
+        let mut status = self.status.lock().unwrap_or_else(|e| e.into_inner());
+        status.connected_peers = n;
+        status.reachability = self.traversal.reachability();
+        status.paths = self.traversal.counts();
+        status.peer_paths = self.traversal.paths();
+    }
+
+    /// Callers that waited long enough for a hole punch go over the circuit.
+    fn end_punch_waits(&mut self) {
+        let now = Instant::now();
+        let due: Vec<PeerId> = self
+            .punching
+            .iter()
+            .filter(|(_, until)| **until <= now)
+            .map(|(p, _)| *p)
+            .collect();
+        for peer in due {
+            self.punching.remove(&peer);
+            debug!(%peer, "no direct connection yet: calling over the circuit");
+            self.finish_dial(peer, Ok(()));
+        }
     }
 
     fn on_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
@@ -298,23 +337,103 @@ impl EventLoop {
         }
         match event {
             SwarmEvent::NewListenAddr { address, .. } => {
-                let full = address.with(Protocol::P2p(*self.swarm.local_peer_id()));
-                info!(%full, "swarm listening");
+                let circuit = address.iter().any(|p| p == Protocol::P2pCircuit);
+                if self.serves_circuits && !circuit {
+                    self.swarm.add_external_address(address.clone());
+                }
+                let full = if circuit {
+                    address
+                } else {
+                    address.with(Protocol::P2p(*self.swarm.local_peer_id()))
+                };
+                let full = full.to_string();
+                let mut status = self.status.lock().unwrap_or_else(|e| e.into_inner());
+                // A relay names each of its addresses once per reservation made through
+                // it (over TCP and over QUIC): one line each.
+                if !status.listen_addrs.contains(&full) {
+                    info!(%full, "swarm listening");
+                    status.listen_addrs.push(full);
+                }
+            }
+            SwarmEvent::ExpiredListenAddr { address, .. } => {
+                let gone = address.to_string();
                 self.status
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .listen_addrs
-                    .push(full.to_string());
+                    .retain(|a| !a.starts_with(&gone));
             }
-            SwarmEvent::ConnectionEstablished { peer_id, .. } => {
+            SwarmEvent::ListenerClosed { listener_id, .. } => {
+                self.traversal.listener_closed(listener_id);
+            }
+            SwarmEvent::ConnectionEstablished {
+                peer_id,
+                connection_id,
+                endpoint,
+                ..
+            } => {
+                for circuit in self
+                    .traversal
+                    .established(peer_id, connection_id, &endpoint)
+                {
+                    // Direct now: the call goes straight, not through the relay.
+                    debug!(peer = %peer_id, "closing a circuit: a direct connection stands");
+                    self.swarm.close_connection(circuit);
+                }
                 self.set_connected();
-                self.finish_dial(peer_id, Ok(()));
+                if endpoint.is_relayed() && self.dials.contains_key(&peer_id) {
+                    // The peer will try to punch through (DCUtR): give it a moment.
+                    self.punching
+                        .entry(peer_id)
+                        .or_insert_with(|| Instant::now() + HOLE_PUNCH_WAIT);
+                } else {
+                    self.punching.remove(&peer_id);
+                    self.finish_dial(peer_id, Ok(()));
+                }
                 if !self.bootstrapped {
                     self.bootstrapped = true;
                     let _ = self.swarm.behaviour_mut().kad.bootstrap();
                 }
             }
-            SwarmEvent::ConnectionClosed { .. } => self.set_connected(),
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                connection_id,
+                num_established,
+                ..
+            } => {
+                self.traversal
+                    .closed(peer_id, connection_id, num_established);
+                self.set_connected();
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Dcutr(dcutr::Event {
+                remote_peer_id,
+                result,
+            })) => {
+                match result {
+                    Ok(id) => {
+                        info!(peer = %remote_peer_id, "hole punched: direct connection");
+                        self.traversal.hole_punched(remote_peer_id, id);
+                        self.set_connected();
+                    }
+                    Err(e) => debug!(peer = %remote_peer_id, error = %e, "hole punch failed"),
+                }
+                if self.punching.remove(&remote_peer_id).is_some() {
+                    self.finish_dial(remote_peer_id, Ok(()));
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Autonat(autonat::Event::StatusChanged {
+                new,
+                ..
+            })) => {
+                self.traversal.autonat(&mut self.swarm, &new);
+                self.set_connected();
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Relay(event)) => self.on_relay(event),
+            SwarmEvent::Behaviour(BehaviourEvent::RelayClient(
+                relay::client::Event::ReservationReqAccepted { relay_peer_id, .. },
+            )) => {
+                debug!(relay = %relay_peer_id, "circuit reservation accepted");
+            }
             SwarmEvent::OutgoingConnectionError {
                 peer_id: Some(peer),
                 error,
@@ -341,8 +460,12 @@ impl EventLoop {
                 ..
             })) => {
                 for addr in info.listen_addrs {
-                    self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
+                    if self.traversal.worth_dialing(&peer_id, &addr) {
+                        self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
+                    }
                 }
+                self.traversal
+                    .identified(&mut self.swarm, peer_id, &info.protocols);
             }
             SwarmEvent::Behaviour(BehaviourEvent::Kad(kad::Event::InboundRequest {
                 request:
@@ -379,6 +502,34 @@ impl EventLoop {
                 ..
             })) => {
                 self.on_query(id, result, step.last);
+            }
+            _ => {}
+        }
+    }
+
+    /// The circuit relay service's events, counted for a relay's `/metrics`.
+    #[allow(deprecated)] // the deprecated variants still arrive; they are ignored
+    fn on_relay(&mut self, event: relay::Event) {
+        let Some(c) = &self.circuits else { return };
+        match event {
+            relay::Event::ReservationReqAccepted { renewed: false, .. } => {
+                c.reservations.inc();
+            }
+            relay::Event::ReservationClosed { .. } | relay::Event::ReservationTimedOut { .. } => {
+                c.reservations.dec();
+            }
+            relay::Event::ReservationReqDenied { .. } => {
+                c.refused.inc();
+            }
+            relay::Event::CircuitReqAccepted { .. } => {
+                c.circuits.inc();
+                c.circuits_total.inc();
+            }
+            relay::Event::CircuitReqDenied { .. } => {
+                c.refused.inc();
+            }
+            relay::Event::CircuitClosed { .. } => {
+                c.circuits.dec();
             }
             _ => {}
         }
@@ -426,17 +577,26 @@ impl EventLoop {
             (Some(Query::Find(peer)), kad::QueryResult::GetClosestPeers(result)) => {
                 let peer = *peer;
                 self.queries.remove(&id);
+                if self.swarm.is_connected(&peer) {
+                    // The lookup itself reached the peer (over a circuit, say, which
+                    // DCUtR may be upgrading: those callers wait for that).
+                    if !self.punching.contains_key(&peer) {
+                        self.finish_dial(peer, Ok(()));
+                    }
+                    return;
+                }
                 let found = result
                     .ok()
                     .and_then(|ok| ok.peers.into_iter().find(|p| p.peer_id == peer));
                 match found {
                     Some(info) if !info.addrs.is_empty() => {
                         let opts = DialOpts::peer_id(peer).addresses(info.addrs).build();
-                        if let Err(e) = self.swarm.dial(opts) {
-                            self.finish_dial(peer, Err(&e));
+                        match self.swarm.dial(opts) {
+                            // A dial under way (the lookup's own) answers the callers.
+                            Ok(()) | Err(DialError::DialPeerConditionFalse(_)) => {}
+                            Err(e) => self.finish_dial(peer, Err(&e)),
                         }
                     }
-                    _ if self.swarm.is_connected(&peer) => self.finish_dial(peer, Ok(())),
                     _ => {
                         for waiter in self.dials.remove(&peer).unwrap_or_default() {
                             let _ = waiter.send(Err(P2pError::NotFound(peer.to_string())));

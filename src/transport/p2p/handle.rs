@@ -96,6 +96,16 @@ impl P2p {
         })
     }
 
+    /// How this swarm is connected to `peer` now (direct, hole-punched, circuit), if it is.
+    pub fn path_to(&self, peer: &PeerId) -> Option<super::ConnPath> {
+        self.status
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .peer_paths
+            .get(peer)
+            .copied()
+    }
+
     pub fn peer_id(&self) -> PeerId {
         self.peer_id
     }
@@ -137,15 +147,26 @@ impl P2p {
     /// Opens a call stream to the agent at `address`.
     pub async fn open(&self, address: Address) -> Result<libp2p::Stream, P2pError> {
         let peer = address.peer_id();
-        self.connect(peer).await?;
         let mut control = self.control.clone();
-        control
-            .open_stream(peer, PROTOCOL)
-            .await
-            .map_err(|e| P2pError::Unreachable {
-                peer: peer.to_string(),
-                reason: e.to_string(),
-            })
+        let mut attempt = 0;
+        loop {
+            self.connect(peer).await?;
+            match control.open_stream(peer, PROTOCOL).await {
+                Ok(stream) => return Ok(stream),
+                // The stream went to a connection on its way out (a circuit closed
+                // because DCUtR just made a direct connection): another may stand.
+                Err(_) if attempt < 2 => {
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => {
+                    return Err(P2pError::Unreachable {
+                        peer: peer.to_string(),
+                        reason: e.to_string(),
+                    })
+                }
+            }
+        }
     }
 
     /// Opens a call stream, waiting while this swarm already has

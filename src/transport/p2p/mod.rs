@@ -8,8 +8,9 @@
 //!
 //! Layout: this file holds the settings, errors and reported state; `handle.rs` the [`P2p`]
 //! handle (spawn, dial, call streams); `behaviour.rs` what the swarm is made of;
-//! `event_loop.rs` the task that owns it; `dns.rs` DNS multiaddrs of bootstrap peers; `ip_limits.rs` connection limits and bans per
-//! remote IP; `serve.rs` inbound calls; `presence.rs` presence records in the DHT;
+//! `event_loop.rs` the task that owns it; `dns.rs` DNS multiaddrs of bootstrap peers;
+//! `nat.rs` NAT traversal (AutoNAT, circuit reservations, DCUtR) and the path each
+//! connection takes; `ip_limits.rs` connection limits and bans per remote IP; `serve.rs` inbound calls; `presence.rs` presence records in the DHT;
 //! `wire.rs` the frame codec.
 
 mod behaviour;
@@ -17,6 +18,7 @@ mod dns;
 mod event_loop;
 mod handle;
 mod ip_limits;
+mod nat;
 mod presence;
 mod record;
 mod serve;
@@ -29,6 +31,7 @@ use libp2p::{multiaddr::Protocol, Multiaddr, StreamProtocol};
 use serde::Serialize;
 
 pub use handle::P2p;
+pub use nat::{CircuitLimits, ConnPath, NatMode, PathCounts, Reachability};
 pub(crate) use record::{check_home, check_presence, home_key, presence_key, PRESENCE_REPUBLISH};
 
 /// Our protocol: signed envelopes as length-prefixed CBOR.
@@ -87,6 +90,13 @@ pub struct P2pConfig {
     pub max_records: usize,
     /// Where to count the records served, stored and refused (a relay's `/metrics`).
     pub(crate) record_counters: Option<crate::metrics::DhtRecordCounters>,
+    /// Whether to reserve circuits on relay peers (behind a NAT); AutoNAT decides in
+    /// [`NatMode::Auto`].
+    pub nat: NatMode,
+    /// Serve circuit relay v2 within these bounds (relays); `None`: no relay service.
+    pub circuit_relay: Option<CircuitLimits>,
+    /// Where to count reservations and circuits served (a relay's `/metrics`).
+    pub(crate) circuit_counters: Option<crate::metrics::CircuitCounters>,
 }
 
 impl Default for P2pConfig {
@@ -114,19 +124,28 @@ impl Default for P2pConfig {
             idle_timeout: Duration::from_secs(60),
             max_records: 1024,
             record_counters: None,
+            nat: NatMode::Auto,
+            circuit_relay: None,
+            circuit_counters: None,
         }
     }
 }
 
 impl P2pConfig {
-    /// A swarm that only calls out (one-off callers, `oonode peers`): no listening, DHT
-    /// client mode, joined through `bootstrap`.
+    /// A swarm that only calls out (one-off callers, `oonode peers`): DHT client mode,
+    /// joined through `bootstrap`, no AutoNAT, no reservations. It listens on free ports
+    /// all the same: a hole punch dials from the port peers saw this caller at.
     pub fn caller(bootstrap: Vec<Multiaddr>) -> Self {
         P2pConfig {
-            listen: Vec::new(),
+            listen: P2pConfig::default()
+                .listen
+                .iter()
+                .map(behaviour::with_any_port)
+                .collect(),
             listen_fallback: false,
             bootstrap,
             dht_server: false,
+            nat: NatMode::Public,
             ..P2pConfig::default()
         }
     }
@@ -156,6 +175,13 @@ pub struct SwarmStatus {
     pub peer_id: String,
     pub listen_addrs: Vec<String>,
     pub connected_peers: usize,
+    /// Whether peers can dial this node, as AutoNAT found.
+    pub reachability: Reachability,
+    /// Connections by path: direct, hole-punched, through a circuit.
+    pub paths: PathCounts,
+    /// The best path to each connected peer.
+    #[serde(skip)]
+    pub(crate) peer_paths: std::collections::HashMap<libp2p::PeerId, ConnPath>,
 }
 
 /// An agent the swarm knows, with what it published about itself.
@@ -165,6 +191,10 @@ pub struct PeerPresence {
     pub peer_id: String,
     pub addrs: Vec<String>,
     pub connected: bool,
+    /// How this swarm is connected to it now, when it is.
+    pub path: Option<ConnPath>,
+    /// It advertises a `/p2p-circuit` address: reachable through a relay peer.
+    pub circuit: bool,
     pub summary: Option<String>,
     pub examples: Vec<String>,
 }

@@ -73,11 +73,17 @@ impl P2p {
             let address = Address::from_peer_id(&peer).ok()?;
             Some(async move {
                 let presence = self.presence(&address).await;
+                let circuit = addrs.iter().any(|a| {
+                    a.iter()
+                        .any(|p| p == libp2p::multiaddr::Protocol::P2pCircuit)
+                });
                 PeerPresence {
                     address: address.to_string(),
                     peer_id: peer.to_string(),
                     addrs: addrs.iter().map(ToString::to_string).collect(),
                     connected,
+                    path: self.path_to(&peer),
+                    circuit,
                     summary: presence
                         .as_ref()
                         .and_then(|p| p.get("summary")?.as_str().map(str::to_owned)),
