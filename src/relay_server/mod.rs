@@ -354,6 +354,9 @@ async fn start_swarm(
         bootstrap: config.bootstrap.clone(),
         dht_server: true,
         max_records: config.max_agents.max(1024),
+        // Many callers and agents can share one public IP (a NAT, a carrier-grade NAT):
+        // as many swarm connections from one IP as WebSocket callers.
+        max_connections_per_ip: config.max_callers_per_ip.max(16),
         record_counters: Some(metrics.dht.clone()),
         nat: crate::transport::p2p::NatMode::Public,
         circuit_relay: Some(config.circuits.clone()),

@@ -156,11 +156,11 @@ impl EventLoop {
                 _ = tick.tick() => {
                     let _ = self.swarm.behaviour_mut().kad.bootstrap();
                 }
+                _ = punch_deadline(&self.punching) => self.end_punch_waits(),
                 _ = unban.tick() => {
                     self.lift_bans();
                     self.retry_puts();
                     self.traversal.reserve(&mut self.swarm);
-                    self.end_punch_waits();
                 }
             }
         }
@@ -354,6 +354,13 @@ impl EventLoop {
                     info!(%full, "swarm listening");
                     status.listen_addrs.push(full);
                 }
+            }
+            SwarmEvent::IncomingConnectionError {
+                send_back_addr,
+                error,
+                ..
+            } => {
+                debug!(from = %send_back_addr, %error, "refused an inbound connection");
             }
             SwarmEvent::ExpiredListenAddr { address, .. } => {
                 let gone = address.to_string();
@@ -646,6 +653,15 @@ impl EventLoop {
                 }
             }
         }
+    }
+}
+
+/// Resolves when the first caller waiting for a hole punch has waited enough; never when
+/// none waits.
+async fn punch_deadline(punching: &Punching) {
+    match punching.values().min() {
+        Some(at) => tokio::time::sleep_until((*at).into()).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -25,7 +25,12 @@ use libp2p::{Multiaddr, PeerId};
 
 /// The IP a limit or a ban applies to, taken from a connection's remote multiaddr: an
 /// IPv4 address, or an IPv6 address cut to its /64 (IPv4-mapped ones count as IPv4).
+/// None over a circuit: the IP there is the relay's, shared by everyone it relays (the
+/// relay bounds circuits per peer and per IP itself; bans by key still apply).
 pub(super) fn remote_ip(addr: &Multiaddr) -> Option<IpAddr> {
+    if addr.iter().any(|p| p == Protocol::P2pCircuit) {
+        return None;
+    }
     addr.iter().find_map(|p| match p {
         Protocol::Ip4(ip) => Some(IpAddr::V4(ip)),
         Protocol::Ip6(ip) => Some(match ip.to_ipv4_mapped() {
@@ -245,6 +250,14 @@ impl NetworkBehaviour for IpLimits {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_circuit_has_no_remote_ip_of_its_own() {
+        let circuit: Multiaddr = "/ip4/198.51.100.10/udp/4001/quic-v1/p2p/12D3KooWQ6xsqQvJez4iWBMUTyNJcxFW7XfbH1WCHnBEQbLsospe/p2p-circuit/p2p/12D3KooWJ2WH5gvWPcPGTwFtg95GdB3RSk33qc3oG81sc2Y7K2KH"
+            .parse()
+            .unwrap();
+        assert_eq!(remote_ip(&circuit), None);
+    }
 
     #[test]
     fn remote_ip_takes_ipv4_and_the_ipv6_slash_64() {

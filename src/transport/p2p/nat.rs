@@ -17,13 +17,15 @@ use tracing::{debug, info};
 
 use super::behaviour::Behaviour;
 
+/// A relay whose reservation ended is asked again after this long (the others first).
+const RESERVE_RETRY: Duration = Duration::from_secs(30);
 /// A direct connection to a peer within this long of a circuit to it is DCUtR's.
 const PUNCH_WINDOW: Duration = Duration::from_secs(30);
 /// Relays a node keeps a circuit reservation on at once.
 const MAX_RESERVATIONS: usize = 2;
 /// How long a caller whose connection came up over a circuit waits for DCUtR to punch a
 /// direct one before the call goes over the circuit.
-pub(super) const HOLE_PUNCH_WAIT: Duration = Duration::from_secs(3);
+pub(super) const HOLE_PUNCH_WAIT: Duration = Duration::from_secs(2);
 
 /// Whether a node reserves circuits on relay peers. `host.yaml` `nat`, CLI `--nat`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
@@ -79,16 +81,26 @@ impl Default for CircuitLimits {
 
 impl CircuitLimits {
     pub(super) fn relay_config(&self) -> libp2p::relay::Config {
+        let n = |n: u32| std::num::NonZeroU32::new(n).unwrap_or(std::num::NonZeroU32::MIN);
+        // Token buckets: a burst of `limit`, then one more per `interval`. libp2p's own
+        // per-IP circuit rate (a burst of 60, then one a minute) suits a relay for a
+        // few long-lived connections; here a circuit is a call's first moments, and the
+        // callers behind one NAT share its IP.
         libp2p::relay::Config {
             max_reservations: self.max_reservations,
             max_reservations_per_peer: 2,
             reservation_duration: Duration::from_secs(3600),
+            reservation_rate_limiters: Vec::new(),
             max_circuits: self.max_circuits,
             max_circuits_per_peer: 8,
             max_circuit_duration: self.max_circuit_duration,
             max_circuit_bytes: self.max_circuit_bytes,
-            ..libp2p::relay::Config::default()
+            circuit_src_rate_limiters: Vec::new(),
         }
+        .reservation_rate_per_peer(n(4), Duration::from_secs(30))
+        .reservation_rate_per_ip(n(64), Duration::from_secs(2))
+        .circuit_src_per_peer(n(16), Duration::from_secs(4))
+        .circuit_src_per_ip(n(64), Duration::from_secs(1))
     }
 }
 
@@ -148,6 +160,9 @@ pub(super) struct Traversal {
     /// Peers that offer circuit relay v2 (identify says so), and where we reach them.
     relays: HashMap<PeerId, Multiaddr>,
     reservations: HashMap<PeerId, ListenerId>,
+    /// Relays whose reservation ended (refused, or the relay went away), and when to try
+    /// them again.
+    backoff: HashMap<PeerId, Instant>,
     conns: HashMap<PeerId, Vec<Conn>>,
     /// Connections DCUtR made (reported once the connection is known).
     punched: Vec<ConnectionId>,
@@ -163,6 +178,7 @@ impl Traversal {
             reachability: Reachability::Unknown,
             relays: HashMap::new(),
             reservations: HashMap::new(),
+            backoff: HashMap::new(),
             conns: HashMap::new(),
             punched: Vec::new(),
             circuit_seen: HashMap::new(),
@@ -341,21 +357,30 @@ impl Traversal {
     /// A listener ended: a reservation that ends is made again at the next
     /// [`reserve`](Self::reserve).
     pub(super) fn listener_closed(&mut self, listener: ListenerId) {
-        self.reservations.retain(|_, l| *l != listener);
+        let until = Instant::now() + RESERVE_RETRY;
+        let backoff = &mut self.backoff;
+        self.reservations.retain(|relay, l| {
+            if *l == listener {
+                backoff.insert(*relay, until);
+            }
+            *l != listener
+        });
     }
 
     /// Reserves circuits on relay peers, up to [`MAX_RESERVATIONS`], when this node wants
     /// them. Called on changes and every second.
     pub(super) fn reserve(&mut self, swarm: &mut Swarm<Behaviour>) {
+        let now = Instant::now();
         self.circuit_seen
             .retain(|_, at| at.elapsed() < PUNCH_WINDOW);
+        self.backoff.retain(|_, until| *until > now);
         if !self.wants_circuits() {
             return;
         }
         let free: Vec<(PeerId, Multiaddr)> = self
             .relays
             .iter()
-            .filter(|(p, _)| !self.reservations.contains_key(p))
+            .filter(|(p, _)| !self.reservations.contains_key(p) && !self.backoff.contains_key(p))
             .map(|(p, a)| (*p, a.clone()))
             .collect();
         for (relay, addr) in free {
