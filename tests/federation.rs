@@ -387,3 +387,54 @@ fn the_cli_refuses_bad_swarm_flags() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--swarm-listen"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_caller_in_the_swarm_finds_the_agents_home_relay_itself() {
+    let b = federated(&[], true).await;
+    let a = federated(&b.ready().swarm, true).await;
+    let node = echo_on(&b.url(), None).await;
+    let address = node.address;
+    until_homed(&a.url(), address, &b.url(), STEP).await;
+    // The caller names no relay, only a swarm peer (relay A's swarm address): it looks
+    // the agent's record up and calls through the relay the agent signed it for.
+    let through_swarm = |allow_private: bool| {
+        ConnectOptions::default()
+            .via(oonode::Via::Relay)
+            .bootstrap(a.ready().swarm[0].parse().unwrap())
+            .allow_private(allow_private)
+            .identity(Identity::generate())
+            .reply_timeout(Duration::from_secs(5))
+    };
+    let mut remote = tokio::time::timeout(
+        STEP,
+        oonode::connect(&address.to_string(), through_swarm(true)),
+    )
+    .await
+    .unwrap()
+    .expect("the home relay found in the DHT");
+    assert_eq!(remote.path(), "relay");
+    let answer = tokio::time::timeout(STEP, remote.input("found it"))
+        .await
+        .unwrap()
+        .expect("an answer through the home relay");
+    assert_eq!(answer.result, "found it");
+    // B served it itself: A passed nothing on.
+    assert_eq!(
+        metric(&a.url(), "oonode_relay_forwarded_connections_total").await,
+        0.0
+    );
+    // A record names a relay on loopback here: anyone can sign one pointing into the
+    // caller's own network, so without --allow-private the caller does not go there.
+    let err = tokio::time::timeout(
+        STEP,
+        oonode::connect(&address.to_string(), through_swarm(false)),
+    )
+    .await
+    .unwrap()
+    .err()
+    .expect("a home relay on a private address is not followed by default");
+    assert!(err.to_string().contains("private address"), "{err}");
+    node.stop().await;
+    a.shutdown().await;
+    b.shutdown().await;
+}

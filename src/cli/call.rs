@@ -62,9 +62,10 @@ fn missing_path(args: &CallArgs) -> Option<&'static str> {
             "--via p2p needs a swarm peer to join through: give --bootstrap MULTIADDR \
              (ending in /p2p/<PeerId>)",
         ),
-        oonode::Via::Relay if !relay => {
-            Some("--via relay needs a relay: give --relay ws://host:port (or set OONODE_RELAY)")
-        }
+        oonode::Via::Relay if !(relay || swarm) => Some(
+            "--via relay needs a relay: give --relay ws://host:port (or set OONODE_RELAY), \
+             or --bootstrap MULTIADDR to look up the agent's home relay in the swarm",
+        ),
         oonode::Via::Direct if !(endpoint || relay || swarm) => Some(
             "--via direct needs the agent's endpoint: give --endpoint http://host:port \
              (or --relay / --bootstrap to look it up)",

@@ -59,7 +59,8 @@ pub(super) fn more_telling(a: CallError, b: CallError) -> CallError {
 /// options make it possible.
 pub(super) fn auto_order(address: Address, options: &ConnectOptions) -> Vec<Via> {
     let can_swarm = options.swarm.is_some() || !options.bootstrap.is_empty();
-    let can_relay = options.relay_url.is_some();
+    // Without a relay of its own, a caller in the swarm looks up the agent's home relay.
+    let can_relay = options.relay_url.is_some() || can_swarm;
     let can_direct = !options.endpoints.is_empty() || can_swarm || can_relay;
     let mut order: Vec<Via> = [
         (Via::Direct, can_direct),
@@ -161,6 +162,7 @@ pub(super) async fn open_path(
             Ok(path)
         }
         Via::Relay => {
+            let options = &relay_for(address, options).await?;
             let socket = open_relay(options).await?;
             let link =
                 match WsLink::offer_seal(socket, identity, address, seal_wait(options)).await? {
@@ -347,6 +349,67 @@ fn plaintext_allowed(base: &reqwest::Url, allow_private: bool) -> bool {
         Ok(std::net::IpAddr::V6(ip)) => ip.is_loopback(),
         Err(_) => false,
     }
+}
+
+/// The options to call `address` through a relay with: as given when they name a relay,
+/// else with the agent's home relay, from its home-relay record in the DHT (the agent's
+/// own signed ANNOUNCE, which a relay published), looked up through the swarm. A home
+/// relay on a loopback or private address is used only with `allow_private`: anyone can
+/// make an agent key and sign a record pointing into the caller's own network.
+async fn relay_for(
+    address: Address,
+    options: &ConnectOptions,
+) -> Result<std::borrow::Cow<'_, ConnectOptions>, CallError> {
+    if options.relay_url.is_some() {
+        return Ok(std::borrow::Cow::Borrowed(options));
+    }
+    // `_stop` ends a swarm joined for this lookup when the lookup is done.
+    let Path::P2p { swarm, _stop } = join_swarm(options).await? else {
+        return Err(CallError::NoPath);
+    };
+    // A lookup needs a peer to ask: connected to one of the bootstrap peers first.
+    let peers = options
+        .bootstrap
+        .iter()
+        .filter_map(|a| match a.iter().last() {
+            Some(libp2p::multiaddr::Protocol::P2p(peer)) => Some(peer),
+            _ => None,
+        });
+    let dials = peers.map(|peer| {
+        let swarm = swarm.clone();
+        Box::pin(async move { swarm.connect(peer).await })
+    });
+    if options.swarm.is_none() {
+        futures::future::select_ok(dials)
+            .await
+            .map_err(|e| p2p_error(e, address))?;
+    }
+    let home = swarm
+        .home(&address)
+        .await
+        .ok_or_else(|| CallError::NotInSwarm(address.to_string()))?;
+    let relay: RelayUrl = home.relay.as_deref().ok_or(CallError::NoPath)?.parse()?;
+    let url = relay.input();
+    let base = reqwest::Url::parse(&url.replacen("ws", "http", 1))
+        .map_err(|e| CallError::Swarm(e.to_string()))?;
+    let host = base.host_str().unwrap_or_default();
+    let private = match host.trim_matches(['[', ']']).parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V4(ip)) => ip.is_loopback() || ip.is_private() || ip.is_link_local(),
+        Ok(std::net::IpAddr::V6(ip)) => ip.is_loopback() || ip.is_unique_local(),
+        Err(_) => host.is_empty() || host == "localhost",
+    };
+    if private && !options.allow_private {
+        return Err(CallError::Unreachable {
+            url,
+            reason: "the agent's home relay (from its record in the DHT) is on a private \
+                     address; allow private addresses (--allow-private) to use it"
+                .into(),
+        });
+    }
+    tracing::debug!(agent = %address.short(), relay = %relay, "home relay found in the DHT");
+    let mut found = options.clone();
+    found.relay_url = Some(relay.to_string());
+    Ok(std::borrow::Cow::Owned(found))
 }
 
 async fn open_relay(options: &ConnectOptions) -> Result<Box<Socket>, CallError> {

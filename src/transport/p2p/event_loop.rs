@@ -107,6 +107,8 @@ pub(super) struct EventLoop {
     /// (a reservation names them).
     serves_circuits: bool,
     circuits: Option<crate::metrics::CircuitCounters>,
+    /// A node or relay (a DHT server), not a one-off caller.
+    serves: bool,
 }
 
 impl EventLoop {
@@ -134,6 +136,7 @@ impl EventLoop {
             punching: Punching::new(),
             serves_circuits: config.circuit_relay.is_some(),
             circuits: config.circuit_counters.clone(),
+            serves: config.dht_server,
         })
     }
 
@@ -351,7 +354,12 @@ impl EventLoop {
                 // A relay names each of its addresses once per reservation made through
                 // it (over TCP and over QUIC): one line each.
                 if !status.listen_addrs.contains(&full) {
-                    info!(%full, "swarm listening");
+                    // A one-off caller listens only for hole punches: not news.
+                    if self.serves {
+                        info!(%full, "swarm listening");
+                    } else {
+                        debug!(%full, "swarm listening");
+                    }
                     status.listen_addrs.push(full);
                 }
             }
@@ -418,7 +426,11 @@ impl EventLoop {
             })) => {
                 match result {
                     Ok(id) => {
-                        info!(peer = %remote_peer_id, "hole punched: direct connection");
+                        if self.serves {
+                            info!(peer = %remote_peer_id, "hole punched: direct connection");
+                        } else {
+                            debug!(peer = %remote_peer_id, "hole punched: direct connection");
+                        }
                         self.traversal.hole_punched(remote_peer_id, id);
                         self.set_connected();
                     }
