@@ -109,6 +109,8 @@ pub(super) struct EventLoop {
     circuits: Option<crate::metrics::CircuitCounters>,
     /// A node or relay (a DHT server), not a one-off caller.
     serves: bool,
+    /// Peers being looked up a second time (the first lookup found nothing).
+    looked_again: std::collections::HashSet<PeerId>,
 }
 
 impl EventLoop {
@@ -137,6 +139,7 @@ impl EventLoop {
             serves_circuits: config.circuit_relay.is_some(),
             circuits: config.circuit_counters.clone(),
             serves: config.dht_server,
+            looked_again: std::collections::HashSet::new(),
         })
     }
 
@@ -287,6 +290,7 @@ impl EventLoop {
 
     /// Answers everyone waiting to reach `peer`.
     fn finish_dial(&mut self, peer: PeerId, result: Result<(), &DialError>) {
+        self.looked_again.remove(&peer);
         if let Err(e) = result {
             debug!(%peer, error = %e, "cannot reach a peer");
         }
@@ -616,7 +620,15 @@ impl EventLoop {
                             Err(e) => self.finish_dial(peer, Err(&e)),
                         }
                     }
+                    // A lookup right after start can end before the routing table has
+                    // anything to say (a bootstrap connection still opening): once more
+                    // before giving up.
+                    _ if self.dials.contains_key(&peer) && self.looked_again.insert(peer) => {
+                        debug!(%peer, "not found in the DHT; looking once more");
+                        self.find(peer);
+                    }
                     _ => {
+                        self.looked_again.remove(&peer);
                         for waiter in self.dials.remove(&peer).unwrap_or_default() {
                             let _ = waiter.send(Err(P2pError::NotFound(peer.to_string())));
                         }
