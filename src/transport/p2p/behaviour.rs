@@ -14,7 +14,7 @@ use tracing::warn;
 use super::ip_limits::{IpLimits, PeerIps};
 use super::{P2pConfig, P2pError};
 
-const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/oonode/kad/1.0.0");
+pub(super) const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/oonode/kad/1.0.0");
 const IDENTIFY_PROTOCOL: &str = "/oonode/id/1.0.0";
 
 #[derive(NetworkBehaviour)]

@@ -31,6 +31,9 @@ const BOOTSTRAP_EVERY: Duration = Duration::from_secs(30);
 /// A record put that reached no peer (say, right after start, before the routing table
 /// has any) is tried again this often, this many times in all.
 const PUT_RETRY_AFTER: Duration = Duration::from_secs(1);
+/// How long a lookup that met an empty routing table (the bootstrap connections still
+/// opening) waits for the table to get an entry before it says "not found".
+const EMPTY_TABLE_WAIT: Duration = Duration::from_secs(5);
 const PUT_ATTEMPTS: u32 = 6;
 /// Puts waiting to be tried again, at most (a relay alone in its swarm fails every put).
 const MAX_PUT_RETRIES: usize = 4096;
@@ -111,6 +114,10 @@ pub(super) struct EventLoop {
     serves: bool,
     /// Peers being looked up a second time (the first lookup found nothing).
     looked_again: std::collections::HashSet<PeerId>,
+    /// Peers whose lookup asked nobody (the routing table was empty): looked up again
+    /// when the table gets an entry, until the instant given. `true` while a lookup of
+    /// it runs.
+    awaiting_table: HashMap<PeerId, (Instant, bool)>,
 }
 
 impl EventLoop {
@@ -140,6 +147,7 @@ impl EventLoop {
             circuits: config.circuit_counters.clone(),
             serves: config.dht_server,
             looked_again: std::collections::HashSet::new(),
+            awaiting_table: HashMap::new(),
         })
     }
 
@@ -163,6 +171,7 @@ impl EventLoop {
                     let _ = self.swarm.behaviour_mut().kad.bootstrap();
                 }
                 _ = punch_deadline(&self.punching) => self.end_punch_waits(),
+                _ = table_deadline(&self.awaiting_table) => self.end_table_waits(),
                 _ = unban.tick() => {
                     self.lift_bans();
                     self.retry_puts();
@@ -291,6 +300,7 @@ impl EventLoop {
     /// Answers everyone waiting to reach `peer`.
     fn finish_dial(&mut self, peer: PeerId, result: Result<(), &DialError>) {
         self.looked_again.remove(&peer);
+        self.awaiting_table.remove(&peer);
         if let Err(e) = result {
             debug!(%peer, error = %e, "cannot reach a peer");
         }
@@ -320,6 +330,46 @@ impl EventLoop {
         status.reachability = self.traversal.reachability();
         status.paths = self.traversal.counts();
         status.peer_paths = self.traversal.paths();
+    }
+
+    /// Lookups that waited long enough for a routing table entry end as "not found".
+    fn end_table_waits(&mut self) {
+        let now = Instant::now();
+        let due: Vec<PeerId> = self
+            .awaiting_table
+            .iter()
+            .filter(|(_, (until, looking))| *until <= now && !looking)
+            .map(|(peer, _)| *peer)
+            .collect();
+        for peer in due {
+            self.not_found(peer);
+        }
+    }
+
+    /// The routing table got an entry: lookups that met it empty are made again.
+    fn table_filled(&mut self) {
+        let again: Vec<PeerId> = self
+            .awaiting_table
+            .iter_mut()
+            .filter(|(_, (_, looking))| !*looking)
+            .map(|(peer, (_, looking))| {
+                *looking = true;
+                *peer
+            })
+            .collect();
+        for peer in again {
+            debug!(%peer, "the routing table has an entry now; looking again");
+            self.find(peer);
+        }
+    }
+
+    /// Answers everyone waiting to reach `peer`: nobody in the DHT knows it.
+    fn not_found(&mut self, peer: PeerId) {
+        self.looked_again.remove(&peer);
+        self.awaiting_table.remove(&peer);
+        for waiter in self.dials.remove(&peer).unwrap_or_default() {
+            let _ = waiter.send(Err(P2pError::NotFound(peer.to_string())));
+        }
     }
 
     /// Callers that waited long enough for a hole punch go over the circuit.
@@ -482,8 +532,13 @@ impl EventLoop {
                 info,
                 ..
             })) => {
+                // Only DHT servers go into the routing table: a one-off caller (a
+                // Kademlia client) that lists the ports it listens on would otherwise be
+                // handed out in lookups, where it answers no Kademlia request and can
+                // crowd out the peers that do.
+                let server = info.protocols.contains(&super::behaviour::KAD_PROTOCOL);
                 for addr in info.listen_addrs {
-                    if self.traversal.worth_dialing(&peer_id, &addr) {
+                    if server && self.traversal.worth_dialing(&peer_id, &addr) {
                         self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
                     }
                 }
@@ -525,6 +580,9 @@ impl EventLoop {
                 ..
             })) => {
                 self.on_query(id, result, step.last);
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Kad(kad::Event::RoutingUpdated { .. })) => {
+                self.table_filled();
             }
             _ => {}
         }
@@ -608,9 +666,12 @@ impl EventLoop {
                     }
                     return;
                 }
+                // A lookup that timed out asked someone.
+                let asked = result.as_ref().map_or(true, |ok| !ok.peers.is_empty());
                 let found = result
                     .ok()
                     .and_then(|ok| ok.peers.into_iter().find(|p| p.peer_id == peer));
+                let now = Instant::now();
                 match found {
                     Some(info) if !info.addrs.is_empty() => {
                         let opts = DialOpts::peer_id(peer).addresses(info.addrs).build();
@@ -621,18 +682,27 @@ impl EventLoop {
                         }
                     }
                     // A lookup right after start can end before the routing table has
-                    // anything to say (a bootstrap connection still opening): once more
-                    // before giving up.
+                    // anything in it (the bootstrap connections still opening, which
+                    // under load takes a while): it waits for an entry.
+                    _ if !asked && self.dials.contains_key(&peer) => {
+                        let (until, looking) = self
+                            .awaiting_table
+                            .entry(peer)
+                            .or_insert((now + EMPTY_TABLE_WAIT, false));
+                        *looking = false;
+                        if *until <= now {
+                            self.not_found(peer);
+                        } else {
+                            debug!(%peer, "the routing table is empty; waiting for an entry");
+                        }
+                    }
+                    // The table may have grown while the lookup ran: once more before
+                    // giving up.
                     _ if self.dials.contains_key(&peer) && self.looked_again.insert(peer) => {
                         debug!(%peer, "not found in the DHT; looking once more");
                         self.find(peer);
                     }
-                    _ => {
-                        self.looked_again.remove(&peer);
-                        for waiter in self.dials.remove(&peer).unwrap_or_default() {
-                            let _ = waiter.send(Err(P2pError::NotFound(peer.to_string())));
-                        }
-                    }
+                    _ => self.not_found(peer),
                 }
             }
             (Some(Query::Record { newest, .. }), kad::QueryResult::GetRecord(result)) => {
@@ -677,6 +747,20 @@ impl EventLoop {
                 }
             }
         }
+    }
+}
+
+/// Resolves when the first lookup waiting for a routing table entry has waited enough;
+/// never when none waits.
+async fn table_deadline(awaiting: &HashMap<PeerId, (Instant, bool)>) {
+    match awaiting
+        .values()
+        .filter(|(_, looking)| !looking)
+        .map(|(until, _)| until)
+        .min()
+    {
+        Some(at) => tokio::time::sleep_until((*at).into()).await,
+        None => std::future::pending().await,
     }
 }
 
