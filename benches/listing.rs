@@ -135,6 +135,7 @@ fn fill(path: &std::path::Path, n: usize, kib: usize) {
             prompt: "hello".into(),
             result: Some(body.clone()),
             session: serde_json::json!({"session_id": id}),
+            history: Default::default(),
             // Spread over the past, one second apart, so the listing order is meaningful.
             created: now - (n - i) as u64,
             expires: Some(now + 86_400),

@@ -41,7 +41,30 @@ async fn seed_examples_translate_multi_turn_sessions_health_info() {
     assert_eq!(status, 200);
     assert_eq!(second["result"], "Your name is John");
     assert_eq!(second["session_id"], first["session_id"]);
-    assert_eq!(second["session"]["messages"].as_array().unwrap().len(), 4);
+    // The node keeps the history: the answer carries the session's id and secret, not
+    // its growing list of messages...
+    assert!(second["session"].get("messages").is_none(), "{second}");
+    let (_, kept) = node
+        .get_with_secret(
+            &format!("/sessions/{}", first["session_id"].as_str().unwrap()),
+            first["session_secret"].as_str().unwrap(),
+        )
+        .await;
+    assert_eq!(
+        kept["session"]["messages"].as_array().unwrap().len(),
+        4,
+        "{kept}"
+    );
+    // ... unless the caller keeps it itself: then it gets it back, updated.
+    let (_, own) = node
+        .post(
+            &json!({"prompt": "My name is Ann", "session": {"messages": [
+            {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}}),
+        )
+        .await;
+    let messages = own["session"]["messages"].as_array().unwrap();
+    assert_eq!(messages.len(), 4, "{own}");
+    assert_eq!(messages[3]["content"], own["result"]);
 
     // The id (and, for an unsigned caller, the session's secret) is enough too: the
     // node keeps the history.
@@ -179,7 +202,8 @@ async fn a_signed_caller_sees_only_its_own_sessions() {
         "{body}"
     );
     let (_, mine) = signed_get(&node.url, node.address, &alice, &path).await;
-    assert_eq!(mine["prompt"], a["session"]["messages"][0]["content"]);
+    assert_eq!(mine["session"]["messages"][0]["content"], mine["prompt"]);
+    assert_eq!(mine["session"]["messages"][1]["content"], a["result"]);
     node.stop().await;
 }
 

@@ -209,7 +209,8 @@ pub struct Answer {
     /// The STREAM chunks, in order.
     pub chunks: Vec<String>,
     pub duration_ms: u64,
-    /// The session state the agent returned (history for the next turn).
+    /// The session state the agent returned: its id, and its history (`messages`) only if
+    /// the request sent one (a first turn does).
     pub session: Value,
 }
 

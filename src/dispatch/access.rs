@@ -83,21 +83,34 @@ impl Dispatcher {
     /// After an unclean stop the record may miss the last keys before it, so a message
     /// signed before the restart (`replay_floor`) is refused whatever the record says.
     pub(super) async fn use_once(&self, env: &Envelope, now: u64) -> Result<(), Refusal> {
-        if let Some(key) = env.replay_key() {
-            let ts = env.timestamp().unwrap_or(0);
-            let floor = self.inner.config.replay_floor;
-            if floor > 0 && ts <= floor {
-                return Err(Refusal::SignedBeforeRestart);
-            }
-            // Signed ahead of our clock: a restart's floor would not cover it, so its key
-            // must be on disk before the message is acted on (`Store::record_seen`).
-            let synced = ts > now;
-            let expires = now + 2 * MAX_CLOCK_SKEW_SECS;
+        if let Some((key, expires, synced)) = self.replay_entry(env, now)? {
             if !self.inner.store.record_seen(key, expires, synced).await? {
                 return Err(Refusal::Replayed);
             }
         }
         Ok(())
+    }
+
+    /// What [`use_once`](Self::use_once) records for `env`: its replay key, when the key
+    /// may be forgotten, and whether it must be synced first; none for an unsigned
+    /// envelope. A message signed before the node's unclean restart is refused here.
+    pub(super) fn replay_entry(
+        &self,
+        env: &Envelope,
+        now: u64,
+    ) -> Result<Option<(String, u64, bool)>, Refusal> {
+        let Some(key) = env.replay_key() else {
+            return Ok(None);
+        };
+        let ts = env.timestamp().unwrap_or(0);
+        let floor = self.inner.config.replay_floor;
+        if floor > 0 && ts <= floor {
+            return Err(Refusal::SignedBeforeRestart);
+        }
+        // Signed ahead of our clock: a restart's floor would not cover it, so its key
+        // must be on disk before the message is acted on (`Store::record_seen`).
+        let synced = ts > now;
+        Ok(Some((key, now + 2 * MAX_CLOCK_SKEW_SECS, synced)))
     }
 
     /// A CONNECT frame, the Python client's way to open a socket session. A signed one is

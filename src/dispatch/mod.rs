@@ -29,7 +29,8 @@ pub use crate::metrics::Transport;
 use crate::metrics::{NodeMetrics, Outcome};
 use crate::proto::ErrorCode;
 use crate::store::{
-    PageCursor, SessionPage, SessionRecord, SessionStatus, Store, Upload, Uploads, FINAL_SEQ,
+    Admission, PageCursor, Refused, SessionPage, SessionRecord, SessionStatus, Store, Upload,
+    Uploads, FINAL_SEQ,
 };
 use crate::trust::{Invite, Trust, TrustAgent, TrustEngine};
 
@@ -164,6 +165,21 @@ impl HistoryLimits {
             drop += 1;
         }
         history.drain(..drop);
+    }
+
+    /// How many of the newest messages of `older` followed by `newer` stay within the
+    /// limits (what [`trim`](Self::trim) would keep of them joined), without joining them.
+    pub(crate) fn kept(&self, older: &[Message], newer: &[Message]) -> usize {
+        let mut bytes = 0usize;
+        let mut kept = 0;
+        for m in newer.iter().rev().chain(older.iter().rev()) {
+            if kept == self.messages || bytes + m.content.len() > self.bytes {
+                break;
+            }
+            bytes += m.content.len();
+            kept += 1;
+        }
+        kept
     }
 }
 
@@ -388,34 +404,64 @@ impl Dispatcher {
         };
         let scope = Scope::of(&caller, secret.as_ref()).expect("verified, or with a secret");
         let key = scope.key(&start.session_id);
-        let (mut start, origin) = self.continue_session(start, &key, &sub, now).await?;
-        inner.config.history.trim(&mut start.history);
         // Only signed envelopes have a replay key, and `authenticate` verified those.
-        self.use_once(env, now).await?;
-        let files = inner.config.uploads.save(&key, sub.uploads).await?;
-
-        let (owner, secret_hash) = scope.parts();
-        let mut record = SessionRecord {
-            session_id: start.session_id.clone(),
-            status: SessionStatus::Running,
-            prompt: start.prompt.clone(),
-            result: None,
-            session: session_value(&start.session_id, &start.history, &start.extra),
-            created: start.created,
-            expires: None,
-            duration_ms: None,
-            owner,
-            secret_hash,
-            origin,
-            error: None,
+        let seen = self.replay_entry(env, now)?;
+        // One store job reads the session, records the replay key and marks the session
+        // running (forgetting the replies kept from its previous turn, which would be
+        // mistaken for this one's); the turn's end makes it durable. With files, the
+        // session is marked running only once they are saved.
+        let begin_now = sub.uploads.is_empty();
+        let admission = Admission {
+            key: key.clone(),
+            now,
+            // An id the node just chose (a fresh UUID) names nothing stored: no read.
+            read: start.named,
+            // The stored history is read only for a caller that does not send its own.
+            with_history: start.history.is_empty(),
+            seen,
         };
-        // Forgets the replies kept from the session's previous turn (they would be
-        // mistaken for this one's) and marks it running; the turn's end makes it durable.
-        // The run keeps the record's other fields; it writes a new session at its end.
-        let session = std::mem::take(&mut record.session);
-        let run_record = record.clone();
-        record.session = session;
-        inner.store.begin_turn(key.clone(), record).await?;
+        let from = Continuing {
+            relay: sub.origin.relay().map(str::to_owned),
+            may_open: sub.may_open,
+        };
+        let limits = inner.config.history;
+        let (owner, secret_hash) = scope.parts();
+        let admitted = inner
+            .store
+            .admit(admission, move |existing| {
+                let (mut start, origin) = from.continue_session(start, existing)?;
+                limits.trim(&mut start.history);
+                let record = SessionRecord {
+                    session_id: start.session_id.clone(),
+                    status: SessionStatus::Running,
+                    prompt: start.prompt.clone(),
+                    result: None,
+                    session: session_value(&start.session_id, None, &start.extra),
+                    history: start.span,
+                    created: start.created,
+                    expires: None,
+                    duration_ms: None,
+                    owner,
+                    secret_hash,
+                    origin,
+                    error: None,
+                };
+                let running = begin_now.then(|| record.clone());
+                Ok(((start, record), running))
+            })
+            .await?;
+        let (start, run_record) = match admitted {
+            Ok(admitted) => admitted,
+            Err(Refused::Decided(refusal)) => return Err(refusal),
+            Err(Refused::Replayed) => return Err(Refusal::Replayed),
+        };
+        let files = inner.config.uploads.save(&key, sub.uploads).await?;
+        if !begin_now {
+            inner
+                .store
+                .begin_turn(key.clone(), run_record.clone())
+                .await?;
+        }
         let (live_tx, _) = broadcast::channel(LIVE_BUFFER);
         self.live().insert(key.clone(), live_tx.clone());
 
@@ -458,6 +504,7 @@ impl Dispatcher {
 
     /// A session as `reader` may see it: one of its own scope; any other reads as
     /// absent, exactly like a session that does not exist.
+    /// The record's `session` holds the history as `messages`.
     pub async fn session(
         &self,
         id: &str,
@@ -466,11 +513,23 @@ impl Dispatcher {
         let Some(scope) = reader.scope() else {
             return Ok(None);
         };
-        Ok(self
+        let read = self
             .inner
             .store
-            .get_session(scope.key(id), unix_now())
-            .await?)
+            .get_session_with_history(scope.key(id), unix_now(), true)
+            .await?;
+        Ok(read.map(|(mut rec, messages)| {
+            // A record written before histories were stored apart holds them already.
+            if let Value::Object(session) = &mut rec.session {
+                if !rec.history.is_empty() || !session.contains_key("messages") {
+                    session.insert(
+                        "messages".into(),
+                        serde_json::to_value(messages).unwrap_or(Value::Null),
+                    );
+                }
+            }
+            rec
+        }))
     }
 
     /// One page of the sessions of `reader`'s scope, newest first: at most `limit` (1 to
@@ -531,40 +590,48 @@ impl Dispatcher {
     fn live(&self) -> std::sync::MutexGuard<'_, HashMap<String, broadcast::Sender<Envelope>>> {
         self.inner.live.lock().unwrap_or_else(|e| e.into_inner())
     }
+}
 
-    /// The turn as it continues the session stored under `key`, if there is one, and the
-    /// session's origin (kept from its first turn).
-    async fn continue_session(
+/// Where a submission comes from, as continuing a session needs it.
+struct Continuing {
+    /// The relay it came through, if any.
+    relay: Option<String>,
+    may_open: bool,
+}
+
+impl Continuing {
+    /// The turn as it continues `existing` (the session stored under its key, with its
+    /// history), if there is one, and the session's origin (kept from its first turn).
+    fn continue_session(
         &self,
         mut start: TurnStart,
-        key: &str,
-        sub: &Submission,
-        now: u64,
+        existing: Option<(SessionRecord, Vec<Message>)>,
     ) -> Result<(TurnStart, Option<String>), Refusal> {
-        let origin = &sub.origin;
-        // An id the node just chose (a fresh UUID) names nothing stored: no read.
-        if !start.named {
-            return Ok((start, origin.relay().map(str::to_owned)));
-        }
-        let Some(existing) = self.inner.store.get_session(key.to_owned(), now).await? else {
-            if start.named && !start.client_held && !sub.may_open {
+        let Some((existing, stored)) = existing else {
+            if start.named && !start.client_held && !self.may_open {
                 return Err(Refusal::NothingToContinue(start.session_id));
             }
-            return Ok((start, origin.relay().map(str::to_owned)));
+            return Ok((start, self.relay.clone()));
         };
         // A session id a relay could have chosen continues only what that relay has seen.
-        if !start.bound && origin.relay().is_some() && existing.origin.as_deref() != origin.relay()
-        {
+        if !start.bound && self.relay.is_some() && existing.origin != self.relay {
             return Err(Refusal::NotOpenedHere(start.session_id));
         }
         if existing.status == SessionStatus::Running {
             return Err(Refusal::SessionBusy(start.session_id));
         }
         // The caller may send only the id and let the node keep the history.
+        start.span = existing.history;
         if start.history.is_empty() {
-            let (history, extra) = split_session(&existing.session);
-            start.history = history;
+            let (inline, extra) = split_session(&existing.session);
             start.extra = extra;
+            if inline.is_empty() {
+                start.history = stored;
+            } else {
+                // Written before histories were stored apart: rewritten this turn.
+                start.history = inline;
+                start.from_store = false;
+            }
         }
         start.created = existing.created;
         Ok((start, existing.origin))

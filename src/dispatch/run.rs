@@ -15,7 +15,7 @@ use crate::envelope::{unix_now, Envelope, Kind};
 use crate::identity::Address;
 use crate::metrics::{Outcome, Transport};
 use crate::proto::ErrorCode;
-use crate::store::{SessionRecord, SessionStatus};
+use crate::store::{HistoryWrite, SessionRecord, SessionStatus};
 
 /// At most one STREAM per window: chunks an agent writes faster are joined, so a flood
 /// of tiny chunks costs a bounded number of signatures and stored replies per second.
@@ -30,8 +30,8 @@ pub(super) struct Run {
     pub(super) dispatcher: Dispatcher,
     /// The session's store key (its scope and id).
     pub(super) key: String,
-    /// The session as stored when the run was admitted, without its `session` (history):
-    /// the run writes a new one at its end.
+    /// The session as stored when the run was admitted: the run writes a new one at its
+    /// end.
     pub(super) record: SessionRecord,
     pub(super) caller: Option<Address>,
     /// An unsigned caller's secret, handed back with the answer.
@@ -163,41 +163,70 @@ impl Run {
             duration_ms: Some(duration_ms),
             ..self.record.clone()
         };
-        let reply = match outcome {
+        let limits = inner.config.history;
+        let (history, reply) = match outcome {
             Ok(result) => {
-                let mut history = start.history;
-                history.push(Message {
-                    role: "user".into(),
-                    content: start.prompt,
+                let turn = [
+                    Message {
+                        role: "user".into(),
+                        content: start.prompt,
+                    },
+                    Message {
+                        role: "assistant".into(),
+                        content: result.clone(),
+                    },
+                ];
+                let keep = limits.kept(&start.history, &turn);
+                // A caller that keeps its own history gets it back, as the node would
+                // keep it; the others get the session id and the turn's answer.
+                let returned = start.client_held.then(|| {
+                    let mut all = start.history.clone();
+                    all.extend(turn.iter().cloned());
+                    all.split_off(all.len() - keep)
                 });
-                history.push(Message {
-                    role: "assistant".into(),
-                    content: result.clone(),
-                });
-                inner.config.history.trim(&mut history);
-                record.session = session_value(&start.session_id, &history, &start.extra);
+                let write = if start.from_store {
+                    HistoryWrite::appending(start.span, turn.into(), keep)
+                } else {
+                    let mut all = start.history;
+                    all.extend(turn);
+                    HistoryWrite::replacing(start.span, all, keep)
+                };
+                record.history = write.result();
+                record.session = session_value(&start.session_id, None, &start.extra);
                 record.result = Some(result.clone());
+                let mut session =
+                    session_value(&start.session_id, returned.as_deref(), &start.extra);
+                // An unsigned caller needs its secret to read or continue the session; in
+                // `session` too, which Python clients pass back as it came.
+                if let Some(secret) = &self.secret {
+                    session["session_secret"] = json!(secret.as_str());
+                }
                 let mut body = json!({
                     "session_id": start.session_id,
                     "status": SessionStatus::Done.as_str(),
                     "result": result,
                     "duration_ms": duration_ms,
-                    "session": record.session,
+                    "session": session,
                     "chunks": seq,
                 });
-                // An unsigned caller needs its secret to read or continue the session; in
-                // `session` too, which Python clients pass back as it came.
                 if let Some(secret) = &self.secret {
                     body["session_secret"] = json!(secret.as_str());
-                    body["session"]["session_secret"] = json!(secret.as_str());
                 }
-                self.reply(Kind::Output, body)
+                (Some(write), self.reply(Kind::Output, body))
             }
             Err((code, message)) => {
                 warn!(%code, %message, "agent run failed");
                 record.status = SessionStatus::Failed;
-                record.session = session_value(&start.session_id, &start.history, &start.extra);
+                record.session = session_value(&start.session_id, None, &start.extra);
                 record.error = Some(message.clone());
+                // A history the caller sent (or a record held inline) is kept as it came.
+                let write = (!start.from_store).then(|| {
+                    let keep = start.history.len();
+                    HistoryWrite::replacing(start.span, start.history, keep)
+                });
+                if let Some(w) = &write {
+                    record.history = w.result();
+                }
                 let mut body = json!({
                     "session_id": start.session_id,
                     "status": SessionStatus::Failed.as_str(),
@@ -210,7 +239,7 @@ impl Run {
                 if let Some(secret) = &self.secret {
                     body["session_secret"] = json!(secret.as_str());
                 }
-                self.reply(Kind::Error, body)
+                (write, self.reply(Kind::Error, body))
             }
         };
         // One job keeps the final reply and marks the session finished (in that order,
@@ -219,7 +248,7 @@ impl Run {
         let kept = Some(reply.to_flat_string().into_bytes());
         let reply = match inner
             .store
-            .finish_turn(self.key.clone(), kept, record)
+            .finish_turn(self.key.clone(), history, kept, record)
             .await
         {
             Ok(()) => reply,

@@ -6,6 +6,7 @@ use super::scope::SessionSecret;
 use super::{Refusal, Submission};
 use crate::agent::Message;
 use crate::proto::MAX_HOPS;
+use crate::store::HistorySpan;
 
 /// Longest session id a caller may choose.
 use crate::proto::{valid_session_id, MAX_SESSION_ID_LEN};
@@ -23,8 +24,15 @@ pub(super) struct TurnStart {
     pub secret: Option<SessionSecret>,
     /// Whether the caller named the session id (rather than the node choosing one).
     pub named: bool,
-    /// Whether the caller sent the session's history (`session.messages`) itself.
+    /// Whether the caller sent the session's history (`session.messages`) itself; it
+    /// then gets it back, updated, in the OUTPUT's `session`.
     pub client_held: bool,
+    /// The stored history this turn continues (empty for a new session).
+    pub span: HistorySpan,
+    /// Whether `history` is the newest part of `span` (read from the store): the turn
+    /// then appends to it. Otherwise (the caller's own history, or one a record written
+    /// before histories were stored apart held) the turn's history replaces it.
+    pub from_store: bool,
     /// Agents the request has passed through (the payload's `hops`, absent = 0).
     pub hops: u32,
 }
@@ -93,6 +101,7 @@ pub(super) fn parse_turn(sub: &Submission, now: u64) -> Result<TurnStart, Refusa
         },
     };
     let (history, extra) = split_session(&session);
+    let from_store = history.is_empty();
     Ok(TurnStart {
         prompt,
         session_id,
@@ -103,6 +112,8 @@ pub(super) fn parse_turn(sub: &Submission, now: u64) -> Result<TurnStart, Refusa
         secret,
         named,
         client_held,
+        span: HistorySpan::default(),
+        from_store,
         hops,
     })
 }
@@ -131,16 +142,21 @@ pub(super) fn split_session(session: &Value) -> (Vec<Message>, Map<String, Value
     (history, extra)
 }
 
+/// The `session` a caller passes back: its id and the caller's own keys, and the
+/// history (`messages`) only for a caller that keeps it itself (the node keeps it for the
+/// others, so that a turn's answer does not grow with the session).
 pub(super) fn session_value(
     session_id: &str,
-    history: &[Message],
+    history: Option<&[Message]>,
     extra: &Map<String, Value>,
 ) -> Value {
     let mut obj = extra.clone();
     obj.insert("session_id".into(), session_id.into());
-    obj.insert(
-        "messages".into(),
-        serde_json::to_value(history).unwrap_or(Value::Null),
-    );
+    if let Some(history) = history {
+        obj.insert(
+            "messages".into(),
+            serde_json::to_value(history).unwrap_or(Value::Null),
+        );
+    }
     Value::Object(obj)
 }

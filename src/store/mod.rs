@@ -2,6 +2,7 @@
 //! `index.rs`), the ids of signed messages already seen, and the replies kept for resuming
 //! clients. One thread owns sled (see [`Store`]).
 
+mod history;
 mod index;
 mod uploads;
 mod wal;
@@ -11,15 +12,19 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::agent::Message;
 use crate::identity::Address;
 use crate::metrics::StoreMetrics;
 
+pub use history::{HistorySpan, HistoryWrite};
 pub use index::{BadCursor, PageCursor, SessionMeta, SessionPage, DEFAULT_PAGE, MAX_PAGE};
 pub use uploads::{Upload, UploadError, Uploads};
 
 const SESSIONS: &str = "sessions";
 const SEEN: &str = "seen";
 const CHUNKS: &str = "chunks";
+/// Session histories, a message per entry (`history.rs`).
+const HISTORY: &str = "history";
 /// Trust state: `contact:<addr>`, `credits:<addr>`, `blocked:<addr>`, `caller:<addr>`.
 const TRUST: &str = "trust";
 // The index trees (see `index.rs`).
@@ -79,8 +84,13 @@ pub struct SessionRecord {
     pub status: SessionStatus,
     pub prompt: String,
     pub result: Option<String>,
-    /// The state a caller passes back for the next turn (history included).
+    /// The state a caller passes back for the next turn. The history is stored apart
+    /// (see `history`); a record written before that holds it here, as `messages`.
     pub session: Value,
+    /// Where the session's history lies in the store. Not shown to readers: the
+    /// dispatcher puts the messages into `session` for them.
+    #[serde(default, skip_serializing_if = "HistorySpan::is_empty")]
+    pub history: HistorySpan,
     pub created: u64,
     /// None while running: running sessions never expire.
     pub expires: Option<u64>,
@@ -110,6 +120,8 @@ struct Trees {
     seen: sled::Tree,
     /// `session_id 0x00 seq(be)` → the signed reply, for clients that resume.
     chunks: sled::Tree,
+    /// `session key 0x00 n(be)` → message `n` of the session's history.
+    history: sled::Tree,
     trust: sled::Tree,
     /// The session index (`index.rs`).
     meta: sled::Tree,
@@ -215,6 +227,7 @@ enum Wait {
 struct Ctx<'a> {
     trees: &'a Trees,
     log: Vec<u8>,
+    hot: &'a mut history::HotHistories,
 }
 
 impl Ctx<'_> {
@@ -327,6 +340,7 @@ impl Store {
             .spawn(move || {
                 StoreThread {
                     trees,
+                    hot: history::HotHistories::new(),
                     wal,
                     marker,
                     syncer,
@@ -417,31 +431,77 @@ impl Store {
         .await
     }
 
+    /// A turn's admission in one job, so that a turn costs one store round trip before its
+    /// agent runs: reads the session under `a.key` (with its history, if asked), lets
+    /// `decide` judge it, and only if that accepts records the message's replay key and,
+    /// when `decide` returns a running record, begins the turn with it (as
+    /// [`begin_turn`](Self::begin_turn) does). A refusal changes nothing.
+    pub async fn admit<T, E, F>(
+        &self,
+        a: Admission,
+        decide: F,
+    ) -> Result<Result<T, Refused<E>>, StoreError>
+    where
+        T: Send + 'static,
+        E: Send + 'static,
+        F: FnOnce(Option<(SessionRecord, Vec<Message>)>) -> Result<(T, Option<SessionRecord>), E>
+            + Send
+            + 'static,
+    {
+        let wait = match &a.seen {
+            Some((_, _, true)) => Wait::Durable,
+            _ => Wait::Written,
+        };
+        self.call(wait, move |ctx| {
+            let existing = match a.read {
+                true => read_session(ctx, a.key.as_bytes(), a.now, a.with_history)?,
+                false => None,
+            };
+            let (out, running) = match decide(existing) {
+                Ok(v) => v,
+                Err(e) => return Ok(Err(Refused::Decided(e))),
+            };
+            if let Some((key, expires, _)) = a.seen {
+                if !index::record_seen(ctx.trees, key.as_bytes(), expires)? {
+                    return Ok(Err(Refused::Replayed));
+                }
+                ctx.log(wal::Op::Seen {
+                    key: key.into_bytes(),
+                    expires,
+                });
+            }
+            if let Some(rec) = running {
+                begin(ctx, a.key.as_bytes(), &rec)?;
+            }
+            Ok(Ok(out))
+        })
+        .await
+    }
+
     /// A turn starts: the session's replies kept from its previous turn are forgotten (a
     /// new turn numbers its chunks from 1 again, and a resuming client must only ever
     /// see the latest turn's) and its record is written as running. Queued without
     /// waiting: a later read sees it, and the turn's end makes it durable.
     pub async fn begin_turn(&self, key: String, rec: SessionRecord) -> Result<(), StoreError> {
-        self.queue(move |ctx| {
-            clear_replies(ctx.trees, key.as_bytes())?;
-            ctx.log(wal::Op::ClearReplies {
-                session: key.clone().into_bytes(),
-            });
-            log_session(ctx, key.as_bytes(), &rec)
-        })
-        .await
+        self.queue(move |ctx| begin(ctx, key.as_bytes(), &rec))
+            .await
     }
 
-    /// A turn ends: its final reply (kept under [`FINAL_SEQ`], before the record says
-    /// finished, so a follower that sees it finished finds it) and its record, in one
-    /// job, answered as [`Durability`] says. The one store round trip on a turn's answer.
+    /// A turn ends: its history change (`rec.history` is the span it results in), its
+    /// final reply (kept under [`FINAL_SEQ`], before the record says finished, so a
+    /// follower that sees it finished finds it) and its record, in one job, answered as
+    /// [`Durability`] says. The one store round trip on a turn's answer.
     pub async fn finish_turn(
         &self,
         key: String,
+        history: Option<HistoryWrite>,
         final_reply: Option<Vec<u8>>,
         rec: SessionRecord,
     ) -> Result<(), StoreError> {
         self.call(self.committed(), move |ctx| {
+            if let Some(w) = history {
+                history::write(ctx, key.as_bytes(), w)?;
+            }
             if let Some(bytes) = final_reply {
                 log_reply(ctx, key.as_bytes(), FINAL_SEQ, bytes)?;
             }
@@ -464,6 +524,22 @@ impl Store {
                 }
                 None => Ok(None),
             }
+        })
+        .await
+    }
+
+    /// A session and its history (the messages of its span; a record written before
+    /// histories were stored apart keeps them in `session`). From memory for a session
+    /// the node read or wrote lately.
+    /// `with_history` false reads no messages (an empty list).
+    pub async fn get_session_with_history(
+        &self,
+        key: String,
+        now: u64,
+        with_history: bool,
+    ) -> Result<Option<(SessionRecord, Vec<Message>)>, StoreError> {
+        self.call(Wait::Written, move |ctx| {
+            read_session(ctx, key.as_bytes(), now, with_history)
         })
         .await
     }
@@ -564,6 +640,7 @@ impl Store {
             let mut sessions = Vec::with_capacity(due.len());
             for key in &due {
                 let prev = remove_session(t, key, None)?;
+                ctx.hot.forget(key);
                 ctx.log(wal::Op::RemoveSession {
                     key: key.to_vec(),
                     prev: prev.map(|m| m.to_vec()),
@@ -721,6 +798,7 @@ impl Trees {
             sessions: db.open_tree(SESSIONS)?,
             seen: db.open_tree(SEEN)?,
             chunks: db.open_tree(CHUNKS)?,
+            history: db.open_tree(HISTORY)?,
             trust: db.open_tree(TRUST)?,
             meta: db.open_tree(SESSION_META)?,
             list: db.open_tree(SESSION_LIST)?,
@@ -730,6 +808,62 @@ impl Trees {
             db,
         })
     }
+}
+
+/// What [`Store::admit`] does in its one job.
+#[derive(Debug, Clone)]
+pub struct Admission {
+    /// The session's key (its scope and id).
+    pub key: String,
+    pub now: u64,
+    /// Whether to read the session (not for an id the node just chose: nothing is
+    /// stored under it).
+    pub read: bool,
+    /// Whether to read its history too.
+    pub with_history: bool,
+    /// A signed message's replay key, when it may be forgotten, and whether it must be
+    /// synced before the answer (see [`Store::record_seen`]).
+    pub seen: Option<(String, u64, bool)>,
+}
+
+/// Why [`Store::admit`] refused a turn.
+#[derive(Debug)]
+pub enum Refused<E> {
+    /// Its `decide` did.
+    Decided(E),
+    /// The replay key was there already.
+    Replayed,
+}
+
+/// Reads a session (an expired one reads as absent), with its history if asked.
+fn read_session(
+    ctx: &mut Ctx,
+    key: &[u8],
+    now: u64,
+    with_history: bool,
+) -> Result<Option<(SessionRecord, Vec<Message>)>, StoreError> {
+    let Some(bytes) = ctx.trees.sessions.get(key)? else {
+        return Ok(None);
+    };
+    let rec: SessionRecord = serde_json::from_slice(&bytes)?;
+    if rec.is_expired(now) {
+        return Ok(None);
+    }
+    let messages = match with_history {
+        true => history::read(ctx, key, rec.history)?,
+        false => Vec::new(),
+    };
+    Ok(Some((rec, messages)))
+}
+
+/// Begins a turn: the replies kept from the session's previous turn forgotten, its
+/// record written as running.
+fn begin(ctx: &mut Ctx, key: &[u8], rec: &SessionRecord) -> Result<(), StoreError> {
+    clear_replies(ctx.trees, key)?;
+    ctx.log(wal::Op::ClearReplies {
+        session: key.to_vec(),
+    });
+    log_session(ctx, key, rec)
 }
 
 /// What one sweeping job removed.
@@ -810,8 +944,8 @@ fn clear_replies(t: &Trees, session: &[u8]) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// Removes a session, its index entries (and those of `stale`, see `index::put`) and its
-/// kept replies; returns the meta it had.
+/// Removes a session, its index entries (and those of `stale`, see `index::put`), its
+/// kept replies and its history; returns the meta it had.
 fn remove_session(
     t: &Trees,
     key: &[u8],
@@ -819,6 +953,7 @@ fn remove_session(
 ) -> Result<Option<sled::IVec>, StoreError> {
     let old = index::remove(t, key, stale)?;
     clear_replies(t, key)?;
+    history::clear(t, key)?;
     Ok(old)
 }
 
@@ -846,6 +981,13 @@ fn apply(t: &Trees, op: wal::Op) -> Result<(), StoreError> {
             t.chunks.insert(chunk_key_bytes(&session, seq), bytes)?;
         }
         wal::Op::ClearReplies { session } => clear_replies(t, &session)?,
+        wal::Op::History {
+            session,
+            drop_from,
+            keep_from,
+            at,
+            messages,
+        } => history::apply(t, &session, drop_from, keep_from, at, &messages)?,
         wal::Op::Trust { key, value } => match value {
             Some(v) => {
                 t.trust.insert(key, v)?;
@@ -935,6 +1077,7 @@ impl Drop for Syncer {
 /// The store thread's state.
 struct StoreThread {
     trees: Trees,
+    hot: history::HotHistories,
     wal: wal::Wal,
     marker: PathBuf,
     syncer: Option<Syncer>,
@@ -958,6 +1101,7 @@ impl StoreThread {
                 let mut ctx = Ctx {
                     trees: &self.trees,
                     log: std::mem::take(&mut log),
+                    hot: &mut self.hot,
                 };
                 let done = job(&mut ctx);
                 log = ctx.log;
@@ -1061,6 +1205,16 @@ fn chunk_key_bytes(session_id: &[u8], seq: u64) -> Vec<u8> {
 mod tests {
     use super::*;
 
+    fn msgs(texts: &[&str]) -> Vec<Message> {
+        texts
+            .iter()
+            .map(|t| Message {
+                role: "user".into(),
+                content: (*t).into(),
+            })
+            .collect()
+    }
+
     fn record(id: &str, status: SessionStatus, expires: Option<u64>) -> SessionRecord {
         SessionRecord {
             session_id: id.into(),
@@ -1068,6 +1222,7 @@ mod tests {
             prompt: "p".into(),
             result: None,
             session: Value::Null,
+            history: HistorySpan::default(),
             created: 100,
             expires,
             duration_ms: None,
@@ -1513,6 +1668,102 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn admission_refused_changes_nothing_and_a_replay_begins_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(dir.path(), 60, 100).unwrap();
+        let admission = || Admission {
+            key: "sA/one".into(),
+            now: 100,
+            read: true,
+            with_history: true,
+            seen: Some(("replay-key".into(), 500, false)),
+        };
+        // Refused by its judge: the key is not used up, nothing is written.
+        let refused = store
+            .admit(admission(), |existing| {
+                assert!(existing.is_none());
+                Err::<((), Option<SessionRecord>), _>("no")
+            })
+            .await
+            .unwrap();
+        assert!(matches!(refused, Err(Refused::Decided("no"))));
+        assert!(store
+            .get_session("sA/one".into(), 100)
+            .await
+            .unwrap()
+            .is_none());
+        // Accepted: the key is recorded and the turn begins.
+        let running = record("one", SessionStatus::Running, None);
+        let ok = store
+            .admit(admission(), move |_| Ok::<_, ()>(((), Some(running))))
+            .await
+            .unwrap();
+        assert!(ok.is_ok());
+        let rec = store.get_session("sA/one".into(), 100).await.unwrap();
+        assert_eq!(rec.map(|r| r.status), Some(SessionStatus::Running));
+        // The same message again: a replay, and the judge's record is not written.
+        let mut done = record("one", SessionStatus::Done, Some(1_000));
+        done.prompt = "must not be written".into();
+        let again = store
+            .admit(admission(), move |existing| {
+                assert!(existing.is_some(), "the judge sees the session");
+                Ok::<_, ()>(((), Some(done)))
+            })
+            .await
+            .unwrap();
+        assert!(matches!(again, Err(Refused::Replayed)));
+        let rec = store
+            .get_session("sA/one".into(), 100)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (rec.status, rec.prompt.as_str()),
+            (SessionStatus::Running, "p")
+        );
+        store.close().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn an_expired_sessions_history_goes_with_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(dir.path(), 60, 100).unwrap();
+        let w = HistoryWrite::appending(HistorySpan::default(), msgs(&["q", "a"]), 10);
+        for key in ["sA/old", "sA/new"] {
+            let mut rec = record(key, SessionStatus::Done, Some(150));
+            if key == "sA/new" {
+                rec.expires = Some(1_000);
+            }
+            rec.history = w.result();
+            store
+                .finish_turn(key.into(), Some(w.clone()), None, rec)
+                .await
+                .unwrap();
+        }
+        let count = |store: Store| async move {
+            store
+                .call(Wait::Written, |ctx| Ok(ctx.trees.history.len()))
+                .await
+                .unwrap()
+        };
+        assert_eq!(count(store.clone()).await, 4);
+        let swept = store.sweep(200).await.unwrap();
+        assert_eq!(swept.sessions, vec!["sA/old".to_string()]);
+        assert_eq!(
+            count(store.clone()).await,
+            2,
+            "only the live session's messages"
+        );
+        let (_, history) = store
+            .get_session_with_history("sA/new".into(), 200, true)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(history, msgs(&["q", "a"]));
+        store.close().await.unwrap();
+    }
+
+    #[tokio::test]
     async fn what_was_answered_is_read_back_from_the_log_after_a_kill() {
         for durability in [Durability::Sync, Durability::default()] {
             let dir = tempfile::tempdir().unwrap();
@@ -1528,14 +1779,22 @@ mod tests {
                 .put_reply("sA/one".into(), 1, b"chunk".to_vec())
                 .await
                 .unwrap();
-            store
-                .finish_turn(
-                    "sA/one".into(),
-                    Some(b"final".to_vec()),
-                    record("one", SessionStatus::Done, Some(1_000)),
-                )
-                .await
-                .unwrap();
+            // Two turns of history; the second drops the first turn's question.
+            let first = HistoryWrite::appending(HistorySpan::default(), msgs(&["q1", "a1"]), 3);
+            let second = HistoryWrite::appending(first.result(), msgs(&["q2", "a2"]), 3);
+            let mut done = record("one", SessionStatus::Done, Some(1_000));
+            for w in [first, second] {
+                done.history = w.result();
+                store
+                    .finish_turn(
+                        "sA/one".into(),
+                        Some(w),
+                        Some(b"final".to_vec()),
+                        done.clone(),
+                    )
+                    .await
+                    .unwrap();
+            }
             assert!(store.record_seen("k".into(), 500, false).await.unwrap());
             assert_eq!(store.add_credits(a, 7).await.unwrap(), 7);
             assert!(store.set_mark(Mark::Contact, a, true, 1).await.unwrap());
@@ -1545,8 +1804,13 @@ mod tests {
             let (copy, opened) = Store::open_with(&killed, 60, 200, durability).unwrap();
             assert!(opened.unclean, "{durability:?}");
             assert!(opened.replayed >= 6, "{durability:?}: {opened:?}");
-            let rec = copy.get_session("sA/one".into(), 200).await.unwrap();
-            assert_eq!(rec.map(|r| r.status), Some(SessionStatus::Done));
+            let (rec, history) = copy
+                .get_session_with_history("sA/one".into(), 200, true)
+                .await
+                .unwrap()
+                .expect("the session came back");
+            assert_eq!(rec.status, SessionStatus::Done);
+            assert_eq!(history, msgs(&["a1", "q2", "a2"]), "{durability:?}");
             let kept: Vec<u64> = copy
                 .replies_after("sA/one".into(), 0)
                 .await
@@ -1569,11 +1833,16 @@ mod tests {
             // Closed cleanly: nothing to replay, and no unclean stop to report.
             let (again, opened) = Store::open_with(&killed, 60, 300, durability).unwrap();
             assert_eq!((opened.unclean, opened.replayed), (false, 0));
-            assert!(again
-                .get_session("sA/one".into(), 300)
+            let (_, history) = again
+                .get_session_with_history("sA/one".into(), 300, true)
                 .await
                 .unwrap()
-                .is_some());
+                .expect("the session is there");
+            assert_eq!(
+                history,
+                msgs(&["a1", "q2", "a2"]),
+                "read from sled this time"
+            );
             again.close().await.unwrap();
             store.close().await.unwrap();
         }
@@ -1590,7 +1859,7 @@ mod tests {
             tasks.push(tokio::spawn(async move {
                 let key = format!("sA/t{i}");
                 let rec = record(&format!("t{i}"), SessionStatus::Done, Some(1_000));
-                store.finish_turn(key, None, rec).await.unwrap();
+                store.finish_turn(key, None, None, rec).await.unwrap();
             }));
         }
         for t in tasks {
@@ -1679,7 +1948,7 @@ mod tests {
                     .await
                     .unwrap();
                 store
-                    .finish_turn(key, Some(vec![7; 300]), rec)
+                    .finish_turn(key, None, Some(vec![7; 300]), rec)
                     .await
                     .unwrap();
                 took.push(began.elapsed().as_secs_f64() * 1e6);

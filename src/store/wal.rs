@@ -44,6 +44,16 @@ pub(super) enum Op {
         key: Vec<u8>,
         value: Option<Vec<u8>>,
     },
+    /// A session's history changed (`history.rs`): messages `drop_from..keep_from`
+    /// dropped, `messages` (JSON) written as numbers `at..`, those before `keep_from`
+    /// skipped.
+    History {
+        session: Vec<u8>,
+        drop_from: u64,
+        keep_from: u64,
+        at: u64,
+        messages: Vec<Vec<u8>>,
+    },
 }
 
 /// The largest record replay accepts: a session record is bounded by the history
@@ -90,6 +100,23 @@ impl Op {
                 put_bytes(out, key);
                 put_optional(out, value.as_deref());
             }
+            Op::History {
+                session,
+                drop_from,
+                keep_from,
+                at,
+                messages,
+            } => {
+                out.push(8);
+                put_bytes(out, session);
+                for n in [drop_from, keep_from, at] {
+                    out.extend_from_slice(&n.to_be_bytes());
+                }
+                out.extend_from_slice(&(messages.len() as u32).to_be_bytes());
+                for m in messages {
+                    put_bytes(out, m);
+                }
+            }
         }
         let body_len = (out.len() - start - 8) as u32;
         let crc = crc32fast::hash(&out[start + 8..]);
@@ -125,6 +152,27 @@ impl Op {
                 key: r.bytes()?,
                 value: r.optional()?,
             },
+            8 => {
+                let session = r.bytes()?;
+                let (drop_from, keep_from, at) = (r.u64()?, r.u64()?, r.u64()?);
+                let count = r.u32()?;
+                // Each message takes at least its 4-byte length: a count the body
+                // cannot hold is damage, not a reason to allocate.
+                if count as usize > r.0.len() / 4 {
+                    return None;
+                }
+                let mut messages = Vec::with_capacity(count as usize);
+                for _ in 0..count {
+                    messages.push(r.bytes()?);
+                }
+                Op::History {
+                    session,
+                    drop_from,
+                    keep_from,
+                    at,
+                    messages,
+                }
+            }
             _ => return None,
         };
         r.0.is_empty().then_some(op)
@@ -296,6 +344,13 @@ mod tests {
             Op::Trust {
                 key: b"contact:0x1".to_vec(),
                 value: None,
+            },
+            Op::History {
+                session: b"sA/one".to_vec(),
+                drop_from: 3,
+                keep_from: 5,
+                at: 7,
+                messages: vec![br#"{"role":"user","content":"q"}"#.to_vec(), vec![]],
             },
             Op::RemoveSession {
                 key: b"sA/one".to_vec(),

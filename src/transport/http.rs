@@ -358,7 +358,7 @@ async fn reader(
 fn session_json(rec: &SessionRecord) -> Value {
     let mut v = serde_json::to_value(rec).unwrap_or(Value::Null);
     if let Some(obj) = v.as_object_mut() {
-        for internal in ["owner", "secret_hash", "origin"] {
+        for internal in ["owner", "secret_hash", "origin", "history"] {
             obj.remove(internal);
         }
     }

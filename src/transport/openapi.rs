@@ -214,7 +214,8 @@ pub(crate) struct Session {
     status: String,
     prompt: String,
     result: Option<String>,
-    /// The state a caller passes back for the next turn (history included).
+    /// The state a caller passes back for the next turn, with the session's history as
+    /// `messages`.
     session: Value,
     /// Unix seconds.
     created: u64,
