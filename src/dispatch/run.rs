@@ -3,9 +3,10 @@
 
 use std::time::{Duration, Instant};
 
+use futures::FutureExt;
 use serde_json::{json, Value};
 use tokio::sync::{broadcast, mpsc};
-use tracing::{info, warn, Instrument};
+use tracing::{info, warn};
 
 use super::scope::SessionSecret;
 use super::turn::{session_value, TurnStart};
@@ -85,15 +86,16 @@ impl Run {
         turn.hops = start.hops;
         turn.peers = inner.peers.get().cloned();
         let factory = inner.factory.clone();
-        // Its own task, so that a panic in the agent is caught as a JoinError; in this
-        // run's span, so the agent's own logs carry the request's id.
-        let agent_task = tokio::spawn(
-            async move {
-                let mut agent = factory.make();
-                agent.run(turn, &sink).await
-            }
-            .instrument(tracing::Span::current()),
-        );
+        // Polled by this task (a task of its own would cost a hop between threads per
+        // turn); a panic in it is caught here. The sink goes with it, so the chunk
+        // channel closes when it ends.
+        let agent = std::panic::AssertUnwindSafe(async move {
+            let mut agent = factory.make();
+            agent.run(turn, &sink).await
+        })
+        .catch_unwind();
+        let mut agent = Box::pin(agent);
+        let mut ended = None;
 
         let max_output = inner.config.max_output_bytes;
         let mut stream = Coalescer::default();
@@ -107,7 +109,6 @@ impl Run {
                         streamed += chunk.len();
                         if streamed > max_output {
                             // Stop the agent now: what it would write next is lost anyway.
-                            agent_task.abort();
                             overflowed = true;
                             break;
                         }
@@ -115,6 +116,7 @@ impl Run {
                     }
                     None => break,
                 },
+                done = &mut agent, if ended.is_none() => ended = Some(done),
                 _ = tokio::time::sleep_until(due.unwrap_or_else(tokio::time::Instant::now)), if due.is_some() => {}
             }
             for text in stream.ready(false) {
@@ -124,28 +126,30 @@ impl Run {
         for text in stream.ready(true) {
             self.stream(&start.session_id, &mut stream.seq, text).await;
         }
+        // Stopped, if it has not ended: whatever it would write next is lost anyway.
+        drop(agent);
         let seq = stream.seq;
-        let outcome = match agent_task.await {
+        // The channel closed: the agent has ended (dropping its sink), unless it was
+        // stopped for its output.
+        let outcome = match ended {
             _ if overflowed => Err((
                 ErrorCode::OutputTooLarge,
                 format!("the agent streamed more than {max_output} bytes (max_output_bytes); it was stopped"),
             )),
-            Ok(Ok(result)) if result.len() > max_output => Err((
+            None => Err((
+                ErrorCode::AgentCancelled,
+                "the agent run was cancelled".to_string(),
+            )),
+            Some(Ok(Ok(result))) if result.len() > max_output => Err((
                 ErrorCode::OutputTooLarge,
                 format!(
                     "the agent's answer of {} bytes is over max_output_bytes ({max_output})",
                     result.len()
                 ),
             )),
-            Ok(Ok(result)) => Ok(result),
-            Ok(Err(e)) => Err((ErrorCode::AgentError, format!("the agent failed: {e}"))),
-            Err(e) if e.is_panic() => {
-                Err((ErrorCode::AgentPanicked, "the agent panicked".to_string()))
-            }
-            Err(_) => Err((
-                ErrorCode::AgentCancelled,
-                "the agent run was cancelled".to_string(),
-            )),
+            Some(Ok(Ok(result))) => Ok(result),
+            Some(Ok(Err(e))) => Err((ErrorCode::AgentError, format!("the agent failed: {e}"))),
+            Some(Err(_)) => Err((ErrorCode::AgentPanicked, "the agent panicked".to_string())),
         };
         // The agent is done: its worker may take the next turn while this one is stored
         // (in `sync` durability, concurrent turns then share a sync of the log).
