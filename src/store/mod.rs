@@ -1942,13 +1942,28 @@ mod tests {
                     SessionStatus::Done,
                     Some(u64::MAX / 2),
                 );
+                // What a turn asks of the store: its admission (read, replay key,
+                // running record) and its end (two messages, the reply, the record).
                 let began = std::time::Instant::now();
+                let admission = Admission {
+                    key: key.clone(),
+                    now: 100,
+                    read: true,
+                    with_history: true,
+                    seen: Some((format!("seen-{tag}{i}"), u64::MAX / 2, false)),
+                };
+                let running = record(&key, SessionStatus::Running, None);
                 store
-                    .begin_turn(key.clone(), record(&key, SessionStatus::Running, None))
+                    .admit(admission, move |_| Ok::<_, ()>(((), Some(running))))
                     .await
+                    .unwrap()
                     .unwrap();
+                let history =
+                    HistoryWrite::appending(HistorySpan::default(), msgs(&["q", "a"]), 200);
+                let mut rec = rec;
+                rec.history = history.result();
                 store
-                    .finish_turn(key, None, Some(vec![7; 300]), rec)
+                    .finish_turn(key, Some(history), Some(vec![7; 300]), rec)
                     .await
                     .unwrap();
                 took.push(began.elapsed().as_secs_f64() * 1e6);
