@@ -1,7 +1,7 @@
 //! Following a session from another socket: its kept replies after a sequence number,
 //! then the live ones while it runs (RESUME).
 
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::mpsc;
 use tracing::warn;
 
 use super::{decode_kept, reply_seq, Dispatcher, Reader, Refusal, Rejected, REPLY_QUEUE};
@@ -30,36 +30,44 @@ impl Dispatcher {
         {
             return Err(unknown());
         }
-        // Subscribe before reading the store, so nothing falls between the two.
-        let live = self.live().get(&key).map(|tx| tx.subscribe());
         let (tx, rx) = mpsc::channel(REPLY_QUEUE);
         let this = self.clone();
         let session_id = session_id.to_owned();
         self.inner.runs.spawn(async move {
-            this.replay_replies(key, session_id, after, live, tx).await;
+            this.replay_replies(key, session_id, after, tx).await;
         });
         Ok(rx)
     }
 
-    /// Catches up from the store, then follows the live run; a lagging follower catches
-    /// up from the store again. Ends after the final reply.
+    /// Catches up (from the run's memory while it runs, from the store once it has
+    /// ended), then follows the live run; a lagging follower catches up again. Ends
+    /// after the final reply.
     async fn replay_replies(
         &self,
         key: String,
         session_id: String,
         mut after: u64,
-        mut live: Option<broadcast::Receiver<Envelope>>,
         tx: mpsc::Sender<Envelope>,
     ) {
         loop {
-            let kept = match self.inner.store.replies_after(key.clone(), after).await {
+            // Subscribe before reading the store, so nothing falls between the two: a
+            // run that ends in between has stored every reply before it goes.
+            let live = self.live().get(&key).map(|run| run.follow(after));
+            let (in_memory, mut feed) = match live {
+                Some((kept, rx)) => (kept, Some(rx)),
+                None => (Vec::new(), None),
+            };
+            let stored = match self.inner.store.replies_after(key.clone(), after).await {
                 Ok(k) => k,
                 Err(e) => {
                     warn!(error = %e, "reading kept replies failed");
                     return;
                 }
             };
-            for (seq, bytes) in kept {
+            for (seq, bytes) in stored.into_iter().chain(in_memory) {
+                if seq <= after {
+                    continue;
+                }
                 let Some(env) = decode_kept(&bytes) else {
                     continue;
                 };
@@ -68,32 +76,24 @@ impl Dispatcher {
                 }
                 after = seq;
             }
-            let Some(rx) = live.as_mut() else {
+            let Some(rx) = feed.as_mut() else {
                 // Not running and no final reply kept: a restart cut the run.
                 let err = Rejected::from(Refusal::Interrupted(session_id.clone()))
                     .or_session(Some(&session_id));
                 let _ = tx.send(self.error_envelope(&err)).await;
                 return;
             };
-            loop {
-                match rx.recv().await {
-                    Ok(env) => {
-                        let seq = reply_seq(&env);
-                        if seq <= after {
-                            continue;
-                        }
-                        if tx.send(env).await.is_err() || seq == FINAL_SEQ {
-                            return;
-                        }
-                        after = seq;
-                    }
-                    Err(broadcast::error::RecvError::Lagged(_)) => break,
-                    // The run ended; its final reply is in the store by now.
-                    Err(broadcast::error::RecvError::Closed) => {
-                        live = None;
-                        break;
-                    }
+            // Until it lags or the run ends (its replies are in the store by then):
+            // then catch up again.
+            while let Ok(env) = rx.recv().await {
+                let seq = reply_seq(&env);
+                if seq <= after {
+                    continue;
                 }
+                if tx.send(env).await.is_err() || seq == FINAL_SEQ {
+                    return;
+                }
+                after = seq;
             }
         }
     }

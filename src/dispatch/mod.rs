@@ -202,7 +202,7 @@ struct Inner {
     runs: TaskTracker,
     closed: AtomicBool,
     /// Running sessions' replies, for clients that follow a run from another socket.
-    live: Mutex<HashMap<String, broadcast::Sender<Envelope>>>,
+    live: Mutex<HashMap<String, Arc<LiveRun>>>,
     /// This node's counters: every transport's requests pass here, so each is counted once.
     metrics: NodeMetrics,
     /// How agents call other agents through this node, once the node knows its paths
@@ -462,8 +462,8 @@ impl Dispatcher {
                 .begin_turn(key.clone(), run_record.clone())
                 .await?;
         }
-        let (live_tx, _) = broadcast::channel(LIVE_BUFFER);
-        self.live().insert(key.clone(), live_tx.clone());
+        let live = Arc::new(LiveRun::new());
+        self.live().insert(key.clone(), live.clone());
 
         let (reply_tx, replies) = mpsc::channel(REPLY_QUEUE);
         let session_id = start.session_id.clone();
@@ -476,7 +476,7 @@ impl Dispatcher {
             in_reply_to: env.id().map(str::to_owned),
             files,
             reply_tx: Some(reply_tx),
-            live_tx,
+            live,
             transport: sub.transport,
             began,
         };
@@ -485,11 +485,11 @@ impl Dispatcher {
             async move {
                 let _slot = slot;
                 let dispatcher = run.dispatcher.clone();
-                let mine = run.live_tx.clone();
+                let mine = run.live.clone();
                 run.execute(start).await;
                 // Only this run's entry: the session's next turn may have its own by now.
                 let mut live = dispatcher.live();
-                if live.get(&key).is_some_and(|tx| tx.same_channel(&mine)) {
+                if live.get(&key).is_some_and(|run| Arc::ptr_eq(run, &mine)) {
                     live.remove(&key);
                 }
             }
@@ -587,8 +587,65 @@ impl Dispatcher {
         self.inner.runs.wait().await;
     }
 
-    fn live(&self) -> std::sync::MutexGuard<'_, HashMap<String, broadcast::Sender<Envelope>>> {
+    fn live(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<LiveRun>>> {
         self.inner.live.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// A running turn's replies as followers see them: its STREAMs so far, kept here (not in
+/// the store: a store job per chunk costs more than the chunk) until the turn's end
+/// stores them with its final reply, and the live feed. Bounded by `max_output_bytes`.
+pub(crate) struct LiveRun {
+    tx: broadcast::Sender<Envelope>,
+    /// `(seq, the signed STREAM as kept)`, in order.
+    kept: Mutex<Vec<(u64, Vec<u8>)>>,
+}
+
+impl LiveRun {
+    fn new() -> LiveRun {
+        LiveRun {
+            tx: broadcast::channel(LIVE_BUFFER).0,
+            kept: Mutex::new(Vec::new()),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(u64, Vec<u8>)>> {
+        self.kept.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A STREAM: kept, then sent to followers (under one lock, so that a follower's
+    /// snapshot and subscription miss nothing between them).
+    fn stream(&self, seq: u64, env: &Envelope) {
+        let mut kept = self.lock();
+        kept.push((seq, env.to_flat_string().into_bytes()));
+        if self.tx.receiver_count() > 0 {
+            let _ = self.tx.send(env.clone());
+        }
+    }
+
+    /// The final reply, to followers (the store has it, and the STREAMs, by now).
+    fn finish(&self, env: &Envelope) {
+        let _kept = self.lock();
+        if self.tx.receiver_count() > 0 {
+            let _ = self.tx.send(env.clone());
+        }
+    }
+
+    /// The STREAMs so far, for the turn's end to store.
+    fn kept(&self) -> Vec<(u64, Vec<u8>)> {
+        self.lock().clone()
+    }
+
+    /// A follower: the STREAMs kept after `after`, and the feed of the rest.
+    fn follow(&self, after: u64) -> (Vec<(u64, Vec<u8>)>, broadcast::Receiver<Envelope>) {
+        let kept = self.lock();
+        let rx = self.tx.subscribe();
+        let since = kept
+            .iter()
+            .filter(|(seq, _)| *seq > after)
+            .cloned()
+            .collect();
+        (since, rx)
     }
 }
 

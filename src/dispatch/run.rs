@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use futures::FutureExt;
 use serde_json::{json, Value};
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use super::scope::SessionSecret;
@@ -16,7 +16,7 @@ use crate::envelope::{unix_now, Envelope, Kind};
 use crate::identity::Address;
 use crate::metrics::{Outcome, Transport};
 use crate::proto::ErrorCode;
-use crate::store::{HistoryWrite, SessionRecord, SessionStatus};
+use crate::store::{HistoryWrite, SessionRecord, SessionStatus, FINAL_SEQ};
 
 /// At most one STREAM per window: chunks an agent writes faster are joined, so a flood
 /// of tiny chunks costs a bounded number of signatures and stored replies per second.
@@ -41,24 +41,17 @@ pub(super) struct Run {
     pub(super) files: Vec<Attachment>,
     /// The submitting transport; dropped once it stops taking replies.
     pub(super) reply_tx: Option<mpsc::Sender<Envelope>>,
-    pub(super) live_tx: broadcast::Sender<Envelope>,
+    pub(super) live: std::sync::Arc<super::LiveRun>,
     pub(super) transport: Transport,
     /// When the request reached the dispatcher.
     pub(super) began: Instant,
 }
 
 impl Run {
-    /// Keeps a reply for resuming clients, then hands it to followers and the submitter.
+    /// Keeps a STREAM for resuming clients (in memory until the turn's end), then hands
+    /// it to followers and the submitter.
     async fn publish(&mut self, seq: u64, env: Envelope) {
-        let store = &self.dispatcher.inner.store;
-        let bytes = env.to_flat_string().into_bytes();
-        if let Err(e) = store.put_reply(self.key.clone(), seq, bytes).await {
-            warn!(error = %e, "keeping a reply for resuming clients failed");
-        }
-        // A copy only for followers there are.
-        if self.live_tx.receiver_count() > 0 {
-            let _ = self.live_tx.send(env.clone());
-        }
+        self.live.stream(seq, &env);
         if let Some(tx) = &self.reply_tx {
             match tx.send_timeout(env, REPLY_SEND_TIMEOUT).await {
                 Ok(()) => {}
@@ -249,7 +242,8 @@ impl Run {
         // One job keeps the final reply and marks the session finished (in that order,
         // so a follower that sees it finished finds the reply), answered as the store's
         // durability says: the one store round trip on the answer's path.
-        let kept = Some(reply.to_flat_string().into_bytes());
+        let mut kept = self.live.kept();
+        kept.push((FINAL_SEQ, reply.to_flat_string().into_bytes()));
         let reply = match inner
             .store
             .finish_turn(self.key.clone(), history, kept, record)
@@ -284,9 +278,7 @@ impl Run {
             duration_ms = took.as_millis() as u64,
             "request"
         );
-        if self.live_tx.receiver_count() > 0 {
-            let _ = self.live_tx.send(reply.clone());
-        }
+        self.live.finish(&reply);
         if let Some(tx) = self.reply_tx.take() {
             let _ = tx.send_timeout(reply, REPLY_SEND_TIMEOUT).await;
         }

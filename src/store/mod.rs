@@ -488,22 +488,23 @@ impl Store {
     }
 
     /// A turn ends: its history change (`rec.history` is the span it results in), its
-    /// final reply (kept under [`FINAL_SEQ`], before the record says finished, so a
-    /// follower that sees it finished finds it) and its record, in one job, answered as
-    /// [`Durability`] says. The one store round trip on a turn's answer.
+    /// replies (the STREAMs, then the final reply under [`FINAL_SEQ`]; all before the
+    /// record says finished, so a follower that sees it finished finds them) and its
+    /// record, in one job, answered as [`Durability`] says. The one store round trip on a
+    /// turn's answer.
     pub async fn finish_turn(
         &self,
         key: String,
         history: Option<HistoryWrite>,
-        final_reply: Option<Vec<u8>>,
+        replies: Vec<(u64, Vec<u8>)>,
         rec: SessionRecord,
     ) -> Result<(), StoreError> {
         self.call(self.committed(), move |ctx| {
             if let Some(w) = history {
                 history::write(ctx, key.as_bytes(), w)?;
             }
-            if let Some(bytes) = final_reply {
-                log_reply(ctx, key.as_bytes(), FINAL_SEQ, bytes)?;
+            for (seq, bytes) in replies {
+                log_reply(ctx, key.as_bytes(), seq, bytes)?;
             }
             log_session(ctx, key.as_bytes(), &rec)
         })
@@ -1736,7 +1737,7 @@ mod tests {
             }
             rec.history = w.result();
             store
-                .finish_turn(key.into(), Some(w.clone()), None, rec)
+                .finish_turn(key.into(), Some(w.clone()), Vec::new(), rec)
                 .await
                 .unwrap();
         }
@@ -1789,7 +1790,7 @@ mod tests {
                     .finish_turn(
                         "sA/one".into(),
                         Some(w),
-                        Some(b"final".to_vec()),
+                        vec![(FINAL_SEQ, b"final".to_vec())],
                         done.clone(),
                     )
                     .await
@@ -1859,7 +1860,7 @@ mod tests {
             tasks.push(tokio::spawn(async move {
                 let key = format!("sA/t{i}");
                 let rec = record(&format!("t{i}"), SessionStatus::Done, Some(1_000));
-                store.finish_turn(key, None, None, rec).await.unwrap();
+                store.finish_turn(key, None, Vec::new(), rec).await.unwrap();
             }));
         }
         for t in tasks {
@@ -1963,7 +1964,7 @@ mod tests {
                 let mut rec = rec;
                 rec.history = history.result();
                 store
-                    .finish_turn(key, Some(history), Some(vec![7; 300]), rec)
+                    .finish_turn(key, Some(history), vec![(FINAL_SEQ, vec![7; 300])], rec)
                     .await
                     .unwrap();
                 took.push(began.elapsed().as_secs_f64() * 1e6);
