@@ -76,14 +76,6 @@ impl HistoryWrite {
     }
 }
 
-pub(super) fn message_key(session: &[u8], n: u64) -> Vec<u8> {
-    let mut key = Vec::with_capacity(session.len() + 9);
-    key.extend_from_slice(session);
-    key.push(0);
-    key.extend_from_slice(&n.to_be_bytes());
-    key
-}
-
 /// Applies a logged history change to sled: drops `drop_from..keep_from`, writes the
 /// messages numbered `at..` that are at or after `keep_from`. Blind, like every logged
 /// change: applying it twice ends in the same state.
@@ -96,8 +88,8 @@ pub(super) fn apply(
     messages: &[Vec<u8>],
 ) -> Result<(), StoreError> {
     if drop_from < keep_from {
-        let start = message_key(session, drop_from);
-        let end = message_key(session, keep_from);
+        let start = super::seq_key(session, drop_from);
+        let end = super::seq_key(session, keep_from);
         for key in t.history.range(start..end).keys() {
             t.history.remove(key?)?;
         }
@@ -105,18 +97,8 @@ pub(super) fn apply(
     for (i, bytes) in messages.iter().enumerate() {
         let n = at + i as u64;
         if n >= keep_from {
-            t.history.insert(message_key(session, n), &bytes[..])?;
+            t.history.insert(super::seq_key(session, n), &bytes[..])?;
         }
-    }
-    Ok(())
-}
-
-/// Every message of a session removed (the session was).
-pub(super) fn clear(t: &Trees, session: &[u8]) -> Result<(), StoreError> {
-    let mut prefix = session.to_vec();
-    prefix.push(0);
-    for key in t.history.scan_prefix(&prefix).keys() {
-        t.history.remove(key?)?;
     }
     Ok(())
 }
@@ -158,8 +140,8 @@ pub(super) fn read(
     if let Some(messages) = ctx.hot.get(session, span) {
         return Ok(messages);
     }
-    let start = message_key(session, span.from);
-    let end = message_key(session, span.to);
+    let start = super::seq_key(session, span.from);
+    let end = super::seq_key(session, span.to);
     let mut out = Vec::with_capacity(span.len());
     for item in ctx.trees.history.range(start..end) {
         let (_, bytes) = item?;
@@ -288,16 +270,7 @@ impl HotHistories {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn msgs(texts: &[&str]) -> Vec<Message> {
-        texts
-            .iter()
-            .map(|t| Message {
-                role: "user".into(),
-                content: (*t).into(),
-            })
-            .collect()
-    }
+    use crate::store::tests::msgs;
 
     #[test]
     fn a_turn_appends_after_the_span_and_drops_only_what_the_limit_cuts() {

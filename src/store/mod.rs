@@ -518,13 +518,7 @@ impl Store {
         now: u64,
     ) -> Result<Option<SessionRecord>, StoreError> {
         self.call(Wait::Written, move |ctx| {
-            match ctx.trees.sessions.get(key.as_bytes())? {
-                Some(bytes) => {
-                    let rec: SessionRecord = serde_json::from_slice(&bytes)?;
-                    Ok((!rec.is_expired(now)).then_some(rec))
-                }
-                None => Ok(None),
-            }
+            Ok(read_session(ctx, key.as_bytes(), now, false)?.map(|(rec, _)| rec))
         })
         .await
     }
@@ -916,9 +910,7 @@ fn log_session(ctx: &mut Ctx, key: &[u8], rec: &SessionRecord) -> Result<(), Sto
 }
 
 fn log_reply(ctx: &mut Ctx, session: &[u8], seq: u64, bytes: Vec<u8>) -> Result<(), StoreError> {
-    ctx.trees
-        .chunks
-        .insert(chunk_key_bytes(session, seq), &bytes[..])?;
+    ctx.trees.chunks.insert(seq_key(session, seq), &bytes[..])?;
     ctx.log(wal::Op::Reply {
         session: session.to_vec(),
         seq,
@@ -937,10 +929,15 @@ fn log_trust(ctx: &mut Ctx, key: Vec<u8>, value: Vec<u8>) -> Result<(), StoreErr
 }
 
 fn clear_replies(t: &Trees, session: &[u8]) -> Result<(), StoreError> {
+    clear_session_keys(&t.chunks, session)
+}
+
+/// Removes every `session 0x00 …` key of `tree` (a session's replies, or its history).
+fn clear_session_keys(tree: &sled::Tree, session: &[u8]) -> Result<(), StoreError> {
     let mut prefix = session.to_vec();
     prefix.push(0);
-    for key in t.chunks.scan_prefix(&prefix).keys() {
-        t.chunks.remove(key?)?;
+    for key in tree.scan_prefix(&prefix).keys() {
+        tree.remove(key?)?;
     }
     Ok(())
 }
@@ -954,7 +951,7 @@ fn remove_session(
 ) -> Result<Option<sled::IVec>, StoreError> {
     let old = index::remove(t, key, stale)?;
     clear_replies(t, key)?;
-    history::clear(t, key)?;
+    clear_session_keys(&t.history, key)?;
     Ok(old)
 }
 
@@ -979,7 +976,7 @@ fn apply(t: &Trees, op: wal::Op) -> Result<(), StoreError> {
             seq,
             bytes,
         } => {
-            t.chunks.insert(chunk_key_bytes(&session, seq), bytes)?;
+            t.chunks.insert(seq_key(&session, seq), bytes)?;
         }
         wal::Op::ClearReplies { session } => clear_replies(t, &session)?,
         wal::Op::History {
@@ -1191,10 +1188,12 @@ fn read_u64(value: Option<sled::IVec>) -> u64 {
 }
 
 fn chunk_key(session_id: &str, seq: u64) -> Vec<u8> {
-    chunk_key_bytes(session_id.as_bytes(), seq)
+    seq_key(session_id.as_bytes(), seq)
 }
 
-fn chunk_key_bytes(session_id: &[u8], seq: u64) -> Vec<u8> {
+/// `session 0x00 seq(be)`: the key of a session's reply `seq` (in `chunks`) or of its
+/// message `seq` (in `history`); they sort by `seq` within the session.
+fn seq_key(session_id: &[u8], seq: u64) -> Vec<u8> {
     let mut key = Vec::with_capacity(session_id.len() + 9);
     key.extend_from_slice(session_id);
     key.push(0);
@@ -1203,10 +1202,10 @@ fn chunk_key_bytes(session_id: &[u8], seq: u64) -> Vec<u8> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
-    fn msgs(texts: &[&str]) -> Vec<Message> {
+    pub(in crate::store) fn msgs(texts: &[&str]) -> Vec<Message> {
         texts
             .iter()
             .map(|t| Message {
