@@ -240,7 +240,7 @@ impl NodeMetrics {
         let store_queue = Gauge::default();
         registry.register(
             "store_queue",
-            "Jobs waiting for the store thread",
+            "Store jobs queued and not yet run",
             store_queue.clone(),
         );
         let relay_link = Family::<StateLabels, Gauge>::default();

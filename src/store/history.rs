@@ -4,7 +4,7 @@
 //! Message `n` of a session lives in the `history` tree under `key 0x00 n(be)`; the
 //! record names the numbers it holds ([`HistorySpan`]). Numbers only grow: a turn
 //! appends at `span.to`, and a caller that sends its own history has it written after
-//! the old one, which is dropped. The store thread keeps the newest histories it read or
+//! the old one, which is dropped. The store keeps the newest histories it read or
 //! wrote in memory ([`HotHistories`]), so a session's next turn reads none of them back.
 
 use std::collections::{HashMap, VecDeque};
@@ -160,8 +160,8 @@ struct Hot {
     bytes: usize,
 }
 
-/// The histories of recent sessions, held by the store thread (the only writer, so a
-/// copy is never stale unless its span says so), within [`HOT_BYTES`]. The oldest put
+/// The histories of recent sessions, held under the store's lock (whose jobs are the
+/// only writers, so a copy is never stale unless its span says so), within [`HOT_BYTES`]. The oldest put
 /// goes first.
 #[derive(Default)]
 pub(super) struct HotHistories {

@@ -11,8 +11,8 @@
 //! | `seen_expiry` | `expires` (u64 BE) ‖ replay key | empty; soonest due first |
 //!
 //! A session key is its scope (`a…/` or `s…/`, see `dispatch::scope`) then its id. Every
-//! write or removal of a session changes its record and these entries in one job on the
-//! store thread, logged as one change in the write-ahead log (see [`put`] for how a
+//! write or removal of a session changes its record and these entries in one store job,
+//! logged as one change in the write-ahead log (see [`put`] for how a
 //! replay repairs a half-done write), so they cannot disagree; a store without the
 //! [`INDEX_VERSION`] marker (written before the index existed, or whose build was cut
 //! short) has them rebuilt from the records once, when it is opened.

@@ -1,6 +1,6 @@
 //! Persistence in sled, inside co_dir: sessions (with an index of their metadata, see
 //! `index.rs`), the ids of signed messages already seen, and the replies kept for resuming
-//! clients. One thread owns sled (see [`Store`]).
+//! clients. Callers run their store work under one lock (see [`Store`]).
 
 mod history;
 mod index;
@@ -50,7 +50,7 @@ pub enum StoreError {
     Join(#[from] tokio::task::JoinError),
     #[error("store: flushing to disk failed: {0}")]
     Flush(String),
-    #[error("store: cannot start the store thread: {0}")]
+    #[error("store: cannot start a store thread: {0}")]
     Thread(String),
     #[error("store: closed")]
     Closed,
@@ -113,7 +113,7 @@ impl SessionRecord {
     }
 }
 
-/// The sled trees, owned by the store thread.
+/// The sled trees, behind the store's lock.
 struct Trees {
     db: sled::Db,
     sessions: sled::Tree,
@@ -223,7 +223,7 @@ enum Wait {
     Durable,
 }
 
-/// What the store thread gives a job: the trees, and the log records of its changes.
+/// What the store gives a job: the trees, and the log records of its changes.
 struct Ctx<'a> {
     trees: &'a Trees,
     log: Vec<u8>,
@@ -236,26 +236,9 @@ impl Ctx<'_> {
     }
 }
 
-type Answer = Box<dyn FnOnce(Result<(), String>) + Send>;
-
-/// How a job finishes: answered after its batch is written (or synced), with nothing to
-/// answer, or by closing the store.
-enum Completion {
-    Answer(Wait, Answer),
-    Silent,
-    /// Checkpoint, close sled (releasing its lock on the directory), then answer.
-    Close(Answer),
-}
-
-type Job = Box<dyn FnOnce(&mut Ctx) -> Completion + Send>;
-
 /// sled's page cache; its default (1 GiB) would let a busy node's memory grow far past
 /// what the sessions need.
 const CACHE_BYTES: u64 = 64 * 1024 * 1024;
-/// Jobs waiting for the store thread.
-const JOB_QUEUE: usize = 4096;
-/// Jobs that share one write (and one sync) of the log at most.
-const MAX_BATCH: usize = 512;
 /// sled is flushed and the log emptied once the log holds this much...
 const CHECKPOINT_BYTES: u64 = 16 * 1024 * 1024;
 /// ... or this long after the last checkpoint, whichever comes first.
@@ -267,16 +250,45 @@ const OPEN_MARKER: &str = "oonode.open";
 
 /// Handle to the store; cheap to clone.
 ///
-/// One thread owns sled and runs jobs in order, so blocking calls never touch the async
-/// workers and a read always sees the writes queued before it. Every change is also
-/// appended to a write-ahead log (`wal.rs`) with one write per batch of jobs, before any
-/// job of the batch is answered; [`Durability`] says whether answers also wait for the
-/// log's sync (shared by the batch: group commit).
+/// Jobs run one at a time, in the order they were queued, so a read sees every write
+/// queued before it. No thread of its own runs them: a caller queues its job, and if
+/// the store's lock is free it runs every queued job, its own and others', and answers
+/// them (flat combining); if not, it waits for the holder to run it. Alone, a job runs
+/// on its caller's thread with no hand-over to another thread and back (a pair of
+/// wake-ups each); under load, jobs run in batches, as many as queued meanwhile. A
+/// batch's changes go to a write-ahead log (`wal.rs`) in one write before any of its
+/// jobs is answered; [`Durability`] says whether answers also wait for the log's sync,
+/// which one thread does for every job waiting at the time (group commit).
 #[derive(Clone)]
 pub struct Store {
-    jobs: tokio::sync::mpsc::Sender<Job>,
-    metrics: StoreMetrics,
+    shared: std::sync::Arc<Shared>,
     durability: Durability,
+}
+
+/// What every handle shares.
+struct Shared {
+    /// The queue's receiving end, and the store (None once closed). Taken with
+    /// `try_lock` by callers, who never block on it.
+    state: std::sync::Mutex<(std::sync::mpsc::Receiver<Job>, Option<State>)>,
+    /// Jobs for whoever holds `state` next (a lock-free queue).
+    pending: std::sync::mpsc::Sender<Job>,
+    sync: std::sync::Arc<Syncer>,
+    checkpoints: std::sync::Arc<Kick>,
+    /// Jobs queued and not yet run (for `/metrics`); counted after they are sent and
+    /// uncounted when taken, so it may dip below zero for a moment.
+    queued: std::sync::atomic::AtomicIsize,
+    metrics: StoreMetrics,
+}
+
+/// The open store, behind [`Shared::state`]'s lock.
+struct State {
+    trees: Trees,
+    hot: history::HotHistories,
+    wal: wal::Wal,
+    /// The log records of the running job (kept to reuse its allocation).
+    log: Vec<u8>,
+    marker: PathBuf,
+    checkpointed: std::time::Instant,
 }
 
 impl Store {
@@ -328,34 +340,35 @@ impl Store {
         std::fs::File::create(&marker)
             .and_then(|f| f.sync_all())
             .map_err(io_error)?;
-        let (jobs, rx) = tokio::sync::mpsc::channel(JOB_QUEUE);
         let metrics = StoreMetrics::default();
-        let counted = metrics.clone();
-        let syncer = match durability {
-            Durability::Batched { window } => Some(Syncer::start(&wal, window, &metrics)?),
+        let window = match durability {
+            Durability::Batched { window } => Some(window),
             Durability::Sync => None,
         };
-        std::thread::Builder::new()
-            .name("oonode-store".into())
-            .spawn(move || {
-                StoreThread {
+        let sync = Syncer::start(wal.sync_handle().map_err(io_error)?, window, &metrics)?;
+        let checkpoints = std::sync::Arc::new(Kick::default());
+        let (pending, queue) = std::sync::mpsc::channel();
+        let shared = std::sync::Arc::new(Shared {
+            state: std::sync::Mutex::new((
+                queue,
+                Some(State {
                     trees,
                     hot: history::HotHistories::new(),
                     wal,
+                    log: Vec::new(),
                     marker,
-                    syncer,
-                    metrics: counted,
                     checkpointed: std::time::Instant::now(),
-                }
-                .run(rx)
-            })
-            .map_err(|e| StoreError::Thread(e.to_string()))?;
+                }),
+            )),
+            pending,
+            sync,
+            checkpoints: checkpoints.clone(),
+            queued: Default::default(),
+            metrics,
+        });
+        start_checkpointer(std::sync::Arc::downgrade(&shared), checkpoints)?;
         Ok((
-            Store {
-                jobs,
-                metrics,
-                durability,
-            },
+            Store { shared, durability },
             Opened {
                 interrupted: marked,
                 replayed,
@@ -369,49 +382,58 @@ impl Store {
         self.durability
     }
 
-    /// What the store thread counts, for `/metrics`.
+    /// What the store counts, for `/metrics`.
     pub(crate) fn metrics(&self) -> &StoreMetrics {
-        &self.metrics
+        &self.shared.metrics
     }
 
-    /// Jobs waiting for the store thread.
+    /// Store jobs queued and not yet run.
     pub(crate) fn queued(&self) -> usize {
-        JOB_QUEUE - self.jobs.capacity()
+        self.shared
+            .queued
+            .load(std::sync::atomic::Ordering::Relaxed)
+            .max(0) as usize
     }
 
-    /// Runs `f` on the store thread and answers once its batch is written, or synced
-    /// with `Wait::Durable`.
+    /// Runs `f` as a store job and answers once its batch is written to the log, or
+    /// synced with `Wait::Durable`. Also waits for the sync of any write an earlier job
+    /// waits for, so that no answer shows what a crash could still take back from an
+    /// answer not yet given.
     async fn call<T, F>(&self, wait: Wait, f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
         F: FnOnce(&mut Ctx) -> Result<T, StoreError> + Send + 'static,
     {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let job: Job = Box::new(move |ctx| {
-            let result = f(ctx);
-            Completion::Answer(
-                wait,
-                Box::new(move |stored| {
-                    let _ = tx.send(stored.map_err(StoreError::Flush).and(result));
-                }),
-            )
-        });
-        self.jobs.send(job).await.map_err(|_| StoreError::Closed)?;
-        rx.await.map_err(|_| StoreError::Closed)?
+        self.shared.submit(Box::new(move |ctx: Option<&mut Ctx>| {
+            let result = ctx.map_or(Err(StoreError::Closed), f);
+            let answer: Answer = Box::new(move |stored| {
+                let _ = tx.send((result, stored));
+            });
+            (wait, answer)
+        }));
+        // Ready at once when this caller ran the batch itself.
+        let (result, stored) = rx.await.map_err(|_| StoreError::Closed)?;
+        if let Some(position) = stored.map_err(Failed::into_error)? {
+            self.shared.sync.wait(position).await?;
+        }
+        result
     }
 
-    /// Queues `f` without waiting for it: jobs run in order, so a later read sees it.
+    /// Runs `f` without waiting for its answer: a later job sees it, and the turn's end
+    /// makes it durable. A failure is logged, not returned.
     async fn queue<F>(&self, f: F) -> Result<(), StoreError>
     where
         F: FnOnce(&mut Ctx) -> Result<(), StoreError> + Send + 'static,
     {
-        let job: Job = Box::new(move |ctx| {
-            if let Err(e) = f(ctx) {
+        self.shared.submit(Box::new(move |ctx: Option<&mut Ctx>| {
+            if let Err(e) = ctx.map_or(Err(StoreError::Closed), f) {
                 tracing::warn!(error = %e, "a queued store write failed");
             }
-            Completion::Silent
-        });
-        self.jobs.send(job).await.map_err(|_| StoreError::Closed)
+            let answer: Answer = Box::new(|_| {});
+            (Wait::Written, answer)
+        }));
+        Ok(())
     }
 
     /// What an answer the caller acts on waits for: the sync in `sync` mode, the write
@@ -763,16 +785,13 @@ impl Store {
     /// Checkpoints and closes the store; later calls on any handle fail with `Closed`.
     /// Once this returns, the directory can be opened again, as cleanly closed.
     pub async fn close(&self) -> Result<(), StoreError> {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let job: Job = Box::new(move |_| {
-            Completion::Close(Box::new(move |flushed| {
-                let _ = tx.send(flushed.map_err(StoreError::Flush));
-            }))
-        });
-        if self.jobs.send(job).await.is_err() {
-            return Ok(()); // Already closed.
+        let state = self.shared.lock().1.take();
+        // Jobs queued meanwhile are answered `Closed` by whoever takes the lock next.
+        self.shared.run_pending();
+        match state {
+            Some(state) => state.close(&self.shared.sync).map_err(StoreError::Flush),
+            None => Ok(()), // Already closed.
         }
-        rx.await.unwrap_or(Ok(()))
     }
 }
 
@@ -781,7 +800,7 @@ impl Trees {
         let db = sled::Config::new()
             .path(path)
             .cache_capacity(CACHE_BYTES)
-            // The store thread decides when sled writes to disk (checkpoints); the
+            // The store decides when sled writes to disk (checkpoints); the
             // write-ahead log keeps what came since.
             .flush_every_ms(None)
             .open()
@@ -873,7 +892,7 @@ pub struct Swept {
 }
 
 /// Writes a session's record and index entries (see `index.rs`), outside the log: for
-/// start-up, before the store thread runs.
+/// start-up, before any job runs.
 fn write_session(t: &Trees, key: &[u8], rec: &SessionRecord) -> Result<(), StoreError> {
     write_session_bytes(t, key, &serde_json::to_vec(rec)?, rec, None)?;
     Ok(())
@@ -1002,182 +1021,378 @@ fn io_error(e: std::io::Error) -> StoreError {
     StoreError::Flush(e.to_string())
 }
 
-/// Syncs the log within a window of its first unsynced write (batched durability), on
-/// a thread of its own so that no answer waits for it.
+/// A store job: runs under the lock and says what its answer waits for.
+/// Given no `Ctx` when the store is closed.
+type Job = Box<dyn FnOnce(Option<&mut Ctx>) -> (Wait, Answer) + Send>;
+/// Answers a job once its batch is written: the log position it must see synced, if any.
+type Answer = Box<dyn FnOnce(Result<Option<u64>, Failed>) + Send>;
+
+/// Why a job's batch was not written.
+#[derive(Debug, Clone)]
+enum Failed {
+    Closed,
+    Write(std::sync::Arc<str>),
+}
+
+impl Failed {
+    fn into_error(self) -> StoreError {
+        match self {
+            Failed::Closed => StoreError::Closed,
+            Failed::Write(e) => StoreError::Flush(e.to_string()),
+        }
+    }
+}
+
+/// Jobs that share one write (and one sync) of the log at most.
+const MAX_BATCH: usize = 512;
+
+impl Shared {
+    #[allow(clippy::type_complexity)]
+    fn lock(&self) -> std::sync::MutexGuard<'_, (std::sync::mpsc::Receiver<Job>, Option<State>)> {
+        // A job that panicked left sled's trees as sled left them: each change is atomic.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues a job, then runs the queue if nobody else is running it.
+    fn submit(&self, job: Job) {
+        // The receiver lives as long as `self`.
+        let _ = self.pending.send(job);
+        self.queued
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.run_pending();
+    }
+
+    /// Takes the lock if it is free and runs queued jobs until none is left. Whoever
+    /// lets go of the lock looks at the count of queued jobs again: a job queued while
+    /// the lock was held is run by its holder, or by the one who queued it (who counts
+    /// it only after queueing it, then tries the lock).
+    fn run_pending(&self) {
+        use std::sync::atomic::Ordering;
+        loop {
+            let mut guard = match self.state.try_lock() {
+                Ok(guard) => guard,
+                Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
+                Err(std::sync::TryLockError::WouldBlock) => return,
+            };
+            let (queue, state) = &mut *guard;
+            loop {
+                let batch: Vec<Job> = queue.try_iter().take(MAX_BATCH).collect();
+                if batch.is_empty() {
+                    break;
+                }
+                self.queued
+                    .fetch_sub(batch.len() as isize, Ordering::SeqCst);
+                match state.as_mut() {
+                    Some(st) => self.run_batch(st, batch),
+                    None => {
+                        for job in batch {
+                            let (_, answer) = job(None);
+                            answer(Err(Failed::Closed));
+                        }
+                    }
+                }
+            }
+            drop(guard);
+            if self.queued.load(Ordering::SeqCst) <= 0 {
+                return;
+            }
+        }
+    }
+
+    /// Runs a batch of jobs, writes their log records in one write, then answers them.
+    fn run_batch(&self, st: &mut State, batch: Vec<Job>) {
+        let mut answers = Vec::with_capacity(batch.len());
+        let mut durable = 0;
+        let mut log = std::mem::take(&mut st.log);
+        for job in batch {
+            let mut ctx = Ctx {
+                trees: &st.trees,
+                log,
+                hot: &mut st.hot,
+            };
+            let (wait, answer) = job(Some(&mut ctx));
+            log = ctx.log;
+            durable += usize::from(wait == Wait::Durable);
+            answers.push((wait, answer));
+        }
+        let written = st.wal.append(&log);
+        let bytes = log.len() as u64;
+        log.clear();
+        st.log = log;
+        let stored = match written {
+            Ok(()) => {
+                let position = self.sync.appended(bytes);
+                self.sync.wrote(position, bytes > 0, durable);
+                Ok(position)
+            }
+            Err(e) => Err(Failed::Write(e.to_string().into())),
+        };
+        if st.wal.len() >= CHECKPOINT_BYTES {
+            self.checkpoints.kick();
+        }
+        let floor = self.sync.floor();
+        for (wait, answer) in answers {
+            answer(stored.clone().map(|position| match wait {
+                Wait::Durable => Some(position),
+                Wait::Written => floor,
+            }));
+        }
+    }
+}
+
+impl State {
+    /// sled to disk, then the log emptied: everything appended so far is durable.
+    fn checkpoint(&mut self, sync: &Syncer) -> Result<(), String> {
+        self.trees.db.flush().map_err(|e| e.to_string())?;
+        self.wal.reset().map_err(|e| e.to_string())?;
+        self.checkpointed = std::time::Instant::now();
+        sync.all_durable();
+        Ok(())
+    }
+
+    /// The last checkpoint; then sled is closed (releasing its lock on the directory)
+    /// and the marker of an open store removed.
+    fn close(mut self, sync: &Syncer) -> Result<(), String> {
+        self.checkpoint(sync)?;
+        std::fs::remove_file(&self.marker).map_err(|e| e.to_string())
+    }
+}
+
+impl Drop for Shared {
+    /// The last handle gone: closed as [`Store::close`] would.
+    fn drop(&mut self) {
+        if let Some(state) = self.lock().1.take() {
+            if let Err(e) = state.close(&self.sync) {
+                tracing::error!(error = %e, "closing the store failed");
+            }
+        }
+        self.sync.stop();
+        self.checkpoints.stop();
+    }
+}
+
+/// A flag a thread sleeps on: set to wake it early, or to stop it.
+#[derive(Default)]
+struct Kick {
+    state: std::sync::Mutex<(bool, bool)>,
+    wake: std::sync::Condvar,
+}
+
+impl Kick {
+    fn kick(&self) {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if !st.0 {
+            st.0 = true;
+            self.wake.notify_one();
+        }
+    }
+
+    fn stop(&self) {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).1 = true;
+        self.wake.notify_one();
+    }
+
+    /// Sleeps until kicked or `timeout` passed; false once stopped.
+    fn sleep(&self, timeout: std::time::Duration) -> bool {
+        let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let (mut st, _) = self
+            .wake
+            .wait_timeout_while(st, timeout, |(kicked, stop)| !*kicked && !*stop)
+            .unwrap_or_else(|e| e.into_inner());
+        st.0 = false;
+        !st.1
+    }
+}
+
+/// Checkpoints on a thread of its own, every [`CHECKPOINT_EVERY`] or when the log
+/// passes [`CHECKPOINT_BYTES`]. Jobs wait for the lock meanwhile: sled's flush must not
+/// miss a change whose log record the reset removes.
+fn start_checkpointer(
+    shared: std::sync::Weak<Shared>,
+    kick: std::sync::Arc<Kick>,
+) -> Result<(), StoreError> {
+    std::thread::Builder::new()
+        .name("oonode-checkpoint".into())
+        .spawn(move || {
+            while kick.sleep(CHECKPOINT_EVERY) {
+                let Some(shared) = shared.upgrade() else {
+                    return;
+                };
+                let mut guard = shared.lock();
+                let Some(st) = guard.1.as_mut() else {
+                    return;
+                };
+                let due = st.wal.len() >= CHECKPOINT_BYTES
+                    || (st.wal.len() > 0 && st.checkpointed.elapsed() >= CHECKPOINT_EVERY);
+                if due {
+                    if let Err(e) = st.checkpoint(&shared.sync) {
+                        tracing::error!(error = %e, "store checkpoint failed; the log keeps growing");
+                    }
+                }
+                drop(guard);
+                // Jobs queued during the checkpoint found the lock taken.
+                shared.run_pending();
+            }
+        })
+        .map_err(|e| StoreError::Thread(e.to_string()))?;
+    Ok(())
+}
+
+/// Syncs the log on a thread of its own: at once for every job that waits for it (one
+/// sync serves all those waiting at the time: group commit), and in `batched` mode
+/// within `window` of a write nobody waits for.
+///
+/// Positions count the log's bytes since the store opened, across checkpoints, so a
+/// job can wait for "my records are durable" whatever was reset since.
 struct Syncer {
-    state: std::sync::Arc<(std::sync::Mutex<SyncState>, std::sync::Condvar)>,
+    state: std::sync::Mutex<SyncState>,
+    wake: std::sync::Condvar,
+    /// Bytes appended to the log since the store opened.
+    appended: std::sync::atomic::AtomicU64,
+    /// The highest position a job waits to see synced.
+    wanted: std::sync::atomic::AtomicU64,
+    /// Durable up to here; or failed at the given position.
+    synced: tokio::sync::watch::Sender<Synced>,
+    batched: bool,
 }
 
 #[derive(Default)]
 struct SyncState {
+    /// A write nobody waits for is not synced yet (`batched` mode).
     dirty: bool,
+    /// Jobs waiting for the next sync (for the metrics).
+    waiting: usize,
     stop: bool,
+}
+
+#[derive(Debug, Clone, Default)]
+struct Synced {
+    upto: u64,
+    failed: Option<(u64, std::sync::Arc<str>)>,
 }
 
 impl Syncer {
     fn start(
-        wal: &wal::Wal,
-        window: std::time::Duration,
+        file: std::fs::File,
+        window: Option<std::time::Duration>,
         metrics: &StoreMetrics,
-    ) -> Result<Syncer, StoreError> {
-        let file = wal.sync_handle().map_err(io_error)?;
-        let state = std::sync::Arc::new((
-            std::sync::Mutex::new(SyncState::default()),
-            std::sync::Condvar::new(),
-        ));
-        let shared = state.clone();
+    ) -> Result<std::sync::Arc<Syncer>, StoreError> {
+        let sync = std::sync::Arc::new(Syncer {
+            state: Default::default(),
+            wake: Default::default(),
+            appended: Default::default(),
+            wanted: Default::default(),
+            synced: tokio::sync::watch::Sender::new(Synced::default()),
+            batched: window.is_some(),
+        });
+        let this = sync.clone();
         let metrics = metrics.clone();
         std::thread::Builder::new()
             .name("oonode-wal-sync".into())
-            .spawn(move || {
-                let (lock, wake) = &*shared;
-                loop {
-                    let mut st = lock.lock().unwrap_or_else(|e| e.into_inner());
-                    while !st.dirty && !st.stop {
-                        st = wake.wait(st).unwrap_or_else(|e| e.into_inner());
-                    }
-                    if st.stop {
-                        return;
-                    }
-                    drop(st);
-                    std::thread::sleep(window);
-                    lock.lock().unwrap_or_else(|e| e.into_inner()).dirty = false;
-                    let began = std::time::Instant::now();
-                    if let Err(e) = file.sync_data() {
-                        tracing::error!(error = %e, "syncing the store's log failed");
-                    }
-                    metrics.flushes.inc();
-                    metrics.flush_seconds.observe(began.elapsed().as_secs_f64());
-                }
-            })
+            .spawn(move || this.serve(&file, window, &metrics))
             .map_err(|e| StoreError::Thread(e.to_string()))?;
-        Ok(Syncer { state })
+        Ok(sync)
     }
 
-    fn mark_dirty(&self) {
-        let (lock, wake) = &*self.state;
-        let mut st = lock.lock().unwrap_or_else(|e| e.into_inner());
-        if !st.dirty {
-            st.dirty = true;
-            wake.notify_one();
-        }
-    }
-}
-
-impl Drop for Syncer {
-    fn drop(&mut self) {
-        let (lock, wake) = &*self.state;
-        lock.lock().unwrap_or_else(|e| e.into_inner()).stop = true;
-        wake.notify_one();
-    }
-}
-
-/// The store thread's state.
-struct StoreThread {
-    trees: Trees,
-    hot: history::HotHistories,
-    wal: wal::Wal,
-    marker: PathBuf,
-    syncer: Option<Syncer>,
-    metrics: StoreMetrics,
-    checkpointed: std::time::Instant,
-}
-
-impl StoreThread {
-    /// Runs jobs in order, in batches: a batch's log records go out in one write before
-    /// any of its jobs is answered, and one sync serves every job that waits for it.
-    /// Ends (after a checkpoint) on `close` or when every handle is dropped.
-    fn run(mut self, mut jobs: tokio::sync::mpsc::Receiver<Job>) {
-        let mut closing = None;
-        let mut log = Vec::new();
-        while let Some(first) = jobs.blocking_recv() {
-            let mut answers: Vec<Answer> = Vec::new();
-            let mut wait = Wait::Written;
-            let mut durable = 0;
-            let mut next = Some(first);
-            while let Some(job) = next.take() {
-                let mut ctx = Ctx {
-                    trees: &self.trees,
-                    log: std::mem::take(&mut log),
-                    hot: &mut self.hot,
-                };
-                let done = job(&mut ctx);
-                log = ctx.log;
-                match done {
-                    Completion::Answer(w, answer) => {
-                        wait = wait.max(w);
-                        durable += usize::from(w == Wait::Durable);
-                        answers.push(answer);
-                    }
-                    Completion::Silent => {}
-                    Completion::Close(answer) => {
-                        closing = Some(answer);
-                        break;
-                    }
-                }
-                if answers.len() < MAX_BATCH {
-                    next = jobs.try_recv().ok();
+    fn serve(&self, file: &std::fs::File, window: Option<std::time::Duration>, m: &StoreMetrics) {
+        use std::sync::atomic::Ordering;
+        let mut tried = 0;
+        loop {
+            let lock = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            let wanted = |tried: u64| self.wanted.load(Ordering::Acquire) > tried;
+            let mut st = self
+                .wake
+                .wait_while(lock, |st| !st.stop && !st.dirty && !wanted(tried))
+                .unwrap_or_else(|e| e.into_inner());
+            if !wanted(tried) && !st.stop {
+                // Only writes nobody waits for: let the window gather more of them.
+                if let Some(window) = window {
+                    st = self
+                        .wake
+                        .wait_timeout_while(st, window, |st| !st.stop && !wanted(tried))
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0;
                 }
             }
-            let stored = self.commit(&mut log, wait, durable);
-            for answer in answers {
-                answer(stored.clone());
+            if st.stop {
+                return;
             }
-            if closing.is_some() {
-                break;
-            }
-            if self.wal.len() >= CHECKPOINT_BYTES
-                || (self.wal.len() > 0 && self.checkpointed.elapsed() >= CHECKPOINT_EVERY)
-            {
-                if let Err(e) = self.checkpoint() {
-                    tracing::error!(error = %e, "store checkpoint failed; the log keeps growing");
-                }
-            }
-        }
-        jobs.close();
-        let mut closed = self.commit(&mut log, Wait::Written, 0);
-        if closed.is_ok() {
-            closed = self.checkpoint();
-        }
-        if closed.is_ok() {
-            closed = std::fs::remove_file(&self.marker).map_err(|e| e.to_string());
-        }
-        drop(self);
-        if let Some(answer) = closing {
-            answer(closed);
-        }
-    }
-
-    /// Writes the batch's log records, and syncs them when a job waits for that.
-    /// `durable`: how many of the batch's jobs wait for the sync (for the metrics).
-    fn commit(&mut self, log: &mut Vec<u8>, wait: Wait, durable: usize) -> Result<(), String> {
-        let wrote = !log.is_empty();
-        self.wal.append(log).map_err(|e| e.to_string())?;
-        log.clear();
-        if wait == Wait::Durable {
+            st.dirty = false;
+            let waiting = std::mem::take(&mut st.waiting);
+            drop(st);
+            let target = self.appended.load(Ordering::Acquire);
             let began = std::time::Instant::now();
-            self.wal.sync().map_err(|e| e.to_string())?;
-            self.metrics.flushes.inc();
-            self.metrics
-                .flush_seconds
-                .observe(began.elapsed().as_secs_f64());
-            self.metrics.writes_per_flush.observe(durable as f64);
-        } else if wrote {
-            // In `sync` mode (no syncer) a write nobody waits for (a queued one) is
-            // synced with the next durable batch or checkpoint.
-            if let Some(syncer) = &self.syncer {
-                syncer.mark_dirty();
+            let synced = file.sync_data();
+            m.flushes.inc();
+            m.flush_seconds.observe(began.elapsed().as_secs_f64());
+            if waiting > 0 {
+                m.writes_per_flush.observe(waiting as f64);
+            }
+            tried = tried.max(target);
+            match synced {
+                Ok(()) => self.synced.send_modify(|s| s.upto = s.upto.max(target)),
+                Err(e) => {
+                    tracing::error!(error = %e, "syncing the store's log failed");
+                    let e: std::sync::Arc<str> = e.to_string().into();
+                    self.synced.send_modify(|s| s.failed = Some((target, e)));
+                }
             }
         }
-        Ok(())
     }
 
-    /// sled to disk, then the log emptied.
-    fn checkpoint(&mut self) -> Result<(), String> {
-        self.trees.db.flush().map_err(|e| e.to_string())?;
-        self.wal.reset().map_err(|e| e.to_string())?;
-        self.checkpointed = std::time::Instant::now();
-        Ok(())
+    /// Counts `bytes` appended (called under the store's lock); returns the log's end.
+    fn appended(&self, bytes: u64) -> u64 {
+        use std::sync::atomic::Ordering;
+        self.appended.fetch_add(bytes, Ordering::AcqRel) + bytes
+    }
+
+    /// A batch ending at `position` was written (called under the store's lock):
+    /// `durable` of its jobs wait for its sync; `wrote` says whether it wrote anything
+    /// (for `batched` mode's sync within the window).
+    fn wrote(&self, position: u64, wrote: bool, durable: usize) {
+        use std::sync::atomic::Ordering;
+        if durable > 0 {
+            self.wanted.fetch_max(position, Ordering::AcqRel);
+            let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            st.waiting += durable;
+            self.wake.notify_one();
+        } else if wrote && self.batched {
+            let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            if !st.dirty {
+                st.dirty = true;
+                self.wake.notify_one();
+            }
+        }
+    }
+
+    /// The position a job waits for, jobs before it wait for and is not synced yet.
+    fn floor(&self) -> Option<u64> {
+        let wanted = self.wanted.load(std::sync::atomic::Ordering::Acquire);
+        (wanted > self.synced.borrow().upto).then_some(wanted)
+    }
+
+    /// Waits until the log is durable up to `position`.
+    async fn wait(&self, position: u64) -> Result<(), StoreError> {
+        let mut rx = self.synced.subscribe();
+        let s = rx
+            .wait_for(|s| s.upto >= position || s.failed.as_ref().is_some_and(|f| f.0 >= position))
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        match &s.failed {
+            Some((_, e)) if s.upto < position => Err(StoreError::Flush(e.to_string())),
+            _ => Ok(()),
+        }
+    }
+
+    /// A checkpoint made everything appended so far durable.
+    fn all_durable(&self) {
+        let end = self.appended.load(std::sync::atomic::Ordering::Acquire);
+        self.synced.send_modify(|s| s.upto = s.upto.max(end));
+    }
+
+    fn stop(&self) {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).stop = true;
+        self.wake.notify_one();
     }
 }
 

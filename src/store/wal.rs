@@ -1,10 +1,10 @@
 //! The store's write-ahead log: `oonode.wal` beside sled's files.
 //!
 //! sled keeps recent writes in memory until it flushes, and a flush costs a sync of its
-//! own log. The store thread instead appends every change to this file with one
-//! `write(2)` per batch of jobs before answering any of them, so a killed process loses
-//! nothing it answered (the bytes are in the kernel), and syncs it when the durability
-//! mode asks (every batch, or within a window). sled is flushed only at checkpoints,
+//! own log. The store instead appends every job's changes to this file with one
+//! `write(2)` before the job returns, so a killed process loses nothing it answered
+//! (the bytes are in the kernel), and syncs it when the durability mode asks (once for
+//! all jobs waiting, or within a window). sled is flushed only at checkpoints,
 //! after which the log is emptied. On open, whatever the log holds is applied to sled
 //! again: every change is a blind write (a value, not a delta), so applying it over a
 //! sled state that already holds some of it ends in the same state.
@@ -286,11 +286,6 @@ impl Wal {
         Ok(())
     }
 
-    /// Makes everything appended so far durable.
-    pub(super) fn sync(&self) -> std::io::Result<()> {
-        self.file.sync_data()
-    }
-
     /// A handle for syncing from another thread.
     pub(super) fn sync_handle(&self) -> std::io::Result<File> {
         self.file.try_clone()
@@ -434,7 +429,7 @@ mod tests {
             assert!(read.is_empty() && clean);
             wal.append(&encode(&ops[..3])).unwrap();
             wal.append(&encode(&ops[3..])).unwrap();
-            wal.sync().unwrap();
+            wal.sync_handle().unwrap().sync_data().unwrap();
         }
         let (mut wal, read, clean) = Wal::open(&path).unwrap();
         assert_eq!((read, clean), (ops, true));
