@@ -29,6 +29,8 @@ use crate::trust::Caller;
 
 /// Frames queued for one socket before the client counts as too slow.
 const OUTBOUND_QUEUE: usize = 256;
+/// At most this many queued frames go out with one flush.
+const WRITE_BATCH: usize = 32;
 /// How long a reply may wait for room in a slow client's queue before it is cut off.
 const SLOW_CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long one frame may take to write.
@@ -165,17 +167,25 @@ impl Connection {
         let closed = self.closed.clone();
         let writer = tokio::spawn(async move {
             let mut sealer: Option<SealSender> = None;
-            while let Some(next) = out_rx.recv().await {
-                let text = match (next, &mut sealer) {
-                    (Outbound::StartSealing(s), _) => {
-                        sealer = Some(s);
-                        continue;
+            let mut batch = Vec::new();
+            // Every frame queued by now goes out with one flush: a turn's STREAMs and
+            // its OUTPUT often share one write.
+            while out_rx.recv_many(&mut batch, WRITE_BATCH).await > 0 {
+                let sent = async {
+                    for next in batch.drain(..) {
+                        let text = match (next, &mut sealer) {
+                            (Outbound::StartSealing(s), _) => {
+                                sealer = Some(s);
+                                continue;
+                            }
+                            (Outbound::Frame(text), Some(s)) => s.seal(&text, None),
+                            (Outbound::Frame(text), None) => text,
+                        };
+                        sink.feed(Message::Text(text.into())).await?;
                     }
-                    (Outbound::Frame(text), Some(s)) => s.seal(&text, None),
-                    (Outbound::Frame(text), None) => text,
+                    sink.flush().await
                 };
-                let msg = Message::Text(text.into());
-                match tokio::time::timeout(WRITE_TIMEOUT, sink.send(msg)).await {
+                match tokio::time::timeout(WRITE_TIMEOUT, sent).await {
                     Ok(Ok(())) => {}
                     _ => {
                         closed.cancel();
