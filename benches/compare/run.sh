@@ -4,6 +4,7 @@
 #   benches/compare/run.sh                       # 10 s per wrk run, 1,000 WS turns (~6 min)
 #   COMPARE_SECS=3 COMPARE_WS_TURNS=200 benches/compare/run.sh   # a quick smoke run
 #   COMPARE_JSON=out.json benches/compare/run.sh # also keep every measurement as JSON
+#   COMPARE_ONLY=ws,new64 benches/compare/run.sh  # only these figures, printed as JSON
 #
 # Builds nothing: it uses target/release/oonode. Makes target/venv-connectonion (the venv
 # tests/connectonion_agent.sh and tests/interop.sh share) when it lacks the pinned
@@ -71,6 +72,7 @@ turns=${COMPARE_WS_TURNS:-1000}
 limit=$(( 18 * (secs + 90) + 2 * 300 + 120 ))
 extra=()
 [ -n "${COMPARE_JSON:-}" ] && extra+=(--json "$(realpath -m "$COMPARE_JSON")")
+[ -n "${COMPARE_ONLY:-}" ] && extra+=(--only "$COMPARE_ONLY")
 (cd "$scratch" && exec timeout "$limit" "$root/$venv/bin/python" "$here/compare.py" \
   --oonode "$bin" --scratch "$scratch" --secs "$secs" --ws-turns "$turns" "${extra[@]}") &
 driver=$!
