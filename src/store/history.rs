@@ -161,8 +161,8 @@ struct Hot {
 }
 
 /// The histories of recent sessions, held under the store's lock (whose jobs are the
-/// only writers, so a copy is never stale unless its span says so), within [`HOT_BYTES`]. The oldest put
-/// goes first.
+/// only writers, so a copy is never stale unless its span says so), within
+/// [`HOT_BYTES`]. The oldest put goes first.
 #[derive(Default)]
 pub(super) struct HotHistories {
     map: HashMap<Vec<u8>, Hot>,

@@ -217,7 +217,7 @@ pub struct Opened {
 }
 
 /// When a job's answer may go: once its batch is written to the log, or synced.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Wait {
     Written,
     Durable,
@@ -610,19 +610,6 @@ impl Store {
             Ok(fresh)
         })
         .await
-    }
-
-    /// Keeps one signed reply of a session (a STREAM chunk, or the final reply under
-    /// [`FINAL_SEQ`]). Queued without waiting for it: jobs run in order, so any later
-    /// read sees it, and the turn's end makes it durable.
-    pub async fn put_reply(
-        &self,
-        session_id: String,
-        seq: u64,
-        bytes: Vec<u8>,
-    ) -> Result<(), StoreError> {
-        self.queue(move |ctx| log_reply(ctx, session_id.as_bytes(), seq, bytes))
-            .await
     }
 
     /// The kept replies of a session with a sequence number above `after`, in order (the
@@ -1430,6 +1417,17 @@ pub(super) mod tests {
             .collect()
     }
 
+    /// Keeps one reply of a session, as a turn's end does with its STREAMs.
+    async fn put_reply(store: &Store, session: &str, seq: u64, bytes: Vec<u8>) {
+        let session = session.to_owned();
+        store
+            .call(Wait::Written, move |ctx| {
+                log_reply(ctx, session.as_bytes(), seq, bytes)
+            })
+            .await
+            .unwrap();
+    }
+
     fn record(id: &str, status: SessionStatus, expires: Option<u64>) -> SessionRecord {
         SessionRecord {
             session_id: id.into(),
@@ -1453,16 +1451,10 @@ pub(super) mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (store, _) = Store::open(dir.path(), 60, 100).unwrap();
         for seq in [3, 1, FINAL_SEQ, 2] {
-            store
-                .put_reply("s".into(), seq, seq.to_string().into_bytes())
-                .await
-                .unwrap();
+            put_reply(&store, "s", seq, seq.to_string().into_bytes()).await;
         }
         // A session whose id extends this one's must not leak in.
-        store
-            .put_reply("s2".into(), 5, b"other".to_vec())
-            .await
-            .unwrap();
+        put_reply(&store, "s2", 5, b"other".to_vec()).await;
         store
             .begin_turn("s2".into(), record("s2", SessionStatus::Running, None))
             .await
@@ -1548,14 +1540,8 @@ pub(super) mod tests {
             .is_none());
         assert!(store.record_seen("k".into(), 150, false).await.unwrap());
         assert!(!store.record_seen("k".into(), 150, false).await.unwrap());
-        store
-            .put_reply("old".into(), 1, b"c1".to_vec())
-            .await
-            .unwrap();
-        store
-            .put_reply("run".into(), 1, b"r1".to_vec())
-            .await
-            .unwrap();
+        put_reply(&store, "old", 1, b"c1".to_vec()).await;
+        put_reply(&store, "run", 1, b"r1".to_vec()).await;
         assert_eq!(
             store.sweep(160).await.unwrap(),
             Swept {
@@ -1990,10 +1976,7 @@ pub(super) mod tests {
                 .begin_turn("sA/one".into(), record("one", SessionStatus::Running, None))
                 .await
                 .unwrap();
-            store
-                .put_reply("sA/one".into(), 1, b"chunk".to_vec())
-                .await
-                .unwrap();
+            put_reply(&store, "sA/one", 1, b"chunk".to_vec()).await;
             // Two turns of history; the second drops the first turn's question.
             let first = HistoryWrite::appending(HistorySpan::default(), msgs(&["q1", "a1"]), 3);
             let second = HistoryWrite::appending(first.result(), msgs(&["q2", "a2"]), 3);
