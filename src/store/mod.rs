@@ -784,6 +784,7 @@ impl Store {
 
 impl Trees {
     fn open(path: &Path) -> Result<Trees, StoreError> {
+        wait_for_sled_unlock(path);
         let db = sled::Config::new()
             .path(path)
             .cache_capacity(CACHE_BYTES)
@@ -1141,9 +1142,42 @@ impl State {
     /// and the marker of an open store removed.
     fn close(mut self, sync: &Syncer) -> Result<(), String> {
         self.checkpoint(sync)?;
-        std::fs::remove_file(&self.marker).map_err(|e| e.to_string())
+        std::fs::remove_file(&self.marker).map_err(|e| e.to_string())?;
+        let State { trees, marker, .. } = self;
+        drop(trees);
+        if let Some(dir) = marker.parent() {
+            wait_for_sled_unlock(dir);
+        }
+        Ok(())
     }
 }
+
+/// sled lets go of its lock on the directory (an `flock` on its `db` file) when the last
+/// reference to it goes, and its I/O threads may drop theirs just after the database is
+/// dropped: a directory closed a moment ago (in this process) can still be locked. So
+/// closing and opening wait, at most a second, until the lock can be taken, and let it
+/// go: a closed store opens again at once (with sled itself too), and a directory
+/// another live process holds still fails in sled's open, as before.
+#[cfg(unix)]
+fn wait_for_sled_unlock(dir: &Path) {
+    use std::os::fd::AsRawFd;
+    let Ok(file) = std::fs::File::open(dir.join("db")) else {
+        return;
+    };
+    for _ in 0..1000 {
+        // SAFETY: flock on a descriptor this function owns, open for the whole call.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            // SAFETY: as above; the lock was just taken through this descriptor.
+            unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_UN) };
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    tracing::warn!("sled still holds its lock a second after the store closed");
+}
+
+#[cfg(not(unix))]
+fn wait_for_sled_unlock(_dir: &Path) {}
 
 impl Drop for Shared {
     /// The last handle gone: closed as [`Store::close`] would.
