@@ -267,12 +267,12 @@ impl Envelope {
             }
         }
         let key = from.verifying_key();
-        let value = Value::Object(self.payload.clone());
-        let ascii = canonical_json(&value);
+        let ascii = canonical_json_object(&self.payload);
         if key.verify_strict(&ascii, &sig).is_ok() {
             return Ok(from);
         }
-        let utf8 = canonical_json_utf8(&value);
+        let mut utf8 = Vec::with_capacity(ascii.len());
+        write_canonical_object(&self.payload, false, Separators::COMPACT, &mut utf8);
         if utf8 != ascii && key.verify_strict(&utf8, &sig).is_ok() {
             return Ok(from);
         }

@@ -41,7 +41,7 @@ pub struct Address([u8; 32]);
 impl Address {
     /// Wraps raw key bytes, checking that they are a valid ed25519 point.
     pub fn from_bytes(bytes: [u8; 32]) -> Result<Self, AddressError> {
-        VerifyingKey::from_bytes(&bytes).map_err(|_| AddressError::NotAKey)?;
+        decompressed(&bytes).ok_or(AddressError::NotAKey)?;
         Ok(Address(bytes))
     }
 
@@ -52,7 +52,7 @@ impl Address {
     /// The ed25519 key to verify signatures of this address with.
     pub fn verifying_key(&self) -> VerifyingKey {
         // Checked at construction.
-        VerifyingKey::from_bytes(&self.0).expect("address holds a valid key")
+        decompressed(&self.0).expect("address holds a valid key")
     }
 
     /// `0x3d40…9c98`: for logs and tables, never for identification.
@@ -78,6 +78,31 @@ impl Address {
         key.copy_from_slice(&bytes[PEER_ID_ED25519_PREFIX.len()..]);
         Address::from_bytes(key)
     }
+}
+
+/// Keys decompressed lately, per thread: direct-mapped, keyed by the whole key.
+const KEY_CACHE: usize = 64;
+
+/// `bytes` as an ed25519 key, None if they are not one. Decompressing a key takes a square
+/// root in the field, about what a signature costs, and a message names the same few keys
+/// (its signer, this node) two to four times, so decompressed keys are kept. A key an
+/// attacker picks only evicts another; what is kept is a pure function of the bytes.
+fn decompressed(bytes: &[u8; 32]) -> Option<VerifyingKey> {
+    thread_local! {
+        static KEYS: std::cell::RefCell<[Option<VerifyingKey>; KEY_CACHE]> =
+            const { std::cell::RefCell::new([None; KEY_CACHE]) };
+    }
+    // The key's last bytes are as random as its first; any byte picks a slot.
+    let slot = usize::from(bytes[1]) % KEY_CACHE;
+    KEYS.with(|keys| {
+        let mut keys = keys.borrow_mut();
+        if let Some(key) = keys[slot].filter(|k| k.as_bytes() == bytes) {
+            return Some(key);
+        }
+        let key = VerifyingKey::from_bytes(bytes).ok()?;
+        keys[slot] = Some(key);
+        Some(key)
+    })
 }
 
 impl FromStr for Address {
@@ -375,6 +400,26 @@ mod tests {
             let upper = format!("0X{}", text[2..].to_uppercase());
             proptest::prop_assert_eq!(upper.parse::<Address>().unwrap(), a);
             proptest::prop_assert_eq!(Address::from_peer_id(&a.peer_id()).unwrap(), a);
+        }
+
+        /// The cache of decompressed keys answers as the check itself does, whatever
+        /// came before in the same slot (every key here shares slot 0).
+        #[test]
+        fn kept_keys_answer_as_decompressing_does(
+            keys in proptest::collection::vec(proptest::prelude::any::<[u8; 32]>(), 1..40),
+            seeds in proptest::collection::vec(proptest::prelude::any::<[u8; 32]>(), 1..10),
+        ) {
+            let valid = seeds.iter().map(|s| Identity::from_seed(*s).address().0);
+            let mut all: Vec<[u8; 32]> = keys.into_iter().chain(valid).collect();
+            all.iter_mut().for_each(|k| k[1] = 0);
+            for bytes in all.iter().chain(all.iter().rev()) {
+                let direct = VerifyingKey::from_bytes(bytes).ok();
+                proptest::prop_assert_eq!(decompressed(bytes), direct);
+                if direct.is_some() {
+                    let a = Address::from_bytes(*bytes).unwrap();
+                    proptest::prop_assert_eq!(&a.verifying_key().to_bytes(), bytes);
+                }
+            }
         }
 
         #[test]
