@@ -5,7 +5,7 @@
 //! | tree | key | value |
 //! | --- | --- | --- |
 //! | `session_meta` | session key | [`SessionMeta`]: what the entries below were made from |
-//! | `session_list` | scope ‖ `!created` (u64 BE) ‖ id | [`SessionMeta`]; one scope's sessions, newest first |
+//! | `session_list` | scope ‖ `!created` (u64 BE) ‖ id | empty; one scope's sessions, newest first |
 //! | `session_expiry` | `expires` (u64 BE) ‖ session key | empty; soonest due first |
 //! | `session_running` | session key | empty; the sessions a crash would leave running |
 //! | `seen_expiry` | `expires` (u64 BE) ‖ replay key | empty; soonest due first |
@@ -151,7 +151,9 @@ fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
 
 /// Writes a session's record (`body`) and its index entries, replacing the entries of
 /// what was stored under `key` before; returns that earlier meta as stored (JSON), for
-/// the log.
+/// the log. An entry the earlier meta already implies is not written again (a session's
+/// place in its listing is written once, when it is created), unless `repair`: a replay
+/// of the log writes every entry, as sled may hold only part of an earlier write.
 ///
 /// Not atomic across the trees, and no sled transaction (each would write sled's log
 /// out): the store's write-ahead log makes a change atomic instead. A crash can leave a
@@ -164,6 +166,7 @@ pub(super) fn put(
     body: &[u8],
     meta: &SessionMeta,
     stale: Option<&SessionMeta>,
+    repair: bool,
 ) -> Result<Option<sled::IVec>, StoreError> {
     let meta_bytes = serde_json::to_vec(meta)?;
     let replaced = t.meta.insert(key, meta_bytes.as_slice())?;
@@ -179,8 +182,9 @@ pub(super) fn put(
             t.expiry.remove(expiry_key(e, key))?;
         }
     }
-    t.list
-        .insert(list_key(key, meta.created), meta_bytes.as_slice())?;
+    if repair || old.as_ref().map(|o| o.created) != Some(meta.created) {
+        t.list.insert(list_key(key, meta.created), &[])?;
+    }
     if let Some(e) = meta.expires {
         t.expiry.insert(expiry_key(e, key), &[])?;
     }
@@ -214,11 +218,11 @@ pub(super) fn remove(
 }
 
 /// Up to `limit` sessions of the scope `scope` (a session key's prefix, `a…/` or
-/// `s…/`), newest first, after `after`. Reads at most `limit + 1` index entries and no
-/// record. Expired sessions the sweeper has not removed yet are skipped but count
-/// toward `limit`: a page may be short while `next` is still set.
+/// `s…/`), newest first, after `after`. Reads at most `limit + 1` listing entries and
+/// the meta of each, no record. Expired sessions the sweeper has not removed yet are
+/// skipped but count toward `limit`: a page may be short while `next` is still set.
 pub(super) fn page(
-    list: &sled::Tree,
+    t: &Trees,
     scope: &[u8],
     limit: usize,
     after: Option<&PageCursor>,
@@ -232,15 +236,23 @@ pub(super) fn page(
     let mut sessions = Vec::new();
     let mut last = None;
     let mut more = false;
-    for (read, item) in list.range::<Vec<u8>, _>((start, end)).enumerate() {
+    let mut session = scope.to_vec();
+    for (read, key) in t.list.range::<Vec<u8>, _>((start, end)).keys().enumerate() {
         if read == limit {
             more = true;
             break;
         }
-        let (key, value) = item?;
-        let meta: SessionMeta = serde_json::from_slice(&value)?;
-        if !meta.is_expired(now) {
-            sessions.push(meta);
+        let key = key?;
+        // The session's key: the listing's without the creation time.
+        session.truncate(scope.len());
+        session.extend_from_slice(key.get(scope.len() + 8..).unwrap_or_default());
+        // (An entry without a meta is left by a write cut short; the next replay of
+        // the log or removal of the session removes it.)
+        if let Some(bytes) = t.meta.get(&session)? {
+            let meta: SessionMeta = serde_json::from_slice(&bytes)?;
+            if !meta.is_expired(now) {
+                sessions.push(meta);
+            }
         }
         last = Some(key);
     }
@@ -370,10 +382,8 @@ struct IndexBatch {
 
 impl IndexBatch {
     fn add(&mut self, key: &[u8], meta: &SessionMeta) -> Result<(), StoreError> {
-        let bytes = serde_json::to_vec(meta)?;
-        self.list
-            .insert(list_key(key, meta.created), bytes.as_slice());
-        self.meta.insert(key, bytes);
+        self.list.insert(list_key(key, meta.created), &[]);
+        self.meta.insert(key, serde_json::to_vec(meta)?);
         if let Some(e) = meta.expires {
             self.expiry.insert(expiry_key(e, key), &[]);
         }

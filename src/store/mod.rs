@@ -22,6 +22,8 @@ pub use uploads::{Upload, UploadError, Uploads};
 
 const SESSIONS: &str = "sessions";
 const SEEN: &str = "seen";
+const REPLIES: &str = "replies";
+/// Where stores written before [`REPLIES`] kept one reply per key; moved on open.
 const CHUNKS: &str = "chunks";
 /// Session histories, a message per entry (`history.rs`).
 const HISTORY: &str = "history";
@@ -118,8 +120,9 @@ struct Trees {
     db: sled::Db,
     sessions: sled::Tree,
     seen: sled::Tree,
-    /// `session_id 0x00 seq(be)` → the signed reply, for clients that resume.
-    chunks: sled::Tree,
+    /// session key → its latest turn's kept replies, for clients that resume
+    /// ([`encode_replies`]).
+    replies: sled::Tree,
     /// `session key 0x00 n(be)` → message `n` of the session's history.
     history: sled::Tree,
     trust: sled::Tree,
@@ -313,6 +316,8 @@ impl Store {
         let marker = path.join(OPEN_MARKER);
         let unclean = marker.exists();
         let (mut wal, ops, _) = wal::Wal::open(&path.join(WAL_FILE)).map_err(io_error)?;
+        // Before the log: what it holds is newer than what sled held.
+        move_chunks(&trees)?;
         let replayed = ops.len();
         for op in ops {
             apply(&trees, op)?;
@@ -525,8 +530,8 @@ impl Store {
             if let Some(w) = history {
                 history::write(ctx, key.as_bytes(), w)?;
             }
-            for (seq, bytes) in replies {
-                log_reply(ctx, key.as_bytes(), seq, bytes)?;
+            if !replies.is_empty() {
+                log_replies(ctx, key.as_bytes(), &replies)?;
             }
             log_session(ctx, key.as_bytes(), &rec)
         })
@@ -573,13 +578,7 @@ impl Store {
     ) -> Result<SessionPage, StoreError> {
         let limit = limit.clamp(1, MAX_PAGE);
         self.call(Wait::Written, move |ctx| {
-            index::page(
-                &ctx.trees.list,
-                scope.as_bytes(),
-                limit,
-                cursor.as_ref(),
-                now,
-            )
+            index::page(ctx.trees, scope.as_bytes(), limit, cursor.as_ref(), now)
         })
         .await
     }
@@ -620,16 +619,9 @@ impl Store {
         after: u64,
     ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
         self.call(Wait::Written, move |ctx| {
-            let start = chunk_key(&session_id, after.saturating_add(1));
-            let end = chunk_key(&session_id, FINAL_SEQ);
-            let mut out = Vec::new();
-            for item in ctx.trees.chunks.range(start..=end) {
-                let (key, bytes) = item?;
-                let seq =
-                    u64::from_be_bytes(key[key.len() - 8..].try_into().expect("8-byte suffix"));
-                out.push((seq, bytes.to_vec()));
-            }
-            Ok(out)
+            let mut kept = read_replies(ctx.trees, session_id.as_bytes())?;
+            kept.retain(|(seq, _)| *seq > after);
+            Ok(kept)
         })
         .await
     }
@@ -799,7 +791,7 @@ impl Trees {
         Ok(Trees {
             sessions: db.open_tree(SESSIONS)?,
             seen: db.open_tree(SEEN)?,
-            chunks: db.open_tree(CHUNKS)?,
+            replies: db.open_tree(REPLIES)?,
             history: db.open_tree(HISTORY)?,
             trust: db.open_tree(TRUST)?,
             meta: db.open_tree(SESSION_META)?,
@@ -882,18 +874,20 @@ pub struct Swept {
 /// Writes a session's record and index entries (see `index.rs`), outside the log: for
 /// start-up, before any job runs.
 fn write_session(t: &Trees, key: &[u8], rec: &SessionRecord) -> Result<(), StoreError> {
-    write_session_bytes(t, key, &serde_json::to_vec(rec)?, rec, None)?;
+    write_session_bytes(t, key, &serde_json::to_vec(rec)?, rec, None, false)?;
     Ok(())
 }
 
-/// [`write_session`] with the record already serialized (`record` is `rec`'s JSON) and
-/// the meta a logged write replaced (`stale`); returns the meta it replaced.
+/// [`write_session`] with the record already serialized (`record` is `rec`'s JSON), the
+/// meta a logged write replaced (`stale`) and whether this replays the log (`repair`, see
+/// `index::put`); returns the meta it replaced.
 fn write_session_bytes(
     t: &Trees,
     key: &[u8],
     record: &[u8],
     rec: &SessionRecord,
     stale: Option<&SessionMeta>,
+    repair: bool,
 ) -> Result<Option<sled::IVec>, StoreError> {
     let meta = SessionMeta {
         session_id: rec.session_id.clone(),
@@ -901,13 +895,13 @@ fn write_session_bytes(
         created: rec.created,
         expires: rec.expires,
     };
-    index::put(t, key, record, &meta, stale)
+    index::put(t, key, record, &meta, stale, repair)
 }
 
 /// Writes a session's record and index entries and logs it.
 fn log_session(ctx: &mut Ctx, key: &[u8], rec: &SessionRecord) -> Result<(), StoreError> {
     let record = serde_json::to_vec(rec)?;
-    let prev = write_session_bytes(ctx.trees, key, &record, rec, None)?;
+    let prev = write_session_bytes(ctx.trees, key, &record, rec, None, false)?;
     ctx.log(wal::Op::Session {
         key: key.to_vec(),
         record,
@@ -916,13 +910,119 @@ fn log_session(ctx: &mut Ctx, key: &[u8], rec: &SessionRecord) -> Result<(), Sto
     Ok(())
 }
 
-fn log_reply(ctx: &mut Ctx, session: &[u8], seq: u64, bytes: Vec<u8>) -> Result<(), StoreError> {
-    ctx.trees.chunks.insert(seq_key(session, seq), &bytes[..])?;
-    ctx.log(wal::Op::Reply {
+/// Keeps a turn's replies (in order, the final one last) as the session's, in place of
+/// any kept before.
+fn log_replies(
+    ctx: &mut Ctx,
+    session: &[u8],
+    replies: &[(u64, Vec<u8>)],
+) -> Result<(), StoreError> {
+    let value = encode_replies(replies);
+    ctx.trees.replies.insert(session, &value[..])?;
+    ctx.log(wal::Op::Replies {
         session: session.to_vec(),
-        seq,
-        bytes,
+        value,
     });
+    Ok(())
+}
+
+/// A turn's kept replies as one value, so that keeping them is one write and forgetting
+/// them one removal: each reply as `seq` (u64 BE) ‖ length (u32 BE) ‖ bytes, in order.
+fn encode_replies(replies: &[(u64, Vec<u8>)]) -> Vec<u8> {
+    let len = replies.iter().map(|(_, b)| 12 + b.len()).sum();
+    let mut out = Vec::with_capacity(len);
+    for (seq, bytes) in replies {
+        out.extend_from_slice(&seq.to_be_bytes());
+        out.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
+        out.extend_from_slice(bytes);
+    }
+    out
+}
+
+/// Reads [`encode_replies`]' value back; a damaged one is an error, not a panic.
+fn decode_replies(mut value: &[u8]) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+    let damaged = || StoreError::Corrupt(serde::de::Error::custom("damaged kept replies"));
+    let mut out = Vec::new();
+    while !value.is_empty() {
+        let (head, rest) = value.split_at_checked(12).ok_or_else(damaged)?;
+        let seq = u64::from_be_bytes(head[..8].try_into().expect("8 bytes"));
+        let len = u32::from_be_bytes(head[8..].try_into().expect("4 bytes")) as usize;
+        let (bytes, rest) = rest.split_at_checked(len).ok_or_else(damaged)?;
+        out.push((seq, bytes.to_vec()));
+        value = rest;
+    }
+    Ok(out)
+}
+
+/// A session's kept replies, in order.
+fn read_replies(t: &Trees, session: &[u8]) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+    match t.replies.get(session)? {
+        Some(value) => decode_replies(&value),
+        None => Ok(Vec::new()),
+    }
+}
+
+/// Adds one reply to a session's kept ones (replacing one of the same `seq`): for a log
+/// written before turns kept their replies as one value ([`wal::Op::Reply`]).
+fn add_reply(t: &Trees, session: &[u8], seq: u64, bytes: Vec<u8>) -> Result<(), StoreError> {
+    let mut kept = read_replies(t, session)?;
+    kept.retain(|(s, _)| *s != seq);
+    let at = kept.partition_point(|(s, _)| *s < seq);
+    kept.insert(at, (seq, bytes));
+    t.replies.insert(session, encode_replies(&kept))?;
+    Ok(())
+}
+
+/// Moves the replies a store written before [`REPLIES`] kept (`session 0x00 seq(be)` →
+/// reply, in the `chunks` tree) to one value per session, once, then drops that tree.
+/// Idempotent: cut short, it starts again on the next open.
+fn move_chunks(t: &Trees) -> Result<(), StoreError> {
+    if !t
+        .db
+        .tree_names()
+        .iter()
+        .any(|n| &n[..] == CHUNKS.as_bytes())
+    {
+        return Ok(());
+    }
+    let chunks = t.db.open_tree(CHUNKS)?;
+    let mut moved = 0usize;
+    let mut session: Option<Vec<u8>> = None;
+    let mut kept = Vec::new();
+    let mut batch = sled::Batch::default();
+    for item in chunks.iter() {
+        let (key, bytes) = item?;
+        // Keys shorter than a separator and a sequence number are damage: skipped.
+        let Some(split) = key.len().checked_sub(9) else {
+            continue;
+        };
+        let (owner, seq) = (&key[..split], &key[split + 1..]);
+        if session.as_deref() != Some(owner) {
+            if let Some(done) = session.replace(owner.to_vec()) {
+                batch.insert(done, encode_replies(&std::mem::take(&mut kept)));
+                moved += 1;
+                if moved % 1000 == 0 {
+                    t.replies.apply_batch(std::mem::take(&mut batch))?;
+                }
+            }
+        }
+        let seq = u64::from_be_bytes(seq.try_into().expect("8 bytes"));
+        kept.push((seq, bytes.to_vec()));
+    }
+    if let Some(done) = session {
+        batch.insert(done, encode_replies(&kept));
+        moved += 1;
+    }
+    t.replies.apply_batch(batch)?;
+    t.db.flush()?;
+    t.db.drop_tree(CHUNKS)?;
+    t.db.flush()?;
+    if moved > 0 {
+        tracing::info!(
+            sessions = moved,
+            "kept replies moved to one value per session"
+        );
+    }
     Ok(())
 }
 
@@ -936,7 +1036,8 @@ fn log_trust(ctx: &mut Ctx, key: Vec<u8>, value: Vec<u8>) -> Result<(), StoreErr
 }
 
 fn clear_replies(t: &Trees, session: &[u8]) -> Result<(), StoreError> {
-    clear_session_keys(&t.chunks, session)
+    t.replies.remove(session)?;
+    Ok(())
 }
 
 /// Removes every `session 0x00 …` key of `tree` (a session's replies, or its history).
@@ -972,7 +1073,7 @@ fn apply(t: &Trees, op: wal::Op) -> Result<(), StoreError> {
     match op {
         wal::Op::Session { key, record, prev } => {
             let rec: SessionRecord = serde_json::from_slice(&record)?;
-            write_session_bytes(t, &key, &record, &rec, parse_meta(prev)?.as_ref())?;
+            write_session_bytes(t, &key, &record, &rec, parse_meta(prev)?.as_ref(), true)?;
         }
         wal::Op::RemoveSession { key, prev } => {
             remove_session(t, &key, parse_meta(prev)?.as_ref())?;
@@ -982,8 +1083,9 @@ fn apply(t: &Trees, op: wal::Op) -> Result<(), StoreError> {
             session,
             seq,
             bytes,
-        } => {
-            t.chunks.insert(seq_key(&session, seq), bytes)?;
+        } => add_reply(t, &session, seq, bytes)?,
+        wal::Op::Replies { session, value } => {
+            t.replies.insert(session, value)?;
         }
         wal::Op::ClearReplies { session } => clear_replies(t, &session)?,
         wal::Op::History {
@@ -1423,12 +1525,8 @@ fn read_u64(value: Option<sled::IVec>) -> u64 {
         .unwrap_or(0)
 }
 
-fn chunk_key(session_id: &str, seq: u64) -> Vec<u8> {
-    seq_key(session_id.as_bytes(), seq)
-}
-
-/// `session 0x00 seq(be)`: the key of a session's reply `seq` (in `chunks`) or of its
-/// message `seq` (in `history`); they sort by `seq` within the session.
+/// `session 0x00 seq(be)`: the key of a session's message `seq` (in `history`); they
+/// sort by `seq` within the session.
 fn seq_key(session_id: &[u8], seq: u64) -> Vec<u8> {
     let mut key = Vec::with_capacity(session_id.len() + 9);
     key.extend_from_slice(session_id);
@@ -1451,12 +1549,17 @@ pub(super) mod tests {
             .collect()
     }
 
-    /// Keeps one reply of a session, as a turn's end does with its STREAMs.
+    /// Adds one reply to a session's kept ones, through the log as a turn's end keeps
+    /// them.
     async fn put_reply(store: &Store, session: &str, seq: u64, bytes: Vec<u8>) {
         let session = session.to_owned();
         store
             .call(Wait::Written, move |ctx| {
-                log_reply(ctx, session.as_bytes(), seq, bytes)
+                let mut kept = read_replies(ctx.trees, session.as_bytes())?;
+                kept.retain(|(s, _)| *s != seq);
+                kept.push((seq, bytes));
+                kept.sort_by_key(|(s, _)| *s);
+                log_replies(ctx, session.as_bytes(), &kept)
             })
             .await
             .unwrap();
@@ -1868,6 +1971,73 @@ pub(super) mod tests {
     }
 
     #[tokio::test]
+    async fn replies_an_earlier_version_kept_one_per_key_are_moved_on_open() {
+        let dir = tempfile::tempdir().unwrap();
+        // What an earlier version left: one key per reply in `chunks`, and in its log a
+        // reply of the same kind not yet in sled.
+        {
+            let db = sled::open(dir.path()).unwrap();
+            let chunks = db.open_tree(CHUNKS).unwrap();
+            for (session, seq, text) in [
+                ("sA/x", 1, "x1"),
+                ("sA/x", 3, "x3"),
+                ("sA/x", FINAL_SEQ, "xF"),
+                ("sA/x2", 5, "other"),
+            ] {
+                chunks
+                    .insert(seq_key(session.as_bytes(), seq), text)
+                    .unwrap();
+            }
+            db.flush().unwrap();
+            let (mut wal, _, _) = wal::Wal::open(&dir.path().join(WAL_FILE)).unwrap();
+            let mut log = Vec::new();
+            wal::Op::Reply {
+                session: b"sA/x".to_vec(),
+                seq: 2,
+                bytes: b"x2".to_vec(),
+            }
+            .encode_into(&mut log);
+            wal.append(&log).unwrap();
+        }
+        let (store, _) = Store::open(dir.path(), 60, 100).unwrap();
+        let text = |kept: Vec<(u64, Vec<u8>)>| -> Vec<(u64, String)> {
+            kept.into_iter()
+                .map(|(q, b)| (q, String::from_utf8(b).unwrap()))
+                .collect()
+        };
+        let x = store.replies_after("sA/x".into(), 0).await.unwrap();
+        assert_eq!(
+            text(x),
+            [
+                (1, "x1".into()),
+                (2, "x2".into()),
+                (3, "x3".into()),
+                (FINAL_SEQ, "xF".into())
+            ]
+        );
+        let x = store.replies_after("sA/x".into(), 2).await.unwrap();
+        assert_eq!(text(x), [(3, "x3".into()), (FINAL_SEQ, "xF".into())]);
+        let other = store.replies_after("sA/x2".into(), 0).await.unwrap();
+        assert_eq!(text(other), [(5, "other".into())]);
+        store.close().await.unwrap();
+        // Moved once: the old tree is gone.
+        let db = sled::open(dir.path()).unwrap();
+        assert!(!db.tree_names().iter().any(|n| &n[..] == CHUNKS.as_bytes()));
+    }
+
+    #[test]
+    fn damaged_kept_replies_read_as_an_error() {
+        let kept = vec![(1, b"one".to_vec()), (FINAL_SEQ, vec![])];
+        let value = encode_replies(&kept);
+        assert_eq!(decode_replies(&value).unwrap(), kept);
+        for cut in 1..value.len() {
+            if cut != 15 {
+                assert!(decode_replies(&value[..cut]).is_err(), "{cut}");
+            }
+        }
+    }
+
+    #[tokio::test]
     async fn sweeping_goes_in_bounded_jobs() {
         let dir = tempfile::tempdir().unwrap();
         let (store, _) = Store::open(dir.path(), 60, 100).unwrap();
@@ -2010,7 +2180,6 @@ pub(super) mod tests {
                 .begin_turn("sA/one".into(), record("one", SessionStatus::Running, None))
                 .await
                 .unwrap();
-            put_reply(&store, "sA/one", 1, b"chunk".to_vec()).await;
             // Two turns of history; the second drops the first turn's question.
             let first = HistoryWrite::appending(HistorySpan::default(), msgs(&["q1", "a1"]), 3);
             let second = HistoryWrite::appending(first.result(), msgs(&["q2", "a2"]), 3);
@@ -2021,7 +2190,7 @@ pub(super) mod tests {
                     .finish_turn(
                         "sA/one".into(),
                         Some(w),
-                        vec![(FINAL_SEQ, b"final".to_vec())],
+                        vec![(1, b"chunk".to_vec()), (FINAL_SEQ, b"final".to_vec())],
                         done.clone(),
                     )
                     .await

@@ -31,7 +31,7 @@ pub(super) enum Op {
     RemoveSession { key: Vec<u8>, prev: Option<Vec<u8>> },
     /// A replay key and when it may be forgotten.
     Seen { key: Vec<u8>, expires: u64 },
-    /// One kept reply of a session.
+    /// One kept reply of a session: written by versions before `Replies`, read still.
     Reply {
         session: Vec<u8>,
         seq: u64,
@@ -39,6 +39,9 @@ pub(super) enum Op {
     },
     /// Every kept reply of a session removed.
     ClearReplies { session: Vec<u8> },
+    /// A session's kept replies, all in one value (`encode_replies`), in place of any
+    /// kept before.
+    Replies { session: Vec<u8>, value: Vec<u8> },
     /// A trust entry set to a value, or removed.
     Trust {
         key: Vec<u8>,
@@ -95,6 +98,11 @@ impl Op {
                 out.push(6);
                 put_bytes(out, session);
             }
+            Op::Replies { session, value } => {
+                out.push(9);
+                put_bytes(out, session);
+                put_bytes(out, value);
+            }
             Op::Trust { key, value } => {
                 out.push(7);
                 put_bytes(out, key);
@@ -147,6 +155,10 @@ impl Op {
             },
             6 => Op::ClearReplies {
                 session: r.bytes()?,
+            },
+            9 => Op::Replies {
+                session: r.bytes()?,
+                value: r.bytes()?,
             },
             7 => Op::Trust {
                 key: r.bytes()?,
@@ -331,6 +343,10 @@ mod tests {
             },
             Op::ClearReplies {
                 session: b"sA/one".to_vec(),
+            },
+            Op::Replies {
+                session: b"sA/one".to_vec(),
+                value: vec![3; 20],
             },
             Op::Trust {
                 key: b"credits:0x1".to_vec(),
