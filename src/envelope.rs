@@ -128,6 +128,39 @@ impl Envelope {
         Envelope::sign_payload(identity, payload)
     }
 
+    /// [`Envelope::sign_flat`]'s envelope without its signature yet: for a reply that
+    /// may never be sent, signed by [`Envelope::signed_by`] if it is.
+    pub fn flat_unsigned(
+        identity: &Identity,
+        kind: Kind,
+        to: Option<Address>,
+        payload: Map<String, Value>,
+    ) -> Self {
+        let mut payload = with_header(payload, kind, to);
+        payload.insert("from".into(), Value::String(identity.address().to_string()));
+        Envelope::unsigned(payload, Some(identity.address()))
+    }
+
+    /// Signs a flat envelope of `identity`'s own that is not signed yet; one signed
+    /// already is returned as it is. None if it names another signer.
+    pub fn signed_by(self, identity: &Identity) -> Option<Self> {
+        if self.signature.is_some() {
+            return Some(self);
+        }
+        let own = Some(identity.address().to_string());
+        if self.from != Some(identity.address())
+            || self
+                .payload
+                .get("from")
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+                != own
+        {
+            return None;
+        }
+        Some(Envelope::sign_payload(identity, self.payload))
+    }
+
     fn sign_payload(identity: &Identity, payload: Map<String, Value>) -> Self {
         let signature = identity.sign(&canonical_json_object(&payload));
         Envelope {
@@ -604,6 +637,27 @@ mod tests {
                 prop_assert_eq!(text, env.to_flat_json());
             }
         }
+    }
+
+    /// A reply kept unsigned is signed as `sign_flat` would have signed it, and only by
+    /// the node it names.
+    #[test]
+    fn a_reply_kept_unsigned_is_signed_only_by_its_own_node() {
+        let id = Identity::from_seed([5; 32]);
+        let caller = Identity::from_seed([6; 32]).address();
+        let mut payload = Map::new();
+        payload.insert("chunk".into(), "hi".into());
+        let later = Envelope::flat_unsigned(&id, Kind::Stream, Some(caller), payload);
+        assert!(later.verify().is_err());
+        let kept = later.to_flat_string();
+        let back = Envelope::decode_flat(kept.as_bytes()).unwrap();
+        let signed = back.clone().signed_by(&id).unwrap();
+        assert_eq!(signed.verify().unwrap(), id.address());
+        assert_eq!(signed.payload, back.payload);
+        // Signed already: left as it is.
+        assert_eq!(signed.clone().signed_by(&id).unwrap(), signed);
+        // Another node does not sign what names this one.
+        assert!(back.signed_by(&Identity::from_seed([7; 32])).is_none());
     }
 
     #[test]

@@ -208,6 +208,50 @@ async fn a_reconnecting_client_gets_exactly_the_missing_chunks() {
     node.stop().await;
 }
 
+/// An HTTP caller takes no STREAMs, so the node keeps them unsigned until someone reads
+/// them: a client that resumes the session gets every one signed, while the turn runs
+/// and after it has ended.
+#[tokio::test]
+async fn streams_of_an_http_turn_come_signed_to_a_resuming_client() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = TestNode::start(ticker(150), dir.path()).await;
+    let words: Vec<String> = (1..=6).map(|i| format!("h{i}")).collect();
+    let prompt = words.join(" ");
+    let body = json!({"prompt": prompt, "session_secret": SECRET});
+    let url = format!("{}/input", node.url);
+    let answer = tokio::spawn(async move { post_json(&url, &body).await });
+    // While the turn runs: resume from the start.
+    let session = loop {
+        let (status, page) = node.get_with_secret("/sessions", SECRET).await;
+        assert_eq!(status, 200, "{page}");
+        if let Some(id) = page["sessions"][0]["session_id"].as_str() {
+            break id.to_owned();
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let mut ws = connect(&node).await;
+    let resume = |after: u64| json!({"type": "RESUME", "session_secret": SECRET, "session_id": session, "after": after});
+    send(&mut ws, resume(0)).await;
+    let (chunks, out) = collect(&mut ws, node.address).await;
+    assert_eq!(
+        chunks.iter().map(|(_, c)| c.as_str()).collect::<String>(),
+        prompt
+    );
+    assert_eq!(out["result"], prompt);
+    let (status, answer) = answer.await.unwrap();
+    assert_eq!(
+        (status, &answer["result"]),
+        (200, &json!(prompt)),
+        "{answer}"
+    );
+    // After it has ended: from the store.
+    send(&mut ws, resume(2)).await;
+    let (chunks, out) = collect(&mut ws, node.address).await;
+    assert_eq!(chunks.len(), words.len() - 2, "{chunks:?}");
+    assert_eq!(out["type"], "OUTPUT");
+    node.stop().await;
+}
+
 #[tokio::test]
 async fn a_closed_socket_cancels_nothing_that_was_accepted() {
     let dir = tempfile::tempdir().unwrap();

@@ -68,7 +68,7 @@ impl Dispatcher {
                 if seq <= after {
                     continue;
                 }
-                let Some(env) = decode_kept(&bytes) else {
+                let Some(env) = decode_kept(&bytes, &self.inner.identity) else {
                     continue;
                 };
                 if tx.send(env).await.is_err() || seq == FINAL_SEQ {

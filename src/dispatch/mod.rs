@@ -94,6 +94,10 @@ pub struct Submission {
     /// may; an HTTP request that names a session expects it to exist, so it may not
     /// (404), unless it carries the session's own `messages`.
     pub may_open: bool,
+    /// Whether the submitter takes STREAM replies. One that waits for the final reply
+    /// only (HTTP) leaves the turn's STREAMs unsigned until someone reads them: a
+    /// follower, or a client that resumes the session.
+    pub streams: bool,
 }
 
 impl Submission {
@@ -109,6 +113,7 @@ impl Submission {
             peer: None,
             secret: None,
             may_open: true,
+            streams: true,
         }
     }
 }
@@ -476,6 +481,7 @@ impl Dispatcher {
             in_reply_to: env.id().map(str::to_owned),
             files,
             reply_tx: Some(reply_tx),
+            streams: sub.streams,
             live,
             transport: sub.transport,
             began,
@@ -597,7 +603,8 @@ impl Dispatcher {
 /// stores them with its final reply, and the live feed. Bounded by `max_output_bytes`.
 pub(crate) struct LiveRun {
     tx: broadcast::Sender<Envelope>,
-    /// `(seq, the signed STREAM as kept)`, in order.
+    /// `(seq, the STREAM as kept)`, in order; signed, or to be signed when read (see
+    /// [`Submission::streams`]).
     kept: Mutex<Vec<(u64, Vec<u8>)>>,
 }
 
@@ -614,13 +621,20 @@ impl LiveRun {
     }
 
     /// A STREAM: kept, then sent to followers (under one lock, so that a follower's
-    /// snapshot and subscription miss nothing between them).
-    fn stream(&self, seq: u64, env: &Envelope) {
+    /// snapshot and subscription miss nothing between them). Signed here (by `identity`)
+    /// if `sign` says so or a follower takes it; returned as kept.
+    fn stream(&self, seq: u64, env: Envelope, sign: bool, identity: &Identity) -> Envelope {
         let mut kept = self.lock();
+        let followed = self.tx.receiver_count() > 0;
+        let env = match sign || followed {
+            true => env.signed_by(identity).expect("the node's own reply"),
+            false => env,
+        };
         kept.push((seq, env.to_flat_string().into_bytes()));
-        if self.tx.receiver_count() > 0 {
+        if followed {
             let _ = self.tx.send(env.clone());
         }
+        env
     }
 
     /// The final reply, to followers (the store has it, and the STREAMs, by now).
@@ -708,7 +722,11 @@ fn request_id() -> String {
     format!("{:08x}", rand::random::<u32>())
 }
 
-fn decode_kept(bytes: &[u8]) -> Option<Envelope> {
+/// A kept reply as it is sent: one kept unsigned (see [`Submission::streams`]) is signed
+/// now, by `identity`, whose it must be.
+fn decode_kept(bytes: &[u8], identity: &Identity) -> Option<Envelope> {
     let value: Value = serde_json::from_slice(bytes).ok()?;
-    Envelope::from_flat(value.as_object()?).ok()
+    Envelope::from_flat(value.as_object()?)
+        .ok()?
+        .signed_by(identity)
 }

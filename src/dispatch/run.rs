@@ -41,6 +41,8 @@ pub(super) struct Run {
     pub(super) files: Vec<Attachment>,
     /// The submitting transport; dropped once it stops taking replies.
     pub(super) reply_tx: Option<mpsc::Sender<Envelope>>,
+    /// Whether it takes STREAMs ([`super::Submission::streams`]).
+    pub(super) streams: bool,
     pub(super) live: std::sync::Arc<super::LiveRun>,
     pub(super) transport: Transport,
     /// When the request reached the dispatcher.
@@ -49,9 +51,14 @@ pub(super) struct Run {
 
 impl Run {
     /// Keeps a STREAM for resuming clients (in memory until the turn's end), then hands
-    /// it to followers and the submitter.
+    /// it to followers and the submitter; signed only if one of them takes it.
     async fn publish(&mut self, seq: u64, env: Envelope) {
-        self.live.stream(seq, &env);
+        let sign = self.streams && self.reply_tx.is_some();
+        let identity = &self.dispatcher.inner.identity;
+        let env = self.live.stream(seq, env, sign, identity);
+        if !self.streams {
+            return;
+        }
         if let Some(tx) = &self.reply_tx {
             match tx.send_timeout(env, REPLY_SEND_TIMEOUT).await {
                 Ok(()) => {}
@@ -284,24 +291,32 @@ impl Run {
         }
     }
 
-    /// Signs, keeps and sends one STREAM.
+    /// Keeps and sends one STREAM (signed where `publish` says).
     async fn stream(&mut self, session_id: &str, seq: &mut u64, chunk: String) {
         *seq += 1;
-        let env = self.reply(
+        let payload = self.payload(json!({"session_id": session_id, "seq": *seq, "chunk": chunk}));
+        let env = Envelope::flat_unsigned(
+            &self.dispatcher.inner.identity,
             Kind::Stream,
-            json!({"session_id": session_id, "seq": *seq, "chunk": chunk}),
+            self.caller,
+            payload,
         );
         self.publish(*seq, env).await;
     }
 
     fn reply(&self, kind: Kind, body: Value) -> Envelope {
+        let payload = self.payload(body);
+        Envelope::sign_flat(&self.dispatcher.inner.identity, kind, self.caller, payload)
+    }
+
+    fn payload(&self, body: Value) -> serde_json::Map<String, Value> {
         let Value::Object(mut payload) = body else {
             unreachable!("replies are JSON objects")
         };
         if let Some(id) = &self.in_reply_to {
             payload.insert("in_reply_to".into(), id.clone().into());
         }
-        Envelope::sign_flat(&self.dispatcher.inner.identity, kind, self.caller, payload)
+        payload
     }
 }
 

@@ -279,6 +279,7 @@ async fn post_input(
     };
     submission.peer = peer;
     submission.may_open = false;
+    submission.streams = false;
     let submitted = st.dispatcher.submit(submission).await;
     drop(_budget);
     let mut accepted = match submitted {
