@@ -602,59 +602,74 @@ impl Dispatcher {
 /// the store: a store job per chunk costs more than the chunk) until the turn's end
 /// stores them with its final reply, and the live feed. Bounded by `max_output_bytes`.
 pub(crate) struct LiveRun {
-    tx: broadcast::Sender<Envelope>,
+    state: Mutex<Live>,
+}
+
+#[derive(Default)]
+struct Live {
     /// `(seq, the STREAM as kept)`, in order; signed, or to be signed when read (see
     /// [`Submission::streams`]).
-    kept: Mutex<Vec<(u64, Vec<u8>)>>,
+    kept: Vec<(u64, Vec<u8>)>,
+    /// The feed, made by the first follower: most turns have none, and a channel
+    /// allocates all of its [`LIVE_BUFFER`] slots at once.
+    tx: Option<broadcast::Sender<Envelope>>,
+}
+
+impl Live {
+    fn followed(&self) -> Option<&broadcast::Sender<Envelope>> {
+        self.tx.as_ref().filter(|tx| tx.receiver_count() > 0)
+    }
 }
 
 impl LiveRun {
     fn new() -> LiveRun {
         LiveRun {
-            tx: broadcast::channel(LIVE_BUFFER).0,
-            kept: Mutex::new(Vec::new()),
+            state: Mutex::new(Live::default()),
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(u64, Vec<u8>)>> {
-        self.kept.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, Live> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// A STREAM: kept, then sent to followers (under one lock, so that a follower's
     /// snapshot and subscription miss nothing between them). Signed here (by `identity`)
     /// if `sign` says so or a follower takes it; returned as kept.
     fn stream(&self, seq: u64, env: Envelope, sign: bool, identity: &Identity) -> Envelope {
-        let mut kept = self.lock();
-        let followed = self.tx.receiver_count() > 0;
+        let mut live = self.lock();
+        let followed = live.followed().is_some();
         let env = match sign || followed {
             true => env.signed_by(identity).expect("the node's own reply"),
             false => env,
         };
-        kept.push((seq, env.to_flat_string().into_bytes()));
-        if followed {
-            let _ = self.tx.send(env.clone());
+        live.kept.push((seq, env.to_flat_string().into_bytes()));
+        if let Some(tx) = live.followed() {
+            let _ = tx.send(env.clone());
         }
         env
     }
 
     /// The final reply, to followers (the store has it, and the STREAMs, by now).
     fn finish(&self, env: &Envelope) {
-        let _kept = self.lock();
-        if self.tx.receiver_count() > 0 {
-            let _ = self.tx.send(env.clone());
+        if let Some(tx) = self.lock().followed() {
+            let _ = tx.send(env.clone());
         }
     }
 
     /// The STREAMs so far, for the turn's end to store.
     fn kept(&self) -> Vec<(u64, Vec<u8>)> {
-        self.lock().clone()
+        self.lock().kept.clone()
     }
 
     /// A follower: the STREAMs kept after `after`, and the feed of the rest.
     fn follow(&self, after: u64) -> (Vec<(u64, Vec<u8>)>, broadcast::Receiver<Envelope>) {
-        let kept = self.lock();
-        let rx = self.tx.subscribe();
-        let since = kept
+        let mut live = self.lock();
+        let rx = live
+            .tx
+            .get_or_insert_with(|| broadcast::channel(LIVE_BUFFER).0)
+            .subscribe();
+        let since = live
+            .kept
             .iter()
             .filter(|(seq, _)| *seq > after)
             .cloned()
