@@ -123,9 +123,8 @@ impl Envelope {
         to: Option<Address>,
         payload: Map<String, Value>,
     ) -> Self {
-        let mut payload = with_header(payload, kind, to);
-        payload.insert("from".into(), Value::String(identity.address().to_string()));
-        Envelope::sign_payload(identity, payload)
+        let unsigned = Envelope::flat_unsigned(identity, kind, to, payload);
+        Envelope::sign_payload(identity, unsigned.payload)
     }
 
     /// [`Envelope::sign_flat`]'s envelope without its signature yet: for a reply that
