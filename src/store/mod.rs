@@ -965,12 +965,23 @@ fn read_replies(t: &Trees, session: &[u8]) -> Result<Vec<(u64, Vec<u8>)>, StoreE
 /// Adds one reply to a session's kept ones (replacing one of the same `seq`): for a log
 /// written before turns kept their replies as one value ([`wal::Op::Reply`]).
 fn add_reply(t: &Trees, session: &[u8], seq: u64, bytes: Vec<u8>) -> Result<(), StoreError> {
+    let kept = with_reply(t, session, seq, bytes)?;
+    t.replies.insert(session, encode_replies(&kept))?;
+    Ok(())
+}
+
+/// A session's kept replies with `bytes` as reply `seq`, in order.
+fn with_reply(
+    t: &Trees,
+    session: &[u8],
+    seq: u64,
+    bytes: Vec<u8>,
+) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
     let mut kept = read_replies(t, session)?;
     kept.retain(|(s, _)| *s != seq);
     let at = kept.partition_point(|(s, _)| *s < seq);
     kept.insert(at, (seq, bytes));
-    t.replies.insert(session, encode_replies(&kept))?;
-    Ok(())
+    Ok(kept)
 }
 
 /// Moves the replies a store written before [`REPLIES`] kept (`session 0x00 seq(be)` →
@@ -1555,10 +1566,7 @@ pub(super) mod tests {
         let session = session.to_owned();
         store
             .call(Wait::Written, move |ctx| {
-                let mut kept = read_replies(ctx.trees, session.as_bytes())?;
-                kept.retain(|(s, _)| *s != seq);
-                kept.push((seq, bytes));
-                kept.sort_by_key(|(s, _)| *s);
+                let kept = with_reply(ctx.trees, session.as_bytes(), seq, bytes)?;
                 log_replies(ctx, session.as_bytes(), &kept)
             })
             .await
