@@ -581,6 +581,61 @@ async fn a_client_that_stops_reading_is_cut_off_and_the_run_still_completes() {
     node.stop().await;
 }
 
+/// A caller that floods one socket with requests faster than they end: the socket holds
+/// at most 16 in flight (INPUTs and RESUMEs alike), refuses the next with a clear error,
+/// and takes new ones again as the earlier ones end.
+#[tokio::test]
+async fn one_socket_holds_at_most_sixteen_requests_in_flight() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = TestNode::start(ticker(300).workers(16), dir.path()).await;
+    let mut ws = connect(&node).await;
+    for i in 0..16 {
+        send(
+            &mut ws,
+            json!({"type": "INPUT", "session_secret": SECRET, "prompt": "a b", "session_id": format!("flood-{i}")}),
+        )
+        .await;
+    }
+    send(
+        &mut ws,
+        json!({"type": "INPUT", "session_secret": SECRET, "prompt": "one more", "session_id": "flood-16"}),
+    )
+    .await;
+    send(
+        &mut ws,
+        json!({"type": "RESUME", "session_secret": SECRET, "session_id": "flood-0", "after": 0}),
+    )
+    .await;
+    let (mut outputs, mut refused) = (0, Vec::new());
+    while outputs < 16 {
+        let frame = recv(&mut ws).await;
+        match frame["type"].as_str() {
+            Some("STREAM") => {}
+            Some("OUTPUT") => outputs += 1,
+            Some("ERROR") => refused.push(frame),
+            other => panic!("unexpected frame {other:?}: {frame}"),
+        }
+    }
+    assert_eq!(refused.len(), 2, "{refused:?}");
+    for r in &refused {
+        assert_eq!(r["code"], "bad_request", "{r}");
+        let message = r["message"].as_str().unwrap_or_default();
+        assert!(message.contains("in flight on this socket (max 16)"), "{r}");
+    }
+    let (status, rec) = node.get_with_secret("/sessions/flood-16", SECRET).await;
+    assert_eq!(status, 404, "the refused INPUT started nothing: {rec}");
+    // All ended: the socket takes a request again.
+    send(
+        &mut ws,
+        json!({"type": "INPUT", "session_secret": SECRET, "prompt": "after", "session_id": "flood-17"}),
+    )
+    .await;
+    let (_, out) = collect(&mut ws, node.address).await;
+    assert_eq!(out["type"], "OUTPUT", "{out}");
+    assert_eq!(out["result"], "after");
+    node.stop().await;
+}
+
 #[tokio::test]
 async fn resume_during_a_later_turn_returns_only_that_turns_chunks() {
     let dir = tempfile::tempdir().unwrap();

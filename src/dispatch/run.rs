@@ -103,7 +103,11 @@ impl Run {
         let mut overflowed = false;
         loop {
             let due = stream.due();
+            // Chunks first, the window's timer last: a timer is set only while the agent
+            // is still writing (setting one wakes the thread that waits on timers, a
+            // switch between threads an agent that ends at once need not pay).
             tokio::select! {
+                biased;
                 chunk = chunk_rx.recv() => match chunk {
                     Some(chunk) => {
                         streamed += chunk.len();

@@ -268,6 +268,7 @@ impl Runner {
     /// that was accepted, `Err` if it never got that far.
     async fn connect_and_serve(&self, stop: &CancellationToken) -> Result<(), LinkError> {
         let config = WebSocketConfig::default()
+            .read_buffer_size(super::ws::READ_BUFFER_BYTES)
             .max_message_size(Some(MAX_FRAME_BYTES))
             .max_frame_size(Some(MAX_FRAME_BYTES));
         let url = self.url.announce();

@@ -2,19 +2,21 @@
 //! INPUTs per socket, the Python host's CONNECT/INPUT shapes, RESUME after a sequence
 //! number, and PING/PONG keep-alive.
 //!
-//! One task reads the socket, one writes it; each accepted INPUT gets a forwarder task
-//! that copies its replies into the bounded outbound queue. A client that stops reading
-//! is disconnected; what it started still completes and is stored.
+//! One task serves a socket: it reads frames, takes each accepted request's replies
+//! straight from its run (a reply crosses no other task, so a turn wakes no other
+//! thread) and writes them. A client that stops reading is disconnected when a write
+//! stalls; what it started still completes and is stored.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::State;
 use axum::response::Response;
-use futures::{SinkExt, StreamExt};
+use futures::stream::SelectAll;
+use futures::{FutureExt, SinkExt, StreamExt};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
-use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info_span, Instrument};
 
@@ -27,12 +29,12 @@ use crate::proto::seal::{self, SealReceiver, SealSender};
 use crate::proto::{session_of, ClientFrame, ErrorCode, FrameType, NodeFrame, Object};
 use crate::trust::Caller;
 
-/// Frames queued for one socket before the client counts as too slow.
+/// Frames waiting to be written on one socket before it counts as broken.
 const OUTBOUND_QUEUE: usize = 256;
+/// What one read of the socket takes at most (see `upgrade`).
+pub(crate) const READ_BUFFER_BYTES: usize = 4096;
 /// At most this many queued frames go out with one flush.
 const WRITE_BATCH: usize = 32;
-/// How long a reply may wait for room in a slow client's queue before it is cut off.
-const SLOW_CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long one frame may take to write.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// The node's keep-alive PING, as the Python host does.
@@ -100,8 +102,11 @@ pub(crate) async fn upgrade(
         );
     };
     let max = st.max_frame_bytes;
+    // tungstenite zero-fills its whole read buffer (128 KiB by default) on each read it
+    // tries: 4 KiB takes a turn's frame in one read and grows for a larger one.
     ws.max_message_size(max)
         .max_frame_size(max)
+        .read_buffer_size(READ_BUFFER_BYTES)
         .on_upgrade(move |socket| async move {
             let span = info_span!("ws", conn = %uuid::Uuid::new_v4().simple());
             let _ip_slot = ip_slot;
@@ -112,16 +117,61 @@ pub(crate) async fn upgrade(
         })
 }
 
-/// What the reader and the forwarders queue for the writer. The writer seals every frame
-/// after `StartSealing`, in queue order, so sealed frames go out numbered in order.
+/// What the socket's task writes next, in order. Every frame after `StartSealing` is
+/// sealed, so sealed frames go out numbered in order.
 enum Outbound {
     Frame(String),
     StartSealing(SealSender),
 }
 
+/// One request's replies, counted in flight until its run ends (or the socket does).
+struct Feed {
+    replies: mpsc::Receiver<Envelope>,
+    _in_flight: InFlight,
+}
+
+impl futures::Stream for Feed {
+    type Item = Envelope;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Envelope>> {
+        self.replies.poll_recv(cx)
+    }
+}
+
+/// A request in flight on a socket; the count goes down when it is dropped.
+struct InFlight(Arc<AtomicUsize>);
+
+impl InFlight {
+    /// Counts one more, unless `max` are in flight already.
+    fn take(count: &Arc<AtomicUsize>, max: usize) -> Option<InFlight> {
+        count
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| InFlight(count.clone()))
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// One socket, served by one task: it reads frames, copies each request's replies out as
+/// they come (a reply goes from its run to this task with no task in between) and writes.
 struct Connection {
     st: WsState,
-    out: Option<mpsc::Sender<Outbound>>,
+    /// Frames to write before the next read.
+    outbox: Vec<Outbound>,
+    /// Seals what is written, once the socket is sealed.
+    sealer: Option<SealSender>,
+    /// The replies of the requests in flight.
+    feeds: SelectAll<Feed>,
     /// Cancelled when the socket is done: closed, idle, or too slow.
     closed: CancellationToken,
     /// Who the socket authenticated as with a signed CONNECT, if anyone, and the session
@@ -129,7 +179,8 @@ struct Connection {
     reader: Reader,
     /// The session this socket continues when an INPUT names none.
     session_id: Option<String>,
-    forwarders: JoinSet<()>,
+    /// Requests whose replies are still coming (counted by their feeds).
+    in_flight: Arc<AtomicUsize>,
     /// The client's IP, for per-IP limits.
     peer: Option<std::net::IpAddr>,
     /// Whether a frame was read yet: only the first may be SEAL.
@@ -144,11 +195,13 @@ impl Connection {
     fn new(st: WsState, permit: OwnedSemaphorePermit, peer: Option<std::net::IpAddr>) -> Self {
         Connection {
             st,
-            out: None,
+            outbox: Vec::new(),
+            sealer: None,
+            feeds: SelectAll::new(),
             closed: CancellationToken::new(),
             reader: Reader::new(Caller::Unsigned { claimed: None }, None),
             session_id: None,
-            forwarders: JoinSet::new(),
+            in_flight: Arc::default(),
             peer,
             heard: false,
             sealed: None,
@@ -160,42 +213,7 @@ impl Connection {
         &self.st.dispatcher
     }
 
-    async fn run(mut self, socket: WebSocket) {
-        let (mut sink, mut stream) = socket.split();
-        let (out_tx, mut out_rx) = mpsc::channel::<Outbound>(OUTBOUND_QUEUE);
-        self.out = Some(out_tx);
-        let closed = self.closed.clone();
-        let writer = tokio::spawn(async move {
-            let mut sealer: Option<SealSender> = None;
-            let mut batch = Vec::new();
-            // Every frame queued by now goes out with one flush: a turn's STREAMs and
-            // its OUTPUT often share one write.
-            while out_rx.recv_many(&mut batch, WRITE_BATCH).await > 0 {
-                let sent = async {
-                    for next in batch.drain(..) {
-                        let text = match (next, &mut sealer) {
-                            (Outbound::StartSealing(s), _) => {
-                                sealer = Some(s);
-                                continue;
-                            }
-                            (Outbound::Frame(text), Some(s)) => s.seal(&text, None),
-                            (Outbound::Frame(text), None) => text,
-                        };
-                        sink.feed(Message::Text(text.into())).await?;
-                    }
-                    sink.flush().await
-                };
-                match tokio::time::timeout(WRITE_TIMEOUT, sent).await {
-                    Ok(Ok(())) => {}
-                    _ => {
-                        closed.cancel();
-                        break;
-                    }
-                }
-            }
-            let _ = sink.close().await;
-        });
-
+    async fn run(mut self, mut socket: WebSocket) {
         let mut ping = tokio::time::interval(PING_EVERY);
         ping.tick().await;
         let mut last_heard = Instant::now();
@@ -203,6 +221,10 @@ impl Connection {
         let first_frame = tokio::time::sleep(FIRST_FRAME_TIMEOUT);
         tokio::pin!(first_frame);
         loop {
+            if !self.outbox.is_empty() && !self.write_out(&mut socket).await {
+                debug!("closing a socket that does not take what is written");
+                break;
+            }
             tokio::select! {
                 _ = self.closed.cancelled() => {
                     debug!("closing a slow or failed socket");
@@ -219,7 +241,18 @@ impl Connection {
                     }
                     self.send_text(NodeFrame::Ping.encode(None));
                 }
-                frame = stream.next() => {
+                Some(env) = self.feeds.next(), if !self.feeds.is_empty() => {
+                    self.send_text(env.to_flat_string());
+                    // Every reply ready by now goes out with the same flush: a turn's
+                    // STREAMs and its OUTPUT often share one write.
+                    while self.outbox.len() < WRITE_BATCH {
+                        match self.feeds.next().now_or_never() {
+                            Some(Some(env)) => self.send_text(env.to_flat_string()),
+                            _ => break,
+                        }
+                    }
+                }
+                frame = socket.next() => {
                     last_heard = Instant::now();
                     heard_any = true;
                     match frame {
@@ -245,30 +278,53 @@ impl Connection {
                     }
                 }
             }
-            while self.forwarders.try_join_next().is_some() {}
         }
-        // Runs already accepted go on and are stored; only their forwarding stops.
-        self.forwarders.abort_all();
-        self.out = None;
-        let _ = tokio::time::timeout(WRITE_TIMEOUT, writer).await;
+        // Runs already accepted go on and are stored; only their replies stop here.
+        self.feeds = SelectAll::new();
+        if !self.outbox.is_empty() {
+            self.write_out(&mut socket).await;
+        }
+        let _ = tokio::time::timeout(WRITE_TIMEOUT, socket.close()).await;
+    }
+
+    /// Writes the outbox with one flush; false if the socket failed or took longer than
+    /// [`WRITE_TIMEOUT`].
+    async fn write_out(&mut self, socket: &mut WebSocket) -> bool {
+        let sealer = &mut self.sealer;
+        let outbox = std::mem::take(&mut self.outbox);
+        let sent = async {
+            for next in outbox {
+                let text = match (next, &mut *sealer) {
+                    (Outbound::StartSealing(s), _) => {
+                        *sealer = Some(s);
+                        continue;
+                    }
+                    (Outbound::Frame(text), Some(s)) => s.seal(&text, None),
+                    (Outbound::Frame(text), None) => text,
+                };
+                socket.feed(Message::Text(text.into())).await?;
+            }
+            socket.flush().await
+        };
+        matches!(tokio::time::timeout(WRITE_TIMEOUT, sent).await, Ok(Ok(())))
     }
 
     /// Queues a frame; a client whose queue is full is too slow and is closed.
-    fn send_text(&self, frame: String) {
+    fn send_text(&mut self, frame: String) {
         self.queue(Outbound::Frame(frame));
     }
 
-    fn queue(&self, next: Outbound) {
-        if let Some(out) = &self.out {
-            if out.try_send(next).is_err() {
-                self.closed.cancel();
-            }
+    fn queue(&mut self, next: Outbound) {
+        if self.outbox.len() >= OUTBOUND_QUEUE {
+            self.closed.cancel();
+        } else {
+            self.outbox.push(next);
         }
     }
 
     /// Answers a refusal with a signed ERROR, in the socket's session unless it names
     /// its own, to the socket's caller unless the request named its sender.
-    fn send_rejected(&self, rejected: Rejected) {
+    fn send_rejected(&mut self, rejected: Rejected) {
         let rejected = rejected
             .or_session(self.session_id.as_deref())
             .or_to(self.reader.caller.verified());
@@ -342,12 +398,10 @@ impl Connection {
     }
 
     async fn on_input(&mut self, obj: Object) {
-        if self.forwarders.len() >= MAX_IN_FLIGHT_PER_SOCKET {
-            let msg = format!(
-                "too many requests in flight on this socket (max {MAX_IN_FLIGHT_PER_SOCKET})"
-            );
-            return self.send_rejected(Refusal::BadRequest(msg).into());
-        }
+        let in_flight = match self.take_in_flight() {
+            Ok(i) => i,
+            Err(r) => return self.send_rejected(r.into()),
+        };
         // The session named in the frame, else the one this socket is in.
         let named = session_of(&obj);
         let outcome = match super::submission_from_frame(obj, self.session_id.clone()) {
@@ -371,7 +425,7 @@ impl Connection {
                 if self.reader.secret.is_none() {
                     self.reader.secret = accepted.secret;
                 }
-                self.forward(accepted.replies);
+                self.forward(accepted.replies, in_flight);
             }
             Err(rejected) => self.send_rejected(rejected),
         }
@@ -413,6 +467,10 @@ impl Connection {
             Ok(r) => r,
             Err(r) => return self.send_rejected(r.into()),
         };
+        let in_flight = match self.take_in_flight() {
+            Ok(i) => i,
+            Err(r) => return self.send_rejected(Rejected::from(r).or_session(Some(&session_id))),
+        };
         let began = std::time::Instant::now();
         let result = self.dispatcher().follow(&session_id, after, &reader).await;
         let refused = result.as_ref().err().map(Refusal::code);
@@ -421,24 +479,26 @@ impl Connection {
         match result {
             Ok(replies) => {
                 self.session_id = Some(session_id);
-                self.forward(replies);
+                self.forward(replies, in_flight);
             }
             Err(r) => self.send_rejected(Rejected::from(r).or_session(Some(&session_id))),
         }
     }
 
-    /// Copies replies into the outbound queue; a client too slow to take them is closed.
-    fn forward(&mut self, mut replies: mpsc::Receiver<Envelope>) {
-        let Some(out) = self.out.clone() else { return };
-        let closed = self.closed.clone();
-        self.forwarders.spawn(async move {
-            while let Some(env) = replies.recv().await {
-                let frame = Outbound::Frame(env.to_flat_string());
-                if out.send_timeout(frame, SLOW_CLIENT_TIMEOUT).await.is_err() {
-                    closed.cancel();
-                    return;
-                }
-            }
+    /// Counts a request (an INPUT or a RESUME) in flight, unless the socket has too many.
+    fn take_in_flight(&self) -> Result<InFlight, Refusal> {
+        InFlight::take(&self.in_flight, MAX_IN_FLIGHT_PER_SOCKET).ok_or_else(|| {
+            Refusal::BadRequest(format!(
+                "too many requests in flight on this socket (max {MAX_IN_FLIGHT_PER_SOCKET})"
+            ))
+        })
+    }
+
+    /// Copies a request's replies out as they come.
+    fn forward(&mut self, replies: mpsc::Receiver<Envelope>, in_flight: InFlight) {
+        self.feeds.push(Feed {
+            replies,
+            _in_flight: in_flight,
         });
     }
 }
