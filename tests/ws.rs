@@ -581,6 +581,26 @@ async fn a_client_that_stops_reading_is_cut_off_and_the_run_still_completes() {
     node.stop().await;
 }
 
+/// Chunks an agent writes together (echo writes every word at once) go out as one
+/// STREAM, at once; chunks that come apart in time (the ticker's) stay apart, as
+/// `streams_chunks_in_order_then_output_and_continues_on_the_same_socket` shows.
+#[tokio::test]
+async fn chunks_written_together_go_out_as_one_stream() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = TestNode::start(Host::new(Echo), dir.path()).await;
+    let mut ws = connect(&node).await;
+    send(
+        &mut ws,
+        json!({"type": "INPUT", "session_secret": SECRET, "prompt": "one two three", "session_id": "together"}),
+    )
+    .await;
+    let (chunks, out) = collect(&mut ws, node.address).await;
+    assert_eq!(chunks, vec![(1, "one two three".to_string())]);
+    assert_eq!(out["chunks"], 1, "{out}");
+    assert_eq!(out["result"], "one two three");
+    node.stop().await;
+}
+
 /// A caller that floods one socket with requests faster than they end: the socket holds
 /// at most 16 in flight (INPUTs and RESUMEs alike), refuses the next with a clear error,
 /// and takes new ones again as the earlier ones end.

@@ -172,16 +172,18 @@ impl HistoryLimits {
         history.drain(..drop);
     }
 
-    /// How many of the newest messages of `older` followed by `newer` stay within the
-    /// limits (what [`trim`](Self::trim) would keep of them joined), without joining them.
-    pub(crate) fn kept(&self, older: &[Message], newer: &[Message]) -> usize {
+    /// How many of the newest messages, of older ones (given by their content sizes in
+    /// bytes) followed by `newer`, stay within the limits: what [`trim`](Self::trim) would
+    /// keep of them joined, without joining them.
+    pub(crate) fn kept(&self, older: &[usize], newer: &[Message]) -> usize {
+        let newer = newer.iter().map(|m| m.content.len());
         let mut bytes = 0usize;
         let mut kept = 0;
-        for m in newer.iter().rev().chain(older.iter().rev()) {
-            if kept == self.messages || bytes + m.content.len() > self.bytes {
+        for len in newer.rev().chain(older.iter().rev().copied()) {
+            if kept == self.messages || bytes + len > self.bytes {
                 break;
             }
-            bytes += m.content.len();
+            bytes += len;
             kept += 1;
         }
         kept
@@ -744,4 +746,39 @@ fn decode_kept(bytes: &[u8], identity: &Identity) -> Option<Envelope> {
     Envelope::from_flat(value.as_object()?)
         .ok()?
         .signed_by(identity)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn messages(sizes: &[usize]) -> Vec<Message> {
+        sizes
+            .iter()
+            .map(|&n| Message {
+                role: "user".into(),
+                content: "x".repeat(n),
+            })
+            .collect()
+    }
+
+    proptest! {
+        /// `kept` (planned from sizes, before the turn's answer exists) keeps exactly what
+        /// `trim` keeps of the whole history joined.
+        #[test]
+        fn kept_counts_what_trim_keeps(
+            older in proptest::collection::vec(0usize..40, 0..30),
+            newer in proptest::collection::vec(0usize..40, 0..4),
+            max_messages in 0usize..40,
+            max_bytes in 0usize..400,
+        ) {
+            let limits = HistoryLimits { messages: max_messages, bytes: max_bytes };
+            let newer = messages(&newer);
+            let mut joined = messages(&older);
+            joined.extend(newer.iter().cloned());
+            limits.trim(&mut joined);
+            prop_assert_eq!(limits.kept(&older, &newer), joined.len());
+        }
+    }
 }

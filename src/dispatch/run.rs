@@ -71,7 +71,7 @@ impl Run {
         }
     }
 
-    pub(super) async fn execute(mut self, start: TurnStart) {
+    pub(super) async fn execute(mut self, mut start: TurnStart) {
         let dispatcher = self.dispatcher.clone();
         let inner = &dispatcher.inner;
         let worker = inner.workers.clone().acquire_owned().await;
@@ -80,7 +80,14 @@ impl Run {
         let (chunk_tx, mut chunk_rx) = mpsc::channel::<String>(CHUNK_QUEUE);
         let sink = StreamSink::new(chunk_tx);
         let mut turn = Turn::new(start.prompt.clone(), start.session_id.clone());
-        turn.history = start.history.clone();
+        // The history the turn keeps is planned from the sizes of its messages; the run
+        // needs the messages themselves only where it writes or returns them whole.
+        let older: Vec<usize> = start.history.iter().map(|m| m.content.len()).collect();
+        turn.history = if start.from_store && !start.client_held {
+            std::mem::take(&mut start.history)
+        } else {
+            start.history.clone()
+        };
         turn.files = self.files.clone();
         turn.caller = self.caller;
         turn.hops = start.hops;
@@ -110,13 +117,22 @@ impl Run {
                 biased;
                 chunk = chunk_rx.recv() => match chunk {
                     Some(chunk) => {
-                        streamed += chunk.len();
-                        if streamed > max_output {
+                        // With every chunk already written: chunks that come together
+                        // go out together, one STREAM (one signature), at no delay.
+                        let mut next = Some(chunk);
+                        while let Some(chunk) = next {
+                            streamed += chunk.len();
+                            if streamed > max_output {
+                                overflowed = true;
+                                break;
+                            }
+                            stream.push(&chunk);
+                            next = chunk_rx.try_recv().ok();
+                        }
+                        if overflowed {
                             // Stop the agent now: what it would write next is lost anyway.
-                            overflowed = true;
                             break;
                         }
-                        stream.push(&chunk);
                     }
                     None => break,
                 },
@@ -184,7 +200,7 @@ impl Run {
                         content: result.clone(),
                     },
                 ];
-                let keep = limits.kept(&start.history, &turn);
+                let keep = limits.kept(&older, &turn);
                 // A caller that keeps its own history gets it back, as the node would
                 // keep it; the others get the session id and the turn's answer.
                 let returned = start.client_held.then(|| {
