@@ -309,8 +309,17 @@ impl Wal {
 
     /// Empties the log, once sled holds (durably) everything it said.
     pub(super) fn reset(&mut self) -> std::io::Result<()> {
+        self.empty()?;
+        self.file.sync_all()
+    }
+
+    /// Empties the log without waiting for that to reach the disk: the caller syncs
+    /// a [`sync_handle`](Self::sync_handle) next, without the store's lock. Until then
+    /// a machine crash may leave records sled already holds, replayed after the
+    /// batched window's writes are lost; a sync of records appended meanwhile (which
+    /// `sync` durability waits for) makes the emptied length durable too.
+    pub(super) fn empty(&mut self) -> std::io::Result<()> {
         self.file.set_len(0)?;
-        self.file.sync_all()?;
         self.len = 0;
         Ok(())
     }
