@@ -7,22 +7,22 @@ use clap::Parser;
 
 mod cli;
 
-/// glibc raises its mmap threshold each time a large buffer is freed, so later large
-/// buffers (request bodies, files) come from the heap and stay there once freed: 131 MB
-/// stayed after a burst of 20 MB uploads (3.3x idle). A fixed threshold keeps them on
-/// mmap, given back on free: 42 MB after the same burst (benches/memory.py; mimalloc,
-/// also tried, kept 157 MB for seconds and idled higher).
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-fn return_large_buffers() {
-    // SAFETY: mallopt only sets a parameter of glibc's allocator; it runs first thing in
-    // main, before any other thread exists.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
-    }
-}
+/// jemalloc, not glibc's malloc: see Cargo.toml for why. Its configuration, read once
+/// when it starts: freed pages go back to the system within about a second (a background
+/// thread purges them), so memory after a burst of large bodies falls back as it did with
+/// glibc and a fixed mmap threshold (benches/memory.py: 1.2x idle 5 s after, both).
+/// `MALLOC_CONF`-style text; `_RJEM_MALLOC_CONF` in the environment overrides it.
+#[cfg(all(target_os = "linux", not(target_env = "msvc")))]
+mod allocator {
+    #[global_allocator]
+    static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn return_large_buffers() {}
+    /// jemalloc reads this C string (a `const char *`) by its prefixed name.
+    #[allow(non_upper_case_globals)]
+    #[export_name = "_rjem_malloc_conf"]
+    pub static malloc_conf: &[u8; 60] =
+        b"background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0\0";
+}
 
 #[derive(Parser)]
 #[command(
@@ -36,7 +36,6 @@ struct Cli {
 }
 
 fn main() -> ExitCode {
-    return_large_buffers();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => return cli::parse_error(e),
