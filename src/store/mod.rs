@@ -498,7 +498,8 @@ impl Store {
                 });
             }
             if let Some(rec) = running {
-                begin(ctx, a.key.as_bytes(), &rec)?;
+                // An id the node just chose has no replies to forget.
+                begin(ctx, a.key.as_bytes(), &rec, a.read)?;
             }
             Ok(Ok(out))
         })
@@ -510,7 +511,7 @@ impl Store {
     /// see the latest turn's) and its record is written as running. Queued without
     /// waiting: a later read sees it, and the turn's end makes it durable.
     pub async fn begin_turn(&self, key: String, rec: SessionRecord) -> Result<(), StoreError> {
-        self.queue(move |ctx| begin(ctx, key.as_bytes(), &rec))
+        self.queue(move |ctx| begin(ctx, key.as_bytes(), &rec, true))
             .await
     }
 
@@ -850,13 +851,15 @@ fn read_session(
     Ok(Some((rec, messages)))
 }
 
-/// Begins a turn: the replies kept from the session's previous turn forgotten, its
-/// record written as running.
-fn begin(ctx: &mut Ctx, key: &[u8], rec: &SessionRecord) -> Result<(), StoreError> {
-    clear_replies(ctx.trees, key)?;
-    ctx.log(wal::Op::ClearReplies {
-        session: key.to_vec(),
-    });
+/// Begins a turn: the replies kept from the session's previous turn forgotten (when it
+/// may have had one: `earlier`), its record written as running.
+fn begin(ctx: &mut Ctx, key: &[u8], rec: &SessionRecord, earlier: bool) -> Result<(), StoreError> {
+    if earlier {
+        clear_replies(ctx.trees, key)?;
+        ctx.log(wal::Op::ClearReplies {
+            session: key.to_vec(),
+        });
+    }
     log_session(ctx, key, rec)
 }
 
@@ -1740,6 +1743,49 @@ pub(super) mod tests {
             .unwrap()
             .is_some());
         assert!(store.record_seen("k".into(), 500, false).await.unwrap());
+    }
+
+    /// The replay keys (with their values) and the sweeper's order of them.
+    async fn seen_trees(store: &Store) -> (Vec<(Vec<u8>, Vec<u8>)>, Vec<Vec<u8>>) {
+        store
+            .call(Wait::Written, |ctx| {
+                let t = ctx.trees;
+                let keys = t
+                    .seen
+                    .iter()
+                    .map(|kv| kv.map(|(k, v)| (k.to_vec(), v.to_vec())));
+                let order = t.seen_expiry.iter().keys().map(|k| k.map(|k| k.to_vec()));
+                Ok((
+                    keys.collect::<Result<_, _>>()?,
+                    order.collect::<Result<_, _>>()?,
+                ))
+            })
+            .await
+            .unwrap()
+    }
+
+    /// A replayed key changes nothing: not the key, not the sweeper's order, whether the
+    /// replay names the same expiry (its entry is the key's own) or another one.
+    #[tokio::test]
+    async fn a_replayed_key_leaves_the_seen_trees_as_they_were() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(dir.path(), 60, 100).unwrap();
+        assert!(store.record_seen("k".into(), 150, false).await.unwrap());
+        let first = seen_trees(&store).await;
+        assert_eq!(
+            first,
+            (
+                vec![(b"k".to_vec(), 150u64.to_be_bytes().to_vec())],
+                vec![in_order(150, "k")]
+            )
+        );
+        assert!(!store.record_seen("k".into(), 150, false).await.unwrap());
+        assert_eq!(seen_trees(&store).await, first);
+        assert!(!store.record_seen("k".into(), 900, false).await.unwrap());
+        assert_eq!(seen_trees(&store).await, first);
+        // And the key still goes when its time comes.
+        assert_eq!(store.sweep(160).await.unwrap().keys, 1);
+        assert_eq!(seen_trees(&store).await, (vec![], vec![]));
     }
 
     /// Every index entry, as `(tree, key)`, to compare with what the records imply.
