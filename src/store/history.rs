@@ -91,13 +91,13 @@ pub(super) fn apply(
         let start = super::seq_key(session, drop_from);
         let end = super::seq_key(session, keep_from);
         for key in t.history.range(start..end).keys() {
-            t.history.remove(key?)?;
+            t.history.delete(key?);
         }
     }
     for (i, bytes) in messages.iter().enumerate() {
         let n = at + i as u64;
         if n >= keep_from {
-            t.history.insert(super::seq_key(session, n), &bytes[..])?;
+            t.history.put(super::seq_key(session, n), &bytes[..]);
         }
     }
     Ok(())

@@ -23,7 +23,11 @@ use std::time::{Duration, Instant};
 use base64::Engine;
 use serde::{Deserialize, Serialize};
 
+use super::layer::Layered;
 use super::{SessionStatus, StoreError, Trees};
+
+/// The value of an index entry: the key says it all.
+const EMPTY: &[u8] = &[];
 
 /// Sessions listed when the caller names no `limit`.
 pub const DEFAULT_PAGE: usize = 50;
@@ -138,7 +142,7 @@ fn expiry_key(expires: u64, key: &[u8]) -> Vec<u8> {
 }
 
 /// The first key after every key that starts with `prefix` (None: there is none).
-fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
+pub(super) fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
     let mut end = prefix.to_vec();
     while let Some(last) = end.pop() {
         if last < u8::MAX {
@@ -176,24 +180,27 @@ pub(super) fn put(
         .transpose()?;
     for gone in old.iter().chain(stale) {
         if gone.created != meta.created {
-            t.list.remove(list_key(key, gone.created))?;
+            t.list.delete(list_key(key, gone.created));
         }
         if let Some(e) = gone.expires.filter(|e| Some(*e) != meta.expires) {
-            t.expiry.remove(expiry_key(e, key))?;
+            t.expiry.delete(expiry_key(e, key));
         }
     }
     if repair || old.as_ref().map(|o| o.created) != Some(meta.created) {
-        t.list.insert(list_key(key, meta.created), &[])?;
+        t.list.put(list_key(key, meta.created), EMPTY);
     }
     if let Some(e) = meta.expires {
-        t.expiry.insert(expiry_key(e, key), &[])?;
+        t.expiry.put(expiry_key(e, key), EMPTY);
     }
+    let was_running = old
+        .as_ref()
+        .is_some_and(|o| o.status == SessionStatus::Running);
     if meta.status == SessionStatus::Running {
-        t.running.insert(key, &[])?;
-    } else {
-        t.running.remove(key)?;
+        t.running.put(key, EMPTY);
+    } else if was_running || repair || stale.is_some() {
+        t.running.delete(key);
     }
-    t.sessions.insert(key, body)?;
+    t.sessions.put(key, body);
     Ok(replaced)
 }
 
@@ -207,13 +214,13 @@ pub(super) fn remove(
     let removed = t.meta.remove(key)?;
     let old: Option<SessionMeta> = removed.as_deref().map(serde_json::from_slice).transpose()?;
     for gone in old.iter().chain(stale) {
-        t.list.remove(list_key(key, gone.created))?;
+        t.list.delete(list_key(key, gone.created));
         if let Some(e) = gone.expires {
-            t.expiry.remove(expiry_key(e, key))?;
+            t.expiry.delete(expiry_key(e, key));
         }
     }
-    t.running.remove(key)?;
-    t.sessions.remove(key)?;
+    t.running.delete(key);
+    t.sessions.delete(key);
     Ok(removed)
 }
 
@@ -268,7 +275,7 @@ pub(super) fn due_sessions(t: &Trees, now: u64, max: usize) -> Result<Vec<sled::
     due(&t.expiry, now, max)
 }
 
-fn due(tree: &sled::Tree, now: u64, max: usize) -> Result<Vec<sled::IVec>, StoreError> {
+fn due(tree: &Layered, now: u64, max: usize) -> Result<Vec<sled::IVec>, StoreError> {
     let end = now.saturating_add(1).to_be_bytes();
     let mut out = Vec::new();
     for key in tree.range(..&end[..]).keys().take(max) {
@@ -279,34 +286,23 @@ fn due(tree: &sled::Tree, now: u64, max: usize) -> Result<Vec<sled::IVec>, Store
 }
 
 /// Records a replay key until `expires`, with its place in the sweeper's order. False if
-/// it was there already, and then nothing changes. The check and the write of the key
-/// are one sled operation (a swap that only fills an empty key): one traversal fewer
-/// than a read then a write, on every signed message. As in [`put_seen`], the entry in
-/// the order goes first, so that a crash in between never leaves a key no sweep finds.
+/// it was there already, and then nothing changes. (Both writes are in memory and in
+/// one job's log records: a crash keeps both or neither.)
 pub(super) fn record_seen(t: &Trees, key: &[u8], expires: u64) -> Result<bool, StoreError> {
     let entry = expiry_key(expires, key);
-    let had_entry = t.seen_expiry.insert(&entry, &[])?.is_some();
-    let value = expires.to_be_bytes();
-    match t
-        .seen
-        .compare_and_swap(key, None::<&[u8]>, Some(&value[..]))?
-    {
-        Ok(()) => Ok(true),
-        Err(_) => {
-            // A replay: take back the entry unless it was there (the key's own).
-            if !had_entry {
-                t.seen_expiry.remove(&entry)?;
-            }
-            Ok(false)
-        }
+    if t.seen.contains_key(key)? {
+        return Ok(false);
     }
+    t.seen_expiry.put(entry, EMPTY);
+    t.seen.put(key, &expires.to_be_bytes()[..]);
+    Ok(true)
 }
 
 /// Writes a replay key and its place in the sweeper's order, whatever is there (a replay
 /// of the log over a half-done write).
 pub(super) fn put_seen(t: &Trees, key: &[u8], expires: u64) -> Result<(), StoreError> {
-    t.seen_expiry.insert(expiry_key(expires, key), &[])?;
-    t.seen.insert(key, &expires.to_be_bytes())?;
+    t.seen_expiry.put(expiry_key(expires, key), EMPTY);
+    t.seen.put(key, &expires.to_be_bytes()[..]);
     Ok(())
 }
 
@@ -321,9 +317,9 @@ pub(super) fn sweep_seen(t: &Trees, now: u64, max: usize) -> Result<usize, Store
         let key = &entry[8..];
         // A key recorded again later has a later expiry: keep it.
         if t.seen.get(key)?.as_deref() == Some(&entry[..8]) {
-            t.seen.remove(key)?;
+            t.seen.delete(key);
         }
-        t.seen_expiry.remove(&entry)?;
+        t.seen_expiry.delete(&entry);
         removed += 1;
     }
     Ok(removed)
@@ -341,13 +337,13 @@ pub(super) fn build_if_missing(t: &Trees) -> Result<Option<usize>, StoreError> {
         return Ok(None);
     }
     for tree in [&t.meta, &t.list, &t.expiry, &t.running, &t.seen_expiry] {
-        tree.clear()?;
+        tree.disk().clear()?;
     }
     let began = Instant::now();
     let mut reported = began;
     let mut indexed = 0;
     let mut batch = IndexBatch::default();
-    for item in t.sessions.iter() {
+    for item in t.sessions.disk().iter() {
         let (key, bytes) = item?;
         if indexed == 0 {
             tracing::info!("building the session index (once: this store was written without one)");
@@ -365,12 +361,12 @@ pub(super) fn build_if_missing(t: &Trees) -> Result<Option<usize>, StoreError> {
     }
     batch.apply(t)?;
     let mut order = sled::Batch::default();
-    for item in t.seen.iter() {
+    for item in t.seen.disk().iter() {
         let (key, value) = item?;
         let expires = value.as_ref().try_into().map_or(0, u64::from_be_bytes);
         order.insert(expiry_key(expires, &key), &[]);
     }
-    t.seen_expiry.apply_batch(order)?;
+    t.seen_expiry.disk().apply_batch(order)?;
     // The marker goes last: a build cut short starts again from scratch.
     t.db.flush()?;
     t.db.insert(INDEX_MARKER, &[INDEX_VERSION])?;
@@ -407,10 +403,10 @@ impl IndexBatch {
     }
 
     fn apply(self, t: &Trees) -> Result<(), StoreError> {
-        t.meta.apply_batch(self.meta)?;
-        t.list.apply_batch(self.list)?;
-        t.expiry.apply_batch(self.expiry)?;
-        t.running.apply_batch(self.running)?;
+        t.meta.disk().apply_batch(self.meta)?;
+        t.list.disk().apply_batch(self.list)?;
+        t.expiry.disk().apply_batch(self.expiry)?;
+        t.running.disk().apply_batch(self.running)?;
         Ok(())
     }
 }

@@ -1,11 +1,11 @@
 //! The store's write-ahead log: `oonode.wal` beside sled's files.
 //!
-//! sled keeps recent writes in memory until it flushes, and a flush costs a sync of its
-//! own log. The store instead appends every job's changes to this file with one
-//! `write(2)` before the job returns, so a killed process loses nothing it answered
-//! (the bytes are in the kernel), and syncs it when the durability mode asks (once for
-//! all jobs waiting, or within a window). sled is flushed only at checkpoints,
-//! after which the log is emptied. On open, whatever the log holds is applied to sled
+//! Jobs write to memory (`layer.rs`), and the store appends every job's changes to this
+//! file with one `write(2)` before the job returns, so a killed process loses nothing it
+//! answered (the bytes are in the kernel), and syncs it when the durability mode asks
+//! (once for all jobs waiting, or within a window). A checkpoint sets the log aside as
+//! `oonode.wal.old` and starts a new one, moves what the old one said into sled, flushes
+//! sled, and only then removes the old log. On open, whatever the log holds is applied to sled
 //! again: every change is a blind write (a value, not a delta), so applying it over a
 //! sled state that already holds some of it ends in the same state.
 //!
@@ -15,7 +15,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// One change, as logged.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -266,26 +266,59 @@ pub(super) fn decode_all(mut data: &[u8]) -> (Vec<Op>, bool) {
     (ops, true)
 }
 
-/// The open log file.
+/// The open log file, and where a checkpoint sets the one before it aside.
 pub(super) struct Wal {
     file: File,
-    /// Bytes written since the last reset.
+    /// Bytes written since the file was started.
     len: u64,
+    path: PathBuf,
+    /// `<path>.old`: the log a checkpoint is moving into sled, until it is there.
+    old: PathBuf,
+}
+
+fn open_file(path: &Path) -> std::io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .append(true)
+        .create(true)
+        .open(path)
+}
+
+/// Makes the directory's entries (a rename, a new or removed file) durable.
+fn sync_dir(path: &Path) -> std::io::Result<()> {
+    match path.parent() {
+        Some(dir) => File::open(dir)?.sync_all(),
+        None => Ok(()),
+    }
 }
 
 impl Wal {
-    /// Opens (or creates) the log and reads what it holds.
+    /// Opens (or creates) the log and reads what it holds: the set-aside log first, if a
+    /// checkpoint did not finish, then the log itself. Also returns whether both ended
+    /// cleanly.
     pub(super) fn open(path: &Path) -> std::io::Result<(Wal, Vec<Op>, bool)> {
-        let mut file = OpenOptions::new()
-            .read(true)
-            .append(true)
-            .create(true)
-            .open(path)?;
+        let mut old_name = path.as_os_str().to_owned();
+        old_name.push(".old");
+        let old = PathBuf::from(old_name);
+        let (mut ops, mut clean) = (Vec::new(), true);
+        match std::fs::read(&old) {
+            Ok(data) => (ops, clean) = decode_all(&data),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        let mut file = open_file(path)?;
         let mut data = Vec::new();
         file.read_to_end(&mut data)?;
-        let (ops, clean) = decode_all(&data);
+        let (more, tail_clean) = decode_all(&data);
+        ops.extend(more);
         let len = data.len() as u64;
-        Ok((Wal { file, len }, ops, clean))
+        let wal = Wal {
+            file,
+            len,
+            path: path.to_path_buf(),
+            old,
+        };
+        Ok((wal, ops, clean && tail_clean))
     }
 
     /// Appends encoded records in one `write(2)` (or as few as the kernel allows).
@@ -307,21 +340,47 @@ impl Wal {
         self.len
     }
 
-    /// Empties the log, once sled holds (durably) everything it said.
-    pub(super) fn reset(&mut self) -> std::io::Result<()> {
-        self.empty()?;
-        self.file.sync_all()
+    /// Sets the log aside as `<path>.old` once synced, and starts an empty one: what the
+    /// old one holds stays replayable until [`drop_old`](Self::drop_old). There must be
+    /// no old log (the last checkpoint finished). Returns a handle of the new one for
+    /// syncing from another thread.
+    pub(super) fn rotate(&mut self) -> std::io::Result<File> {
+        self.file.sync_data()?;
+        std::fs::rename(&self.path, &self.old)?;
+        let file = match open_file(&self.path).and_then(|f| Ok((f.try_clone()?, f))) {
+            Ok(files) => files,
+            Err(e) => {
+                // Back as it was: appends go on to the same file, under its own name.
+                let _ = std::fs::rename(&self.old, &self.path);
+                return Err(e);
+            }
+        };
+        // Before a record of the new file is answered as synced, its name must last.
+        sync_dir(&self.path)?;
+        let (handle, file) = file;
+        self.file = file;
+        self.len = 0;
+        Ok(handle)
     }
 
-    /// Empties the log without waiting for that to reach the disk: the caller syncs
-    /// a [`sync_handle`](Self::sync_handle) next, without the store's lock. Until then
-    /// a machine crash may leave records sled already holds, replayed after the
-    /// batched window's writes are lost; a sync of records appended meanwhile (which
-    /// `sync` durability waits for) makes the emptied length durable too.
-    pub(super) fn empty(&mut self) -> std::io::Result<()> {
+    /// Removes the set-aside log, once sled holds (durably) everything it said. The
+    /// removal is made durable before a later rotation can set another log aside, so
+    /// that a crash can never bring this one back after it.
+    pub(super) fn drop_old(&mut self) -> std::io::Result<()> {
+        match std::fs::remove_file(&self.old) {
+            Ok(()) => sync_dir(&self.path),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Empties the log and removes the set-aside one, once sled holds (durably)
+    /// everything they said.
+    pub(super) fn reset(&mut self) -> std::io::Result<()> {
         self.file.set_len(0)?;
         self.len = 0;
-        Ok(())
+        self.file.sync_all()?;
+        self.drop_old()
     }
 }
 
