@@ -12,7 +12,7 @@ mod cli;
 /// thread purges them), so memory after a burst of large bodies falls back as it did with
 /// glibc and a fixed mmap threshold (benches/memory.py: 1.2x idle 5 s after, both).
 /// `MALLOC_CONF`-style text; `_RJEM_MALLOC_CONF` in the environment overrides it.
-#[cfg(all(target_os = "linux", not(target_env = "msvc")))]
+#[cfg(target_os = "linux")]
 mod allocator {
     #[global_allocator]
     static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
