@@ -289,12 +289,10 @@ fn due(tree: &Layered, now: u64, max: usize) -> Result<Vec<sled::IVec>, StoreErr
 /// it was there already, and then nothing changes. (Both writes are in memory and in
 /// one job's log records: a crash keeps both or neither.)
 pub(super) fn record_seen(t: &Trees, key: &[u8], expires: u64) -> Result<bool, StoreError> {
-    let entry = expiry_key(expires, key);
     if t.seen.contains_key(key)? {
         return Ok(false);
     }
-    t.seen_expiry.put(entry, EMPTY);
-    t.seen.put(key, &expires.to_be_bytes()[..]);
+    put_seen(t, key, expires)?;
     Ok(true)
 }
 
