@@ -1286,7 +1286,13 @@ impl State {
 
     /// Whether the checkpointer should checkpoint now.
     fn checkpoint_due(&self) -> bool {
-        self.full() || (self.wal.len() > 0 && self.checkpointed.elapsed() >= CHECKPOINT_EVERY)
+        self.full() || (self.pending() && self.checkpointed.elapsed() >= CHECKPOINT_EVERY)
+    }
+
+    /// Whether anything is not in sled yet: logged changes, or unlogged ones in memory
+    /// (the sweeper's removal of replay keys).
+    fn pending(&self) -> bool {
+        self.wal.len() > 0 || self.trees.fresh_bytes() > 0
     }
 
     /// A checkpoint's first step, under the lock: the log so far synced and set aside
@@ -1296,7 +1302,7 @@ impl State {
     fn freeze(&mut self, sync: &Syncer) -> Result<Option<Frozen>, String> {
         let trees = if self.frozen {
             self.trees.all().map(|t| t.frozen())
-        } else if self.wal.len() > 0 {
+        } else if self.pending() {
             let handle = self.wal.rotate().map_err(|e| e.to_string())?;
             // What the set-aside log holds is synced; the syncer syncs the new one.
             sync.all_durable();
