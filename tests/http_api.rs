@@ -35,6 +35,14 @@ async fn seed_examples_translate_multi_turn_sessions_health_info() {
 
     // Multi-turn: pass the session back.
     let (_, first) = node.post(&json!({"prompt": "My name is John"})).await;
+    // Ids the node chooses are UUIDv7, time-ordered: a later session's sorts after (the
+    // store keeps new sessions together; see `dispatch::turn`).
+    let later_id = first["session_id"].as_str().unwrap();
+    for id in [first_id.as_str(), later_id] {
+        let uuid = uuid::Uuid::parse_str(id).unwrap();
+        assert_eq!(uuid.get_version_num(), 7, "{id}");
+    }
+    assert!(later_id > first_id.as_str(), "{later_id} after {first_id}");
     let (status, second) = node
         .post(&json!({"prompt": "What is my name?", "session": first["session"]}))
         .await;
