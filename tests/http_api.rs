@@ -36,7 +36,7 @@ async fn seed_examples_translate_multi_turn_sessions_health_info() {
     // Multi-turn: pass the session back.
     let (_, first) = node.post(&json!({"prompt": "My name is John"})).await;
     // Ids the node chooses are UUIDv7, time-ordered: a later session's sorts after (the
-    // store keeps new sessions together; see `dispatch::turn`).
+    // store keeps new sessions together; see `dispatch::new_session_id`).
     let later_id = first["session_id"].as_str().unwrap();
     for id in [first_id.as_str(), later_id] {
         let uuid = uuid::Uuid::parse_str(id).unwrap();

@@ -334,6 +334,14 @@ async fn python_client_shapes_connect_seal_ping() {
         (Some("CONNECTED"), Some("new"))
     );
     let session_id = connected["session_id"].as_str().unwrap().to_string();
+    // The node chose it, as it chooses an INPUT's: a UUIDv7 (`dispatch::new_session_id`).
+    assert_eq!(
+        uuid::Uuid::parse_str(&session_id)
+            .unwrap()
+            .get_version_num(),
+        7,
+        "{session_id}"
+    );
 
     let mut input = python_style_input(&caller, node.address, "hello there", unix_now());
     input["type"] = json!("INPUT");

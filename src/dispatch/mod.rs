@@ -734,6 +734,14 @@ pub(crate) fn reply_seq(env: &Envelope) -> u64 {
     }
 }
 
+/// The id of a session the node opens (an INPUT or a socket's CONNECT that names none). A
+/// UUIDv7: time-ordered (48 bits of milliseconds, 74 random), so a new session's keys land
+/// beside the last one's in the store's trees, not on a random leaf that sled must read
+/// back from disk once the store outgrows its cache.
+pub(crate) fn new_session_id() -> String {
+    uuid::Uuid::now_v7().to_string()
+}
+
 /// A short random id naming one request in the logs (not secret, not unique forever).
 fn request_id() -> String {
     format!("{:08x}", rand::random::<u32>())

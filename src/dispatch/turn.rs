@@ -74,10 +74,7 @@ pub(super) fn parse_turn(sub: &Submission, now: u64) -> Result<TurnStart, Refusa
     let session_id = match session.get("session_id").or(payload.get("session_id")) {
         None | Some(Value::Null) => {
             named = false;
-            // Time-ordered (UUIDv7: 48 bits of milliseconds, 74 random): a new session's
-            // keys land beside the last one's in the store's trees, not on a random leaf
-            // that sled must read back from disk once the store outgrows its cache.
-            uuid::Uuid::now_v7().to_string()
+            super::new_session_id()
         }
         Some(Value::String(s)) if valid_session_id(s) => s.clone(),
         Some(_) => {

@@ -20,7 +20,9 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info_span, Instrument};
 
-use crate::dispatch::{Dispatcher, Origin, Reader, Refusal, Rejected, Route, Transport};
+use crate::dispatch::{
+    new_session_id, Dispatcher, Origin, Reader, Refusal, Rejected, Route, Transport,
+};
 use crate::envelope::unix_now;
 use crate::envelope::{decode_object, Envelope};
 use crate::identity::Address;
@@ -436,8 +438,7 @@ impl Connection {
     /// A signed CONNECT is single-use and makes the socket read as its signer.
     async fn on_connect(&mut self, obj: Object) {
         let began = std::time::Instant::now();
-        let session_id =
-            ClientFrame::connect_session(&obj).unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+        let session_id = ClientFrame::connect_session(&obj).unwrap_or_else(new_session_id);
         let result = self
             .dispatcher()
             .connect(
