@@ -132,6 +132,21 @@ async fn replayed_stale_and_misaddressed_requests_are_refused() {
         "{body}"
     );
 
+    // Its signer may sign an id again with another timestamp (nobody else can): that is
+    // a new message, since a replay is the same key with the same signed timestamp.
+    // Each one's copy is refused, here and after the restart below.
+    let again = |ts: u64| {
+        let payload = json!({"prompt": "again", "id": "00000000-0000-4000-8000-0000000000aa",
+            "timestamp": ts});
+        Envelope::sign(&caller, Kind::Input, Some(node.address), obj(payload)).to_nested_json()
+    };
+    let (earlier, later) = (unix_now() - 20, unix_now() - 10);
+    for ts in [earlier, later] {
+        assert_eq!(node.post(&again(ts)).await.0, 200);
+        assert_eq!(node.post(&again(ts)).await.1["code"], "replayed");
+    }
+    let copies = [again(earlier), again(later)];
+
     // Python shape (no id): the signature digest is the replay key.
     let py = python_style_input(&caller, node.address, "hello", unix_now());
     assert_eq!(node.post(&py).await.0, 200);
@@ -161,12 +176,14 @@ async fn replayed_stale_and_misaddressed_requests_are_refused() {
     // Replays stay refused after a restart: seen ids are persisted.
     node.stop().await;
     let node = TestNode::start(Host::new(Echo).trust(TrustLevel::Strict), dir.path()).await;
-    let (status, body) = node.post(&once).await;
-    assert_eq!(
-        (status, body["code"].as_str()),
-        (401, Some("replayed")),
-        "{body}"
-    );
+    for message in [&once, &py, &copies[0], &copies[1]] {
+        let (status, body) = node.post(message).await;
+        assert_eq!(
+            (status, body["code"].as_str()),
+            (401, Some("replayed")),
+            "{body}"
+        );
+    }
     node.stop().await;
 }
 

@@ -78,8 +78,9 @@ impl Dispatcher {
         Ok(Caller::Verified(from))
     }
 
-    /// Records a signed envelope as used; a second use is a replay. Kept past the
-    /// freshness window on both sides: by then the timestamp check refuses it anyway.
+    /// Records a signed envelope as used; a second use is a replay. Kept until twice the
+    /// freshness window after its signed timestamp: by then the timestamp check refuses
+    /// it anyway.
     /// After an unclean stop the record may miss the last keys before it, so a message
     /// signed before the restart (`replay_floor`) is refused whatever the record says.
     pub(super) async fn use_once(&self, env: &Envelope, now: u64) -> Result<(), Refusal> {
@@ -110,7 +111,15 @@ impl Dispatcher {
         // Signed ahead of our clock: a restart's floor would not cover it, so its key
         // must be on disk before the message is acted on (`Store::record_seen`).
         let synced = ts > now;
-        Ok(Some((key, now + 2 * MAX_CLOCK_SKEW_SECS, synced)))
+        // From the signed timestamp, not our clock: the store finds a replay by the key
+        // and this time together (`Store::record_seen`). Freshness refuses the message
+        // from `ts + MAX_CLOCK_SKEW_SECS` on, so this keeps the key as long again for a
+        // clock that steps back.
+        Ok(Some((
+            key,
+            ts.saturating_add(2 * MAX_CLOCK_SKEW_SECS),
+            synced,
+        )))
     }
 
     /// A CONNECT frame, the Python client's way to open a socket session. A signed one is

@@ -8,7 +8,8 @@
 //! | `session_list` | scope ‖ `!created` (u64 BE) ‖ id | empty; one scope's sessions, newest first |
 //! | `session_expiry` | `expires` (u64 BE) ‖ session key | empty; soonest due first |
 //! | `session_running` | session key | empty; the sessions a crash would leave running |
-//! | `seen_expiry` | `expires` (u64 BE) ‖ replay key | empty; soonest due first |
+//! | `seen_at` | `expires` (u64 BE) ‖ replay key | empty; soonest due first |
+//! | `seen_expiry` | `expires` (u64 BE) ‖ replay key | empty; the order of an older store's `seen` tree |
 //!
 //! A session key is its scope (`a…/` or `s…/`, see `dispatch::scope`) then its id. Every
 //! write or removal of a session changes its record and these entries in one store job,
@@ -285,32 +286,55 @@ fn due(tree: &Layered, now: u64, max: usize) -> Result<Vec<sled::IVec>, StoreErr
     Ok(out)
 }
 
-/// Records a replay key until `expires`, with its place in the sweeper's order. False if
-/// it was there already, and then nothing changes. (Both writes are in memory and in
-/// one job's log records: a crash keeps both or neither.)
+/// Records a replay key until `expires`; false if it was there already, and then nothing
+/// changes. Keyed by `expires` first: the dispatcher derives it from the message's signed
+/// timestamp, so a turn's key lands beside the keys of the turns just before it (in
+/// leaves sled has cached, in order), however random the message ids are, and the
+/// sweeper removes a run of keys from the front.
 pub(super) fn record_seen(t: &Trees, key: &[u8], expires: u64) -> Result<bool, StoreError> {
-    if t.seen.contains_key(key)? {
+    let entry = expiry_key(expires, key);
+    if t.seen_at.contains_key(&entry)? || (t.legacy_seen.get() && t.seen.contains_key(key)?) {
         return Ok(false);
     }
-    put_seen(t, key, expires)?;
+    t.seen_at.put(entry, EMPTY);
     Ok(true)
 }
 
-/// Writes a replay key and its place in the sweeper's order, whatever is there (a replay
-/// of the log over a half-done write).
-pub(super) fn put_seen(t: &Trees, key: &[u8], expires: u64) -> Result<(), StoreError> {
-    t.seen_expiry.put(expiry_key(expires, key), EMPTY);
-    t.seen.put(key, &expires.to_be_bytes()[..]);
-    Ok(())
+/// Writes a replay key, whatever is there (a replay of the log).
+pub(super) fn put_seen(t: &Trees, key: &[u8], expires: u64) {
+    t.seen_at.put(expiry_key(expires, key), EMPTY);
 }
 
-/// Removes up to `max` replay keys due by `now`; returns how many went. The key goes
-/// before its entry in the order, so a crash between the two leaves an entry the next
-/// sweep removes, never a key no sweep finds.
+/// Writes a replay key as versions before `seen_at` did, with its place in the sweeper's
+/// order (a replay of a log such a version wrote).
+pub(super) fn put_legacy_seen(t: &Trees, key: &[u8], expires: u64) {
+    t.seen_expiry.put(expiry_key(expires, key), EMPTY);
+    t.seen.put(key, &expires.to_be_bytes()[..]);
+    t.legacy_seen.set(true);
+}
+
+/// Removes up to `max` replay keys due by `now`; returns how many went.
 pub(super) fn sweep_seen(t: &Trees, now: u64, max: usize) -> Result<usize, StoreError> {
     let end = now.saturating_add(1).to_be_bytes();
     let mut removed = 0;
-    for entry in t.seen_expiry.range(..&end[..]).keys().take(max) {
+    for entry in t.seen_at.range(..&end[..]).keys().take(max) {
+        t.seen_at.delete(entry?);
+        removed += 1;
+    }
+    if t.legacy_seen.get() && removed < max {
+        removed += sweep_legacy_seen(t, &end, max - removed)?;
+        let empty = t.seen.iter().next().transpose()?.is_none();
+        t.legacy_seen.set(!empty);
+    }
+    Ok(removed)
+}
+
+/// [`sweep_seen`] for an older store's keys. The key goes before its entry in the order,
+/// so a crash between the two leaves an entry the next sweep removes, never a key no sweep
+/// finds.
+fn sweep_legacy_seen(t: &Trees, end: &[u8], max: usize) -> Result<usize, StoreError> {
+    let mut removed = 0;
+    for entry in t.seen_expiry.range(..end).keys().take(max) {
         let entry = entry?;
         let key = &entry[8..];
         // A key recorded again later has a later expiry: keep it.

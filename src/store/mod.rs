@@ -24,7 +24,11 @@ pub use index::{BadCursor, PageCursor, SessionMeta, SessionPage, DEFAULT_PAGE, M
 pub use uploads::{Upload, UploadError, Uploads};
 
 const SESSIONS: &str = "sessions";
+/// Replay keys as versions before [`SEEN_AT`] kept them (key → when it may go, with its
+/// order in [`SEEN_EXPIRY`]): read and swept until empty, never written again.
 const SEEN: &str = "seen";
+/// Replay keys, `expires` (u64 BE) ‖ key (`index.rs`).
+const SEEN_AT: &str = "seen_at";
 const REPLIES: &str = "replies";
 /// Where stores written before [`REPLIES`] kept one reply per key; moved on open.
 const CHUNKS: &str = "chunks";
@@ -122,6 +126,10 @@ impl SessionRecord {
 struct Trees {
     db: sled::Db,
     sessions: Layered,
+    /// Replay keys by when they may be forgotten, so that a turn's key lands beside the
+    /// last turn's (`index::record_seen`).
+    seen_at: Layered,
+    /// The replay keys of an older store ([`SEEN`]) and their order ([`SEEN_EXPIRY`]).
     seen: Layered,
     /// session key → its latest turn's kept replies, for clients that resume
     /// ([`encode_replies`]).
@@ -135,6 +143,9 @@ struct Trees {
     expiry: Layered,
     running: Layered,
     seen_expiry: Layered,
+    /// Whether `seen` may still hold keys: until a sweep finds it empty, a replay key is
+    /// looked for there too.
+    legacy_seen: std::cell::Cell<bool>,
 }
 
 /// What the node knows of a caller, for the trust agent.
@@ -499,13 +510,9 @@ impl Store {
                 Err(e) => return Ok(Err(Refused::Decided(e))),
             };
             if let Some((key, expires, _)) = a.seen {
-                if !index::record_seen(ctx.trees, key.as_bytes(), expires)? {
+                if !note_seen(ctx, key, expires)? {
                     return Ok(Err(Refused::Replayed));
                 }
-                ctx.log(wal::Op::Seen {
-                    key: key.into_bytes(),
-                    expires,
-                });
             }
             if let Some(rec) = running {
                 // An id the node just chose has no replies to forget.
@@ -595,8 +602,11 @@ impl Store {
     }
 
     /// Remembers a signed message's replay key until `expires`. Returns false if it was
-    /// already there: the message is a replay. Atomic; answered once written to the log,
-    /// so a killed process still knows it, or with `synced` once the log is synced.
+    /// already there with the same `expires`: the message is a replay. So `expires` must
+    /// follow from what the message signs (its timestamp), never from when it came: the
+    /// same key with another `expires` is another entry. Atomic; answered once written to
+    /// the log, so a killed process still knows it, or with `synced` once the log is
+    /// synced.
     ///
     /// A machine crash in `batched` mode can lose the keys of the last unsynced window;
     /// the node then refuses messages signed before its restart (`Opened::unclean`). That
@@ -609,17 +619,8 @@ impl Store {
         synced: bool,
     ) -> Result<bool, StoreError> {
         let wait = if synced { Wait::Durable } else { Wait::Written };
-        self.call(wait, move |ctx| {
-            let fresh = index::record_seen(ctx.trees, key.as_bytes(), expires)?;
-            if fresh {
-                ctx.log(wal::Op::Seen {
-                    key: key.into_bytes(),
-                    expires,
-                });
-            }
-            Ok(fresh)
-        })
-        .await
+        self.call(wait, move |ctx| note_seen(ctx, key, expires))
+            .await
     }
 
     /// The kept replies of a session with a sequence number above `after`, in order (the
@@ -800,9 +801,12 @@ impl Trees {
                 source,
             })?;
         let tree = |name: &str| db.open_tree(name).map(Layered::new);
+        let seen = tree(SEEN)?;
+        let legacy_seen = std::cell::Cell::new(!seen.disk().is_empty());
         Ok(Trees {
             sessions: tree(SESSIONS)?,
-            seen: tree(SEEN)?,
+            seen_at: tree(SEEN_AT)?,
+            seen,
             replies: tree(REPLIES)?,
             history: tree(HISTORY)?,
             trust: tree(TRUST)?,
@@ -811,13 +815,15 @@ impl Trees {
             expiry: tree(SESSION_EXPIRY)?,
             running: tree(SESSION_RUNNING)?,
             seen_expiry: tree(SEEN_EXPIRY)?,
+            legacy_seen,
             db,
         })
     }
 
-    fn all(&self) -> [&Layered; 10] {
+    fn all(&self) -> [&Layered; 11] {
         [
             &self.sessions,
+            &self.seen_at,
             &self.seen,
             &self.replies,
             &self.history,
@@ -955,6 +961,18 @@ fn log_session(ctx: &mut Ctx, key: &[u8], rec: &SessionRecord) -> Result<(), Sto
 
 /// Keeps a turn's replies (in order, the final one last) as the session's, in place of
 /// any kept before.
+/// Records a replay key and logs it; false (and nothing changes) if it was there already.
+fn note_seen(ctx: &mut Ctx, key: String, expires: u64) -> Result<bool, StoreError> {
+    let fresh = index::record_seen(ctx.trees, key.as_bytes(), expires)?;
+    if fresh {
+        ctx.log(wal::Op::Seen {
+            key: key.into_bytes(),
+            expires,
+        });
+    }
+    Ok(fresh)
+}
+
 fn log_replies(
     ctx: &mut Ctx,
     session: &[u8],
@@ -1132,7 +1150,8 @@ fn apply(t: &Trees, op: wal::Op) -> Result<(), StoreError> {
         wal::Op::RemoveSession { key, prev } => {
             remove_session(t, &key, parse_meta(prev)?.as_ref())?;
         }
-        wal::Op::Seen { key, expires } => index::put_seen(t, &key, expires)?,
+        wal::Op::Seen { key, expires } => index::put_seen(t, &key, expires),
+        wal::Op::LegacySeen { key, expires } => index::put_legacy_seen(t, &key, expires),
         wal::Op::Reply {
             session,
             seq,
@@ -1354,7 +1373,7 @@ impl State {
 /// The layers a checkpoint moves into sled, taken from under the lock.
 struct Frozen {
     db: sled::Db,
-    trees: [(sled::Tree, std::sync::Arc<layer::Entries>); 10],
+    trees: [(sled::Tree, std::sync::Arc<layer::Entries>); 11],
 }
 
 impl Frozen {
@@ -1840,47 +1859,123 @@ pub(super) mod tests {
         assert!(store.record_seen("k".into(), 500, false).await.unwrap());
     }
 
-    /// The replay keys (with their values) and the sweeper's order of them.
-    async fn seen_trees(store: &Store) -> (Vec<(Vec<u8>, Vec<u8>)>, Vec<Vec<u8>>) {
+    /// The replay keys (`seen_at`), then an older store's keys (with their values) and
+    /// the sweeper's order of them.
+    async fn seen_trees(store: &Store) -> SeenTrees {
         store
             .call(Wait::Written, |ctx| {
                 let t = ctx.trees;
-                let keys = t
+                let keys = |tree: &Layered| {
+                    tree.iter()
+                        .keys()
+                        .map(|k| k.map(|k| k.to_vec()))
+                        .collect::<Result<Vec<_>, _>>()
+                };
+                let legacy = t
                     .seen
                     .iter()
                     .map(|kv| kv.map(|(k, v)| (k.to_vec(), v.to_vec())));
-                let order = t.seen_expiry.iter().keys().map(|k| k.map(|k| k.to_vec()));
                 Ok((
-                    keys.collect::<Result<_, _>>()?,
-                    order.collect::<Result<_, _>>()?,
+                    keys(&t.seen_at)?,
+                    legacy.collect::<Result<_, _>>()?,
+                    keys(&t.seen_expiry)?,
                 ))
             })
             .await
             .unwrap()
     }
 
-    /// A replayed key changes nothing: not the key, not the sweeper's order, whether the
-    /// replay names the same expiry (its entry is the key's own) or another one.
+    type SeenTrees = (Vec<Vec<u8>>, Vec<(Vec<u8>, Vec<u8>)>, Vec<Vec<u8>>);
+
+    /// A replayed key changes nothing; the same key with another expiry (which the
+    /// dispatcher derives from a signed timestamp, so only the signer can change it) is
+    /// another message.
     #[tokio::test]
     async fn a_replayed_key_leaves_the_seen_trees_as_they_were() {
         let dir = tempfile::tempdir().unwrap();
         let (store, _) = Store::open(dir.path(), 60, 100).unwrap();
         assert!(store.record_seen("k".into(), 150, false).await.unwrap());
         let first = seen_trees(&store).await;
-        assert_eq!(
-            first,
-            (
-                vec![(b"k".to_vec(), 150u64.to_be_bytes().to_vec())],
-                vec![in_order(150, "k")]
-            )
-        );
+        assert_eq!(first, (vec![in_order(150, "k")], vec![], vec![]));
         assert!(!store.record_seen("k".into(), 150, false).await.unwrap());
         assert_eq!(seen_trees(&store).await, first);
+        assert!(store.record_seen("k".into(), 900, false).await.unwrap());
         assert!(!store.record_seen("k".into(), 900, false).await.unwrap());
-        assert_eq!(seen_trees(&store).await, first);
-        // And the key still goes when its time comes.
+        // And each goes when its time comes.
         assert_eq!(store.sweep(160).await.unwrap().keys, 1);
-        assert_eq!(seen_trees(&store).await, (vec![], vec![]));
+        assert_eq!(
+            seen_trees(&store).await,
+            (vec![in_order(900, "k")], vec![], vec![])
+        );
+        assert_eq!(store.sweep(900).await.unwrap().keys, 1);
+        assert_eq!(seen_trees(&store).await, (vec![], vec![], vec![]));
+    }
+
+    /// The replay keys a version before `seen_at` wrote (in sled, and in a log it did not
+    /// checkpoint) still refuse their messages, whatever expiry a replay names, until
+    /// the sweeper removes them; then the older trees are no longer read.
+    #[tokio::test]
+    async fn replay_keys_an_older_version_wrote_still_refuse_until_swept() {
+        let dir = tempfile::tempdir().unwrap();
+        let live = dir.path().join("live");
+        {
+            let db = sled::open(&live).unwrap();
+            let seen = db.open_tree(SEEN).unwrap();
+            let order = db.open_tree(SEEN_EXPIRY).unwrap();
+            seen.insert("k-disk", &150u64.to_be_bytes()).unwrap();
+            order.insert(in_order(150, "k-disk"), &[]).unwrap();
+            db.flush().unwrap();
+        }
+        let (store, _) = Store::open(&live, 60, 100).unwrap();
+        assert!(store.record_seen("fresh".into(), 700, false).await.unwrap());
+        // An older version's log record, replayed after a kill.
+        store
+            .call(Wait::Written, |ctx| {
+                ctx.log(wal::Op::LegacySeen {
+                    key: b"k-log".to_vec(),
+                    expires: 300,
+                });
+                Ok(())
+            })
+            .await
+            .unwrap();
+        let killed = dir.path().join("killed");
+        snapshot(&live, &killed);
+        store.close().await.unwrap();
+        let (store, opened) = Store::open_with(&killed, 60, 100, Durability::default()).unwrap();
+        assert!(opened.unclean && opened.replayed >= 2, "{opened:?}");
+        for key in ["k-disk", "k-log"] {
+            for expires in [150, 300, 700] {
+                assert!(
+                    !store.record_seen(key.into(), expires, false).await.unwrap(),
+                    "{key} {expires}"
+                );
+            }
+        }
+        assert_eq!(seen_trees(&store).await.0, vec![in_order(700, "fresh")]);
+        assert_eq!(store.sweep(200).await.unwrap().keys, 1);
+        assert!(store
+            .record_seen("k-disk".into(), 800, false)
+            .await
+            .unwrap());
+        assert!(!store.record_seen("k-log".into(), 800, false).await.unwrap());
+        let legacy_read = || store.call(Wait::Written, |ctx| Ok(ctx.trees.legacy_seen.get()));
+        assert!(legacy_read().await.unwrap());
+        assert_eq!(store.sweep(300).await.unwrap().keys, 1);
+        assert!(!legacy_read().await.unwrap());
+        assert!(store.record_seen("k-log".into(), 800, false).await.unwrap());
+        assert_eq!(
+            seen_trees(&store).await,
+            (
+                vec![
+                    in_order(700, "fresh"),
+                    in_order(800, "k-disk"),
+                    in_order(800, "k-log")
+                ],
+                vec![],
+                vec![]
+            )
+        );
     }
 
     /// Every index entry, as `(tree, key)`, to compare with what the records imply.

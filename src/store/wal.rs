@@ -39,8 +39,10 @@ pub(super) enum Op {
     },
     /// A session and its kept replies removed (the sweeper), with its meta as `prev`.
     RemoveSession { key: Vec<u8>, prev: Option<Vec<u8>> },
-    /// A replay key and when it may be forgotten.
+    /// A replay key and when it may be forgotten (the `seen_at` tree).
     Seen { key: Vec<u8>, expires: u64 },
+    /// A replay key as versions before `Seen` logged it (the legacy `seen` tree).
+    LegacySeen { key: Vec<u8>, expires: u64 },
     /// One kept reply of a session: written by versions before `Replies`, read still.
     Reply {
         session: Vec<u8>,
@@ -90,6 +92,11 @@ impl Op {
                 put_optional(out, prev.as_deref());
             }
             Op::Seen { key, expires } => {
+                out.push(10);
+                put_bytes(out, key);
+                out.extend_from_slice(&expires.to_be_bytes());
+            }
+            Op::LegacySeen { key, expires } => {
                 out.push(3);
                 put_bytes(out, key);
                 out.extend_from_slice(&expires.to_be_bytes());
@@ -154,7 +161,11 @@ impl Op {
                 key: r.bytes()?,
                 prev: r.optional()?,
             },
-            3 => Op::Seen {
+            10 => Op::Seen {
+                key: r.bytes()?,
+                expires: r.u64()?,
+            },
+            3 => Op::LegacySeen {
                 key: r.bytes()?,
                 expires: r.u64()?,
             },
@@ -444,6 +455,10 @@ mod tests {
             Op::Seen {
                 key: b"k".to_vec(),
                 expires: 77,
+            },
+            Op::LegacySeen {
+                key: b"k".to_vec(),
+                expires: 78,
             },
             Op::Reply {
                 session: b"sA/one".to_vec(),
