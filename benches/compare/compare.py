@@ -534,19 +534,27 @@ def main():
     ap.add_argument("--json", help="also write every measurement here")
     ap.add_argument("--only", help="run only these figures (comma-separated step names: "
                     "health64,new1,new64,cont1,cont64,ws,fsync1,fsync64,unsigned1)")
+    ap.add_argument("--hosts", default="python,oonode",
+                    help="measure only these hosts (with --only: the table is side by side); "
+                    "for long development runs of oonode alone, never for a claim")
     ap.add_argument("--scratch", required=True)
     args = ap.parse_args()
+    hosts = args.hosts.split(",")
+    if not hosts or any(h not in ("python", "oonode") for h in hosts):
+        ap.error("--hosts takes python, oonode or both")
+    if len(set(hosts)) < 2 and not args.only:
+        ap.error("--hosts with one host needs --only: the table compares both")
     signal.signal(signal.SIGTERM, lambda *_: (end_all(), sys.exit(143)))
     scratch = Path(args.scratch)
     keys = caller_keys(scratch)
     fs = fsync_latency(scratch)
     header = machine_lines(args.oonode, fs)
     secs = args.secs
-    res = {"python": {}, "oonode": {}}
-    starts = {"python": [], "oonode": []}
-    rss = {"python": [], "oonode": []}
+    res = {h: {} for h in hosts}
+    starts = {h: [] for h in hosts}
+    rss = {h: [] for h in hosts}
     others = []   # CPU % of one core used by other processes during each wrk run
-    order = ["python", "oonode"]
+    order = [h for h in ("python", "oonode") if h in hosts]
 
     def fresh(kind):
         h = Host(kind, scratch, args.oonode)

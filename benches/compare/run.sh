@@ -5,6 +5,8 @@
 #   COMPARE_SECS=3 COMPARE_WS_TURNS=200 benches/compare/run.sh   # a quick smoke run
 #   COMPARE_JSON=out.json benches/compare/run.sh # also keep every measurement as JSON
 #   COMPARE_ONLY=ws,new64 benches/compare/run.sh  # only these figures, printed as JSON
+#   COMPARE_ONLY=new64 COMPARE_HOSTS=oonode COMPARE_SECS=300 benches/compare/run.sh
+#                                                # a long run of oonode alone (development)
 #
 # Builds nothing: it uses target/release/oonode. Makes target/venv-connectonion (the venv
 # tests/connectonion_agent.sh and tests/interop.sh share) when it lacks the pinned
@@ -73,6 +75,7 @@ limit=$(( 18 * (secs + 90) + 2 * 300 + 120 ))
 extra=()
 [ -n "${COMPARE_JSON:-}" ] && extra+=(--json "$(realpath -m "$COMPARE_JSON")")
 [ -n "${COMPARE_ONLY:-}" ] && extra+=(--only "$COMPARE_ONLY")
+[ -n "${COMPARE_HOSTS:-}" ] && extra+=(--hosts "$COMPARE_HOSTS")
 (cd "$scratch" && exec timeout "$limit" "$root/$venv/bin/python" "$here/compare.py" \
   --oonode "$bin" --scratch "$scratch" --secs "$secs" --ws-turns "$turns" "${extra[@]}") &
 driver=$!
