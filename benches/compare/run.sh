@@ -5,7 +5,7 @@
 #   COMPARE_SECS=3 COMPARE_WS_TURNS=200 benches/compare/run.sh   # a quick smoke run
 #   COMPARE_JSON=out.json benches/compare/run.sh # also keep every measurement as JSON
 #   COMPARE_ONLY=ws,new64 benches/compare/run.sh  # only these figures, printed as JSON
-#   COMPARE_ONLY=new64 COMPARE_HOSTS=oonode COMPARE_SECS=300 benches/compare/run.sh
+#   COMPARE_ONLY=new64 COMPARE_HOSTS=oonode COMPARE_SECS=200 benches/compare/run.sh
 #                                                # a long run of oonode alone (development)
 #
 # Builds nothing: it uses target/release/oonode. Makes target/venv-connectonion (the venv
