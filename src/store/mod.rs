@@ -959,8 +959,6 @@ fn log_session(ctx: &mut Ctx, key: &[u8], rec: &SessionRecord) -> Result<(), Sto
     Ok(())
 }
 
-/// Keeps a turn's replies (in order, the final one last) as the session's, in place of
-/// any kept before.
 /// Records a replay key and logs it; false (and nothing changes) if it was there already.
 fn note_seen(ctx: &mut Ctx, key: String, expires: u64) -> Result<bool, StoreError> {
     let fresh = index::record_seen(ctx.trees, key.as_bytes(), expires)?;
@@ -973,6 +971,8 @@ fn note_seen(ctx: &mut Ctx, key: String, expires: u64) -> Result<bool, StoreErro
     Ok(fresh)
 }
 
+/// Keeps a turn's replies (in order, the final one last) as the session's, in place of
+/// any kept before.
 fn log_replies(
     ctx: &mut Ctx,
     session: &[u8],
