@@ -185,8 +185,8 @@ fn trust_key(kind: TrustKey, address: &Address) -> Vec<u8> {
 /// How much of a write must be on disk before its caller is answered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Durability {
-    /// Answer after the log is synced (`fdatasync`), one sync shared by every write of
-    /// the batch (group commit). Survives a machine crash.
+    /// Answer after the log is synced (`fdatasync`), one sync shared by every write
+    /// waiting when it begins (group commit). Survives a machine crash.
     Sync,
     /// Answer once the log is written (a killed process loses nothing answered); the log
     /// is synced within `window`. A machine crash can lose that window's writes.
@@ -1323,7 +1323,7 @@ impl State {
             self.trees.all().map(|t| t.frozen())
         } else if self.pending() {
             let handle = self.wal.rotate().map_err(|e| e.to_string())?;
-            // What the set-aside log holds is synced; the syncer syncs the new one.
+            // What the set-aside log holds is synced; later syncs sync the new one.
             sync.all_durable();
             sync.switch(handle);
             self.frozen = true;
@@ -1511,9 +1511,12 @@ fn start_checkpointer(
     Ok(())
 }
 
-/// Syncs the log on a thread of its own: at once for every job that waits for it (one
-/// sync serves all those waiting at the time: group commit), and in `batched` mode
-/// within `window` of a write nobody waits for.
+/// Syncs the log. A job that waits for its records to be durable syncs the log itself,
+/// on its own thread, unless a sync is already under way: then it waits for that one and,
+/// if that did not cover its records, leads the next (group commit: one sync serves every
+/// job waiting when it began). No thread hand-off on a synced answer's path: a wake-up of
+/// another thread and one back cost about as much as the sync itself here. In `batched`
+/// mode a thread of its own also syncs, within `window`, writes nobody waits for.
 ///
 /// Positions count the log's bytes since the store opened, across checkpoints, so a
 /// job can wait for "my records are durable" whatever was reset since.
@@ -1526,9 +1529,12 @@ struct Syncer {
     appended: std::sync::atomic::AtomicU64,
     /// The highest position a job waits to see synced.
     wanted: std::sync::atomic::AtomicU64,
+    /// A waiting job is syncing: the others wait for it.
+    leading: std::sync::atomic::AtomicBool,
     /// Durable up to here; or failed at the given position.
     synced: tokio::sync::watch::Sender<Synced>,
     batched: bool,
+    metrics: StoreMetrics,
 }
 
 #[derive(Default)]
@@ -1546,6 +1552,9 @@ struct Synced {
     failed: Option<(u64, std::sync::Arc<str>)>,
 }
 
+/// What one sync did: durable up to the first, or failed there.
+type SyncOutcome = (u64, std::io::Result<()>);
+
 impl Syncer {
     fn start(
         file: std::fs::File,
@@ -1558,62 +1567,71 @@ impl Syncer {
             wake: Default::default(),
             appended: Default::default(),
             wanted: Default::default(),
+            leading: Default::default(),
             synced: tokio::sync::watch::Sender::new(Synced::default()),
             batched: window.is_some(),
+            metrics: metrics.clone(),
         });
-        let this = sync.clone();
-        let metrics = metrics.clone();
-        std::thread::Builder::new()
-            .name("oonode-wal-sync".into())
-            .spawn(move || this.serve(window, &metrics))
-            .map_err(|e| StoreError::Thread(e.to_string()))?;
+        if let Some(window) = window {
+            let this = sync.clone();
+            std::thread::Builder::new()
+                .name("oonode-wal-sync".into())
+                .spawn(move || this.serve(window))
+                .map_err(|e| StoreError::Thread(e.to_string()))?;
+        }
         Ok(sync)
     }
 
-    fn serve(&self, window: Option<std::time::Duration>, m: &StoreMetrics) {
-        use std::sync::atomic::Ordering;
-        let mut tried = 0;
+    /// `batched` mode's thread: a write nobody waits for is synced within `window`.
+    fn serve(&self, window: std::time::Duration) {
         loop {
             let lock = self.state.lock().unwrap_or_else(|e| e.into_inner());
-            let wanted = |tried: u64| self.wanted.load(Ordering::Acquire) > tried;
-            let mut st = self
+            let st = self
                 .wake
-                .wait_while(lock, |st| !st.stop && !st.dirty && !wanted(tried))
+                .wait_while(lock, |st| !st.stop && !st.dirty)
                 .unwrap_or_else(|e| e.into_inner());
-            if !wanted(tried) && !st.stop {
-                // Only writes nobody waits for: let the window gather more of them.
-                if let Some(window) = window {
-                    st = self
-                        .wake
-                        .wait_timeout_while(st, window, |st| !st.stop && !wanted(tried))
-                        .unwrap_or_else(|e| e.into_inner())
-                        .0;
-                }
-            }
+            // Let the window gather more of them.
+            let (mut st, _) = self
+                .wake
+                .wait_timeout_while(st, window, |st| !st.stop)
+                .unwrap_or_else(|e| e.into_inner());
             if st.stop {
                 return;
             }
             st.dirty = false;
-            let waiting = std::mem::take(&mut st.waiting);
             drop(st);
-            let target = self.appended.load(Ordering::Acquire);
-            // Taken after `target`: a switch since then synced all of the old file.
-            let file = self.file.lock().unwrap_or_else(|e| e.into_inner()).clone();
-            let began = std::time::Instant::now();
-            let synced = file.sync_data();
-            m.flushes.inc();
-            m.flush_seconds.observe(began.elapsed().as_secs_f64());
-            if waiting > 0 {
-                m.writes_per_flush.observe(waiting as f64);
-            }
-            tried = tried.max(target);
-            match synced {
-                Ok(()) => self.synced.send_modify(|s| s.upto = s.upto.max(target)),
-                Err(e) => {
-                    tracing::error!(error = %e, "syncing the store's log failed");
-                    let e: std::sync::Arc<str> = e.to_string().into();
-                    self.synced.send_modify(|s| s.failed = Some((target, e)));
-                }
+            let outcome = self.sync_once();
+            self.publish(outcome);
+        }
+    }
+
+    /// Syncs the log as far as it was appended when called.
+    fn sync_once(&self) -> SyncOutcome {
+        use std::sync::atomic::Ordering;
+        let waiting =
+            std::mem::take(&mut self.state.lock().unwrap_or_else(|e| e.into_inner()).waiting);
+        let target = self.appended.load(Ordering::Acquire);
+        // Taken after `target`: a switch since then synced all of the old file.
+        let file = self.file.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let began = std::time::Instant::now();
+        let synced = file.sync_data();
+        let m = &self.metrics;
+        m.flushes.inc();
+        m.flush_seconds.observe(began.elapsed().as_secs_f64());
+        if waiting > 0 {
+            m.writes_per_flush.observe(waiting as f64);
+        }
+        (target, synced)
+    }
+
+    /// Tells the waiting jobs what a sync did.
+    fn publish(&self, (target, synced): SyncOutcome) {
+        match synced {
+            Ok(()) => self.synced.send_modify(|s| s.upto = s.upto.max(target)),
+            Err(e) => {
+                tracing::error!(error = %e, "syncing the store's log failed");
+                let e: std::sync::Arc<str> = e.to_string().into();
+                self.synced.send_modify(|s| s.failed = Some((target, e)));
             }
         }
     }
@@ -1625,15 +1643,13 @@ impl Syncer {
     }
 
     /// A batch ending at `position` was written (called under the store's lock):
-    /// `durable` of its jobs wait for its sync; `wrote` says whether it wrote anything
-    /// (for `batched` mode's sync within the window).
+    /// `durable` of its jobs wait for its sync (they sync it themselves); `wrote` says
+    /// whether it wrote anything (for `batched` mode's sync within the window).
     fn wrote(&self, position: u64, wrote: bool, durable: usize) {
         use std::sync::atomic::Ordering;
         if durable > 0 {
             self.wanted.fetch_max(position, Ordering::AcqRel);
-            let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-            st.waiting += durable;
-            self.wake.notify_one();
+            self.state.lock().unwrap_or_else(|e| e.into_inner()).waiting += durable;
         } else if wrote && self.batched {
             let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
             if !st.dirty {
@@ -1649,16 +1665,39 @@ impl Syncer {
         (wanted > self.synced.borrow().upto).then_some(wanted)
     }
 
-    /// Waits until the log is durable up to `position`.
+    /// Waits until the log is durable up to `position`, syncing it on this thread when
+    /// no other job is.
     async fn wait(&self, position: u64) -> Result<(), StoreError> {
+        use std::sync::atomic::Ordering;
         let mut rx = self.synced.subscribe();
-        let s = rx
-            .wait_for(|s| s.upto >= position || s.failed.as_ref().is_some_and(|f| f.0 >= position))
-            .await
-            .map_err(|_| StoreError::Closed)?;
-        match &s.failed {
-            Some((_, e)) if s.upto < position => Err(StoreError::Flush(e.to_string())),
-            _ => Ok(()),
+        let mut yielded = false;
+        loop {
+            {
+                let s = rx.borrow_and_update();
+                if s.upto >= position {
+                    return Ok(());
+                }
+                if let Some((at, e)) = &s.failed {
+                    if *at >= position {
+                        return Err(StoreError::Flush(e.to_string()));
+                    }
+                }
+            }
+            if !std::mem::replace(&mut yielded, true) {
+                // Let the jobs ready on this thread write first, so that one sync
+                // covers them too (with a single worker, nothing else would).
+                tokio::task::yield_now().await;
+                continue;
+            }
+            if !self.leading.swap(true, Ordering::AcqRel) {
+                let outcome = self.sync_once();
+                // Let go before telling: a job woken by the news that finds its records
+                // not covered must be able to lead the next sync.
+                self.leading.store(false, Ordering::Release);
+                self.publish(outcome);
+                continue;
+            }
+            rx.changed().await.map_err(|_| StoreError::Closed)?;
         }
     }
 
@@ -2526,11 +2565,12 @@ pub(super) mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn sync_mode_shares_one_sync_among_concurrent_turns() {
+    /// `turns` concurrent turns of `sync` mode, each waiting for its sync: how many
+    /// syncs they took, and how many of the log's bytes were left unsynced once all were
+    /// answered.
+    async fn concurrent_synced_turns(turns: u64) -> (u64, u64) {
         let dir = tempfile::tempdir().unwrap();
         let (store, _) = Store::open_with(dir.path(), 60, 100, Durability::Sync).unwrap();
-        let turns = 200;
         let mut tasks = Vec::new();
         for i in 0..turns {
             let store = store.clone();
@@ -2543,12 +2583,44 @@ pub(super) mod tests {
         for t in tasks {
             t.await.unwrap();
         }
+        let sync = &store.shared.sync;
+        let appended = sync.appended.load(std::sync::atomic::Ordering::Acquire);
+        let unsynced = appended - sync.synced.borrow().upto;
         let syncs = store.metrics().flushes.get();
+        store.close().await.unwrap();
+        (syncs, unsynced)
+    }
+
+    #[tokio::test]
+    async fn sync_mode_shares_one_sync_among_concurrent_turns() {
+        // One thread: the waiting jobs let every ready one write before one of them syncs.
+        let turns = 200;
+        let (syncs, unsynced) = concurrent_synced_turns(turns).await;
         assert!(syncs >= 1, "sync mode synced nothing");
         assert!(
-            syncs < turns,
+            syncs < turns / 10,
             "{syncs} syncs for {turns} concurrent turns: no group commit"
         );
+        assert_eq!(unsynced, 0, "turns were answered before their sync");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sync_mode_on_two_threads_answers_every_turn_and_shares_syncs() {
+        // Jobs sync on their own threads, one at a time: a job that finds another
+        // syncing waits for it, and leads the next one if that did not cover it. A lost
+        // wake-up would hang here.
+        let turns = 2_000;
+        let (syncs, unsynced) = tokio::time::timeout(
+            std::time::Duration::from_secs(60),
+            concurrent_synced_turns(turns),
+        )
+        .await
+        .expect("a turn waiting for its sync was never answered");
+        assert!(
+            syncs < turns / 2,
+            "{syncs} syncs for {turns} concurrent turns: no group commit"
+        );
+        assert_eq!(unsynced, 0, "turns were answered before their sync");
     }
 
     #[tokio::test]
