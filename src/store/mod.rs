@@ -278,7 +278,8 @@ const OPEN_MARKER: &str = "oonode.open";
 /// wake-ups each); under load, jobs run in batches, as many as queued meanwhile. A
 /// batch's changes go to a write-ahead log (`wal.rs`) in one write before any of its
 /// jobs is answered; [`Durability`] says whether answers also wait for the log's sync,
-/// which one thread does for every job waiting at the time (group commit).
+/// which one waiting job does, on its own thread, for every job waiting at the time
+/// (group commit).
 #[derive(Clone)]
 pub struct Store {
     shared: std::sync::Arc<Shared>,
