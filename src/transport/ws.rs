@@ -14,7 +14,6 @@ use std::time::{Duration, Instant};
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::State;
 use axum::response::Response;
-use futures::stream::SelectAll;
 use futures::{FutureExt, SinkExt, StreamExt};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -132,14 +131,65 @@ struct Feed {
     _in_flight: InFlight,
 }
 
-impl futures::Stream for Feed {
+/// The replies of a socket's requests in flight (at most [`MAX_IN_FLIGHT_PER_SOCKET`]),
+/// polled in turn from where the last reply came.
+///
+/// Not `futures`' `SelectAll`: whenever every stream it polls is pending, it wakes its
+/// own task so as to yield, and tokio puts a task woken while it runs back on the queue
+/// and wakes the other worker to take it: a hand-off between threads on every turn.
+#[derive(Default)]
+struct Feeds {
+    feeds: Vec<Feed>,
+    /// Where the next poll starts, so that no request's replies wait behind another's.
+    next: usize,
+}
+
+impl Feeds {
+    fn push(&mut self, feed: Feed) {
+        self.feeds.push(feed);
+    }
+
+    fn is_empty(&self) -> bool {
+        self.feeds.is_empty()
+    }
+}
+
+impl futures::Stream for Feeds {
     type Item = Envelope;
 
+    /// The next reply of any feed; ended feeds are dropped (their count with them).
+    /// Pending only after every feed was polled, so each one will wake the task.
     fn poll_next(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Envelope>> {
-        self.replies.poll_recv(cx)
+        use std::task::Poll;
+        let this = &mut *self;
+        let len = this.feeds.len();
+        let mut ended = false;
+        let mut reply = None;
+        for k in 0..len {
+            let i = (this.next + k) % len;
+            match this.feeds[i].replies.poll_recv(cx) {
+                Poll::Ready(Some(env)) => {
+                    this.next = i + 1;
+                    reply = Some(env);
+                    break;
+                }
+                Poll::Ready(None) => ended = true,
+                Poll::Pending => {}
+            }
+        }
+        if ended {
+            // A closed receiver stays closed: dropping it now loses nothing.
+            this.feeds
+                .retain(|f| !f.replies.is_closed() || !f.replies.is_empty());
+        }
+        match reply {
+            Some(env) => Poll::Ready(Some(env)),
+            None if this.feeds.is_empty() => Poll::Ready(None),
+            None => Poll::Pending,
+        }
     }
 }
 
@@ -173,7 +223,7 @@ struct Connection {
     /// Seals what is written, once the socket is sealed.
     sealer: Option<SealSender>,
     /// The replies of the requests in flight.
-    feeds: SelectAll<Feed>,
+    feeds: Feeds,
     /// Cancelled when the socket is done: closed, idle, or too slow.
     closed: CancellationToken,
     /// Who the socket authenticated as with a signed CONNECT, if anyone, and the session
@@ -199,7 +249,7 @@ impl Connection {
             st,
             outbox: Vec::new(),
             sealer: None,
-            feeds: SelectAll::new(),
+            feeds: Feeds::default(),
             closed: CancellationToken::new(),
             reader: Reader::new(Caller::Unsigned { claimed: None }, None),
             session_id: None,
@@ -282,7 +332,7 @@ impl Connection {
             }
         }
         // Runs already accepted go on and are stored; only their replies stop here.
-        self.feeds = SelectAll::new();
+        self.feeds = Feeds::default();
         if !self.outbox.is_empty() {
             self.write_out(&mut socket).await;
         }
@@ -515,5 +565,120 @@ pub(super) fn check_sealed_signer(frame: &Object, sealed_by: &Address) -> Result
             ))
         }
         _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::Stream;
+    use std::task::{Context, Poll, Wake, Waker};
+
+    /// Counts its wake-ups.
+    #[derive(Default)]
+    struct Counting(AtomicUsize);
+
+    impl Wake for Counting {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    fn reply(n: u64) -> Envelope {
+        let mut payload = serde_json::Map::new();
+        payload.insert("n".into(), n.into());
+        Envelope::unsigned(payload, None)
+    }
+
+    fn n_of(env: &Envelope) -> u64 {
+        env.payload["n"].as_u64().unwrap()
+    }
+
+    #[test]
+    fn feeds_deliver_every_reply_wake_only_for_one_and_drop_what_ended() {
+        let count = Arc::new(AtomicUsize::new(0));
+        let mut feeds = Feeds::default();
+        let mut senders = Vec::new();
+        for _ in 0..3 {
+            let (tx, rx) = mpsc::channel(4);
+            let in_flight = InFlight::take(&count, 16).unwrap();
+            feeds.push(Feed {
+                replies: rx,
+                _in_flight: in_flight,
+            });
+            senders.push(tx);
+        }
+        let wakes = Arc::new(Counting::default());
+        let waker = Waker::from(wakes.clone());
+        let mut cx = Context::from_waker(&waker);
+        let mut poll = |feeds: &mut Feeds| std::pin::Pin::new(feeds).poll_next(&mut cx);
+
+        // Nothing yet: pending, and the task is not woken to come back at once (the
+        // self-wake `SelectAll` does, which tokio turns into a hand-off between threads).
+        assert!(poll(&mut feeds).is_pending());
+        assert_eq!(
+            wakes.0.load(Ordering::SeqCst),
+            0,
+            "polling woke its own task"
+        );
+
+        // A reply on any feed wakes the task: every feed was polled.
+        senders[2].try_send(reply(20)).unwrap();
+        assert_eq!(wakes.0.load(Ordering::SeqCst), 1);
+        senders[0].try_send(reply(0)).unwrap();
+        senders[0].try_send(reply(1)).unwrap();
+        senders[1].try_send(reply(10)).unwrap();
+        let mut got = Vec::new();
+        while let Poll::Ready(Some(env)) = poll(&mut feeds) {
+            got.push(n_of(&env));
+        }
+        got.sort();
+        assert_eq!(got, [0, 1, 10, 20]);
+
+        // A feed whose run ended goes, and its count with it; the others stay.
+        drop(senders.remove(1));
+        assert!(poll(&mut feeds).is_pending());
+        assert_eq!((feeds.feeds.len(), count.load(Ordering::SeqCst)), (2, 2));
+        // One that ended with a reply still queued gives the reply first.
+        let last = senders.remove(0);
+        last.try_send(reply(2)).unwrap();
+        drop(last);
+        assert!(matches!(poll(&mut feeds), Poll::Ready(Some(env)) if n_of(&env) == 2));
+        assert!(poll(&mut feeds).is_pending());
+        assert_eq!((feeds.feeds.len(), count.load(Ordering::SeqCst)), (1, 1));
+        drop(senders);
+        assert!(matches!(poll(&mut feeds), Poll::Ready(None)));
+        assert!(feeds.is_empty());
+        assert_eq!(count.load(Ordering::SeqCst), 0);
+    }
+
+    #[test]
+    fn no_feed_waits_behind_a_busy_one() {
+        let count = Arc::new(AtomicUsize::new(0));
+        let mut feeds = Feeds::default();
+        let (busy, rx) = mpsc::channel(64);
+        feeds.push(Feed {
+            replies: rx,
+            _in_flight: InFlight::take(&count, 16).unwrap(),
+        });
+        let (quiet, rx) = mpsc::channel(4);
+        feeds.push(Feed {
+            replies: rx,
+            _in_flight: InFlight::take(&count, 16).unwrap(),
+        });
+        for n in 0..32 {
+            busy.try_send(reply(n)).unwrap();
+        }
+        quiet.try_send(reply(100)).unwrap();
+        let waker = Waker::from(Arc::new(Counting::default()));
+        let mut cx = Context::from_waker(&waker);
+        let mut first = Vec::new();
+        for _ in 0..2 {
+            match std::pin::Pin::new(&mut feeds).poll_next(&mut cx) {
+                Poll::Ready(Some(env)) => first.push(n_of(&env)),
+                other => panic!("expected a reply, got {:?}", other.map(|_| ())),
+            }
+        }
+        assert!(first.contains(&100), "the quiet feed waited: {first:?}");
     }
 }
