@@ -24,7 +24,9 @@ use std::time::{Duration, Instant};
 use base64::Engine;
 use serde::{Deserialize, Serialize};
 
-use super::layer::Layered;
+use sled::IVec;
+
+use super::layer::{Entries, Layered};
 use super::{SessionStatus, StoreError, Trees};
 
 /// The value of an index entry: the key says it all.
@@ -154,11 +156,22 @@ pub(super) fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
     None
 }
 
+/// What [`put`] knows of what was stored under the key before.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Prior {
+    /// Whatever is there: read it.
+    Read,
+    /// Nothing: the node chose the session's id just now.
+    New,
+    /// Read it, and write every index entry again (see [`put`]).
+    Repair,
+}
+
 /// Writes a session's record (`body`) and its index entries, replacing the entries of
 /// what was stored under `key` before; returns that earlier meta as stored (JSON), for
 /// the log. An entry the earlier meta already implies is not written again (a session's
-/// place in its listing is written once, when it is created), unless `repair`: a replay
-/// of the log writes every entry, as sled may hold only part of an earlier write.
+/// place in its listing is written once, when it is created), unless [`Prior::Repair`]: a
+/// replay of the log writes every entry, as sled may hold only part of an earlier write.
 ///
 /// Not atomic across the trees, and no sled transaction (each would write sled's log
 /// out): the store's write-ahead log makes a change atomic instead. A crash can leave a
@@ -171,10 +184,17 @@ pub(super) fn put(
     body: &[u8],
     meta: &SessionMeta,
     stale: Option<&SessionMeta>,
-    repair: bool,
+    prior: Prior,
 ) -> Result<Option<sled::IVec>, StoreError> {
     let meta_bytes = serde_json::to_vec(meta)?;
-    let replaced = t.meta.insert(key, meta_bytes.as_slice())?;
+    let repair = prior == Prior::Repair;
+    let replaced = match prior {
+        Prior::New => {
+            t.meta.put(key, meta_bytes.as_slice());
+            None
+        }
+        Prior::Read | Prior::Repair => t.meta.insert(key, meta_bytes.as_slice())?,
+    };
     let old: Option<SessionMeta> = replaced
         .as_deref()
         .map(serde_json::from_slice)
@@ -382,13 +402,13 @@ pub(super) fn build_if_missing(t: &Trees) -> Result<Option<usize>, StoreError> {
         }
     }
     batch.apply(t)?;
-    let mut order = sled::Batch::default();
+    let mut order = Entries::new();
     for item in t.seen.disk().iter() {
         let (key, value) = item?;
         let expires = value.as_ref().try_into().map_or(0, u64::from_be_bytes);
-        order.insert(expiry_key(expires, &key), &[]);
+        order.insert(expiry_key(expires, &key).into(), Some(EMPTY.into()));
     }
-    t.seen_expiry.disk().apply_batch(order)?;
+    t.seen_expiry.disk().write(&order)?;
     // The marker goes last: a build cut short starts again from scratch.
     t.db.flush()?;
     t.db.insert(INDEX_MARKER, &[INDEX_VERSION])?;
@@ -405,30 +425,33 @@ pub(super) fn build_if_missing(t: &Trees) -> Result<Option<usize>, StoreError> {
 
 #[derive(Default)]
 struct IndexBatch {
-    meta: sled::Batch,
-    list: sled::Batch,
-    expiry: sled::Batch,
-    running: sled::Batch,
+    meta: Entries,
+    list: Entries,
+    expiry: Entries,
+    running: Entries,
 }
 
 impl IndexBatch {
     fn add(&mut self, key: &[u8], meta: &SessionMeta) -> Result<(), StoreError> {
-        self.list.insert(list_key(key, meta.created), &[]);
-        self.meta.insert(key, serde_json::to_vec(meta)?);
+        let empty = || Some(IVec::from(EMPTY));
+        self.list
+            .insert(list_key(key, meta.created).into(), empty());
+        self.meta
+            .insert(key.into(), Some(serde_json::to_vec(meta)?.into()));
         if let Some(e) = meta.expires {
-            self.expiry.insert(expiry_key(e, key), &[]);
+            self.expiry.insert(expiry_key(e, key).into(), empty());
         }
         if meta.status == SessionStatus::Running {
-            self.running.insert(key, &[]);
+            self.running.insert(key.into(), empty());
         }
         Ok(())
     }
 
     fn apply(self, t: &Trees) -> Result<(), StoreError> {
-        t.meta.disk().apply_batch(self.meta)?;
-        t.list.disk().apply_batch(self.list)?;
-        t.expiry.disk().apply_batch(self.expiry)?;
-        t.running.disk().apply_batch(self.running)?;
+        t.meta.disk().write(&self.meta)?;
+        t.list.disk().write(&self.list)?;
+        t.expiry.disk().write(&self.expiry)?;
+        t.running.disk().write(&self.running)?;
         Ok(())
     }
 }

@@ -5,8 +5,9 @@
 //! of a leaf, its own log, its page cache) was most of a turn's store time. In memory a
 //! write is a `BTreeMap` insert; writes to one key in one checkpoint window (a record
 //! written as running, then as done; a `running` entry added, then removed) reach sled
-//! once. The write-ahead log (`wal.rs`) still holds every change before its job is
-//! answered, so nothing answered depends on the layer surviving a crash.
+//! once, packed with the entries beside them (`packed.rs`). The write-ahead log
+//! (`wal.rs`) still holds every change before its job is answered, so nothing answered
+//! depends on the layer surviving a crash.
 //!
 //! Each tree has two layers over sled: `fresh`, written since the last freeze, and
 //! `frozen`, which a checkpoint is moving into sled at the time. Reads look in `fresh`,
@@ -19,6 +20,8 @@ use std::sync::Arc;
 
 use sled::IVec;
 
+use super::packed::{self, Packed};
+
 /// Keys to their values, `None` for a removal.
 pub(super) type Entries = BTreeMap<IVec, Option<IVec>>;
 
@@ -29,7 +32,7 @@ const ENTRY_OVERHEAD: usize = 64;
 /// One sled tree and the layers over it. Used under the store's lock only (hence the
 /// `RefCell`s); a checkpoint takes the frozen layer's `Arc` out with it.
 pub(super) struct Layered {
-    disk: sled::Tree,
+    disk: Packed,
     fresh: RefCell<Entries>,
     frozen: RefCell<Arc<Entries>>,
     /// What `fresh` is reckoned to hold, in bytes.
@@ -37,7 +40,7 @@ pub(super) struct Layered {
 }
 
 impl Layered {
-    pub(super) fn new(disk: sled::Tree) -> Layered {
+    pub(super) fn new(disk: Packed) -> Layered {
         Layered {
             disk,
             fresh: RefCell::new(Entries::new()),
@@ -47,7 +50,7 @@ impl Layered {
     }
 
     /// sled's tree itself: for start-up's bulk work, with nothing in memory.
-    pub(super) fn disk(&self) -> &sled::Tree {
+    pub(super) fn disk(&self) -> &Packed {
         debug_assert!(self.fresh.borrow().is_empty() && self.frozen.borrow().is_empty());
         &self.disk
     }
@@ -63,7 +66,7 @@ impl Layered {
     pub(super) fn get(&self, key: impl AsRef<[u8]>) -> sled::Result<Option<IVec>> {
         match self.in_memory(key.as_ref()) {
             Some(v) => Ok(v),
-            None => self.disk.get(key),
+            None => self.disk.get(key.as_ref()),
         }
     }
 
@@ -119,10 +122,7 @@ impl Layered {
         let (lo, hi) = (own(range.start_bound()), own(range.end_bound()));
         Iter {
             layer: self,
-            disk: self
-                .disk
-                .range::<IVec, _>((lo.clone(), hi.clone()))
-                .peekable(),
+            disk: self.disk.range(lo.clone(), hi.clone()).peekable(),
             lo,
             hi,
         }
@@ -168,7 +168,7 @@ impl Layered {
 
     /// Moves `fresh` to `frozen` (which must be empty: the last checkpoint finished);
     /// returns it, with sled's tree, for the checkpoint to write.
-    pub(super) fn freeze(&self) -> (sled::Tree, Arc<Entries>) {
+    pub(super) fn freeze(&self) -> (Packed, Arc<Entries>) {
         let fresh = std::mem::take(&mut *self.fresh.borrow_mut());
         self.bytes.set(0);
         let mut frozen = self.frozen.borrow_mut();
@@ -178,7 +178,7 @@ impl Layered {
     }
 
     /// The frozen layer, with sled's tree: what a checkpoint that failed must write again.
-    pub(super) fn frozen(&self) -> (sled::Tree, Arc<Entries>) {
+    pub(super) fn frozen(&self) -> (Packed, Arc<Entries>) {
         (self.disk.clone(), self.frozen.borrow().clone())
     }
 
@@ -205,16 +205,11 @@ impl Layered {
     }
 }
 
-/// Writes a layer's entries into sled's tree, one key at a time: a sled batch would hold
-/// sled's lock against every read of every tree until it is all written.
-pub(super) fn write(disk: &sled::Tree, entries: &Entries) -> sled::Result<()> {
-    for (key, value) in entries {
-        match value {
-            Some(v) => disk.insert(key, v.clone())?,
-            None => disk.remove(key)?,
-        };
-    }
-    Ok(())
+/// Writes a layer's entries into sled's tree (packed: see `packed.rs`). Not a sled
+/// batch: that would hold sled's lock against every read of every tree until it is all
+/// written.
+pub(super) fn write(disk: &Packed, entries: &Entries) -> sled::Result<()> {
+    disk.write(entries)
 }
 
 fn as_slice(b: &Bound<IVec>) -> Bound<&[u8]> {
@@ -240,7 +235,7 @@ fn is_empty_range(lo: &Bound<IVec>, hi: &Bound<IVec>) -> bool {
 /// wins over sled's for the same key, and tombstones are skipped.
 pub(super) struct Iter<'a> {
     layer: &'a Layered,
-    disk: std::iter::Peekable<sled::Iter>,
+    disk: std::iter::Peekable<packed::Iter>,
     /// Where the walk stands: past the last key returned.
     lo: Bound<IVec>,
     hi: Bound<IVec>,
@@ -293,7 +288,7 @@ mod tests {
     fn tree() -> (tempfile::TempDir, Layered) {
         let dir = tempfile::tempdir().unwrap();
         let db = sled::Config::new().path(dir.path()).open().unwrap();
-        (dir, Layered::new(db.open_tree("t").unwrap()))
+        (dir, Layered::new(Packed::open(&db, "t").unwrap()))
     }
 
     fn keys(it: Iter<'_>) -> Vec<Vec<u8>> {
@@ -338,12 +333,7 @@ mod tests {
         assert_eq!(keys(t.range(..&b"a"[..])), Vec::<Vec<u8>>::new());
         // Settled, sled alone holds the same.
         t.settle().unwrap();
-        let on_disk: Vec<Vec<u8>> = t
-            .disk()
-            .iter()
-            .keys()
-            .map(|k| k.unwrap().to_vec())
-            .collect();
+        let on_disk: Vec<Vec<u8>> = t.disk().iter().map(|r| r.unwrap().0.to_vec()).collect();
         assert_eq!(on_disk, [&b"a"[..], b"b", b"c", b"e", b"h"]);
     }
 

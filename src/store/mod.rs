@@ -6,6 +6,7 @@
 mod history;
 mod index;
 mod layer;
+mod packed;
 mod uploads;
 mod wal;
 
@@ -475,7 +476,7 @@ impl Store {
     /// Writes a session under `key` (its scope and id); answered as [`Durability`] says.
     pub async fn put_session(&self, key: String, rec: SessionRecord) -> Result<(), StoreError> {
         self.call(self.committed(), move |ctx| {
-            log_session(ctx, key.as_bytes(), &rec)
+            log_session(ctx, key.as_bytes(), &rec, index::Prior::Read)
         })
         .await
     }
@@ -552,7 +553,7 @@ impl Store {
             if !replies.is_empty() {
                 log_replies(ctx, key.as_bytes(), &replies)?;
             }
-            log_session(ctx, key.as_bytes(), &rec)
+            log_session(ctx, key.as_bytes(), &rec, index::Prior::Read)
         })
         .await
     }
@@ -801,7 +802,7 @@ impl Trees {
                 path: path.to_path_buf(),
                 source,
             })?;
-        let tree = |name: &str| db.open_tree(name).map(Layered::new);
+        let tree = |name: &str| packed::Packed::open(&db, name).map(Layered::new);
         let seen = tree(SEEN)?;
         let legacy_seen = std::cell::Cell::new(!seen.disk().is_empty());
         Ok(Trees {
@@ -907,7 +908,11 @@ fn begin(ctx: &mut Ctx, key: &[u8], rec: &SessionRecord, earlier: bool) -> Resul
             session: key.to_vec(),
         });
     }
-    log_session(ctx, key, rec)
+    let prior = match earlier {
+        true => index::Prior::Read,
+        false => index::Prior::New,
+    };
+    log_session(ctx, key, rec, prior)
 }
 
 /// What one sweeping job removed.
@@ -924,7 +929,14 @@ pub struct Swept {
 /// Writes a session's record and index entries (see `index.rs`), outside the log: for
 /// start-up, before any job runs.
 fn write_session(t: &Trees, key: &[u8], rec: &SessionRecord) -> Result<(), StoreError> {
-    write_session_bytes(t, key, &serde_json::to_vec(rec)?, rec, None, false)?;
+    write_session_bytes(
+        t,
+        key,
+        &serde_json::to_vec(rec)?,
+        rec,
+        None,
+        index::Prior::Read,
+    )?;
     Ok(())
 }
 
@@ -937,7 +949,7 @@ fn write_session_bytes(
     record: &[u8],
     rec: &SessionRecord,
     stale: Option<&SessionMeta>,
-    repair: bool,
+    prior: index::Prior,
 ) -> Result<Option<sled::IVec>, StoreError> {
     let meta = SessionMeta {
         session_id: rec.session_id.clone(),
@@ -945,13 +957,18 @@ fn write_session_bytes(
         created: rec.created,
         expires: rec.expires,
     };
-    index::put(t, key, record, &meta, stale, repair)
+    index::put(t, key, record, &meta, stale, prior)
 }
 
 /// Writes a session's record and index entries and logs it.
-fn log_session(ctx: &mut Ctx, key: &[u8], rec: &SessionRecord) -> Result<(), StoreError> {
+fn log_session(
+    ctx: &mut Ctx,
+    key: &[u8],
+    rec: &SessionRecord,
+    prior: index::Prior,
+) -> Result<(), StoreError> {
     let record = serde_json::to_vec(rec)?;
-    let prev = write_session_bytes(ctx.trees, key, &record, rec, None, false)?;
+    let prev = write_session_bytes(ctx.trees, key, &record, rec, None, prior)?;
     ctx.log(wal::Op::Session {
         key: key.to_vec(),
         record,
@@ -1062,7 +1079,7 @@ fn move_chunks(t: &Trees) -> Result<(), StoreError> {
     let mut moved = 0usize;
     let mut session: Option<Vec<u8>> = None;
     let mut kept = Vec::new();
-    let mut batch = sled::Batch::default();
+    let mut batch = layer::Entries::new();
     for item in chunks.iter() {
         let (key, bytes) = item?;
         // Keys shorter than a separator and a sequence number are damage: skipped.
@@ -1072,10 +1089,11 @@ fn move_chunks(t: &Trees) -> Result<(), StoreError> {
         let (owner, seq) = (&key[..split], &key[split + 1..]);
         if session.as_deref() != Some(owner) {
             if let Some(done) = session.replace(owner.to_vec()) {
-                batch.insert(done, encode_replies(&std::mem::take(&mut kept)));
+                let value = encode_replies(&std::mem::take(&mut kept));
+                batch.insert(done.into(), Some(value.into()));
                 moved += 1;
                 if moved % 1000 == 0 {
-                    t.replies.disk().apply_batch(std::mem::take(&mut batch))?;
+                    t.replies.disk().write(&std::mem::take(&mut batch))?;
                 }
             }
         }
@@ -1083,10 +1101,10 @@ fn move_chunks(t: &Trees) -> Result<(), StoreError> {
         kept.push((seq, bytes.to_vec()));
     }
     if let Some(done) = session {
-        batch.insert(done, encode_replies(&kept));
+        batch.insert(done.into(), Some(encode_replies(&kept).into()));
         moved += 1;
     }
-    t.replies.disk().apply_batch(batch)?;
+    t.replies.disk().write(&batch)?;
     t.db.flush()?;
     t.db.drop_tree(CHUNKS)?;
     t.db.flush()?;
@@ -1146,7 +1164,8 @@ fn apply(t: &Trees, op: wal::Op) -> Result<(), StoreError> {
     match op {
         wal::Op::Session { key, record, prev } => {
             let rec: SessionRecord = serde_json::from_slice(&record)?;
-            write_session_bytes(t, &key, &record, &rec, parse_meta(prev)?.as_ref(), true)?;
+            let stale = parse_meta(prev)?;
+            write_session_bytes(t, &key, &record, &rec, stale.as_ref(), index::Prior::Repair)?;
         }
         wal::Op::RemoveSession { key, prev } => {
             remove_session(t, &key, parse_meta(prev)?.as_ref())?;
@@ -1374,7 +1393,7 @@ impl State {
 /// The layers a checkpoint moves into sled, taken from under the lock.
 struct Frozen {
     db: sled::Db,
-    trees: [(sled::Tree, std::sync::Arc<layer::Entries>); 11],
+    trees: [(packed::Packed, std::sync::Arc<layer::Entries>); 11],
 }
 
 impl Frozen {
