@@ -125,7 +125,12 @@ impl FromStr for Address {
 
 impl fmt::Display for Address {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "0x{}", hex::encode(self.0))
+        // Into a buffer on the stack: `hex::encode` builds its String a char at a time,
+        // and an address is formatted a few times per request.
+        let mut hex = [0u8; 64];
+        hex::encode_to_slice(self.0, &mut hex).expect("64 hex digits for 32 bytes");
+        f.write_str("0x")?;
+        f.write_str(std::str::from_utf8(&hex).expect("hex digits are ASCII"))
     }
 }
 

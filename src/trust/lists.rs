@@ -84,6 +84,9 @@ impl AddressList {
     }
 
     pub fn contains(&self, address: &Address) -> bool {
+        if self.patterns.is_empty() {
+            return false; // Checked on every request; most lists are empty.
+        }
         let text = address.to_string();
         self.patterns.iter().any(|p| wildcard_match(p, &text))
     }
