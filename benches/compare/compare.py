@@ -431,8 +431,27 @@ def _ws_turns(host, keys, turns, limit):
     return times, errors
 
 
+def pin(pid, cpu):
+    """Every thread of `pid` onto CPU `cpu` (threads started later inherit it)."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        os.sched_setaffinity(int(tid), {cpu})
+
+
 def ws_turns(host, keys, turns):
-    times, errors = _ws_turns(host, keys, turns, WS_LIMIT)
+    # COMPARE_WS_CPU=N: the host and this client on CPU N for the WS turns. On two cores a
+    # turn costs about 0.15 ms with both on one CPU and 0.22 ms on two, and the kernel
+    # moves them at no set turn: pinned, last ÷ first measures the session's growth, not
+    # where the scheduler put the threads (BENCHMARKS.md, 2026-12-05).
+    cpu = os.environ.get("COMPARE_WS_CPU")
+    if cpu is not None:
+        mine = os.sched_getaffinity(0)
+        pin(host.pid, int(cpu))
+        os.sched_setaffinity(0, {int(cpu)})
+    try:
+        times, errors = _ws_turns(host, keys, turns, WS_LIMIT)
+    finally:
+        if cpu is not None:
+            os.sched_setaffinity(0, mine)
     r = {"turns": len(times), "errors": len(errors),
          "first_error": errors[0] if errors else None}
     if times:
