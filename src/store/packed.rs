@@ -66,6 +66,14 @@ impl Packed {
         };
         if db.tree_names().iter().any(|n| n == name.as_bytes()) {
             let plain = db.open_tree(name)?;
+            if !plain.is_empty() {
+                tracing::info!(
+                    tree = name,
+                    "packing a store tree an earlier version wrote (once)"
+                );
+            }
+            let began = std::time::Instant::now();
+            let mut reported = began;
             let mut moved = 0usize;
             let mut batch = Entries::new();
             for item in plain.iter() {
@@ -74,6 +82,10 @@ impl Packed {
                 if batch.len() == MOVE_BATCH {
                     moved += batch.len();
                     packed.write(&std::mem::take(&mut batch))?;
+                    if reported.elapsed() >= std::time::Duration::from_secs(5) {
+                        reported = std::time::Instant::now();
+                        tracing::info!(tree = name, entries = moved, "packing a store tree");
+                    }
                 }
             }
             moved += batch.len();
@@ -83,7 +95,8 @@ impl Packed {
             db.drop_tree(name)?;
             db.flush()?;
             if moved > 0 {
-                tracing::info!(tree = name, entries = moved, "store tree packed");
+                let seconds = began.elapsed().as_secs_f64();
+                tracing::info!(tree = name, entries = moved, seconds, "store tree packed");
             }
         }
         Ok(packed)
