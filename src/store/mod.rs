@@ -296,6 +296,11 @@ struct Shared {
     pending: std::sync::mpsc::Sender<Job>,
     sync: std::sync::Arc<Syncer>,
     checkpoints: std::sync::Arc<Kick>,
+    /// Held while a checkpoint writes its frozen layers into sled, from before it lets
+    /// go of `state`'s lock: closing takes it before writing the layers itself, so a
+    /// checkpoint's write never lands after (a packed chunk rewritten from what it read
+    /// earlier would drop the entries written since).
+    writing: std::sync::Mutex<()>,
     /// Jobs queued and not yet run (for `/metrics`); counted after they are sent and
     /// uncounted when taken, so it may dip below zero for a moment.
     queued: std::sync::atomic::AtomicIsize,
@@ -391,6 +396,7 @@ impl Store {
             pending,
             sync,
             checkpoints: checkpoints.clone(),
+            writing: std::sync::Mutex::new(()),
             queued: Default::default(),
             metrics,
         });
@@ -781,6 +787,8 @@ impl Store {
         let state = self.shared.lock().1.take();
         // Jobs queued meanwhile are answered `Closed` by whoever takes the lock next.
         self.shared.run_pending();
+        // A checkpoint writing now finishes first.
+        let _writing = self.shared.writing();
         match state {
             Some(state) => state.close(&self.shared.sync).map_err(StoreError::Flush),
             None => Ok(()), // Already closed.
@@ -1225,6 +1233,10 @@ const MAX_BATCH: usize = 512;
 
 impl Shared {
     #[allow(clippy::type_complexity)]
+    fn writing(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.writing.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, (std::sync::mpsc::Receiver<Job>, Option<State>)> {
         // A job that panicked left sled's trees as sled left them: each change is atomic.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
@@ -1497,8 +1509,10 @@ fn start_checkpointer(
                 let Some(shared) = shared.upgrade() else {
                     return;
                 };
-                let frozen = match shared.lock().1.as_mut() {
-                    Some(st) if st.frozen || st.checkpoint_due() => st.freeze(&shared.sync),
+                let (frozen, writing) = match shared.lock().1.as_mut() {
+                    Some(st) if st.frozen || st.checkpoint_due() => {
+                        (st.freeze(&shared.sync), shared.writing())
+                    }
                     Some(_) => continue,
                     None => return,
                 };
@@ -1517,6 +1531,7 @@ fn start_checkpointer(
                     continue;
                 }
                 drop(frozen);
+                drop(writing);
                 let thawed = match shared.lock().1.as_mut() {
                     Some(st) => st.thaw(),
                     None => return,
@@ -2754,6 +2769,56 @@ pub(super) mod tests {
             })
             .await
             .unwrap()
+    }
+
+    /// Closing while a checkpoint writes into sled waits for it before writing the layers
+    /// itself: a chunk the checkpoint read before closing wrote it, and rewrote after,
+    /// would drop the entries written since the freeze (one packed chunk holds both).
+    #[tokio::test]
+    async fn closing_waits_for_a_checkpoint_writing_into_sled() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(dir.path(), 60, 100).unwrap();
+        for i in 0..40 {
+            assert!(store
+                .record_seen(format!("a{i:02}"), 5_000, false)
+                .await
+                .unwrap());
+        }
+        let frozen = {
+            let mut guard = store.shared.lock();
+            let st = guard.1.as_mut().unwrap();
+            st.freeze(&store.shared.sync).unwrap().unwrap()
+        };
+        // After the freeze, beside the frozen keys (one chunk holds them all).
+        for i in 0..40 {
+            assert!(store
+                .record_seen(format!("b{i:02}"), 5_000, false)
+                .await
+                .unwrap());
+        }
+        // The checkpoint is writing now.
+        let writing = store.shared.writing();
+        let closing = std::thread::spawn({
+            let store = store.clone();
+            move || futures::executor::block_on(store.close())
+        });
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        // Closing removes the marker of an open store once it has written the layers.
+        assert!(
+            dir.path().join(OPEN_MARKER).exists(),
+            "close went on while the checkpoint was writing"
+        );
+        frozen.write().unwrap();
+        drop(frozen);
+        drop(writing);
+        closing.join().unwrap().unwrap();
+        drop(store);
+
+        let (store, _) = Store::open(dir.path(), 60, 100).unwrap();
+        for key in (0..40).flat_map(|i| [format!("a{i:02}"), format!("b{i:02}")]) {
+            let fresh = store.record_seen(key.clone(), 5_000, false).await.unwrap();
+            assert!(!fresh, "{key} was forgotten");
+        }
     }
 
     /// A checkpoint killed at any of its steps (the log set aside and the layers
