@@ -260,12 +260,13 @@ impl Packed {
 }
 
 /// `entries` cut into chunks of about equal size, none over the limits unless one entry
-/// is.
+/// is. An entry counts as at most [`CHUNK_BYTES`]: one large entry gets a chunk of its
+/// own, and does not cut the small ones around it into chunks of one.
 fn split(entries: &[(IVec, IVec)]) -> Vec<&[(IVec, IVec)]> {
     if entries.is_empty() {
         return Vec::new();
     }
-    let size = |(k, v): &(IVec, IVec)| k.len() + v.len() + ENTRY_OVERHEAD;
+    let size = |(k, v): &(IVec, IVec)| (k.len() + v.len() + ENTRY_OVERHEAD).min(CHUNK_BYTES);
     let bytes: usize = entries.iter().map(size).sum();
     let parts = bytes
         .div_ceil(CHUNK_BYTES)
@@ -490,6 +491,19 @@ mod tests {
             Some(&b"v"[..])
         );
         assert_eq!(p.get(&1000u32.to_be_bytes()).unwrap(), None);
+    }
+
+    /// A large entry takes a chunk of its own; the small ones beside it stay packed.
+    #[test]
+    fn a_large_entry_is_a_chunk_of_its_own() {
+        let mut entries: Vec<(IVec, IVec)> = (0..50u32)
+            .map(|i| (IVec::from(&i.to_be_bytes()), IVec::from(&[7u8; 100][..])))
+            .collect();
+        entries.insert(25, (IVec::from("big"), IVec::from(vec![1u8; 100_000])));
+        let parts = split(&entries);
+        assert!(parts.len() <= 4, "{} chunks", parts.len());
+        assert!(parts.iter().any(|p| p.len() == 1 && p[0].0 == "big"));
+        assert_eq!(parts.iter().map(|p| p.len()).sum::<usize>(), 51);
     }
 
     /// Entries a chunk holds past the next chunk's first key (a checkpoint cut short
