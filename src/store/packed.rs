@@ -33,8 +33,10 @@ const ENTRY_OVERHEAD: usize = 12;
 /// The suffix of a packed tree's name in sled; the plain tree a version before packing
 /// wrote keeps the bare name until it is moved.
 const PACKED_SUFFIX: &str = "#packed";
-/// Entries moved from a plain tree per write.
+/// Entries moved from a plain tree per write, at most...
 const MOVE_BATCH: usize = 50_000;
+/// ... and about this many bytes of them.
+const MOVE_BATCH_BYTES: usize = 16 * 1024 * 1024;
 
 /// A packed tree; cheap to clone (sled's tree is).
 #[derive(Clone)]
@@ -76,11 +78,14 @@ impl Packed {
             let mut reported = began;
             let mut moved = 0usize;
             let mut batch = Entries::new();
+            let mut batch_bytes = 0;
             for item in plain.iter() {
                 let (key, value) = item?;
+                batch_bytes += key.len() + value.len();
                 batch.insert(key, Some(value));
-                if batch.len() == MOVE_BATCH {
+                if batch.len() == MOVE_BATCH || batch_bytes >= MOVE_BATCH_BYTES {
                     moved += batch.len();
+                    batch_bytes = 0;
                     packed.write(&std::mem::take(&mut batch))?;
                     if reported.elapsed() >= std::time::Duration::from_secs(5) {
                         reported = std::time::Instant::now();
