@@ -165,6 +165,7 @@ fn run_histogram() -> Histogram {
 /// one, or one per window in `batched` durability) and how long they take. Cloned into the store; the node's registry reads the same cells.
 #[derive(Clone)]
 pub(crate) struct StoreMetrics {
+    pub(crate) log_writes: Counter,
     pub(crate) flushes: Counter,
     pub(crate) flush_seconds: Histogram,
     pub(crate) writes_per_flush: Histogram,
@@ -173,6 +174,7 @@ pub(crate) struct StoreMetrics {
 impl Default for StoreMetrics {
     fn default() -> Self {
         StoreMetrics {
+            log_writes: Counter::default(),
             flushes: Counter::default(),
             flush_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
             writes_per_flush: Histogram::new(exponential_buckets(1.0, 2.0, 10)),
@@ -221,6 +223,11 @@ impl NodeMetrics {
             "in_flight",
             "Agent runs in flight or queued for a worker",
             in_flight.clone(),
+        );
+        registry.register(
+            "store_log_writes",
+            "Writes to the store's write-ahead log (one per batch of store jobs that changed something)",
+            store.log_writes.clone(),
         );
         registry.register(
             "store_flushes",

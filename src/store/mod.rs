@@ -234,12 +234,22 @@ pub struct Opened {
     pub unclean: bool,
 }
 
-/// When a job's answer may go: once its batch is written to the log, or synced.
+/// When a job's answer may go: once its batch is written to the log, or synced; or at
+/// once, its log records carried to the next write (`Later`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Wait {
     Written,
     Durable,
+    /// For a change nobody is answered about yet (a turn's start): its records go out
+    /// with the next batch that writes (a turn's end writes before it answers, and so
+    /// does a read that could see the change), or within [`CARRY_WINDOW`]. Saves the
+    /// log write a turn's start made: a third of the node's writes at c = 64.
+    Later,
 }
+
+/// A carried record ([`Wait::Later`]) is written within this, when no other write
+/// takes it first.
+const CARRY_WINDOW: std::time::Duration = std::time::Duration::from_millis(5);
 
 /// What the store gives a job: the trees, and the log records of its changes.
 struct Ctx<'a> {
@@ -377,7 +387,7 @@ impl Store {
             Durability::Batched { window } => Some(window),
             Durability::Sync => None,
         };
-        let sync = Syncer::start(wal.sync_handle().map_err(io_error)?, window, &metrics)?;
+        let sync = Syncer::new(wal.sync_handle().map_err(io_error)?, window, &metrics);
         let checkpoints = std::sync::Arc::new(Kick::default());
         let (pending, queue) = std::sync::mpsc::channel();
         let shared = std::sync::Arc::new(Shared {
@@ -401,6 +411,11 @@ impl Store {
             metrics,
         });
         start_checkpointer(std::sync::Arc::downgrade(&shared), checkpoints)?;
+        let (sync, weak) = (shared.sync.clone(), std::sync::Arc::downgrade(&shared));
+        std::thread::Builder::new()
+            .name("oonode-wal-sync".into())
+            .spawn(move || sync.serve(weak, window.unwrap_or(CARRY_WINDOW)))
+            .map_err(|e| StoreError::Thread(e.to_string()))?;
         Ok((
             Store { shared, durability },
             Opened {
@@ -465,7 +480,7 @@ impl Store {
                 tracing::warn!(error = %e, "a queued store write failed");
             }
             let answer: Answer = Box::new(|_| {});
-            (Wait::Written, answer)
+            (Wait::Later, answer)
         }));
         Ok(())
     }
@@ -504,9 +519,12 @@ impl Store {
             + Send
             + 'static,
     {
+        // Carried: the turn's end writes it before the turn is answered. A kill before
+        // then loses the replay key of a message signed before the restart, which the
+        // unclean start's floor refuses; a key signed ahead of the clock is synced.
         let wait = match &a.seen {
             Some((_, _, true)) => Wait::Durable,
-            _ => Wait::Written,
+            _ => Wait::Later,
         };
         self.call(wait, move |ctx| {
             let existing = match a.read {
@@ -1304,8 +1322,21 @@ impl Shared {
             durable += usize::from(wait == Wait::Durable);
             answers.push((wait, answer));
         }
+        if !log.is_empty() && answers.iter().all(|(wait, _)| *wait == Wait::Later) {
+            // Nobody waits for these records: the next write takes them along.
+            st.log = log;
+            self.sync.carried();
+            let floor = self.sync.floor();
+            for (_, answer) in answers {
+                answer(Ok(floor));
+            }
+            return;
+        }
         let written = st.wal.append(&log);
         let bytes = log.len() as u64;
+        if bytes > 0 {
+            self.metrics.log_writes.inc();
+        }
         log.clear();
         st.log = log;
         let stored = match written {
@@ -1323,7 +1354,7 @@ impl Shared {
         for (wait, answer) in answers {
             answer(stored.clone().map(|position| match wait {
                 Wait::Durable => Some(position),
-                Wait::Written => floor,
+                Wait::Written | Wait::Later => floor,
             }));
         }
     }
@@ -1550,8 +1581,9 @@ fn start_checkpointer(
 /// on its own thread, unless a sync is already under way: then it waits for that one and,
 /// if that did not cover its records, leads the next (group commit: one sync serves every
 /// job waiting when it began). No thread hand-off on a synced answer's path: a wake-up of
-/// another thread and one back cost about as much as the sync itself here. In `batched`
-/// mode a thread of its own also syncs, within `window`, writes nobody waits for.
+/// another thread and one back cost about as much as the sync itself here. A thread of
+/// its own writes carried records within a window, and in `batched` mode syncs, within
+/// `window`, writes nobody waits for.
 ///
 /// Positions count the log's bytes since the store opened, across checkpoints, so a
 /// job can wait for "my records are durable" whatever was reset since.
@@ -1576,6 +1608,8 @@ struct Syncer {
 struct SyncState {
     /// A write nobody waits for is not synced yet (`batched` mode).
     dirty: bool,
+    /// A batch left its records for the next write ([`Wait::Later`]).
+    carried: bool,
     /// Jobs waiting for the next sync (for the metrics).
     waiting: usize,
     stop: bool,
@@ -1591,12 +1625,12 @@ struct Synced {
 type SyncOutcome = (u64, std::io::Result<()>);
 
 impl Syncer {
-    fn start(
+    fn new(
         file: std::fs::File,
         window: Option<std::time::Duration>,
         metrics: &StoreMetrics,
-    ) -> Result<std::sync::Arc<Syncer>, StoreError> {
-        let sync = std::sync::Arc::new(Syncer {
+    ) -> std::sync::Arc<Syncer> {
+        std::sync::Arc::new(Syncer {
             file: std::sync::Mutex::new(std::sync::Arc::new(file)),
             state: Default::default(),
             wake: Default::default(),
@@ -1606,24 +1640,18 @@ impl Syncer {
             synced: tokio::sync::watch::Sender::new(Synced::default()),
             batched: window.is_some(),
             metrics: metrics.clone(),
-        });
-        if let Some(window) = window {
-            let this = sync.clone();
-            std::thread::Builder::new()
-                .name("oonode-wal-sync".into())
-                .spawn(move || this.serve(window))
-                .map_err(|e| StoreError::Thread(e.to_string()))?;
-        }
-        Ok(sync)
+        })
     }
 
-    /// `batched` mode's thread: a write nobody waits for is synced within `window`.
-    fn serve(&self, window: std::time::Duration) {
+    /// The thread of its own: writes carried records ([`Wait::Later`]) within `window`
+    /// when no batch took them first, and in `batched` mode syncs, within `window`,
+    /// writes nobody waits for.
+    fn serve(&self, shared: std::sync::Weak<Shared>, window: std::time::Duration) {
         loop {
             let lock = self.state.lock().unwrap_or_else(|e| e.into_inner());
             let st = self
                 .wake
-                .wait_while(lock, |st| !st.stop && !st.dirty)
+                .wait_while(lock, |st| !st.stop && !st.dirty && !st.carried)
                 .unwrap_or_else(|e| e.into_inner());
             // Let the window gather more of them.
             let (mut st, _) = self
@@ -1633,7 +1661,20 @@ impl Syncer {
             if st.stop {
                 return;
             }
-            st.dirty = false;
+            if std::mem::take(&mut st.carried) {
+                drop(st);
+                let Some(shared) = shared.upgrade() else {
+                    return;
+                };
+                // Any job that writes takes the carried records along; this one only
+                // does that. Run here, or by whoever holds the store.
+                shared.submit(Box::new(|_| (Wait::Written, Box::new(|_| {}))));
+                drop(shared);
+                st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            }
+            if !std::mem::take(&mut st.dirty) {
+                continue;
+            }
             drop(st);
             let outcome = self.sync_once();
             self.publish(outcome);
@@ -1689,6 +1730,18 @@ impl Syncer {
             let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
             if !st.dirty {
                 st.dirty = true;
+                self.wake.notify_one();
+            }
+        }
+    }
+
+    /// A batch left its records for the next write (called under the store's lock):
+    /// the thread writes them within its window if no batch does first.
+    fn carried(&self) {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if !st.carried {
+            st.carried = true;
+            if !st.dirty {
                 self.wake.notify_one();
             }
         }
@@ -2517,6 +2570,76 @@ pub(super) mod tests {
             .unwrap();
         assert_eq!(history, msgs(&["q", "a"]));
         store.close().await.unwrap();
+    }
+
+    /// A turn's start (its replay key and its running record) costs no log write of its
+    /// own: the next write takes it along, or the sync thread within its window.
+    #[tokio::test]
+    async fn a_turns_start_rides_with_the_next_log_write() {
+        let admit = |store: Store, id: &str| {
+            let (key, seen) = (format!("sA/{id}"), format!("id:{id}"));
+            let rec = record(id, SessionStatus::Running, None);
+            async move {
+                let a = Admission {
+                    key,
+                    now: 100,
+                    read: false,
+                    with_history: false,
+                    seen: Some((seen, 700, false)),
+                };
+                store
+                    .admit(a, move |_| Ok::<_, ()>(((), Some(rec))))
+                    .await
+                    .unwrap()
+                    .unwrap();
+            }
+        };
+        let reopened = |live: &Path, to: &Path| {
+            snapshot(live, to);
+            Store::open_with(to, 60, 200, Durability::default()).unwrap()
+        };
+        // A window longer than the test: only another write can take the start along.
+        let dir = tempfile::tempdir().unwrap();
+        let live = dir.path().join("live");
+        let slow = Durability::Batched {
+            window: std::time::Duration::from_secs(600),
+        };
+        let (store, _) = Store::open_with(&live, 60, 100, slow).unwrap();
+        admit(store.clone(), "one").await;
+        assert_eq!(store.metrics().log_writes.get(), 0, "the start waited");
+        let (copy, opened) = reopened(&live, &dir.path().join("before"));
+        assert_eq!((opened.replayed, opened.interrupted), (0, 0));
+        copy.close().await.unwrap();
+        // A read that could see the start writes it first.
+        let rec = store.get_session("sA/one".into(), 100).await.unwrap();
+        assert_eq!(rec.map(|r| r.status), Some(SessionStatus::Running));
+        assert_eq!(store.metrics().log_writes.get(), 1);
+        let (copy, opened) = reopened(&live, &dir.path().join("after"));
+        assert_eq!(opened.interrupted, 1, "the running session came back");
+        assert!(!copy.record_seen("id:one".into(), 700, false).await.unwrap());
+        copy.close().await.unwrap();
+        store.close().await.unwrap();
+
+        // Alone, it is written within the window, in either durability.
+        for durability in [Durability::Sync, Durability::default()] {
+            let dir = tempfile::tempdir().unwrap();
+            let live = dir.path().join("live");
+            let (store, _) = Store::open_with(&live, 60, 100, durability).unwrap();
+            admit(store.clone(), "two").await;
+            let began = std::time::Instant::now();
+            while store.metrics().log_writes.get() == 0 {
+                assert!(
+                    began.elapsed().as_secs() < 10,
+                    "{durability:?}: never written"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+            }
+            let (copy, opened) = reopened(&live, &dir.path().join("killed"));
+            assert_eq!(opened.interrupted, 1, "{durability:?}");
+            assert!(!copy.record_seen("id:two".into(), 700, false).await.unwrap());
+            copy.close().await.unwrap();
+            store.close().await.unwrap();
+        }
     }
 
     #[tokio::test]
