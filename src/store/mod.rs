@@ -264,6 +264,10 @@ impl Ctx<'_> {
     }
 }
 
+/// Replay keys the store remembers written since it opened (about 10 bytes each), so
+/// that a new one is known new without reading sled: more than 20 s of turns at the
+/// most this machine answers.
+const RECENT_REPLAY_KEYS: usize = 1 << 18;
 /// sled's page cache; its default (1 GiB) would let a busy node's memory grow far past
 /// what the sessions need.
 const CACHE_BYTES: u64 = 64 * 1024 * 1024;
@@ -833,7 +837,9 @@ impl Trees {
         let legacy_seen = std::cell::Cell::new(!seen.disk().is_empty());
         Ok(Trees {
             sessions: tree(SESSIONS)?,
-            seen_at: tree(SEEN_AT)?,
+            // Looked up for every signed turn, nearly always for a key it lacks.
+            seen_at: packed::Packed::open(&db, SEEN_AT)
+                .map(|p| Layered::new(p.remembering(RECENT_REPLAY_KEYS)))?,
             seen,
             replies: tree(REPLIES)?,
             history: tree(HISTORY)?,

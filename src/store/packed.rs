@@ -15,6 +15,7 @@
 //! point leaves each entry readable with its old or its new value; the store's log then
 //! writes again what it holds.
 
+use std::hash::BuildHasher;
 use std::ops::Bound;
 
 use sled::IVec;
@@ -42,12 +43,68 @@ const MOVE_BATCH_BYTES: usize = 16 * 1024 * 1024;
 #[derive(Clone)]
 pub(super) struct Packed {
     tree: sled::Tree,
-    /// No key past this one is in sled (None: none at all). Raised before a write puts
-    /// greater keys into sled, never lowered but by `clear`: a lookup past it needs no
-    /// read of sled, and most do (a new replay key, keyed by time, lies past every
-    /// stored one). A lookup that reads it just before a checkpoint raises it finds the
-    /// checkpoint's entries in the store's frozen layer, read before sled.
-    greatest: std::sync::Arc<std::sync::Mutex<Option<IVec>>>,
+    /// What a lookup can know without reading sled. A lookup that reads them just before
+    /// a checkpoint changes them finds the checkpoint's entries in the store's frozen
+    /// layer, read before sled.
+    marks: std::sync::Arc<std::sync::Mutex<Marks>>,
+}
+
+/// Which keys sled cannot hold: those past `mark` but not among `recent`. Changed before
+/// a write puts keys into sled, never narrowed but by `clear`.
+struct Marks {
+    /// No key past this one is in sled (None: none at all).
+    greatest: Option<IVec>,
+    /// Keys past this one in sled are all among `recent` (only `greatest`, without it).
+    mark: Option<IVec>,
+    /// Digests of keys written past `mark` since it was set. Most lookups are of keys
+    /// never stored (a new replay key); keyed by time, they lie past every stored key
+    /// but those written in the same second, which the mark alone would send to sled.
+    recent: Option<Recent>,
+}
+
+#[derive(Default)]
+struct Recent {
+    keys: std::collections::HashSet<u64>,
+    hasher: std::hash::RandomState,
+    /// At most this many keys: past it, `mark` is raised to `greatest` and they go.
+    cap: usize,
+}
+
+impl Marks {
+    /// Whether sled may hold `key`.
+    fn may_hold(&self, key: &[u8]) -> bool {
+        if self.mark.as_ref().is_some_and(|m| key <= &m[..]) {
+            return true;
+        }
+        match &self.recent {
+            Some(r) => r.keys.contains(&r.hasher.hash_one(key)),
+            None => false,
+        }
+    }
+
+    /// `entries` are about to go into sled.
+    fn writing(&mut self, entries: &Entries) {
+        let Some((last, _)) = entries.iter().rev().find(|(_, v)| v.is_some()) else {
+            return;
+        };
+        if self.greatest.as_ref().is_none_or(|g| last > g) {
+            self.greatest = Some(last.clone());
+        }
+        let Some(r) = &mut self.recent else {
+            self.mark = self.greatest.clone();
+            return;
+        };
+        let mark = &self.mark;
+        let past = |k: &IVec| mark.as_ref().is_none_or(|m| k > m);
+        for (key, _) in entries.iter().filter(|(k, v)| v.is_some() && past(k)) {
+            r.keys.insert(r.hasher.hash_one(&key[..]));
+        }
+        if r.keys.len() > r.cap {
+            // Nothing is past the greatest key: the rest can go.
+            r.keys = Default::default();
+            self.mark = self.greatest.clone();
+        }
+    }
 }
 
 impl Packed {
@@ -62,9 +119,14 @@ impl Packed {
             }
             None => None,
         };
+        let marks = Marks {
+            mark: greatest.clone(),
+            greatest,
+            recent: None,
+        };
         let packed = Packed {
             tree,
-            greatest: std::sync::Arc::new(std::sync::Mutex::new(greatest)),
+            marks: std::sync::Arc::new(std::sync::Mutex::new(marks)),
         };
         if db.tree_names().iter().any(|n| n == name.as_bytes()) {
             let plain = db.open_tree(name)?;
@@ -107,8 +169,19 @@ impl Packed {
         Ok(packed)
     }
 
+    /// Remembers (a digest of) each key written from now on past those in sled, up to
+    /// `cap` of them, so that a lookup of a key never written reads nothing from sled.
+    /// For a tree looked up mostly for keys it does not hold.
+    pub(super) fn remembering(self, cap: usize) -> Packed {
+        self.marks().recent = Some(Recent {
+            cap,
+            ..Default::default()
+        });
+        self
+    }
+
     pub(super) fn get(&self, key: &[u8]) -> sled::Result<Option<IVec>> {
-        if self.past_greatest(key) {
+        if !self.marks().may_hold(key) {
             return Ok(None);
         }
         let Some((_, bytes)) = self
@@ -141,18 +214,17 @@ impl Packed {
 
     pub(super) fn clear(&self) -> sled::Result<()> {
         self.tree.clear()?;
-        *self.greatest() = None;
+        let mut marks = self.marks();
+        (marks.greatest, marks.mark) = (None, None);
+        if let Some(r) = &mut marks.recent {
+            r.keys.clear();
+        }
         Ok(())
     }
 
-    fn greatest(&self) -> std::sync::MutexGuard<'_, Option<IVec>> {
-        // Only ever replaced whole: a panic elsewhere cannot leave it half written.
-        self.greatest.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Whether `key` lies past every key in sled.
-    fn past_greatest(&self, key: &[u8]) -> bool {
-        self.greatest().as_ref().is_none_or(|g| key > &g[..])
+    fn marks(&self) -> std::sync::MutexGuard<'_, Marks> {
+        // A panic under it leaves at worst a key too many in `recent`: a read of sled.
+        self.marks.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     pub(super) fn iter(&self) -> Iter {
@@ -197,37 +269,39 @@ impl Packed {
 
     /// Writes `entries` (`None` removes), chunk by chunk.
     pub(super) fn write(&self, entries: &Entries) -> sled::Result<()> {
-        if let Some((last, _)) = entries.iter().rev().find(|(_, v)| v.is_some()) {
-            let mut greatest = self.greatest();
-            if greatest.as_ref().is_none_or(|g| last > g) {
-                *greatest = Some(last.clone());
-            }
-        }
+        self.marks().writing(entries);
         let mut todo = entries.iter().peekable();
+        let Some(&(first, _)) = todo.peek() else {
+            return Ok(());
+        };
+        // One walk over the chunks, from the one the first entry falls in (the last one
+        // beginning at or before it, else the first one). What the walk has passed may
+        // change under it; the chunks ahead of it change only once it reaches them.
+        let start = match self.tree.range::<&IVec, _>(..=first).next_back() {
+            Some(found) => Bound::Included(found?.0),
+            None => Bound::Unbounded,
+        };
+        let mut walk = self
+            .tree
+            .range::<IVec, _>((start, Bound::Unbounded))
+            .peekable();
         while let Some(&(first, _)) = todo.peek() {
-            // The chunk `first` falls in: the last one beginning at or before it, else
-            // the first one.
-            let found = match self
-                .tree
-                .range::<&IVec, _>(..=first)
-                .next_back()
-                .transpose()?
-            {
-                Some(c) => Some(c),
-                None => self.tree.iter().next().transpose()?,
+            // The chunk `first` falls in: skip those the next one begins at or before.
+            let mut found = walk.next().transpose()?;
+            while let Some(Ok((k, _))) = walk.peek() {
+                if k > first {
+                    break;
+                }
+                found = walk.next().transpose()?;
+            }
+            let next = match walk.peek() {
+                Some(Ok((k, _))) => Some(k.clone()),
+                Some(Err(_)) => return Err(walk.next().and_then(Result::err).expect("an error")),
+                None => None,
             };
             let (old_key, old) = match found {
                 Some((k, v)) => (Some(k), Some(Chunk::new(v)?)),
                 None => (None, None),
-            };
-            let next = match &old_key {
-                Some(k) => self
-                    .tree
-                    .range::<IVec, _>((Bound::Excluded(k.clone()), Bound::Unbounded))
-                    .next()
-                    .transpose()?
-                    .map(|(k, _)| k),
-                None => None,
             };
             let below_next = |k: &IVec| next.as_ref().is_none_or(|n| k < n);
             let mut kept = old
@@ -567,14 +641,14 @@ mod tests {
     fn lookups_past_the_greatest_key_skip_sled() {
         let (_dir, db) = db();
         let p = Packed::open(&db, "t").unwrap();
-        assert!(p.past_greatest(b"a"));
+        assert!(!p.marks().may_hold(b"a"));
         p.write(&entries(&[
             (b"b", Some(b"1")),
             (b"d", Some(b"2")),
             (b"e", None),
         ]))
         .unwrap();
-        assert!(!p.past_greatest(b"d") && p.past_greatest(b"d0"));
+        assert!(p.marks().may_hold(b"d") && !p.marks().may_hold(b"d0"));
         // Put behind the tree's back, past the mark: unseen, as the mark promises
         // nothing is there.
         p.tree
@@ -586,8 +660,48 @@ mod tests {
         let p = Packed::open(&db, "t").unwrap();
         assert_eq!(p.get(b"z").unwrap().as_deref(), Some(&b"3"[..]));
         p.clear().unwrap();
-        assert!(p.past_greatest(b"a"));
+        assert!(!p.marks().may_hold(b"a"));
         assert_eq!(p.get(b"z").unwrap(), None);
+    }
+
+    /// A remembering tree knows, without reading sled, that a key past those it held
+    /// when opened was never written, even below the greatest one written since; past
+    /// its cap it knows only what lies past the greatest key.
+    #[test]
+    fn a_remembering_tree_skips_sled_for_keys_never_written() {
+        let (_dir, db) = db();
+        let p = Packed::open(&db, "t").unwrap();
+        p.write(&entries(&[(b"a", Some(b"0"))])).unwrap();
+        drop(p);
+        let p = Packed::open(&db, "t").unwrap().remembering(2);
+        p.write(&entries(&[(b"b", Some(b"1")), (b"d", Some(b"2"))]))
+            .unwrap();
+        // Put behind the tree's back, before the mark: found, as sled may hold it.
+        p.tree
+            .insert("0", encode(&[(IVec::from("0"), IVec::from("x"))]))
+            .unwrap();
+        assert_eq!(
+            p.get(b"0").unwrap().as_deref(),
+            Some(&b"x"[..]),
+            "before the mark"
+        );
+        assert!(
+            !p.marks().may_hold(b"c"),
+            "below the greatest, never written"
+        );
+        assert_eq!(p.get(b"c").unwrap(), None);
+        for (k, v) in [(&b"a"[..], &b"0"[..]), (b"b", b"1"), (b"d", b"2")] {
+            assert_eq!(p.get(k).unwrap().as_deref(), Some(v));
+        }
+        // A third key written past the mark passes the cap: the greatest is the mark.
+        p.write(&entries(&[(b"e", Some(b"3")), (b"f", None)]))
+            .unwrap();
+        assert!(p.marks().may_hold(b"c"));
+        assert_eq!(p.get(b"c").unwrap(), None);
+        assert!(!p.marks().may_hold(b"e0"));
+        assert_eq!(p.get(b"e").unwrap().as_deref(), Some(&b"3"[..]));
+        p.clear().unwrap();
+        assert!(!p.marks().may_hold(b"a"));
     }
 
     /// What a version before packing wrote under the bare name is moved in on open.
@@ -622,9 +736,13 @@ mod tests {
             ),
             lo in proptest::collection::vec(0u8..6, 0..3),
             hi in proptest::collection::vec(0u8..6, 0..3),
+            remember in proptest::option::of(1usize..200),
         ) {
             let (_dir, db) = db();
-            let p = Packed::open(&db, "t").unwrap();
+            let mut p = Packed::open(&db, "t").unwrap();
+            if let Some(cap) = remember {
+                p = p.remembering(cap);
+            }
             let mut model = std::collections::BTreeMap::<Vec<u8>, Vec<u8>>::new();
             for batch in &writes {
                 let e: Entries = batch
@@ -649,6 +767,9 @@ mod tests {
                 prop_assert!(p.get(k).unwrap().map(|v| v.to_vec()) == model.get(k).cloned(), "{:?}", k);
             }
             prop_assert_eq!(p.get(&[9, 9]).unwrap(), None);
+            for k in [&lo, &hi] {
+                prop_assert!(p.get(k).unwrap().map(|v| v.to_vec()) == model.get(k).cloned(), "{:?}", k);
+            }
             let got: Vec<Vec<u8>> = p
                 .range(Bound::Excluded(IVec::from(&lo[..])), Bound::Included(IVec::from(&hi[..])))
                 .map(|r| r.unwrap().0.to_vec())
