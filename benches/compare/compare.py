@@ -41,7 +41,7 @@ WRK_TIMEOUT = "10s"       # wrk's per-request timeout (the Python host queues at
 WS_LIMIT = 300.0          # seconds for the WS turns of one host (the Python host may not finish)
 # Signed bodies to pre-sign per second of a run, by host and concurrency: above what each
 # host can do here, so no thread runs out (a run that does is flagged, not hidden).
-BODY_RATE = {("oonode", 1): 10000, ("oonode", 64): 12000,
+BODY_RATE = {("oonode", 1): 10000, ("oonode", 64): 16000,
              ("python", 1): 600, ("python", 64): 600}
 
 # The longest signed run: its bodies, stamped when signing begins (which takes up to a
