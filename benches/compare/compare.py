@@ -261,6 +261,15 @@ def one_signed(keys, to, prompt, session_id=None):
 
 # --- wrk ------------------------------------------------------------------------------
 
+# COMPARE_WRK_CPUS=H,W: every wrk run with the host's threads on CPU H and wrk on CPU W.
+# Unpinned, CPU per request moves by about ±7% between runs of one build with where the
+# scheduler puts the threads on two cores; pinned, runs agree within about 6%, so an A/B
+# of two builds can see a smaller change (BENCHMARKS.md, 2026-12-05). The table's figures
+# are unpinned unless this is set.
+WRK_CPUS = tuple(int(c) for c in os.environ["COMPARE_WRK_CPUS"].split(",")) \
+    if os.environ.get("COMPARE_WRK_CPUS") else None
+
+
 def wrk(host, path, conns, secs, body_file=None, mode="once"):
     """One bounded wrk run; returns its counts plus the host's CPU ticks and the CPU
     the rest of the machine used meanwhile."""
@@ -271,6 +280,9 @@ def wrk(host, path, conns, secs, body_file=None, mode="once"):
         argv += ["-s", LUA, f"http://127.0.0.1:{host.port}{path}", "--", body_file, mode, threads]
     else:
         argv += ["-s", LUA, f"http://127.0.0.1:{host.port}{path}"]
+    if WRK_CPUS:
+        pin(host.pid, WRK_CPUS[0])
+        argv = ["taskset", "-c", str(WRK_CPUS[1])] + argv
     host_before, busy_before, t0 = cpu_ticks(host.pid), machine_busy_ticks(), time.monotonic()
     p = spawn(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     out = p.stdout.read()
@@ -543,6 +555,8 @@ def machine_lines(oonode, fsync):
         f"- nproc: {os.cpu_count()}, CPU: {model}, kernel {platform.release()}",
         f"- disk (scratch dir): write 4 KiB + fdatasync p50 {fsync[0]:.2f} ms, p99 {fsync[1]:.2f} ms",
         f"- load average at start: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f}",
+        f"- pinned: wrk runs {'host on CPU %d, wrk on CPU %d' % WRK_CPUS if WRK_CPUS else 'no'}; "
+        f"WS turns {'host and client on CPU ' + os.environ['COMPARE_WS_CPU'] if os.environ.get('COMPARE_WS_CPU') else 'no'}",
         f"- {ver} (durability: {DURABILITY or 'default'}); connectonion {md.version('connectonion')} on Python {platform.python_version()}; {wrk_v}",
     ]
 
