@@ -1371,14 +1371,9 @@ impl Shared {
             // Nobody waits for these records: the next write takes them along.
             st.log = log;
             self.sync.carried();
-            let floor = self.sync.floor();
-            let trust_floor = self.sync.trust_floor();
+            let floors = self.sync.floors();
             for (wait, answer) in answers {
-                answer(Ok(match wait {
-                    Wait::Trust => trust_floor,
-                    Wait::Later { floor: false } => None,
-                    _ => floor,
-                }));
+                answer(Ok(floors.of(wait)));
             }
             return;
         }
@@ -1400,14 +1395,11 @@ impl Shared {
         if st.full() {
             self.checkpoints.kick();
         }
-        let floor = self.sync.floor();
-        let trust_floor = self.sync.trust_floor();
+        let floors = self.sync.floors();
         for (wait, answer) in answers {
             answer(stored.clone().map(|position| match wait {
                 Wait::Durable => Some(position),
-                Wait::Trust => trust_floor,
-                Wait::Later { floor: false } => None,
-                Wait::Written | Wait::Later { floor: true } => floor,
+                _ => floors.of(wait),
             }));
         }
     }
@@ -1676,6 +1668,22 @@ struct Synced {
     failed: Option<(u64, std::sync::Arc<str>)>,
 }
 
+/// What an answer that waits for no sync of its own batch waits for ([`Wait`]).
+struct Floors {
+    all: Option<u64>,
+    trust: Option<u64>,
+}
+
+impl Floors {
+    fn of(&self, wait: Wait) -> Option<u64> {
+        match wait {
+            Wait::Trust => self.trust,
+            Wait::Later { floor: false } => None,
+            Wait::Written | Wait::Durable | Wait::Later { floor: true } => self.all,
+        }
+    }
+}
+
 /// What one sync did: durable up to the first, or failed there.
 type SyncOutcome = (u64, std::io::Result<()>);
 
@@ -1813,16 +1821,19 @@ impl Syncer {
         }
     }
 
-    /// The position a job waits for, jobs before it wait for and is not synced yet.
-    fn floor(&self) -> Option<u64> {
-        let wanted = self.wanted.load(std::sync::atomic::Ordering::Acquire);
-        (wanted > self.synced.borrow().upto).then_some(wanted)
-    }
-
-    /// The same, for a read of the trust tree alone ([`Wait::Trust`]).
-    fn trust_floor(&self) -> Option<u64> {
-        let wanted = self.trust_wanted.load(std::sync::atomic::Ordering::Acquire);
-        (wanted > self.synced.borrow().upto).then_some(wanted)
+    /// The positions jobs before now wait for and are not synced yet: all of them, and
+    /// those of the trust tree's changes.
+    fn floors(&self) -> Floors {
+        use std::sync::atomic::Ordering;
+        let (wanted, trust) = (
+            self.wanted.load(Ordering::Acquire),
+            self.trust_wanted.load(Ordering::Acquire),
+        );
+        let upto = self.synced.borrow().upto;
+        Floors {
+            all: (wanted > upto).then_some(wanted),
+            trust: (trust > upto).then_some(trust),
+        }
     }
 
     /// Waits until the log is durable up to `position`, syncing it on this thread when
@@ -2760,7 +2771,7 @@ pub(super) mod tests {
                 store.put_session("sA/old".into(), rec).await
             }
         });
-        while sync.floor().is_none() {
+        while sync.floors().all.is_none() {
             tokio::time::sleep(std::time::Duration::from_millis(1)).await;
         }
         let blocked = tokio::time::timeout(at_once, store.has_mark(Mark::Blocked, a));
@@ -2783,7 +2794,7 @@ pub(super) mod tests {
             let store = store.clone();
             async move { store.set_mark(Mark::Blocked, a, true, 100).await }
         });
-        while sync.trust_floor().is_none() {
+        while sync.floors().trust.is_none() {
             tokio::time::sleep(std::time::Duration::from_millis(1)).await;
         }
         let blocked = tokio::time::timeout(held, store.has_mark(Mark::Blocked, a));
