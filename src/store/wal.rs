@@ -391,7 +391,7 @@ impl Wal {
     }
 
     /// Sets the log aside as `<path>.old` once synced, and starts an empty one: what the
-    /// old one holds stays replayable until [`drop_old`](Self::drop_old). There must be
+    /// old one holds stays replayable until [`SetAside::remove`]. There must be
     /// no old log (the last checkpoint finished). Returns a handle of the new one for
     /// syncing from another thread.
     pub(super) fn rotate(&mut self) -> std::io::Result<File> {
@@ -414,14 +414,11 @@ impl Wal {
         Ok(handle)
     }
 
-    /// Removes the set-aside log, once sled holds (durably) everything it said. The
-    /// removal is made durable before a later rotation can set another log aside, so
-    /// that a crash can never bring this one back after it.
-    pub(super) fn drop_old(&mut self) -> std::io::Result<()> {
-        match std::fs::remove_file(&self.old) {
-            Ok(()) => sync_dir(&self.path),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(e),
+    /// The set-aside log, for [`SetAside::remove`] once sled holds (durably) everything
+    /// it said.
+    pub(super) fn set_aside(&self) -> SetAside {
+        SetAside {
+            old: self.old.clone(),
         }
     }
 
@@ -432,7 +429,25 @@ impl Wal {
         self.len = 0;
         self.grown = 0;
         self.file.sync_all()?;
-        self.drop_old()
+        self.set_aside().remove()
+    }
+}
+
+/// A log a checkpoint set aside. Removing it syncs the directory (a few ms), so the
+/// checkpointer does it without the store's lock; the removal is durable before a later
+/// rotation can set another log aside, so that a crash can never bring this one back
+/// after it.
+pub(super) struct SetAside {
+    old: PathBuf,
+}
+
+impl SetAside {
+    pub(super) fn remove(self) -> std::io::Result<()> {
+        match std::fs::remove_file(&self.old) {
+            Ok(()) => sync_dir(&self.old),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e),
+        }
     }
 }
 
