@@ -169,6 +169,7 @@ pub(crate) struct StoreMetrics {
     pub(crate) flushes: Counter,
     pub(crate) flush_seconds: Histogram,
     pub(crate) writes_per_flush: Histogram,
+    pub(crate) behind_waits: Counter,
 }
 
 impl Default for StoreMetrics {
@@ -178,6 +179,7 @@ impl Default for StoreMetrics {
             flushes: Counter::default(),
             flush_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
             writes_per_flush: Histogram::new(exponential_buckets(1.0, 2.0, 10)),
+            behind_waits: Counter::default(),
         }
     }
 }
@@ -243,6 +245,11 @@ impl NodeMetrics {
             "store_writes_per_flush",
             "Writes waiting for durability made durable by one sync (group commit, `sync` durability)",
             store.writes_per_flush.clone(),
+        );
+        registry.register(
+            "store_behind_waits",
+            "Store jobs that waited for a checkpoint to finish because the memory holding changes not yet in sled was full",
+            store.behind_waits.clone(),
         );
         let store_queue = Gauge::default();
         registry.register(

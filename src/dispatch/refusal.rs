@@ -84,6 +84,7 @@ impl Refusal {
             Refusal::Busy { .. } => ErrorCode::Busy,
             Refusal::ShuttingDown => ErrorCode::ShuttingDown,
             Refusal::Interrupted(_) => ErrorCode::Interrupted,
+            Refusal::Store(StoreError::Behind) => ErrorCode::Busy,
             Refusal::Store(_) => ErrorCode::Internal,
             Refusal::HopLimit { .. } => ErrorCode::HopLimit,
         }
@@ -168,5 +169,22 @@ impl Rejected {
             p.insert("in_reply_to".into(), id.clone().into());
         }
         Envelope::sign_flat(identity, Kind::Error, self.to, p)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A store that is behind is a reason to try again later (503), not a fault (500).
+    #[test]
+    fn a_store_behind_is_busy_and_other_store_failures_internal() {
+        let behind = Refusal::from(StoreError::Behind);
+        assert_eq!(behind.code(), ErrorCode::Busy);
+        assert_eq!(behind.code().http_status(), 503);
+        assert_eq!(
+            Refusal::from(StoreError::Closed).code(),
+            ErrorCode::Internal
+        );
     }
 }

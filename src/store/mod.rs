@@ -64,6 +64,10 @@ pub enum StoreError {
     Thread(String),
     #[error("store: closed")]
     Closed,
+    /// The fresh layers reached [`MAX_FRESH_BYTES`] while a checkpoint could not finish
+    /// (sled stalled or failing), and it did not finish within [`BEHIND_WAIT`] either.
+    #[error("store: writing to disk is behind (a checkpoint has not finished); try again")]
+    Behind,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -299,6 +303,13 @@ const CHECKPOINT_BYTES: u64 = 16 * 1024 * 1024;
 const LAYER_BYTES: usize = 8 * 1024 * 1024;
 /// ... or this long after the last checkpoint, whichever comes first.
 const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+/// While a checkpoint writes (or, failing, is tried again), every change goes to fresh
+/// layers. Past this, new jobs wait for it to finish: a disk on which sled's flush
+/// stalls would otherwise let memory grow for as long as it stalls. Under a sustained
+/// c = 64 load the fresh layers stay near [`LAYER_BYTES`].
+const MAX_FRESH_BYTES: usize = 4 * LAYER_BYTES;
+/// How long a job waits for such a checkpoint before failing with [`StoreError::Behind`].
+const BEHIND_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 const WAL_FILE: &str = "oonode.wal";
 /// Present while a process has the store open: found at open, the last one did not
 /// close it.
@@ -331,14 +342,18 @@ struct Shared {
     pending: std::sync::mpsc::Sender<Job>,
     sync: std::sync::Arc<Syncer>,
     checkpoints: std::sync::Arc<Kick>,
-    /// Held while a checkpoint writes its frozen layers into sled, from before it lets
-    /// go of `state`'s lock: closing takes it before writing the layers itself, so a
+    /// Held while a checkpoint writes its frozen layers into sled, from before it takes
+    /// `state`'s lock to freeze them: closing takes it before writing the layers itself, so a
     /// checkpoint's write never lands after (a packed chunk rewritten from what it read
     /// earlier would drop the entries written since).
     writing: std::sync::Mutex<()>,
     /// Jobs queued and not yet run (for `/metrics`); counted after they are sent and
     /// uncounted when taken, so it may dip below zero for a moment.
     queued: std::sync::atomic::AtomicIsize,
+    /// The fresh layers passed [`MAX_FRESH_BYTES`] during a checkpoint: new jobs wait
+    /// for `caught_up`, told when it ends (or the store closes).
+    behind: std::sync::atomic::AtomicBool,
+    caught_up: tokio::sync::Notify,
     metrics: StoreMetrics,
 }
 
@@ -433,6 +448,8 @@ impl Store {
             checkpoints: checkpoints.clone(),
             writing: std::sync::Mutex::new(()),
             queued: Default::default(),
+            behind: Default::default(),
+            caught_up: Default::default(),
             metrics,
         });
         start_checkpointer(std::sync::Arc::downgrade(&shared), checkpoints)?;
@@ -488,6 +505,7 @@ impl Store {
         F: FnOnce(&mut Ctx) -> Result<T, StoreError> + Send + 'static,
         W: FnOnce(&Result<T, StoreError>) -> Wait + Send + 'static,
     {
+        self.room().await?;
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.shared.submit(Box::new(move |ctx: Option<&mut Ctx>| {
             let result = ctx.map_or(Err(StoreError::Closed), f);
@@ -511,6 +529,7 @@ impl Store {
     where
         F: FnOnce(&mut Ctx) -> Result<(), StoreError> + Send + 'static,
     {
+        self.room().await?;
         self.shared.submit(Box::new(move |ctx: Option<&mut Ctx>| {
             if let Err(e) = ctx.map_or(Err(StoreError::Closed), f) {
                 tracing::warn!(error = %e, "a queued store write failed");
@@ -519,6 +538,31 @@ impl Store {
             (Wait::Later { floor: false }, answer)
         }));
         Ok(())
+    }
+
+    /// Waits while the store is behind ([`MAX_FRESH_BYTES`]), at most [`BEHIND_WAIT`].
+    async fn room(&self) -> Result<(), StoreError> {
+        use std::sync::atomic::Ordering;
+        let shared = &self.shared;
+        if !shared.behind.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        shared.metrics.behind_waits.inc();
+        let caught_up = async {
+            loop {
+                let told = shared.caught_up.notified();
+                tokio::pin!(told);
+                // Listening before looking: a checkpoint ending in between still wakes us.
+                told.as_mut().enable();
+                if !shared.behind.load(Ordering::Acquire) {
+                    return;
+                }
+                told.await;
+            }
+        };
+        tokio::time::timeout(BEHIND_WAIT, caught_up)
+            .await
+            .map_err(|_| StoreError::Behind)
     }
 
     /// What an answer the caller acts on waits for: the sync in `sync` mode, the write
@@ -843,7 +887,9 @@ impl Store {
     /// Once this returns, the directory can be opened again, as cleanly closed.
     pub async fn close(&self) -> Result<(), StoreError> {
         let state = self.shared.lock().1.take();
-        // Jobs queued meanwhile are answered `Closed` by whoever takes the lock next.
+        // Jobs queued meanwhile are answered `Closed` by whoever takes the lock next;
+        // those waiting for room are queued now, and answered so too.
+        self.shared.caught_up();
         self.shared.run_pending();
         // A checkpoint writing now finishes first.
         let _writing = self.shared.writing();
@@ -1302,6 +1348,13 @@ impl Shared {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// A checkpoint ended (or the store closed): jobs waiting for room go on.
+    fn caught_up(&self) {
+        self.behind
+            .store(false, std::sync::atomic::Ordering::Release);
+        self.caught_up.notify_waiters();
+    }
+
     /// Queues a job, then runs the queue if nobody else is running it.
     fn submit(&self, job: Job) {
         // The receiver lives as long as `self`.
@@ -1394,6 +1447,10 @@ impl Shared {
         };
         if st.full() {
             self.checkpoints.kick();
+            if st.frozen && st.trees.fresh_bytes() >= MAX_FRESH_BYTES {
+                self.behind
+                    .store(true, std::sync::atomic::Ordering::Release);
+            }
         }
         let floors = self.sync.floors();
         for (wait, answer) in answers {
@@ -1586,10 +1643,11 @@ fn start_checkpointer(
                 let Some(shared) = shared.upgrade() else {
                     return;
                 };
-                let (frozen, writing) = match shared.lock().1.as_mut() {
-                    Some(st) if st.frozen || st.checkpoint_due() => {
-                        (st.freeze(&shared.sync), shared.writing())
-                    }
+                // Taken before the store's lock, never under it: nothing holds that
+                // lock while waiting for another.
+                let writing = shared.writing();
+                let frozen = match shared.lock().1.as_mut() {
+                    Some(st) if st.frozen || st.checkpoint_due() => st.freeze(&shared.sync),
                     Some(_) => continue,
                     None => return,
                 };
@@ -1611,6 +1669,7 @@ fn start_checkpointer(
                     Some(st) => st.thaw(),
                     None => return,
                 };
+                shared.caught_up();
                 shared.run_pending();
                 // The layers' last references: freed here, not under the lock.
                 drop(frozen);
@@ -2879,6 +2938,83 @@ pub(super) mod tests {
             );
             store.close().await.unwrap();
         }
+    }
+
+    /// While a checkpoint cannot finish (here: the test holds it, as a stalled sled
+    /// flush would), changes pile up in memory only up to [`MAX_FRESH_BYTES`]: then new
+    /// jobs wait for it, fail [`StoreError::Behind`] after [`BEHIND_WAIT`], and go on
+    /// once it ends.
+    #[tokio::test]
+    // Holding `writing` across awaits is the point: a checkpoint that never ends.
+    #[allow(clippy::await_holding_lock)]
+    async fn a_stalled_checkpoint_holds_back_new_jobs_past_the_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(dir.path(), 60, 100).unwrap();
+        let fresh = |store: &Store| store.shared.lock().1.as_ref().unwrap().trees.fresh_bytes();
+        let turn = |store: &Store, i: usize| {
+            let key = format!("sA/t{i}");
+            let done = record(&format!("t{i}"), SessionStatus::Done, None);
+            let reply = vec![(FINAL_SEQ, vec![b'x'; 64 * 1024])];
+            let store = store.clone();
+            async move { store.finish_turn(key, None, reply, done).await }
+        };
+        turn(&store, 0).await.unwrap();
+        let writing = store.shared.writing();
+        let frozen = store
+            .shared
+            .lock()
+            .1
+            .as_mut()
+            .unwrap()
+            .freeze(&store.shared.sync)
+            .unwrap();
+        assert!(frozen.is_some());
+
+        let at_once = std::time::Duration::from_secs(5);
+        let mut held = None;
+        for i in 1..3 * MAX_FRESH_BYTES / (64 * 1024) {
+            let a_while = std::time::Duration::from_secs(2);
+            match tokio::time::timeout(a_while, turn(&store, i)).await {
+                Ok(done) => done.unwrap(),
+                Err(_) => {
+                    held = Some(i);
+                    break;
+                }
+            }
+        }
+        let held = held.expect("memory grew past three times the bound");
+        let bytes = fresh(&store);
+        assert!(
+            (MAX_FRESH_BYTES..MAX_FRESH_BYTES + 256 * 1024).contains(&bytes),
+            "held back at {bytes} bytes, turn {held}"
+        );
+        assert_eq!(store.metrics().behind_waits.get(), 1);
+        // Reads wait too, rather than answer from a store that is behind.
+        let a_while = std::time::Duration::from_millis(300);
+        let read = tokio::time::timeout(a_while, store.get_session("sA/t1".into(), 100));
+        assert!(read.await.is_err());
+
+        // Nothing ends it: after BEHIND_WAIT, a clear error (time skips ahead here).
+        tokio::time::pause();
+        let behind = turn(&store, held).await;
+        assert!(matches!(behind, Err(StoreError::Behind)), "{behind:?}");
+        tokio::time::resume();
+        assert_eq!(fresh(&store), bytes, "a refused job changed nothing");
+
+        // The checkpoint ends: the job waiting goes on, and so do later ones.
+        let waiting = tokio::spawn(turn(&store, held));
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        assert!(!waiting.is_finished());
+        drop(writing);
+        tokio::time::timeout(at_once, waiting)
+            .await
+            .expect("still held after the checkpoint ended")
+            .unwrap()
+            .unwrap();
+        turn(&store, held + 1).await.unwrap();
+        let rec = store.get_session(format!("sA/t{held}"), 100).await.unwrap();
+        assert_eq!(rec.map(|r| r.status), Some(SessionStatus::Done));
+        store.close().await.unwrap();
     }
 
     #[tokio::test]
