@@ -303,10 +303,23 @@ def wrk(host, path, conns, secs, body_file=None, mode="once"):
     r["wrk_cpu_ms"] = (ru.ru_utime + ru.ru_stime) * 1000
     r["elapsed_s"] = elapsed
     r["slowest_sync_ms"] = slowest_sync_ms(host)
+    r["behind_waits"] = node_counter(host, "oonode_store_behind_waits_total")
     r["ok_rps"] = r["ok"] / (r["duration_us"] / 1e6)
     r["non2xx"] = sum(v for k, v in r["statuses"].items() if not k.startswith("2"))
     r["sock_errors"] = sum(r["errors"].values())
     return r
+
+
+def node_counter(host, name):
+    """A counter from an oonode host's /metrics (None for the Python host)."""
+    if host.kind != "oonode":
+        return None
+    try:
+        status, body = get(host.port, "/metrics")
+    except OSError:
+        return None
+    m = re.search(rf"^{name} (\d+)$", body.decode(errors="replace"), re.M)
+    return int(m.group(1)) if status == 200 and m else None
 
 
 def slowest_sync_ms(host):
@@ -474,16 +487,28 @@ def pin(pid, cpu):
         os.sched_setaffinity(int(tid), {cpu})
 
 
+def ws_pinning(cpu):
+    if not cpu:
+        return "no"
+    cpus = cpu.split(",")
+    if len(cpus) == 1 or cpus[0] == cpus[-1]:
+        return f"host and client on CPU {cpus[0]}"
+    return f"host on CPU {cpus[0]}, client on CPU {cpus[-1]}"
+
+
 def ws_turns(host, keys, turns):
-    # COMPARE_WS_CPU=N: the host and this client on CPU N for the WS turns. On two cores a
-    # turn costs about 0.15 ms with both on one CPU and 0.22 ms on two, and the kernel
-    # moves them at no set turn: pinned, last ÷ first measures the session's growth, not
-    # where the scheduler put the threads (BENCHMARKS.md, 2026-12-05).
+    # COMPARE_WS_CPU=N: the host and this client on CPU N for the WS turns; =H,C: the
+    # host on CPU H, the client on CPU C (as a client on another machine would be). On
+    # two cores a turn costs about 0.15 ms with both on one CPU and 0.22 ms on two, and
+    # unpinned the kernel moves them at no set turn: pinned, last ÷ first measures the
+    # session's growth, not where the scheduler put the threads (BENCHMARKS.md).
     cpu = os.environ.get("COMPARE_WS_CPU")
     if cpu is not None:
+        cpus = [int(c) for c in cpu.split(",")]
+        host_cpu, client_cpu = cpus[0], cpus[-1]
         mine = os.sched_getaffinity(0)
-        pin(host.pid, int(cpu))
-        os.sched_setaffinity(0, {int(cpu)})
+        pin(host.pid, host_cpu)
+        os.sched_setaffinity(0, {client_cpu})
     try:
         times, errors = _ws_turns(host, keys, turns, WS_LIMIT)
     finally:
@@ -581,7 +606,7 @@ def machine_lines(oonode, fsync):
         f"- disk (scratch dir): write 4 KiB + fdatasync p50 {fsync[0]:.2f} ms, p99 {fsync[1]:.2f} ms",
         f"- load average at start: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f}",
         f"- pinned: wrk runs {'host on CPU %d, wrk on CPU %d' % WRK_CPUS if WRK_CPUS else 'no'}; "
-        f"WS turns {'host and client on CPU ' + os.environ['COMPARE_WS_CPU'] if os.environ.get('COMPARE_WS_CPU') else 'no'}",
+        f"WS turns {ws_pinning(os.environ.get('COMPARE_WS_CPU'))}",
         f"- {ver} (durability: {DURABILITY or 'default'}); connectonion {md.version('connectonion')} on Python {platform.python_version()}; {wrk_v}",
     ]
 
