@@ -524,6 +524,10 @@ def ws_turns(host, keys, turns):
         if k:
             r["last_over_first"] = statistics.mean(times[-k:]) / statistics.mean(times[:k])
             r["window"] = k
+            # In the JSON only: a step (the kernel moving the client or the host) reads
+            # differently from growth turn by turn.
+            r["medians_per_window_ms"] = [round(statistics.median(times[i:i + k]) * 1000, 3)
+                                          for i in range(0, len(times) - k + 1, k)]
     return r
 
 
