@@ -248,7 +248,7 @@ impl NodeMetrics {
         );
         registry.register(
             "store_behind_waits",
-            "Store jobs that waited for a checkpoint to finish because the memory holding changes not yet in sled was full",
+            "New work (admissions, replay keys, calls) that waited for a checkpoint because the memory holding changes not yet in sled was full",
             store.behind_waits.clone(),
         );
         let store_queue = Gauge::default();

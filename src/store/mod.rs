@@ -304,9 +304,11 @@ const LAYER_BYTES: usize = 8 * 1024 * 1024;
 /// ... or this long after the last checkpoint, whichever comes first.
 const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 /// While a checkpoint writes (or, failing, is tried again), every change goes to fresh
-/// layers. Past this, new jobs wait for it to finish: a disk on which sled's flush
-/// stalls would otherwise let memory grow for as long as it stalls. Under a sustained
-/// c = 64 load the fresh layers stay near [`LAYER_BYTES`].
+/// layers. Past this, new work waits for it to finish (a turn's admission, a session
+/// written, a replay key or a call recorded: [`Store::room`]); a disk on which sled's
+/// flush stalls would otherwise let memory grow for as long as it stalls. An admitted
+/// turn's own steps and reads go on: the runs in flight bound what they add. Under a
+/// sustained c = 64 load the fresh layers stay near [`LAYER_BYTES`].
 const MAX_FRESH_BYTES: usize = 4 * LAYER_BYTES;
 /// How long a job waits for such a checkpoint before failing with [`StoreError::Behind`].
 const BEHIND_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
@@ -505,7 +507,6 @@ impl Store {
         F: FnOnce(&mut Ctx) -> Result<T, StoreError> + Send + 'static,
         W: FnOnce(&Result<T, StoreError>) -> Wait + Send + 'static,
     {
-        self.room().await?;
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.shared.submit(Box::new(move |ctx: Option<&mut Ctx>| {
             let result = ctx.map_or(Err(StoreError::Closed), f);
@@ -529,7 +530,6 @@ impl Store {
     where
         F: FnOnce(&mut Ctx) -> Result<(), StoreError> + Send + 'static,
     {
-        self.room().await?;
         self.shared.submit(Box::new(move |ctx: Option<&mut Ctx>| {
             if let Err(e) = ctx.map_or(Err(StoreError::Closed), f) {
                 tracing::warn!(error = %e, "a queued store write failed");
@@ -540,7 +540,8 @@ impl Store {
         Ok(())
     }
 
-    /// Waits while the store is behind ([`MAX_FRESH_BYTES`]), at most [`BEHIND_WAIT`].
+    /// Waits while the store is behind ([`MAX_FRESH_BYTES`]), at most [`BEHIND_WAIT`]:
+    /// called where new work enters, before it changes anything.
     async fn room(&self) -> Result<(), StoreError> {
         use std::sync::atomic::Ordering;
         let shared = &self.shared;
@@ -576,6 +577,7 @@ impl Store {
 
     /// Writes a session under `key` (its scope and id); answered as [`Durability`] says.
     pub async fn put_session(&self, key: String, rec: SessionRecord) -> Result<(), StoreError> {
+        self.room().await?;
         self.call(self.committed(), move |ctx| {
             log_session(ctx, key.as_bytes(), &rec, index::Prior::Read)
         })
@@ -599,6 +601,7 @@ impl Store {
             + Send
             + 'static,
     {
+        self.room().await?;
         // Carried: the turn's end writes it before the turn is answered. A kill before
         // then loses the replay key of a message signed before the restart, which the
         // unclean start's floor refuses; a key signed ahead of the clock is synced.
@@ -728,6 +731,7 @@ impl Store {
         expires: u64,
         synced: bool,
     ) -> Result<bool, StoreError> {
+        self.room().await?;
         let wait = if synced { Wait::Durable } else { Wait::Written };
         self.call(wait, move |ctx| note_seen(ctx, key, expires))
             .await
@@ -859,6 +863,7 @@ impl Store {
         address: Address,
         now: u64,
     ) -> Result<CallerHistory, StoreError> {
+        self.room().await?;
         self.call(Wait::Written, move |ctx| {
             let key = trust_key(TrustKey::Caller, &address);
             let before: CallerHistory = match ctx.trees.trust.get(&key)? {
@@ -2942,23 +2947,40 @@ pub(super) mod tests {
 
     /// While a checkpoint cannot finish (here: the test holds it, as a stalled sled
     /// flush would), changes pile up in memory only up to [`MAX_FRESH_BYTES`]: then new
-    /// jobs wait for it, fail [`StoreError::Behind`] after [`BEHIND_WAIT`], and go on
-    /// once it ends.
+    /// work waits for it, fails [`StoreError::Behind`] after [`BEHIND_WAIT`], and goes on
+    /// once it ends; an admitted turn's end and reads never wait.
     #[tokio::test]
     // Holding `writing` across awaits is the point: a checkpoint that never ends.
     #[allow(clippy::await_holding_lock)]
-    async fn a_stalled_checkpoint_holds_back_new_jobs_past_the_bound() {
+    async fn a_stalled_checkpoint_holds_back_new_work_past_the_bound() {
         let dir = tempfile::tempdir().unwrap();
         let (store, _) = Store::open(dir.path(), 60, 100).unwrap();
         let fresh = |store: &Store| store.shared.lock().1.as_ref().unwrap().trees.fresh_bytes();
-        let turn = |store: &Store, i: usize| {
-            let key = format!("sA/t{i}");
-            let done = record(&format!("t{i}"), SessionStatus::Done, None);
-            let reply = vec![(FINAL_SEQ, vec![b'x'; 64 * 1024])];
+        let put = |store: &Store, i: usize| {
+            let mut rec = record(&format!("p{i}"), SessionStatus::Done, None);
+            rec.prompt = "x".repeat(64 * 1024);
             let store = store.clone();
-            async move { store.finish_turn(key, None, reply, done).await }
+            async move { store.put_session(format!("sA/p{i}"), rec).await }
         };
-        turn(&store, 0).await.unwrap();
+        put(&store, 0).await.unwrap();
+        let a = crate::identity::Identity::from_seed([5; 32]).address();
+        let admit = |store: &Store, id: &str| {
+            let a = Admission {
+                key: format!("sA/{id}"),
+                now: 100,
+                read: false,
+                with_history: false,
+                seen: Some((format!("id:{id}"), 700, false)),
+            };
+            let rec = record(id, SessionStatus::Running, None);
+            let store = store.clone();
+            async move {
+                let r = store.admit(a, move |_| Ok::<_, ()>(((), Some(rec)))).await;
+                r.map(|r| r.is_ok())
+            }
+        };
+        // A turn admitted before the disk stalls.
+        assert!(admit(&store, "early").await.unwrap());
         let writing = store.shared.writing();
         let frozen = store
             .shared
@@ -2970,11 +2992,10 @@ pub(super) mod tests {
             .unwrap();
         assert!(frozen.is_some());
 
-        let at_once = std::time::Duration::from_secs(5);
         let mut held = None;
         for i in 1..3 * MAX_FRESH_BYTES / (64 * 1024) {
             let a_while = std::time::Duration::from_secs(2);
-            match tokio::time::timeout(a_while, turn(&store, i)).await {
+            match tokio::time::timeout(a_while, put(&store, i)).await {
                 Ok(done) => done.unwrap(),
                 Err(_) => {
                     held = Some(i);
@@ -2986,23 +3007,39 @@ pub(super) mod tests {
         let bytes = fresh(&store);
         assert!(
             (MAX_FRESH_BYTES..MAX_FRESH_BYTES + 256 * 1024).contains(&bytes),
-            "held back at {bytes} bytes, turn {held}"
+            "held back at {bytes} bytes, write {held}"
         );
         assert_eq!(store.metrics().behind_waits.get(), 1);
-        // Reads wait too, rather than answer from a store that is behind.
         let a_while = std::time::Duration::from_millis(300);
-        let read = tokio::time::timeout(a_while, store.get_session("sA/t1".into(), 100));
-        assert!(read.await.is_err());
+        let new_turn = tokio::time::timeout(a_while, admit(&store, "late"));
+        assert!(new_turn.await.is_err(), "a new turn was admitted");
+        let seen = tokio::time::timeout(a_while, store.record_seen("k".into(), 700, false));
+        assert!(seen.await.is_err(), "a replay key was recorded");
+        let call = tokio::time::timeout(a_while, store.record_call(a, 100));
+        assert!(call.await.is_err(), "a call was recorded");
+        // What is under way goes on: reads, and the end of the turn admitted before.
+        let at_once = std::time::Duration::from_secs(5);
+        let read = tokio::time::timeout(at_once, store.get_session("sA/p1".into(), 100));
+        assert!(read.await.unwrap().unwrap().is_some());
+        let done = record("early", SessionStatus::Done, None);
+        let end = store.finish_turn("sA/early".into(), None, Vec::new(), done);
+        tokio::time::timeout(at_once, end).await.unwrap().unwrap();
 
         // Nothing ends it: after BEHIND_WAIT, a clear error (time skips ahead here).
         tokio::time::pause();
-        let behind = turn(&store, held).await;
+        let bytes = fresh(&store);
+        let behind = put(&store, held).await;
         assert!(matches!(behind, Err(StoreError::Behind)), "{behind:?}");
         tokio::time::resume();
-        assert_eq!(fresh(&store), bytes, "a refused job changed nothing");
+        assert_eq!(fresh(&store), bytes, "a refused write changed something");
+        assert!(store
+            .get_session(format!("sA/p{held}"), 100)
+            .await
+            .unwrap()
+            .is_none());
 
-        // The checkpoint ends: the job waiting goes on, and so do later ones.
-        let waiting = tokio::spawn(turn(&store, held));
+        // The checkpoint ends: the write waiting goes on, and so does new work.
+        let waiting = tokio::spawn(put(&store, held));
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         assert!(!waiting.is_finished());
         drop(writing);
@@ -3011,9 +3048,9 @@ pub(super) mod tests {
             .expect("still held after the checkpoint ended")
             .unwrap()
             .unwrap();
-        turn(&store, held + 1).await.unwrap();
-        let rec = store.get_session(format!("sA/t{held}"), 100).await.unwrap();
-        assert_eq!(rec.map(|r| r.status), Some(SessionStatus::Done));
+        assert!(admit(&store, "after").await.unwrap());
+        let rec = store.get_session(format!("sA/p{held}"), 100).await.unwrap();
+        assert!(rec.is_some());
         store.close().await.unwrap();
     }
 
