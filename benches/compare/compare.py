@@ -302,39 +302,38 @@ def wrk(host, path, conns, secs, body_file=None, mode="once"):
     r["busy_cpu_ms"] = busy * 1000 / TICK
     r["wrk_cpu_ms"] = (ru.ru_utime + ru.ru_stime) * 1000
     r["elapsed_s"] = elapsed
-    r["slowest_sync_ms"] = slowest_sync_ms(host)
-    r["behind_waits"] = node_counter(host, "oonode_store_behind_waits_total")
+    metrics = node_metrics(host)
+    r["slowest_sync_ms"] = slowest_sync_ms(metrics)
+    r["behind_waits"] = node_counter(metrics, "oonode_store_behind_waits_total")
     r["ok_rps"] = r["ok"] / (r["duration_us"] / 1e6)
     r["non2xx"] = sum(v for k, v in r["statuses"].items() if not k.startswith("2"))
     r["sock_errors"] = sum(r["errors"].values())
     return r
 
 
-def node_counter(host, name):
-    """A counter from an oonode host's /metrics (None for the Python host)."""
+def node_metrics(host):
+    """An oonode host's /metrics text, read once after a run (None for the Python host)."""
     if host.kind != "oonode":
         return None
     try:
         status, body = get(host.port, "/metrics")
     except OSError:
         return None
-    m = re.search(rf"^{name} (\d+)$", body.decode(errors="replace"), re.M)
-    return int(m.group(1)) if status == 200 and m else None
+    return body.decode(errors="replace") if status == 200 else None
 
 
-def slowest_sync_ms(host):
+def node_counter(text, name):
+    """A counter from an oonode host's /metrics text."""
+    m = text and re.search(rf"^{name} (\d+)$", text, re.M)
+    return int(m.group(1)) if m else None
+
+
+def slowest_sync_ms(text):
     """The bucket bound of the slowest sync of its log that an oonode host timed since it
     started (`oonode_store_flush_seconds` on /metrics), in ms: in `sync` mode every
     answer waiting meanwhile waits for that sync, so a disk's stall shows in p99."""
-    if host.kind != "oonode":
+    if text is None:
         return None
-    try:
-        status, body = get(host.port, "/metrics")
-    except OSError:
-        return None
-    if status != 200:
-        return None
-    text = body.decode(errors="replace")
     m = re.search(r"^oonode_store_flush_seconds_count (\d+)$", text, re.M)
     if not m or int(m.group(1)) == 0:
         return None

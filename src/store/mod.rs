@@ -2018,6 +2018,17 @@ pub(super) mod tests {
             .unwrap();
     }
 
+    /// The admission of a new session `sA/{id}` by a signed message with id `id`.
+    fn new_turn(id: &str) -> Admission {
+        Admission {
+            key: format!("sA/{id}"),
+            now: 100,
+            read: false,
+            with_history: false,
+            seen: Some((format!("id:{id}"), 700, false)),
+        }
+    }
+
     fn record(id: &str, status: SessionStatus, expires: Option<u64>) -> SessionRecord {
         SessionRecord {
             session_id: id.into(),
@@ -2820,13 +2831,7 @@ pub(super) mod tests {
     async fn a_sync_under_way_holds_back_only_the_answers_it_could_show() {
         use std::sync::atomic::Ordering;
         let admit = |store: Store, id: &str, accept: bool| {
-            let a = Admission {
-                key: format!("sA/{id}"),
-                now: 100,
-                read: false,
-                with_history: false,
-                seen: Some((format!("id:{id}"), 700, false)),
-            };
+            let a = new_turn(id);
             let rec = record(id, SessionStatus::Running, None);
             async move {
                 let r = store
@@ -2965,13 +2970,7 @@ pub(super) mod tests {
         put(&store, 0).await.unwrap();
         let a = crate::identity::Identity::from_seed([5; 32]).address();
         let admit = |store: &Store, id: &str| {
-            let a = Admission {
-                key: format!("sA/{id}"),
-                now: 100,
-                read: false,
-                with_history: false,
-                seen: Some((format!("id:{id}"), 700, false)),
-            };
+            let a = new_turn(id);
             let rec = record(id, SessionStatus::Running, None);
             let store = store.clone();
             async move {
